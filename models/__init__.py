@@ -1,0 +1,1 @@
+"""Model loading and optimization: spec resolution (sources), loading (loader), the decoder (llama)."""

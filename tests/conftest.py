@@ -1,0 +1,109 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.config import Settings
+from server.runtime import Runtime
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """Model cache shared by the whole session and across runs (the GGUF conversion takes ~20 s once).
+
+    Same convention as the server: ``$LLM_CACHE_DIR`` or ``~/.cache/lowlat-server``.
+    """
+    path = Path(os.environ.get("LLM_CACHE_DIR", Path.home() / ".cache" / "lowlat-server"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+TEST_SETTINGS = {
+    "max_input_tokens": 256,
+    "max_new_tokens": 64,
+    "default_max_tokens": 16,
+    "max_num_seqs": 16,
+    "kv_cache_tokens": 8192,
+    "cls_max_inputs": 16,
+}
+
+
+@pytest.fixture(scope="session")
+def settings(cache_dir: Path) -> Settings:
+    return Settings(cache_dir=cache_dir, **TEST_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    """Both embedded models, loaded and warmed once per session; every ASGI test app shares them."""
+    rt = await asyncio.to_thread(Runtime.load, settings)
+    await rt.start()
+    yield rt
+    await rt.stop()
+
+
+@pytest.fixture(scope="session")
+async def client(settings: Settings, runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, runtime)
+    async with app.router.lifespan_context(app):
+        for _ in range(100):
+            if getattr(app.state, "runtime", None) is not None:
+                break
+            await asyncio.sleep(0.01)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as c:
+            yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_server(cache_dir: Path) -> Iterator[str]:
+    """A real ``python -m server`` process on loopback, for tests that need real sockets."""
+    port = free_port()
+    env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir)}
+    env.update({f"LLM_{k.upper()}": str(v) for k, v in TEST_SETTINGS.items()})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("server did not become ready in 300 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
