@@ -1,0 +1,1 @@
+"""Batching, scheduling and model execution (generation and classification engines)."""

