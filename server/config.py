@@ -1,0 +1,85 @@
+"""One settings object for the whole server: every field is an environment variable (``LLM_<NAME>``) and
+a CLI flag (``python -m server --help``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "lowlat-server"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_",
+        cli_prog_name="python -m server",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="forbid",
+    )
+
+    # Models
+    gen_model: str = Field(
+        "default",
+        description="generation model: 'default' (embedded SmolLM2), a HF dir, a .gguf file, 'dummy:<preset>'",
+    )
+    cls_model: str = Field(
+        "default", description="classification model: 'default' (embedded MiniLM), a HF dir, or 'dummy:minilm-l6'"
+    )
+    tokenizer: str | None = Field(None, description="tokenizer directory overriding the model's (dummy models)")
+    enable_generate: bool = Field(True, description="load the generation model and serve /generate")
+    enable_classify: bool = Field(True, description="load the classification model and serve /classify")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="'auto' picks CUDA when available")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto': bfloat16 on CUDA, float32 on CPU"
+    )
+    cache_dir: Path = Field(default_factory=default_cache_dir, description="converted-model cache directory")
+
+    # HTTP
+    host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Generation limits and continuous batching
+    max_input_tokens: int = Field(2048, ge=1, description="longest accepted prompt, in tokens")
+    max_new_tokens: int = Field(512, ge=1, description="largest accepted max_tokens")
+    default_max_tokens: int = Field(128, ge=1, description="max_tokens when the request gives none")
+    max_num_seqs: int = Field(16, ge=1, description="sequences in the running batch")
+    max_batched_tokens: int = Field(4096, ge=16, description="prompt tokens per prefill step")
+    kv_cache_tokens: int = Field(32768, ge=256, description="KV-cache capacity in tokens, all sequences together")
+    kv_block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
+
+    # Classification dynamic batching
+    cls_max_batch_size: int = Field(32, ge=1, description="inputs per classification batch")
+    cls_max_batch_tokens: int = Field(8192, ge=1, description="tokens per classification batch")
+    cls_max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill")
+    cls_max_inputs: int = Field(64, ge=1, description="inputs accepted in one /classify call")
+    cls_max_input_tokens: int = Field(512, ge=1, description="longest accepted classification input, in tokens")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_max_tokens > self.max_new_tokens:
+            raise ValueError("default_max_tokens must not exceed max_new_tokens")
+        if self.max_input_tokens > self.max_batched_tokens:
+            raise ValueError("max_input_tokens must not exceed max_batched_tokens (a prompt must fit one step)")
+        if self.max_input_tokens + self.max_new_tokens > self.kv_cache_tokens:
+            raise ValueError("kv_cache_tokens must hold at least one max_input_tokens + max_new_tokens sequence")
+        return self
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device=cuda but no CUDA device is available")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return getattr(torch, self.dtype)

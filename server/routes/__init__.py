@@ -1,0 +1,1 @@
+"""HTTP routes: thin handlers that validate, hand work to the engines and shape responses."""

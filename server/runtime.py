@@ -1,0 +1,88 @@
+"""Startup wiring: load and prepare the models, build the engines, warm them up.
+
+This is the one place that knows how the pieces fit; routes only see a ready :class:`Runtime`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.batcher import DynamicBatcher
+from engine.classifier import Classifier, ClassifierInputError, ClassifyItem, ClassResult
+from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
+from engine.sequence import SamplingParams
+from models.llama import Llama
+from models.loader import load_causal_lm, load_encoder
+from server.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    device: torch.device
+    llm: AsyncLLM | None = None
+    classifier: Classifier | None = None
+    batcher: DynamicBatcher[ClassifyItem, ClassResult | ClassifierInputError] | None = None
+    ready: bool = False
+    info: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, settings: Settings) -> Runtime:
+        """Blocking: loads every enabled model. Run it off the event loop."""
+        device, dtype = settings.torch_device(), settings.torch_dtype()
+        rt = cls(settings=settings, device=device)
+        if settings.enable_generate:
+            start = time.perf_counter()
+            loaded = load_causal_lm(settings.gen_model, settings.cache_dir, dtype, settings.tokenizer)
+            model = Llama.from_hf(loaded.config, loaded.state_dict).to(device)
+            config = EngineConfig(
+                max_num_seqs=settings.max_num_seqs,
+                max_batched_tokens=settings.max_batched_tokens,
+                kv_cache_tokens=settings.kv_cache_tokens,
+                block_size=settings.kv_block_size,
+                max_model_len=settings.max_input_tokens + settings.max_new_tokens,
+            )
+            rt.llm = AsyncLLM(LLMEngine(model, loaded.tokenizer, device, dtype, config))
+            rt.info["generate"] = {"model": loaded.source, "load_seconds": round(time.perf_counter() - start, 2)}
+        if settings.enable_classify:
+            start = time.perf_counter()
+            encoder = load_encoder(settings.cls_model, settings.cache_dir, dtype, None)
+            encoder.model.to(device)
+            rt.classifier = Classifier(encoder, device)
+            rt.info["classify"] = {"model": encoder.source, "load_seconds": round(time.perf_counter() - start, 2)}
+        return rt
+
+    async def start(self) -> None:
+        """Starts the engine thread and batcher on the running loop, then warms both up."""
+        s = self.settings
+        if self.llm is not None:
+            self.llm.start()
+            async for _ in self.llm.generate([0, 1, 2], SamplingParams(max_tokens=2), "warmup"):
+                pass
+        if self.classifier is not None:
+            self.batcher = DynamicBatcher(
+                self.classifier.run,
+                max_batch_size=s.cls_max_batch_size,
+                max_batch_tokens=s.cls_max_batch_tokens,
+                max_wait_ms=s.cls_max_wait_ms,
+                cost=lambda item: item.n_tokens,
+                name="classify",
+            )
+            self.batcher.start()
+            await self.batcher.submit(ClassifyItem("warm up", ("a", "b"), False, 4))
+        self.ready = True
+        log.info("ready on %s", self.device)
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.llm is not None:
+            await asyncio.to_thread(self.llm.stop)

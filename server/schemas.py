@@ -1,0 +1,127 @@
+"""Request and response models at the HTTP edge. Unknown fields and wrong JSON types are rejected
+(``extra="forbid"``, strict types), so a typo never silently falls back to a default."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+NonBlank = Annotated[str, StringConstraints(min_length=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _not_blank(value: str, name: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{name} must not be empty or whitespace")
+    return value
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateRequest(_Strict):
+    prompt: str | None = Field(None, description="raw prompt text (no chat template applied)")
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, description="chat turns, rendered with the model's chat template"
+    )
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate; the server's default when omitted")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 means greedy decoding")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=1000, description="0 disables top-k")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling reproducible")
+    stop: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
+        default_factory=list, max_length=8
+    )
+    stream: bool = Field(False, description="stream Server-Sent Events, one per token chunk")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | None) -> str | None:
+        return None if value is None else _not_blank(value, "prompt")
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, value: list[ChatMessage] | None) -> list[ChatMessage] | None:
+        if value is not None and not any(m.content.strip() for m in value):
+            raise ValueError("messages must contain some non-empty content")
+        return value
+
+    @model_validator(mode="after")
+    def _one_input(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+
+
+class ClassifyRequest(_Strict):
+    inputs: str | list[str] = Field(description="one text or a list of texts")
+    labels: list[NonBlank] | None = Field(
+        None, min_length=1, max_length=64, description="candidate labels (zero-shot); may be short descriptions"
+    )
+    multi_label: bool = Field(False, description="score labels independently instead of as one distribution")
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("inputs must not be empty")
+        for text in texts:
+            _not_blank(text, "inputs")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            for label in value:
+                _not_blank(label, "labels")
+            if len(set(value)) != len(value):
+                raise ValueError("labels must be unique")
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResult(BaseModel):
+    label: str
+    score: float
+    scores: list[LabelScore]
+
+
+class ClassifyResponse(BaseModel):
+    results: list[ClassifyResult]
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    field: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
