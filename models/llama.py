@@ -166,6 +166,8 @@ class Llama(nn.Module):
         if "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights["embed_tokens.weight"]
         model.load_state_dict(weights, strict=True, assign=True)
+        if args.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight  # one Parameter, so .to(device) keeps one copy
         cos, sin = rope_tables(args)
         model.rope_cos, model.rope_sin = cos, sin
         return model.eval()

@@ -1,0 +1,39 @@
+"""Settings come from CLI flags and LLM_* environment variables, and reject inconsistent limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from server.config import Settings
+
+
+def test_cli_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_PORT", "9001")
+    monkeypatch.setenv("LLM_CLS_MAX_WAIT_MS", "2.5")
+    s = Settings(_cli_parse_args=["--gen-model", "dummy:smollm2-135m", "--max-num-seqs", "4", "--no-enable-classify"])
+    assert (s.gen_model, s.max_num_seqs, s.enable_classify) == ("dummy:smollm2-135m", 4, False)
+    assert (s.port, s.cls_max_wait_ms) == (9001, 2.5)
+
+
+def test_cpu_defaults() -> None:
+    s = Settings(device="cpu")
+    assert s.torch_device() == torch.device("cpu")
+    assert s.torch_dtype() == torch.float32
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"default_max_tokens": 600, "max_new_tokens": 512},
+        {"max_input_tokens": 8192, "max_batched_tokens": 4096},
+        {"kv_cache_tokens": 1024},
+        {"port": 0},
+        {"device": "tpu"},
+        {"no_such_setting": 1},
+    ],
+)
+def test_rejects_inconsistent_settings(bad: dict) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**bad)
