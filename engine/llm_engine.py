@@ -77,6 +77,7 @@ class LLMEngine:
         self.blocks = BlockManager(config.kv_cache_tokens // config.block_size + 1, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens)
         self.runner = ModelRunner(model, self.blocks, device, dtype)
+        metrics.KV_BYTES.set(self.runner.kv_cache_bytes)
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         self.requests: dict[str, _Request] = {}
@@ -139,6 +140,8 @@ class LLMEngine:
         metrics.RUNNING.set(len(self.scheduler.running))
         metrics.QUEUED.labels(endpoint="generate").set(len(self.scheduler.waiting))
         metrics.KV_USAGE.set(self.blocks.usage)
+        metrics.KV_BLOCKS.labels(state="free").set(self.blocks.num_free)
+        metrics.KV_BLOCKS.labels(state="used").set(self.blocks.num_blocks - 1 - self.blocks.num_free)
 
 
 class AsyncLLM:

@@ -50,4 +50,6 @@ STEP_TIME = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 KV_USAGE = Gauge("llm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
+KV_BLOCKS = Gauge("llm_kv_cache_blocks", "KV-cache blocks by state (used, free)", ["state"])
+KV_BYTES = Gauge("llm_kv_cache_bytes", "Memory preallocated for the KV cache (keys and values)")
 PREEMPTIONS = Counter("llm_preemptions_total", "Sequences preempted for lack of KV-cache blocks")

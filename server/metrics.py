@@ -1,12 +1,19 @@
-"""HTTP-level Prometheus metrics; engine-level ones (batches, queue wait, KV usage) are in engine/metrics.py."""
+"""Server-level Prometheus metrics: HTTP, startup (build info, load and warm-up times, readiness) and GPU
+memory. Engine-level ones (batches, queue wait, KV usage) are in engine/metrics.py."""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from types import ModuleType
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+import torch
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from engine.metrics import LATENCY_BUCKETS
 
@@ -26,6 +33,85 @@ ITL = Histogram("llm_inter_token_latency_seconds", "Time between generated token
 PROMPT_TOKENS = Counter("llm_prompt_tokens_total", "Prompt tokens of finished generate requests")
 GENERATED_TOKENS = Counter("llm_generated_tokens_total", "Tokens generated")
 CLASSIFY_INPUTS = Counter("classify_inputs_total", "Texts classified")
+
+BUILD_INFO = Info("llm_build", "Server version, models, device and dtype")
+READY = Gauge("llm_ready", "1 once the models are loaded and warmed up, else 0")
+MODEL_LOAD_SECONDS = Gauge("llm_model_load_seconds", "Startup time to load and prepare a model", ["model"])
+WARMUP_SECONDS = Gauge("llm_warmup_seconds", "Startup time of a model's warm-up pass", ["model"])
+
+log = logging.getLogger(__name__)
+
+# name -> help; the gpu label is the CUDA device index as this process sees it.
+GPU_METRICS = {
+    "llm_gpu_memory_allocated_bytes": "Memory held by tensors of this process (torch allocator)",
+    "llm_gpu_memory_reserved_bytes": "Memory reserved by this process's torch caching allocator",
+    "llm_gpu_memory_used_bytes": "Memory in use on the device, all processes (NVML)",
+    "llm_gpu_memory_total_bytes": "Memory of the device (NVML)",
+    "llm_gpu_utilization_ratio": "Fraction of the last sample period a kernel ran on the device (NVML)",
+}
+
+
+def load_nvml() -> ModuleType | None:
+    """pynvml (the ``gpu`` extra, nvidia-ml-py) initialised, or None where it is missing or has no driver."""
+    try:
+        pynvml = importlib.import_module("pynvml")
+        pynvml.nvmlInit()
+    except Exception as exc:  # ImportError, or NVMLError without a driver
+        log.info("GPU utilisation metrics off (NVML unavailable: %s)", exc)
+        return None
+    return pynvml
+
+
+class GPUCollector(Collector):
+    """Reads GPU gauges at scrape time, so no thread polls the device between scrapes. Only a device this
+    process has initialised is reported: on CPU, and on a GPU host serving on CPU, the series are absent."""
+
+    def __init__(self) -> None:
+        self._nvml: ModuleType | None = None
+        self._nvml_tried = False
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        for name, doc in GPU_METRICS.items():
+            yield GaugeMetricFamily(name, doc, labels=["gpu"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return
+        index = torch.cuda.current_device()
+        values = {
+            "llm_gpu_memory_allocated_bytes": torch.cuda.memory_allocated(index),
+            "llm_gpu_memory_reserved_bytes": torch.cuda.memory_reserved(index),
+        }
+        values.update(self._nvml_values(index))
+        for family in self.describe():
+            if family.name in values:
+                family.add_metric([str(index)], values[family.name])
+                yield family
+
+    def _nvml_values(self, index: int) -> dict[str, float]:
+        if not self._nvml_tried:
+            self._nvml_tried = True
+            self._nvml = load_nvml()
+        nvml = self._nvml
+        if nvml is None:
+            return {}
+        try:
+            # By UUID: NVML numbers devices ignoring CUDA_VISIBLE_DEVICES, torch does not.
+            uuid = str(torch.cuda.get_device_properties(index).uuid)
+            handle = nvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            busy = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100
+        except Exception as exc:  # e.g. MIG slices report no utilisation
+            log.debug("NVML read failed: %s", exc)
+            return {}
+        return {
+            "llm_gpu_memory_used_bytes": memory.used,
+            "llm_gpu_memory_total_bytes": memory.total,
+            "llm_gpu_utilization_ratio": busy,
+        }
+
+
+REGISTRY.register(GPUCollector())
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 
 import torch
 
@@ -18,6 +19,7 @@ from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
 from engine.sequence import SamplingParams
 from models.llama import Llama
 from models.loader import load_causal_lm, load_encoder
+from server import metrics
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -50,22 +52,38 @@ class Runtime:
                 max_model_len=settings.max_input_tokens + settings.max_new_tokens,
             )
             rt.llm = AsyncLLM(LLMEngine(model, loaded.tokenizer, device, dtype, config))
-            rt.info["generate"] = {"model": loaded.source, "load_seconds": round(time.perf_counter() - start, 2)}
+            rt.info["generate"] = {"model": loaded.source, "load_seconds": rt._loaded("generate", start)}
         if settings.enable_classify:
             start = time.perf_counter()
             encoder = load_encoder(settings.cls_model, settings.cache_dir, dtype, None)
             encoder.model.to(device)
             rt.classifier = Classifier(encoder, device)
-            rt.info["classify"] = {"model": encoder.source, "load_seconds": round(time.perf_counter() - start, 2)}
+            rt.info["classify"] = {"model": encoder.source, "load_seconds": rt._loaded("classify", start)}
+        metrics.BUILD_INFO.info(
+            {
+                "version": version("lowlat-server"),
+                "gen_model": rt.info["generate"]["model"] if "generate" in rt.info else "off",
+                "cls_model": rt.info["classify"]["model"] if "classify" in rt.info else "off",
+                "device": str(device),
+                "dtype": str(dtype).removeprefix("torch."),
+            }
+        )
         return rt
+
+    def _loaded(self, model: str, start: float) -> float:
+        seconds = time.perf_counter() - start
+        metrics.MODEL_LOAD_SECONDS.labels(model=model).set(seconds)
+        return round(seconds, 2)
 
     async def start(self) -> None:
         """Starts the engine thread and batcher on the running loop, then warms both up."""
         s = self.settings
         if self.llm is not None:
             self.llm.start()
+            start = time.perf_counter()
             async for _ in self.llm.generate([0, 1, 2], SamplingParams(max_tokens=2), "warmup"):
                 pass
+            metrics.WARMUP_SECONDS.labels(model="generate").set(time.perf_counter() - start)
         if self.classifier is not None:
             self.batcher = DynamicBatcher(
                 self.classifier.run,
@@ -76,12 +94,16 @@ class Runtime:
                 name="classify",
             )
             self.batcher.start()
+            start = time.perf_counter()
             await self.batcher.submit(ClassifyItem("warm up", ("a", "b"), False, 4))
+            metrics.WARMUP_SECONDS.labels(model="classify").set(time.perf_counter() - start)
         self.ready = True
+        metrics.READY.set(1)
         log.info("ready on %s", self.device)
 
     async def stop(self) -> None:
         self.ready = False
+        metrics.READY.set(0)
         if self.batcher is not None:
             await self.batcher.stop()
         if self.llm is not None:

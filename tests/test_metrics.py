@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from importlib.metadata import version
 
 import httpx
+
+from server.config import Settings
 
 
 def sample(text: str, name: str, labels: str = "") -> float:
@@ -36,3 +39,24 @@ async def test_metrics_after_traffic(client: httpx.AsyncClient) -> None:
     assert sample(text, "http_requests_in_flight", '{endpoint="/generate"}') == 0
     assert sample(text, "llm_running_sequences") == 0
     assert sample(text, "llm_kv_cache_usage_ratio") == 0
+
+
+async def test_startup_build_and_kv_metrics(client: httpx.AsyncClient, settings: Settings) -> None:
+    await client.post("/generate", json={"prompt": "Hello", "max_tokens": 2})
+    text = (await client.get("/metrics")).text
+    assert sample(text, "llm_ready") == 1
+    for model in ("generate", "classify"):
+        assert sample(text, "llm_model_load_seconds", f'{{model="{model}"}}') > 0
+        assert sample(text, "llm_warmup_seconds", f'{{model="{model}"}}') > 0
+    build = re.search(r"^llm_build_info\{(.*)\} 1\.0$", text, re.MULTILINE)
+    assert build, "llm_build_info missing"
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', build.group(1)))
+    assert labels["version"] == version("lowlat-server")
+    assert labels["device"] == str(settings.torch_device())
+    assert labels["dtype"] == str(settings.torch_dtype()).removeprefix("torch.")
+    assert labels["gen_model"] and labels["cls_model"]
+    # The block gauges agree with the usage ratio; the pool has a size.
+    used = sample(text, "llm_kv_cache_blocks", '{state="used"}')
+    free = sample(text, "llm_kv_cache_blocks", '{state="free"}')
+    assert free > 0 and used == round(sample(text, "llm_kv_cache_usage_ratio") * (used + free))
+    assert sample(text, "llm_kv_cache_bytes") > 0
