@@ -6,10 +6,12 @@ import contextlib
 import json
 import re
 import time
+from pathlib import Path
 
 import httpx
 
 from load_tests.loadgen import make_scenario, run_sweep_sync
+from load_tests.report import write_report
 
 
 def gauge(url: str, name: str) -> float:
@@ -70,7 +72,7 @@ def test_disconnected_whole_request_frees_its_slot(live_server: str) -> None:
     assert gauge(live_server, STEPS) - steps < LONG["max_tokens"]
 
 
-def test_load_generator_against_real_server(live_server: str) -> None:
+def test_load_generator_against_real_server(live_server: str, tmp_path: Path) -> None:
     result = run_sweep_sync(
         live_server,
         make_scenario("generate-stream", max_tokens=8),
@@ -86,6 +88,12 @@ def test_load_generator_against_real_server(live_server: str) -> None:
         assert s.ttft_ms["p50"] is not None and s.ttft_ms["p50"] > 0
         assert s.latency_ms["p99"] >= s.latency_ms["p50"] > 0
         assert s.output_tokens_per_s > 0
+    written = write_report(result, tmp_path)
+    doc = json.loads(written["json"].read_text())
+    assert [lv["ok"] for lv in doc["levels"]] == [8, 8] and doc["environment"]["target"] == live_server
+    assert written["markdown"].read_text().count("| c=") == 2
+    for plot in ("latency_plot", "ttft_plot"):  # present when matplotlib is installed
+        assert plot not in written or written[plot].read_bytes().startswith(b"\x89PNG")
     classify = run_sweep_sync(
         live_server, make_scenario("classify", labels=["billing", "shipping"]), concurrencies=[8], requests=16
     )
