@@ -145,7 +145,7 @@ def test_compose_services_profiles_and_volumes() -> None:
         svc = services[name]
         assert svc["profiles"] == [profile]
         assert svc["build"]["target"] in stages and svc["build"]["target"] == target
-        assert "model-cache:/cache" in svc["volumes"]
+        assert f"model-cache-{profile}:/cache" in svc["volumes"]
         assert svc["networks"]["default"]["aliases"] == ["lowlat-server"]
         assert "8000:8000" in svc["ports"]
         assert "/ready" in " ".join(svc["healthcheck"]["test"])
