@@ -35,6 +35,7 @@ class EngineConfig:
     kv_cache_tokens: int = 16384
     block_size: int = 16
     max_model_len: int = 4096
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,9 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config
         self.max_model_len = min(config.max_model_len, model.args.max_position, config.kv_cache_tokens)
-        self.blocks = BlockManager(config.kv_cache_tokens // config.block_size + 1, config.block_size)
+        self.blocks = BlockManager(
+            config.kv_cache_tokens // config.block_size + 1, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens)
         self.runner = ModelRunner(model, self.blocks, device, dtype)
         metrics.KV_BYTES.set(self.runner.kv_cache_bytes)
@@ -107,6 +110,7 @@ class LLMEngine:
         for seq, token in zip(seqs, tokens, strict=True):
             seq.output_ids.append(token)
             seq.num_computed = seq.num_tokens - 1
+            self.blocks.commit(seq)
             self._emit(self.requests[seq.request_id], token)
         metrics.STEP_TIME.labels(phase="prefill" if is_prefill else "decode").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.labels(endpoint="generate").observe(len(seqs))

@@ -53,3 +53,10 @@ KV_USAGE = Gauge("llm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use
 KV_BLOCKS = Gauge("llm_kv_cache_blocks", "KV-cache blocks by state (used, free)", ["state"])
 KV_BYTES = Gauge("llm_kv_cache_bytes", "Memory preallocated for the KV cache (keys and values)")
 PREEMPTIONS = Counter("llm_preemptions_total", "Sequences preempted for lack of KV-cache blocks")
+PREFIX_CACHE_QUERIED = Counter(
+    "llm_prefix_cache_queried_tokens_total", "Tokens of admitted sequences looked up in the prefix cache"
+)
+PREFIX_CACHE_HITS = Counter(
+    "llm_prefix_cache_hit_tokens_total", "Tokens whose KV came from the prefix cache instead of prefill"
+)
+PREFIX_CACHE_HIT_RATE = Gauge("llm_prefix_cache_hit_rate", "Hit tokens / queried tokens since the engine started")

@@ -8,12 +8,30 @@ from torch import Tensor
 from engine.sequence import Sequence
 
 
+def apply_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
+    """OpenAI's presence/frequency penalties: each token already generated loses ``presence_penalty``
+    once plus ``frequency_penalty`` per occurrence (negative values encourage repetition)."""
+    rows = [i for i, s in enumerate(seqs) if s.output_ids and (s.params.presence_penalty or s.params.frequency_penalty)]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i in rows:
+        p = seqs[i].params
+        counts = torch.bincount(torch.tensor(seqs[i].output_ids, device=logits.device), minlength=vocab)[:vocab]
+        counts = counts.to(logits.dtype)
+        logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
 def sample(logits: Tensor, seqs: list[Sequence]) -> list[int]:
     """Greedy rows take the argmax; the rest are sampled after temperature, top-k and top-p.
+    Penalties apply first, to greedy and sampled rows alike.
 
     A request with a ``seed`` draws from its own generator, so its output does not depend on which
     other requests share the batch.
     """
+    logits = apply_penalties(logits, seqs)
     greedy = logits.argmax(dim=-1)
     sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not sampled_rows:

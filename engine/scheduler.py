@@ -17,6 +17,8 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.queried_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.hit_tokens = 0  # of which served from it
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -35,10 +37,12 @@ class Scheduler:
         tokens = 0
         while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
             seq = self.waiting[0]
-            need = seq.num_tokens - seq.num_computed
-            if (batch and tokens + need > self.max_batched_tokens) or not self.blocks.can_allocate(seq):
+            cached = self.blocks.match_prefix(seq)
+            need = seq.num_tokens - len(cached) * self.blocks.block_size
+            if (batch and tokens + need > self.max_batched_tokens) or not self.blocks.can_allocate(seq, cached):
                 break
-            self.blocks.allocate(seq)
+            self.blocks.allocate(seq, cached)
+            self._count_prefix_hit(seq)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             batch.append(seq)
@@ -60,6 +64,16 @@ class Scheduler:
                 self.blocks.allocate(seq)
                 scheduled.append(seq)
         return scheduled, False
+
+    def _count_prefix_hit(self, seq: Sequence) -> None:
+        """Every admission (re-admission after preemption included) queries the prefix cache."""
+        if not self.blocks.enable_prefix_caching:
+            return
+        self.queried_tokens += seq.num_tokens
+        self.hit_tokens += seq.num_computed
+        metrics.PREFIX_CACHE_QUERIED.inc(seq.num_tokens)
+        metrics.PREFIX_CACHE_HITS.inc(seq.num_computed)
+        metrics.PREFIX_CACHE_HIT_RATE.set(self.hit_tokens / self.queried_tokens)
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute-style preemption: drop the KV blocks, requeue first; outputs so far are kept."""

@@ -18,6 +18,8 @@ class SamplingParams:
     top_k: int = 0  # 0 → off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
 
     @property
     def greedy(self) -> bool:
@@ -42,6 +44,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
+    num_committed: int = 0  # leading blocks published to the prefix cache
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of the full blocks so far
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
     first_scheduled_time: float | None = None
