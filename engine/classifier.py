@@ -57,19 +57,29 @@ class NoClassificationHead(ClassifierInputError):
 
 @dataclass(frozen=True)
 class ClassifyItem:
-    """One input text of a /classify request; the batcher's unit of work.
+    """One input text of a /classify (or /v1/embeddings) request; the batcher's unit of work.
 
     ``n_tokens`` (from ``Classifier.count_tokens``) is the batcher's cost; it does not affect results.
+    ``embed`` asks for the sentence embedding instead of label scores, so embedding requests share
+    the classification batches (one queue, one forward) rather than competing with them.
     """
 
     text: str
     labels: tuple[str, ...] | None = None
     multi_label: bool = False
     n_tokens: int = 0
+    embed: bool = False
 
     def __post_init__(self) -> None:
         if self.labels is not None and not isinstance(self.labels, tuple):
             object.__setattr__(self, "labels", tuple(self.labels))
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """L2-normalized sentence embedding (float32 values)."""
+
+    vector: list[float]
 
 
 @dataclass
@@ -189,6 +199,8 @@ class Classifier:
 
     def check(self, item: ClassifyItem) -> None:
         """Raise ``ClassifierInputError`` if the item cannot be served (call before queueing)."""
+        if item.embed:
+            return
         if item.labels is None:
             if not self.has_head:
                 raise NoClassificationHead(
@@ -198,14 +210,15 @@ class Classifier:
             raise ClassifierInputError("`labels` must not be empty", field="labels")
 
     @torch.inference_mode()
-    def run(self, batch: Sequence[ClassifyItem]) -> list[ClassResult | ClassifierInputError]:
-        """Classify a batch with ONE forward over all texts, then score per (labels, multi_label) group.
+    def run(self, batch: Sequence[ClassifyItem]) -> list[ClassResult | Embedding | ClassifierInputError]:
+        """Classify a batch with ONE forward over all texts, then score per (labels, multi_label) group;
+        ``embed`` items get their embedding row from the same forward.
 
         Invalid items get their ``ClassifierInputError`` in place of a result (the batcher fails
         only that item). Results equal running each item alone up to float rounding: padding is
         masked out of attention and pooling.
         """
-        results: list[ClassResult | ClassifierInputError | None] = [None] * len(batch)
+        results: list[ClassResult | Embedding | ClassifierInputError | None] = [None] * len(batch)
         valid: list[int] = []
         for i, item in enumerate(batch):
             try:
@@ -215,13 +228,16 @@ class Classifier:
                 results[i] = exc
         if not valid:
             return results  # type: ignore[return-value]
-        need_logits = any(batch[i].labels is None for i in valid)
+        need_logits = any(batch[i].labels is None and not batch[i].embed for i in valid)
         emb, logits = self._forward([batch[i].text for i in valid], need_logits)
         assert emb is not None
         row = {i: r for r, i in enumerate(valid)}
 
         groups: dict[tuple[tuple[str, ...] | None, bool], list[int]] = {}
         for i in valid:
+            if batch[i].embed:
+                results[i] = Embedding(emb[row[i]].cpu().tolist())
+                continue
             groups.setdefault((batch[i].labels, batch[i].multi_label), []).append(i)
         all_labels = [lab for (labels, _), _ in groups.items() if labels for lab in labels]
         if all_labels:

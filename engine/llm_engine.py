@@ -46,6 +46,7 @@ class GenerationChunk:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class EngineError(RuntimeError):
@@ -83,16 +84,17 @@ class LLMEngine:
         metrics.KV_BYTES.set(self.runner.kv_cache_bytes)
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        self.requests: dict[str, _Request] = {}
+        # Keyed by sequence, not request id: ids come from clients (X-Request-ID) and may repeat.
+        self.requests: dict[Sequence, _Request] = {}
 
     def add(self, request: _Request) -> None:
-        self.requests[request.seq.request_id] = request
+        self.requests[request.seq] = request
         self.scheduler.add(request.seq)
 
-    def abort(self, request_id: str) -> None:
-        request = self.requests.pop(request_id, None)
-        if request is not None:
-            self.scheduler.finish(request.seq, "abort")
+    def abort(self, seq: Sequence) -> None:
+        if self.requests.pop(seq, None) is not None:
+            self.scheduler.finish(seq, "abort")
+            log.debug("request %s aborted after %d tokens", seq.request_id, len(seq.output_ids))
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -111,7 +113,7 @@ class LLMEngine:
             seq.output_ids.append(token)
             seq.num_computed = seq.num_tokens - 1
             self.blocks.commit(seq)
-            self._emit(self.requests[seq.request_id], token)
+            self._emit(self.requests[seq], token)
         metrics.STEP_TIME.labels(phase="prefill" if is_prefill else "decode").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.labels(endpoint="generate").observe(len(seqs))
         self.update_gauges()
@@ -129,15 +131,24 @@ class LLMEngine:
                 text, reason = text + request.detok.flush(), "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            del self.requests[seq.request_id]
+            del self.requests[seq]
+            log.debug(
+                "request %s finished (%s): %d prompt tokens (%d from the prefix cache), %d generated",
+                seq.request_id,
+                reason,
+                len(seq.prompt_ids),
+                seq.num_cached_prompt,
+                len(seq.output_ids),
+            )
         if text or reason:
-            request.emit(GenerationChunk(text, reason, len(seq.prompt_ids), len(seq.output_ids)))
+            request.emit(GenerationChunk(text, reason, len(seq.prompt_ids), len(seq.output_ids), seq.num_cached_prompt))
 
     def fail_all(self, error: BaseException) -> None:
-        for request_id, request in list(self.requests.items()):
-            self.scheduler.finish(request.seq, "error")
+        for seq, request in list(self.requests.items()):
+            self.scheduler.finish(seq, "error")
             request.emit(EngineError(f"generation failed: {type(error).__name__}: {error}"))
-            del self.requests[request_id]
+            del self.requests[seq]
+            log.warning("request %s failed: %s", seq.request_id, error)
         self.update_gauges()
 
     def update_gauges(self) -> None:
@@ -155,7 +166,7 @@ class AsyncLLM:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[str, _Request | Sequence | None]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._stopping = False
         self.error: BaseException | None = None
@@ -220,4 +231,4 @@ class AsyncLLM:
                     return
         finally:
             if not finished:
-                self._inbox.put(("abort", request_id))
+                self._inbox.put(("abort", seq))

@@ -60,3 +60,8 @@ PREFIX_CACHE_HITS = Counter(
     "llm_prefix_cache_hit_tokens_total", "Tokens whose KV came from the prefix cache instead of prefill"
 )
 PREFIX_CACHE_HIT_RATE = Gauge("llm_prefix_cache_hit_rate", "Hit tokens / queried tokens since the engine started")
+RESPONSE_CACHE_HITS = Counter("llm_response_cache_hits_total", "Results answered from the response cache", ["endpoint"])
+RESPONSE_CACHE_MISSES = Counter(
+    "llm_response_cache_misses_total", "Results not in the response cache (computed)", ["endpoint"]
+)
+RESPONSE_CACHE_SIZE = Gauge("llm_response_cache_entries", "Results held in the response cache", ["endpoint"])

@@ -71,6 +71,8 @@ class Scheduler:
             return
         self.queried_tokens += seq.num_tokens
         self.hit_tokens += seq.num_computed
+        if seq.first_scheduled_time is None:
+            seq.num_cached_prompt = seq.num_computed
         metrics.PREFIX_CACHE_QUERIED.inc(seq.num_tokens)
         metrics.PREFIX_CACHE_HITS.inc(seq.num_computed)
         metrics.PREFIX_CACHE_HIT_RATE.set(self.hit_tokens / self.queried_tokens)

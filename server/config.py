@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     max_batched_tokens: int = Field(4096, ge=16, description="prompt tokens per prefill step")
     kv_cache_tokens: int = Field(32768, ge=256, description="KV-cache capacity in tokens, all sequences together")
     kv_block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
+    enable_prefix_caching: bool = Field(
+        True, description="reuse the KV cache of shared prompt prefixes (full blocks) across requests"
+    )
 
     # Classification dynamic batching
     cls_max_batch_size: int = Field(32, ge=1, description="inputs per classification batch")
@@ -61,6 +64,9 @@ class Settings(BaseSettings):
     cls_max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill")
     cls_max_inputs: int = Field(64, ge=1, description="inputs accepted in one /classify call")
     cls_max_input_tokens: int = Field(512, ge=1, description="longest accepted classification input, in tokens")
+    cls_cache_size: int = Field(
+        4096, ge=0, description="classification results kept in an LRU cache for identical inputs; 0 disables it"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -1,15 +1,22 @@
-"""One error shape for every failure: ``{"error": {"type", "message", "field"}}``."""
+"""One error shape for every failure: ``{"error": {"type", "message", "field"}}``; under ``/v1/`` the
+OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` instead, with 400 for invalid
+parameters as OpenAI answers, so OpenAI clients raise their usual exceptions."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.request_id import HEADER, current_request_id
+
 log = logging.getLogger(__name__)
+
+UNSUPPORTED = "unsupported_parameter"  # pydantic error type of fields we parse but cannot honour
 
 
 class APIError(Exception):
@@ -21,13 +28,38 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         field: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.field, self.headers = status, message, type, field, headers
+        self.code = code  # OpenAI's machine-readable code (e.g. model_not_found), only shown under /v1/
 
 
 def error_body(type: str, message: str, field: str | None = None) -> dict[str, dict[str, str | None]]:
     return {"error": {"type": type, "message": message, "field": field}}
+
+
+def is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def openai_error_body(type: str, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _respond(
+    request: Request,
+    status: int,
+    type: str,
+    message: str,
+    field: str | None = None,
+    *,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    if is_openai(request):
+        return JSONResponse(openai_error_body(type, message, field, code), status_code=status, headers=headers)
+    return JSONResponse(error_body(type, message, field), status_code=status, headers=headers)
 
 
 def _field_name(loc: tuple[int | str, ...]) -> str:
@@ -37,29 +69,33 @@ def _field_name(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts) or "body"
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     err = exc.errors()[0]
     field = _field_name(tuple(err.get("loc", ())))
     if err.get("type") == "json_invalid":
-        return JSONResponse(error_body("invalid_json", "request body is not valid JSON", "body"), status_code=400)
+        return _respond(request, 400, "invalid_json", "request body is not valid JSON", "body")
     message = err.get("msg", "invalid value")
     if err.get("type") == "extra_forbidden":
         message = "unknown field"
-    return JSONResponse(error_body("invalid_request_error", f"{field}: {message}", field), status_code=422)
+    code = err.get("type") if err.get("type") == UNSUPPORTED else None
+    status = 400 if is_openai(request) else 422
+    return _respond(request, status, "invalid_request_error", f"{field}: {message}", field, code=code)
 
 
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.type, exc.message, exc.field), status_code=exc.status, headers=exc.headers)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return _respond(request, exc.status, exc.type, exc.message, exc.field, code=exc.code, headers=exc.headers)
 
 
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(kind, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+    return _respond(request, exc.status_code, kind, str(exc.detail), headers=exc.headers)
 
 
-async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
-    return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+    # Runs outside the middlewares (Starlette's outermost layer), so the id header is added here.
+    headers = {HEADER: current_request_id()}
+    return _respond(request, 500, "internal_error", "internal server error", headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -18,7 +18,17 @@ from prometheus_client.registry import Collector
 from engine.metrics import LATENCY_BUCKETS
 
 # Routes we label by name; anything else is "other" so scanners cannot blow up label cardinality.
-ENDPOINTS = {"/generate", "/classify", "/health", "/ready", "/metrics"}
+ENDPOINTS = {
+    "/generate",
+    "/classify",
+    "/health",
+    "/ready",
+    "/metrics",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/embeddings",
+}
 
 REQUEST_LATENCY = Histogram(
     "http_request_duration_seconds",

@@ -14,11 +14,13 @@ from importlib.metadata import version
 import torch
 
 from engine.batcher import DynamicBatcher
-from engine.classifier import Classifier, ClassifierInputError, ClassifyItem, ClassResult
+from engine.classifier import Classifier, ClassifierInputError, ClassifyItem, ClassResult, Embedding
 from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
+from engine.response_cache import ResponseCache
 from engine.sequence import SamplingParams
 from models.llama import Llama
 from models.loader import load_causal_lm, load_encoder
+from models.sources import resolve_spec
 from server import metrics
 from server.config import Settings
 
@@ -31,8 +33,13 @@ class Runtime:
     device: torch.device
     llm: AsyncLLM | None = None
     classifier: Classifier | None = None
-    batcher: DynamicBatcher[ClassifyItem, ClassResult | ClassifierInputError] | None = None
+    batcher: DynamicBatcher[ClassifyItem, ClassResult | Embedding | ClassifierInputError] | None = None
+    # Identical /classify inputs, keyed by (model id, text, labels, multi_label); None when disabled.
+    cls_cache: ResponseCache[tuple[str, str, tuple[str, ...] | None, bool], ClassResult] | None = None
+    gen_model_id: str | None = None  # the names /v1/models lists and the /v1 routes accept as `model`
+    cls_model_id: str | None = None
     ready: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))  # unix time, /v1/models' `created`
     info: dict[str, object] = field(default_factory=dict)
 
     @classmethod
@@ -50,14 +57,19 @@ class Runtime:
                 kv_cache_tokens=settings.kv_cache_tokens,
                 block_size=settings.kv_block_size,
                 max_model_len=settings.max_input_tokens + settings.max_new_tokens,
+                enable_prefix_caching=settings.enable_prefix_caching,
             )
             rt.llm = AsyncLLM(LLMEngine(model, loaded.tokenizer, device, dtype, config))
+            rt.gen_model_id = resolve_spec(settings.gen_model, "generate").name
             rt.info["generate"] = {"model": loaded.source, "load_seconds": rt._loaded("generate", start)}
         if settings.enable_classify:
             start = time.perf_counter()
             encoder = load_encoder(settings.cls_model, settings.cache_dir, dtype, None)
             encoder.model.to(device)
             rt.classifier = Classifier(encoder, device)
+            rt.cls_model_id = resolve_spec(settings.cls_model, "classify").name
+            if settings.cls_cache_size > 0:
+                rt.cls_cache = ResponseCache(settings.cls_cache_size, name="classify")
             rt.info["classify"] = {"model": encoder.source, "load_seconds": rt._loaded("classify", start)}
         metrics.BUILD_INFO.info(
             {

@@ -1,14 +1,16 @@
-"""POST /classify: zero-shot or head classification through the dynamic batching queue."""
+"""POST /classify: zero-shot or head classification through the dynamic batching queue, with an LRU
+cache of results in front of it for repeated inputs."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from engine.classifier import ClassifierInputError, ClassifyItem
+from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult
 from server import metrics
 from server.errors import APIError
-from server.routes.common import ClientDisconnected, ready_runtime, until_disconnect
+from server.routes.common import ClientDisconnected, encoder_inputs, ready_runtime, until_disconnect
+from server.runtime import Runtime
 from server.schemas import ClassifyRequest, ClassifyResponse, ClassifyResult, ErrorResponse, LabelScore
 
 router = APIRouter()
@@ -16,36 +18,42 @@ router = APIRouter()
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 422, 503)}
 
 
+async def _classify(runtime: Runtime, items: list[ClassifyItem]) -> list[ClassResult]:
+    """Answers cached items at once and sends only the others through the batcher."""
+    assert runtime.batcher is not None and runtime.cls_model_id is not None
+    cache = runtime.cls_cache
+    if cache is None:
+        return await runtime.batcher.submit_many(items)  # type: ignore[return-value]
+    keys = [(runtime.cls_model_id, it.text, it.labels, it.multi_label) for it in items]
+    results = [cache.get(key) for key in keys]
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        fresh = await runtime.batcher.submit_many([items[i] for i in missing])
+        for i, result in zip(missing, fresh, strict=True):
+            assert isinstance(result, ClassResult)
+            cache.put(keys[i], result)
+            results[i] = result
+    return results  # type: ignore[return-value]
+
+
 @router.post("/classify", response_model=ClassifyResponse, responses=ERRORS)
 async def classify(body: ClassifyRequest, request: Request) -> Response:
     runtime = ready_runtime(request)
     if runtime.classifier is None or runtime.batcher is None:
         raise APIError(404, "classification is disabled on this server", type="not_found")
-    settings = runtime.settings
     texts = body.texts
-    if len(texts) > settings.cls_max_inputs:
-        raise APIError(
-            400, f"{len(texts)} inputs; the limit is {settings.cls_max_inputs} (cls_max_inputs)", field="inputs"
-        )
+    n_tokens = encoder_inputs(runtime, texts, "inputs", single=isinstance(body.inputs, str))
     labels = tuple(body.labels) if body.labels is not None else None
     items = []
-    for i, (text, n_tokens) in enumerate(zip(texts, runtime.classifier.count_tokens(texts), strict=True)):
-        if n_tokens > settings.cls_max_input_tokens:
-            raise APIError(
-                400,
-                f"inputs[{i}] has {n_tokens} tokens; the limit is {settings.cls_max_input_tokens} "
-                "(cls_max_input_tokens)",
-                type="input_too_long",
-                field="inputs" if isinstance(body.inputs, str) else f"inputs.{i}",
-            )
-        item = ClassifyItem(text, labels, body.multi_label, n_tokens)
+    for text, n in zip(texts, n_tokens, strict=True):
+        item = ClassifyItem(text, labels, body.multi_label, n)
         try:
             runtime.classifier.check(item)
         except ClassifierInputError as exc:
             raise APIError(400, str(exc), field=exc.field) from exc
         items.append(item)
     try:
-        results = await until_disconnect(request, runtime.batcher.submit_many(items))
+        results = await until_disconnect(request, _classify(runtime, items))
     except ClientDisconnected:
         return Response(status_code=499)
     except ClassifierInputError as exc:

@@ -1,4 +1,4 @@
-"""Helpers shared by the routes: readiness gate and client-disconnect watching."""
+"""Helpers shared by the routes: readiness gate, client-disconnect watching, encoder input limits."""
 
 from __future__ import annotations
 
@@ -42,3 +42,25 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     finally:
         if not task.done():
             task.cancel()
+
+
+def encoder_inputs(runtime: Runtime, texts: list[str], field: str, single: bool) -> list[int]:
+    """Checks the per-call input count and per-input token limits of the classification model (shared
+    by /classify and /v1/embeddings); returns each text's token count, the batcher's cost."""
+    settings = runtime.settings
+    assert runtime.classifier is not None
+    if len(texts) > settings.cls_max_inputs:
+        raise APIError(
+            400, f"{len(texts)} inputs; the limit is {settings.cls_max_inputs} (cls_max_inputs)", field=field
+        )
+    counts = runtime.classifier.count_tokens(texts)
+    for i, n_tokens in enumerate(counts):
+        if n_tokens > settings.cls_max_input_tokens:
+            raise APIError(
+                400,
+                f"{field}[{i}] has {n_tokens} tokens; the limit is {settings.cls_max_input_tokens} "
+                "(cls_max_input_tokens)",
+                type="input_too_long",
+                field=field if single else f"{field}.{i}",
+            )
+    return counts

@@ -1,0 +1,81 @@
+"""Generation plumbing shared by /generate and the OpenAI-compatible routes: prompt encoding and
+limits, the metrics wrapper around a chunk stream, collecting a whole completion, SSE framing."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.llm_engine import AsyncLLM, EngineError, GenerationChunk
+from server import metrics
+from server.config import Settings
+from server.errors import APIError
+
+
+def encode_chat(llm: AsyncLLM, messages: list[dict[str, str]], field: str = "messages") -> list[int]:
+    """Renders chat turns with the model's own chat template (adding the assistant turn's header)."""
+    tokenizer = llm.tokenizer
+    if not tokenizer.chat_template:
+        raise APIError(400, "this model has no chat template; send a plain prompt instead", field=field)
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def encode_text(llm: AsyncLLM, prompt: str) -> list[int]:
+    return llm.tokenizer(prompt).input_ids
+
+
+def check_prompt(settings: Settings, prompt_ids: list[int], field: str) -> None:
+    if len(prompt_ids) > settings.max_input_tokens:
+        raise APIError(
+            400,
+            f"{field} has {len(prompt_ids)} tokens; the limit is {settings.max_input_tokens} (max_input_tokens)",
+            type="input_too_long",
+            field=field,
+        )
+
+
+def resolve_max_tokens(settings: Settings, requested: int | None, field: str = "max_tokens") -> int:
+    max_tokens = requested or settings.default_max_tokens
+    if max_tokens > settings.max_new_tokens:
+        raise APIError(400, f"{field} {max_tokens} exceeds the limit {settings.max_new_tokens}", field=field)
+    return max_tokens
+
+
+async def timed(chunks: AsyncIterator[GenerationChunk], arrival: float) -> AsyncIterator[GenerationChunk]:
+    """Observes time to first token, inter-token latency and token counts as chunks pass by."""
+    last_time, last_tokens = arrival, 0
+    async for chunk in chunks:
+        now = time.perf_counter()
+        new_tokens = chunk.completion_tokens - last_tokens
+        if new_tokens > 0:
+            if last_tokens == 0:
+                metrics.TTFT.observe(now - arrival)
+            else:
+                metrics.ITL.observe((now - last_time) / new_tokens)
+            metrics.GENERATED_TOKENS.inc(new_tokens)
+            last_time, last_tokens = now, chunk.completion_tokens
+        if chunk.finish_reason is not None:
+            metrics.PROMPT_TOKENS.inc(chunk.prompt_tokens)
+        yield chunk
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    final: GenerationChunk  # the last chunk: finish_reason and token counts
+
+
+async def collect(chunks: AsyncIterator[GenerationChunk]) -> Completion:
+    parts: list[str] = []
+    async for chunk in chunks:
+        parts.append(chunk.text)
+        if chunk.finish_reason is not None:
+            return Completion("".join(parts), chunk)
+    raise EngineError("generation ended without a finish reason")
+
+
+def sse(payload: object) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

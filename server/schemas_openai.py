@@ -1,0 +1,252 @@
+"""OpenAI wire format for the ``/v1`` routes (chat completions, completions, models, embeddings).
+
+Requests are strict like ours (unknown fields are rejected), with one courtesy: OpenAI parameters we
+parse but cannot honour (tools, logprobs, ...) are accepted at their neutral value (``null``, ``false``,
+``[]``) that some clients always send, and rejected with ``code: unsupported_parameter`` otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
+
+from server.errors import UNSUPPORTED
+
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+def _unsupported(*neutral: object) -> Any:
+    def check(value: object) -> object:
+        if value is not None and not any(value == n and type(value) is type(n) for n in neutral):
+            raise PydanticCustomError(UNSUPPORTED, "not supported by this server")
+        return value
+
+    return Annotated[Any, AfterValidator(check), Field(None, description="not supported; accepted only when neutral")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """Fields shared by chat completions and completions."""
+
+    model: str = Field(min_length=1, description="an id from GET /v1/models")
+    max_tokens: int | None = Field(None, ge=1, description="tokens to generate; the server's default when omitted")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding (OpenAI's default is 1)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=16, description="choices to generate, each its own sequence")
+    stop: StopString | list[StopString] | None = Field(None, description="up to 4 stop strings")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="reproducible sampling; choice i uses seed + i")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="end-user id; accepted for compatibility, not used")
+    logprobs: _unsupported(False) = None
+    top_logprobs: _unsupported(0) = None
+    logit_bias: _unsupported({}) = None
+    service_tier: _unsupported("auto", "default") = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop strings")
+        return value
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] = Field(description="text, or text parts (other part types are not supported)")
+    name: str | None = Field(None, description="accepted for compatibility, not used")
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    tools: _unsupported([]) = None
+    tool_choice: _unsupported("none") = None
+    functions: _unsupported([]) = None
+    function_call: _unsupported("none") = None
+    parallel_tool_calls: _unsupported(True, False) = None
+    response_format: _unsupported({"type": "text"}) = None
+    modalities: _unsupported(["text"]) = None
+    audio: _unsupported() = None
+    prediction: _unsupported() = None
+    reasoning_effort: _unsupported() = None
+    web_search_options: _unsupported() = None
+    store: _unsupported(False) = None
+    metadata: _unsupported() = None
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.text.strip() for m in value):
+            raise ValueError("messages must contain some non-empty content")
+        return value
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """Turns for the chat template; ``developer`` is OpenAI's new name for ``system``."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in self.messages]
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] = Field(description="a prompt or a list of prompts (token-id prompts are not supported)")
+    echo: bool = Field(False, description="prepend the prompt to the completion text")
+    suffix: _unsupported() = None
+    best_of: _unsupported(1) = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | list[str]) -> str | list[str]:
+        prompts = [value] if isinstance(value, str) else value
+        if not prompts or len(prompts) > 16:
+            raise ValueError("give 1 to 16 prompts")
+        if any(not p.strip() for p in prompts):
+            raise ValueError("prompt must not be empty or whitespace")
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
+
+class EmbeddingRequest(_Strict):
+    model: str = Field(min_length=1)
+    input: str | list[str] = Field(description="a text or a list of texts (token-id inputs are not supported)")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="only the model's own dimension is supported")
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("input must not be empty")
+        if any(not t.strip() for t in texts):
+            raise ValueError("input must not contain empty strings")
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lowlat-server"
+    task: Literal["generate", "classify"] = Field(description="extension: which routes serve it")
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="extension: source, load time and, where present, the compression report"
+    )
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail
