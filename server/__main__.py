@@ -19,7 +19,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    # access_log=False: server.access (server/request_id.py) writes the access lines, with request ids.
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 HEADER = "x-request-id"
 # Printable, no spaces or quotes: safe to echo in a header and to put in a log line.
 _VALID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+access_log = logging.getLogger("server.access")
 
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -36,7 +39,9 @@ class RequestIdFilter(logging.Filter):
 
 
 class RequestIdMiddleware:
-    """Pure ASGI middleware (a streamed body keeps the id in context until its last chunk)."""
+    """Pure ASGI middleware (a streamed body keeps the id in context until its last chunk). It also
+    writes the access log line, at the last body chunk, so the line carries the id, the status and
+    the full duration of a streamed response (uvicorn's own access log knows neither id nor end)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -51,9 +56,23 @@ class RequestIdMiddleware:
         # which runs outside this middleware, still needs the id.
         _current.set(request_id)
 
+        start, status = time.perf_counter(), 0
+
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), (HEADER.encode(), request_id.encode())]
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                log_access(status)
 
-        await self.app(scope, receive, send_with_id)
+        def log_access(code: int) -> None:
+            ms = (time.perf_counter() - start) * 1000
+            access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], code, ms)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log_access(500)  # answered by the error handler outside this middleware
+            raise
