@@ -27,6 +27,17 @@ from server.config import Settings
 log = logging.getLogger(__name__)
 
 
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        max_num_seqs=settings.max_num_seqs,
+        max_batched_tokens=settings.max_batched_tokens,
+        kv_cache_tokens=settings.kv_cache_tokens,
+        block_size=settings.kv_block_size,
+        max_model_len=settings.max_input_tokens + settings.max_new_tokens,
+        enable_prefix_caching=settings.enable_prefix_caching,
+    )
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -51,15 +62,7 @@ class Runtime:
             start = time.perf_counter()
             loaded = load_causal_lm(settings.gen_model, settings.cache_dir, dtype, settings.tokenizer)
             model = Llama.from_hf(loaded.config, loaded.state_dict).to(device)
-            config = EngineConfig(
-                max_num_seqs=settings.max_num_seqs,
-                max_batched_tokens=settings.max_batched_tokens,
-                kv_cache_tokens=settings.kv_cache_tokens,
-                block_size=settings.kv_block_size,
-                max_model_len=settings.max_input_tokens + settings.max_new_tokens,
-                enable_prefix_caching=settings.enable_prefix_caching,
-            )
-            rt.llm = AsyncLLM(LLMEngine(model, loaded.tokenizer, device, dtype, config))
+            rt.llm = AsyncLLM(LLMEngine(model, loaded.tokenizer, device, dtype, engine_config(settings)))
             rt.gen_model_id = resolve_spec(settings.gen_model, "generate").name
             rt.info["generate"] = {"model": loaded.source, "load_seconds": rt._loaded("generate", start)}
         if settings.enable_classify:

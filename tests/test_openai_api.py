@@ -9,6 +9,9 @@ import httpx
 import openai
 import pytest
 
+from load_tests.loadgen import make_scenario, run_sweep_sync
+from tests.test_live_server import wait_idle
+
 GEN = "SmolLM2-135M-Instruct"
 EMB = "all-MiniLM-L6-v2"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -150,3 +153,25 @@ def test_request_ids(live_server: str) -> None:
         headers={"X-Request-ID": "req-42"},
     )
     assert chat.json()["id"] == "chatcmpl-req-42" and chat.headers["x-request-id"] == "req-42"
+
+
+def test_load_generator_openai_scenarios(live_server: str) -> None:
+    for name in ("openai-chat-stream", "openai-completions"):
+        result = run_sweep_sync(
+            f"{live_server}/v1", make_scenario(name, max_tokens=4), concurrencies=[2], requests=4, timeout=60
+        )
+        summary = result.levels[0].summary
+        assert summary.ok == 4 and not summary.errors, (name, summary.errors)
+        assert summary.output_tokens_per_s > 0
+
+
+def test_disconnected_stream_with_n_choices_frees_every_sequence(live_server: str) -> None:
+    body = {"model": "default", "prompt": "Tell me a long story about a dragon.", "max_tokens": 64, "n": 2}
+    with (
+        httpx.Client(base_url=live_server, timeout=60) as c,
+        c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r,
+    ):
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"text": ""' not in line:
+                break  # first token of some choice arrived: hang up mid-generation
+    wait_idle(live_server)

@@ -2,8 +2,7 @@
 ``/v1/embeddings``, so existing OpenAI clients can point their ``base_url`` here.
 
 Generation goes through the same engine and plumbing as /generate; embeddings through the same
-dynamic batching queue as /classify. ``n`` > 1 runs n sequences (sharing the prompt's KV blocks
-through the prefix cache once the first has been prefilled).
+dynamic batching queue as /classify. ``n`` > 1 runs n sequences.
 """
 
 from __future__ import annotations
@@ -72,9 +71,13 @@ def _not_found(model: str) -> APIError:
     )
 
 
-def _llm(runtime: Runtime, model: str) -> AsyncLLM:
-    if runtime.llm is None or model != runtime.gen_model_id:
-        raise _not_found(model)
+def _llm(runtime: Runtime, body: _Sampling) -> AsyncLLM:
+    """``model`` is the id /v1/models lists or, as an alias, the spec the server was started with
+    (``--gen-model``, e.g. ``default``); responses name the id either way."""
+    if runtime.llm is None or body.model not in (runtime.gen_model_id, runtime.settings.gen_model):
+        raise _not_found(body.model)
+    assert runtime.gen_model_id is not None
+    body.model = runtime.gen_model_id
     return runtime.llm
 
 
@@ -278,7 +281,7 @@ async def _serve(
 @router.post("/chat/completions", response_model=ChatCompletion, responses=ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     runtime = ready_runtime(request)
-    llm = _llm(runtime, body.model)
+    llm = _llm(runtime, body)
     prompt_ids = encode_chat(llm, body.template_messages())
     check_prompt(runtime.settings, prompt_ids, "messages")
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -289,7 +292,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 @router.post("/completions", response_model=TextCompletion, responses=ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     runtime = ready_runtime(request)
-    llm = _llm(runtime, body.model)
+    llm = _llm(runtime, body)
     prompts = [encode_text(llm, p) for p in body.prompts]
     for i, ids in enumerate(prompts):
         check_prompt(runtime.settings, ids, "prompt" if isinstance(body.prompt, str) else f"prompt.{i}")
@@ -301,7 +304,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 @router.post("/embeddings", response_model=EmbeddingList, responses=ERRORS)
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     runtime = ready_runtime(request)
-    if runtime.classifier is None or runtime.batcher is None or body.model != runtime.cls_model_id:
+    served = (runtime.cls_model_id, runtime.settings.cls_model)  # id or, as an alias, the --cls-model spec
+    if runtime.classifier is None or runtime.batcher is None or body.model not in served:
         raise _not_found(body.model)
     dim = runtime.classifier.embedding_dim
     if body.dimensions is not None and body.dimensions != dim:
@@ -322,5 +326,5 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
             vector = base64.b64encode(struct.pack(f"<{len(result.vector)}f", *result.vector)).decode()
         data.append(EmbeddingData(index=i, embedding=vector))
     usage = EmbeddingUsage(prompt_tokens=sum(n_tokens), total_tokens=sum(n_tokens))
-    result_list = EmbeddingList(data=data, model=body.model, usage=usage)
+    result_list = EmbeddingList(data=data, model=served[0] or body.model, usage=usage)
     return Response(result_list.model_dump_json(), media_type="application/json")
