@@ -95,6 +95,7 @@ class LLMEngine:
         if self.requests.pop(seq, None) is not None:
             self.scheduler.finish(seq, "abort")
             log.debug("request %s aborted after %d tokens", seq.request_id, len(seq.output_ids))
+            self.update_gauges()  # no step may follow to refresh them (the engine can go idle now)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

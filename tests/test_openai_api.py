@@ -166,12 +166,15 @@ def test_load_generator_openai_scenarios(live_server: str) -> None:
 
 
 def test_disconnected_stream_with_n_choices_frees_every_sequence(live_server: str) -> None:
-    body = {"model": "default", "prompt": "Tell me a long story about a dragon.", "max_tokens": 64, "n": 2}
+    story = [{"role": "user", "content": "Tell me a very long story about a dragon."}]
+    body = {"model": GEN, "messages": story, "max_tokens": 64, "n": 2, "temperature": 0, "stream": True}
     with (
         httpx.Client(base_url=live_server, timeout=60) as c,
-        c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r,
+        c.stream("POST", "/v1/chat/completions", json=body) as r,
     ):
         for line in r.iter_lines():
-            if line.startswith("data: ") and '"text": ""' not in line:
+            if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
                 break  # first token of some choice arrived: hang up mid-generation
-    wait_idle(live_server)
+        else:
+            raise AssertionError("no content streamed")
+    wait_idle(live_server)  # both choices aborted: no running sequence, no KV block in use

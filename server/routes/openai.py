@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import struct
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -204,13 +205,15 @@ async def _stream_events(
                 yield sse(first)
             elif echoes[c.prompt]:
                 yield sse(_chunk_payload(kind, rid, created, model, c.index, echoes[c.prompt], None, with_usage))
-        async for i, chunk in _merged(streams):
-            if chunk.finish_reason is not None:
-                finals[choices[i].index] = chunk
-            text = chunk.text if chunk.text or chunk.finish_reason is None else None
-            yield sse(
-                _chunk_payload(kind, rid, created, model, choices[i].index, text, chunk.finish_reason, with_usage)
-            )
+        # aclosing: when the client goes away mid-stream, closing this generator must abort every choice.
+        async with contextlib.aclosing(_merged(streams)) as merged:
+            async for i, chunk in merged:
+                if chunk.finish_reason is not None:
+                    finals[choices[i].index] = chunk
+                text = chunk.text if chunk.text or chunk.finish_reason is None else None
+                yield sse(
+                    _chunk_payload(kind, rid, created, model, choices[i].index, text, chunk.finish_reason, with_usage)
+                )
     except EngineError as exc:
         yield sse(openai_error_body("server_error", str(exc)))
         return
