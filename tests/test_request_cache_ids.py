@@ -1,5 +1,5 @@
 """Through the ASGI app: classification response cache, prefix-cache hits reported in usage and
-metrics, request ids in headers and logs."""
+metrics, request ids in headers and logs; embedding items riding in classification batches."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import re
 import httpx
 import pytest
 
+from engine.classifier import ClassifyItem, ClassResult, Embedding
 from engine.response_cache import ResponseCache
 from server.request_id import RequestIdFilter
+from server.runtime import Runtime
 
 
 def metric(text: str, name: str) -> float:
@@ -72,3 +74,21 @@ async def test_request_id_in_header_and_logs(client: httpx.AsyncClient, caplog: 
     lines = {rec.request_id: rec.getMessage() for rec in caplog.records if rec.name == "server.access"}
     assert lines["log-me-7"].startswith("POST /generate 200 ")
     assert lines[bad.headers["x-request-id"]].startswith("POST /generate 422 ")
+
+
+def test_embeddings_share_a_batch_with_classification(runtime: Runtime) -> None:
+    classifier = runtime.classifier
+    assert classifier is not None
+    texts = ["I was charged twice", "Where is my parcel?"]
+    mixed = classifier.run(
+        [
+            ClassifyItem(texts[0], ("billing", "delivery")),
+            ClassifyItem(texts[1], embed=True),
+            ClassifyItem(texts[0], embed=True),
+        ]
+    )
+    assert isinstance(mixed[0], ClassResult) and mixed[0].label == "billing"
+    alone = classifier.embed(texts[1:] + texts[:1]).tolist()
+    for result, expected in zip(mixed[1:], alone, strict=True):
+        assert isinstance(result, Embedding)
+        assert result.vector == pytest.approx(expected, abs=1e-5)
