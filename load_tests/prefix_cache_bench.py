@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -51,6 +52,16 @@ def system_prompt(tokenizer: Any, target_tokens: int) -> str:
             break
         text += line + "\n"
     return text
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def questions() -> list[str]:
@@ -115,6 +126,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         for i in range(args.requests + 1)
     ]
+    load_before = os.getloadavg()
     try:
         # Warm both engines' code paths on an unrelated short prompt (not a prefix of the system prompt).
         for name, llm in engines.items():
@@ -138,7 +150,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "prefix_cache_ttft",
         "environment": {
             **environment_info("in-process engines (no HTTP)"),
-            "processor": platform.processor() or platform.machine(),
+            "processor": cpu_model(),
+            "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "device": str(base.runner.device),
@@ -179,7 +192,9 @@ def markdown(doc: dict[str, Any]) -> str:
             f"Command: `{env['command']}`  ",
             f"Date: {doc['date']}  ",
             f"Hardware: {env['machine']} ({env['processor']}), {env['cpu_count']} CPUs visible, "
-            f"torch {env['torch']} with {env['torch_threads']} threads, device {env['device']}, {env['dtype']}  ",
+            f"torch {env['torch']} with {env['torch_threads']} threads, device {env['device']}, {env['dtype']}; "
+            f"a shared machine: 1-minute load average {env['load_average_1m_before_after'][0]} before, "
+            f"{env['load_average_1m_before_after'][1]} after  ",
             f"Model: {cfg['model']}  ",
             f"Prompt: {cfg['system_prompt_tokens']}-token system prompt + a different customer message each time "
             f"(median {cfg['prompt_tokens_median']} tokens in all), max_tokens {cfg['max_tokens']}, "

@@ -58,6 +58,9 @@ def _respond(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     if is_openai(request):
+        if type != "invalid_request_error":  # our finer kinds (input_too_long, not_ready, ...) become the code
+            code = code or type
+            type = "invalid_request_error" if status < 500 else "server_error"
         return JSONResponse(openai_error_body(type, message, field, code), status_code=status, headers=headers)
     return JSONResponse(error_body(type, message, field), status_code=status, headers=headers)
 
@@ -77,7 +80,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     message = err.get("msg", "invalid value")
     if err.get("type") == "extra_forbidden":
         message = "unknown field"
-    code = err.get("type") if err.get("type") == UNSUPPORTED else None
+    code = UNSUPPORTED if err.get("type") == UNSUPPORTED else None
     status = 400 if is_openai(request) else 422
     return _respond(request, status, "invalid_request_error", f"{field}: {message}", field, code=code)
 

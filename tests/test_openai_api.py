@@ -126,6 +126,10 @@ def test_errors_in_openai_shape(client: openai.OpenAI, live_server: str) -> None
         client.chat.completions.create(model=GEN, messages=FRANCE, max_tokens=10_000)
     assert e.value.param == "max_tokens"
     with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=GEN, prompt="word " * 400)
+    assert e.value.param == "prompt" and e.value.code == "input_too_long"
+    assert e.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model=EMB, input="hi", dimensions=8)
     assert e.value.param == "dimensions"
     # Neutral values of unsupported fields (sent by some clients) are fine.

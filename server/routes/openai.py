@@ -215,7 +215,7 @@ async def _stream_events(
                     _chunk_payload(kind, rid, created, model, choices[i].index, text, chunk.finish_reason, with_usage)
                 )
     except EngineError as exc:
-        yield sse(openai_error_body("server_error", str(exc)))
+        yield sse(openai_error_body("server_error", str(exc), code="engine_error"))
         return
     if with_usage:
         usage = _usage(prompts, finals, choices).model_dump()
@@ -252,7 +252,7 @@ async def _serve(
     except ClientDisconnected:
         return Response(status_code=499)
     except EngineError as exc:
-        raise APIError(500, str(exc), type="server_error") from exc
+        raise APIError(500, str(exc), type="engine_error") from exc
     finals = {c.index: d.final for c, d in zip(choices, done, strict=True)}
     usage = _usage(prompts, finals, choices)
     result: BaseModel
