@@ -88,7 +88,8 @@ async def models(request: Request) -> ModelList:
     cards = []
     for task, model_id in (("generate", runtime.gen_model_id), ("classify", runtime.cls_model_id)):
         if model_id is not None:
-            # runtime.info[task] holds the source and load time; the compression report joins it there.
+            # Hook: the per-model compression report (Runtime.reports[task] on the compression branch) belongs
+            # in these details once it lands; runtime.info[task] holds the source and load time.
             cards.append(ModelCard(id=model_id, created=runtime.created, task=task, details=runtime.info.get(task, {})))
     return ModelList(data=cards)
 
