@@ -34,7 +34,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _Sampling(_Strict):
+class SamplingRequest(_Strict):
     """Fields shared by chat completions and completions."""
 
     model: str = Field(min_length=1, description="an id from GET /v1/models")
@@ -85,7 +85,7 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
     tools: _unsupported([]) = None
@@ -114,7 +114,7 @@ class ChatCompletionRequest(_Sampling):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in self.messages]
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[str] = Field(description="a prompt or a list of prompts (token-id prompts are not supported)")
     echo: bool = Field(False, description="prepend the prompt to the completion text")
     suffix: _unsupported() = None

@@ -52,9 +52,9 @@ from server.schemas_openai import (
     ModelList,
     OpenAIErrorResponse,
     PromptTokensDetails,
+    SamplingRequest,
     TextCompletion,
     Usage,
-    _Sampling,
 )
 
 router = APIRouter(prefix="/v1")
@@ -72,7 +72,7 @@ def _not_found(model: str) -> APIError:
     )
 
 
-def _llm(runtime: Runtime, body: _Sampling) -> AsyncLLM:
+def _llm(runtime: Runtime, body: SamplingRequest) -> AsyncLLM:
     """``model`` is the id /v1/models lists or, as an alias, the spec the server was started with
     (``--gen-model``, e.g. ``default``); responses name the id either way."""
     if runtime.llm is None or body.model not in (runtime.gen_model_id, runtime.settings.gen_model):
@@ -102,7 +102,7 @@ class _Choice:
     params: SamplingParams
 
 
-def _choices(body: _Sampling, prompts: list[list[int]], max_tokens: int) -> list[_Choice]:
+def _choices(body: SamplingRequest, prompts: list[list[int]], max_tokens: int) -> list[_Choice]:
     """One sequence per (prompt, n); choice i samples with ``seed + i`` so the n choices differ."""
     out = []
     for p, ids in enumerate(prompts):
@@ -189,7 +189,7 @@ def _chunk_payload(
 
 async def _stream_events(
     kind: Kind,
-    body: _Sampling,
+    body: SamplingRequest,
     prompts: list[list[int]],
     echoes: list[str],
     choices: list[_Choice],
@@ -229,7 +229,7 @@ async def _serve(
     request: Request,
     llm: AsyncLLM,
     kind: Kind,
-    body: _Sampling,
+    body: SamplingRequest,
     prompts: list[list[int]],
     echoes: list[str],
     max_tokens: int,
