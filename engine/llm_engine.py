@@ -158,6 +158,7 @@ class LLMEngine:
         metrics.KV_USAGE.set(self.blocks.usage)
         metrics.KV_BLOCKS.labels(state="free").set(self.blocks.num_free)
         metrics.KV_BLOCKS.labels(state="used").set(self.blocks.num_blocks - 1 - self.blocks.num_free)
+        metrics.PREFIX_CACHE_BLOCKS.set(self.blocks.num_cached)
 
 
 class AsyncLLM:

@@ -59,6 +59,9 @@ PREFIX_CACHE_QUERIED = Counter(
 PREFIX_CACHE_HITS = Counter(
     "llm_prefix_cache_hit_tokens_total", "Tokens whose KV came from the prefix cache instead of prefill"
 )
+PREFIX_CACHE_BLOCKS = Gauge(
+    "llm_prefix_cache_blocks", "KV-cache blocks holding a reusable prefix (in use or free but not yet evicted)"
+)
 PREFIX_CACHE_HIT_RATE = Gauge("llm_prefix_cache_hit_rate", "Hit tokens / queried tokens since the engine started")
 RESPONSE_CACHE_HITS = Counter("llm_response_cache_hits_total", "Results answered from the response cache", ["endpoint"])
 RESPONSE_CACHE_MISSES = Counter(

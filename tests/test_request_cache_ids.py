@@ -63,6 +63,7 @@ async def test_shared_system_prompt_hits_the_prefix_cache(client: httpx.AsyncCli
     name = "llm_prefix_cache_hit_tokens_total"
     assert metric(after, name) - metric(before, name) >= cached
     assert 0 < metric(after, "llm_prefix_cache_hit_rate") <= 1
+    assert metric(after, "llm_prefix_cache_blocks") >= cached // 16
 
 
 async def test_request_id_in_header_and_logs(client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
