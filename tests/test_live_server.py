@@ -22,7 +22,8 @@ def gauge(url: str, name: str) -> float:
 
 
 STEPS = 'llm_batch_size_sum{endpoint="generate"}'  # sequence-steps the engine ran
-LONG = {"prompt": "Tell me a very long story about a dragon.", "max_tokens": 64}
+# A chat prompt that really streams many tokens (a raw prompt may end after one).
+LONG = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}], "max_tokens": 64}
 
 
 def wait_idle(url: str) -> None:
