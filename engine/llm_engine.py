@@ -80,7 +80,7 @@ class LLMEngine:
             config.kv_cache_tokens // config.block_size + 1, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens)
-        self.runner = ModelRunner(model, self.blocks, device, dtype)
+        self.runner = ModelRunner(model, self.blocks, device, dtype, config.max_num_seqs, self.max_model_len)
         metrics.KV_BYTES.set(self.runner.kv_cache_bytes)
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])

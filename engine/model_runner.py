@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import SCRATCH_BLOCK, BlockManager
 from engine.sampler import sample
 from engine.sequence import Sequence
@@ -12,7 +13,18 @@ from models.llama import AttentionMetadata, Llama
 
 
 class ModelRunner:
-    def __init__(self, model: Llama, blocks: BlockManager, device: torch.device, dtype: torch.dtype) -> None:
+    """Prefill runs eagerly over padded tensors; decode steps go through :class:`DecodeGraphs`
+    (CUDA graphs on a GPU, the same code eagerly on CPU)."""
+
+    def __init__(
+        self,
+        model: Llama,
+        blocks: BlockManager,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_num_seqs: int,
+        max_model_len: int,
+    ) -> None:
         self.model = model
         self.blocks = blocks
         self.device = device
@@ -21,6 +33,10 @@ class ModelRunner:
         # Zero-filled: masked-out slots still pass through softmax·V, and NaN·0 would poison rows.
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.decode = DecodeGraphs(
+            model, (self.k_cache, self.v_cache), blocks.block_size, max_num_seqs, max_model_len, device
+        )
+        self.decode.capture_all()
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -29,6 +45,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> list[int]:
         """Computes every not-yet-cached token of each sequence and returns one new token per sequence."""
+        if all(s.num_tokens - s.num_computed == 1 for s in seqs) and self.decode.fits(seqs):
+            greedy, logits = self.decode.run(seqs)
+            return sample(logits, seqs, greedy)
         input_ids, positions, meta, last = self._prepare(seqs)
         hidden = self.model(input_ids, positions, meta, (self.k_cache, self.v_cache))
         rows = torch.arange(len(seqs), device=self.device)

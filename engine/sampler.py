@@ -24,15 +24,19 @@ def apply_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
     return logits
 
 
-def sample(logits: Tensor, seqs: list[Sequence]) -> list[int]:
+def sample(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None = None) -> list[int]:
     """Greedy rows take the argmax; the rest are sampled after temperature, top-k and top-p.
     Penalties apply first, to greedy and sampled rows alike.
 
+    ``greedy`` is the argmax when the caller already has it (computed inside a CUDA graph); an
+    all-greedy batch without penalties then costs one device-to-host copy of the tokens.
     A request with a ``seed`` draws from its own generator, so its output does not depend on which
     other requests share the batch.
     """
-    logits = apply_penalties(logits, seqs)
-    greedy = logits.argmax(dim=-1)
+    penalized = apply_penalties(logits, seqs)
+    if greedy is None or penalized is not logits:  # a precomputed argmax holds only without penalties
+        greedy = penalized.argmax(dim=-1)
+    logits = penalized
     sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not sampled_rows:
         return greedy.tolist()

@@ -72,9 +72,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32: bf16 sums of squares lose too much precision.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # F.rms_norm is one fused kernel on CUDA (fewer launches per decode step), the same math on CPU.
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_tables(args: ModelArgs) -> tuple[Tensor, Tensor]:
@@ -111,9 +110,16 @@ class Attention(nn.Module):
         v_cache.index_copy_(0, meta.slot_mapping, v.reshape(-1, self.num_kv_heads, self.head_dim))
         keys = k_cache[meta.gather_index].transpose(1, 2)  # [b, kv_heads, kv_len, d]
         values = v_cache[meta.gather_index].transpose(1, 2)
-        gqa = self.num_heads != self.num_kv_heads
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=meta.mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        # Grouped-query attention without repeating K/V: the g query heads that share a KV head become
+        # g*t query rows of that head (head h = kv_head * g + j, as in HF's repeat_kv). On CUDA this
+        # keeps SDPA on the memory-efficient kernel, which takes a mask but not enable_gqa.
+        g = self.num_heads // self.num_kv_heads
+        q = q.view(b, t, self.num_kv_heads, g, self.head_dim).permute(0, 2, 3, 1, 4)
+        q = q.reshape(b, self.num_kv_heads, g * t, self.head_dim)
+        mask = meta.mask if g == 1 else meta.mask.repeat(1, 1, g, 1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = out.view(b, self.num_kv_heads, g, t, self.head_dim).permute(0, 3, 1, 2, 4)
+        return self.o_proj(out.reshape(b, t, -1))
 
 
 class MLP(nn.Module):

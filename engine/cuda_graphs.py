@@ -1,0 +1,139 @@
+"""Decode steps over static buffers, replayed as CUDA graphs keyed by (batch bucket, KV-length bucket).
+
+A decode step is ~40 small kernels per layer; launched one by one from Python on a slow host CPU the
+launches, not the GPU, set the step time. Capturing the step once per bucket and replaying it costs
+one launch. Everything a step needs is derived on the device from one small int64 upload per step
+(last token, position and block table of each row); padded rows point at the scratch block. The KV
+bucket bounds the gathered context, so attention cost follows the real lengths, not the maximum.
+
+On CPU the same function runs eagerly over the same buffers, so the tests exercise this path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from engine.kv_cache import SCRATCH_BLOCK
+from engine.sequence import Sequence
+from models.llama import AttentionMetadata, Llama
+
+MIN_KV_BUCKET = 64
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 32, then steps of a quarter of the power of two below (≤ 25% padding), up to the max."""
+    sizes = [b for b in (1, 2, 4, 8, 16, 32) if b < max_num_seqs]
+    b = 32
+    while b < max_num_seqs:
+        step = b // 4
+        sizes.extend(range(b + step, 2 * b + 1, step))
+        b *= 2
+    return sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
+
+
+def kv_buckets(max_model_len: int, block_size: int) -> list[int]:
+    """Powers of two from MIN_KV_BUCKET, then the model length; all multiples of the block size."""
+    round_up = lambda n: -(-n // block_size) * block_size  # noqa: E731
+    top = round_up(max_model_len)
+    sizes, n = set(), MIN_KV_BUCKET
+    while n < top:
+        sizes.add(round_up(n))
+        n *= 2
+    return sorted(sizes | {top})
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: Llama,
+        kv_cache: tuple[Tensor, Tensor],
+        block_size: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = device
+        self.batch_sizes = batch_buckets(max_num_seqs)
+        self.kv_lens = kv_buckets(max_model_len, block_size)
+        self.use_graphs = device.type == "cuda"
+        width = 2 + self.kv_lens[-1] // block_size  # token, position, block table
+        # Host staging buffer (pinned on CUDA, so the upload is one async copy) and its device twin.
+        self.staging = torch.zeros(self.batch_sizes[-1], width, dtype=torch.long, pin_memory=self.use_graphs)
+        self.staging_np = self.staging.numpy()
+        self.inputs = torch.zeros_like(self.staging, device=device)
+        self.kv_positions = torch.arange(self.kv_lens[-1], device=device)
+        self.block_offsets = torch.arange(block_size, device=device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def fits(self, seqs: list[Sequence]) -> bool:
+        return len(seqs) <= self.batch_sizes[-1] and max(s.num_tokens for s in seqs) <= self.kv_lens[-1]
+
+    def _bucket(self, sizes: list[int], n: int) -> int:
+        return next(s for s in sizes if s >= n)
+
+    def _forward(self, batch: int, kv_len: int) -> tuple[Tensor, Tensor]:
+        """One decode step for the first ``batch`` rows of the input buffer: (greedy tokens, logits)."""
+        buf = self.inputs[:batch]
+        ids, positions = buf[:, 0:1], buf[:, 1:2]
+        tables = buf[:, 2 : 2 + kv_len // self.block_size]
+        gather_index = (tables.unsqueeze(-1) * self.block_size + self.block_offsets).view(batch, kv_len)
+        slot_mapping = gather_index.gather(1, positions).view(-1)
+        mask = (self.kv_positions[:kv_len].view(1, -1) <= positions).view(batch, 1, 1, kv_len)
+        hidden = self.model(ids, positions, AttentionMetadata(slot_mapping, gather_index, mask), self.kv_cache)
+        logits = self.model.logits(hidden[:, 0])
+        return logits.argmax(dim=-1), logits
+
+    def _capture(self, key: tuple[int, int]) -> None:
+        # Warm up on a side stream (lazy cuBLAS/SDPA workspace setup must not land in the graph).
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._forward(*key)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.outputs[key] = self._forward(*key)
+        self.graphs[key] = graph
+
+    def capture_all(self) -> None:
+        """Captures every bucket, largest first, so later captures reuse the largest one's memory."""
+        if not self.use_graphs:
+            return
+        self.inputs.zero_()  # all rows point at the scratch block while capturing
+        for batch in reversed(self.batch_sizes):
+            for kv_len in reversed(self.kv_lens):
+                if (batch, kv_len) not in self.graphs:
+                    self._capture((batch, kv_len))
+        torch.cuda.synchronize()
+
+    def run(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor]:
+        """Decode one token for each sequence (each has exactly one uncomputed token); rows follow ``seqs``."""
+        n = len(seqs)
+        batch = self._bucket(self.batch_sizes, n)
+        kv_len = self._bucket(self.kv_lens, max(s.num_tokens for s in seqs))
+        width = 2 + kv_len // self.block_size
+        host = self.staging_np
+        host[:batch, :width] = SCRATCH_BLOCK
+        for row, s in enumerate(seqs):
+            pos = s.num_computed
+            prompt_len = len(s.prompt_ids)
+            host[row, 0] = s.prompt_ids[pos] if pos < prompt_len else s.output_ids[pos - prompt_len]
+            host[row, 1] = pos
+            table = s.block_table[: width - 2]  # blocks past the bucket hold no context yet
+            host[row, 2 : 2 + len(table)] = table
+        self.inputs[:batch, :width].copy_(self.staging[:batch, :width], non_blocking=True)
+        key = (batch, kv_len)
+        if not self.use_graphs:
+            tokens, logits = self._forward(batch, kv_len)
+        else:
+            if key not in self.graphs:
+                self._capture(key)
+            self.graphs[key].replay()
+            tokens, logits = self.outputs[key]
+        return tokens[:n], logits[:n]
