@@ -1,0 +1,637 @@
+"""GPU benchmark: our engine against Hugging Face transformers, same random weights, same GPU, one run.
+
+Per generation model (S = dummy:smollm2-135m, L = dummy:smollm2-1.7b), in this order:
+  1. correctness: prefill and decode (CUDA-graph) logits vs HF in bf16 and fp32, greedy continuations;
+  2. our batch-1 ms/step (host-timed step, and the graph replay alone timed with CUDA events);
+  3. our engine (AsyncLLM: scheduler, runner, detokenizer, asyncio streams) at 1/16/64/256 concurrent
+     requests of 128 prompt + 128 new tokens: tokens/s, TTFT and ITL p50/p99, share of time in the model;
+  4. HF ``generate`` batch 1 (ms/step), static batch 128 and continuous batching (``generate_batch``, 256
+     requests) on the same weights and requests;
+  5. our server on loopback driven by load_tests/loadgen.py (whole and streamed /generate).
+Then /classify (MiniLM-L6 architecture, random weights, fp16) through HTTP at 1/64/256 clients against
+one forward per request in process.
+
+Needs CUDA. Writes ``results.json`` and ``results.md`` under ``--out``::
+
+    python -m load_tests.gpu_bench --tokenizer TOK_DIR --encoder-tokenizer MINILM_TOK_DIR \\
+        --out load_tests/results/gpu [--quick] [--models S,L]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
+from engine.sequence import SamplingParams, Sequence
+from load_tests.loadgen import make_scenario, run_sweep_sync
+from models.llama import Llama
+from models.loader import DUMMY_SEED, load_causal_lm
+from models.sources import PRESETS
+
+MODELS = {"S": "dummy:smollm2-135m", "L": "dummy:smollm2-1.7b"}
+PROMPT_LEN, NEW_TOKENS = 128, 128
+CONCURRENCY = (1, 16, 64, 256)
+CLS_CONCURRENCY = (1, 64, 256)
+HF_STATIC_BATCH, HF_CB_REQUESTS = 128, 256
+DEV = torch.device("cuda")
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, length), generator=gen).tolist()
+
+
+def engine_config(max_num_seqs: int = 256) -> EngineConfig:
+    """Sized for the runs below: every request fits, nothing is preempted."""
+    return EngineConfig(
+        max_num_seqs=max_num_seqs,
+        max_batched_tokens=8192,
+        kv_cache_tokens=max_num_seqs * (PROMPT_LEN + NEW_TOKENS) + 1024,
+        block_size=16,
+        max_model_len=PROMPT_LEN + NEW_TOKENS + 128,
+    )
+
+
+# ------------------------------------------------------------------------------------------ correctness
+
+
+def correctness(engine: LLMEngine, hf: Any, hf32: Any, vocab: int, steps: int) -> dict[str, Any]:
+    """Logits of our prefill (eager) and decode (CUDA graphs) against HF bf16 and an fp32 reference."""
+    runner = engine.runner
+    prompts = random_prompts(4, PROMPT_LEN, vocab, seed=1)
+    seqs = [Sequence(prompt_ids=list(p), params=SamplingParams()) for p in prompts]
+    for s in seqs:
+        engine.blocks.allocate(s)
+    with torch.inference_mode():
+        ids, positions, meta, _ = runner._prepare(seqs)
+        ours_prefill = runner.model.logits(runner.model(ids, positions, meta, (runner.k_cache, runner.v_cache)))
+        for s in seqs:
+            s.num_computed = s.num_tokens  # cache now holds the prompts
+        decode_logits = []
+        for step in range(steps):
+            if step == 0:  # first token from the prefill's last row
+                tokens = ours_prefill[:, -1].argmax(-1).tolist()
+            else:
+                greedy, logits = runner.decode.run(seqs)
+                decode_logits.append(logits.clone())
+                tokens = greedy.tolist()
+            for s, t in zip(seqs, tokens, strict=True):
+                s.output_ids.append(t)
+                s.num_computed = s.num_tokens - 1
+                engine.blocks.allocate(s)
+        ours_decode = torch.stack(decode_logits, dim=1)  # [b, steps-1, vocab]: predicts token 2..steps
+        full = torch.tensor([s.prompt_ids + s.output_ids for s in seqs], device=DEV)
+        ref32 = hf32(full).logits.float()
+        ref16 = hf(full).logits.float()
+        hf_gen = hf.generate(
+            torch.tensor(prompts, device=DEV),
+            attention_mask=torch.ones(len(prompts), PROMPT_LEN, dtype=torch.long, device=DEV),
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+        )[:, PROMPT_LEN:].tolist()
+    ours_tokens = [s.output_ids for s in seqs]
+    for s in seqs:
+        engine.blocks.free(s)
+    # Decode logits at step k (k >= 1) predict output token k: positions PROMPT_LEN + k - 1 of the full sequence.
+    dec_slice = slice(PROMPT_LEN, PROMPT_LEN + steps - 1)
+    ref32_greedy = ref32[:, PROMPT_LEN - 1 : PROMPT_LEN + steps - 1].argmax(-1).tolist()
+
+    def agree(a: list[list[int]], b: list[list[int]]) -> list[int]:
+        return [
+            next((i for i, (x, y) in enumerate(zip(p, q, strict=True)) if x != y), len(p))
+            for p, q in zip(a, b, strict=True)
+        ]
+
+    top2 = ref32[:, PROMPT_LEN - 1 : PROMPT_LEN + steps - 1].topk(2, dim=-1).values
+    return {
+        "prompts": len(prompts),
+        "prompt_tokens": PROMPT_LEN,
+        "steps": steps,
+        "prefill_rel_err_vs_fp32": {
+            "ours_bf16": rel_err(ours_prefill, ref32[:, :PROMPT_LEN]),
+            "hf_bf16": rel_err(ref16[:, :PROMPT_LEN], ref32[:, :PROMPT_LEN]),
+        },
+        "prefill_rel_err_ours_vs_hf_bf16": rel_err(ours_prefill, ref16[:, :PROMPT_LEN]),
+        "decode_rel_err_vs_fp32": {
+            "ours_bf16": rel_err(ours_decode, ref32[:, dec_slice]),
+            "hf_bf16": rel_err(ref16[:, dec_slice], ref32[:, dec_slice]),
+        },
+        "decode_rel_err_ours_vs_hf_bf16": rel_err(ours_decode, ref16[:, dec_slice]),
+        "prefill_argmax_agreement_ours_vs_fp32": float(
+            (ours_prefill.argmax(-1) == ref32[:, :PROMPT_LEN].argmax(-1)).float().mean()
+        ),
+        "greedy_matching_prefix_ours_vs_hf_generate_bf16": agree(ours_tokens, hf_gen),
+        "greedy_matching_prefix_ours_vs_fp32_argmax": agree(ours_tokens, ref32_greedy),
+        "fp32_top2_margin_median": float((top2[..., 0] - top2[..., 1]).median()),
+    }
+
+
+# ------------------------------------------------------------------------------------------ our engine
+
+
+def batch1_step_ms(engine: LLMEngine, vocab: int, steps: int = 128) -> dict[str, Any]:
+    """One sequence: host-timed ``runner.run`` per decode step, and the replay of its graph alone."""
+    runner = engine.runner
+    seq = Sequence(prompt_ids=random_prompts(1, PROMPT_LEN, vocab, seed=2)[0], params=SamplingParams())
+    engine.blocks.allocate(seq)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        token = runner.run([seq])[0]
+        if i:
+            times.append((time.perf_counter() - t0) * 1e3)
+        seq.output_ids.append(token)
+        seq.num_computed = seq.num_tokens - 1
+        engine.blocks.allocate(seq)
+    key = (1, runner.decode.kv_lens[-1])
+    graph = runner.decode.graphs.get(key)
+    replay_ms = None
+    if graph is not None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(200):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        replay_ms = start.elapsed_time(end) / 200
+    engine.blocks.free(seq)
+    return {
+        "step_ms_p50": pct(times, 0.5),
+        "step_ms_mean": statistics.fmean(times),
+        "graph_replay_ms_at_max_kv_bucket": replay_ms,
+    }
+
+
+async def _engine_level(llm: AsyncLLM, prompts: list[list[int]], concurrency: int) -> dict[str, Any]:
+    params = SamplingParams(max_tokens=NEW_TOKENS)
+    ttft, itl, tokens = [], [], 0
+    todo = list(enumerate(prompts))
+
+    async def worker() -> None:
+        nonlocal tokens
+        while todo:
+            i, prompt = todo.pop()
+            t0 = last = time.perf_counter()
+            first = True
+            async for chunk in llm.generate(prompt, params, f"bench-{concurrency}-{i}"):
+                now = time.perf_counter()
+                (ttft if first else itl).append((now - (t0 if first else last)) * 1e3)
+                first, last = False, now
+                if chunk.finish_reason is not None:
+                    tokens += chunk.completion_tokens
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    return {
+        "concurrency": concurrency,
+        "requests": len(prompts),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tokens_per_s": tokens / wall,
+        "ttft_ms": {"p50": pct(ttft, 0.5), "p99": pct(ttft, 0.99)},
+        "itl_ms": {"p50": pct(itl, 0.5), "p99": pct(itl, 0.99)},
+    }
+
+
+def engine_level(engine: LLMEngine, vocab: int, levels: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Closed loop at each concurrency; every request runs to 128 tokens (EOS ignored, as HF's min_new_tokens)."""
+    engine.eos_ids = set()
+    model_s = [0.0]
+    run = engine.runner.run
+
+    def timed_run(seqs: list[Sequence]) -> list[int]:
+        t0 = time.perf_counter()
+        out = run(seqs)
+        model_s[0] += time.perf_counter() - t0
+        return out
+
+    engine.runner.run = timed_run  # type: ignore[method-assign]
+    llm = AsyncLLM(engine)
+    llm.start()
+    results = []
+    try:
+        asyncio.run(_engine_level(llm, random_prompts(8, PROMPT_LEN, vocab, seed=3), 8))  # warm-up
+        for c in levels:
+            prompts = random_prompts(max(2 * c, 4), PROMPT_LEN, vocab, seed=100 + c)
+            model_s[0] = 0.0
+            r = asyncio.run(_engine_level(llm, prompts, c))
+            r["share_of_wall_in_runner"] = model_s[0] / r["wall_s"]
+            log(f"  engine c={c}: {r['output_tokens_per_s']:.0f} tok/s, ITL p50 {r['itl_ms']['p50']:.2f} ms")
+            results.append(r)
+    finally:
+        llm.stop()
+        engine.runner.run = run  # type: ignore[method-assign]
+    return results
+
+
+# ------------------------------------------------------------------------------------------ HF baselines
+
+
+def hf_baselines(hf: Any, vocab: int, quick: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    prompt = torch.tensor(random_prompts(1, PROMPT_LEN, vocab, seed=4), device=DEV)
+
+    def gen(ids: torch.Tensor, n: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        sync()
+        return time.perf_counter() - t0
+
+    gen(prompt, 2)
+    n = 32
+    t1, tn = gen(prompt, 1), gen(prompt, n + 1)
+    out["generate_batch1_ms_per_step"] = (tn - t1) / n * 1e3
+    log(f"  HF generate batch 1: {out['generate_batch1_ms_per_step']:.2f} ms/step")
+    if quick:
+        return out
+    batch = torch.tensor(random_prompts(HF_STATIC_BATCH, PROMPT_LEN, vocab, seed=5), device=DEV)
+    t = gen(batch, NEW_TOKENS)
+    out["generate_static_batch128_tokens_per_s"] = HF_STATIC_BATCH * NEW_TOKENS / t
+    log(f"  HF generate static batch 128: {out['generate_static_batch128_tokens_per_s']:.0f} tok/s")
+    from transformers import GenerationConfig
+
+    # No EOS (it becomes -1, disabled), so every request runs to max_new_tokens as ours do.
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+    inputs = random_prompts(HF_CB_REQUESTS, PROMPT_LEN, vocab, seed=6)
+    try:
+        sync()
+        t0 = time.perf_counter()
+        results = hf.generate_batch(inputs=inputs, generation_config=cfg, progress_bar=False)
+        sync()
+        t = time.perf_counter() - t0
+        tokens = sum(len(r.generated_tokens) for r in results.values())
+        out["generate_batch_256_tokens_per_s"] = tokens / t
+        out["generate_batch_256_output_tokens"] = tokens
+        out["generate_batch_256_errors"] = sum(r.error is not None for r in results.values())
+        log(f"  HF generate_batch 256: {out['generate_batch_256_tokens_per_s']:.0f} tok/s")
+    except Exception as exc:  # record, don't lose the rest of the run
+        out["generate_batch_error"] = f"{type(exc).__name__}: {exc}"
+        log(f"  HF generate_batch failed: {exc}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ HTTP
+
+
+def start_server(env: dict[str, str], port: int) -> subprocess.Popen[str]:
+    import httpx
+
+    full_env = {**os.environ, **env, "LLM_PORT": str(port), "LLM_LOG_LEVEL": "warning", "LLM_DEVICE": DEV.type}
+    proc = subprocess.Popen([sys.executable, "-m", "server"], env=full_env, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server not ready in 300 s")
+
+
+def stop_server(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def text_prompts(tokenizer: Any, n: int) -> list[str]:
+    """~128-token prompts cut from the held-out evaluation text."""
+    ids = tokenizer(Path("data/eval.txt").read_text(), add_special_tokens=False)["input_ids"]
+    return [" ".join(tokenizer.decode(ids[i : i + PROMPT_LEN]).split()) for i in range(0, PROMPT_LEN * n, PROMPT_LEN)]
+
+
+def summarize(level: Any) -> dict[str, Any]:
+    s = level.summary.to_dict() if hasattr(level, "summary") else level.to_dict()
+    s.pop("ttft_samples_ms", None)
+    return s
+
+
+def http_generate(spec: str, tokenizer_dir: str, tokenizer: Any, levels: tuple[int, ...]) -> dict[str, Any]:
+    env = {
+        "LLM_GEN_MODEL": spec,
+        "LLM_TOKENIZER": tokenizer_dir,
+        "LLM_ENABLE_CLASSIFY": "false",
+        "LLM_DTYPE": "bfloat16",
+        "LLM_MAX_NUM_SEQS": "256",
+        "LLM_MAX_BATCHED_TOKENS": "8192",
+        "LLM_KV_CACHE_TOKENS": str(256 * (2 * PROMPT_LEN + NEW_TOKENS) + 1024),
+        "LLM_MAX_INPUT_TOKENS": str(2 * PROMPT_LEN),
+        "LLM_MAX_NEW_TOKENS": str(NEW_TOKENS),
+        "LLM_DEFAULT_MAX_TOKENS": str(NEW_TOKENS),
+    }
+    port = 8765
+    t0 = time.perf_counter()
+    proc = start_server(env, port)
+    startup = time.perf_counter() - t0
+    prompts = text_prompts(tokenizer, 64)
+    out: dict[str, Any] = {"server_startup_s": startup}
+    try:
+        for name in ("generate", "generate-stream"):
+            res = []
+            for c in levels:
+                sweep = run_sweep_sync(
+                    f"http://127.0.0.1:{port}",
+                    make_scenario(name, prompts=prompts, max_tokens=NEW_TOKENS),
+                    concurrencies=[c],
+                    requests=max(2 * c, 4),
+                    duration=60,
+                    timeout=120,
+                    warmup=2 if c == levels[0] else 0,
+                )
+                s = summarize(sweep.levels[0])
+                log(f"  HTTP {name} c={c}: {s['output_tokens_per_s']:.0f} tok/s, errors {s['errors']}")
+                res.append(s)
+            out[name] = res
+    finally:
+        stop_server(proc)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ classification
+
+
+def dummy_encoder_dir(tokenizer_dir: Path) -> Path:
+    """The dummy:minilm-l6 weights (same seed as models/loader.py) saved with the carried tokenizer files."""
+    from transformers import AutoModel
+
+    config = PRESETS["minilm-l6"]()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DUMMY_SEED)
+        model = AutoModel.from_config(copy.deepcopy(config))
+    out = Path(tempfile.mkdtemp(prefix="minilm-dummy-"))
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        if f.is_file() and f.name != "config.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def classification(tokenizer_dir: Path, levels: tuple[int, ...]) -> dict[str, Any]:
+    from engine.classifier import Classifier, ClassifyItem
+    from load_tests.loadgen import BUILTIN_PROMPTS, as_text
+    from models.loader import load_encoder
+
+    model_dir = dummy_encoder_dir(tokenizer_dir)
+    encoder = load_encoder(str(model_dir), Path(tempfile.mkdtemp()), torch.float16)
+    clf = Classifier(encoder, DEV)
+    texts = [as_text(p) for p in BUILTIN_PROMPTS]
+    labels = ("billing", "shipping", "refund", "account", "technical support", "other")
+    items = [ClassifyItem(t, labels, False, n) for t, n in zip(texts, clf.count_tokens(texts), strict=True)]
+    for item in items:  # warm-up
+        clf.run([item])
+    lat = []
+    t0 = time.perf_counter()
+    for i in range(300):
+        s = time.perf_counter()
+        clf.run([items[i % len(items)]])
+        lat.append((time.perf_counter() - s) * 1e3)
+    one = {"requests_per_s": 300 / (time.perf_counter() - t0), "latency_ms_p50": pct(lat, 0.5)}
+    log(f"  classify one forward per request: {one['requests_per_s']:.0f} req/s")
+    del clf, encoder
+    env = {
+        "LLM_CLS_MODEL": str(model_dir),
+        "LLM_ENABLE_GENERATE": "false",
+        "LLM_DTYPE": "float16",
+        "LLM_CLS_MAX_BATCH_SIZE": "256",
+        "LLM_CLS_MAX_BATCH_TOKENS": "16384",
+        "LLM_CLS_MAX_WAIT_MS": "2",
+    }
+    port = 8766
+    proc = start_server(env, port)
+    res = []
+    try:
+        for c in levels:
+            sweep = run_sweep_sync(
+                f"http://127.0.0.1:{port}",
+                make_scenario("classify", labels=list(labels)),
+                concurrencies=[c],
+                requests=max(300, 20 * c),
+                duration=30,
+                timeout=60,
+                warmup=20 if c == levels[0] else 0,
+            )
+            s = summarize(sweep.levels[0])
+            log(f"  HTTP classify c={c}: {s['throughput_rps']:.0f} req/s, p99 {s['latency_ms']['p99']:.1f} ms")
+            res.append(s)
+    finally:
+        stop_server(proc)
+    return {"one_forward_per_request_in_process": one, "http": res}
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    spec = MODELS[name]
+    log(f"{name}: loading {spec}")
+    loaded = load_causal_lm(spec, Path(tempfile.mkdtemp()), torch.bfloat16, args.tokenizer)
+    vocab = loaded.config.vocab_size
+    model = Llama.from_hf(loaded.config, loaded.state_dict).to(DEV)
+    t0 = time.perf_counter()
+    engine = LLMEngine(model, loaded.tokenizer, DEV, torch.bfloat16, engine_config())
+    capture_s = time.perf_counter() - t0
+    log(f"  engine built, {len(engine.runner.decode.graphs)} graphs captured in {capture_s:.1f} s")
+    hf = AutoModelForCausalLM.from_config(copy.deepcopy(loaded.config), dtype=torch.bfloat16)
+    missing, unexpected = hf.load_state_dict(loaded.state_dict, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    hf = hf.to(DEV).eval()
+    hf32 = copy.deepcopy(hf).float()
+    result: dict[str, Any] = {"spec": spec, "graphs": len(engine.runner.decode.graphs), "capture_s": capture_s}
+    result["correctness"] = correctness(engine, hf, hf32, vocab, steps=min(32, NEW_TOKENS))
+    log(f"  correctness: {json.dumps(result['correctness'])}")
+    del hf32
+    torch.cuda.empty_cache()
+    result["ours_batch1"] = batch1_step_ms(engine, vocab, steps=NEW_TOKENS)
+    log(f"  ours batch 1: {result['ours_batch1']}")
+    levels = CONCURRENCY[:2] if args.quick else CONCURRENCY
+    result["ours_engine"] = engine_level(engine, vocab, levels)
+    result["hf"] = hf_baselines(hf, vocab, args.quick)
+    tokenizer = loaded.tokenizer
+    del engine, model, hf, loaded
+    torch.cuda.empty_cache()
+    if not args.skip_http:
+        levels = CONCURRENCY[:2] if args.quick else CONCURRENCY
+        result["ours_http"] = http_generate(spec, args.tokenizer, tokenizer, levels)
+    return result
+
+
+def markdown(results: dict[str, Any]) -> str:
+    env = results["environment"]
+    lines = [
+        f"# GPU benchmark ({env['gpu']}, {env['date']})",
+        "",
+        f"Command: `{env['command']}`  ",
+        f"torch {env['torch']}, transformers {env['transformers']}, bf16 (classification fp16); "
+        f"{PROMPT_LEN} prompt + {NEW_TOKENS} new tokens; random weights.",
+        "",
+    ]
+    for name, r in results["models"].items():
+        c, b1, hf = r["correctness"], r["ours_batch1"], r["hf"]
+        lines += [
+            f"## {name} = {r['spec']}",
+            "",
+            f"Correctness (rel. error vs HF fp32): prefill ours {c['prefill_rel_err_vs_fp32']['ours_bf16']:.2e} / "
+            f"HF bf16 {c['prefill_rel_err_vs_fp32']['hf_bf16']:.2e}; decode (CUDA graphs) ours "
+            f"{c['decode_rel_err_vs_fp32']['ours_bf16']:.2e} / HF bf16 {c['decode_rel_err_vs_fp32']['hf_bf16']:.2e}; "
+            f"greedy tokens matching HF generate (of {c['steps']}): "
+            f"{c['greedy_matching_prefix_ours_vs_hf_generate_bf16']}",
+            "",
+            "| metric | ours | HF |",
+            "|---|---|---|",
+            f"| batch-1 ms/step | {b1['step_ms_p50']:.3f} (graph replay alone "
+            f"{(b1['graph_replay_ms_at_max_kv_bucket'] or 0):.3f}) | {hf.get('generate_batch1_ms_per_step', 0):.1f} |",
+        ]
+        if "generate_static_batch128_tokens_per_s" in hf:
+            lines.append(
+                f"| HF generate static batch 128, tok/s | | {hf['generate_static_batch128_tokens_per_s']:.0f} |"
+            )
+        if "generate_batch_256_tokens_per_s" in hf:
+            tps = hf["generate_batch_256_tokens_per_s"]
+            lines.append(f"| HF generate_batch 256 requests, tok/s | | {tps:.0f} |")
+        lines += [
+            "",
+            "| concurrency | engine tok/s | TTFT p50/p99 ms | ITL p50/p99 ms | runner share | HTTP tok/s "
+            "(whole) | HTTP tok/s (stream) | HTTP TTFT p50/p99 | HTTP ITL p50/p99 |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        http = r.get("ours_http", {})
+        for i, e in enumerate(r["ours_engine"]):
+            whole = http.get("generate", [])
+            stream = http.get("generate-stream", [])
+            w = whole[i] if i < len(whole) else None
+            s = stream[i] if i < len(stream) else None
+            lines.append(
+                f"| {e['concurrency']} | {e['output_tokens_per_s']:.0f} | {e['ttft_ms']['p50']:.1f} / "
+                f"{e['ttft_ms']['p99']:.1f} | {e['itl_ms']['p50']:.2f} / {e['itl_ms']['p99']:.2f} | "
+                f"{e['share_of_wall_in_runner']:.0%} | {w['output_tokens_per_s'] if w else 0:.0f} | "
+                f"{s['output_tokens_per_s'] if s else 0:.0f} | "
+                + (f"{s['ttft_ms']['p50']:.1f} / {s['ttft_ms']['p99']:.1f} | " if s else "| ")
+                + (f"{s['itl_ms']['p50']:.2f} / {s['itl_ms']['p99']:.2f} |" if s else "|")
+            )
+        lines.append("")
+    if "classification" in results:
+        cl = results["classification"]
+        one = cl["one_forward_per_request_in_process"]
+        lines += [
+            "## /classify (MiniLM-L6 architecture, fp16, random weights)",
+            "",
+            f"One forward per request, in process: {one['requests_per_s']:.0f} req/s "
+            f"(p50 {one['latency_ms_p50']:.2f} ms).",
+            "",
+            "| clients | req/s | p50 ms | p99 ms | errors | x one-forward |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in cl["http"]:
+            lines.append(
+                f"| {s['concurrency']} | {s['throughput_rps']:.0f} | {s['latency_ms']['p50']:.1f} | "
+                f"{s['latency_ms']['p99']:.1f} | {s['errors']} | {s['throughput_rps'] / one['requests_per_s']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="SmolLM2 tokenizer directory")
+    p.add_argument("--encoder-tokenizer", type=Path, help="MiniLM tokenizer directory (omit: no /classify run)")
+    p.add_argument("--models", default="S,L")
+    p.add_argument("--quick", action="store_true", help="smoke run: fewer levels, no HF batch runs")
+    p.add_argument("--skip-http", action="store_true")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cpu-dry-run", action="store_true", help="check the plumbing on CPU with tiny sizes")
+    args = p.parse_args()
+    global DEV, PROMPT_LEN, NEW_TOKENS, CONCURRENCY, CLS_CONCURRENCY, HF_STATIC_BATCH, HF_CB_REQUESTS
+    if args.cpu_dry_run:
+        DEV, PROMPT_LEN, NEW_TOKENS = torch.device("cpu"), 16, 4
+        CONCURRENCY, CLS_CONCURRENCY, HF_STATIC_BATCH, HF_CB_REQUESTS = (1, 2), (1, 2), 2, 4
+    elif not torch.cuda.is_available():
+        sys.exit("gpu_bench needs CUDA")
+    import transformers
+
+    results: dict[str, Any] = {
+        "environment": {
+            "gpu": torch.cuda.get_device_name() if DEV.type == "cuda" else "cpu (dry run)",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python -m load_tests.gpu_bench", *sys.argv[1:]]),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "host": platform.node(),
+            "cpus": os.cpu_count(),
+        },
+        "models": {},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        (args.out / "results.md").write_text(markdown(results))
+
+    for name in args.models.split(","):
+        try:
+            results["models"][name] = bench_model(name, args)
+        except Exception as exc:
+            log(f"{name} failed: {type(exc).__name__}: {exc}")
+            results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+        save()
+        torch.cuda.empty_cache()
+    if args.encoder_tokenizer is not None:
+        log("classification")
+        levels = CLS_CONCURRENCY[:2] if args.quick else CLS_CONCURRENCY
+        results["classification"] = classification(args.encoder_tokenizer, levels)
+        save()
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
