@@ -204,6 +204,32 @@ def batch1_step_ms(engine: LLMEngine, vocab: int, steps: int = 128) -> dict[str,
     }
 
 
+def decode_profile(engine: LLMEngine, batch: int, kv_len: int) -> dict[str, Any]:
+    """Kernels of one decode step run eagerly (a replay launches the same ones): count, summed GPU time, top 8."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decode = engine.runner.decode
+    decode.inputs.zero_()
+    with torch.inference_mode():
+        decode._forward(batch, kv_len)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            decode._forward(batch, kv_len)
+            sync()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, float] = {}
+    for e in events:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+    return {
+        "batch": batch,
+        "kv_len": kv_len,
+        "kernels": len(events),
+        "kernel_ms_sum": sum(by_name.values()),
+        "top_ms": {name[:80]: ms for name, ms in top},
+    }
+
+
 async def _engine_level(llm: AsyncLLM, prompts: list[list[int]], concurrency: int) -> dict[str, Any]:
     params = SamplingParams(max_tokens=NEW_TOKENS)
     ttft, itl, tokens = [], [], 0
@@ -495,6 +521,9 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.cuda.empty_cache()
     result["ours_batch1"] = batch1_step_ms(engine, vocab, steps=NEW_TOKENS)
     log(f"  ours batch 1: {result['ours_batch1']}")
+    if DEV.type == "cuda":
+        result["decode_profile"] = [decode_profile(engine, b, PROMPT_LEN + NEW_TOKENS) for b in (1, 256)]
+        log(f"  decode profile: {json.dumps(result['decode_profile'])}")
     levels = CONCURRENCY[:2] if args.quick else CONCURRENCY
     result["ours_engine"] = engine_level(engine, vocab, levels)
     result["hf"] = hf_baselines(hf, vocab, args.quick)
