@@ -66,10 +66,10 @@ class DecodeGraphs:
         self.staging_np = self.staging.numpy()
         self.inputs = torch.zeros_like(self.staging, device=device)
         self.kv_positions = torch.arange(self.kv_lens[-1], device=device)
-        self.block_offsets = torch.arange(block_size, device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.warmup_stream = torch.cuda.Stream() if self.use_graphs else None
 
     def fits(self, seqs: list[Sequence]) -> bool:
         return len(seqs) <= self.batch_sizes[-1] and max(s.num_tokens for s in seqs) <= self.kv_lens[-1]
@@ -82,16 +82,18 @@ class DecodeGraphs:
         buf = self.inputs[:batch]
         ids, positions = buf[:, 0:1], buf[:, 1:2]
         tables = buf[:, 2 : 2 + kv_len // self.block_size]
-        gather_index = (tables.unsqueeze(-1) * self.block_size + self.block_offsets).view(batch, kv_len)
-        slot_mapping = gather_index.gather(1, positions).view(-1)
+        bs = self.block_size
+        slot_mapping = (tables.gather(1, positions // bs) * bs + positions % bs).view(-1)
         mask = (self.kv_positions[:kv_len].view(1, -1) <= positions).view(batch, 1, 1, kv_len)
-        hidden = self.model(ids, positions, AttentionMetadata(slot_mapping, gather_index, mask), self.kv_cache)
+        meta = AttentionMetadata(slot_mapping, tables, mask, bs)
+        hidden = self.model(ids, positions, meta, self.kv_cache)
         logits = self.model.logits(hidden[:, 0])
         return logits.argmax(dim=-1), logits
 
     def _capture(self, key: tuple[int, int]) -> None:
-        # Warm up on a side stream (lazy cuBLAS/SDPA workspace setup must not land in the graph).
-        stream = torch.cuda.Stream()
+        # Warm up on a side stream (lazy cuBLAS/SDPA workspace setup must not land in the graph). One
+        # stream for all: the allocator caches freed blocks per stream, so a new stream each time leaks.
+        stream = self.warmup_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._forward(*key)

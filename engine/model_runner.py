@@ -28,6 +28,7 @@ class ModelRunner:
         self.model = model
         self.blocks = blocks
         self.device = device
+        model.fuse_projections()
         a = model.args
         shape = (a.num_layers, blocks.num_blocks * blocks.block_size, a.num_kv_heads, a.head_dim)
         # Zero-filled: masked-out slots still pass through softmax·V, and NaN·0 would poison rows.
@@ -58,7 +59,6 @@ class ModelRunner:
         bs = self.blocks.block_size
         q_lens = [s.num_tokens - s.num_computed for s in seqs]
         q_max = max(q_lens)
-        kv_max = max(s.num_tokens for s in seqs)
         ids = torch.zeros(len(seqs), q_max, dtype=torch.long)
         positions = torch.zeros(len(seqs), q_max, dtype=torch.long)
         valid = torch.zeros(len(seqs), q_max, dtype=torch.bool)
@@ -71,11 +71,10 @@ class ModelRunner:
             tables[b, : len(s.block_table)] = torch.tensor(s.block_table)
         slots = tables.gather(1, positions // bs) * bs + positions % bs
         slot_mapping = torch.where(valid, slots, SCRATCH_BLOCK * bs).flatten()
-        kv_pos = torch.arange(kv_max)
-        gather_index = tables[:, kv_pos // bs] * bs + kv_pos % bs
+        kv_pos = torch.arange(max_blocks * bs)
         # Causal within the row; padded queries sit at position 0 and see only key 0, so no row is empty.
         mask = (kv_pos.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)
         last = torch.tensor(q_lens) - 1
         dev = self.device
-        meta = AttentionMetadata(slot_mapping.to(dev), gather_index.to(dev), mask.to(dev))
+        meta = AttentionMetadata(slot_mapping.to(dev), tables.to(dev), mask.to(dev), bs)
         return ids.to(dev), positions.to(dev), meta, last.to(dev)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import gc
 import json
 import os
 import platform
@@ -509,7 +510,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     engine = LLMEngine(model, loaded.tokenizer, DEV, torch.bfloat16, engine_config())
     capture_s = time.perf_counter() - t0
     log(f"  engine built, {len(engine.runner.decode.graphs)} graphs captured in {capture_s:.1f} s")
-    hf = AutoModelForCausalLM.from_config(copy.deepcopy(loaded.config), dtype=torch.bfloat16)
+    with DEV:  # random init on the GPU is fast; the weights are overwritten below
+        hf = AutoModelForCausalLM.from_config(copy.deepcopy(loaded.config), dtype=torch.bfloat16)
     missing, unexpected = hf.load_state_dict(loaded.state_dict, strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     hf = hf.to(DEV).eval()
@@ -529,6 +531,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     result["hf"] = hf_baselines(hf, vocab, args.quick)
     tokenizer = loaded.tokenizer
     del engine, model, hf, loaded
+    gc.collect()  # the engine's graphs and KV cache hold most of the GPU
     torch.cuda.empty_cache()
     if not args.skip_http:
         levels = CONCURRENCY[:2] if args.quick else CONCURRENCY
@@ -653,6 +656,7 @@ def main() -> None:
             log(f"{name} failed: {type(exc).__name__}: {exc}")
             results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
         save()
+        gc.collect()
         torch.cuda.empty_cache()
     if args.encoder_tokenizer is not None:
         log("classification")

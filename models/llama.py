@@ -2,7 +2,7 @@
 
 Every forward pass — prompt prefill or one decode step, one sequence or many — takes the same inputs:
 token ids and positions padded to ``[batch, q_len]`` plus an :class:`AttentionMetadata` saying where the
-new keys/values go (``slot_mapping``) and which cache slots each row attends to (``gather_index`` +
+new keys/values go (``slot_mapping``) and which cache blocks each row attends to (``block_tables`` +
 ``mask``). One code path keeps CPU and GPU, batched and alone, numerically the same.
 """
 
@@ -21,8 +21,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 @dataclass
 class AttentionMetadata:
     slot_mapping: Tensor  # [batch * q_len] flat cache slot for each new token (padding → scratch slot 0)
-    gather_index: Tensor  # [batch, kv_len] cache slots of each row's context, padded with slot 0
+    block_tables: Tensor  # [batch, kv_len // block_size] cache blocks of each row's context (padding → block 0)
     mask: Tensor  # [batch, 1, q_len, kv_len] bool, True where a query may attend
+    block_size: int
 
 
 @dataclass
@@ -71,23 +72,41 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in fp32: bf16 sums of squares lose too much precision.
-        # F.rms_norm is one fused kernel on CUDA (fewer launches per decode step), the same math on CPU.
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        # One fused kernel on CUDA (it accumulates in fp32 even for bf16 inputs); the same math on CPU.
+        return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
 
 
 def rope_tables(args: ModelArgs) -> tuple[Tensor, Tensor]:
+    """cos and *signed* sin (first half negated), so rotate-half becomes a roll: see :func:`apply_rope`."""
     exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim
     freqs = torch.outer(torch.arange(args.max_position, dtype=torch.float32), args.rope_theta**-exponents)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    sign = torch.cat([-torch.ones(args.head_dim // 2), torch.ones(args.head_dim // 2)])
+    return emb.cos(), emb.sin() * sign
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE (the Hugging Face layout); x: [b, t, heads, d], cos/sin: [b, t, d]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)).to(x.dtype)
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotate-half RoPE (the Hugging Face layout) in three kernels: x·cos + roll(x)·signed_sin, since
+    cat(-x2, x1)·sin == roll(x, d/2)·(sin with its first half negated). x: [b, t, heads, d], cos/sin: [b, t, d]."""
+    return torch.addcmul(x * cos.unsqueeze(2), x.roll(x.shape[-1] // 2, dims=-1), signed_sin.unsqueeze(2))
+
+
+def _concat_linear(parts: tuple[nn.Module, ...]) -> nn.Linear | None:
+    """One Linear computing all ``parts`` side by side (one GEMM launch instead of several), or None
+    when any part is not a plain nn.Linear (e.g. replaced by a compression pass)."""
+    if not all(type(p) is nn.Linear for p in parts):
+        return None
+    linears: list[nn.Linear] = list(parts)  # type: ignore[arg-type]
+    w = linears[0].weight
+    has_bias = linears[0].bias is not None
+    fused = nn.Linear(
+        w.shape[1], sum(p.weight.shape[0] for p in linears), bias=has_bias, device=w.device, dtype=w.dtype
+    )
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in linears]))
+        if has_bias:
+            fused.bias.copy_(torch.cat([p.bias for p in linears]))  # type: ignore[misc]
+    return fused.requires_grad_(False)
 
 
 class Attention(nn.Module):
@@ -98,27 +117,40 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """Replace q/k/v projections by one (the decode step is launch-bound: fewer kernels, faster steps)."""
+        fused = _concat_linear((self.q_proj, self.k_proj, self.v_proj))
+        if fused is not None:
+            self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = fused, None, None, None
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, k_cache: Tensor, v_cache: Tensor
+        self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, bias: Tensor, kv: tuple[Tensor, Tensor]
     ) -> Tensor:
         b, t, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, t, -1, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(b, t, -1, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim)
-        k_cache.index_copy_(0, meta.slot_mapping, k.reshape(-1, self.num_kv_heads, self.head_dim))
-        v_cache.index_copy_(0, meta.slot_mapping, v.reshape(-1, self.num_kv_heads, self.head_dim))
-        keys = k_cache[meta.gather_index].transpose(1, 2)  # [b, kv_heads, kv_len, d]
-        values = v_cache[meta.gather_index].transpose(1, 2)
+        h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)
+        else:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qk = apply_rope(qkv[..., : (h + kvh) * d].view(b, t, h + kvh, d), cos, sin)  # q and k in one pass
+        q, k = qk[:, :, :h], qk[:, :, h:]
+        v = qkv[..., (h + kvh) * d :].view(b, t, kvh, d)
+        k_cache, v_cache = kv
+        k_cache.index_copy_(0, meta.slot_mapping, k.reshape(-1, kvh, d))
+        v_cache.index_copy_(0, meta.slot_mapping, v.reshape(-1, kvh, d))
+        # Gather whole blocks (rows of block_size·kvh·d contiguous values), not single slots.
+        bs = meta.block_size
+        keys = k_cache.view(-1, bs, kvh, d)[meta.block_tables].view(b, -1, kvh, d).transpose(1, 2)
+        values = v_cache.view(-1, bs, kvh, d)[meta.block_tables].view(b, -1, kvh, d).transpose(1, 2)
         # Grouped-query attention without repeating K/V: the g query heads that share a KV head become
-        # g*t query rows of that head (head h = kv_head * g + j, as in HF's repeat_kv). On CUDA this
-        # keeps SDPA on the memory-efficient kernel, which takes a mask but not enable_gqa.
-        g = self.num_heads // self.num_kv_heads
-        q = q.view(b, t, self.num_kv_heads, g, self.head_dim).permute(0, 2, 3, 1, 4)
-        q = q.reshape(b, self.num_kv_heads, g * t, self.head_dim)
-        mask = meta.mask if g == 1 else meta.mask.repeat(1, 1, g, 1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.view(b, self.num_kv_heads, g, t, self.head_dim).permute(0, 3, 1, 2, 4)
+        # g*t query rows of that head (head = kv_head * g + j, as in HF's repeat_kv); ``bias`` is laid
+        # out to match (see Llama.forward).
+        g = h // kvh
+        q = q.reshape(b, t, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+        out = out.view(b, kvh, g, t, d).permute(0, 3, 1, 2, 4)
         return self.o_proj(out.reshape(b, t, -1))
 
 
@@ -128,9 +160,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        fused = _concat_linear((self.gate_proj, self.up_proj))
+        if fused is not None:
+            self.gate_up_proj, self.gate_proj, self.up_proj = fused, None, None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -142,9 +184,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, k_cache: Tensor, v_cache: Tensor
+        self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, bias: Tensor, kv: tuple[Tensor, Tensor]
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, k_cache, v_cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, bias, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -178,6 +220,12 @@ class Llama(nn.Module):
         model.rope_cos, model.rope_sin = cos, sin
         return model.eval()
 
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up projections where they are plain nn.Linear (after any compression pass)."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
     def forward(
         self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv_cache: tuple[Tensor, Tensor]
     ) -> Tensor:
@@ -185,9 +233,13 @@ class Llama(nn.Module):
         x = self.embed_tokens(input_ids)
         cos = self.rope_cos[positions].to(x.dtype)
         sin = self.rope_sin[positions].to(x.dtype)
+        # Additive mask built once for all layers, rows repeated for the g query heads per KV head.
+        g = self.args.num_heads // self.args.num_kv_heads
+        bias = torch.zeros(meta.mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~meta.mask, float("-inf"))
+        bias = bias.repeat(1, 1, g, 1) if g > 1 else bias
         k_cache, v_cache = kv_cache
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, meta, k_cache[i], v_cache[i])
+            x = layer(x, cos, sin, meta, bias, (k_cache[i], v_cache[i]))
         return self.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

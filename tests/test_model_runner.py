@@ -97,3 +97,32 @@ def test_decode_logits_match_recompute(tiny: tuple[LlamaConfig, dict[str, torch.
     hidden = runner.model(ids, positions, meta, (runner.k_cache, runner.v_cache))
     recomputed = runner.model.logits(hidden[torch.arange(len(seqs)), last])
     torch.testing.assert_close(decoded, recomputed, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_projections_match_separate(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]]) -> None:
+    """Fusing q/k/v and gate/up (the runner does it) changes no result; a replaced Linear stays unfused."""
+    config, state = tiny
+    runner = make_runner(config, state)  # all fused
+
+    class Replaced(torch.nn.Linear):  # stands in for a module swapped in by a compression pass
+        pass
+
+    def replace(module: torch.nn.Module, name: str) -> None:
+        old = getattr(module, name)
+        new = Replaced(old.in_features, old.out_features, bias=old.bias is not None)
+        new.load_state_dict(old.state_dict())
+        setattr(module, name, new)
+
+    partly = Llama.from_hf(config, state)
+    replace(partly.layers[0].mlp, "up_proj")
+    replace(partly.layers[1].self_attn, "q_proj")
+    partly.fuse_projections()
+    assert partly.layers[0].mlp.gate_up_proj is None and partly.layers[0].self_attn.qkv_proj is not None
+    assert partly.layers[1].self_attn.qkv_proj is None and partly.layers[1].mlp.gate_up_proj is not None
+    seqs = [Sequence(prompt_ids=list(range(1, n + 1)), params=SamplingParams()) for n in (5, 33)]
+    for s in seqs:
+        runner.blocks.allocate(s)
+    ids, positions, meta, _ = runner._prepare(seqs)
+    kv = (runner.k_cache, runner.v_cache)
+    with torch.inference_mode():
+        torch.testing.assert_close(runner.model(ids, positions, meta, kv), partly(ids, positions, meta, kv))
