@@ -371,10 +371,38 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
         proc.kill()
 
 
+def scrape(port: int) -> dict[str, float]:
+    """Sums and counts of the server's batch-size, step-time and queue-time histograms (cumulative)."""
+    import httpx
+
+    wanted = ("llm_batch_size_", "llm_engine_step_seconds_", "llm_queue_time_seconds_")
+    out = {}
+    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+        name = line.split(" ")[0]
+        if name.startswith(wanted) and ("_sum" in name or "_count" in name):
+            out[name] = float(line.split(" ")[-1])
+    return out
+
+
+def server_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per-level means from two scrapes: batch size, step ms by phase, queue ms."""
+    diff = {k: after[k] - before.get(k, 0.0) for k in after}
+    stats = {}
+    for key, count in diff.items():
+        if "_count" in key and count > 0:
+            total = diff.get(key.replace("_count", "_sum"), 0.0)
+            scale = 1e3 if "seconds" in key else 1.0
+            stats["mean " + key.replace("_count", "")] = total / count * scale
+            stats["n " + key.replace("_count", "")] = count
+    return stats
+
+
 def text_prompts(tokenizer: Any, n: int) -> list[str]:
-    """~128-token prompts cut from the held-out evaluation text."""
-    ids = tokenizer(Path("data/eval.txt").read_text(), add_special_tokens=False)["input_ids"]
-    return [" ".join(tokenizer.decode(ids[i : i + PROMPT_LEN]).split()) for i in range(0, PROMPT_LEN * n, PROMPT_LEN)]
+    """~128-token prompts: overlapping windows of the evaluation + calibration texts."""
+    text = Path("data/eval.txt").read_text() + "\n" + Path("data/calibration.txt").read_text()
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    starts = [(i * 61) % (len(ids) - PROMPT_LEN) for i in range(n)]
+    return [" ".join(tokenizer.decode(ids[i : i + PROMPT_LEN]).split()) for i in starts]
 
 
 def summarize(level: Any) -> dict[str, Any]:
@@ -406,6 +434,7 @@ def http_generate(spec: str, tokenizer_dir: str, tokenizer: Any, levels: tuple[i
         for name in ("generate", "generate-stream"):
             res = []
             for c in levels:
+                before = scrape(port)
                 sweep = run_sweep_sync(
                     f"http://127.0.0.1:{port}",
                     make_scenario(name, prompts=prompts, max_tokens=NEW_TOKENS),
@@ -416,7 +445,8 @@ def http_generate(spec: str, tokenizer_dir: str, tokenizer: Any, levels: tuple[i
                     warmup=2 if c == levels[0] else 0,
                 )
                 s = summarize(sweep.levels[0])
-                log(f"  HTTP {name} c={c}: {s['output_tokens_per_s']:.0f} tok/s, errors {s['errors']}")
+                s["server"] = server_stats(before, scrape(port))
+                log(f"  HTTP {name} c={c}: {s['output_tokens_per_s']:.0f} tok/s, errors {s['errors']}, {s['server']}")
                 res.append(s)
             out[name] = res
     finally:
@@ -478,6 +508,7 @@ def classification(tokenizer_dir: Path, levels: tuple[int, ...]) -> dict[str, An
     res = []
     try:
         for c in levels:
+            before = scrape(port)
             sweep = run_sweep_sync(
                 f"http://127.0.0.1:{port}",
                 make_scenario("classify", labels=list(labels)),
@@ -488,7 +519,9 @@ def classification(tokenizer_dir: Path, levels: tuple[int, ...]) -> dict[str, An
                 warmup=20 if c == levels[0] else 0,
             )
             s = summarize(sweep.levels[0])
+            s["server"] = server_stats(before, scrape(port))
             log(f"  HTTP classify c={c}: {s['throughput_rps']:.0f} req/s, p99 {s['latency_ms']['p99']:.1f} ms")
+            log(f"    server: {s['server']}")
             res.append(s)
     finally:
         stop_server(proc)
@@ -644,20 +677,34 @@ def main() -> None:
         "models": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    flags = {"--quick": args.quick, "--skip-http": args.skip_http, "--cpu-dry-run": args.cpu_dry_run}
 
     def save() -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
         (args.out / "results.md").write_text(markdown(results))
 
-    for name in args.models.split(","):
-        try:
-            results["models"][name] = bench_model(name, args)
-        except Exception as exc:
-            log(f"{name} failed: {type(exc).__name__}: {exc}")
-            results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+    names = args.models.split(",")
+    for name in names:
+        if len(names) == 1:
+            try:
+                results["models"][name] = bench_model(name, args)
+            except Exception as exc:
+                log(f"{name} failed: {type(exc).__name__}: {exc}")
+                results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+        else:
+            # One process per model: HF's continuous batching sizes its cache from free GPU memory and
+            # keeps it, so a later model in the same process would not fit.
+            part = Path(tempfile.mkdtemp(prefix=f"gpu-bench-{name}-"))
+            cmd = [sys.executable, "-m", "load_tests.gpu_bench", "--models", name, "--tokenizer", args.tokenizer]
+            cmd += ["--out", str(part)] + [f for f, on in flags.items() if on]
+            subprocess.run(cmd, check=False)
+            try:
+                child = json.loads((part / "results.json").read_text())
+                results["models"].update(child["models"])
+                results.setdefault("errors", {}).update(child.get("errors", {}))
+            except (OSError, ValueError) as exc:
+                results.setdefault("errors", {})[name] = f"child run left no results: {exc}"
         save()
-        gc.collect()
-        torch.cuda.empty_cache()
     if args.encoder_tokenizer is not None:
         log("classification")
         levels = CLS_CONCURRENCY[:2] if args.quick else CLS_CONCURRENCY

@@ -140,10 +140,12 @@ class Attention(nn.Module):
         k_cache, v_cache = kv
         k_cache.index_copy_(0, meta.slot_mapping, k.reshape(-1, kvh, d))
         v_cache.index_copy_(0, meta.slot_mapping, v.reshape(-1, kvh, d))
-        # Gather whole blocks (rows of block_size·kvh·d contiguous values), not single slots.
-        bs = meta.block_size
-        keys = k_cache.view(-1, bs, kvh, d)[meta.block_tables].view(b, -1, kvh, d).transpose(1, 2)
-        values = v_cache.view(-1, bs, kvh, d)[meta.block_tables].view(b, -1, kvh, d).transpose(1, 2)
+        # Gather whole blocks (rows of block_size·kvh·d contiguous values) with index_select, which
+        # copies such rows near memory bandwidth; advanced indexing went element by element.
+        blocks = meta.block_tables.reshape(-1)
+        num_blocks = k_cache.shape[0] // meta.block_size
+        keys = k_cache.view(num_blocks, -1).index_select(0, blocks).view(b, -1, kvh, d).transpose(1, 2)
+        values = v_cache.view(num_blocks, -1).index_select(0, blocks).view(b, -1, kvh, d).transpose(1, 2)
         # Grouped-query attention without repeating K/V: the g query heads that share a KV head become
         # g*t query rows of that head (head = kv_head * g + j, as in HF's repeat_kv); ``bias`` is laid
         # out to match (see Llama.forward).
