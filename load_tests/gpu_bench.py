@@ -344,11 +344,18 @@ def hf_baselines(hf: Any, vocab: int, quick: bool) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ HTTP
 
 
-def start_server(env: dict[str, str], port: int) -> subprocess.Popen[str]:
+def start_server(env: dict[str, str], port: int, switch_interval: float | None = None) -> subprocess.Popen[str]:
+    """``python -m server``; ``switch_interval`` sets the GIL switch interval first (an A/B: the engine's
+    thread holds the GIL while it launches work, and the event loop waits up to the 5 ms default for it)."""
     import httpx
 
     full_env = {**os.environ, **env, "LLM_PORT": str(port), "LLM_LOG_LEVEL": "warning", "LLM_DEVICE": DEV.type}
-    proc = subprocess.Popen([sys.executable, "-m", "server"], env=full_env, text=True)
+    cmd = [sys.executable, "-m", "server"]
+    if switch_interval is not None:
+        code = f"import runpy, sys; sys.setswitchinterval({switch_interval}); "
+        code += "runpy.run_module('server', run_name='__main__')"
+        cmd = [sys.executable, "-c", code]
+    proc = subprocess.Popen(cmd, env=full_env, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -411,7 +418,34 @@ def summarize(level: Any) -> dict[str, Any]:
     return s
 
 
-def http_generate(spec: str, tokenizer_dir: str, tokenizer: Any, levels: tuple[int, ...]) -> dict[str, Any]:
+def _http_levels(port: int, scenario: Any, levels: tuple[int, ...], what: str, requests: Any) -> list[dict[str, Any]]:
+    res = []
+    for c in levels:
+        before = scrape(port)
+        sweep = run_sweep_sync(
+            f"http://127.0.0.1:{port}",
+            scenario,
+            concurrencies=[c],
+            requests=requests(c),
+            duration=30,
+            timeout=120,
+            warmup=4 if c == levels[0] else 0,
+        )
+        s = summarize(sweep.levels[0])
+        s["server"] = server_stats(before, scrape(port))
+        log(
+            f"  HTTP {what} c={c}: {s['output_tokens_per_s']:.0f} tok/s, {s['throughput_rps']:.0f} req/s, "
+            f"p99 {s['latency_ms']['p99']:.0f} ms, errors {s['errors']}, server {s['server']}"
+        )
+        res.append(s)
+    return res
+
+
+def http_generate(
+    spec: str, tokenizer_dir: str, tokenizer: Any, levels: tuple[int, ...], ab_levels: tuple[int, ...]
+) -> dict[str, Any]:
+    """Whole and streamed /generate at each level; then, at ``ab_levels``, whole again with a 0.5 ms GIL
+    switch interval."""
     env = {
         "LLM_GEN_MODEL": spec,
         "LLM_TOKENIZER": tokenizer_dir,
@@ -425,32 +459,21 @@ def http_generate(spec: str, tokenizer_dir: str, tokenizer: Any, levels: tuple[i
         "LLM_DEFAULT_MAX_TOKENS": str(NEW_TOKENS),
     }
     port = 8765
-    t0 = time.perf_counter()
-    proc = start_server(env, port)
-    startup = time.perf_counter() - t0
     prompts = text_prompts(tokenizer, 64)
-    out: dict[str, Any] = {"server_startup_s": startup}
-    try:
-        for name in ("generate", "generate-stream"):
-            res = []
-            for c in levels:
-                before = scrape(port)
-                sweep = run_sweep_sync(
-                    f"http://127.0.0.1:{port}",
-                    make_scenario(name, prompts=prompts, max_tokens=NEW_TOKENS),
-                    concurrencies=[c],
-                    requests=max(2 * c, 4),
-                    duration=60,
-                    timeout=120,
-                    warmup=2 if c == levels[0] else 0,
+    out: dict[str, Any] = {}
+    for switch in (None, 0.0005) if ab_levels else (None,):
+        t0 = time.perf_counter()
+        proc = start_server(env, port, switch)
+        out.setdefault("server_startup_s", time.perf_counter() - t0)
+        try:
+            for name in ("generate", "generate-stream") if switch is None else ("generate",):
+                key = name if switch is None else f"{name} (GIL switch 0.5 ms)"
+                scenario = make_scenario(name, prompts=prompts, max_tokens=NEW_TOKENS)
+                out[key] = _http_levels(
+                    port, scenario, levels if switch is None else ab_levels, key, lambda c: max(2 * c, 8)
                 )
-                s = summarize(sweep.levels[0])
-                s["server"] = server_stats(before, scrape(port))
-                log(f"  HTTP {name} c={c}: {s['output_tokens_per_s']:.0f} tok/s, errors {s['errors']}, {s['server']}")
-                res.append(s)
-            out[name] = res
-    finally:
-        stop_server(proc)
+        finally:
+            stop_server(proc)
     return out
 
 
@@ -504,28 +527,15 @@ def classification(tokenizer_dir: Path, levels: tuple[int, ...]) -> dict[str, An
         "LLM_CLS_MAX_WAIT_MS": "2",
     }
     port = 8766
-    proc = start_server(env, port)
-    res = []
-    try:
-        for c in levels:
-            before = scrape(port)
-            sweep = run_sweep_sync(
-                f"http://127.0.0.1:{port}",
-                make_scenario("classify", labels=list(labels)),
-                concurrencies=[c],
-                requests=max(300, 20 * c),
-                duration=30,
-                timeout=60,
-                warmup=20 if c == levels[0] else 0,
-            )
-            s = summarize(sweep.levels[0])
-            s["server"] = server_stats(before, scrape(port))
-            log(f"  HTTP classify c={c}: {s['throughput_rps']:.0f} req/s, p99 {s['latency_ms']['p99']:.1f} ms")
-            log(f"    server: {s['server']}")
-            res.append(s)
-    finally:
-        stop_server(proc)
-    return {"one_forward_per_request_in_process": one, "http": res}
+    scenario = make_scenario("classify", labels=list(labels))
+    out: dict[str, Any] = {"one_forward_per_request_in_process": one}
+    for switch, key, lv in ((None, "http", levels), (0.0005, "http (GIL switch 0.5 ms)", levels[1:])):
+        proc = start_server(env, port, switch)
+        try:
+            out[key] = _http_levels(port, scenario, lv, f"classify {key}", lambda c: max(300, 10 * c))
+        finally:
+            stop_server(proc)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -568,7 +578,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.cuda.empty_cache()
     if not args.skip_http:
         levels = CONCURRENCY[:2] if args.quick else CONCURRENCY
-        result["ours_http"] = http_generate(spec, args.tokenizer, tokenizer, levels)
+        ab_levels = () if args.quick or name != "S" else CONCURRENCY[-2:]
+        result["ours_http"] = http_generate(spec, args.tokenizer, tokenizer, levels, ab_levels)
     return result
 
 
