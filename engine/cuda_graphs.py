@@ -11,12 +11,17 @@ On CPU the same function runs eagerly over the same buffers, so the tests exerci
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
 from engine.kv_cache import SCRATCH_BLOCK
 from engine.sequence import Sequence
+from models import paged_attention
 from models.llama import AttentionMetadata, Llama
+
+log = logging.getLogger(__name__)
 
 MIN_KV_BUCKET = 64
 
@@ -60,6 +65,17 @@ class DecodeGraphs:
         self.batch_sizes = batch_buckets(max_num_seqs)
         self.kv_lens = kv_buckets(max_model_len, block_size)
         self.use_graphs = device.type == "cuda"
+        # The Triton paged-decode kernel, when it runs here and agrees with the reference.
+        self.paged_kernel_error: str | None = "no CUDA/Triton"
+        if paged_attention.available(device):
+            a = model.args
+            dtype = kv_cache[0].dtype
+            self.paged_kernel_error = paged_attention.self_check(
+                device, dtype, a.num_heads, a.num_kv_heads, a.head_dim, block_size
+            )
+            if self.paged_kernel_error is not None:
+                log.warning("decode attention falls back to gather + SDPA: %s", self.paged_kernel_error)
+        self.paged_kernel = self.paged_kernel_error is None
         width = 2 + self.kv_lens[-1] // block_size  # token, position, block table
         # Host staging buffer (pinned on CUDA, so the upload is one async copy) and its device twin.
         self.staging = torch.zeros(self.batch_sizes[-1], width, dtype=torch.long, pin_memory=self.use_graphs)
@@ -85,7 +101,8 @@ class DecodeGraphs:
         bs = self.block_size
         slot_mapping = (tables.gather(1, positions // bs) * bs + positions % bs).view(-1)
         mask = (self.kv_positions[:kv_len].view(1, -1) <= positions).view(batch, 1, 1, kv_len)
-        meta = AttentionMetadata(slot_mapping, tables, mask, bs)
+        context_lens = (positions + 1).view(-1) if self.paged_kernel else None
+        meta = AttentionMetadata(slot_mapping, tables, mask, bs, context_lens)
         hidden = self.model(ids, positions, meta, self.kv_cache)
         logits = self.model.logits(hidden[:, 0])
         return logits.argmax(dim=-1), logits

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
+from models.paged_attention import paged_decode_attention
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -24,6 +26,9 @@ class AttentionMetadata:
     block_tables: Tensor  # [batch, kv_len // block_size] cache blocks of each row's context (padding → block 0)
     mask: Tensor  # [batch, 1, q_len, kv_len] bool, True where a query may attend
     block_size: int
+    # Decode only (q_len 1), set where models/paged_attention.py can run: tokens in each row's context.
+    # Attention then reads the cache in place instead of gathering + SDPA.
+    context_lens: Tensor | None = None
 
 
 @dataclass
@@ -126,7 +131,13 @@ class Attention(nn.Module):
             self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = fused, None, None, None
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, bias: Tensor, kv: tuple[Tensor, Tensor]
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        meta: AttentionMetadata,
+        bias: Tensor | None,
+        kv: tuple[Tensor, Tensor],
     ) -> Tensor:
         b, t, _ = x.shape
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -140,6 +151,11 @@ class Attention(nn.Module):
         k_cache, v_cache = kv
         k_cache.index_copy_(0, meta.slot_mapping, k.reshape(-1, kvh, d))
         v_cache.index_copy_(0, meta.slot_mapping, v.reshape(-1, kvh, d))
+        if meta.context_lens is not None:
+            ctx = meta.context_lens
+            out = paged_decode_attention(q.reshape(b, h, d), k_cache, v_cache, meta.block_tables, ctx, meta.block_size)
+            return self.o_proj(out.view(b, 1, h * d))
+        assert bias is not None
         # Gather whole blocks (rows of block_size·kvh·d contiguous values) with index_select, which
         # copies such rows near memory bandwidth; advanced indexing went element by element.
         blocks = meta.block_tables.reshape(-1)
@@ -186,7 +202,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, meta: AttentionMetadata, bias: Tensor, kv: tuple[Tensor, Tensor]
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        meta: AttentionMetadata,
+        bias: Tensor | None,
+        kv: tuple[Tensor, Tensor],
     ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, bias, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -237,8 +259,10 @@ class Llama(nn.Module):
         sin = self.rope_sin[positions].to(x.dtype)
         # Additive mask built once for all layers, rows repeated for the g query heads per KV head.
         g = self.args.num_heads // self.args.num_kv_heads
-        bias = torch.zeros(meta.mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~meta.mask, float("-inf"))
-        bias = bias.repeat(1, 1, g, 1) if g > 1 else bias
+        bias = None
+        if meta.context_lens is None:
+            bias = torch.zeros(meta.mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~meta.mask, float("-inf"))
+            bias = bias.repeat(1, 1, g, 1) if g > 1 else bias
         k_cache, v_cache = kv_cache
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, meta, bias, (k_cache[i], v_cache[i]))

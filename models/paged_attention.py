@@ -1,0 +1,148 @@
+"""Decode attention straight from the paged KV cache (Triton, CUDA only).
+
+The portable path (models/llama.py) gathers each row's K/V blocks into a dense tensor and calls SDPA:
+at 256 sequences that copy moves more bytes than the attention itself reads. This kernel reads K/V
+in place through the block table, once per KV head for all the query heads sharing it (GQA), with an
+online softmax over tiles of the context. One launch per layer replaces gather + mask + SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the SDPA path is used
+    triton = None
+
+
+def available(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_kernel(
+        q_ptr,  # [B, H, D]
+        k_ptr,  # [slots, KVH, D]
+        v_ptr,
+        tables_ptr,  # [B, max_blocks]
+        lens_ptr,  # [B]
+        out_ptr,  # [B, H, D]
+        scale,
+        tables_stride,
+        max_blocks,
+        num_tiles,
+        KVH: tl.constexpr,
+        G: tl.constexpr,
+        PAD_G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        g = tl.arange(0, PAD_G)
+        d = tl.arange(0, D)
+        g_ok = g < G
+        heads = kvh * G + g
+        q = tl.load(q_ptr + (b * KVH * G + heads)[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0)
+        ctx = tl.load(lens_ptr + b)
+        m = tl.full([PAD_G], float("-inf"), tl.float32)
+        s = tl.zeros([PAD_G], tl.float32)
+        acc = tl.zeros([PAD_G, D], tl.float32)
+        # A fixed trip count (the caller's bucket), masked past ``ctx``: masked loads move no bytes.
+        for tile in range(0, num_tiles):
+            n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < ctx
+            block_ok = n_ok & (n // BLOCK_SIZE < max_blocks)
+            block = tl.load(tables_ptr + b * tables_stride + n // BLOCK_SIZE, mask=block_ok, other=0)
+            slot = block * BLOCK_SIZE + n % BLOCK_SIZE
+            offs = (slot * KVH + kvh)[:, None] * D + d[None, :]
+            k = tl.load(k_ptr + offs, mask=n_ok[:, None], other=0.0)
+            v = tl.load(v_ptr + offs, mask=n_ok[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scale  # [PAD_G, BLOCK_N], fp32
+            scores = tl.where(n_ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            s = s * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        out = acc / s[:, None]
+        out_offs = (b * KVH * G + heads)[:, None] * D + d[None, :]
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+
+
+def paged_decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, block_size: int
+) -> Tensor:
+    """softmax(q·Kᵀ/√d)·V over each row's first ``context_lens`` cached tokens.
+
+    q: [B, H, D]; k_cache/v_cache: [slots, KVH, D] (slot = block · block_size + offset);
+    block_tables: [B, max_blocks]; context_lens: [B] (≥ 1). Returns [B, H, D] in q's dtype.
+    """
+    assert triton is not None
+    batch, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    _decode_kernel[(batch, kv_heads)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        dim**-0.5,
+        block_tables.stride(0),
+        block_tables.shape[1],
+        triton.cdiv(block_tables.shape[1] * block_size, 64),
+        KVH=kv_heads,
+        G=group,
+        PAD_G=max(16, triton.next_power_of_2(group)),
+        D=dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=64,
+    )
+    return out
+
+
+def reference_decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, block_size: int
+) -> Tensor:
+    """Plain PyTorch, row by row: what :func:`paged_decode_attention` must compute."""
+    group = q.shape[1] // k_cache.shape[1]
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        pos = torch.arange(int(context_lens[b]), device=q.device)
+        slots = block_tables[b, pos // block_size] * block_size + pos % block_size
+        k = k_cache[slots].float().repeat_interleave(group, dim=1)  # [L, H, D]
+        v = v_cache[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * q.shape[-1] ** -0.5
+        out[b] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v).to(q.dtype)
+    return out
+
+
+def self_check(
+    device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int
+) -> str | None:
+    """Runs the kernel once on random data against the reference; returns why it cannot be used, or None."""
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        blocks, batch = 24, 3
+        k = torch.randn(blocks * block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
+        v = torch.randn(blocks * block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
+        q = torch.randn(batch, heads, head_dim, generator=gen).to(device, dtype)
+        tables = (torch.randperm(blocks - 1, generator=gen)[: batch * 6] + 1).view(batch, 6).to(device)
+        lens = torch.tensor([1, 5 * block_size + 3, 6 * block_size], device=device)
+        got = paged_decode_attention(q, k, v, tables, lens, block_size).float()
+        want = reference_decode_attention(q, k, v, tables, lens, block_size).float()
+        err = float((got - want).norm() / want.norm())
+        return None if err < 2e-2 else f"paged decode kernel disagrees with the reference (rel. error {err:.3g})"
+    except Exception as exc:  # a Triton/driver problem must not take the engine down: use the SDPA path
+        return f"paged decode kernel unavailable: {type(exc).__name__}: {exc}"
