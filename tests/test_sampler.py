@@ -33,3 +33,11 @@ def test_penalty_changes_the_greedy_choice() -> None:
     assert sample(logits, [seq([1], frequency_penalty=0.0)]) == [1]
     assert sample(logits, [seq([1], frequency_penalty=1.0)]) == [2]
     assert sample(logits, [seq([2, 2], presence_penalty=-1.0)]) == [2]  # negative values encourage repeats
+
+
+def test_precomputed_argmax_is_used_only_without_penalties() -> None:
+    """The decode graph hands its argmax in; penalties must still win over it."""
+    logits = torch.tensor([[0.0, 3.0, 2.5, 0.0]])
+    graph_argmax = torch.tensor([1])
+    assert sample(logits, [seq([1])], graph_argmax) == [1]
+    assert sample(logits, [seq([1], frequency_penalty=1.0)], graph_argmax) == [2]
