@@ -679,3 +679,28 @@ def test_cli_end_to_end_over_loopback(stub_url: str, tmp_path: Path, capsys: pyt
     # nothing listening: every request is a connection error, exit status 1
     rc = loadgen.main(["--url", "http://127.0.0.1:9", "--requests", "2", "--duration", "5", "--no-progress"])
     assert rc == 1
+
+
+def test_load_is_spread_over_clients() -> None:
+    """make_clients: one client per CONNECTIONS_PER_CLIENT in flight; closed-loop workers round-robin over them."""
+    tracker = Tracker()
+    seen: dict[str, int] = {}
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen[request.headers["x-client"]] = seen.get(request.headers["x-client"], 0) + 1
+        return await tracker(request)
+
+    async def go():
+        clients = loadgen.make_clients(BASE, 20, transport=httpx.MockTransport(handler))
+        assert len(clients) == -(-20 // loadgen.CONNECTIONS_PER_CLIENT)
+        for i, c in enumerate(clients):
+            c.headers["x-client"] = str(i)
+        try:
+            return await run_level(clients, make_scenario("generate"), concurrency=20, requests=60, duration=30)
+        finally:
+            for c in clients:
+                await c.aclose()
+
+    lv = asyncio.run(go())
+    assert lv.summary.ok == 60 and tracker.peak == 20
+    assert sorted(seen) == [str(i) for i in range(len(seen))] and len(seen) == 3 and min(seen.values()) >= 12
