@@ -29,6 +29,10 @@ class BatcherClosed(RuntimeError):
     """The batcher is stopped (or stopping) and will not execute this item."""
 
 
+class BatcherFull(RuntimeError):
+    """The queue holds ``max_queued`` items already; the caller should back off and retry."""
+
+
 @dataclass
 class _Pending(Generic[T]):
     item: T
@@ -62,7 +66,9 @@ class DynamicBatcher(Generic[T, R]):
     Defaults (used by the server on CPU): ``max_batch_size=32``, ``max_batch_tokens=8192``,
     ``max_wait_ms=5``: on CPU one MiniLM forward over 32 short inputs costs tens of milliseconds,
     so 5 ms of waiting is small against it while still letting concurrent requests share a forward.
-    ``cost`` defaults to 1 per item (then only the size and wait limits matter).
+    ``cost`` defaults to 1 per item (then only the size and wait limits matter). ``max_queued``
+    bounds the waiting items: a submission that would pass it raises ``BatcherFull`` at once, so a
+    flood is refused instead of queueing without end.
 
     Lifecycle: ``start()`` inside a running loop (``submit`` starts it lazily too), ``await
     stop()`` to drain (default) or to fail pending items with ``BatcherClosed``.
@@ -75,6 +81,7 @@ class DynamicBatcher(Generic[T, R]):
         max_batch_size: int = 32,
         max_batch_tokens: int = 8192,
         max_wait_ms: float = 5.0,
+        max_queued: int | None = None,
         cost: Callable[[T], int] = _unit_cost,
         name: str = "classify",
         executor: ThreadPoolExecutor | None = None,
@@ -89,6 +96,7 @@ class DynamicBatcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queued = max_queued
         self.cost = cost
         self.name = name
         self._own_executor = executor is None
@@ -162,9 +170,14 @@ class DynamicBatcher(Generic[T, R]):
 
     # ------------------------------------------------------------------ submission
 
-    def _enqueue(self, item: T) -> asyncio.Future[R]:
+    def check_room(self, n: int) -> None:
+        """Raises ``BatcherFull`` (or ``BatcherClosed``) unless ``n`` more items may queue now."""
         if self._closing:
             raise BatcherClosed(f"batcher {self.name!r} is stopped")
+        if self.max_queued is not None and len(self._queue) + n > self.max_queued:
+            raise BatcherFull(f"{len(self._queue)} of at most {self.max_queued} items already queued")
+
+    def _enqueue(self, item: T) -> asyncio.Future[R]:
         if not self.running:
             self.start()
         loop = asyncio.get_running_loop()
@@ -177,10 +190,14 @@ class DynamicBatcher(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """Queue one item and wait for its result (cancelling the await drops the item)."""
+        self.check_room(1)
         return await self._enqueue(item)
 
     async def submit_many(self, items: Iterable[T]) -> list[R]:
-        """Queue several items at once; results in input order. If one fails, the rest are dropped."""
+        """Queue several items at once, all or none (``BatcherFull``); results in input order.
+        If one fails, the rest are dropped."""
+        items = list(items)
+        self.check_room(len(items))
         futures = [self._enqueue(item) for item in items]
         if not futures:
             return []

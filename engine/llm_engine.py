@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
@@ -147,7 +147,12 @@ class LLMEngine:
     def fail_all(self, error: BaseException) -> None:
         for seq, request in list(self.requests.items()):
             self.scheduler.finish(seq, "error")
-            request.emit(EngineError(f"generation failed: {type(error).__name__}: {error}"))
+            # The client sees the error type only: messages can carry paths; the log has them with the id.
+            request.emit(
+                EngineError(
+                    f"generation failed ({type(error).__name__}); see the server log for request {seq.request_id}"
+                )
+            )
             del self.requests[seq]
             log.warning("request %s failed: %s", seq.request_id, error)
         self.update_gauges()
@@ -165,8 +170,10 @@ class AsyncLLM:
     """Owns the engine thread. All engine state is touched only from that thread; callers talk to it
     through a thread-safe inbox, and results come back through each request's asyncio queue."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, on_error: Callable[[BaseException], None] | None = None) -> None:
+        """``on_error`` is called (on the engine thread) when a step fails, e.g. to mark the server unready."""
         self.engine = engine
+        self.on_error = on_error
         self.tokenizer = engine.tokenizer
         self._inbox: queue.SimpleQueue[tuple[str, _Request | Sequence | None]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
@@ -208,6 +215,8 @@ class AsyncLLM:
             except Exception as exc:  # a failed step must not kill the loop or hang its requests
                 log.exception("engine step failed")
                 self.error = exc
+                if self.on_error is not None:
+                    self.on_error(exc)
                 engine.fail_all(exc)
         engine.fail_all(RuntimeError("engine stopped"))
 

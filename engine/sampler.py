@@ -7,6 +7,8 @@ from torch import Tensor
 
 from engine.sequence import Sequence
 
+MIN_TEMPERATURE = 1e-4
+
 
 def apply_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
     """OpenAI's presence/frequency penalties: each token already generated loses ``presence_penalty``
@@ -42,15 +44,19 @@ def sample(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None = None) -
         return greedy.tolist()
     rows = torch.tensor(sampled_rows, device=logits.device)
     params = [seqs[i].params for i in sampled_rows]
-    temps = torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1)
+    # A vanishing temperature would overflow logits/T to inf (NaN probabilities): below the floor it is greedy anyway.
+    temps = torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1).clamp_min(MIN_TEMPERATURE)
     sorted_logits, order = (logits[rows] / temps).sort(dim=-1, descending=True)
     vocab_rank = torch.arange(logits.shape[-1], device=logits.device)
     top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=logits.device)
     sorted_logits = sorted_logits.masked_fill(vocab_rank >= top_k.unsqueeze(1), float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     top_p = torch.tensor([p.top_p for p in params], device=logits.device).unsqueeze(1)
-    # Drop a token once the mass before it already reaches top_p; the first token always stays.
-    probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    # Drop a token once the mass before it already reaches top_p; the first token always stays (explicitly:
+    # a top_p that underflows to 0 in float32 would drop it too).
+    drop = probs.cumsum(dim=-1) - probs >= top_p
+    drop[:, 0] = False
+    probs = probs.masked_fill(drop, 0.0)
     probs = (probs / probs.sum(dim=-1, keepdim=True)).float().cpu()
     out = greedy.tolist()
     order = order.cpu()

@@ -666,6 +666,7 @@ class RequestRecord:
     output_tokens: int = 0
     items: int = 1
     error: str | None = None
+    retry_after: str | None = None  # the Retry-After header of a refusal
 
     @property
     def ok(self) -> bool:
@@ -833,7 +834,7 @@ async def _exchange(
         resp = await client.post(url, json=body)
         rec.status = resp.status_code
         if not rec.ok:
-            rec.error = _short(resp.content)
+            rec.error, rec.retry_after = _short(resp.content), resp.headers.get("retry-after")
             return
         rec.output_tokens = scenario.parse_whole(resp.json())
         return
@@ -841,7 +842,7 @@ async def _exchange(
     async with client.stream("POST", url, json=body) as resp:
         rec.status = resp.status_code
         if not rec.ok:
-            rec.error = _short(await resp.aread())
+            rec.error, rec.retry_after = _short(await resp.aread()), resp.headers.get("retry-after")
             return
         chunk_times: list[float] = []
         usage_tokens: int | None = None

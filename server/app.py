@@ -9,12 +9,16 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from server.admission import Admission
 from server.config import Settings
 from server.errors import install_error_handlers
 from server.metrics import MetricsMiddleware
+from server.middleware import AuthMiddleware, BodyLimitMiddleware
 from server.request_id import RequestIdMiddleware
 from server.routes import classify, generate, health, openai
+from server.routes.common import TIMEOUT_HEADER
 from server.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -34,7 +38,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             app.state.runtime = rt
         except Exception as exc:
             log.exception("model loading failed")
-            app.state.load_error = f"{type(exc).__name__}: {exc}"
+            app.state.load_error = f"model loading failed ({type(exc).__name__}); see the server log"
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,8 +55,23 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
                 await app.state.runtime.stop()
 
     app = FastAPI(title="lowlat-server", version="0.1.0", lifespan=lifespan)
+    app.state.admission = Admission.from_settings(settings)
     install_error_handlers(app)
+    # Added innermost first. CORS answers preflights before auth; metrics count 401s and 413s too.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    keys = settings.accepted_keys()
+    if keys:
+        probes = frozenset({"/health", "/ready", "/metrics"} if settings.public_probes else ())
+        app.add_middleware(AuthMiddleware, keys=keys, open_paths=probes)
     app.add_middleware(MetricsMiddleware)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", TIMEOUT_HEADER, "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
     app.add_middleware(RequestIdMiddleware)  # added last = outermost: the id is set before anything logs
     for module in (generate, classify, health, openai):
         app.include_router(module.router)

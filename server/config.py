@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -68,6 +68,29 @@ class Settings(BaseSettings):
         4096, ge=0, description="classification results kept in an LRU cache for identical inputs; 0 disables it"
     )
 
+    # Overload, deadlines, shutdown
+    max_queued_requests: int = Field(
+        64, ge=0, description="generate requests waiting beyond the running batch; more are refused with 429"
+    )
+    max_concurrent_streams: int = Field(64, ge=1, description="streamed responses open at once; more get 429")
+    cls_max_queued_inputs: int = Field(1024, ge=1, description="classification inputs waiting; more get 429")
+    request_timeout_s: float = Field(
+        120.0, gt=0, description="deadline per request (504); X-Request-Timeout may ask for less"
+    )
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413)")
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish before exit"
+    )
+
+    # Access control
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="accepted Bearer API keys; none means no authentication"
+    )
+    api_keys_file: Path | None = Field(None, description="file with one accepted API key per line (adds to api_keys)")
+    public_probes: bool = Field(True, description="/health, /ready and /metrics answer without an API key")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty disables CORS")
+    log_prompts: bool = Field(False, description="log prompt text (off: logs carry only sizes and request ids)")
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.default_max_tokens > self.max_new_tokens:
@@ -76,7 +99,17 @@ class Settings(BaseSettings):
             raise ValueError("max_input_tokens must not exceed max_batched_tokens (a prompt must fit one step)")
         if self.max_input_tokens + self.max_new_tokens > self.kv_cache_tokens:
             raise ValueError("kv_cache_tokens must hold at least one max_input_tokens + max_new_tokens sequence")
+        if self.cls_max_inputs > self.cls_max_queued_inputs:
+            raise ValueError("cls_max_queued_inputs must be at least cls_max_inputs (one full call must fit)")
         return self
+
+    def accepted_keys(self) -> list[bytes]:
+        """API keys from ``api_keys`` and ``api_keys_file`` (blank lines and ``#`` comments skipped)."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
+            keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        return [k.encode() for k in keys if k]
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -47,7 +47,7 @@ def openai_error_body(type: str, message: str, param: str | None = None, code: s
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def _respond(
+def respond(
     request: Request,
     status: int,
     type: str,
@@ -76,29 +76,30 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     err = exc.errors()[0]
     field = _field_name(tuple(err.get("loc", ())))
     if err.get("type") == "json_invalid":
-        return _respond(request, 400, "invalid_json", "request body is not valid JSON", "body")
+        return respond(request, 400, "invalid_json", "request body is not valid JSON", "body")
     message = err.get("msg", "invalid value")
     if err.get("type") == "extra_forbidden":
         message = "unknown field"
     code = UNSUPPORTED if err.get("type") == UNSUPPORTED else None
     status = 400 if is_openai(request) else 422
-    return _respond(request, status, "invalid_request_error", f"{field}: {message}", field, code=code)
+    return respond(request, status, "invalid_request_error", f"{field}: {message}", field, code=code)
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return _respond(request, exc.status, exc.type, exc.message, exc.field, code=exc.code, headers=exc.headers)
+    return respond(request, exc.status, exc.type, exc.message, exc.field, code=exc.code, headers=exc.headers)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _respond(request, exc.status_code, kind, str(exc.detail), headers=exc.headers)
+    kinds = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+    kind, field = kinds.get(exc.status_code, "http_error"), "body" if exc.status_code in (400, 413) else None
+    return respond(request, exc.status_code, kind, str(exc.detail), field, headers=exc.headers)
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     # Runs outside the middlewares (Starlette's outermost layer), so the id header is added here.
     headers = {HEADER: current_request_id()}
-    return _respond(request, 500, "internal_error", "internal server error", headers=headers)
+    return respond(request, 500, "internal_error", "internal server error", headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

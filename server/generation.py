@@ -4,6 +4,7 @@ limits, the metrics wrapper around a chunk stream, collecting a whole completion
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from engine.llm_engine import AsyncLLM, EngineError, GenerationChunk
 from server import metrics
 from server.config import Settings
 from server.errors import APIError
+
+log = logging.getLogger(__name__)
 
 
 def encode_chat(llm: AsyncLLM, messages: list[dict[str, str]], field: str = "messages") -> list[int]:
@@ -35,6 +38,14 @@ def check_prompt(settings: Settings, prompt_ids: list[int], field: str) -> None:
             type="input_too_long",
             field=field,
         )
+
+
+def log_prompt(settings: Settings, prompt: object, n_tokens: int) -> None:
+    """Prompt text reaches the log only with ``log_prompts`` (it may hold personal data); sizes always may."""
+    if settings.log_prompts:
+        log.info("prompt (%d tokens): %r", n_tokens, prompt)
+    else:
+        log.debug("prompt of %d tokens", n_tokens)
 
 
 def resolve_max_tokens(settings: Settings, requested: int | None, field: str = "max_tokens") -> int:

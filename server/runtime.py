@@ -62,7 +62,8 @@ class Runtime:
             start = time.perf_counter()
             loaded = load_causal_lm(settings.gen_model, settings.cache_dir, dtype, settings.tokenizer)
             model = Llama.from_hf(loaded.config, loaded.state_dict).to(device)
-            rt.llm = AsyncLLM(LLMEngine(model, loaded.tokenizer, device, dtype, engine_config(settings)))
+            engine = LLMEngine(model, loaded.tokenizer, device, dtype, engine_config(settings))
+            rt.llm = AsyncLLM(engine, on_error=lambda _: metrics.READY.set(0))  # /ready is 503 from now on
             rt.gen_model_id = resolve_spec(settings.gen_model, "generate").name
             rt.info["generate"] = {"model": loaded.source, "load_seconds": rt._loaded("generate", start)}
         if settings.enable_classify:
@@ -105,6 +106,7 @@ class Runtime:
                 max_batch_size=s.cls_max_batch_size,
                 max_batch_tokens=s.cls_max_batch_tokens,
                 max_wait_ms=s.cls_max_wait_ms,
+                max_queued=s.cls_max_queued_inputs,
                 cost=lambda item: item.n_tokens,
                 name="classify",
             )
@@ -115,6 +117,14 @@ class Runtime:
         self.ready = True
         metrics.READY.set(1)
         log.info("ready on %s", self.device)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the runtime cannot serve although it started (a generation step raised), or None.
+        The message names only the error type: details, with request ids, are in the server log."""
+        if self.llm is not None and self.llm.error is not None:
+            return f"generation engine failed ({type(self.llm.error).__name__}); see the server log"
+        return None
 
     async def stop(self) -> None:
         self.ready = False

@@ -10,8 +10,23 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 NonBlank = Annotated[str, StringConstraints(min_length=1)]
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Request models: unknown fields and loose types are errors; text must be encodable Unicode."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: object) -> object:
+        """JSON may carry lone surrogates (``"\\ud800"``); no tokenizer can encode them, so refuse them here."""
+        texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        for text in texts:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+        return value
 
 
 def _not_blank(value: str, name: str) -> str:
@@ -20,12 +35,12 @@ def _not_blank(value: str, name: str) -> str:
     return value
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant"]
     content: str
 
 
-class GenerateRequest(_Strict):
+class GenerateRequest(StrictModel):
     prompt: str | None = Field(None, description="raw prompt text (no chat template applied)")
     messages: list[ChatMessage] | None = Field(
         None, min_length=1, description="chat turns, rendered with the model's chat template"
@@ -70,7 +85,7 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
-class ClassifyRequest(_Strict):
+class ClassifyRequest(StrictModel):
     inputs: str | list[str] = Field(description="one text or a list of texts")
     labels: list[NonBlank] | None = Field(
         None, min_length=1, max_length=64, description="candidate labels (zero-shot); may be short descriptions"

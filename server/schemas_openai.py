@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
 
 from server.errors import UNSUPPORTED
+from server.schemas import StrictModel
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 
@@ -26,15 +27,11 @@ def _unsupported(*neutral: object) -> Any:
     return Annotated[Any, AfterValidator(check), Field(None, description="not supported; accepted only when neutral")]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class SamplingRequest(_Strict):
+class SamplingRequest(StrictModel):
     """Fields shared by chat completions and completions."""
 
     model: str = Field(min_length=1, description="an id from GET /v1/models")
@@ -70,12 +67,12 @@ class SamplingRequest(_Strict):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class TextPart(_Strict):
+class TextPart(StrictModel):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(_Strict):
+class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] = Field(description="text, or text parts (other part types are not supported)")
     name: str | None = Field(None, description="accepted for compatibility, not used")
@@ -135,7 +132,7 @@ class CompletionRequest(SamplingRequest):
         return [self.prompt] if isinstance(self.prompt, str) else self.prompt
 
 
-class EmbeddingRequest(_Strict):
+class EmbeddingRequest(StrictModel):
     model: str = Field(min_length=1)
     input: str | list[str] = Field(description="a text or a list of texts (token-id inputs are not supported)")
     encoding_format: Literal["float", "base64"] = "float"

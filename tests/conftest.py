@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -73,14 +74,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def live_server(cache_dir: Path) -> Iterator[str]:
-    """A real ``python -m server`` process on loopback, for tests that need real sockets."""
+@contextlib.contextmanager
+def server_process(cache_dir: Path, *args: str, **settings: object) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A real ``python -m server`` process on loopback with TEST_SETTINGS overridden by ``settings``,
+    yielded once ready as ``(process, url)``; terminated on exit if still running."""
     port = free_port()
     env = {**os.environ, "LLM_CACHE_DIR": str(cache_dir)}
-    env.update({f"LLM_{k.upper()}": str(v) for k, v in TEST_SETTINGS.items()})
+    env.update({f"LLM_{k.upper()}": str(v) for k, v in {**TEST_SETTINGS, **settings}.items()})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning", *args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -100,10 +102,18 @@ def live_server(cache_dir: Path) -> Iterator[str]:
             time.sleep(0.5)
         else:
             raise RuntimeError("server did not become ready in 300 s")
-        yield url
+        yield proc, url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="session")
+def live_server(cache_dir: Path) -> Iterator[str]:
+    """A real ``python -m server`` process on loopback, for tests that need real sockets."""
+    with server_process(cache_dir) as (_, url):
+        yield url

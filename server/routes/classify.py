@@ -9,13 +9,13 @@ from fastapi.responses import Response
 from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult
 from server import metrics
 from server.errors import APIError
-from server.routes.common import ClientDisconnected, encoder_inputs, ready_runtime, until_disconnect
+from server.routes.common import ClientDisconnected, encoder_inputs, on_encoder, ready_runtime
 from server.runtime import Runtime
 from server.schemas import ClassifyRequest, ClassifyResponse, ClassifyResult, ErrorResponse, LabelScore
 
 router = APIRouter()
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)}
 
 
 async def _classify(runtime: Runtime, items: list[ClassifyItem]) -> list[ClassResult]:
@@ -53,7 +53,7 @@ async def classify(body: ClassifyRequest, request: Request) -> Response:
             raise APIError(400, str(exc), field=exc.field) from exc
         items.append(item)
     try:
-        results = await until_disconnect(request, _classify(runtime, items))
+        results = await on_encoder(request, runtime, len(items), lambda: _classify(runtime, items))
     except ClientDisconnected:
         return Response(status_code=499)
     except ClassifierInputError as exc:

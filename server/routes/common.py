@@ -1,47 +1,142 @@
-"""Helpers shared by the routes: readiness gate, client-disconnect watching, encoder input limits."""
+"""Helpers shared by the routes: readiness gate, admission, deadlines, client-disconnect watching,
+encoder input limits."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 
+from engine.batcher import BatcherClosed, BatcherFull
+from server.admission import RETRY_AFTER_BUSY, Admission
 from server.errors import APIError
 from server.runtime import Runtime
 
 T = TypeVar("T")
 
 DISCONNECT_POLL_S = 0.05
+TIMEOUT_HEADER = "X-Request-Timeout"
+DEADLINE_MESSAGE = "request deadline exceeded; the work was cancelled"
+
+
+def service_state(app: FastAPI) -> tuple[str, str | None]:
+    """``("ready", None)``, or why the server takes no new work: loading, draining (shutting down) or
+    failed (model loading or the generation engine), with a message safe to show clients."""
+    runtime: Runtime | None = getattr(app.state, "runtime", None)
+    admission: Admission | None = getattr(app.state, "admission", None)
+    if admission is not None and admission.draining:
+        return "draining", "server is shutting down; retry on another replica"
+    if getattr(app.state, "load_error", None):
+        return "failed", app.state.load_error
+    if runtime is None or not runtime.ready:
+        return "loading", "model is loading; retry shortly"
+    if runtime.failure is not None:
+        return "failed", runtime.failure
+    return "ready", None
+
+
+RETRY_AFTER = {"loading": "5", "draining": "5", "failed": "30"}
 
 
 def ready_runtime(request: Request) -> Runtime:
-    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
-    if runtime is None or not runtime.ready:
-        raise APIError(503, "model is loading; retry shortly", type="not_ready", headers={"Retry-After": "5"})
-    return runtime
+    state, message = service_state(request.app)
+    if state != "ready":
+        kind = {"loading": "not_ready", "draining": "shutting_down", "failed": "unavailable"}[state]
+        raise APIError(503, message or state, type=kind, headers={"Retry-After": RETRY_AFTER[state]})
+    return request.app.state.runtime
+
+
+def admission(request: Request) -> Admission:
+    return request.app.state.admission
+
+
+def request_deadline(request: Request, limit_s: float) -> float:
+    """Event-loop time by which the request must be answered: ``request_timeout_s``, or less when the
+    client asks for less with the ``X-Request-Timeout`` header (seconds)."""
+    timeout = limit_s
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is not None:
+        try:
+            asked = float(raw)
+        except ValueError:
+            asked = math.nan
+        if not (asked > 0 and math.isfinite(asked)):
+            raise APIError(400, f"{TIMEOUT_HEADER} must be a positive number of seconds", field=TIMEOUT_HEADER)
+        timeout = min(asked, limit_s)
+    return asyncio.get_running_loop().time() + timeout
 
 
 class ClientDisconnected(Exception):
     """The client went away before its response was ready."""
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Awaits ``work`` but cancels it as soon as the client disconnects, so a vanished client stops
-    holding a batch slot (its generator's cleanup aborts the sequence in the engine)."""
+async def until_disconnect(request: Request, work: Awaitable[T], deadline: float | None = None) -> T:
+    """Awaits ``work`` but cancels it as soon as the client disconnects or ``deadline`` (loop time)
+    passes (504), so a vanished or timed-out request stops holding a batch slot (its generator's
+    cleanup aborts the sequence in the engine)."""
+    loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(work)
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            poll = DISCONNECT_POLL_S if deadline is None else min(DISCONNECT_POLL_S, deadline - loop.time())
+            done, _ = await asyncio.wait({task}, timeout=max(poll, 0))
             if done:
                 return task.result()
+            if deadline is not None and loop.time() >= deadline:
+                raise APIError(504, DEADLINE_MESSAGE, type="timeout")
             if await request.is_disconnected():
-                task.cancel()
                 raise ClientDisconnected
     finally:
         if not task.done():
             task.cancel()
+            # Let the cancellation run the work's cleanup (engine abort) before the response goes out.
+            await asyncio.wait({task})
+
+
+async def on_encoder(request: Request, runtime: Runtime, n_items: int, work: Callable[[], Awaitable[T]]) -> T:
+    """Runs ``work`` on the encoder's batching queue (/classify, /v1/embeddings) under admission, the
+    request's deadline and disconnect watching; a full queue answers 429, a stopping one 503."""
+    assert runtime.batcher is not None
+    deadline = request_deadline(request, runtime.settings.request_timeout_s)
+    with admission(request).classification():
+        try:
+            runtime.batcher.check_room(n_items)
+            return await until_disconnect(request, work(), deadline)
+        except BatcherFull as exc:
+            raise APIError(
+                429,
+                f"server busy: {exc} (cls_max_queued_inputs); retry shortly",
+                type="overloaded",
+                headers={"Retry-After": RETRY_AFTER_BUSY},
+            ) from exc
+        except BatcherClosed as exc:
+            raise APIError(
+                503, "server is shutting down", type="shutting_down", headers={"Retry-After": RETRY_AFTER["draining"]}
+            ) from exc
+
+
+class DeadlineExceeded(Exception):
+    """A streamed response ran past its deadline (headers are sent: it ends with an error event)."""
+
+
+async def within_deadline(chunks: AsyncIterator[T], deadline: float) -> AsyncIterator[T]:
+    """Passes ``chunks`` through until ``deadline`` (loop time), then closes them (which aborts the
+    engine request) and raises :class:`DeadlineExceeded`."""
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(anext(chunks), deadline - loop.time())
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded from None
+            yield chunk
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 def encoder_inputs(runtime: Runtime, texts: list[str], field: str, single: bool) -> list[int]:

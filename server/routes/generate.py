@@ -6,22 +6,41 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from engine.llm_engine import EngineError, GenerationChunk
 from engine.sequence import SamplingParams
 from server.errors import APIError, error_body
-from server.generation import check_prompt, collect, encode_chat, encode_text, resolve_max_tokens, sse, timed
+from server.generation import (
+    check_prompt,
+    collect,
+    encode_chat,
+    encode_text,
+    log_prompt,
+    resolve_max_tokens,
+    sse,
+    timed,
+)
 from server.request_id import current_request_id
-from server.routes.common import ClientDisconnected, ready_runtime, until_disconnect
+from server.routes.common import (
+    DEADLINE_MESSAGE,
+    ClientDisconnected,
+    DeadlineExceeded,
+    admission,
+    ready_runtime,
+    request_deadline,
+    until_disconnect,
+    within_deadline,
+)
 from server.schemas import ErrorResponse, GenerateRequest, GenerateResponse
 
 router = APIRouter()
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)}
 
 
 async def sse_events(chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[str]:
+    """Headers are already sent when a stream fails, so failures end it with an ``error`` event."""
     try:
         async for chunk in chunks:
             if chunk.finish_reason is None:
@@ -31,6 +50,8 @@ async def sse_events(chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[st
                 yield sse({"text": chunk.text, "finish_reason": chunk.finish_reason, "usage": usage})
     except EngineError as exc:
         yield "event: error\n" + sse(error_body("engine_error", str(exc)))
+    except DeadlineExceeded:
+        yield "event: error\n" + sse(error_body("timeout", DEADLINE_MESSAGE))
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
@@ -40,33 +61,36 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     if runtime.llm is None:
         raise APIError(404, "generation is disabled on this server", type="not_found")
     settings = runtime.settings
-    if body.messages is not None:
-        field, prompt_ids = "messages", encode_chat(runtime.llm, [m.model_dump() for m in body.messages])
-    else:
-        assert body.prompt is not None
-        field, prompt_ids = "prompt", encode_text(runtime.llm, body.prompt)
-    check_prompt(settings, prompt_ids, field)
-    max_tokens = resolve_max_tokens(settings, body.max_tokens)
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        seed=body.seed,
-        stop=tuple(body.stop),
-    )
-    chunks = timed(runtime.llm.generate(prompt_ids, params, current_request_id()), arrival)
-    if body.stream:
-        return StreamingResponse(
-            sse_events(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    deadline = request_deadline(request, settings.request_timeout_s)
+    with admission(request).generation(stream=body.stream) as ticket:
+        if body.messages is not None:
+            field, prompt_ids = "messages", encode_chat(runtime.llm, [m.model_dump() for m in body.messages])
+        else:
+            assert body.prompt is not None
+            field, prompt_ids = "prompt", encode_text(runtime.llm, body.prompt)
+        check_prompt(settings, prompt_ids, field)
+        log_prompt(settings, body.prompt if body.prompt is not None else body.messages, len(prompt_ids))
+        params = SamplingParams(
+            max_tokens=resolve_max_tokens(settings, body.max_tokens),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=tuple(body.stop),
         )
-
-    try:
-        done = await until_disconnect(request, collect(chunks))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    except EngineError as exc:
-        raise APIError(500, str(exc), type="engine_error") from exc
+        chunks = timed(runtime.llm.generate(prompt_ids, params, current_request_id()), arrival)
+        if body.stream:
+            return ticket.stream(
+                sse_events(within_deadline(chunks, deadline)),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        try:
+            done = await until_disconnect(request, collect(chunks), deadline)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except EngineError as exc:
+            raise APIError(500, str(exc), type="engine_error") from exc
     final = done.final
     usage = {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens}
     result = GenerateResponse(text=done.text, finish_reason=final.finish_reason, usage=usage)

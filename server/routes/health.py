@@ -6,6 +6,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from server.routes.common import RETRY_AFTER, service_state
+
 router = APIRouter()
 
 
@@ -17,13 +19,14 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """200 once models are loaded and warmed up; 503 before (load balancers hold traffic until then)."""
-    runtime = getattr(request.app.state, "runtime", None)
-    error = getattr(request.app.state, "load_error", None)
-    if runtime is not None and runtime.ready:
+    """200 once models are loaded and warmed up; 503 while loading, while draining for shutdown and
+    after an engine failure (load balancers hold or move traffic then)."""
+    state, message = service_state(request.app)
+    if state == "ready":
         return JSONResponse({"status": "ready"})
-    status = "failed" if error else "loading"
-    return JSONResponse({"status": status, "error": error}, status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse(
+        {"status": state, "error": message}, status_code=503, headers={"Retry-After": RETRY_AFTER[state]}
+    )
 
 
 @router.get("/metrics")

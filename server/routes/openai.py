@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from engine.classifier import ClassifierInputError, ClassifyItem, Embedding
 from engine.llm_engine import AsyncLLM, EngineError, GenerationChunk
 from engine.sequence import SamplingParams
+from server.config import Settings
 from server.errors import UNSUPPORTED, APIError, openai_error_body
 from server.generation import (
     Completion,
@@ -30,12 +31,24 @@ from server.generation import (
     collect,
     encode_chat,
     encode_text,
+    log_prompt,
     resolve_max_tokens,
     sse,
     timed,
 )
 from server.request_id import current_request_id
-from server.routes.common import ClientDisconnected, encoder_inputs, ready_runtime, until_disconnect
+from server.routes.common import (
+    DEADLINE_MESSAGE,
+    ClientDisconnected,
+    DeadlineExceeded,
+    admission,
+    encoder_inputs,
+    on_encoder,
+    ready_runtime,
+    request_deadline,
+    until_disconnect,
+    within_deadline,
+)
 from server.runtime import Runtime
 from server.schemas_openai import (
     AssistantMessage,
@@ -59,7 +72,7 @@ from server.schemas_openai import (
 
 router = APIRouter(prefix="/v1")
 
-ERRORS = {code: {"model": OpenAIErrorResponse} for code in (400, 404, 503)}
+ERRORS = {code: {"model": OpenAIErrorResponse} for code in (400, 401, 404, 413, 429, 503, 504)}
 Kind = Literal["chat", "text"]
 
 
@@ -218,6 +231,9 @@ async def _stream_events(
     except EngineError as exc:
         yield sse(openai_error_body("server_error", str(exc), code="engine_error"))
         return
+    except DeadlineExceeded:
+        yield sse(openai_error_body("server_error", DEADLINE_MESSAGE, code="timeout"))
+        return
     if with_usage:
         usage = _usage(prompts, finals, choices).model_dump()
         object_ = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -227,6 +243,7 @@ async def _stream_events(
 
 async def _serve(
     request: Request,
+    settings: Settings,
     llm: AsyncLLM,
     kind: Kind,
     body: SamplingRequest,
@@ -238,22 +255,25 @@ async def _serve(
     request_id = current_request_id()
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}"
     choices = _choices(body, prompts, max_tokens)
-    streams = [
-        timed(
-            llm.generate(c.prompt_ids, c.params, request_id if len(choices) == 1 else f"{request_id}-{c.index}"),
-            arrival,
-        )
-        for c in choices
-    ]
-    if body.stream:
-        events = _stream_events(kind, body, prompts, echoes, choices, streams, rid)
-        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    try:
-        done = await until_disconnect(request, _collect_all(streams))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    except EngineError as exc:
-        raise APIError(500, str(exc), type="engine_error") from exc
+    deadline = request_deadline(request, settings.request_timeout_s)
+    with admission(request).generation(len(choices), body.stream) as ticket:
+        streams = [
+            timed(
+                llm.generate(c.prompt_ids, c.params, request_id if len(choices) == 1 else f"{request_id}-{c.index}"),
+                arrival,
+            )
+            for c in choices
+        ]
+        if body.stream:
+            streams = [within_deadline(s, deadline) for s in streams]
+            events = _stream_events(kind, body, prompts, echoes, choices, streams, rid)
+            return ticket.stream(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            done = await until_disconnect(request, _collect_all(streams), deadline)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except EngineError as exc:
+            raise APIError(500, str(exc), type="engine_error") from exc
     finals = {c.index: d.final for c, d in zip(choices, done, strict=True)}
     usage = _usage(prompts, finals, choices)
     result: BaseModel
@@ -286,11 +306,13 @@ async def _serve(
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     runtime = ready_runtime(request)
     llm = _llm(runtime, body)
-    prompt_ids = encode_chat(llm, body.template_messages())
+    messages = body.template_messages()
+    prompt_ids = encode_chat(llm, messages)
     check_prompt(runtime.settings, prompt_ids, "messages")
+    log_prompt(runtime.settings, messages, len(prompt_ids))
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = resolve_max_tokens(runtime.settings, body.max_completion_tokens or body.max_tokens, field)
-    return await _serve(request, llm, "chat", body, [prompt_ids], [""], max_tokens)
+    return await _serve(request, runtime.settings, llm, "chat", body, [prompt_ids], [""], max_tokens)
 
 
 @router.post("/completions", response_model=TextCompletion, responses=ERRORS)
@@ -300,9 +322,10 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     prompts = [encode_text(llm, p) for p in body.prompts]
     for i, ids in enumerate(prompts):
         check_prompt(runtime.settings, ids, "prompt" if isinstance(body.prompt, str) else f"prompt.{i}")
+    log_prompt(runtime.settings, body.prompts, sum(len(ids) for ids in prompts))
     max_tokens = resolve_max_tokens(runtime.settings, body.max_tokens)
     echoes = body.prompts if body.echo else [""] * len(prompts)
-    return await _serve(request, llm, "text", body, prompts, echoes, max_tokens)
+    return await _serve(request, runtime.settings, llm, "text", body, prompts, echoes, max_tokens)
 
 
 @router.post("/embeddings", response_model=EmbeddingList, responses=ERRORS)
@@ -316,8 +339,9 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         raise APIError(400, f"dimensions: this model only produces {dim}", field="dimensions", code=UNSUPPORTED)
     n_tokens = encoder_inputs(runtime, body.texts, "input", single=isinstance(body.input, str))
     items = [ClassifyItem(text, n_tokens=n, embed=True) for text, n in zip(body.texts, n_tokens, strict=True)]
+    batcher = runtime.batcher
     try:
-        results = await until_disconnect(request, runtime.batcher.submit_many(items))
+        results = await on_encoder(request, runtime, len(items), lambda: batcher.submit_many(items))
     except ClientDisconnected:
         return Response(status_code=499)
     except ClassifierInputError as exc:
