@@ -30,18 +30,24 @@ class DrainingServer(uvicorn.Server):
         self.admission = admission
         self.grace_s = grace_s
         self.drain_started: float | None = None
+        self.drain_announced = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain_started is not None or self.should_exit:
             super().handle_exit(sig, frame)
             return
+        # Plain attribute writes only: a signal handler must not take locks (logging, metrics) that the
+        # interrupted code may hold. on_tick, on the event loop, does the rest.
         self._captured_signals.append(sig)  # re-raised after serving, as uvicorn does
         self.drain_started = time.monotonic()
         self.admission.draining = True
-        metrics.READY.set(0)
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_started is not None and not self.should_exit:
+            if not self.drain_announced:
+                self.drain_announced = True
+                metrics.READY.set(0)
+                log.info("draining: /ready is 503, new work refused; in-flight requests get up to %.0f s", self.grace_s)
             left = self.grace_s - (time.monotonic() - self.drain_started)
             if self.admission.idle() or left <= 0:
                 log.info("drained (%s); shutting down", "all requests done" if self.admission.idle() else "grace over")

@@ -71,6 +71,10 @@ def test_sigterm_drains_in_flight_stream_then_exits(cache_dir: Path) -> None:
         ready = httpx.get(f"{url}/ready", timeout=10)
         assert ready.status_code == 503 and ready.json()["status"] == "draining"
         assert ready.headers["Retry-After"]
+        for _ in range(50):  # the gauge follows on the server's next tick (0.1 s)
+            if "\nllm_ready 0.0\n" in httpx.get(f"{url}/metrics", timeout=10).text:
+                break
+            time.sleep(0.05)
         assert "\nllm_ready 0.0\n" in httpx.get(f"{url}/metrics", timeout=10).text
         refused = httpx.post(f"{url}/generate", json={"prompt": "hi"}, timeout=10)
         assert refused.status_code == 503 and refused.json()["error"]["type"] == "shutting_down"
