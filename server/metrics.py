@@ -141,7 +141,7 @@ class MetricsMiddleware:
             return
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
         start = time.perf_counter()
-        status = 500
+        status = 0
         done = False
 
         async def timed_send(message: Message) -> None:
@@ -155,10 +155,16 @@ class MetricsMiddleware:
                 REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
 
         IN_FLIGHT.labels(endpoint=endpoint).inc()
+        # Until a body completes, an unfinished request counts as 499 (client gone); an exception escaping
+        # the app is a 500 that Starlette's outermost error middleware sends after we return.
+        unfinished_status = 499
         try:
             await self.app(scope, receive, timed_send)
+        except Exception:
+            unfinished_status = 500
+            raise
         finally:
             IN_FLIGHT.labels(endpoint=endpoint).dec()
-            if not done:  # client gone or app crashed before the body finished
+            if not done:
                 REQUEST_LATENCY.labels(endpoint=endpoint).observe(time.perf_counter() - start)
-                REQUESTS.labels(endpoint=endpoint, status=str(status if status != 500 else 499)).inc()
+                REQUESTS.labels(endpoint=endpoint, status=str(unfinished_status)).inc()

@@ -22,6 +22,7 @@ from load_tests.loadgen import make_scenario
 from load_tests.soak import EXPECTED_OUTCOMES, soak
 from server.app import create_app
 from server.config import Settings
+from server.metrics import REQUESTS
 from server.runtime import Runtime
 
 LONG = {"prompt": "Once upon a time", "max_tokens": 32}  # greedy: runs to max_tokens
@@ -233,6 +234,7 @@ async def test_one_failing_request_fails_alone(make_client, monkeypatch: pytest.
         return real(llm, prompt)
 
     monkeypatch.setattr(generate, "encode_text", exploding)
+    errors_before = REQUESTS.labels(endpoint="/generate", status="500")._value.get()
     ok, bad = await asyncio.gather(
         client.post("/generate", json={"prompt": "Hello", "max_tokens": 4}),
         client.post("/generate", json={"prompt": "explode"}),
@@ -241,6 +243,7 @@ async def test_one_failing_request_fails_alone(make_client, monkeypatch: pytest.
     assert bad.status_code == 500
     assert bad.json() == {"error": {"type": "internal_error", "message": "internal server error", "field": None}}
     assert "boom" not in bad.text and "/srv" not in bad.text and "Traceback" not in bad.text
+    assert REQUESTS.labels(endpoint="/generate", status="500")._value.get() == errors_before + 1
     assert (await client.get("/ready")).status_code == 200
 
 
