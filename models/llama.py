@@ -173,11 +173,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(args.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, args.hidden_size, bias=False)
         self.gate_up_proj: nn.Linear | None = None  # set by fuse()
 
     def fuse(self) -> None:
@@ -194,12 +194,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, qkv_bias: bool) -> None:
+    def __init__(self, args: ModelArgs, qkv_bias: bool, intermediate_size: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.self_attn = Attention(args, qkv_bias)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = MLP(args)
+        self.mlp = MLP(args, intermediate_size)
 
     def forward(
         self,
@@ -215,13 +215,17 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """Parameter names mirror Hugging Face's, so an HF state dict loads as is."""
+    """Parameter names mirror Hugging Face's, so an HF state dict loads as is.
 
-    def __init__(self, args: ModelArgs, qkv_bias: bool = False) -> None:
+    ``intermediate_sizes`` (one per layer) lets structured pruning leave layers with different MLP widths.
+    """
+
+    def __init__(self, args: ModelArgs, qkv_bias: bool = False, intermediate_sizes: list[int] | None = None) -> None:
         super().__init__()
         self.args = args
+        sizes = intermediate_sizes or [args.intermediate_size] * args.num_layers
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args, qkv_bias) for _ in range(args.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(args, qkv_bias, size) for size in sizes)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         cos, sin = rope_tables(args)
@@ -232,8 +236,9 @@ class Llama(nn.Module):
     def from_hf(cls, config: PretrainedConfig, state_dict: dict[str, Tensor]) -> Llama:
         args = ModelArgs.from_hf(config)
         qkv_bias = "model.layers.0.self_attn.q_proj.bias" in state_dict
+        sizes = [state_dict[f"model.layers.{i}.mlp.up_proj.weight"].shape[0] for i in range(args.num_layers)]
         with torch.device("meta"):
-            model = cls(args, qkv_bias)
+            model = cls(args, qkv_bias, sizes)
         weights = {k.removeprefix("model."): v for k, v in state_dict.items()}
         if "lm_head.weight" not in weights:
             weights["lm_head.weight"] = weights["embed_tokens.weight"]

@@ -17,7 +17,7 @@ from server.errors import install_error_handlers
 from server.metrics import MetricsMiddleware
 from server.middleware import AuthMiddleware, BodyLimitMiddleware
 from server.request_id import RequestIdMiddleware
-from server.routes import classify, generate, health, openai
+from server.routes import classify, generate, health, info, openai
 from server.routes.common import TIMEOUT_HEADER
 from server.runtime import Runtime
 
@@ -73,6 +73,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestIdMiddleware)  # added last = outermost: the id is set before anything logs
-    for module in (generate, classify, health, openai):
+    for module in (generate, classify, health, info, openai):
         app.include_router(module.router)
     return app

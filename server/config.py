@@ -11,6 +11,10 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+DEFAULT_GEN_PRUNE = 0.0
+DEFAULT_CLS_PRUNE = 0.0
+
+
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "lowlat-server"
 
@@ -40,6 +44,17 @@ class Settings(BaseSettings):
         "auto", description="'auto': bfloat16 on CUDA, float32 on CPU"
     )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted-model cache directory")
+
+    # Compression at startup (models/compress.py); defaults chosen from load_tests/results/compression/
+    gen_quantize: Literal["auto", "none", "int8", "int8-wo", "fp8"] = Field(
+        "auto", description="generation weights: 'auto' = int8 on CPU, fp8 on CUDA (Hopper/Ada), else int8-wo"
+    )
+    gen_prune: float = Field(DEFAULT_GEN_PRUNE, ge=0.0, lt=1.0, description="share of MLP channels pruned (generation)")
+    cls_quantize: Literal["auto", "none", "int8", "int8-wo", "fp8"] = Field(
+        "auto", description="classification weights: 'auto' as for generation"
+    )
+    cls_prune: float = Field(DEFAULT_CLS_PRUNE, ge=0.0, lt=1.0, description="share of MLP channels pruned (classify)")
+    compress_cache: bool = Field(True, description="cache compressed weights in cache_dir (restart skips the work)")
 
     # HTTP
     host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
@@ -117,6 +132,16 @@ class Settings(BaseSettings):
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device=cuda but no CUDA device is available")
         return torch.device(self.device)
+
+    def quantize_method(self, which: str) -> str:
+        """The quantization method for ``which`` ('gen' or 'cls'), resolving 'auto' for this device."""
+        method = getattr(self, f"{which}_quantize")
+        if method != "auto":
+            return method
+        device = self.torch_device()
+        if device.type != "cuda":
+            return "int8"
+        return "fp8" if torch.cuda.get_device_capability(device) >= (8, 9) else "int8-wo"
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version
 
@@ -18,8 +19,9 @@ from engine.classifier import Classifier, ClassifierInputError, ClassifyItem, Cl
 from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
 from engine.response_cache import ResponseCache
 from engine.sequence import SamplingParams
+from models.compress import CompressionReport, compress_causal_lm, compress_encoder, default_spec
 from models.llama import Llama
-from models.loader import load_causal_lm, load_encoder
+from models.loader import LoadedEncoder, load_causal_lm, load_encoder
 from models.sources import resolve_spec
 from server import metrics
 from server.config import Settings
@@ -52,6 +54,7 @@ class Runtime:
     ready: bool = False
     created: int = field(default_factory=lambda: int(time.time()))  # unix time, /v1/models' `created`
     info: dict[str, object] = field(default_factory=dict)
+    reports: dict[str, CompressionReport] = field(default_factory=dict)  # "generate" / "classify"
 
     @classmethod
     def load(cls, settings: Settings) -> Runtime:
@@ -62,6 +65,11 @@ class Runtime:
             start = time.perf_counter()
             loaded = load_causal_lm(settings.gen_model, settings.cache_dir, dtype, settings.tokenizer)
             model = Llama.from_hf(loaded.config, loaded.state_dict).to(device)
+            spec = default_spec(settings.quantize_method("gen"), settings.gen_prune)
+            cache = settings.cache_dir if settings.compress_cache else None
+            model, report = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache)
+            rt.reports["generate"] = report
+            log.info("compression %s", report.summary())
             engine = LLMEngine(model, loaded.tokenizer, device, dtype, engine_config(settings))
             rt.llm = AsyncLLM(engine, on_error=lambda _: metrics.READY.set(0))  # /ready is 503 from now on
             rt.gen_model_id = resolve_spec(settings.gen_model, "generate").name
@@ -70,6 +78,15 @@ class Runtime:
             start = time.perf_counter()
             encoder = load_encoder(settings.cls_model, settings.cache_dir, dtype, None)
             encoder.model.to(device)
+            spec = default_spec(settings.quantize_method("cls"), settings.cls_prune)
+            cache = settings.cache_dir if settings.compress_cache else None
+
+            def embedder(enc: LoadedEncoder) -> Callable[[list[str]], torch.Tensor]:
+                return Classifier(enc, device).embed
+
+            report = compress_encoder(encoder, spec, cache, embedder)
+            rt.reports["classify"] = report
+            log.info("compression %s", report.summary())
             rt.classifier = Classifier(encoder, device)
             rt.cls_model_id = resolve_spec(settings.cls_model, "classify").name
             if settings.cls_cache_size > 0:

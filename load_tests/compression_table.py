@@ -1,0 +1,283 @@
+"""Reproduce the compression table: every setting's fidelity, weight bytes and speed.
+
+Generation rows: perplexity on data/eval.txt, greedy top-1 agreement with the uncompressed model
+(teacher-forced, every position), weight bytes before/after, decode tokens/s (one stream, and eight
+concurrent streams), prefill time of a 512-token prompt, all through the real engine (AsyncLLM).
+Classification rows: embedding cosine and zero-shot label agreement with the uncompressed encoder,
+accuracy on data/intents.jsonl, weight bytes, classify throughput (texts/s, batches of 32).
+
+On random weights (``dummy:*``) only speed, bytes and agreement with the uncompressed model mean
+anything; perplexity and accuracy are reported but meaningless.
+
+    python -m load_tests.compression_table --device cpu --out load_tests/results/compression/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import logging
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from engine.classifier import Classifier
+from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
+from engine.sequence import SamplingParams
+from models import calibration as calib
+from models.compress import CompressionSpec, compress_causal_lm, compress_encoder, default_spec, weight_bytes
+from models.fidelity import evaluate_encoder, evaluate_lm
+from models.llama import Llama
+from models.loader import LoadedCausalLM, LoadedEncoder, load_causal_lm, load_encoder
+
+GEN_SETTINGS = [
+    {"quantize": "none"},
+    {"quantize": "none", "prune_mlp": 0.1},
+    {"quantize": "int8-wo"},
+    {"quantize": "int8"},
+    {"quantize": "int8", "prune_mlp": 0.05},
+    {"quantize": "int8", "prune_mlp": 0.1},
+    {"quantize": "int8", "prune_mlp": 0.2},
+]
+GPU_GEN_SETTINGS = [
+    {"quantize": "none"},
+    {"quantize": "none", "prune_mlp": 0.1},
+    {"quantize": "fp8"},
+    {"quantize": "fp8", "prune_mlp": 0.05},
+    {"quantize": "fp8", "prune_mlp": 0.1},
+    {"quantize": "int8-wo"},
+]
+CLS_SETTINGS = [
+    {"quantize": "none"},
+    {"quantize": "int8"},
+    {"quantize": "int8", "prune_mlp": 0.1},
+    {"quantize": "int8", "prune_mlp": 0.25},
+]
+GPU_CLS_SETTINGS = [{"quantize": "none"}, {"quantize": "fp8"}, {"quantize": "fp8", "prune_mlp": 0.1}]
+
+
+def spec_of(setting: dict, eval_tokens: int, calib_tokens: int) -> CompressionSpec:
+    base = default_spec(setting["quantize"], setting.get("prune_mlp", 0.0))
+    return base.model_copy(update={**setting, "eval_tokens": eval_tokens, "calib_tokens": calib_tokens})
+
+
+def fresh_llama(loaded: LoadedCausalLM, device: torch.device, dtype: torch.dtype) -> Llama:
+    memo: dict[int, torch.Tensor] = {}  # clone, keeping tied tensors tied
+    sd = {k: memo.setdefault(id(v), v.to(dtype).clone()) for k, v in loaded.state_dict.items()}
+    return Llama.from_hf(loaded.config, sd).to(device)
+
+
+async def _timed_generate(llm: AsyncLLM, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
+    """(time to first token, time of the rest, tokens) for one greedy request."""
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    async for chunk in llm.generate(prompt, SamplingParams(max_tokens=max_tokens), f"bench-{start}"):
+        if first is None:
+            first = time.perf_counter()
+        tokens = chunk.completion_tokens
+    end = time.perf_counter()
+    assert first is not None
+    return first - start, end - first, tokens
+
+
+async def engine_speed(model: Llama, loaded: LoadedCausalLM, device: torch.device, dtype: torch.dtype, args) -> dict:
+    config = EngineConfig(max_num_seqs=16, max_batched_tokens=4096, kv_cache_tokens=16384, max_model_len=4096)
+    llm = AsyncLLM(LLMEngine(model, loaded.tokenizer, device, dtype, config))
+    llm.start()
+    try:
+        ids = loaded.tokenizer(calib.read_text(calib.EVAL_TEXT), add_special_tokens=False)["input_ids"]
+        await _timed_generate(llm, ids[:32], 4)  # warm up
+        prefill = [(await _timed_generate(llm, ids[i * 64 : i * 64 + 512], 1))[0] for i in range(args.repeats)]
+        decode = []
+        for i in range(args.repeats):
+            _, rest, n = await _timed_generate(llm, ids[i * 16 : i * 16 + 16], args.decode_tokens)
+            decode.append((n - 1) / rest)
+        start = time.perf_counter()
+        results = await asyncio.gather(
+            *(_timed_generate(llm, ids[i * 16 : i * 16 + 16], args.decode_tokens) for i in range(8))
+        )
+        batch8 = sum(n for _, _, n in results) / (time.perf_counter() - start)
+    finally:
+        llm.stop()
+    return {
+        "prefill_512_ms": round(1000 * statistics.median(prefill), 2),
+        "decode_tok_s": round(statistics.median(decode), 2),
+        "decode_8_streams_tok_s": round(batch8, 2),
+    }
+
+
+def gen_rows(args, device: torch.device, dtype: torch.dtype, settings: list[dict]) -> list[dict]:
+    loaded = load_causal_lm(args.gen_model, args.cache_dir, dtype, args.tokenizer)
+    windows = calib.token_windows(loaded.tokenizer, calib.read_text(calib.EVAL_TEXT), args.eval_tokens, 256)
+    rows = []
+    for setting in settings:
+        spec = spec_of(setting, args.eval_tokens, args.calib_tokens)
+        model = fresh_llama(loaded, device, dtype)
+        before = weight_bytes(model)
+        if spec.is_identity:
+            start = time.perf_counter()
+            ref = evaluate_lm(model, windows)
+            fid = {"perplexity_after": ref.perplexity, "top1_agreement": 1.0, "eval_tokens": float(ref.tokens)}
+            seconds = time.perf_counter() - start
+            after = before
+        else:
+            model, report = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, None)
+            fid, seconds, after = report.fidelity, report.seconds, report.weight_bytes_after
+        row = {
+            "setting": setting,
+            "spec": spec.model_dump(mode="json"),
+            "perplexity": round(fid["perplexity_after"], 4),
+            "perplexity_change": round(fid.get("perplexity_change", 0.0), 4),
+            "top1_agreement": round(fid["top1_agreement"], 4),
+            "eval_tokens": int(fid["eval_tokens"]),
+            "weight_bytes_before": before,
+            "weight_bytes_after": after,
+            "weight_bytes_cut": round(1 - after / before, 4),
+            "compress_seconds": round(seconds, 1),
+            **asyncio.run(engine_speed(model, loaded, device, dtype, args)),
+        }
+        logging.info("generate %s", row)
+        rows.append(row)
+        del model
+    return rows
+
+
+def cls_rows(args, device: torch.device, dtype: torch.dtype, settings: list[dict]) -> list[dict]:
+    original = load_encoder(args.cls_model, args.cache_dir, dtype, None)
+    original.model.to(device)
+    texts, gold, descriptions = calib.read_intents()
+    rows = []
+    for setting in settings:
+        spec = spec_of(setting, args.eval_tokens, args.calib_tokens)
+        encoder = LoadedEncoder(copy.deepcopy(original.model), original.tokenizer, original.id2label, original.source)
+        before = weight_bytes(encoder.model)
+        if spec.is_identity:
+            ref = evaluate_encoder(Classifier(encoder, device).embed, texts, gold, descriptions)
+            fid = {"embedding_cosine": 1.0, "label_agreement": 1.0, "accuracy_after": ref.accuracy}
+            after = before
+        else:
+            report = compress_encoder(encoder, spec, None, lambda enc: Classifier(enc, device).embed)
+            fid, after = report.fidelity, report.weight_bytes_after
+        clf = Classifier(encoder, device)
+        clf.embed(texts[:32])
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for i in range(0, len(texts), 32):
+                clf.embed(texts[i : i + 32])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        row = {
+            "setting": setting,
+            "spec": spec.model_dump(mode="json"),
+            "embedding_cosine": round(fid["embedding_cosine"], 5),
+            "label_agreement": round(fid["label_agreement"], 4),
+            "accuracy": round(fid["accuracy_after"], 4),
+            "weight_bytes_before": before,
+            "weight_bytes_after": after,
+            "weight_bytes_cut": round(1 - after / before, 4),
+            "classify_texts_s": round(len(texts) / statistics.median(times), 1),
+        }
+        logging.info("classify %s", row)
+        rows.append(row)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"### {result['device']} — {result['date']}",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"Generation model `{result['gen_model']}`, {result['dtype']}:",
+        "",
+        "| setting | ppl | Δppl | top-1 agree | weights MiB (cut) | decode tok/s | 8-stream tok/s | prefill 512 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["generate"]:
+        lines.append(
+            f"| {_name(r['setting'])} | {r['perplexity']:.2f} | {100 * r['perplexity_change']:+.1f}% | "
+            f"{100 * r['top1_agreement']:.1f}% | {r['weight_bytes_after'] / 2**20:.0f} "
+            f"(-{100 * r['weight_bytes_cut']:.0f}%) | {r['decode_tok_s']:.1f} | {r['decode_8_streams_tok_s']:.1f} | "
+            f"{r['prefill_512_ms']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Classification model `{result['cls_model']}`:",
+        "",
+        "| setting | emb. cosine | label agree | accuracy | weights MiB (cut) | texts/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["classify"]:
+        lines.append(
+            f"| {_name(r['setting'])} | {r['embedding_cosine']:.4f} | {100 * r['label_agreement']:.1f}% | "
+            f"{100 * r['accuracy']:.1f}% | {r['weight_bytes_after'] / 2**20:.1f} (-{100 * r['weight_bytes_cut']:.0f}%) "
+            f"| {r['classify_texts_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _name(setting: dict) -> str:
+    prune = setting.get("prune_mlp", 0.0)
+    return setting["quantize"] + (f" + prune {int(100 * prune)}%" if prune else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--gen-model", default="default")
+    parser.add_argument("--cls-model", default="default")
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lowlat-server")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity/agreement")
+    parser.add_argument("--calib-tokens", type=int, default=4096)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["generate", "classify"], default=None)
+    parser.add_argument("--settings", type=json.loads, default=None, help="JSON list of generation settings")
+    parser.add_argument("--out", type=Path, required=True, help="JSON output; a .md table is written next to it")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    gpu = device.type == "cuda"
+    result = {
+        "command": "python -m load_tests.compression_table " + " ".join(_argv()),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if gpu else f"CPU {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "gen_model": args.gen_model,
+        "cls_model": args.cls_model,
+        "dtype": str(dtype),
+        "random_weights_note": "dummy:* models have random weights: only speed, bytes and agreement are meaningful",
+        "generate": [],
+        "classify": [],
+    }
+    if args.only in (None, "generate"):
+        result["generate"] = gen_rows(args, device, dtype, args.settings or (GPU_GEN_SETTINGS if gpu else GEN_SETTINGS))
+    if args.only in (None, "classify"):
+        result["classify"] = cls_rows(args, device, dtype, GPU_CLS_SETTINGS if gpu else CLS_SETTINGS)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def _argv() -> list[str]:
+    import sys
+
+    return sys.argv[1:]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""GET /info: what this server runs — models, device, and the startup compression reports."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel
+
+from models.compress import CompressionReport
+from server.routes.common import ready_runtime
+
+router = APIRouter()
+
+
+class ModelInfo(BaseModel):
+    task: str
+    model: str
+    load_seconds: float | None = None
+    compression: CompressionReport | None = None
+
+
+class InfoResponse(BaseModel):
+    device: str
+    models: list[ModelInfo]
+
+
+@router.get("/info", response_model=InfoResponse)
+async def info(request: Request) -> InfoResponse:
+    runtime = ready_runtime(request)
+    models = []
+    for task, entry in runtime.info.items():
+        details = entry if isinstance(entry, dict) else {}
+        models.append(
+            ModelInfo(
+                task=task,
+                model=str(details.get("model", "")),
+                load_seconds=details.get("load_seconds"),
+                compression=runtime.reports.get(task),
+            )
+        )
+    return InfoResponse(device=str(runtime.device), models=models)

@@ -1,0 +1,161 @@
+"""Compression passes (models/quantize.py, prune.py, compress.py) and GET /info, at unit scale: tiny
+dummy models and a few hundred tokens, so the suite stays fast; the full-size table is
+load_tests/compression_table.py."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from engine.classifier import Classifier
+from models.calibration import forward_sequence
+from models.compress import CompressionSpec, compress_causal_lm, compress_encoder, weight_bytes
+from models.llama import Llama
+from models.loader import LoadedEncoder, load_causal_lm, load_encoder
+from models.prune import CHANNEL_ALIGN, kept_width, prune_mlp
+from models.quantize import QuantEmbedding, QuantLinear, smooth_into_norm
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
+
+
+@pytest.mark.parametrize("method", ["int8", "int8-wo", "fp8"])
+@pytest.mark.parametrize("rows", [1, 33])
+def test_quant_linear_close_to_float(method: str, rows: int) -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 96, bias=True)
+    x = torch.randn(rows, 128)
+    q = QuantLinear.from_linear(lin, method)
+    assert q.qweight.dtype == (torch.float8_e4m3fn if method == "fp8" else torch.int8)
+    ref, out = lin(x), q(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < (0.08 if method == "fp8" else 0.02), rel
+
+
+def test_int8_rows_do_not_depend_on_the_batch() -> None:
+    """Per-token activation scales + exact integer accumulation: a request computes the same alone or batched."""
+    torch.manual_seed(0)
+    q = QuantLinear.from_linear(nn.Linear(128, 64), "int8")
+    x = torch.randn(9, 128)
+    batched = q(x)
+    for i in range(9):
+        assert torch.equal(q(x[i : i + 1]), batched[i : i + 1])
+
+
+def test_prune_mlp_shapes_and_least_squares_refit() -> None:
+    torch.manual_seed(0)
+    width, hidden = 256, 32
+    up, gate, down = nn.Linear(hidden, width, bias=False), nn.Linear(hidden, width, bias=False), nn.Linear(width, hidden)
+    h = torch.randn(2048, 16) @ torch.randn(16, width)  # correlated channels: the refit can recover a lot
+    gram = h.double().T @ h.double()
+    keep = kept_width(width, 0.3)
+    assert keep % CHANNEL_ALIGN == 0 and keep < width
+    (new_up, new_gate), refit, idx = prune_mlp([up, gate], down, gram, keep, reconstruct=True)
+    _, sliced, _ = prune_mlp([up, gate], down, gram, keep, reconstruct=False)
+    assert new_up.weight.shape == (keep, hidden) and new_gate.weight.shape == (keep, hidden)
+    assert refit.weight.shape == (hidden, keep) and torch.equal(refit.bias, down.bias)
+    assert torch.equal(new_up.weight, up.weight[idx]) and idx.numel() == keep
+    with torch.no_grad():
+        ref = down(h)
+        err_refit = (refit(h[:, idx]) - ref).norm()
+        err_sliced = (sliced(h[:, idx]) - ref).norm()
+    assert err_refit < 0.5 * err_sliced
+
+
+def test_smoothing_is_exact_before_quantization() -> None:
+    torch.manual_seed(0)
+    norm_w = torch.rand(64) + 0.5
+    lins = [nn.Linear(64, 32, bias=False) for _ in range(2)]
+    x = torch.randn(10, 64) * torch.linspace(0.1, 20, 64)  # outlier channels
+    before = [lin(x * norm_w) for lin in lins]
+    smooth_into_norm(norm_w, lins, x.abs().amax(0), alpha=0.5)
+    with torch.no_grad():
+        for lin, ref in zip(lins, before, strict=True):
+            torch.testing.assert_close(lin(x * norm_w), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
+    path = tmp_path_factory.mktemp("tiny") / "config.json"
+    path.write_text(json.dumps(TINY_LLAMA))
+    return load_causal_lm(f"dummy:{path}", cache_dir, torch.float32)
+
+
+def _fresh(loaded) -> Llama:
+    memo: dict[int, torch.Tensor] = {}
+    return Llama.from_hf(loaded.config, {k: memo.setdefault(id(v), v.clone()) for k, v in loaded.state_dict.items()})
+
+
+def test_compress_causal_lm_report_and_cache(tiny_lm, tmp_path: Path) -> None:
+    spec = CompressionSpec(quantize="int8", prune_mlp=0.25, smooth_alpha=0.5, calib_tokens=256, eval_tokens=128)
+    uncompressed = _fresh(tiny_lm)
+    before = weight_bytes(uncompressed)
+    model, report = compress_causal_lm(uncompressed, tiny_lm.config, tiny_lm.tokenizer, spec, tiny_lm.source, tmp_path)
+    assert not report.cached
+    assert report.intermediate_sizes == [192, 192]
+    assert [layer.mlp.down_proj.in_features for layer in model.layers] == [192, 192]
+    assert report.quantized_layers == 2 * 7 + 2 and report.float_layers == []  # every Linear, lm_head, table
+    assert isinstance(model.embed_tokens, QuantEmbedding)  # tied table stored once, in int8
+    assert report.weight_bytes_before == before and report.weight_bytes_cut > 0.7
+    fid = report.fidelity
+    assert set(fid) == {"perplexity_before", "perplexity_after", "perplexity_change", "top1_agreement", "eval_tokens"}
+    assert 0.0 <= fid["top1_agreement"] <= 1.0 and fid["eval_tokens"] > 100
+    ids = torch.arange(100, 140)
+    logits = model.logits(forward_sequence(model, ids))
+    assert torch.isfinite(logits).all()
+
+    cached, again = compress_causal_lm(_fresh(tiny_lm), tiny_lm.config, tiny_lm.tokenizer, spec, tiny_lm.source, tmp_path)
+    assert again.cached and again.fidelity == report.fidelity
+    assert [layer.mlp.down_proj.in_features for layer in cached.layers] == [192, 192]
+    torch.testing.assert_close(cached.logits(forward_sequence(cached, ids)), logits, rtol=0, atol=0)
+
+
+def test_compress_encoder_report_and_cache(cache_dir: Path, tmp_path: Path) -> None:
+    original = load_encoder("dummy:minilm-l6", cache_dir, torch.float32)
+    spec = CompressionSpec(quantize="int8", prune_mlp=0.25)
+
+    def embedder(enc: LoadedEncoder):
+        return Classifier(enc, "cpu").embed
+
+    def fresh() -> LoadedEncoder:
+        return LoadedEncoder(copy.deepcopy(original.model), original.tokenizer, None, original.source)
+
+    first = fresh()
+    report = compress_encoder(first, spec, tmp_path, embedder)
+    assert report.intermediate_sizes == [1152] * 6 and report.weight_bytes_cut > 0.6
+    assert {"embedding_cosine", "label_agreement", "accuracy_before", "accuracy_after"} <= set(report.fidelity)
+    assert 0.9 < report.fidelity["embedding_cosine"] <= 1.0 + 1e-6
+    second = fresh()
+    again = compress_encoder(second, spec, tmp_path, embedder)
+    assert again.cached
+    texts = ["where is my parcel", "I was charged twice"]
+    torch.testing.assert_close(embedder(second)(texts), embedder(first)(texts), rtol=0, atol=0)
+
+
+async def test_info_serves_the_compression_reports(client) -> None:
+    r = await client.get("/info")
+    assert r.status_code == 200, r.text
+    models = {m["task"]: m for m in r.json()["models"]}
+    assert set(models) == {"generate", "classify"}
+    gen = models["generate"]["compression"]
+    assert gen["spec"]["quantize"] == "int8" and gen["weight_bytes_cut"] >= 0.4
+    assert gen["fidelity"]["top1_agreement"] > 0.8 and gen["fidelity"]["perplexity_change"] < 0.05
+    cls = models["classify"]["compression"]
+    assert cls["spec"]["quantize"] == "int8" and cls["fidelity"]["label_agreement"] >= 0.95
