@@ -253,8 +253,9 @@ def main() -> None:
     result = {
         "command": "python -m load_tests.compression_table " + " ".join(_argv()),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if gpu else f"CPU {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads",
+        "device": torch.cuda.get_device_name(device)
+        if gpu
+        else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "gen_model": args.gen_model,
         "cls_model": args.cls_model,

@@ -72,9 +72,7 @@ class Calibration:
     tokens: int = 0
 
 
-def collect(
-    model: nn.Module, batches: Iterable[object], run: object, gram_for: Iterable[str] = ()
-) -> Calibration:
+def collect(model: nn.Module, batches: Iterable[object], run: object, gram_for: Iterable[str] = ()) -> Calibration:
     """Run ``run(model, batch)`` over ``batches`` with hooks on every nn.Linear; returns input statistics.
 
     ``gram_for``: qualified names of Linear layers whose input Gram matrix is needed (pruning).
@@ -82,7 +80,7 @@ def collect(
     calib = Calibration()
     wanted = set(gram_for)
 
-    def hook_for(name: str):  # noqa: ANN202 - torch hook signature
+    def hook_for(name: str):
         def hook(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             s = calib.stats.get(name)

@@ -31,8 +31,14 @@ from models.fidelity import encoder_agreement, evaluate_encoder, evaluate_lm, to
 from models.llama import Llama, ModelArgs, rope_tables
 from models.loader import LoadedEncoder
 from models.prune import kept_width, prune_mlp
-from models.quantize import QuantEmbedding, QuantMethod, install_quant_modules, quantize_modules
-from models.quantize import smooth_into_linear, smooth_into_norm
+from models.quantize import (
+    QuantEmbedding,
+    QuantMethod,
+    install_quant_modules,
+    quantize_modules,
+    smooth_into_linear,
+    smooth_into_norm,
+)
 
 log = logging.getLogger("models.compress")
 

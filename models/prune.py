@@ -35,9 +35,9 @@ def channel_scores(down: nn.Linear, gram: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def prune_mlp(ups: list[nn.Linear], down: nn.Linear, gram: Tensor, keep: int, reconstruct: bool) -> tuple[
-    list[nn.Linear], nn.Linear, Tensor
-]:
+def prune_mlp(
+    ups: list[nn.Linear], down: nn.Linear, gram: Tensor, keep: int, reconstruct: bool
+) -> tuple[list[nn.Linear], nn.Linear, Tensor]:
     """New (ups, down) keeping the ``keep`` highest-scoring intermediate channels, and their indices."""
     width = down.in_features
     if keep >= width:

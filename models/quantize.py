@@ -53,7 +53,8 @@ class QuantLinear(nn.Module):
         if method not in ("int8", "int8-wo", "fp8"):
             raise ValueError(f"unknown quantization method {method!r}")
         self.in_features, self.out_features, self.method = in_features, out_features, method
-        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=_storage_dtype(method), device=device))
+        qweight = torch.empty(out_features, in_features, dtype=_storage_dtype(method), device=device)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
         self._scale_bf16: Tensor | None = None

@@ -10,7 +10,6 @@ import torch
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 DEFAULT_GEN_PRUNE = 0.0
 DEFAULT_CLS_PRUNE = 0.0
 

@@ -62,7 +62,8 @@ def test_int8_rows_do_not_depend_on_the_batch() -> None:
 def test_prune_mlp_shapes_and_least_squares_refit() -> None:
     torch.manual_seed(0)
     width, hidden = 256, 32
-    up, gate, down = nn.Linear(hidden, width, bias=False), nn.Linear(hidden, width, bias=False), nn.Linear(width, hidden)
+    up, gate = nn.Linear(hidden, width, bias=False), nn.Linear(hidden, width, bias=False)
+    down = nn.Linear(width, hidden)
     h = torch.randn(2048, 16) @ torch.randn(16, width)  # correlated channels: the refit can recover a lot
     gram = h.double().T @ h.double()
     keep = kept_width(width, 0.3)
@@ -121,7 +122,8 @@ def test_compress_causal_lm_report_and_cache(tiny_lm, tmp_path: Path) -> None:
     logits = model.logits(forward_sequence(model, ids))
     assert torch.isfinite(logits).all()
 
-    cached, again = compress_causal_lm(_fresh(tiny_lm), tiny_lm.config, tiny_lm.tokenizer, spec, tiny_lm.source, tmp_path)
+    lm = tiny_lm
+    cached, again = compress_causal_lm(_fresh(lm), lm.config, lm.tokenizer, spec, lm.source, tmp_path)
     assert again.cached and again.fidelity == report.fidelity
     assert [layer.mlp.down_proj.in_features for layer in cached.layers] == [192, 192]
     torch.testing.assert_close(cached.logits(forward_sequence(cached, ids)), logits, rtol=0, atol=0)
