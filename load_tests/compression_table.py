@@ -150,7 +150,7 @@ def gen_rows(args, device: torch.device, dtype: torch.dtype, settings: list[dict
 
 
 def cls_rows(args, device: torch.device, dtype: torch.dtype, settings: list[dict]) -> list[dict]:
-    original = load_encoder(args.cls_model, args.cache_dir, dtype, None)
+    original = load_encoder(args.cls_model, args.cache_dir, dtype, args.cls_tokenizer)
     original.model.to(device)
     texts, gold, descriptions = calib.read_intents()
     rows = []
@@ -235,7 +235,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gen-model", default="default")
     parser.add_argument("--cls-model", default="default")
-    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir for dummy generation models")
+    parser.add_argument("--cls-tokenizer", default=None, help="tokenizer dir for dummy encoders")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lowlat-server")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity/agreement")
     parser.add_argument("--calib-tokens", type=int, default=4096)
@@ -246,6 +248,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON output; a .md table is written next to it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ from models import calibration as calib
 from models.fidelity import encoder_agreement, evaluate_encoder, evaluate_lm, top1_agreement
 from models.llama import Llama, ModelArgs, rope_tables
 from models.loader import LoadedEncoder
-from models.prune import kept_width, prune_mlp
+from models.prune import allocate_widths, prune_mlp
 from models.quantize import (
     QuantEmbedding,
     QuantMethod,
@@ -53,6 +53,9 @@ class CompressionSpec(BaseModel):
 
     quantize: QuantMethod = "none"
     prune_mlp: float = Field(0.0, ge=0.0, lt=1.0, description="share of MLP intermediate channels removed")
+    prune_allocation: Literal["uniform", "global"] = Field(
+        "global", description="same share in every layer, or the globally least important channels"
+    )
     reconstruct: bool = Field(True, description="least-squares refit of the pruned down projections")
     smooth_alpha: float | None = Field(None, ge=0.0, le=1.0, description="SmoothQuant migration strength")
     keep_float: tuple[str, ...] = Field((), description="glob patterns of Linear layers left unquantized")
@@ -137,14 +140,19 @@ def compress_causal_lm(
         )
         grams = [f"layers.{i}.mlp.down_proj" for i in range(len(model.layers))] if spec.prune_mlp > 0 else []
         stats = calib.collect(model, windows, calib.forward_sequence, gram_for=grams).stats
+    widths = [layer.mlp.down_proj.in_features for layer in model.layers]
+    if spec.prune_mlp > 0:
+        assert stats is not None
+        downs = [layer.mlp.down_proj for layer in model.layers]
+        widths = allocate_widths(downs, [stats[n].gram for n in grams], spec.prune_mlp, spec.prune_allocation)
     for i, layer in enumerate(model.layers):
         mlp = layer.mlp
         down_absmax = stats[f"layers.{i}.mlp.down_proj"].absmax if stats else None
-        if spec.prune_mlp > 0:
+        if widths[i] < mlp.down_proj.in_features:
             assert stats is not None
             gram = stats[f"layers.{i}.mlp.down_proj"].gram
             assert gram is not None
-            keep = kept_width(mlp.down_proj.in_features, spec.prune_mlp)
+            keep = widths[i]
             (mlp.gate_proj, mlp.up_proj), mlp.down_proj, idx = prune_mlp(
                 [mlp.gate_proj, mlp.up_proj], mlp.down_proj, gram, keep, spec.reconstruct
             )
@@ -237,12 +245,14 @@ def compress_encoder(
             enc = encoder.tokenizer(line, return_tensors="pt", truncation=True, max_length=128)
             m(**{k: v.to(dev) for k, v in enc.items()})
 
-        stats = calib.collect(model, lines, run, gram_for=[f"{n}.output.dense" for n, _ in mlps]).stats
-        for name, layer in mlps:
+        grams = [f"{n}.output.dense" for n, _ in mlps]
+        stats = calib.collect(model, lines, run, gram_for=grams).stats
+        downs = [layer.output.dense for _, layer in mlps]
+        widths = allocate_widths(downs, [stats[n].gram for n in grams], spec.prune_mlp, spec.prune_allocation)
+        for (name, layer), keep in zip(mlps, widths, strict=True):
             inter, out = layer.intermediate, layer.output
             gram = stats[f"{name}.output.dense"].gram
             assert gram is not None
-            keep = kept_width(out.dense.in_features, spec.prune_mlp)
             (inter.dense,), out.dense, _ = prune_mlp([inter.dense], out.dense, gram, keep, spec.reconstruct)
         del stats
     names = quantize_modules(model, spec.quantize, keep=lambda n: _matches(n, spec.keep_float))

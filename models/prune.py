@@ -6,7 +6,8 @@ Score: the output energy the channel carries on calibration text, E[h_j²]·‖W
 with large weights but idle activations go first, unlike a weight-norm score, which was measured to
 break SmolLM2). Optionally the down projection is refit by least squares on the calibration Gram
 matrix G = HᵀH so the kept channels absorb what the removed ones contributed:
-W' = W·G[:, k]·(G[k, k] + λI)⁻¹.
+W'_k = W_k + W_r·G[r, k]·(G[k, k] + λI)⁻¹ — the ridge shrinks the correction toward plain slicing, not
+the weights toward zero (a few thousand calibration tokens barely outnumber the channels).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from torch import Tensor, nn
 
 CHANNEL_ALIGN = 64
 """Kept widths are multiples of this: aligned GEMMs are faster and the CPU int8 kernel requires it."""
-RIDGE = 1e-3
-"""Ridge term of the least-squares refit, relative to the mean diagonal of G[k, k]."""
+RIDGE = 1.0
+"""Ridge term of the refit relative to the mean diagonal of G[k, k]; measured on SmolLM2-135M (4% pruned,
++ppl): 1e-3 +15.6%, 1.0 +10.0%, no refit +12.3%."""
 
 
 def kept_width(width: int, ratio: float) -> int:
@@ -36,7 +38,7 @@ def channel_scores(down: nn.Linear, gram: Tensor) -> Tensor:
 
 @torch.no_grad()
 def prune_mlp(
-    ups: list[nn.Linear], down: nn.Linear, gram: Tensor, keep: int, reconstruct: bool
+    ups: list[nn.Linear], down: nn.Linear, gram: Tensor, keep: int, reconstruct: bool, ridge: float = RIDGE
 ) -> tuple[list[nn.Linear], nn.Linear, Tensor]:
     """New (ups, down) keeping the ``keep`` highest-scoring intermediate channels, and their indices."""
     width = down.in_features
@@ -53,15 +55,35 @@ def prune_mlp(
     w = down.weight.detach()
     dev = w.device
     new_down = nn.Linear(keep, down.out_features, bias=down.bias is not None, device=dev, dtype=w.dtype)
+    ik = idx.to(dev)
+    new_down.weight.copy_(w[:, ik])
     if reconstruct:
         g = gram.to(device=dev, dtype=torch.float64)
-        ik = idx.to(dev)
+        removed = torch.ones(width, dtype=torch.bool, device=dev)
+        removed[ik] = False
         gkk = g[ik][:, ik]
-        gkk = gkk + torch.eye(keep, device=dev, dtype=torch.float64) * (RIDGE * gkk.diagonal().mean())
-        rhs = g[ik] @ w.double().T  # [keep, out] = G[k, :]·Wᵀ
-        new_down.weight.copy_(torch.linalg.solve(gkk, rhs).T.to(w.dtype))
-    else:
-        new_down.weight.copy_(w[:, idx.to(dev)])
+        gkk = gkk + torch.eye(keep, device=dev, dtype=torch.float64) * (ridge * gkk.diagonal().mean())
+        rhs = g[ik][:, removed] @ w[:, removed].double().T  # [keep, out] = G[k, r]·W_rᵀ
+        new_down.weight.add_(torch.linalg.solve(gkk, rhs).T.to(w.dtype))
     if down.bias is not None:
         new_down.bias.copy_(down.bias)
     return new_ups, new_down, idx
+
+
+def allocate_widths(downs: list[nn.Linear], grams: list[Tensor], ratio: float, allocation: str) -> list[int]:
+    """Kept width per layer. ``uniform``: the same share everywhere. ``global``: each channel is scored
+    relative to its layer's total output energy and the ``ratio`` lowest across all layers go, so layers
+    whose channels all matter keep their width (rounded down to CHANNEL_ALIGN per layer)."""
+    widths = [d.in_features for d in downs]
+    if allocation == "uniform" or ratio == 0.0:
+        return [kept_width(w, ratio) for w in widths]
+    rel = [(s := channel_scores(d, g)) / s.sum().clamp(min=1e-12) for d, g in zip(downs, grams, strict=True)]
+    pooled = torch.cat([r.cpu() for r in rel])
+    n_remove = int(ratio * pooled.numel())
+    if n_remove == 0:
+        return widths
+    threshold = pooled.kthvalue(n_remove).values
+    return [
+        max(CHANNEL_ALIGN, w - int((r.cpu() <= threshold).sum()) // CHANNEL_ALIGN * CHANNEL_ALIGN)
+        for w, r in zip(widths, rel, strict=True)
+    ]

@@ -102,10 +102,14 @@ class QuantLinear(nn.Module):
         return (acc * a * self.scale).to(x.dtype)
 
     def _fp8(self, x: Tensor) -> Tensor:
+        rows = x.shape[0]
+        if x.device.type == "cuda" and rows % 16:  # cuBLASLt fp8 GEMMs want 16-aligned dimensions
+            x = F.pad(x, (0, 0, 0, 16 - rows % 16))
         a = x.abs().amax(dim=-1, keepdim=True).float().clamp_(min=1e-12).div_(FP8_MAX)
         xq = (x.float() / a).to(torch.float8_e4m3fn)
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
-        return torch._scaled_mm(xq, self.qweight.t(), scale_a=a, scale_b=self.scale.view(1, -1), out_dtype=out_dtype)
+        out = torch._scaled_mm(xq, self.qweight.t(), scale_a=a, scale_b=self.scale.view(1, -1), out_dtype=out_dtype)
+        return out[:rows]
 
 
 class QuantEmbedding(nn.Module):
