@@ -105,7 +105,9 @@ def _fresh(loaded) -> Llama:
 
 
 def test_compress_causal_lm_report_and_cache(tiny_lm, tmp_path: Path) -> None:
-    spec = CompressionSpec(quantize="int8", prune_mlp=0.25, smooth_alpha=0.5, calib_tokens=256, eval_tokens=128)
+    spec = CompressionSpec(
+        quantize="int8", prune_mlp=0.25, prune_allocation="uniform", smooth_alpha=0.5, calib_tokens=256, eval_tokens=128
+    )
     uncompressed = _fresh(tiny_lm)
     before = weight_bytes(uncompressed)
     model, report = compress_causal_lm(uncompressed, tiny_lm.config, tiny_lm.tokenizer, spec, tiny_lm.source, tmp_path)
@@ -131,7 +133,7 @@ def test_compress_causal_lm_report_and_cache(tiny_lm, tmp_path: Path) -> None:
 
 def test_compress_encoder_report_and_cache(cache_dir: Path, tmp_path: Path) -> None:
     original = load_encoder("dummy:minilm-l6", cache_dir, torch.float32)
-    spec = CompressionSpec(quantize="int8", prune_mlp=0.25)
+    spec = CompressionSpec(quantize="int8", prune_mlp=0.25, prune_allocation="uniform")
 
     def embedder(enc: LoadedEncoder):
         return Classifier(enc, "cpu").embed
