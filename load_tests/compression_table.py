@@ -38,32 +38,35 @@ from models.loader import LoadedCausalLM, LoadedEncoder, load_causal_lm, load_en
 
 GEN_SETTINGS = [
     {"quantize": "none"},
-    {"quantize": "none", "prune_mlp": 0.1},
+    {"quantize": "none", "prune_mlp": 0.01},
+    {"quantize": "none", "prune_mlp": 0.04, "prune_allocation": "uniform"},
     {"quantize": "int8-wo"},
+    {"quantize": "int8", "smooth_alpha": None},
     {"quantize": "int8"},
-    {"quantize": "int8", "prune_mlp": 0.05},
-    {"quantize": "int8", "prune_mlp": 0.1},
-    {"quantize": "int8", "prune_mlp": 0.2},
+    {"quantize": "int8", "keep_float": ["lm_head"]},
+    {"quantize": "int8", "prune_mlp": 0.01},
+    {"quantize": "int8", "prune_mlp": 0.02},
 ]
+"""CPU rows; settings not named take the defaults of models.compress.default_spec (int8: smooth_alpha 0.5,
+global allocation, least-squares refit)."""
 GPU_GEN_SETTINGS = [
     {"quantize": "none"},
-    {"quantize": "none", "prune_mlp": 0.1},
     {"quantize": "fp8"},
     {"quantize": "fp8", "prune_mlp": 0.05},
-    {"quantize": "fp8", "prune_mlp": 0.1},
-    {"quantize": "int8-wo"},
+    {"quantize": "none", "prune_mlp": 0.05},
 ]
 CLS_SETTINGS = [
     {"quantize": "none"},
     {"quantize": "int8"},
+    {"quantize": "int8", "prune_mlp": 0.05},
     {"quantize": "int8", "prune_mlp": 0.1},
     {"quantize": "int8", "prune_mlp": 0.25},
 ]
 GPU_CLS_SETTINGS = [{"quantize": "none"}, {"quantize": "fp8"}, {"quantize": "fp8", "prune_mlp": 0.1}]
 
 
-def spec_of(setting: dict, eval_tokens: int, calib_tokens: int) -> CompressionSpec:
-    base = default_spec(setting["quantize"], setting.get("prune_mlp", 0.0))
+def spec_of(setting: dict, eval_tokens: int, calib_tokens: int, task: str = "generate") -> CompressionSpec:
+    base = default_spec(setting["quantize"], setting.get("prune_mlp", 0.0), task)  # type: ignore[arg-type]
     return base.model_copy(update={**setting, "eval_tokens": eval_tokens, "calib_tokens": calib_tokens})
 
 
@@ -155,7 +158,7 @@ def cls_rows(args, device: torch.device, dtype: torch.dtype, settings: list[dict
     texts, gold, descriptions = calib.read_intents()
     rows = []
     for setting in settings:
-        spec = spec_of(setting, args.eval_tokens, args.calib_tokens)
+        spec = spec_of(setting, args.eval_tokens, args.calib_tokens, "classify")
         encoder = LoadedEncoder(copy.deepcopy(original.model), original.tokenizer, original.id2label, original.source)
         before = weight_bytes(encoder.model)
         if spec.is_identity:
@@ -226,8 +229,9 @@ def markdown(result: dict) -> str:
 
 
 def _name(setting: dict) -> str:
+    extras = [f"{k}={v}" for k, v in setting.items() if k not in ("quantize", "prune_mlp")]
     prune = setting.get("prune_mlp", 0.0)
-    return setting["quantize"] + (f" + prune {int(100 * prune)}%" if prune else "")
+    return setting["quantize"] + (f" + prune {100 * prune:g}%" if prune else "") + "".join(f", {e}" for e in extras)
 
 
 def main() -> None:
@@ -245,6 +249,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", choices=["generate", "classify"], default=None)
     parser.add_argument("--settings", type=json.loads, default=None, help="JSON list of generation settings")
+    parser.add_argument("--cls-settings", type=json.loads, default=None, help="JSON list of classifier settings")
     parser.add_argument("--out", type=Path, required=True, help="JSON output; a .md table is written next to it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -271,7 +276,9 @@ def main() -> None:
     if args.only in (None, "generate"):
         result["generate"] = gen_rows(args, device, dtype, args.settings or (GPU_GEN_SETTINGS if gpu else GEN_SETTINGS))
     if args.only in (None, "classify"):
-        result["classify"] = cls_rows(args, device, dtype, GPU_CLS_SETTINGS if gpu else CLS_SETTINGS)
+        result["classify"] = cls_rows(
+            args, device, dtype, args.cls_settings or (GPU_CLS_SETTINGS if gpu else CLS_SETTINGS)
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(markdown(result))

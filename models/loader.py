@@ -157,10 +157,13 @@ def load_encoder(spec: str, cache_dir: Path, dtype: torch.dtype, tokenizer: str 
             torch.manual_seed(DUMMY_SEED)
             model = auto_cls.from_config(config)
         model = model.to(dtype)
-        default_tokenizer_dir = embedded_encoder_dir()
+        default_tokenizer_dir = None  # the embedded encoder's, looked up only without an override
     model.eval()
 
-    tok = load_tokenizer(tokenizer, cache_dir) if tokenizer is not None else _tokenizer_from_dir(default_tokenizer_dir)
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer, cache_dir)
+    else:
+        tok = _tokenizer_from_dir(default_tokenizer_dir or embedded_encoder_dir())
     id2label = {int(k): str(v) for k, v in model.config.id2label.items()} if has_head else None
     logger.info(
         "loaded encoder %s: %s%s in %.2f s",

@@ -78,7 +78,7 @@ class Runtime:
             start = time.perf_counter()
             encoder = load_encoder(settings.cls_model, settings.cache_dir, dtype, None)
             encoder.model.to(device)
-            spec = default_spec(settings.quantize_method("cls"), settings.cls_prune)
+            spec = default_spec(settings.quantize_method("cls"), settings.cls_prune, "classify")
             cache = settings.cache_dir if settings.compress_cache else None
 
             def embedder(enc: LoadedEncoder) -> Callable[[list[str]], torch.Tensor]:
