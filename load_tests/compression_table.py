@@ -195,37 +195,38 @@ def cls_rows(args, device: torch.device, dtype: torch.dtype, settings: list[dict
 
 
 def markdown(result: dict) -> str:
-    lines = [
-        f"### {result['device']} — {result['date']}",
-        "",
-        f"`{result['command']}`",
-        "",
-        f"Generation model `{result['gen_model']}`, {result['dtype']}:",
-        "",
-        "| setting | ppl | Δppl | top-1 agree | weights MiB (cut) | decode tok/s | 8-stream tok/s | prefill 512 ms |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["generate"]:
-        lines.append(
-            f"| {_name(r['setting'])} | {r['perplexity']:.2f} | {100 * r['perplexity_change']:+.1f}% | "
-            f"{100 * r['top1_agreement']:.1f}% | {r['weight_bytes_after'] / 2**20:.0f} "
-            f"(-{100 * r['weight_bytes_cut']:.0f}%) | {r['decode_tok_s']:.1f} | {r['decode_8_streams_tok_s']:.1f} | "
-            f"{r['prefill_512_ms']:.0f} |"
-        )
-    lines += [
-        "",
-        f"Classification model `{result['cls_model']}`:",
-        "",
-        "| setting | emb. cosine | label agree | accuracy | weights MiB (cut) | texts/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in result["classify"]:
-        lines.append(
-            f"| {_name(r['setting'])} | {r['embedding_cosine']:.4f} | {100 * r['label_agreement']:.1f}% | "
-            f"{100 * r['accuracy']:.1f}% | {r['weight_bytes_after'] / 2**20:.1f} (-{100 * r['weight_bytes_cut']:.0f}%) "
-            f"| {r['classify_texts_s']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    lines = [f"### {result['device']} — {result['date']}", "", f"`{result['command']}`", ""]
+    if result["generate"]:
+        lines += [
+            f"Generation model `{result['gen_model']}`, {result['dtype']}:",
+            "",
+            "| setting | ppl | Δppl | top-1 agree | weights MiB (cut) | decode tok/s | 8-stream tok/s "
+            "| prefill 512 ms |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["generate"]:
+            lines.append(
+                f"| {_name(r['setting'])} | {r['perplexity']:.2f} | {100 * r['perplexity_change']:+.1f}% | "
+                f"{100 * r['top1_agreement']:.1f}% | {r['weight_bytes_after'] / 2**20:.0f} "
+                f"(-{100 * r['weight_bytes_cut']:.0f}%) | {r['decode_tok_s']:.1f} | "
+                f"{r['decode_8_streams_tok_s']:.1f} | {r['prefill_512_ms']:.0f} |"
+            )
+        lines.append("")
+    if result["classify"]:
+        lines += [
+            f"Classification model `{result['cls_model']}`:",
+            "",
+            "| setting | emb. cosine | label agree | accuracy | weights MiB (cut) | texts/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in result["classify"]:
+            lines.append(
+                f"| {_name(r['setting'])} | {r['embedding_cosine']:.4f} | {100 * r['label_agreement']:.1f}% | "
+                f"{100 * r['accuracy']:.1f}% | {r['weight_bytes_after'] / 2**20:.1f} "
+                f"(-{100 * r['weight_bytes_cut']:.0f}%) | {r['classify_texts_s']:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _name(setting: dict) -> str:
