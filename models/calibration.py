@@ -44,16 +44,15 @@ def token_windows(tokenizer: object, text: str, max_tokens: int, window: int) ->
 
 @torch.inference_mode()
 def forward_sequence(model: Llama, ids: Tensor) -> Tensor:
-    """Final hidden states ``[1, t, hidden]`` of one sequence, through a private contiguous KV cache
-    (slot i = position i), i.e. exactly the engine's attention path without its scheduler."""
+    """Final hidden states ``[1, t, hidden]`` of one sequence, through a private KV cache that is one
+    block of ``t`` slots (slot i = position i): the engine's attention path without its scheduler."""
     a = model.args
-    param = next(model.parameters())
-    dev = param.device
+    dev = model.norm.weight.device
     t = ids.numel()
-    act_dtype = model.norm.weight.dtype
-    cache = torch.zeros(a.num_layers, t, a.num_kv_heads, a.head_dim, device=dev, dtype=act_dtype)
+    cache = torch.zeros(a.num_layers, t, a.num_kv_heads, a.head_dim, device=dev, dtype=model.norm.weight.dtype)
     pos = torch.arange(t, device=dev)
-    meta = AttentionMetadata(pos, pos.unsqueeze(0), (pos.view(1, -1) <= pos.view(-1, 1)).view(1, 1, t, t))
+    causal = (pos.view(1, -1) <= pos.view(-1, 1)).view(1, 1, t, t)
+    meta = AttentionMetadata(pos, torch.zeros(1, 1, dtype=torch.long, device=dev), causal, t)
     return model(ids.to(dev).unsqueeze(0), pos.unsqueeze(0), meta, (cache, cache.clone()))
 
 

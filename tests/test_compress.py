@@ -163,3 +163,10 @@ async def test_info_serves_the_compression_reports(client) -> None:
     assert gen["fidelity"]["top1_agreement"] > 0.8 and gen["fidelity"]["perplexity_change"] < 0.05
     cls = models["classify"]["compression"]
     assert cls["spec"]["quantize"] == "int8" and cls["fidelity"]["label_agreement"] >= 0.95
+
+
+async def test_v1_models_carries_the_compression_report(client) -> None:
+    cards = {c["task"]: c for c in (await client.get("/v1/models")).json()["data"]}
+    for task in ("generate", "classify"):
+        report = cards[task]["details"]["compression"]
+        assert report["task"] == task and report["weight_bytes_after"] < report["weight_bytes_before"]

@@ -101,9 +101,11 @@ async def models(request: Request) -> ModelList:
     cards = []
     for task, model_id in (("generate", runtime.gen_model_id), ("classify", runtime.cls_model_id)):
         if model_id is not None:
-            # Hook: the per-model compression report (Runtime.reports[task] on the compression branch) belongs
-            # in these details once it lands; runtime.info[task] holds the source and load time.
-            cards.append(ModelCard(id=model_id, created=runtime.created, task=task, details=runtime.info.get(task, {})))
+            # runtime.info[task]: source and load time; runtime.reports[task]: the startup compression report.
+            details = dict(runtime.info.get(task, {}))
+            if task in runtime.reports:
+                details["compression"] = runtime.reports[task].model_dump(mode="json")
+            cards.append(ModelCard(id=model_id, created=runtime.created, task=task, details=details))
     return ModelList(data=cards)
 
 
