@@ -34,6 +34,7 @@ from models.prune import allocate_widths, prune_mlp
 from models.quantize import (
     QuantEmbedding,
     QuantMethod,
+    fuse_quantized_projections,
     install_quant_modules,
     quantize_modules,
     smooth_into_linear,
@@ -42,7 +43,7 @@ from models.quantize import (
 
 log = logging.getLogger("models.compress")
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 CALIB_WINDOW = 256  # tokens per calibration / evaluation window (generation)
 
 
@@ -186,6 +187,7 @@ def compress_causal_lm(
     if tied and "lm_head" in names:
         model.embed_tokens = QuantEmbedding.tied_to(model.lm_head, model.norm.weight.dtype)  # type: ignore[arg-type]
         names.append("embed_tokens")
+    fuse_quantized_projections(model)
     if reference is not None:
         after = evaluate_lm(model, eval_windows)
         fidelity = {
@@ -211,6 +213,7 @@ def _load_llama(entry: Path, config: PretrainedConfig, like: Llama) -> Llama:
         model = Llama(args, qkv_bias, plan["intermediate_sizes"])
     model.to(like.norm.weight.dtype)  # float parts in the serving dtype, before quantized modules appear
     install_quant_modules(model, plan["names"], plan["method"])
+    fuse_quantized_projections(model)
     tensors = _load_tensors(entry, plan, dev)
     model.load_state_dict(tensors, strict=True, assign=True)
     model.rope_cos, model.rope_sin = (t.to(dev) for t in rope_tables(args))

@@ -68,6 +68,20 @@ class QuantLinear(nn.Module):
             q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return q
 
+    @classmethod
+    def concat(cls, parts: list[QuantLinear]) -> QuantLinear:
+        """One module computing ``parts`` side by side (they share their input): one activation
+        quantization and one GEMM instead of several, with identical results (scales are per row)."""
+        first = parts[0]
+        out = sum(p.out_features for p in parts)
+        q = cls(first.in_features, out, first.bias is not None, first.method, device="meta")
+        raw = [p.qweight.view(torch.uint8) if p.method == "fp8" else p.qweight for p in parts]
+        q.qweight = torch.cat(raw).view(first.qweight.dtype)
+        q.scale = torch.cat([p.scale for p in parts])
+        if first.bias is not None:
+            q.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)  # type: ignore[misc]
+        return q
+
     def dequantized(self, dtype: torch.dtype) -> Tensor:
         return (self.qweight.to(torch.float32) * self.scale[:, None]).to(dtype)
 
@@ -175,6 +189,19 @@ def install_quant_modules(model: nn.Module, names: list[str], method: str) -> No
             _set(model, name, QuantEmbedding(old.num_embeddings, old.embedding_dim, method, dtype, "meta"))
         else:
             _set(model, name, QuantLinear(old.in_features, old.out_features, old.bias is not None, method, "meta"))
+
+
+def fuse_quantized_projections(model: nn.Module) -> None:
+    """Concatenate quantized q/k/v and gate/up projections into the model's ``qkv_proj`` / ``gate_up_proj``
+    (models/llama.py fuses only plain nn.Linear); layers with any float projection stay as they are."""
+    for layer in getattr(model, "layers", []):
+        attn, mlp = layer.self_attn, layer.mlp
+        parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+        if all(isinstance(p, QuantLinear) for p in parts):
+            attn.qkv_proj, attn.q_proj, attn.k_proj, attn.v_proj = QuantLinear.concat(parts), None, None, None
+        parts = [mlp.gate_proj, mlp.up_proj]
+        if all(isinstance(p, QuantLinear) for p in parts):
+            mlp.gate_up_proj, mlp.gate_proj, mlp.up_proj = QuantLinear.concat(parts), None, None
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

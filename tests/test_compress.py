@@ -59,6 +59,15 @@ def test_int8_rows_do_not_depend_on_the_batch() -> None:
         assert torch.equal(q(x[i : i + 1]), batched[i : i + 1])
 
 
+@pytest.mark.parametrize("method", ["int8", "int8-wo", "fp8"])
+def test_concatenated_quant_linears_compute_the_parts_exactly(method: str) -> None:
+    torch.manual_seed(0)
+    parts = [QuantLinear.from_linear(nn.Linear(64, n), method) for n in (64, 32, 32)]
+    x = torch.randn(5, 64)
+    fused = QuantLinear.concat(parts)
+    assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+
+
 def test_prune_mlp_shapes_and_least_squares_refit() -> None:
     torch.manual_seed(0)
     width, hidden = 256, 32
@@ -116,6 +125,8 @@ def test_compress_causal_lm_report_and_cache(tiny_lm, tmp_path: Path) -> None:
     assert [layer.mlp.down_proj.in_features for layer in model.layers] == [192, 192]
     assert report.quantized_layers == 2 * 7 + 2 and report.float_layers == []  # every Linear, lm_head, table
     assert isinstance(model.embed_tokens, QuantEmbedding)  # tied table stored once, in int8
+    assert isinstance(model.layers[0].self_attn.qkv_proj, QuantLinear)  # one activation quantization for q/k/v
+    assert isinstance(model.layers[0].mlp.gate_up_proj, QuantLinear)
     assert report.weight_bytes_before == before and report.weight_bytes_cut > 0.7
     fid = report.fidelity
     assert set(fid) == {"perplexity_before", "perplexity_after", "perplexity_change", "top1_agreement", "eval_tokens"}
