@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -263,8 +264,9 @@ async def _engine_level(llm: AsyncLLM, prompts: list[list[int]], concurrency: in
     }
 
 
-def engine_level(engine: LLMEngine, vocab: int, levels: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Closed loop at each concurrency; every request runs to 128 tokens (EOS ignored, as HF's min_new_tokens)."""
+def engine_level(engine: LLMEngine, vocab: int, levels: tuple[int, ...], gil_ab: bool) -> list[dict[str, Any]]:
+    """Closed loop at each concurrency; every request runs to 128 tokens (EOS ignored, as HF's min_new_tokens).
+    ``gil_ab``: the top level again with a 0.5 ms GIL switch interval."""
     engine.eos_ids = set()
     model_s = [0.0]
     run = engine.runner.run
@@ -288,6 +290,8 @@ def engine_level(engine: LLMEngine, vocab: int, levels: tuple[int, ...]) -> list
             r["share_of_wall_in_runner"] = model_s[0] / r["wall_s"]
             log(f"  engine c={c}: {r['output_tokens_per_s']:.0f} tok/s, ITL p50 {r['itl_ms']['p50']:.2f} ms")
             results.append(r)
+        if not gil_ab:
+            return results
         # A/B: the engine thread and this event loop share the GIL; a shorter switch interval than the
         # 5 ms default lets the loop drain token chunks while the engine works.
         default = sys.getswitchinterval()
@@ -392,23 +396,35 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
         proc.kill()
 
 
+HISTOGRAMS = ("llm_batch_size_", "llm_engine_step_seconds_", "llm_queue_time_seconds_")
+COUNTERS = (
+    "llm_prefix_cache_queried_tokens_total",
+    "llm_prefix_cache_hit_tokens_total",
+    "llm_response_cache_hits_total",
+)
+
+
 def scrape(port: int) -> dict[str, float]:
-    """Sums and counts of the server's batch-size, step-time and queue-time histograms (cumulative)."""
+    """Sums and counts of the server's batch-size, step-time and queue-time histograms, and its prefix- and
+    response-cache counters (cumulative)."""
     import httpx
 
-    wanted = ("llm_batch_size_", "llm_engine_step_seconds_", "llm_queue_time_seconds_")
     out = {}
     for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
         name = line.split(" ")[0]
-        if name.startswith(wanted) and ("_sum" in name or "_count" in name):
+        if (name.startswith(HISTOGRAMS) and ("_sum" in name or "_count" in name)) or name.startswith(COUNTERS):
             out[name] = float(line.split(" ")[-1])
     return out
 
 
 def server_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Per-level means from two scrapes: batch size, step ms by phase, queue ms."""
+    """Per-level means from two scrapes: batch size, step ms by phase, queue ms; cache counters and the
+    prefix-cache hit rate (hit / queried prompt tokens: the benchmark measures batching, not caching)."""
     diff = {k: after[k] - before.get(k, 0.0) for k in after}
-    stats = {}
+    stats = {k: v for k, v in diff.items() if k.startswith(COUNTERS)}
+    queried = diff.get("llm_prefix_cache_queried_tokens_total", 0.0)
+    if queried > 0:
+        stats["prefix cache hit rate"] = diff.get("llm_prefix_cache_hit_tokens_total", 0.0) / queried
     for key, count in diff.items():
         if "_count" in key and count > 0:
             total = diff.get(key.replace("_count", "_sum"), 0.0)
@@ -419,7 +435,8 @@ def server_stats(before: dict[str, float], after: dict[str, float]) -> dict[str,
 
 
 def text_prompts(tokenizer: Any, n: int) -> list[str]:
-    """~128-token prompts: overlapping windows of the evaluation + calibration texts."""
+    """~128-token prompts: overlapping windows of the evaluation + calibration texts, each starting at a
+    different token (up to ~7,000 windows), so two prompts share no prefix block unless drawn twice."""
     text = Path("data/eval.txt").read_text() + "\n" + Path("data/calibration.txt").read_text()
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     starts = [(i * 61) % (len(ids) - PROMPT_LEN) for i in range(n)]
@@ -433,6 +450,8 @@ def summarize(level: Any) -> dict[str, Any]:
 
 
 def _http_levels(port: int, scenario: Any, levels: tuple[int, ...], what: str, requests: Any) -> list[dict[str, Any]]:
+    """One closed-loop sweep per level, each with its own body seed (the same seed would replay the same
+    prompts at every level, which the server's prefix cache would then partly answer)."""
     res = []
     for c in levels:
         before = scrape(port)
@@ -442,6 +461,7 @@ def _http_levels(port: int, scenario: Any, levels: tuple[int, ...], what: str, r
             concurrencies=[c],
             requests=requests(c),
             duration=30,
+            seed=zlib.crc32(f"{what}:{c}".encode()),
             timeout=120,
             warmup=4 if c == levels[0] else 0,
         )
@@ -471,9 +491,10 @@ def http_generate(
         "LLM_MAX_INPUT_TOKENS": str(2 * PROMPT_LEN),
         "LLM_MAX_NEW_TOKENS": str(NEW_TOKENS),
         "LLM_DEFAULT_MAX_TOKENS": str(NEW_TOKENS),
+        "LLM_MAX_CONCURRENT_STREAMS": "256",  # every streamed client admitted (default 64; the rest would get 429)
     }
     port = 8765
-    prompts = text_prompts(tokenizer, 64)
+    prompts = text_prompts(tokenizer, 4096)  # distinct starts: few repeats among the ~1,400 requests
     out: dict[str, Any] = {}
     for switch in (None, 0.0005) if ab_levels else (None,):
         t0 = time.perf_counter()
@@ -510,7 +531,7 @@ def dummy_encoder_dir(tokenizer_dir: Path) -> Path:
     return out
 
 
-def classification(tokenizer_dir: Path, levels: tuple[int, ...]) -> dict[str, Any]:
+def classification(tokenizer_dir: Path, levels: tuple[int, ...], gil_ab: bool) -> dict[str, Any]:
     from engine.classifier import Classifier, ClassifyItem
     from load_tests.loadgen import BUILTIN_PROMPTS, as_text
     from models.loader import load_encoder
@@ -539,11 +560,13 @@ def classification(tokenizer_dir: Path, levels: tuple[int, ...]) -> dict[str, An
         "LLM_CLS_MAX_BATCH_SIZE": "256",
         "LLM_CLS_MAX_BATCH_TOKENS": "16384",
         "LLM_CLS_MAX_WAIT_MS": "2",
+        "LLM_CLS_CACHE_SIZE": "0",  # the load generator repeats ~22 texts: measure batching, not the response cache
     }
     port = 8766
     scenario = make_scenario("classify", labels=list(labels))
     out: dict[str, Any] = {"one_forward_per_request_in_process": one}
-    for switch, key, lv in ((None, "http", levels), (0.0005, "http (GIL switch 0.5 ms)", levels[1:])):
+    runs = [(None, "http", levels)] + ([(0.0005, "http (GIL switch 0.5 ms)", levels[1:])] if gil_ab else [])
+    for switch, key, lv in runs:
         proc = start_server(env, port, switch)
         try:
             out[key] = _http_levels(port, scenario, lv, f"classify {key}", lambda c: max(300, 10 * c))
@@ -586,7 +609,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         result["decode_profile"] = [decode_profile(engine, b, PROMPT_LEN + NEW_TOKENS) for b in (1, 256)]
         log(f"  decode profile: {json.dumps(result['decode_profile'])}")
     levels = CONCURRENCY[:2] if args.quick else CONCURRENCY
-    result["ours_engine"] = engine_level(engine, vocab, levels)
+    result["ours_engine"] = engine_level(engine, vocab, levels, args.gil_ab)
     result["hf"] = hf_baselines(hf, vocab, args.quick)
     tokenizer = loaded.tokenizer
     del engine, model, hf, loaded
@@ -594,7 +617,7 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.cuda.empty_cache()
     if not args.skip_http:
         levels = CONCURRENCY[:2] if args.quick else CONCURRENCY
-        ab_levels = () if args.quick or name != "S" else CONCURRENCY[-2:]
+        ab_levels = CONCURRENCY[-2:] if args.gil_ab and not args.quick and name == "S" else ()
         result["ours_http"] = http_generate(spec, args.tokenizer, tokenizer, levels, ab_levels)
     return result
 
@@ -706,8 +729,8 @@ def markdown(results: dict[str, Any]) -> str:
                 "server columns from its /metrics):",
                 "",
                 "| run | clients | tok/s | req/s | latency p50 / p99 ms | TTFT p50 / p99 ms | ITL p50 / p99 ms | "
-                "errors | server: mean batch | mean prefill step ms | mean decode step ms |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
+                "errors | server: mean batch | mean prefill step ms | mean decode step ms | prefix-cache hit rate |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for key, levels in http.items():
                 if not isinstance(levels, list):
@@ -721,7 +744,8 @@ def markdown(results: dict[str, Any]) -> str:
                         f"{h['latency_ms']['p50']:.0f} / {h['latency_ms']['p99']:.0f} | "
                         f"{_f(ttft.get('p50'))} / {_f(ttft.get('p99'))} | {_f(itl.get('p50'), '.2f')} / "
                         f"{_f(itl.get('p99'), '.2f')} | {h['errors'] or 0} | {_f(_server(h, 'llm_batch_size'))} | "
-                        f"{_f(prefill)} | {_f(decode, '.2f')} |"
+                        f"{_f(prefill)} | {_f(decode, '.2f')} | "
+                        f"{_f(h.get('server', {}).get('prefix cache hit rate'), '.1%')} |"
                     )
     if "classification" in results:
         cl = results["classification"]
@@ -756,6 +780,11 @@ def main() -> None:
     p.add_argument("--models", default="S,L")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer levels, no HF batch runs")
     p.add_argument("--skip-http", action="store_true")
+    p.add_argument(
+        "--gil-ab",
+        action="store_true",
+        help="also run the top levels with a 0.5 ms GIL switch interval (engine, HTTP, /classify)",
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cpu-dry-run", action="store_true", help="check the plumbing on CPU with tiny sizes")
     args = p.parse_args()
@@ -780,7 +809,12 @@ def main() -> None:
         "models": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    flags = {"--quick": args.quick, "--skip-http": args.skip_http, "--cpu-dry-run": args.cpu_dry_run}
+    flags = {
+        "--quick": args.quick,
+        "--skip-http": args.skip_http,
+        "--gil-ab": args.gil_ab,
+        "--cpu-dry-run": args.cpu_dry_run,
+    }
 
     def save() -> None:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
@@ -811,7 +845,7 @@ def main() -> None:
     if args.encoder_tokenizer is not None:
         log("classification")
         levels = CLS_CONCURRENCY[:2] if args.quick else CLS_CONCURRENCY
-        results["classification"] = classification(args.encoder_tokenizer, levels)
+        results["classification"] = classification(args.encoder_tokenizer, levels, args.gil_ab)
         save()
     print(markdown(results))
 
