@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import copy
 import gc
+import importlib
 import json
 import os
 import platform
@@ -618,7 +619,11 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if not args.skip_http:
         levels = CONCURRENCY[:2] if args.quick else CONCURRENCY
         ab_levels = CONCURRENCY[-2:] if args.gil_ab and not args.quick and name == "S" else ()
-        result["ours_http"] = http_generate(spec, args.tokenizer, tokenizer, levels, ab_levels)
+        try:
+            result["ours_http"] = http_generate(spec, args.tokenizer, tokenizer, levels, ab_levels)
+        except Exception as exc:  # the engine-level results above still count
+            log(f"{name} HTTP failed: {type(exc).__name__}: {exc}")
+            result["ours_http_error"] = f"{type(exc).__name__}: {exc}"
     return result
 
 
@@ -720,6 +725,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {label} | {e['output_tokens_per_s']:.0f} | {e['ttft_ms']['p50']:.1f} / {e['ttft_ms']['p99']:.1f} "
                 f"| {e['itl_ms']['p50']:.2f} / {e['itl_ms']['p99']:.2f} | {e['share_of_wall_in_runner']:.0%} |"
             )
+        if "ours_http_error" in r:
+            lines += ["", f"**HTTP**: failed ({r['ours_http_error']})."]
         http = r.get("ours_http", {})
         if http:
             lines += [
@@ -808,6 +815,10 @@ def main() -> None:
         },
         "models": {},
     }
+    if not args.skip_http or args.encoder_tokenizer is not None:
+        # The HTTP runs start `python -m server`: a missing web dependency (the GPU image lacks some) fails
+        # here in a second instead of after the engine-level runs.
+        importlib.import_module("server.app")
     args.out.mkdir(parents=True, exist_ok=True)
     flags = {
         "--quick": args.quick,
