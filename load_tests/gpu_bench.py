@@ -380,10 +380,15 @@ def start_server(env: dict[str, str], port: int, switch_interval: float | None =
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return proc
+            ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2)
         except httpx.TransportError:
-            pass
+            time.sleep(0.5)
+            continue
+        if ready.status_code == 200:
+            return proc
+        if ready.json().get("status") == "failed":  # load failed: no point waiting out the deadline
+            proc.kill()
+            raise RuntimeError(f"server failed to load: {ready.json().get('error')}")
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError("server not ready in 300 s")

@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
@@ -38,6 +38,14 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_model_len=settings.max_input_tokens + settings.max_new_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,
     )
+
+
+def _package_version() -> str:
+    """The installed distribution's version; a source checkout run without ``pip install`` has none."""
+    try:
+        return version("lowlat-server")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass
@@ -94,7 +102,7 @@ class Runtime:
             rt.info["classify"] = {"model": encoder.source, "load_seconds": rt._loaded("classify", start)}
         metrics.BUILD_INFO.info(
             {
-                "version": version("lowlat-server"),
+                "version": _package_version(),
                 "gen_model": rt.info["generate"]["model"] if "generate" in rt.info else "off",
                 "cls_model": rt.info["classify"]["model"] if "classify" in rt.info else "off",
                 "device": str(device),

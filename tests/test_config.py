@@ -37,3 +37,16 @@ def test_cpu_defaults() -> None:
 def test_rejects_inconsistent_settings(bad: dict) -> None:
     with pytest.raises(ValidationError):
         Settings(**bad)
+
+
+def test_version_of_a_source_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running from a checkout that was never pip-installed must not break startup (seen on the GPU host)."""
+    from importlib.metadata import PackageNotFoundError
+
+    from server import runtime
+
+    def missing(name: str) -> str:
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(runtime, "version", missing)
+    assert runtime._package_version() == "unknown"
