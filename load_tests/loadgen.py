@@ -534,6 +534,44 @@ def classify_scenario(
     )
 
 
+def _openai_scenario(
+    name: str,
+    path: str,
+    prompt_field: Callable[[random.Random], dict[str, Any]],
+    *,
+    stream: bool,
+    model: str,
+    max_tokens: int,
+    temperature: float,
+    top_p: float | None,
+    stop: Sequence[str] | None,
+    request_seed: bool,
+    stream_usage: bool,
+) -> Scenario:
+    """The parts chat and text completions share: sampling fields, streaming options, response parsing."""
+
+    def make_body(rng: random.Random) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, **prompt_field(rng)}
+        sampling = _sampling(
+            rng, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop, request_seed=request_seed
+        )
+        body.update(sampling)
+        body["stream"] = stream
+        if stream and stream_usage:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    return Scenario(
+        name=f"{name}-stream" if stream else name,
+        path=path,
+        make_body=make_body,
+        stream=stream,
+        parse_event=parse_openai_event if stream else None,
+        parse_whole=_whole_openai,
+        description=f"POST {path} model={model} max_tokens={max_tokens}",
+    )
+
+
 def openai_chat_scenario(
     *,
     stream: bool = False,
@@ -548,32 +586,18 @@ def openai_chat_scenario(
 ) -> Scenario:
     """``POST /v1/chat/completions`` on any OpenAI-compatible server (ours or a peer)."""
     prompts = tuple(prompts)
-
-    def make_body(rng: random.Random) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": model, "messages": as_messages(_pick(rng, prompts))}
-        body.update(
-            _sampling(
-                rng,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                stop=stop,
-                request_seed=request_seed,
-            )
-        )
-        body["stream"] = stream
-        if stream and stream_usage:
-            body["stream_options"] = {"include_usage": True}
-        return body
-
-    return Scenario(
-        name="openai-chat-stream" if stream else "openai-chat",
-        path="/v1/chat/completions",
-        make_body=make_body,
+    return _openai_scenario(
+        "openai-chat",
+        "/v1/chat/completions",
+        lambda rng: {"messages": as_messages(_pick(rng, prompts))},
         stream=stream,
-        parse_event=parse_openai_event if stream else None,
-        parse_whole=_whole_openai,
-        description=f"POST /v1/chat/completions model={model} max_tokens={max_tokens}",
+        model=model,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop=stop,
+        request_seed=request_seed,
+        stream_usage=stream_usage,
     )
 
 
@@ -591,32 +615,18 @@ def openai_completions_scenario(
 ) -> Scenario:
     """``POST /v1/completions`` (legacy text completions) on any OpenAI-compatible server."""
     texts = tuple(as_text(p) for p in prompts)
-
-    def make_body(rng: random.Random) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": model, "prompt": texts[rng.randrange(len(texts))]}
-        body.update(
-            _sampling(
-                rng,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                stop=stop,
-                request_seed=request_seed,
-            )
-        )
-        body["stream"] = stream
-        if stream and stream_usage:
-            body["stream_options"] = {"include_usage": True}
-        return body
-
-    return Scenario(
-        name="openai-completions-stream" if stream else "openai-completions",
-        path="/v1/completions",
-        make_body=make_body,
+    return _openai_scenario(
+        "openai-completions",
+        "/v1/completions",
+        lambda rng: {"prompt": texts[rng.randrange(len(texts))]},
         stream=stream,
-        parse_event=parse_openai_event if stream else None,
-        parse_whole=_whole_openai,
-        description=f"POST /v1/completions model={model} max_tokens={max_tokens}",
+        model=model,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop=stop,
+        request_seed=request_seed,
+        stream_usage=stream_usage,
     )
 
 
