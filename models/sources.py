@@ -65,20 +65,22 @@ class ModelSource:
         return f"{prefix}{label} {self.path}"
 
 
-def _preset_smollm2_135m() -> PretrainedConfig:
-    """Same config transformers derives from the embedded SmolLM2-135M-Instruct GGUF."""
+def _smollm2_config(
+    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, theta: float
+) -> PretrainedConfig:
+    """The SmolLM2 family's LlamaConfig; the sizes differ, vocabulary, tokens and RoPE layout do not."""
     return LlamaConfig(
         vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         head_dim=64,
         hidden_act="silu",
         max_position_embeddings=8192,
         rms_norm_eps=1e-5,
-        rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+        rope_parameters={"rope_theta": theta, "rope_type": "default"},
         tie_word_embeddings=True,
         initializer_range=0.02,
         bos_token_id=1,
@@ -86,29 +88,16 @@ def _preset_smollm2_135m() -> PretrainedConfig:
         pad_token_id=2,
         architectures=["LlamaForCausalLM"],
     )
+
+
+def _preset_smollm2_135m() -> PretrainedConfig:
+    """Same config transformers derives from the embedded SmolLM2-135M-Instruct GGUF."""
+    return _smollm2_config(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, theta=100000.0)
 
 
 def _preset_smollm2_1_7b() -> PretrainedConfig:
     """SmolLM2-1.7B shape: a realistic size for GPU throughput tests without downloading weights."""
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=24,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        head_dim=64,
-        hidden_act="silu",
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_theta": 130000.0, "rope_type": "default"},
-        tie_word_embeddings=True,
-        initializer_range=0.02,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        architectures=["LlamaForCausalLM"],
-    )
+    return _smollm2_config(hidden=2048, intermediate=8192, layers=24, heads=32, kv_heads=32, theta=130000.0)
 
 
 def _preset_minilm_l6() -> PretrainedConfig:
