@@ -51,9 +51,10 @@ GEN_SETTINGS = [
 global allocation, least-squares refit)."""
 GPU_GEN_SETTINGS = [
     {"quantize": "none"},
+    {"quantize": "int8-wo"},
+    {"quantize": "int8-wo", "prune_mlp": 0.01},
+    {"quantize": "int8-wo", "prune_mlp": 0.05},
     {"quantize": "fp8"},
-    {"quantize": "fp8", "prune_mlp": 0.05},
-    {"quantize": "none", "prune_mlp": 0.05},
 ]
 CLS_SETTINGS = [
     {"quantize": "none"},
@@ -62,7 +63,7 @@ CLS_SETTINGS = [
     {"quantize": "int8", "prune_mlp": 0.1},
     {"quantize": "int8", "prune_mlp": 0.25},
 ]
-GPU_CLS_SETTINGS = [{"quantize": "none"}, {"quantize": "fp8"}, {"quantize": "fp8", "prune_mlp": 0.1}]
+GPU_CLS_SETTINGS = [{"quantize": "none"}, {"quantize": "int8-wo"}, {"quantize": "fp8"}]
 
 
 def spec_of(setting: dict, eval_tokens: int, calib_tokens: int, task: str = "generate") -> CompressionSpec:
@@ -91,7 +92,11 @@ async def _timed_generate(llm: AsyncLLM, prompt: list[int], max_tokens: int) -> 
 
 
 async def engine_speed(model: Llama, loaded: LoadedCausalLM, device: torch.device, dtype: torch.dtype, args) -> dict:
-    config = EngineConfig(max_num_seqs=16, max_batched_tokens=4096, kv_cache_tokens=16384, max_model_len=4096)
+    streams = [8, *args.wide_streams]
+    config = EngineConfig(
+        max_num_seqs=max(streams), max_batched_tokens=4096, kv_cache_tokens=max(16384, 128 * max(streams)),
+        max_model_len=4096,
+    )  # fmt: skip
     llm = AsyncLLM(LLMEngine(model, loaded.tokenizer, device, dtype, config))
     llm.start()
     try:
@@ -102,17 +107,21 @@ async def engine_speed(model: Llama, loaded: LoadedCausalLM, device: torch.devic
         for i in range(args.repeats):
             _, rest, n = await _timed_generate(llm, ids[i * 16 : i * 16 + 16], args.decode_tokens)
             decode.append((n - 1) / rest)
-        start = time.perf_counter()
-        results = await asyncio.gather(
-            *(_timed_generate(llm, ids[i * 16 : i * 16 + 16], args.decode_tokens) for i in range(8))
-        )
-        batch8 = sum(n for _, _, n in results) / (time.perf_counter() - start)
+        many = {}
+        for n_streams in streams:
+            start = time.perf_counter()
+            results = await asyncio.gather(
+                *(_timed_generate(llm, ids[i * 8 : i * 8 + 16], args.decode_tokens) for i in range(n_streams))
+            )
+            many[f"decode_{n_streams}_streams_tok_s"] = round(
+                sum(n for _, _, n in results) / (time.perf_counter() - start), 2
+            )
     finally:
         llm.stop()
     return {
         "prefill_512_ms": round(1000 * statistics.median(prefill), 2),
         "decode_tok_s": round(statistics.median(decode), 2),
-        "decode_8_streams_tok_s": round(batch8, 2),
+        **many,
     }
 
 
@@ -197,19 +206,23 @@ def cls_rows(args, device: torch.device, dtype: torch.dtype, settings: list[dict
 def markdown(result: dict) -> str:
     lines = [f"### {result['device']} — {result['date']}", "", f"`{result['command']}`", ""]
     if result["generate"]:
+        first = result["generate"][0]
+        wide = [int(k.split("_")[1]) for k in first if k.startswith("decode_") and k.endswith("_streams_tok_s")]
         lines += [
             f"Generation model `{result['gen_model']}`, {result['dtype']}:",
             "",
-            "| setting | ppl | Δppl | top-1 agree | weights MiB (cut) | decode tok/s | 8-stream tok/s "
-            "| prefill 512 ms |",
-            "|---|---|---|---|---|---|---|---|",
+            "| setting | ppl | Δppl | top-1 agree | weights MiB (cut) | decode tok/s | "
+            + "".join(f"{n}-stream tok/s | " for n in wide)
+            + "prefill 512 ms |",
+            "|---|---|---|---|---|---|" + "---|" * len(wide) + "---|",
         ]
         for r in result["generate"]:
             lines.append(
                 f"| {_name(r['setting'])} | {r['perplexity']:.2f} | {100 * r['perplexity_change']:+.1f}% | "
                 f"{100 * r['top1_agreement']:.1f}% | {r['weight_bytes_after'] / 2**20:.0f} "
                 f"(-{100 * r['weight_bytes_cut']:.0f}%) | {r['decode_tok_s']:.1f} | "
-                f"{r['decode_8_streams_tok_s']:.1f} | {r['prefill_512_ms']:.0f} |"
+                + "".join(f"{r[f'decode_{n}_streams_tok_s']:.1f} | " for n in wide)
+                + f"{r['prefill_512_ms']:.0f} |"
             )
         lines.append("")
     if result["classify"]:
@@ -242,12 +255,16 @@ def main() -> None:
     parser.add_argument("--cls-model", default="default")
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir for dummy generation models")
     parser.add_argument("--cls-tokenizer", default=None, help="tokenizer dir for dummy encoders")
+    parser.add_argument("--dtype", default=None, help="serving dtype (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lowlat-server")
     parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity/agreement")
     parser.add_argument("--calib-tokens", type=int, default=4096)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--wide-streams", type=int, nargs="*", default=[], help="more concurrent-stream counts to time besides 8"
+    )
     parser.add_argument("--only", choices=["generate", "classify"], default=None)
     parser.add_argument("--settings", type=json.loads, default=None, help="JSON list of generation settings")
     parser.add_argument("--cls-settings", type=json.loads, default=None, help="JSON list of classifier settings")
@@ -257,7 +274,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     gpu = device.type == "cuda"
     result = {

@@ -7,9 +7,10 @@ Methods (chosen by measurement, see load_tests/results/compression/):
   at every batch size. Per-token scales make each row's result independent of the other rows (integer
   accumulation is exact), so a request computes bit-identically alone or batched. Per-token scales
   leave per-channel activation outliers, which SmoothQuant smoothing (``smooth_*``) moves into the weights.
-- ``int8-wo``: the same weights, weight-only: decode-sized inputs (≤ ``DECODE_ROWS`` rows) through
-  ``torch._weight_int8pack_mm`` on bf16 activations, larger ones dequantize the weight for a float GEMM.
-  More faithful, slower prefill.
+- ``int8-wo``: the same weights, weight-only (activations stay float). On CUDA every input goes through
+  the Triton kernel of models/int8_matmul.py, which reads the int8 weight directly (half a bf16 GEMM's
+  bytes). On CPU decode-sized inputs (≤ ``DECODE_ROWS`` rows) go through ``torch._weight_int8pack_mm``
+  on bf16 activations and larger ones dequantize the weight for a float GEMM (slower prefill).
 - ``fp8``: float8 e4m3 weights with per-row scales and per-token dynamic activation scales through
   ``torch._scaled_mm`` (Hopper tensor cores; the same code runs, slowly, on CPU).
 """
@@ -22,6 +23,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models import int8_matmul
 
 QuantMethod = Literal["none", "int8", "int8-wo", "fp8"]
 DECODE_ROWS = 4
@@ -95,6 +98,8 @@ class QuantLinear(nn.Module):
             out = self._fp8(x2)
         elif self.method == "int8":
             out = self._int8_dynamic(x2)
+        elif int8_matmul.usable(x.device, x.dtype):
+            out = int8_matmul.w8a16_matmul(x2, self.qweight, self.scale)
         elif x.device.type == "cpu" and self.in_features % PACK_ALIGN == 0 and x2.shape[0] <= DECODE_ROWS:
             if self._scale_bf16 is None:
                 self._scale_bf16 = self.scale.to(torch.bfloat16)
