@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import gc
 import json
 import logging
 import platform
@@ -69,6 +70,13 @@ GPU_CLS_SETTINGS = [{"quantize": "none"}, {"quantize": "int8-wo"}, {"quantize": 
 def spec_of(setting: dict, eval_tokens: int, calib_tokens: int, task: str = "generate") -> CompressionSpec:
     base = default_spec(setting["quantize"], setting.get("prune_mlp", 0.0), task)  # type: ignore[arg-type]
     return base.model_copy(update={**setting, "eval_tokens": eval_tokens, "calib_tokens": calib_tokens})
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop the last setting's engine (KV cache, CUDA graphs) before the next one is built."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def fresh_llama(loaded: LoadedCausalLM, device: torch.device, dtype: torch.dtype) -> Llama:
@@ -158,6 +166,7 @@ def gen_rows(args, device: torch.device, dtype: torch.dtype, settings: list[dict
         logging.info("generate %s", row)
         rows.append(row)
         del model
+        free_memory(device)
     return rows
 
 

@@ -34,10 +34,13 @@ SHAPES = {  # (name, in K, out N)
                      ("lm_head", 2048, 49152)],
 }  # fmt: skip
 ROWS = [1, 8, 32, 64, 128, 256, 512, 2048]
-CANDIDATES = [
-    (16, 16, 128, 4, 4), (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3),
-    (32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3),
-    (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+CANDIDATES = [  # BM, BN, BK, num_warps, num_stages, weight first
+    (16, 16, 128, 4, 4, False), (16, 32, 128, 4, 4, False), (16, 64, 128, 4, 4, False), (16, 32, 256, 4, 4, False),
+    (16, 64, 256, 4, 3, False), (32, 64, 128, 4, 4, False), (64, 64, 128, 4, 4, False), (64, 128, 64, 4, 4, False),
+    (128, 128, 64, 4, 4, False), (128, 128, 64, 8, 3, False),
+    (16, 64, 128, 4, 4, True), (16, 64, 256, 4, 3, True), (16, 128, 128, 4, 4, True), (32, 64, 128, 4, 4, True),
+    (32, 128, 128, 4, 4, True), (64, 64, 128, 4, 4, True), (64, 128, 64, 4, 4, True), (64, 128, 128, 8, 3, True),
+    (128, 128, 64, 8, 3, True), (128, 64, 64, 4, 4, True), (256, 128, 64, 8, 3, True),
 ]  # fmt: skip
 L2_BYTES = 50 * 2**20
 
@@ -97,7 +100,7 @@ def measure(x: torch.Tensor, qs: list, ss: list, ws: list) -> dict:
         "best_graph_us": float("nan"),
     }
     for cfg in CANDIDATES:
-        if cfg[0] > max(16, 2 * m):
+        if cfg[0] > max(16, 2 * m) or (m > 256 and cfg[0] < 64):
             continue
         try:
             t = graph_us(lambda i, c=cfg: int8_matmul.w8a16_matmul(x, qs[i], ss[i], c), copies)
