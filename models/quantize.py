@@ -8,11 +8,12 @@ Methods (chosen by measurement, see load_tests/results/compression/):
   accumulation is exact), so a request computes bit-identically alone or batched. Per-token scales
   leave per-channel activation outliers, which SmoothQuant smoothing (``smooth_*``) moves into the weights.
 - ``int8-wo``: the same weights, weight-only (activations stay float). On CUDA every input goes through
-  the Triton kernel of models/int8_matmul.py, which reads the int8 weight directly (half a bf16 GEMM's
+  the Triton kernel of models/quant_kernels.py, which reads the int8 weight directly (half a bf16 GEMM's
   bytes). On CPU decode-sized inputs (≤ ``DECODE_ROWS`` rows) go through ``torch._weight_int8pack_mm``
   on bf16 activations and larger ones dequantize the weight for a float GEMM (slower prefill).
 - ``fp8``: float8 e4m3 weights with per-row scales and per-token dynamic activation scales through
-  ``torch._scaled_mm`` (Hopper tensor cores; the same code runs, slowly, on CPU).
+  ``torch._scaled_mm`` (Hopper tensor cores; on CUDA the activation quantization is one Triton kernel;
+  the same math runs, slowly, on CPU).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import int8_matmul
+from models import quant_kernels
 
 QuantMethod = Literal["none", "int8", "int8-wo", "fp8"]
 DECODE_ROWS = 4
@@ -98,8 +99,8 @@ class QuantLinear(nn.Module):
             out = self._fp8(x2)
         elif self.method == "int8":
             out = self._int8_dynamic(x2)
-        elif int8_matmul.usable(x.device, x.dtype):
-            out = int8_matmul.w8a16_matmul(x2, self.qweight, self.scale)
+        elif quant_kernels.usable(x.device, x.dtype):
+            out = quant_kernels.w8a16_matmul(x2, self.qweight, self.scale)
         elif x.device.type == "cpu" and self.in_features % PACK_ALIGN == 0 and x2.shape[0] <= DECODE_ROWS:
             if self._scale_bf16 is None:
                 self._scale_bf16 = self.scale.to(torch.bfloat16)
@@ -121,6 +122,8 @@ class QuantLinear(nn.Module):
         return (acc * a * self.scale).to(x.dtype)
 
     def _fp8(self, x: Tensor) -> Tensor:
+        if quant_kernels.fp8_usable(x.device, x.dtype):
+            return quant_kernels.fp8_act_matmul(x, self.qweight, self.scale)
         rows = x.shape[0]
         if x.device.type == "cuda" and rows % 16:  # cuBLASLt fp8 GEMMs want 16-aligned dimensions
             x = F.pad(x, (0, 0, 0, 16 - rows % 16))

@@ -1,4 +1,4 @@
-"""The int8 weight-only GEMM (models/int8_matmul.py) against bf16 ``F.linear`` on the GPU, per layer shape.
+"""The quantized GEMMs of models/quant_kernels.py against bf16 ``F.linear`` on the GPU, per layer shape.
 
 For each projection shape of SmolLM2-135M and -1.7B and each row count (decode batches, prefill), it
 checks the kernel against an fp32 reference on fresh random data (output poisoned first) and times:
@@ -7,10 +7,11 @@ checks the kernel against an fp32 reference on fresh random data (output poisone
   decode step sees: weights come from HBM, no launch gaps), µs per call;
 - ``eager``: back-to-back launches from Python (what an eager prefill or /classify batch sees), µs per call;
 
-for bf16 F.linear on the dequantized weight, the kernel with the tiles ``pick_config`` chooses, and each
-candidate tile shape (the best is reported, to keep ``pick_config`` honest).
+for bf16 F.linear on the dequantized weight, the int8 weight-only kernel with the tiles ``pick_config``
+chooses and with each candidate tile shape (the best is reported, to keep ``pick_config`` honest), and
+the fp8 path (fused per-token activation quantization + ``_scaled_mm``).
 
-    python -m load_tests.int8_kernel_bench --out load_tests/results/compression/int8_kernel_h100.json
+    python -m load_tests.quant_kernel_bench --out load_tests/results/compression/quant_kernels_h100.json
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models import int8_matmul
+from models import quant_kernels
 from models.quantize import quantize_rows
 
 SHAPES = {  # (name, in K, out N)
@@ -81,21 +82,33 @@ def eager_us(fn, copies: int, calls: int = 200) -> float:
     return (time.perf_counter() - start) * 1e6 / calls
 
 
+def measure_fp8(x: torch.Tensor, fq: list, fs: list) -> dict:
+    """The fp8 method's GEMM (fused per-token quantization + _scaled_mm) at the same point."""
+    copies = len(fq)
+    want = quant_kernels.reference(x, fq[0], fs[0])
+    got = quant_kernels.fp8_act_matmul(x, fq[0], fs[0]).float()
+    return {
+        "fp8_rel_err": float((got - want).norm() / want.norm()),
+        "fp8_graph_us": graph_us(lambda i: quant_kernels.fp8_act_matmul(x, fq[i], fs[i]), copies),
+        "fp8_eager_us": eager_us(lambda i: quant_kernels.fp8_act_matmul(x, fq[i], fs[i]), copies),
+    }
+
+
 def measure(x: torch.Tensor, qs: list, ss: list, ws: list) -> dict:
     """Error and timings of one (rows, weight shape) point; ``qs``/``ss``/``ws`` are the weight copies."""
     m, n = x.shape[0], qs[0].shape[0]
     copies = len(qs)
     out = torch.full((m, n), float("nan"), device=x.device, dtype=torch.bfloat16)
-    out.copy_(int8_matmul.w8a16_matmul(x, qs[0], ss[0]))
-    want = int8_matmul.reference(x, qs[0], ss[0])
+    out.copy_(quant_kernels.w8a16_matmul(x, qs[0], ss[0]))
+    want = quant_kernels.reference(x, qs[0], ss[0])
     row = {
         "rel_err": float((out.float() - want).norm() / want.norm()),
         "bf16_rel_err": float((F.linear(x, ws[0]).float() - want).norm() / want.norm()),
         "bf16_graph_us": graph_us(lambda i: F.linear(x, ws[i]), copies),
-        "int8_graph_us": graph_us(lambda i: int8_matmul.w8a16_matmul(x, qs[i], ss[i]), copies),
+        "int8_graph_us": graph_us(lambda i: quant_kernels.w8a16_matmul(x, qs[i], ss[i]), copies),
         "bf16_eager_us": eager_us(lambda i: F.linear(x, ws[i]), copies),
-        "int8_eager_us": eager_us(lambda i: int8_matmul.w8a16_matmul(x, qs[i], ss[i]), copies),
-        "picked": list(int8_matmul.pick_config(m, n, x.shape[1])),
+        "int8_eager_us": eager_us(lambda i: quant_kernels.w8a16_matmul(x, qs[i], ss[i]), copies),
+        "picked": list(quant_kernels.pick_config(m, n, x.shape[1])),
         "best_config": None,
         "best_graph_us": float("nan"),
     }
@@ -103,7 +116,7 @@ def measure(x: torch.Tensor, qs: list, ss: list, ws: list) -> dict:
         if cfg[0] > max(16, 2 * m) or (m > 256 and cfg[0] < 64):
             continue
         try:
-            t = graph_us(lambda i, c=cfg: int8_matmul.w8a16_matmul(x, qs[i], ss[i], c), copies)
+            t = graph_us(lambda i, c=cfg: quant_kernels.w8a16_matmul(x, qs[i], ss[i], c), copies)
         except Exception:  # a tile too large for shared memory
             continue
         if t < row["best_graph_us"] or row["best_config"] is None:
@@ -117,7 +130,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(SHAPES))
     args = parser.parse_args()
     dev = torch.device("cuda")
-    assert int8_matmul.usable(dev, torch.bfloat16), "kernel self-check failed"
+    assert quant_kernels.usable(dev, torch.bfloat16), "int8 kernel self-check failed"
+    assert quant_kernels.fp8_usable(dev, torch.bfloat16), "fp8 path self-check failed"
     gen = torch.Generator(device="cpu").manual_seed(0)
     rows = []
     for model in args.models:
@@ -128,18 +142,22 @@ def main() -> None:
             qs = [q.to(dev) for _ in range(copies)]
             ss = [s.to(dev) for _ in range(copies)]
             ws = [(qi.float() * si[:, None]).to(torch.bfloat16) for qi, si in zip(qs, ss, strict=True)]
+            f8, f8s = quantize_rows(w, "fp8")
+            fq, fs = [f8.to(dev) for _ in range(copies)], [f8s.to(dev) for _ in range(copies)]
             for m in ROWS:
                 x = torch.randn(m, k, generator=gen).to(dev, torch.bfloat16)
                 row = {"model": model, "layer": name, "K": k, "N": n, "M": m, **measure(x, qs, ss, ws)}
+                row.update(measure_fp8(x, fq, fs))
                 rows.append(row)
                 print(
                     f"{model:13s} {name:8s} M={m:5d} err={row['rel_err']:.1e} bf16 {row['bf16_graph_us']:7.1f} "
                     f"int8 {row['int8_graph_us']:7.1f} best {row['best_graph_us']:7.1f} {row['best_config']} | "
-                    f"eager bf16 {row['bf16_eager_us']:6.1f} int8 {row['int8_eager_us']:6.1f}",
+                    f"eager bf16 {row['bf16_eager_us']:6.1f} int8 {row['int8_eager_us']:6.1f} | fp8 "
+                    f"{row['fp8_graph_us']:6.1f} eager {row['fp8_eager_us']:6.1f}",
                     flush=True,
                 )
     result = {
-        "command": "python -m load_tests.int8_kernel_bench --out " + str(args.out),
+        "command": "python -m load_tests.quant_kernel_bench --out " + str(args.out),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(dev),
         "torch": torch.__version__,

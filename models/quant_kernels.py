@@ -1,10 +1,13 @@
-"""``x @ (q * scale)ᵀ`` with int8 weights read as int8 (Triton, CUDA only): the int8-wo GEMM on GPUs.
+"""Triton kernels behind QuantLinear on CUDA (models/quantize.py); CPU-only installs never import Triton.
 
-Decode on a GPU reads every weight once per step, so a kernel that loads int8 and converts it in
-registers moves half the bytes of a bf16 GEMM, where dequantizing to a bf16 copy first would move
-more than the bf16 GEMM alone. The per-output-channel scale is applied once, in the epilogue.
-Tile shapes follow the row count (decode batches vs prefill); they were picked on an H100 with
-``load_tests/int8_kernel_bench.py`` (results in load_tests/results/compression/).
+- ``w8a16_matmul``: ``x @ (q * scale)ᵀ`` with int8 weights read as int8 (the ``int8-wo`` GEMM). Decode
+  on a GPU reads every weight once per step, so loading int8 and converting in registers moves half
+  the bytes of a bf16 GEMM, where dequantizing to a bf16 copy first would move more than the bf16
+  GEMM alone. The per-output-channel scale is applied once, in the epilogue. Tile shapes follow the
+  row count (decode batches vs prefill); they were picked on an H100 with
+  ``load_tests/int8_kernel_bench.py`` (results in load_tests/results/compression/).
+- ``fp8_act_matmul``: the ``fp8`` GEMM: per-token activation quantization in one kernel (instead of
+  amax, divide and cast as separate launches), then ``torch._scaled_mm`` with both scales fused.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: QuantLinear dequantizes instead
+except ImportError:  # CPU-only installs: QuantLinear's PyTorch paths
     triton = None
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,32 @@ if triton is not None:
         out = (acc * scale[:, None]).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], out, mask=n_ok[:, None] & m_ok[None, :])
 
+    @triton.jit
+    def _row_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, BLOCK: tl.constexpr):
+        """One row per program: absmax → scale, x / scale → fp8. Rows ≥ M (cuBLASLt wants 16-row
+        multiples) get zeros."""
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        ok = (cols < K) & (row < M)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
+        tl.store(q_ptr + row * K + cols, (x / scale).to(q_ptr.dtype.element_ty), mask=cols < K)
+        tl.store(s_ptr + row, scale)
+
+
+def fp8_act_matmul(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
+    """x: [M, K] bf16; qweight: [N, K] fp8 e4m3 → per-token fp8 activations (one fused kernel), then
+    one cuBLASLt fp8 GEMM with both scales in its epilogue."""
+    assert triton is not None
+    x = x.contiguous()
+    m, k = x.shape
+    padded = -(-m // 16) * 16
+    q = torch.empty(padded, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(padded, 1, dtype=torch.float32, device=x.device)
+    _row_quant_fp8_kernel[(padded,)](x, q, s, m, k, x.stride(0), BLOCK=triton.next_power_of_2(k))
+    out = torch._scaled_mm(q, qweight.t(), scale_a=s, scale_b=scale.view(1, -1), out_dtype=x.dtype)
+    return out[:m]
+
 
 Config = tuple[int, int, int, int, int, bool]  # BM, BN, BK, num_warps, num_stages, weight first
 
@@ -102,15 +131,16 @@ def pick_config(m: int, n: int, k: int) -> Config:
     """Tiles from the H100 sweep (load_tests/results/compression/int8_kernel_h100.md). Decode-sized
     inputs want narrow 16×32 tiles while that still gives a few programs per SM: each program then
     streams a thin slice of the weight, and the grid pulls the whole weight through every SM. Past
-    that, and for prefill, wider tiles re-read the weight less and keep the tensor cores busy."""
-    deep = 256 if k >= 1536 else 128
+    that, and for prefill, the weight-first kernel with wider tiles re-reads less."""
     if m <= 16 or -(-n // 32) * -(-m // 16) <= NARROW_PROGRAMS:
-        return (16, 32, deep, 4, 4, False)
+        return (16, 32, 256 if k >= 1536 else 128, 4, 4, False)
     if m <= 64:
-        return (32 if m <= 32 else 64, 64, 128, 4, 4, False)
-    if n >= 8192:
-        return (128, 128, 64, 4, 4, False)
-    return (64, 64, 128, 4, 4, False) if m <= 256 else (64, 128, 64, 4, 4, False)
+        return (32 if m <= 32 else 64, 64, 128, 4, 4, True)
+    if m <= 256 and n < 8192:
+        return (64, 64, 128, 4, 4, True)
+    if m <= 128:
+        return (128, 128, 64, 8, 3, True)
+    return (256, 128, 64, 8, 3, True)
 
 
 NARROW_PROGRAMS = 512  # ~4 per SM on an H100 (132 SMs)
@@ -141,29 +171,52 @@ def reference(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
 SELF_CHECK_CONFIGS: tuple[Config, ...] = ((16, 32, 128, 4, 4, False), (16, 64, 128, 4, 4, True))
 
 
-@functools.cache
-def usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the kernel runs here and agrees with :func:`reference` (checked once per device/dtype,
-    on odd shapes that exercise every mask, and with each tile shape); a failure logs why and
-    QuantLinear dequantizes instead."""
-    if triton is None or device.type != "cuda" or dtype not in DTYPES:
-        return False
+def _agrees(fn: object, method: str, device: torch.device, dtype: torch.dtype, tol: float) -> bool:
+    """Runs ``fn(x, q, s)`` on fresh random data of odd shapes (every mask, both tile regimes) against
+    :func:`reference`; logs and returns False on a disagreement or any Triton/driver error."""
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
+        n, k = (208, 336) if method == "fp8" else (200, 328)  # cuBLASLt fp8 wants multiples of 16
         for m in (1, 7, 40, 130, 300):
-            n, k = 200, 328
             x = torch.randn(m, k, generator=gen).to(device, dtype)
-            q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8).to(device)
-            s = (torch.rand(n, generator=gen) / 100).to(device)
+            w = torch.randn(n, k, generator=gen) / 10
+            amax = w.abs().amax(dim=1)
+            if method == "fp8":
+                s = amax / 448.0
+                q = (w / s[:, None]).to(torch.float8_e4m3fn)
+            else:
+                s = amax / 127.0
+                q = (w / s[:, None]).round().to(torch.int8)
+            q, s = q.to(device), s.to(device)
             want = reference(x, q, s)
-            for config in (None, *SELF_CHECK_CONFIGS):
-                got = w8a16_matmul(x, q, s, config).float()
-                err = float((got - want).norm() / want.norm())
-                if not err < 1e-2:
-                    log.warning("int8 weight-only kernel disagrees with the reference (m=%d, %s, error %.3g)",
-                                m, config, err)  # fmt: skip
-                    return False
+            err = float((fn(x, q, s).float() - want).norm() / want.norm())  # type: ignore[operator]
+            if not err < tol:
+                log.warning("%s kernel disagrees with the reference (m=%d, error %.3g)", method, m, err)
+                return False
         return True
     except Exception as exc:  # a Triton/driver problem must not take the server down
-        log.warning("int8 weight-only kernel unavailable: %s: %s", type(exc).__name__, exc)
+        log.warning("%s kernel unavailable: %s: %s", method, type(exc).__name__, exc)
         return False
+
+
+@functools.cache
+def usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the int8 weight-only kernel runs here and agrees with the reference, with the default
+    tiles and each kernel variant (checked once per device/dtype); otherwise QuantLinear dequantizes."""
+    if triton is None or device.type != "cuda" or dtype not in DTYPES:
+        return False
+    return all(
+        _agrees(lambda x, q, s, c=c: w8a16_matmul(x, q, s, c), "int8-wo", device, dtype, 1e-2)
+        for c in (None, *SELF_CHECK_CONFIGS)
+    )
+
+
+@functools.cache
+def fp8_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the fused fp8 path runs here (fp8 tensor cores: compute capability ≥ 8.9) and agrees
+    with the reference within fp8 activation rounding; otherwise QuantLinear's unfused path is used."""
+    if triton is None or device.type != "cuda" or dtype not in DTYPES:
+        return False
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        return False
+    return _agrees(fp8_act_matmul, "fp8", device, dtype, 6e-2)
