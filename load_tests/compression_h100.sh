@@ -14,6 +14,6 @@ for part in $PARTS; do
     kernel) python3 -m load_tests.quant_kernel_bench --out "$OUT/quant_kernels_h100.json" ;;
     135m) python3 -m load_tests.compression_table $T --gen-model dummy:smollm2-135m --only generate --out "$OUT/h100_135m.json" ;;
     1p7b) python3 -m load_tests.compression_table $T --gen-model dummy:smollm2-1.7b --only generate --out "$OUT/h100_1p7b.json" ;;
-    cls) python3 -m load_tests.compression_table $T --cls-model dummy:minilm-l6 --only classify --out "$OUT/h100_cls.json" ;;
+    cls) python3 -m load_tests.compression_table $T --repeats 7 --cls-model dummy:minilm-l6 --only classify --out "$OUT/h100_cls.json" ;;
   esac
 done

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from engine.classifier import Classifier
+from engine.cuda_graphs import DecodeGraphs
 from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
 from engine.sequence import SamplingParams
 from models import calibration as calib
@@ -130,7 +131,30 @@ async def engine_speed(model: Llama, loaded: LoadedCausalLM, device: torch.devic
         "prefill_512_ms": round(1000 * statistics.median(prefill), 2),
         "decode_tok_s": round(statistics.median(decode), 2),
         **many,
+        **(graph_step_ms(llm.engine.runner.decode, streams) if device.type == "cuda" else {}),
     }
+
+
+def graph_step_ms(decode: DecodeGraphs, batches: list[int]) -> dict:
+    """GPU time of one captured decode step per batch size (CUDA events around 50 replays; all rows
+    on the scratch block, so attention is near-free): the model's own cost, without the host noise
+    that the tokens/s columns carry on a slow host CPU."""
+    decode.inputs.zero_()
+    out = {}
+    for batch in [1, *batches]:
+        key = (decode._bucket(decode.batch_sizes, batch), decode.kv_lens[0])
+        if key not in decode.graphs:
+            continue
+        graph = decode.graphs[key]
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(50):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        out[f"graph_step_ms_b{batch}"] = round(start.elapsed_time(end) / 50, 4)
+    return out
 
 
 def gen_rows(args, device: torch.device, dtype: torch.dtype, settings: list[dict]) -> list[dict]:
@@ -217,13 +241,15 @@ def markdown(result: dict) -> str:
     if result["generate"]:
         first = result["generate"][0]
         wide = [int(k.split("_")[1]) for k in first if k.startswith("decode_") and k.endswith("_streams_tok_s")]
+        steps = [k for k in first if k.startswith("graph_step_ms_b")]
         lines += [
             f"Generation model `{result['gen_model']}`, {result['dtype']}:",
             "",
             "| setting | ppl | Δppl | top-1 agree | weights MiB (cut) | decode tok/s | "
             + "".join(f"{n}-stream tok/s | " for n in wide)
-            + "prefill 512 ms |",
-            "|---|---|---|---|---|---|" + "---|" * len(wide) + "---|",
+            + "prefill 512 ms |"
+            + "".join(f" step ms @{k.removeprefix('graph_step_ms_b')} |" for k in steps),
+            "|---|---|---|---|---|---|" + "---|" * len(wide) + "---|" + "---|" * len(steps),
         ]
         for r in result["generate"]:
             lines.append(
@@ -232,6 +258,7 @@ def markdown(result: dict) -> str:
                 f"(-{100 * r['weight_bytes_cut']:.0f}%) | {r['decode_tok_s']:.1f} | "
                 + "".join(f"{r[f'decode_{n}_streams_tok_s']:.1f} | " for n in wide)
                 + f"{r['prefill_512_ms']:.0f} |"
+                + "".join(f" {r[k]:.3f} |" for k in steps)
             )
         lines.append("")
     if result["classify"]:
