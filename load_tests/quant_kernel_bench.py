@@ -31,6 +31,7 @@ from models.quantize import quantize_rows
 SHAPES = {  # (name, in K, out N)
     "smollm2-135m": [("qkv", 576, 960), ("o", 576, 576), ("gate_up", 576, 3072), ("down", 1536, 576),
                      ("lm_head", 576, 49152)],
+    "minilm-l6": [("q/k/v/o", 384, 384), ("intermediate", 384, 1536), ("output", 1536, 384)],
     "smollm2-1.7b": [("qkv", 2048, 6144), ("o", 2048, 2048), ("gate_up", 2048, 16384), ("down", 8192, 2048),
                      ("lm_head", 2048, 49152)],
 }  # fmt: skip

@@ -128,22 +128,27 @@ Config = tuple[int, int, int, int, int, bool]  # BM, BN, BK, num_warps, num_stag
 
 
 def pick_config(m: int, n: int, k: int) -> Config:
-    """Tiles from the H100 sweep (load_tests/results/compression/int8_kernel_h100.md). Decode-sized
+    """Tiles from the H100 sweep (load_tests/results/compression/quant_kernels_h100.md). Decode-sized
     inputs want narrow 16×32 tiles while that still gives a few programs per SM: each program then
     streams a thin slice of the weight, and the grid pulls the whole weight through every SM. Past
-    that, and for prefill, the weight-first kernel with wider tiles re-reads less."""
-    if m <= 16 or -(-n // 32) * -(-m // 16) <= NARROW_PROGRAMS:
+    that, the weight-first kernel with the widest tiles that still fill most SMs (few programs idle
+    the chip; small tiles re-read the inputs)."""
+    if m <= 16 or _programs(m, n, 16, 32) <= NARROW_PROGRAMS:
         return (16, 32, 256 if k >= 1536 else 128, 4, 4, False)
     if m <= 64:
         return (32 if m <= 32 else 64, 64, 128, 4, 4, True)
-    if m <= 256 and n < 8192:
-        return (64, 64, 128, 4, 4, True)
-    if m <= 128:
-        return (128, 128, 64, 8, 3, True)
-    return (256, 128, 64, 8, 3, True)
+    for bm, bn in ((256, 128), (128, 128)):
+        if bm <= m and _programs(m, n, bm, bn) >= WIDE_PROGRAMS:
+            return (bm, bn, 64, 8, 3, True)
+    return (64, 64, 128, 4, 4, True)
+
+
+def _programs(m: int, n: int, bm: int, bn: int) -> int:
+    return -(-m // bm) * -(-n // bn)
 
 
 NARROW_PROGRAMS = 512  # ~4 per SM on an H100 (132 SMs)
+WIDE_PROGRAMS = 96  # ~3/4 of the SMs
 
 
 def w8a16_matmul(x: Tensor, qweight: Tensor, scale: Tensor, config: Config | None = None) -> Tensor:
