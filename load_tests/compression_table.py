@@ -21,7 +21,9 @@ import gc
 import json
 import logging
 import platform
+import shlex
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -314,7 +316,7 @@ def main() -> None:
     torch.manual_seed(0)
     gpu = device.type == "cuda"
     result = {
-        "command": "python -m load_tests.compression_table " + " ".join(_argv()),
+        "command": "python -m load_tests.compression_table " + shlex.join(sys.argv[1:]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device)
         if gpu
@@ -337,12 +339,6 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
-
-
-def _argv() -> list[str]:
-    import sys
-
-    return sys.argv[1:]
 
 
 if __name__ == "__main__":
