@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from engine.classifier import Classifier
+from models import quant_kernels
 from models.calibration import forward_sequence
 from models.compress import CompressionSpec, compress_causal_lm, compress_encoder, weight_bytes
 from models.llama import Llama
@@ -181,3 +182,11 @@ async def test_v1_models_carries_the_compression_report(client) -> None:
     for task in ("generate", "classify"):
         report = cards[task]["details"]["compression"]
         assert report["task"] == task and report["weight_bytes_after"] < report["weight_bytes_before"]
+
+
+def test_triton_kernels_stay_off_without_cuda() -> None:
+    """CPU (and CPU-only installs without Triton) take QuantLinear's PyTorch paths; the kernels are
+    checked on the GPU by their startup self-check and load_tests/quant_kernel_bench.py."""
+    for dtype in (torch.float32, torch.bfloat16):
+        assert not quant_kernels.usable(torch.device("cpu"), dtype)
+        assert not quant_kernels.fp8_usable(torch.device("cpu"), dtype)

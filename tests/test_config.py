@@ -24,6 +24,23 @@ def test_cpu_defaults() -> None:
 
 
 @pytest.mark.parametrize(
+    ("device", "max_num_seqs", "gen", "cls"),
+    [("cpu", 256, "int8", "int8"), ("cuda", 16, "int8-wo", "none"), ("cuda", 64, "int8-wo", "none"),
+     ("cuda", 65, "none", "none")],
+)  # fmt: skip
+def test_auto_quantization_follows_the_measured_table(
+    monkeypatch: pytest.MonkeyPatch, device: str, max_num_seqs: int, gen: str, cls: str
+) -> None:
+    """'auto' resolves per device (and, on CUDA, per decode batch) as load_tests/results/compression decided;
+    an explicit method always wins."""
+    s = Settings(max_num_seqs=max_num_seqs)
+    monkeypatch.setattr(Settings, "torch_device", lambda self: torch.device(device))
+    assert (s.quantize_method("gen"), s.quantize_method("cls")) == (gen, cls)
+    explicit = Settings(max_num_seqs=max_num_seqs, gen_quantize="fp8", cls_quantize="int8-wo")
+    assert (explicit.quantize_method("gen"), explicit.quantize_method("cls")) == ("fp8", "int8-wo")
+
+
+@pytest.mark.parametrize(
     "bad",
     [
         {"default_max_tokens": 600, "max_new_tokens": 512},
