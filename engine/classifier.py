@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from engine.encoder_graphs import EncoderGraphs
+
 # Zero-shot logit scale. all-MiniLM-L6-v2 (like most sentence-transformers models) was trained
 # with MultipleNegativesRankingLoss, i.e. a softmax over cosine similarities multiplied by
 # scale=20 (temperature 0.05). Using the same temperature makes softmax(20 * cos) the
@@ -121,8 +123,7 @@ class Classifier:
         self._label_cache_size = label_cache_size
         self._tok_lock = threading.Lock()
         self._cache_lock = threading.Lock()
-        # Padding to a multiple of 8 lets CUDA use tensor cores; on CPU it only adds work.
-        self._pad_multiple = 8 if self.device.type == "cuda" else None
+        self.graphs = EncoderGraphs(self._encode, self.device, self.max_length)
 
     # ------------------------------------------------------------------ tokens & embeddings
 
@@ -135,26 +136,25 @@ class Classifier:
         return [len(ids) for ids in enc["input_ids"]]
 
     def _tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """CPU tensors ``[n, longest]``; EncoderGraphs pads them to a bucket and moves them."""
         with self._tok_lock:
             enc = self.tokenizer(
-                list(texts),
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                pad_to_multiple_of=self._pad_multiple,
-                return_tensors="pt",
+                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             )
-        return {k: v.to(self.device) for k, v in enc.items()}
+        return dict(enc)
 
-    def _forward(self, texts: Sequence[str], need_logits: bool) -> tuple[Tensor | None, Tensor | None]:
-        """One forward over ``texts``: (L2-normalized mean-pooled embeddings, head logits).
+    def _forward(self, texts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        """One forward over ``texts`` (a CUDA graph replay where one fits)."""
+        return self.graphs(self._tokenize(texts))
+
+    def _encode(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """(L2-normalized mean-pooled embeddings, head logits or None) for device ``inputs``.
 
         With a head, the full model runs once and the encoder output is captured by a hook, so
         embeddings and logits come from the same forward.
         """
-        inputs = self._tokenize(texts)
         mask = inputs["attention_mask"]
-        if not need_logits:
+        if not self.has_head:
             hidden = self.encoder(**inputs).last_hidden_state
             return _mean_pool(hidden, mask), None
         captured: list[Tensor] = []
@@ -175,9 +175,7 @@ class Classifier:
         (what sentence-transformers does for all-MiniLM-L6-v2); float32 on the model device."""
         if not texts:
             return torch.zeros(0, self.embedding_dim, device=self.device)
-        emb, _ = self._forward(texts, need_logits=False)
-        assert emb is not None
-        return emb
+        return self._forward(texts)[0]
 
     def _label_embeddings(self, labels: Sequence[str]) -> Tensor:
         """Embeddings ``[L, d]`` for ``labels`` (in order); only uncached label texts are encoded."""
@@ -228,9 +226,7 @@ class Classifier:
                 results[i] = exc
         if not valid:
             return results  # type: ignore[return-value]
-        need_logits = any(batch[i].labels is None and not batch[i].embed for i in valid)
-        emb, logits = self._forward([batch[i].text for i in valid], need_logits)
-        assert emb is not None
+        emb, logits = self._forward([batch[i].text for i in valid])
         row = {i: r for r, i in enumerate(valid)}
 
         groups: dict[tuple[tuple[str, ...] | None, bool], list[int]] = {}

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 MIN_KV_BUCKET = 64
 
 
+def bucket(sizes: list[int], n: int) -> int:
+    """The smallest of the ascending ``sizes`` that holds ``n``."""
+    return next(s for s in sizes if s >= n)
+
+
 def batch_buckets(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, 16, 32, then steps of a quarter of the power of two below (≤ 25% padding), up to the max."""
     sizes = [b for b in (1, 2, 4, 8, 16, 32) if b < max_num_seqs]
@@ -90,9 +95,6 @@ class DecodeGraphs:
     def fits(self, seqs: list[Sequence]) -> bool:
         return len(seqs) <= self.batch_sizes[-1] and max(s.num_tokens for s in seqs) <= self.kv_lens[-1]
 
-    def _bucket(self, sizes: list[int], n: int) -> int:
-        return next(s for s in sizes if s >= n)
-
     def _forward(self, batch: int, kv_len: int) -> tuple[Tensor, Tensor]:
         """One decode step for the first ``batch`` rows of the input buffer: (greedy tokens, logits)."""
         buf = self.inputs[:batch]
@@ -134,8 +136,8 @@ class DecodeGraphs:
     def run(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor]:
         """Decode one token for each sequence (each has exactly one uncomputed token); rows follow ``seqs``."""
         n = len(seqs)
-        batch = self._bucket(self.batch_sizes, n)
-        kv_len = self._bucket(self.kv_lens, max(s.num_tokens for s in seqs))
+        batch = bucket(self.batch_sizes, n)
+        kv_len = bucket(self.kv_lens, max(s.num_tokens for s in seqs))
         width = 2 + kv_len // self.block_size
         host = self.staging_np
         host[:batch, :width] = SCRATCH_BLOCK

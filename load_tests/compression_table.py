@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from engine.classifier import Classifier
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, bucket
 from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
 from engine.sequence import SamplingParams
 from models import calibration as calib
@@ -144,7 +144,7 @@ def graph_step_ms(decode: DecodeGraphs, batches: list[int]) -> dict:
     decode.inputs.zero_()
     out = {}
     for batch in [1, *batches]:
-        key = (decode._bucket(decode.batch_sizes, batch), decode.kv_lens[0])
+        key = (bucket(decode.batch_sizes, batch), decode.kv_lens[0])
         if key not in decode.graphs:
             continue
         graph = decode.graphs[key]
@@ -222,6 +222,15 @@ def cls_rows(args, device: torch.device, dtype: torch.dtype, settings: list[dict
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+        if clf.graphs.graphs:  # CUDA: the captured batches against the same forward run eagerly
+            with torch.inference_mode():
+                graphed = clf.embed(texts[:32])
+                clf.graphs.enabled = False
+                eager = clf.embed(texts[:32])
+                clf.graphs.enabled = True
+            extra = {"graphs": len(clf.graphs.graphs), "graph_vs_eager_max_abs": float((graphed - eager).abs().max())}
+        else:
+            extra = {}
         row = {
             "setting": setting,
             "spec": spec.model_dump(mode="json"),
@@ -232,6 +241,7 @@ def cls_rows(args, device: torch.device, dtype: torch.dtype, settings: list[dict
             "weight_bytes_after": after,
             "weight_bytes_cut": round(1 - after / before, 4),
             "classify_texts_s": round(len(texts) / statistics.median(times), 1),
+            **extra,
         }
         logging.info("classify %s", row)
         rows.append(row)

@@ -22,6 +22,7 @@ from engine.classifier import (
     ClassResult,
     NoClassificationHead,
 )
+from engine.encoder_graphs import pad_batch, seq_buckets
 from models.loader import load_encoder
 
 CS_LABELS = ["billing", "shipping", "technical support"]
@@ -148,6 +149,18 @@ def test_batched_equals_alone(clf: Classifier) -> None:
         _assert_results_close(got, alone)
     texts = [it.text for it in items]
     torch.testing.assert_close(clf.embed(texts), torch.cat([clf.embed([t]) for t in texts]), atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_bucket_padding_leaves_real_rows_unchanged(clf: Classifier) -> None:
+    """What a CUDA-graph bucket feeds the encoder (rows and columns of padding, padding rows attending
+    to one token) gives the real rows the embeddings of the exact batch, and no NaN anywhere."""
+    texts = ["my card was charged twice", "where is my parcel?", "reset password"]
+    inputs = clf._tokenize(texts)
+    exact, _ = clf._encode(inputs)
+    padded, _ = clf._encode(pad_batch(inputs, 8, seq_buckets(clf.max_length)[1]))
+    assert padded.shape[0] == 8 and torch.isfinite(padded).all()
+    torch.testing.assert_close(padded[:3], exact, atol=1e-5, rtol=1e-5)
 
 
 def test_no_head_and_no_labels_raises(clf: Classifier) -> None:

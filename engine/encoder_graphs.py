@@ -1,0 +1,103 @@
+"""Encoder batches replayed as CUDA graphs, keyed by (batch bucket, sequence-length bucket).
+
+A MiniLM batch is ~100 small kernels; launched one by one from Python on a slow host, the launches,
+not the GPU, set the batch time (and a Triton launch costs about twice a cuBLAS one, which is what kept
+int8 weights off the GPU classifier). Each bucket is captured on first use: the tokenized batch is
+padded to the bucket (padding rows attend to their first token only, so no row is fully masked) and
+copied into that bucket's static inputs, and the graph computes the pooled embeddings (and head
+logits) into static outputs. On CPU, and for batches beyond the largest bucket, ``encode`` runs
+eagerly on the exact shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from engine.cuda_graphs import bucket
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+MIN_SEQ_BUCKET = 16
+
+Encode = Callable[[dict[str, Tensor]], tuple[Tensor, Tensor | None]]
+"""Device inputs → (L2-normalized pooled embeddings [n, d], head logits [n, labels] or None)."""
+
+
+def seq_buckets(max_length: int) -> list[int]:
+    """Powers of two from MIN_SEQ_BUCKET, then ``max_length``."""
+    sizes, n = [], MIN_SEQ_BUCKET
+    while n < max_length:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, max_length]
+
+
+def pad_batch(inputs: dict[str, Tensor], rows: int, cols: int) -> dict[str, Tensor]:
+    """Zero-pad every ``[n, s]`` input to ``[rows, cols]``; padding rows attend to one token."""
+    n, s = inputs["input_ids"].shape
+    out = {}
+    for name, t in inputs.items():
+        padded = t.new_zeros(rows, cols)
+        padded[:n, :s] = t
+        if name == "attention_mask":
+            padded[n:, 0] = 1
+        out[name] = padded
+    return out
+
+
+class EncoderGraphs:
+    def __init__(self, encode: Encode, device: torch.device, max_length: int) -> None:
+        self.encode = encode
+        self.device = device
+        self.enabled = device.type == "cuda"
+        self.seq_lens = seq_buckets(max_length)
+        self.static: dict[tuple[int, int], dict[str, Tensor]] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], tuple[Tensor, Tensor | None]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
+        self.warmup_stream = torch.cuda.Stream(device) if self.enabled else None
+        self.lock = threading.Lock()  # static buffers: one batch at a time
+
+    def __call__(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """``inputs``: the tokenizer's CPU tensors ``[n, s]``."""
+        n, s = inputs["input_ids"].shape
+        if not self.enabled or n > BATCH_BUCKETS[-1] or s > self.seq_lens[-1]:
+            return self.encode({k: v.to(self.device) for k, v in inputs.items()})
+        key = (bucket(BATCH_BUCKETS, n), bucket(self.seq_lens, s))
+        with self.lock:
+            host = pad_batch(inputs, *key)
+            if key not in self.graphs:
+                self.static[key] = {k: v.to(self.device) for k, v in host.items()}
+                if not self._capture(key):
+                    return self.encode({k: v.to(self.device) for k, v in inputs.items()})
+            else:
+                for k, v in host.items():
+                    self.static[key][k].copy_(v)
+            self.graphs[key].replay()
+            emb, logits = self.outputs[key]
+            return emb[:n].clone(), None if logits is None else logits[:n].clone()
+
+    def _capture(self, key: tuple[int, int]) -> bool:
+        """Warm up on a side stream, then capture; on failure turn graphs off (eager from then on)."""
+        stream = self.warmup_stream
+        try:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self.encode(self.static[key])
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[key] = self.encode(self.static[key])
+            self.graphs[key] = graph
+            return True
+        except Exception as exc:  # e.g. a model whose forward syncs with the host: stay eager
+            log.warning("encoder CUDA graphs off (capture of batch %s failed: %s: %s)", key, type(exc).__name__, exc)
+            self.enabled = False
+            torch.cuda.synchronize(self.device)
+            return False
