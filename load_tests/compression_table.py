@@ -137,6 +137,18 @@ async def engine_speed(model: Llama, loaded: LoadedCausalLM, device: torch.devic
     }
 
 
+def replay_ms(graph: torch.cuda.CUDAGraph, reps: int = 50) -> float:
+    """GPU time of one replay (CUDA events around ``reps`` replays)."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return round(start.elapsed_time(end) / reps, 4)
+
+
 def graph_step_ms(decode: DecodeGraphs, batches: list[int]) -> dict:
     """GPU time of one captured decode step per batch size (CUDA events around 50 replays; all rows
     on the scratch block, so attention is near-free): the model's own cost, without the host noise
@@ -147,15 +159,7 @@ def graph_step_ms(decode: DecodeGraphs, batches: list[int]) -> dict:
         key = (bucket(decode.batch_sizes, batch), decode.kv_lens[0])
         if key not in decode.graphs:
             continue
-        graph = decode.graphs[key]
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(50):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        out[f"graph_step_ms_b{batch}"] = round(start.elapsed_time(end) / 50, 4)
+        out[f"graph_step_ms_b{batch}"] = replay_ms(decode.graphs[key])
     return out
 
 
@@ -228,7 +232,11 @@ def cls_rows(args, device: torch.device, dtype: torch.dtype, settings: list[dict
                 clf.graphs.enabled = False
                 eager = clf.embed(texts[:32])
                 clf.graphs.enabled = True
-            extra = {"graphs": len(clf.graphs.graphs), "graph_vs_eager_max_abs": float((graphed - eager).abs().max())}
+            extra = {
+                "graphs": len(clf.graphs.graphs),
+                "graph_vs_eager_max_abs": float((graphed - eager).abs().max()),
+                **{f"graph_batch_ms_{b}x{s}": replay_ms(g) for (b, s), g in sorted(clf.graphs.graphs.items())},
+            }
         else:
             extra = {}
         row = {
