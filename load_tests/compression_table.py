@@ -282,17 +282,20 @@ def markdown(result: dict) -> str:
             )
         lines.append("")
     if result["classify"]:
+        batch_keys = [k for k in result["classify"][0] if k.startswith("graph_batch_ms_")]
         lines += [
             f"Classification model `{result['cls_model']}`:",
             "",
-            "| setting | emb. cosine | label agree | accuracy | weights MiB (cut) | texts/s |",
-            "|---|---|---|---|---|---|",
+            "| setting | emb. cosine | label agree | accuracy | weights MiB (cut) | texts/s |"
+            + "".join(f" GPU ms/batch {k.removeprefix('graph_batch_ms_')} |" for k in batch_keys),
+            "|---|---|---|---|---|---|" + "---|" * len(batch_keys),
         ]
         for r in result["classify"]:
             lines.append(
                 f"| {_name(r['setting'])} | {r['embedding_cosine']:.4f} | {100 * r['label_agreement']:.1f}% | "
                 f"{100 * r['accuracy']:.1f}% | {r['weight_bytes_after'] / 2**20:.1f} "
                 f"(-{100 * r['weight_bytes_cut']:.0f}%) | {r['classify_texts_s']:.0f} |"
+                + "".join(f" {r[k]:.3f} |" for k in batch_keys)
             )
         lines.append("")
     return "\n".join(lines)

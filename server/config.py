@@ -145,8 +145,8 @@ class Settings(BaseSettings):
         if self.torch_device().type == "cpu":
             return "int8"
         # H100 (load_tests/results/compression/README.md): int8-wo decode steps are as fast as bf16 or
-        # faster up to 64 sequences (1.7B: -19% at 1) and slower at 256 (+12-26%); the eager
-        # classifier is bound by kernel launches, where Triton's cost more than cuBLAS's.
+        # faster up to 64 sequences (1.7B: -19% at 1) and slower at 256 (+12-26%); a classifier
+        # batch (1,000+ rows, compute-bound) takes 28-44% more GPU time in int8-wo than in bf16.
         return "int8-wo" if which == "gen" and self.max_num_seqs <= INT8_WO_MAX_SEQS else "none"
 
     def torch_dtype(self) -> torch.dtype:
