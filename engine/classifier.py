@@ -102,6 +102,7 @@ class Classifier:
         device: torch.device | str = "cpu",
         *,
         max_length: int | None = None,
+        max_batch: int = 64,
         temperature: float = DEFAULT_TEMPERATURE,
         multi_label_threshold: float = DEFAULT_MULTI_LABEL_THRESHOLD,
         label_cache_size: int = LABEL_CACHE_SIZE,
@@ -123,7 +124,7 @@ class Classifier:
         self._label_cache_size = label_cache_size
         self._tok_lock = threading.Lock()
         self._cache_lock = threading.Lock()
-        self.graphs = EncoderGraphs(self._encode, self.device, self.max_length)
+        self.graphs = EncoderGraphs(self._encode, self.device, self.max_length, max_batch)
 
     # ------------------------------------------------------------------ tokens & embeddings
 

@@ -22,20 +22,23 @@ from engine.cuda_graphs import bucket
 
 log = logging.getLogger(__name__)
 
-BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 MIN_SEQ_BUCKET = 16
 
 Encode = Callable[[dict[str, Tensor]], tuple[Tensor, Tensor | None]]
 """Device inputs → (L2-normalized pooled embeddings [n, d], head logits [n, labels] or None)."""
 
 
-def seq_buckets(max_length: int) -> list[int]:
-    """Powers of two from MIN_SEQ_BUCKET, then ``max_length``."""
-    sizes, n = [], MIN_SEQ_BUCKET
-    while n < max_length:
+def powers_of_two(first: int, top: int) -> list[int]:
+    """``first``, 2·first, … below ``top``, then ``top``: buckets padding at most 2x."""
+    sizes, n = [], first
+    while n < top:
         sizes.append(n)
         n *= 2
-    return [*sizes, max_length]
+    return [*sizes, top]
+
+
+def seq_buckets(max_length: int) -> list[int]:
+    return powers_of_two(MIN_SEQ_BUCKET, max_length)
 
 
 def pad_batch(inputs: dict[str, Tensor], rows: int, cols: int) -> dict[str, Tensor]:
@@ -52,10 +55,11 @@ def pad_batch(inputs: dict[str, Tensor], rows: int, cols: int) -> dict[str, Tens
 
 
 class EncoderGraphs:
-    def __init__(self, encode: Encode, device: torch.device, max_length: int) -> None:
+    def __init__(self, encode: Encode, device: torch.device, max_length: int, max_batch: int) -> None:
         self.encode = encode
         self.device = device
         self.enabled = device.type == "cuda"
+        self.batch_sizes = powers_of_two(1, max_batch)
         self.seq_lens = seq_buckets(max_length)
         self.static: dict[tuple[int, int], dict[str, Tensor]] = {}
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -67,9 +71,9 @@ class EncoderGraphs:
     def __call__(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """``inputs``: the tokenizer's CPU tensors ``[n, s]``."""
         n, s = inputs["input_ids"].shape
-        if not self.enabled or n > BATCH_BUCKETS[-1] or s > self.seq_lens[-1]:
+        if not self.enabled or n > self.batch_sizes[-1] or s > self.seq_lens[-1]:
             return self.encode({k: v.to(self.device) for k, v in inputs.items()})
-        key = (bucket(BATCH_BUCKETS, n), bucket(self.seq_lens, s))
+        key = (bucket(self.batch_sizes, n), bucket(self.seq_lens, s))
         with self.lock:
             host = pad_batch(inputs, *key)
             if key not in self.graphs:

@@ -95,7 +95,7 @@ class Runtime:
             report = compress_encoder(encoder, spec, cache, embedder)
             rt.reports["classify"] = report
             log.info("compression %s", report.summary())
-            rt.classifier = Classifier(encoder, device)
+            rt.classifier = Classifier(encoder, device, max_batch=settings.cls_max_batch_size)
             rt.cls_model_id = resolve_spec(settings.cls_model, "classify").name
             if settings.cls_cache_size > 0:
                 rt.cls_cache = ResponseCache(settings.cls_cache_size, name="classify")
