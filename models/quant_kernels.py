@@ -5,7 +5,7 @@
   the bytes of a bf16 GEMM, where dequantizing to a bf16 copy first would move more than the bf16
   GEMM alone. The per-output-channel scale is applied once, in the epilogue. Tile shapes follow the
   row count (decode batches vs prefill); they were picked on an H100 with
-  ``load_tests/int8_kernel_bench.py`` (results in load_tests/results/compression/).
+  ``load_tests/quant_kernel_bench.py`` (results in load_tests/results/compression/).
 - ``fp8_act_matmul``: the ``fp8`` GEMM: per-token activation quantization in one kernel (instead of
   amax, divide and cast as separate launches), then ``torch._scaled_mm`` with both scales fused.
 """
