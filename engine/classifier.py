@@ -144,6 +144,10 @@ class Classifier:
             )
         return dict(enc)
 
+    def capture_graphs(self, max_tokens: int) -> None:
+        """On CUDA, capture the encoder for every batch bucket of at most ``max_tokens`` padded tokens."""
+        self.graphs.capture_all(self._tokenize(["warm up"]), max_tokens)
+
     def _forward(self, texts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
         """One forward over ``texts`` (a CUDA graph replay where one fits)."""
         return self.graphs(self._tokenize(texts))

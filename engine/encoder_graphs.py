@@ -76,19 +76,32 @@ class EncoderGraphs:
         key = (bucket(self.batch_sizes, n), bucket(self.seq_lens, s))
         with self.lock:
             host = pad_batch(inputs, *key)
-            if key not in self.graphs:
-                self.static[key] = {k: v.to(self.device) for k, v in host.items()}
-                if not self._capture(key):
-                    return self.encode({k: v.to(self.device) for k, v in inputs.items()})
-            else:
-                for k, v in host.items():
-                    self.static[key][k].copy_(v)
+            if key not in self.graphs and not self._capture(key, host):
+                return self.encode({k: v.to(self.device) for k, v in inputs.items()})
+            for k, v in host.items():
+                self.static[key][k].copy_(v)
             self.graphs[key].replay()
             emb, logits = self.outputs[key]
             return emb[:n].clone(), None if logits is None else logits[:n].clone()
 
-    def _capture(self, key: tuple[int, int]) -> bool:
-        """Warm up on a side stream, then capture; on failure turn graphs off (eager from then on)."""
+    def capture_all(self, sample: dict[str, Tensor], max_tokens: int) -> None:
+        """Capture every bucket of at most ``max_tokens`` padded tokens, largest first (later captures
+        reuse its memory), before serving starts: capturing while the generation thread runs CUDA work
+        is tolerated (thread-local capture mode) but better kept out of the request path."""
+        if not self.enabled:
+            return
+        keys = [(b, s) for b in self.batch_sizes for s in self.seq_lens if b * s <= max_tokens]
+        with self.lock:
+            for key in sorted(keys, key=lambda k: k[0] * k[1], reverse=True):
+                if key not in self.graphs and not self._capture(key, pad_batch(sample, *key)):
+                    return
+        log.info("encoder CUDA graphs: %d buckets captured", len(self.graphs))
+
+    def _capture(self, key: tuple[int, int], host: dict[str, Tensor]) -> bool:
+        """Static inputs from ``host``, warm-up on a side stream, capture; on failure turn graphs off
+        (eager from then on). Thread-local capture mode: another thread's CUDA calls (the generation
+        engine syncing every step) neither fail nor invalidate this capture."""
+        self.static[key] = {k: v.to(self.device) for k, v in host.items()}
         stream = self.warmup_stream
         try:
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -96,12 +109,15 @@ class EncoderGraphs:
                 self.encode(self.static[key])
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 self.outputs[key] = self.encode(self.static[key])
             self.graphs[key] = graph
             return True
         except Exception as exc:  # e.g. a model whose forward syncs with the host: stay eager
             log.warning("encoder CUDA graphs off (capture of batch %s failed: %s: %s)", key, type(exc).__name__, exc)
             self.enabled = False
+            self.graphs.clear()
+            self.outputs.clear()
+            self.static.clear()
             torch.cuda.synchronize(self.device)
             return False

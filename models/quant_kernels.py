@@ -153,7 +153,7 @@ WIDE_PROGRAMS = 96  # ~3/4 of the SMs
 
 def w8a16_matmul(x: Tensor, qweight: Tensor, scale: Tensor, config: Config | None = None) -> Tensor:
     """x: [M, K] bf16/fp16; qweight: [N, K] int8; scale: [N] fp32 → [M, N] in x's dtype."""
-    assert triton is not None
+    assert triton is not None and qweight.stride(1) == 1, "the kernel reads weight rows as contiguous"
     m, k = x.shape
     n = qweight.shape[0]
     x = x.contiguous()
@@ -173,7 +173,12 @@ def reference(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
     return x.float() @ (qweight.float() * scale.float()[:, None]).t()
 
 
-SELF_CHECK_CONFIGS: tuple[Config, ...] = ((16, 32, 128, 4, 4, False), (16, 64, 128, 4, 4, True))
+PICKABLE_CONFIGS: tuple[Config, ...] = (
+    (16, 32, 128, 4, 4, False), (16, 32, 256, 4, 4, False), (32, 64, 128, 4, 4, True), (64, 64, 128, 4, 4, True),
+    (128, 128, 64, 8, 3, True), (256, 128, 64, 8, 3, True),
+)  # fmt: skip
+"""Every tile ``pick_config`` can return: the self-check compiles and checks each (a tile too large
+for a smaller GPU's shared memory then turns the kernel off at startup, not mid-request)."""
 
 
 def _agrees(fn: object, method: str, device: torch.device, dtype: torch.dtype, tol: float) -> bool:
@@ -206,13 +211,12 @@ def _agrees(fn: object, method: str, device: torch.device, dtype: torch.dtype, t
 
 @functools.cache
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the int8 weight-only kernel runs here and agrees with the reference, with the default
-    tiles and each kernel variant (checked once per device/dtype); otherwise QuantLinear dequantizes."""
+    """Whether the int8 weight-only kernel runs here and agrees with the reference with every tile it
+    may use (checked once per device/dtype); otherwise QuantLinear dequantizes."""
     if triton is None or device.type != "cuda" or dtype not in DTYPES:
         return False
     return all(
-        _agrees(lambda x, q, s, c=c: w8a16_matmul(x, q, s, c), "int8-wo", device, dtype, 1e-2)
-        for c in (None, *SELF_CHECK_CONFIGS)
+        _agrees(lambda x, q, s, c=c: w8a16_matmul(x, q, s, c), "int8-wo", device, dtype, 1e-2) for c in PICKABLE_CONFIGS
     )
 
 

@@ -10,6 +10,8 @@ import torch
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models import quant_kernels
+
 # The largest pruning shares that kept the default within +5% perplexity / >= 99% label agreement
 # (load_tests/results/compression/README.md).
 DEFAULT_GEN_PRUNE = 0.01
@@ -147,7 +149,9 @@ class Settings(BaseSettings):
         # H100 (load_tests/results/compression/README.md): int8-wo decode steps are as fast as bf16 or
         # faster up to 64 sequences (1.7B: -19% at 1) and slower at 256 (+12-26%); a classifier
         # batch (1,000+ rows, compute-bound) takes 28-44% more GPU time in int8-wo than in bf16.
-        return "int8-wo" if which == "gen" and self.max_num_seqs <= INT8_WO_MAX_SEQS else "none"
+        # Without the kernel (no Triton, fp32, a failed self-check) int8-wo would dequantize per call.
+        fast = quant_kernels.usable(self.torch_device(), self.torch_dtype())
+        return "int8-wo" if which == "gen" and self.max_num_seqs <= INT8_WO_MAX_SEQS and fast else "none"
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -96,6 +96,7 @@ class Runtime:
             rt.reports["classify"] = report
             log.info("compression %s", report.summary())
             rt.classifier = Classifier(encoder, device, max_batch=settings.cls_max_batch_size)
+            rt.classifier.capture_graphs(settings.cls_max_batch_tokens)  # before the engines start
             rt.cls_model_id = resolve_spec(settings.cls_model, "classify").name
             if settings.cls_cache_size > 0:
                 rt.cls_cache = ResponseCache(settings.cls_cache_size, name="classify")

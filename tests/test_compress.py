@@ -190,3 +190,10 @@ def test_triton_kernels_stay_off_without_cuda() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         assert not quant_kernels.usable(torch.device("cpu"), dtype)
         assert not quant_kernels.fp8_usable(torch.device("cpu"), dtype)
+
+
+def test_self_check_covers_every_tile_the_kernel_may_pick() -> None:
+    """usable() compiles and checks PICKABLE_CONFIGS; a tile outside it would first compile mid-request."""
+    shapes = [(m, n, k) for m in (1, 5, 16, 17, 33, 64, 65, 128, 256, 300, 2048, 8192)
+              for n in (200, 384, 576, 960, 2048, 6144, 49152) for k in (328, 576, 1536, 8192)]  # fmt: skip
+    assert {quant_kernels.pick_config(m, n, k) for m, n, k in shapes} <= set(quant_kernels.PICKABLE_CONFIGS)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from models import quant_kernels
 from server.config import Settings
 
 
@@ -24,17 +25,18 @@ def test_cpu_defaults() -> None:
 
 
 @pytest.mark.parametrize(
-    ("device", "max_num_seqs", "gen", "cls"),
-    [("cpu", 256, "int8", "int8"), ("cuda", 16, "int8-wo", "none"), ("cuda", 64, "int8-wo", "none"),
-     ("cuda", 65, "none", "none")],
+    ("device", "max_num_seqs", "kernel", "gen", "cls"),
+    [("cpu", 256, False, "int8", "int8"), ("cuda", 16, True, "int8-wo", "none"), ("cuda", 64, True, "int8-wo", "none"),
+     ("cuda", 65, True, "none", "none"), ("cuda", 16, False, "none", "none")],
 )  # fmt: skip
 def test_auto_quantization_follows_the_measured_table(
-    monkeypatch: pytest.MonkeyPatch, device: str, max_num_seqs: int, gen: str, cls: str
+    monkeypatch: pytest.MonkeyPatch, device: str, max_num_seqs: int, kernel: bool, gen: str, cls: str
 ) -> None:
-    """'auto' resolves per device (and, on CUDA, per decode batch) as load_tests/results/compression decided;
-    an explicit method always wins."""
+    """'auto' resolves per device (and, on CUDA, per decode batch and whether the int8 kernel runs) as
+    load_tests/results/compression decided; an explicit method always wins."""
     s = Settings(max_num_seqs=max_num_seqs)
     monkeypatch.setattr(Settings, "torch_device", lambda self: torch.device(device))
+    monkeypatch.setattr(quant_kernels, "usable", lambda device, dtype: kernel)
     assert (s.quantize_method("gen"), s.quantize_method("cls")) == (gen, cls)
     explicit = Settings(max_num_seqs=max_num_seqs, gen_quantize="fp8", cls_quantize="int8-wo")
     assert (explicit.quantize_method("gen"), explicit.quantize_method("cls")) == ("fp8", "int8-wo")
