@@ -111,10 +111,12 @@ class LLMEngine:
                 metrics.QUEUE_TIME.labels(endpoint="generate").observe(start - seq.arrival_time)
         tokens = self.runner.run(seqs)
         for seq, token in zip(seqs, tokens, strict=True):
-            seq.output_ids.append(token)
-            seq.num_computed = seq.num_tokens - 1
+            seq.num_computed += seq.num_step_tokens
+            seq.num_scheduled = 0
             self.blocks.commit(seq)
-            self._emit(self.requests[seq], token)
+            if token is not None:  # None: a prompt chunk, continued in a later prefill step
+                seq.output_ids.append(token)
+                self._emit(self.requests[seq], token)
         metrics.STEP_TIME.labels(phase="prefill" if is_prefill else "decode").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.labels(endpoint="generate").observe(len(seqs))
         self.update_gauges()

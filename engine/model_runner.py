@@ -44,20 +44,26 @@ class ModelRunner:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence]) -> list[int]:
-        """Computes every not-yet-cached token of each sequence and returns one new token per sequence."""
+    def run(self, seqs: list[Sequence]) -> list[int | None]:
+        """Computes each sequence's ``num_step_tokens`` next uncached tokens; returns the new token of each
+        sequence that is then fully computed, None for one whose prompt continues in a later chunk."""
         if all(s.num_tokens - s.num_computed == 1 for s in seqs) and self.decode.fits(seqs):
             greedy, logits = self.decode.run(seqs)
-            return sample(logits, seqs, greedy)
+            return list(sample(logits, seqs, greedy))
         input_ids, positions, meta, last = self._prepare(seqs)
         hidden = self.model(input_ids, positions, meta, (self.k_cache, self.v_cache))
-        rows = torch.arange(len(seqs), device=self.device)
-        logits = self.model.logits(hidden[rows, last])
-        return sample(logits, seqs)
+        done = [i for i, s in enumerate(seqs) if s.num_computed + s.num_step_tokens == s.num_tokens]
+        out: list[int | None] = [None] * len(seqs)
+        if done:  # sampling only these keeps a seeded request's random stream independent of chunking
+            rows = torch.tensor(done, device=self.device)
+            tokens = sample(self.model.logits(hidden[rows, last[rows]]), [seqs[i] for i in done])
+            for i, token in zip(done, tokens, strict=True):
+                out[i] = token
+        return out
 
     def _prepare(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:
         bs = self.blocks.block_size
-        q_lens = [s.num_tokens - s.num_computed for s in seqs]
+        q_lens = [s.num_step_tokens for s in seqs]
         q_max = max(q_lens)
         ids = torch.zeros(len(seqs), q_max, dtype=torch.long)
         positions = torch.zeros(len(seqs), q_max, dtype=torch.long)
@@ -65,8 +71,8 @@ class ModelRunner:
         max_blocks = max(len(s.block_table) for s in seqs)
         tables = torch.full((len(seqs), max_blocks), SCRATCH_BLOCK, dtype=torch.long)
         for b, (s, q) in enumerate(zip(seqs, q_lens, strict=True)):
-            ids[b, :q] = torch.tensor(s.token_ids[s.num_computed :])
-            positions[b, :q] = torch.arange(s.num_computed, s.num_tokens)
+            ids[b, :q] = torch.tensor(s.token_ids[s.num_computed : s.num_computed + q])
+            positions[b, :q] = torch.arange(s.num_computed, s.num_computed + q)
             valid[b, :q] = True
             tables[b, : len(s.block_table)] = torch.tensor(s.block_table)
         slots = tables.gather(1, positions // bs) * bs + positions % bs

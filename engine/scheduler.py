@@ -1,5 +1,6 @@
-"""Iteration-level (continuous) batching: each step either admits waiting prompts (prefill) or advances
-every running sequence by one token (decode); finished sequences leave at once and free their blocks."""
+"""Iteration-level (continuous) batching: each step either computes prompt tokens (prefill: new prompts
+and chunks of long ones, within a token budget) or advances every running sequence by one token
+(decode), alternating while both have work; finished sequences leave at once and free their blocks."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.last_was_prefill = False
         self.queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.hit_tokens = 0  # of which served from it
 
@@ -29,32 +31,51 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns the sequences to run this step and whether it is a prefill step.
 
-        Prefill goes first so new requests get their first token quickly; a prompt that would not fit
-        the token budget waits for the next step, except when it is alone (it always fits the pool
-        because the engine rejects requests longer than ``max_model_len``).
+        Prefill steps spend at most ``max_batched_tokens`` prompt tokens: unfinished prompts continue
+        first, then waiting prompts are admitted; a prompt larger than what is left of the budget runs
+        in chunks over several prefill steps (its blocks are all allocated at admission). After a
+        prefill step, sequences that are ready to decode get a decode step before the next prefill
+        step, so a burst of new or long prompts delays streaming clients by one chunk at a time
+        instead of by every prompt's whole prefill.
         """
+        ready = [s for s in self.running if s.num_tokens - s.num_computed == 1]
+        if not (self.last_was_prefill and ready):
+            batch = self._prefill_batch()
+            if batch:
+                self.last_was_prefill = True
+                return batch, True
+        self.last_was_prefill = False
+        return self._decode_batch(), False
+
+    def _prefill_batch(self) -> list[Sequence]:
         batch: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(self.running) + len(batch) < self.max_num_seqs:
+        budget = self.max_batched_tokens
+        for seq in self.running:  # prompts admitted in an earlier step, partly computed
+            remaining = seq.num_tokens - seq.num_computed
+            if remaining > 1 and budget > 0:
+                seq.num_scheduled = min(remaining, budget)
+                budget -= seq.num_scheduled
+                batch.append(seq)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = self.blocks.match_prefix(seq)
-            need = seq.num_tokens - len(cached) * self.blocks.block_size
-            if (batch and tokens + need > self.max_batched_tokens) or not self.blocks.can_allocate(seq, cached):
+            if not self.blocks.can_allocate(seq, cached):
                 break
             self.blocks.allocate(seq, cached)
             self._count_prefix_hit(seq)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            seq.num_scheduled = min(seq.num_tokens - seq.num_computed, budget)
+            budget -= seq.num_scheduled
+            self.running.append(seq)
             batch.append(seq)
-            tokens += need
-        if batch:
-            self.running.extend(batch)
-            return batch, True
+        return batch
 
+    def _decode_batch(self) -> list[Sequence]:
         scheduled: list[Sequence] = []
         for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING or seq.num_tokens - seq.num_computed != 1:
+                continue  # preempted earlier in this loop, or a prompt still being prefilled
             while not self.blocks.can_append(seq):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -62,8 +83,9 @@ class Scheduler:
                     break
             if seq.status is SequenceStatus.RUNNING:
                 self.blocks.allocate(seq)
+                seq.num_scheduled = 1
                 scheduled.append(seq)
-        return scheduled, False
+        return scheduled
 
     def _count_prefix_hit(self, seq: Sequence) -> None:
         """Every admission (re-admission after preemption included) queries the prefix cache."""

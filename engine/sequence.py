@@ -44,6 +44,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
+    num_scheduled: int = 0  # tokens the current step computes (a prompt chunk); 0 = all not yet computed
     num_cached_prompt: int = 0  # tokens served from the prefix cache at first admission
     num_committed: int = 0  # leading blocks published to the prefix cache
     block_hashes: list[bytes] = field(default_factory=list)  # prefix hashes of the full blocks so far
@@ -59,6 +60,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_step_tokens(self) -> int:
+        return self.num_scheduled or self.num_tokens - self.num_computed
 
     @property
     def token_ids(self) -> list[int]:

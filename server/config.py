@@ -72,7 +72,9 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(512, ge=1, description="largest accepted max_tokens")
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when the request gives none")
     max_num_seqs: int = Field(16, ge=1, description="sequences in the running batch")
-    max_batched_tokens: int = Field(4096, ge=16, description="prompt tokens per prefill step")
+    max_batched_tokens: int = Field(
+        4096, ge=16, description="prompt tokens per prefill step (longer prompts are prefilled in chunks)"
+    )
     kv_cache_tokens: int = Field(32768, ge=256, description="KV-cache capacity in tokens, all sequences together")
     kv_block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
     enable_prefix_caching: bool = Field(
@@ -116,8 +118,6 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.default_max_tokens > self.max_new_tokens:
             raise ValueError("default_max_tokens must not exceed max_new_tokens")
-        if self.max_input_tokens > self.max_batched_tokens:
-            raise ValueError("max_input_tokens must not exceed max_batched_tokens (a prompt must fit one step)")
         if self.max_input_tokens + self.max_new_tokens > self.kv_cache_tokens:
             raise ValueError("kv_cache_tokens must hold at least one max_input_tokens + max_new_tokens sequence")
         if self.cls_max_inputs > self.cls_max_queued_inputs:

@@ -46,7 +46,6 @@ def test_auto_quantization_follows_the_measured_table(
     "bad",
     [
         {"default_max_tokens": 600, "max_new_tokens": 512},
-        {"max_input_tokens": 8192, "max_batched_tokens": 4096},
         {"kv_cache_tokens": 1024},
         {"port": 0},
         {"device": "tpu"},

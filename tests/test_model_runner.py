@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from engine.cuda_graphs import batch_buckets, kv_buckets
 from engine.kv_cache import BlockManager
 from engine.model_runner import ModelRunner
+from engine.scheduler import Scheduler
 from engine.sequence import SamplingParams, Sequence
 from models.llama import Llama
 
@@ -126,3 +127,45 @@ def test_fused_projections_match_separate(tiny: tuple[LlamaConfig, dict[str, tor
     kv = (runner.k_cache, runner.v_cache)
     with torch.inference_mode():
         torch.testing.assert_close(runner.model(ids, positions, meta, kv), partly(ids, positions, meta, kv))
+
+
+def scheduled_run(
+    config: LlamaConfig, state: dict[str, torch.Tensor], prompts: list[list[int]], params: SamplingParams, budget: int
+) -> tuple[list[list[int]], list[bool]]:
+    """Scheduler + runner stepped as LLMEngine.step does; returns the outputs and each step's kind."""
+    runner = make_runner(config, state)
+    sched = Scheduler(runner.blocks, max_num_seqs=8, max_batched_tokens=budget)
+    seqs = [Sequence(prompt_ids=p, params=params) for p in prompts]
+    for s in seqs:
+        sched.add(s)
+    kinds = []
+    while sched.has_work():
+        batch, is_prefill = sched.schedule()
+        kinds.append(is_prefill)
+        for s, token in zip(batch, runner.run(batch), strict=True):
+            s.num_computed += s.num_step_tokens
+            s.num_scheduled = 0
+            if token is not None:
+                s.output_ids.append(token)
+                if len(s.output_ids) == params.max_tokens:
+                    sched.finish(s, "length")
+    return [s.output_ids for s in seqs], kinds
+
+
+@pytest.mark.parametrize(
+    "params", [SamplingParams(max_tokens=12), SamplingParams(max_tokens=12, temperature=0.9, seed=5)]
+)
+def test_chunked_prefill_gives_the_same_tokens(
+    tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], params: SamplingParams
+) -> None:
+    """Prompts longer than the prefill budget run in chunks (decode steps in between) and produce the
+    same tokens as one-step prefill, greedy and seeded sampling alike."""
+    config, state = tiny
+    prompts = [[3] * 5, list(range(1, 71)), [7, 9] * 20]
+    whole, whole_kinds = scheduled_run(config, state, prompts, params, budget=4096)
+    chunked, kinds = scheduled_run(config, state, prompts, params, budget=16)
+    assert chunked == whole
+    assert whole_kinds[0] and not any(whole_kinds[1:])  # everything fits one prefill step
+    prefills = [i for i, k in enumerate(kinds) if k]
+    assert len(prefills) >= 115 // 16  # 115 prompt tokens in chunks of at most 16
+    assert all(not kinds[i + 1] for i in prefills[1:-1])  # the first prompt decodes between chunks

@@ -127,7 +127,11 @@ def test_preemption_and_abort_with_shared_blocks_free_everything() -> None:
     seqs = [seq([*system, 100 + i, 101 + i], max_tokens=10) for i in range(4)]
     for s in seqs:
         sched.add(s)
-    for s in sched.schedule()[0]:
+    assert sched.schedule() == ([aborted], False)  # a decode step comes between two prefill steps
+    computed(blocks, aborted)
+    batch, is_prefill = sched.schedule()
+    assert is_prefill and batch == seqs
+    for s in batch:
         computed(blocks, s)
     assert seqs[0].block_table[:2] == aborted.block_table[:2]  # shared, ref count 2
     preemptions = metrics.PREEMPTIONS._value.get()
