@@ -31,9 +31,9 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns the sequences to run this step and whether it is a prefill step.
 
-        Prefill steps spend at most ``max_batched_tokens`` prompt tokens: unfinished prompts continue
-        first, then waiting prompts are admitted; a prompt larger than what is left of the budget runs
-        in chunks over several prefill steps (its blocks are all allocated at admission). After a
+        Prefill steps compute at most ``max_batched_tokens`` padded prompt tokens: unfinished prompts
+        continue first, then waiting prompts are admitted; a prompt larger than what the budget leaves
+        runs in chunks over several prefill steps (its blocks are all allocated at admission). After a
         prefill step, sequences that are ready to decode get a decode step before the next prefill
         step, so a burst of new or long prompts delays streaming clients by one chunk at a time
         instead of by every prompt's whole prefill.
@@ -48,27 +48,40 @@ class Scheduler:
         return self._decode_batch(), False
 
     def _prefill_batch(self) -> list[Sequence]:
+        """Rows are padded to the longest chunk of the step, so the budget bounds rows × that width
+        (mixing one long prompt with many short ones would otherwise multiply the work)."""
         batch: list[Sequence] = []
-        budget = self.max_batched_tokens
+        width = 0
+
+        def chunk(remaining: int) -> int:
+            """Tokens of a prompt with ``remaining`` uncomputed ones that fit as one more row; 0 if
+            no useful chunk (a block, or the whole rest if shorter) fits."""
+            allowed = self.max_batched_tokens // (len(batch) + 1)
+            return min(remaining, allowed) if allowed >= max(width, min(remaining, self.blocks.block_size)) else 0
+
+        def add(seq: Sequence, n: int) -> None:
+            nonlocal width
+            seq.num_scheduled, width = n, max(width, n)
+            batch.append(seq)
+
         for seq in self.running:  # prompts admitted in an earlier step, partly computed
-            remaining = seq.num_tokens - seq.num_computed
-            if remaining > 1 and budget > 0:
-                seq.num_scheduled = min(remaining, budget)
-                budget -= seq.num_scheduled
-                batch.append(seq)
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            if seq.num_tokens - seq.num_computed > 1:
+                n = chunk(seq.num_tokens - seq.num_computed)
+                if not n:
+                    return batch
+                add(seq, n)
+        while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = self.blocks.match_prefix(seq)
-            if not self.blocks.can_allocate(seq, cached):
+            n = chunk(seq.num_tokens - len(cached) * self.blocks.block_size)
+            if not n or not self.blocks.can_allocate(seq, cached):
                 break
             self.blocks.allocate(seq, cached)
             self._count_prefix_hit(seq)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            seq.num_scheduled = min(seq.num_tokens - seq.num_computed, budget)
-            budget -= seq.num_scheduled
             self.running.append(seq)
-            batch.append(seq)
+            add(seq, n)
         return batch
 
     def _decode_batch(self) -> list[Sequence]:

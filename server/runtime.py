@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(
         max_num_seqs=settings.max_num_seqs,
-        max_batched_tokens=settings.max_batched_tokens,
+        max_batched_tokens=settings.prefill_budget(),
         kv_cache_tokens=settings.kv_cache_tokens,
         block_size=settings.kv_block_size,
         max_model_len=settings.max_input_tokens + settings.max_new_tokens,

@@ -22,6 +22,7 @@ def test_cpu_defaults() -> None:
     s = Settings(device="cpu")
     assert s.torch_device() == torch.device("cpu")
     assert s.torch_dtype() == torch.float32
+    assert s.prefill_budget() == 512 and Settings(device="cpu", max_batched_tokens=64).prefill_budget() == 64
 
 
 @pytest.mark.parametrize(
