@@ -54,10 +54,12 @@ class Scheduler:
         width = 0
 
         def chunk(remaining: int) -> int:
-            """Tokens of a prompt with ``remaining`` uncomputed ones that fit as one more row; 0 if
-            no useful chunk (a block, or the whole rest if shorter) fits."""
+            """Tokens of a prompt with ``remaining`` uncomputed ones that fit as one more row; 0 if no
+            useful chunk (a block, or the whole rest if shorter) fits beside the rows already taken.
+            The first row always gets the budget, so every prefill step makes progress."""
             allowed = self.max_batched_tokens // (len(batch) + 1)
-            return min(remaining, allowed) if allowed >= max(width, min(remaining, self.blocks.block_size)) else 0
+            useful = max(width, min(remaining, self.blocks.block_size)) if batch else 1
+            return min(remaining, allowed) if allowed >= useful else 0
 
         def add(seq: Sequence, n: int) -> None:
             nonlocal width

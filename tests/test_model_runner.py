@@ -169,3 +169,12 @@ def test_chunked_prefill_gives_the_same_tokens(
     prefills = [i for i, k in enumerate(kinds) if k]
     assert len(prefills) >= 115 // 16  # 115 prompt tokens in chunks of at most 16
     assert all(not kinds[i + 1] for i in prefills[1:-1])  # the first prompt decodes between chunks
+
+
+def test_a_budget_below_the_block_size_still_makes_progress(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]]) -> None:
+    config, state = tiny
+    params = SamplingParams(max_tokens=4)
+    assert (
+        scheduled_run(config, state, [list(range(1, 41))], params, budget=8)[0]
+        == scheduled_run(config, state, [list(range(1, 41))], params, budget=4096)[0]
+    )
