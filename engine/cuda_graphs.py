@@ -31,6 +31,15 @@ def bucket(sizes: list[int], n: int) -> int:
     return next(s for s in sizes if s >= n)
 
 
+def powers_of_two(first: int, top: int) -> list[int]:
+    """``first``, 2·first, … below ``top``, then ``top``: buckets padding at most 2x."""
+    sizes, n = [], first
+    while n < top:
+        sizes.append(n)
+        n *= 2
+    return [*sizes, top]
+
+
 def batch_buckets(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, 16, 32, then steps of a quarter of the power of two below (≤ 25% padding), up to the max."""
     sizes = [b for b in (1, 2, 4, 8, 16, 32) if b < max_num_seqs]
@@ -45,12 +54,7 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 def kv_buckets(max_model_len: int, block_size: int) -> list[int]:
     """Powers of two from MIN_KV_BUCKET, then the model length; all multiples of the block size."""
     round_up = lambda n: -(-n // block_size) * block_size  # noqa: E731
-    top = round_up(max_model_len)
-    sizes, n = set(), MIN_KV_BUCKET
-    while n < top:
-        sizes.add(round_up(n))
-        n *= 2
-    return sorted(sizes | {top})
+    return sorted({round_up(n) for n in powers_of_two(MIN_KV_BUCKET, round_up(max_model_len))})
 
 
 class DecodeGraphs:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from engine.cuda_graphs import bucket
+from engine.cuda_graphs import bucket, powers_of_two
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +26,6 @@ MIN_SEQ_BUCKET = 16
 
 Encode = Callable[[dict[str, Tensor]], tuple[Tensor, Tensor | None]]
 """Device inputs → (L2-normalized pooled embeddings [n, d], head logits [n, labels] or None)."""
-
-
-def powers_of_two(first: int, top: int) -> list[int]:
-    """``first``, 2·first, … below ``top``, then ``top``: buckets padding at most 2x."""
-    sizes, n = [], first
-    while n < top:
-        sizes.append(n)
-        n *= 2
-    return [*sizes, top]
 
 
 def seq_buckets(max_length: int) -> list[int]:
@@ -71,18 +62,22 @@ class EncoderGraphs:
     def __call__(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """``inputs``: the tokenizer's CPU tensors ``[n, s]``."""
         n, s = inputs["input_ids"].shape
-        if not self.enabled or n > self.batch_sizes[-1] or s > self.seq_lens[-1]:
-            return self.encode({k: v.to(self.device) for k, v in inputs.items()})
-        key = (bucket(self.batch_sizes, n), bucket(self.seq_lens, s))
-        with self.lock:
-            host = pad_batch(inputs, *key)
-            if key not in self.graphs and not self._capture(key, host):
-                return self.encode({k: v.to(self.device) for k, v in inputs.items()})
-            for k, v in host.items():
-                self.static[key][k].copy_(v)
-            self.graphs[key].replay()
-            emb, logits = self.outputs[key]
-            return emb[:n].clone(), None if logits is None else logits[:n].clone()
+        if self.enabled and n <= self.batch_sizes[-1] and s <= self.seq_lens[-1]:
+            key = (bucket(self.batch_sizes, n), bucket(self.seq_lens, s))
+            with self.lock:
+                host = pad_batch(inputs, *key)
+                if key in self.graphs:
+                    for k, v in host.items():
+                        self.static[key][k].copy_(v)
+                    return self._replay(key, n)
+                if self._capture(key, host):  # its static inputs already hold this batch
+                    return self._replay(key, n)
+        return self.encode({k: v.to(self.device) for k, v in inputs.items()})
+
+    def _replay(self, key: tuple[int, int], n: int) -> tuple[Tensor, Tensor | None]:
+        self.graphs[key].replay()
+        emb, logits = self.outputs[key]
+        return emb[:n].clone(), None if logits is None else logits[:n].clone()
 
     def capture_all(self, sample: dict[str, Tensor], max_tokens: int) -> None:
         """Capture every bucket of at most ``max_tokens`` padded tokens, largest first (later captures

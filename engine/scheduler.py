@@ -38,7 +38,7 @@ class Scheduler:
         step, so a burst of new or long prompts delays streaming clients by one chunk at a time
         instead of by every prompt's whole prefill.
         """
-        ready = [s for s in self.running if s.num_tokens - s.num_computed == 1]
+        ready = any(s.num_tokens - s.num_computed == 1 for s in self.running)
         if not (self.last_was_prefill and ready):
             batch = self._prefill_batch()
             if batch:
