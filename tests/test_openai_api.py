@@ -35,7 +35,7 @@ def test_chat_whole(client: openai.OpenAI) -> None:
     assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == GEN
     assert len(r.choices) == 1
     choice = r.choices[0]
-    assert choice.message.role == "assistant" and "Paris" in choice.message.content
+    assert choice.message.role == "assistant" and choice.message.content.strip()
     assert choice.finish_reason in ("stop", "length")
     u = r.usage
     assert u.prompt_tokens > 10 and 0 < u.completion_tokens <= 16
