@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from engine.llm_engine import AsyncLLM, EngineError, GenerationChunk
-from server import metrics
+from server import chat_template, metrics
 from server.config import Settings
 from server.errors import APIError
 
@@ -18,12 +18,13 @@ log = logging.getLogger(__name__)
 
 
 def encode_chat(llm: AsyncLLM, messages: list[dict[str, str]], field: str = "messages") -> list[int]:
-    """Renders chat turns with the model's own chat template (adding the assistant turn's header)."""
-    tokenizer = llm.tokenizer
-    if not tokenizer.chat_template:
+    """Chat turns in the model's own template (with the assistant turn's header); content stays text."""
+    if not llm.tokenizer.chat_template:
         raise APIError(400, "this model has no chat template; send a plain prompt instead", field=field)
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    try:
+        return chat_template.encode_chat(llm.tokenizer, messages)
+    except chat_template.UnsafeContentError as exc:
+        raise APIError(400, str(exc), field=exc.field) from exc
 
 
 def encode_text(llm: AsyncLLM, prompt: str) -> list[int]:
