@@ -1,4 +1,5 @@
-"""The generation engine: a synchronous step loop on its own thread, with asyncio-facing streams.
+"""The generation engine: a synchronous step loop on its own thread (in the server's process or in an
+engine-core process), and the asyncio-facing client that turns its token ids into text streams.
 
 Model work never runs on the event loop, so HTTP stays responsive while the batch computes; requests
 enter and leave the running batch between any two steps.
@@ -7,6 +8,7 @@ enter and leave the running batch between any two steps.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
@@ -21,6 +23,7 @@ from engine import metrics
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import BlockManager
 from engine.model_runner import ModelRunner
+from engine.protocol import API_STRIDE, Abort, AddRequest, StepOutputs, TokenOutput
 from engine.scheduler import Scheduler
 from engine.sequence import SamplingParams, Sequence
 from models.llama import Llama
@@ -53,18 +56,10 @@ class EngineError(RuntimeError):
     """The engine failed while running a batch; the request cannot complete."""
 
 
-@dataclass(eq=False)
-class _Request:
-    seq: Sequence
-    detok: IncrementalDetokenizer
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue[GenerationChunk | BaseException]
-
-    def emit(self, item: GenerationChunk | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-
-
 class LLMEngine:
+    """Scheduler, KV cache and model runner: one step at a time, token ids in and out. Text (detokenization
+    and stop strings) is the API server's business, so this can run in a process of its own."""
+
     def __init__(
         self,
         model: Llama,
@@ -84,15 +79,18 @@ class LLMEngine:
         metrics.KV_BYTES.set(self.runner.kv_cache_bytes)
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
-        # Keyed by sequence, not request id: ids come from clients (X-Request-ID) and may repeat.
-        self.requests: dict[Sequence, _Request] = {}
+        # Keyed by the API server's request key, not the request id: ids come from clients and may repeat.
+        self.requests: dict[int, Sequence] = {}
 
-    def add(self, request: _Request) -> None:
-        self.requests[request.seq] = request
-        self.scheduler.add(request.seq)
+    def add(self, request: AddRequest) -> None:
+        seq = Sequence(prompt_ids=request.prompt_ids, params=request.params, request_id=request.request_id)
+        seq.key = request.key
+        self.requests[request.key] = seq
+        self.scheduler.add(seq)
 
-    def abort(self, seq: Sequence) -> None:
-        if self.requests.pop(seq, None) is not None:
+    def abort(self, key: int) -> None:
+        seq = self.requests.pop(key, None)
+        if seq is not None:
             self.scheduler.finish(seq, "abort")
             log.debug("request %s aborted after %d tokens", seq.request_id, len(seq.output_ids))
             self.update_gauges()  # no step may follow to refresh them (the engine can go idle now)
@@ -100,41 +98,38 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self) -> None:
+    def step(self) -> list[TokenOutput]:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
-            return
+            return []
         start = time.perf_counter()
         for seq in seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
                 metrics.QUEUE_TIME.labels(endpoint="generate").observe(start - seq.arrival_time)
         tokens = self.runner.run(seqs)
+        outputs = []
         for seq, token in zip(seqs, tokens, strict=True):
             seq.num_computed += seq.num_step_tokens
             seq.num_scheduled = 0
             self.blocks.commit(seq)
             if token is not None:  # None: a prompt chunk, continued in a later prefill step
                 seq.output_ids.append(token)
-                self._emit(self.requests[seq], token)
+                outputs.append(self._output(seq, token))
         metrics.STEP_TIME.labels(phase="prefill" if is_prefill else "decode").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.labels(endpoint="generate").observe(len(seqs))
         self.update_gauges()
+        return outputs
 
-    def _emit(self, request: _Request, token: int) -> None:
-        seq = request.seq
+    def _output(self, seq: Sequence, token: int) -> TokenOutput:
         reason = None
         if token in self.eos_ids:
-            text, reason = request.detok.flush(), "stop"
-        else:
-            text, hit_stop = request.detok.add(token)
-            if hit_stop:
-                reason = "stop"
-            elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
-                text, reason = text + request.detok.flush(), "length"
+            reason = "stop"
+        elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            del self.requests[seq]
+            del self.requests[seq.key]
             log.debug(
                 "request %s finished (%s): %d prompt tokens (%d from the prefix cache), %d generated",
                 seq.request_id,
@@ -143,21 +138,21 @@ class LLMEngine:
                 seq.num_cached_prompt,
                 len(seq.output_ids),
             )
-        if text or reason:
-            request.emit(GenerationChunk(text, reason, len(seq.prompt_ids), len(seq.output_ids), seq.num_cached_prompt))
+        return TokenOutput(seq.key, token, reason, len(seq.prompt_ids), seq.num_cached_prompt)
 
-    def fail_all(self, error: BaseException) -> None:
-        for seq, request in list(self.requests.items()):
+    def fail_all(self, error: BaseException) -> list[TokenOutput]:
+        outputs = []
+        for key, seq in list(self.requests.items()):
             self.scheduler.finish(seq, "error")
-            # The client sees the error type only: messages can carry paths; the log has them with the id.
-            request.emit(
-                EngineError(
-                    f"generation failed ({type(error).__name__}); see the server log for request {seq.request_id}"
-                )
-            )
-            del self.requests[seq]
+            outputs.append(TokenOutput(key, None, "error", len(seq.prompt_ids), seq.num_cached_prompt))
             log.warning("request %s failed: %s", seq.request_id, error)
+        self.requests.clear()
         self.update_gauges()
+        return outputs
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) sequences."""
+        return len(self.scheduler.running), len(self.scheduler.waiting)
 
     def update_gauges(self) -> None:
         metrics.RUNNING.set(len(self.scheduler.running))
@@ -168,59 +163,105 @@ class LLMEngine:
         metrics.PREFIX_CACHE_BLOCKS.set(self.blocks.num_cached)
 
 
-class AsyncLLM:
-    """Owns the engine thread. All engine state is touched only from that thread; callers talk to it
-    through a thread-safe inbox, and results come back through each request's asyncio queue."""
+class EngineLoop:
+    """Owns the engine thread: all engine state is touched only there. Commands arrive through a
+    thread-safe inbox; each step's outputs leave through ``publish`` in one call (to the event loop of
+    this process, or to the API servers' sockets in an engine-core process)."""
 
-    def __init__(self, engine: LLMEngine, on_error: Callable[[BaseException], None] | None = None) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        publish: Callable[[StepOutputs], None],
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
         """``on_error`` is called (on the engine thread) when a step fails, e.g. to mark the server unready."""
         self.engine = engine
+        self.publish = publish
         self.on_error = on_error
-        self.tokenizer = engine.tokenizer
-        self._inbox: queue.SimpleQueue[tuple[str, _Request | Sequence | None]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[AddRequest | Abort | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._stopping = False
         self.error: BaseException | None = None
 
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
+    def submit(self, command: AddRequest | Abort) -> None:
+        self._inbox.put(command)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
-        self._inbox.put(("wake", None))
+        self._inbox.put(None)
         self._thread.join(timeout)
 
     def _loop(self) -> None:
         engine = self.engine
         while not self._stopping:
             try:
-                kind, item = self._inbox.get(timeout=None if not engine.has_work() else 0)
+                command = self._inbox.get(timeout=None if not engine.has_work() else 0)
             except queue.Empty:
-                kind, item = "", None
+                command = None
             while True:
-                if kind == "add":
-                    engine.add(item)  # type: ignore[arg-type]
-                elif kind == "abort":
-                    engine.abort(item)  # type: ignore[arg-type]
+                if isinstance(command, AddRequest):
+                    engine.add(command)
+                elif isinstance(command, Abort):
+                    engine.abort(command.key)
                 try:
-                    kind, item = self._inbox.get_nowait()
+                    command = self._inbox.get_nowait()
                 except queue.Empty:
                     break
             if self._stopping:
                 break
             try:
-                engine.step()
+                outputs = engine.step()
             except Exception as exc:  # a failed step must not kill the loop or hang its requests
                 log.exception("engine step failed")
                 self.error = exc
                 if self.on_error is not None:
                     self.on_error(exc)
-                engine.fail_all(exc)
-        engine.fail_all(RuntimeError("engine stopped"))
+                self._publish(engine.fail_all(exc), f"generation failed ({type(exc).__name__})")
+                continue
+            if outputs:
+                self._publish(outputs)
+        self._publish(engine.fail_all(RuntimeError("engine stopped")), "generation engine stopped")
+
+    def _publish(self, outputs: list[TokenOutput], error: str | None = None) -> None:
+        if outputs:
+            self.publish(StepOutputs(outputs, *self.engine.load(), error))
+
+
+@dataclass(eq=False)
+class _Request:
+    detok: IncrementalDetokenizer
+    out: asyncio.Queue[GenerationChunk | BaseException]
+    request_id: str
+    tokens: int = 0
+
+
+class LLMClient:
+    """The asyncio face of an engine, local or in another process: sends commands through ``send`` and
+    turns each step's token ids (``on_step``, called on the event loop) into text chunks per request,
+    detokenizing and matching stop strings here, next to HTTP, and away from the engine's loop."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_model_len: int,
+        send: Callable[[AddRequest | Abort], None],
+        key_offset: int = 0,
+    ) -> None:
+        """``key_offset`` (this API server's index) tags keys so that a core serving several API servers
+        can route outputs back (``key % API_STRIDE``)."""
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.send = send
+        self._keys = itertools.count(key_offset, API_STRIDE)
+        self.requests: dict[int, _Request] = {}
+        self.error: str | None = None  # set when the engine is gone for good
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.requests)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
@@ -228,20 +269,91 @@ class AsyncLLM:
         """Streams chunks for one request; leaving the iteration early (client gone) aborts it."""
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's limit is {self.max_model_len}")
-        seq = Sequence(prompt_ids=list(prompt_ids), params=params, request_id=request_id)
-        out: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
-        request = _Request(seq, IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.get_running_loop(), out)
-        self._inbox.put(("add", request))
-        finished = False
+        if self.error is not None:
+            raise EngineError(self.error)
+        key = next(self._keys)
+        request = _Request(IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.Queue(), request_id)
+        self.requests[key] = request
+        self.send(AddRequest(key, list(prompt_ids), params, request_id))
         try:
             while True:
-                item = await out.get()
+                item = await request.out.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
                 if item.finish_reason is not None:
-                    finished = True
                     return
         finally:
-            if not finished:
-                self._inbox.put(("abort", seq))
+            if self.requests.pop(key, None) is not None:  # still running in the engine
+                self.send(Abort(key))
+
+    def on_step(self, step: StepOutputs) -> None:
+        for out in step.outputs:
+            request = self.requests.get(out.key)
+            if request is None:  # aborted here; the core learns of it after this step
+                continue
+            if out.finish_reason == "error":
+                del self.requests[out.key]
+                request.out.put_nowait(self._failure(step.error or "generation failed", request))
+                continue
+            request.tokens += 1
+            reason = out.finish_reason
+            if reason == "stop":  # end of sequence: the token itself is not text
+                text = request.detok.flush()
+            else:
+                assert out.token is not None
+                text, hit_stop = request.detok.add(out.token)
+                if hit_stop:
+                    reason = "stop"
+                    self.send(Abort(out.key))
+                elif reason == "length":
+                    text += request.detok.flush()
+            if reason is not None:
+                del self.requests[out.key]
+            if text or reason:
+                chunk = GenerationChunk(text, reason, out.prompt_tokens, request.tokens, out.cached_tokens)
+                request.out.put_nowait(chunk)
+
+    def fail_all(self, message: str) -> None:
+        """The engine is gone: every request in flight and every later one fails with ``message``."""
+        self.error = message
+        requests, self.requests = self.requests, {}
+        for request in requests.values():
+            request.out.put_nowait(self._failure(message, request))
+
+    @staticmethod
+    def _failure(message: str, request: _Request) -> EngineError:
+        # The client sees the error type only: messages can carry paths; the log has them with the id.
+        return EngineError(f"{message}; see the server log for request {request.request_id}")
+
+
+class AsyncLLM(LLMClient):
+    """An engine on a thread of this process; its steps reach the event loop as one callback each."""
+
+    def __init__(self, engine: LLMEngine, on_error: Callable[[BaseException], None] | None = None) -> None:
+        """``on_error`` is called (on the engine thread) when a step fails, e.g. to mark the server unready."""
+        super().__init__(engine.tokenizer, engine.max_model_len, self._submit)
+        self.engine = engine
+        self._on_error = on_error
+        self._thread = EngineLoop(engine, self._publish, self._failed)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        """Call on the event loop that will consume the streams."""
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._thread.stop(timeout)
+
+    def _submit(self, command: AddRequest | Abort) -> None:
+        self._thread.submit(command)
+
+    def _publish(self, step: StepOutputs) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self.on_step, step)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.error = f"generation engine failed ({type(exc).__name__})"
+        if self._on_error is not None:
+            self._on_error(exc)

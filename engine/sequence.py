@@ -40,6 +40,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str = field(default_factory=lambda: f"seq-{next(_ids)}")
+    key: int = -1  # the API server's key for the request (engine/protocol.py); -1 outside the engine
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)

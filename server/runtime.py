@@ -149,7 +149,7 @@ class Runtime:
         """Why the runtime cannot serve although it started (a generation step raised), or None.
         The message names only the error type: details, with request ids, are in the server log."""
         if self.llm is not None and self.llm.error is not None:
-            return f"generation engine failed ({type(self.llm.error).__name__}); see the server log"
+            return f"{self.llm.error}; see the server log"
         return None
 
     async def stop(self) -> None:
