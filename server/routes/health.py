@@ -11,22 +11,33 @@ from server.routes.common import RETRY_AFTER, service_state
 router = APIRouter()
 
 
-@router.get("/health")
-async def health() -> dict[str, str]:
+def _probe(request: Request, response: JSONResponse) -> Response:
+    """``response`` for GET; for HEAD (some load balancers probe with it) the same status and headers
+    without the body."""
+    if request.method != "HEAD":
+        return response
+    head = Response(status_code=response.status_code, media_type=response.media_type)
+    head.headers.update({k: v for k, v in response.headers.items() if k != "content-length"})
+    return head
+
+
+@router.api_route("/health", methods=["GET", "HEAD"])
+async def health(request: Request) -> Response:
     """The process is up and serving HTTP (models may still be loading)."""
-    return {"status": "ok"}
+    return _probe(request, JSONResponse({"status": "ok"}))
 
 
-@router.get("/ready")
-async def ready(request: Request) -> JSONResponse:
+@router.api_route("/ready", methods=["GET", "HEAD"])
+async def ready(request: Request) -> Response:
     """200 once models are loaded and warmed up; 503 while loading, while draining for shutdown and
     after an engine failure (load balancers hold or move traffic then)."""
     state, message = service_state(request.app)
     if state == "ready":
-        return JSONResponse({"status": "ready"})
-    return JSONResponse(
+        return _probe(request, JSONResponse({"status": "ready"}))
+    response = JSONResponse(
         {"status": state, "error": message}, status_code=503, headers={"Retry-After": RETRY_AFTER[state]}
     )
+    return _probe(request, response)
 
 
 @router.get("/metrics")
