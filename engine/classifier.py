@@ -93,7 +93,58 @@ class ClassResult:
     scores: list[tuple[str, float]]
 
 
-class Classifier:
+class EncoderFrontend:
+    """What validating and sizing classification inputs takes, without the model: an API-server process
+    holds one of these while the model itself runs in an engine core."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        has_head: bool,
+        head_labels: list[str],
+        max_length: int,
+        embedding_dim: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.has_head = has_head
+        self.head_labels = head_labels
+        self.max_length = max_length
+        self.embedding_dim = embedding_dim
+        self._tok_lock = threading.Lock()
+
+    def frontend(self) -> EncoderFrontend:
+        """A model-free copy, picklable, for another process."""
+        return EncoderFrontend(self.tokenizer, self.has_head, self.head_labels, self.max_length, self.embedding_dim)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_tok_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._tok_lock = threading.Lock()
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Token counts including special tokens, untruncated, so limits are enforced upstream."""
+        if not texts:
+            return []
+        with self._tok_lock:
+            enc = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def check(self, item: ClassifyItem) -> None:
+        """Raise ``ClassifierInputError`` if the item cannot be served (call before queueing)."""
+        if item.embed:
+            return
+        if item.labels is None:
+            if not self.has_head:
+                raise NoClassificationHead(
+                    "this model has no classification head: provide candidate `labels` for zero-shot classification"
+                )
+        elif not item.labels:
+            raise ClassifierInputError("`labels` must not be empty", field="labels")
+
+
+class Classifier(EncoderFrontend):
     """Runs an encoder model: embeddings, zero-shot by label similarity, or the model's head."""
 
     def __init__(
@@ -109,32 +160,26 @@ class Classifier:
     ) -> None:
         self.device = torch.device(device)
         self.model = encoder.model.to(self.device).eval()
-        self.tokenizer = encoder.tokenizer
         # The bare encoder (BertModel inside BertForSequenceClassification); itself if headless.
         self.encoder: torch.nn.Module = getattr(self.model, "base_model", self.model)
-        self.has_head = encoder.id2label is not None and self.encoder is not self.model
+        has_head = encoder.id2label is not None and self.encoder is not self.model
         config = getattr(self.model, "config", None)
         num_labels = int(getattr(config, "num_labels", 0) or 0)
-        self.head_labels = _labels_from_id2label(encoder.id2label, num_labels) if self.has_head else []
-        self.embedding_dim = int(getattr(config, "hidden_size", 0))
-        self.max_length = max_length or _model_max_length(self.tokenizer, config)
+        super().__init__(
+            encoder.tokenizer,
+            has_head,
+            _labels_from_id2label(encoder.id2label, num_labels) if has_head else [],
+            max_length or _model_max_length(encoder.tokenizer, config),
+            int(getattr(config, "hidden_size", 0)),
+        )
         self.temperature = temperature
         self.multi_label_threshold = multi_label_threshold
         self._label_cache: OrderedDict[str, Tensor] = OrderedDict()
         self._label_cache_size = label_cache_size
-        self._tok_lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self.graphs = EncoderGraphs(self._encode, self.device, self.max_length, max_batch)
 
     # ------------------------------------------------------------------ tokens & embeddings
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        """Token counts including special tokens, untruncated, so limits are enforced upstream."""
-        if not texts:
-            return []
-        with self._tok_lock:
-            enc = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
-        return [len(ids) for ids in enc["input_ids"]]
 
     def _tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """CPU tensors ``[n, longest]``; EncoderGraphs pads them to a bucket and moves them."""
@@ -199,18 +244,6 @@ class Classifier:
         return torch.stack([found[lab] for lab in labels])
 
     # ------------------------------------------------------------------ classification
-
-    def check(self, item: ClassifyItem) -> None:
-        """Raise ``ClassifierInputError`` if the item cannot be served (call before queueing)."""
-        if item.embed:
-            return
-        if item.labels is None:
-            if not self.has_head:
-                raise NoClassificationHead(
-                    "this model has no classification head: provide candidate `labels` for zero-shot classification"
-                )
-        elif not item.labels:
-            raise ClassifierInputError("`labels` must not be empty", field="labels")
 
     @torch.inference_mode()
     def run(self, batch: Sequence[ClassifyItem]) -> list[ClassResult | Embedding | ClassifierInputError]:
