@@ -18,6 +18,11 @@ _VALID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 access_log = logging.getLogger("server.access")
 
+# Control characters (C0, DEL, C1) and Unicode line separators, written as Python escapes: a client
+# value holding them (a percent-decoded path, a prompt) cannot start a forged log line.
+_CONTROLS = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+_ESCAPES = {c: repr(chr(c))[1:-1] for c in _CONTROLS}
+
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 Scope = MutableMapping[str, Any]
@@ -30,11 +35,25 @@ def current_request_id() -> str:
     return _current.get()
 
 
+def escape_controls(text: str) -> str:
+    """``text`` with every control character escaped (``\\r``, ``\\n``, ``\\x1b``, ...): safe on one log line."""
+    return text.translate(_ESCAPES)
+
+
 class RequestIdFilter(logging.Filter):
-    """Adds ``record.request_id`` so formats can use ``%(request_id)s``; attach it to handlers."""
+    """Adds ``record.request_id`` so formats can use ``%(request_id)s``, and escapes control characters
+    in the message, so that no logged value (client-supplied or not) can forge a log line; attach it
+    to handlers. Tracebacks (``exc_info``) keep their lines."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = _current.get()
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True  # a broken format: leave it to the handler, which reports it as usual
+        safe = escape_controls(message)
+        if safe != message:
+            record.msg, record.args = safe, None
         return True
 
 
@@ -69,7 +88,8 @@ class RequestIdMiddleware:
 
         def log_access(code: int) -> None:
             ms = (time.perf_counter() - start) * 1000
-            access_log.info("%s %s %d %.1fms", scope["method"], scope["path"], code, ms)
+            method, path = escape_controls(scope["method"]), escape_controls(scope["path"])
+            access_log.info("%s %s %d %.1fms", method, path, code, ms)
 
         try:
             await self.app(scope, receive, send_with_id)
