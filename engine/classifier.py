@@ -62,6 +62,9 @@ class ClassifyItem:
     """One input text of a /classify (or /v1/embeddings) request; the batcher's unit of work.
 
     ``n_tokens`` (from ``Classifier.count_tokens``) is the batcher's cost; it does not affect results.
+    On one item per request it also counts the tokens of the request's labels that the label cache
+    lacks (``Classifier.uncached_labels``): ``run`` encodes those in that item's batch, so the batch
+    token budget covers them as it covers inputs.
     ``embed`` asks for the sentence embedding instead of label scores, so embedding requests share
     the classification batches (one queue, one forward) rather than competing with them.
     """
@@ -130,6 +133,11 @@ class EncoderFrontend:
         with self._tok_lock:
             enc = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
         return [len(ids) for ids in enc["input_ids"]]
+
+    def uncached_labels(self, labels: Sequence[str]) -> list[str]:
+        """The distinct ``labels`` a batch would have to encode: all of them here, where the engine's
+        label cache is out of sight (an upper bound); ``Classifier`` answers from its cache."""
+        return list(dict.fromkeys(labels))
 
     def check(self, item: ClassifyItem) -> None:
         """Raise ``ClassifierInputError`` if the item cannot be served (call before queueing)."""
@@ -226,6 +234,11 @@ class Classifier(EncoderFrontend):
         if not texts:
             return torch.zeros(0, self.embedding_dim, device=self.device)
         return self._forward(texts)[0]
+
+    def uncached_labels(self, labels: Sequence[str]) -> list[str]:
+        """The distinct ``labels`` not in the label cache now: a batch using them encodes them."""
+        with self._cache_lock:
+            return [lab for lab in dict.fromkeys(labels) if lab not in self._label_cache]
 
     def _label_embeddings(self, labels: Sequence[str]) -> Tensor:
         """Embeddings ``[L, d]`` for ``labels`` (in order); only uncached label texts are encoded."""

@@ -7,7 +7,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-NonBlank = Annotated[str, StringConstraints(min_length=1)]
+# /classify zero-shot labels: each one is encoded like an input (cached afterwards), so their number and
+# size are bounded like inputs are. Characters are checked by the schema, before any tokenizing; tokens
+# by the route (server/routes/classify.py). Settings-free for now (server.config is being split).
+CLS_MAX_LABELS = 64
+CLS_MAX_LABEL_CHARS = 512
+CLS_MAX_LABEL_TOKENS = 64
+Label = Annotated[str, StringConstraints(min_length=1, max_length=CLS_MAX_LABEL_CHARS)]
 
 
 class StrictModel(BaseModel):
@@ -87,8 +93,12 @@ class GenerateResponse(BaseModel):
 
 class ClassifyRequest(StrictModel):
     inputs: str | list[str] = Field(description="one text or a list of texts")
-    labels: list[NonBlank] | None = Field(
-        None, min_length=1, max_length=64, description="candidate labels (zero-shot); may be short descriptions"
+    labels: list[Label] | None = Field(
+        None,
+        min_length=1,
+        max_length=CLS_MAX_LABELS,
+        description=f"candidate labels (zero-shot); may be short descriptions (at most {CLS_MAX_LABEL_CHARS} "
+        f"characters and {CLS_MAX_LABEL_TOKENS} tokens each)",
     )
     multi_label: bool = Field(False, description="score labels independently instead of as one distribution")
 

@@ -3,6 +3,8 @@ cache of results in front of it for repeated inputs."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -11,24 +13,55 @@ from server import metrics
 from server.errors import APIError
 from server.routes.common import ClientDisconnected, encoder_inputs, on_encoder, ready_runtime
 from server.runtime import Runtime
-from server.schemas import ClassifyRequest, ClassifyResponse, ClassifyResult, ErrorResponse, LabelScore
+from server.schemas import (
+    CLS_MAX_LABEL_TOKENS,
+    ClassifyRequest,
+    ClassifyResponse,
+    ClassifyResult,
+    ErrorResponse,
+    LabelScore,
+)
 
 router = APIRouter()
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)}
 
 
-async def _classify(runtime: Runtime, items: list[ClassifyItem]) -> list[ClassResult]:
+def _label_tokens(runtime: Runtime, labels: list[str]) -> int:
+    """Checks the per-label token limit; returns the tokens of the labels the classifier has not cached
+    yet, which the batch running the request's first item will encode."""
+    assert runtime.classifier is not None
+    counts = dict(zip(labels, runtime.classifier.count_tokens(labels), strict=True))
+    for i, n_tokens in enumerate(counts.values()):
+        if n_tokens > CLS_MAX_LABEL_TOKENS:
+            raise APIError(
+                400,
+                f"labels[{i}] has {n_tokens} tokens; the limit is {CLS_MAX_LABEL_TOKENS}",
+                type="input_too_long",
+                field=f"labels.{i}",
+            )
+    return sum(counts[label] for label in runtime.classifier.uncached_labels(labels))
+
+
+def _with_label_cost(items: list[ClassifyItem], label_tokens: int) -> list[ClassifyItem]:
+    """``items`` with ``label_tokens`` added to the first one's cost: the batch that runs it (the first
+    of the request's batches, the queue being FIFO) encodes the new labels."""
+    if not items or not label_tokens:
+        return items
+    return [replace(items[0], n_tokens=items[0].n_tokens + label_tokens), *items[1:]]
+
+
+async def _classify(runtime: Runtime, items: list[ClassifyItem], label_tokens: int) -> list[ClassResult]:
     """Answers cached items at once and sends only the others through the batcher."""
     assert runtime.batcher is not None and runtime.cls_model_id is not None
     cache = runtime.cls_cache
     if cache is None:
-        return await runtime.batcher.submit_many(items)  # type: ignore[return-value]
+        return await runtime.batcher.submit_many(_with_label_cost(items, label_tokens))  # type: ignore[return-value]
     keys = [(runtime.cls_model_id, it.text, it.labels, it.multi_label) for it in items]
     results = [cache.get(key) for key in keys]
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:
-        fresh = await runtime.batcher.submit_many([items[i] for i in missing])
+        fresh = await runtime.batcher.submit_many(_with_label_cost([items[i] for i in missing], label_tokens))
         for i, result in zip(missing, fresh, strict=True):
             assert isinstance(result, ClassResult)
             cache.put(keys[i], result)
@@ -52,8 +85,9 @@ async def classify(body: ClassifyRequest, request: Request) -> Response:
         except ClassifierInputError as exc:
             raise APIError(400, str(exc), field=exc.field) from exc
         items.append(item)
+    label_tokens = _label_tokens(runtime, body.labels) if body.labels is not None else 0
     try:
-        results = await on_encoder(request, runtime, len(items), lambda: _classify(runtime, items))
+        results = await on_encoder(request, runtime, len(items), lambda: _classify(runtime, items, label_tokens))
     except ClientDisconnected:
         return Response(status_code=499)
     except ClassifierInputError as exc:

@@ -1,0 +1,93 @@
+"""Hardening (issue 18) through the ASGI app with the real embedded models: /classify label limits and
+costs, character limits, cache byte bounds."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from engine.classifier import ClassifyItem, ClassResult
+from server.runtime import Runtime
+from server.schemas import CLS_MAX_LABEL_CHARS, CLS_MAX_LABEL_TOKENS, CLS_MAX_LABELS
+
+pytestmark = pytest.mark.integration
+
+INPUTS = ["I was charged twice", "Where is my parcel?"]
+
+
+def assert_error(r: httpx.Response, status: int, field: str) -> None:
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["field"] == field, r.text
+
+
+async def test_label_count_limit(client: httpx.AsyncClient) -> None:
+    labels = [f"intent {i}" for i in range(CLS_MAX_LABELS + 1)]
+    assert_error(await client.post("/classify", json={"inputs": INPUTS, "labels": labels}), 422, "labels")
+
+
+async def test_label_character_limit(client: httpx.AsyncClient) -> None:
+    """Refused by size before any tokenizing (a long single word is few tokens)."""
+    labels = ["billing", "x" * (CLS_MAX_LABEL_CHARS + 1)]
+    assert_error(await client.post("/classify", json={"inputs": INPUTS, "labels": labels}), 422, "labels.1")
+
+
+async def test_label_token_limit(client: httpx.AsyncClient) -> None:
+    long_label = " ".join(["refund"] * CLS_MAX_LABEL_TOKENS)  # within the character limit
+    assert len(long_label) <= CLS_MAX_LABEL_CHARS
+    r = await client.post("/classify", json={"inputs": INPUTS, "labels": ["billing", long_label]})
+    assert_error(r, 400, "labels.1")
+    assert str(CLS_MAX_LABEL_TOKENS) in r.json()["error"]["message"]
+
+
+@pytest.fixture
+def submitted(runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> list[list[ClassifyItem]]:
+    """Every list of items the shared runtime's batcher is given while the test runs."""
+    assert runtime.batcher is not None
+    calls: list[list[ClassifyItem]] = []
+    submit_many = runtime.batcher.submit_many
+
+    async def recording(items: list[ClassifyItem]) -> list[object]:
+        calls.append(list(items))
+        return await submit_many(items)
+
+    monkeypatch.setattr(runtime.batcher, "submit_many", recording)
+    return calls
+
+
+async def test_new_labels_count_in_the_batch_cost(
+    client: httpx.AsyncClient, runtime: Runtime, submitted: list[list[ClassifyItem]]
+) -> None:
+    """The first queued item of a call carries the tokens of the labels the label cache lacks (the
+    batch running it encodes them); cached labels cost nothing more."""
+    assert runtime.classifier is not None
+    tag = uuid.uuid4().hex[:8]  # labels and texts no earlier test cached
+    labels = [f"billing question {tag}", f"delivery question {tag}"]
+    texts = [f"{text} ({tag})" for text in INPUTS]
+    label_tokens = sum(runtime.classifier.count_tokens(labels))
+    input_tokens = runtime.classifier.count_tokens(texts)
+
+    assert (await client.post("/classify", json={"inputs": texts, "labels": labels})).status_code == 200
+    assert [it.n_tokens for it in submitted[-1]] == [input_tokens[0] + label_tokens, input_tokens[1]]
+    assert runtime.classifier.uncached_labels(labels) == []
+
+    again = [f"{text} again" for text in texts]
+    assert (await client.post("/classify", json={"inputs": again, "labels": labels})).status_code == 200
+    assert [it.n_tokens for it in submitted[-1]] == runtime.classifier.count_tokens(again)
+
+
+async def test_label_cost_goes_to_the_first_queued_input(
+    client: httpx.AsyncClient, runtime: Runtime, submitted: list[list[ClassifyItem]]
+) -> None:
+    """With the first input answered from the response cache, the next one (the first queued) pays."""
+    assert runtime.classifier is not None and runtime.cls_cache is not None
+    tag = uuid.uuid4().hex[:8]
+    labels = (f"returns {tag}", f"app crash {tag}")
+    cached, fresh = f"cached {tag}", f"fresh {tag}"
+    runtime.cls_cache.put((runtime.cls_model_id, cached, labels, False), ClassResult(labels[0], 1.0, []))
+    r = await client.post("/classify", json={"inputs": [cached, fresh], "labels": list(labels)})
+    assert r.status_code == 200
+    (items,) = submitted
+    assert [it.text for it in items] == [fresh]
+    assert items[0].n_tokens == sum(runtime.classifier.count_tokens([fresh, *labels]))
