@@ -66,6 +66,7 @@ class StepOutputs(msgspec.Struct, tag="step", array_like=True):
     running: int  # the core's load after the step, for routing across data-parallel cores
     waiting: int
     error: str | None = None  # why sequences finished with "error" (type only: details are in the core's log)
+    core: int = 0  # which engine core sent it
 
 
 class Scores(msgspec.Struct, tag="c", array_like=True):

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from engine.llm_engine import AsyncLLM, EngineError, GenerationChunk
+from engine.llm_engine import EngineError, GenerationChunk, LLMClient
 from server import chat_template, metrics
 from server.config import Settings
 from server.errors import APIError
@@ -17,7 +17,7 @@ from server.errors import APIError
 log = logging.getLogger(__name__)
 
 
-def encode_chat(llm: AsyncLLM, messages: list[dict[str, str]], field: str = "messages") -> list[int]:
+def encode_chat(llm: LLMClient, messages: list[dict[str, str]], field: str = "messages") -> list[int]:
     """Chat turns in the model's own template (with the assistant turn's header); content stays text."""
     if not llm.tokenizer.chat_template:
         raise APIError(400, "this model has no chat template; send a plain prompt instead", field=field)
@@ -27,7 +27,7 @@ def encode_chat(llm: AsyncLLM, messages: list[dict[str, str]], field: str = "mes
         raise APIError(400, str(exc), field=exc.field) from exc
 
 
-def encode_text(llm: AsyncLLM, prompt: str) -> list[int]:
+def encode_text(llm: LLMClient, prompt: str) -> list[int]:
     return llm.tokenizer(prompt).input_ids
 
 

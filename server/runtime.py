@@ -1,4 +1,5 @@
-"""Startup wiring: load and prepare the models, build the engines, warm them up.
+"""Startup wiring: load and prepare the models, build the engines (:class:`Engines`, the one builder),
+and give the routes a :class:`Runtime` over them, whether they run in this process or in engine cores.
 
 This is the one place that knows how the pieces fit; routes only see a ready :class:`Runtime`.
 """
@@ -7,16 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from engine.batcher import DynamicBatcher
-from engine.classifier import Classifier, ClassifierInputError, ClassifyItem, ClassResult, Embedding
-from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
+from engine.classifier import (
+    Classifier,
+    ClassifierInputError,
+    ClassifyItem,
+    ClassResult,
+    Embedding,
+    EncoderFrontend,
+)
+from engine.core_client import CoreClient
+from engine.llm_engine import AsyncLLM, EngineConfig, LLMClient, LLMEngine
 from engine.response_cache import ResponseCache
 from engine.sequence import SamplingParams
 from models.compress import CompressionReport, compress_causal_lm, compress_encoder, default_spec
@@ -27,6 +38,8 @@ from server import metrics
 from server.config import Settings
 
 log = logging.getLogger(__name__)
+
+Batcher = DynamicBatcher[ClassifyItem, ClassResult | Embedding | ClassifierInputError]
 
 
 def engine_config(settings: Settings) -> EngineConfig:
@@ -49,26 +62,38 @@ def _package_version() -> str:
 
 
 @dataclass
-class Runtime:
+class CoreDetails:
+    """What an API server needs from an engine core to serve without the models (pickled in ``Ready``)."""
+
+    device: str
+    tokenizer: PreTrainedTokenizerBase | None
+    max_model_len: int
+    encoder: EncoderFrontend | None
+    gen_model_id: str | None
+    cls_model_id: str | None
+    info: dict[str, object]
+    reports: dict[str, CompressionReport]
+
+
+@dataclass
+class Engines:
+    """The builder's product: every enabled model loaded, compressed and put in its engine, not yet
+    running. The same for the server's own process, an engine-core process and the benchmarks."""
+
     settings: Settings
     device: torch.device
-    llm: AsyncLLM | None = None
+    engine: LLMEngine | None = None
     classifier: Classifier | None = None
-    batcher: DynamicBatcher[ClassifyItem, ClassResult | Embedding | ClassifierInputError] | None = None
-    # Identical /classify inputs, keyed by (model id, text, labels, multi_label); None when disabled.
-    cls_cache: ResponseCache[tuple[str, str, tuple[str, ...] | None, bool], ClassResult] | None = None
-    gen_model_id: str | None = None  # the names /v1/models lists and the /v1 routes accept as `model`
+    gen_model_id: str | None = None
     cls_model_id: str | None = None
-    ready: bool = False
-    created: int = field(default_factory=lambda: int(time.time()))  # unix time, /v1/models' `created`
     info: dict[str, object] = field(default_factory=dict)
     reports: dict[str, CompressionReport] = field(default_factory=dict)  # "generate" / "classify"
 
     @classmethod
-    def load(cls, settings: Settings) -> Runtime:
+    def build(cls, settings: Settings) -> Engines:
         """Blocking: loads every enabled model. Run it off the event loop."""
         device, dtype = settings.torch_device(), settings.torch_dtype()
-        rt = cls(settings=settings, device=device)
+        built = cls(settings=settings, device=device)
         if settings.enable_generate:
             start = time.perf_counter()
             loaded = load_causal_lm(settings.gen_model, settings.cache_dir, dtype, settings.tokenizer)
@@ -76,12 +101,11 @@ class Runtime:
             spec = default_spec(settings.quantize_method("gen"), settings.gen_prune)
             cache = settings.cache_dir if settings.compress_cache else None
             model, report = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache)
-            rt.reports["generate"] = report
+            built.reports["generate"] = report
             log.info("compression %s", report.summary())
-            engine = LLMEngine(model, loaded.tokenizer, device, dtype, engine_config(settings))
-            rt.llm = AsyncLLM(engine, on_error=lambda _: metrics.READY.set(0))  # /ready is 503 from now on
-            rt.gen_model_id = resolve_spec(settings.gen_model, "generate").name
-            rt.info["generate"] = {"model": loaded.source, "load_seconds": rt._loaded("generate", start)}
+            built.engine = LLMEngine(model, loaded.tokenizer, device, dtype, engine_config(settings))
+            built.gen_model_id = resolve_spec(settings.gen_model, "generate").name
+            built.info["generate"] = {"model": loaded.source, "load_seconds": _loaded("generate", start)}
         if settings.enable_classify:
             start = time.perf_counter()
             encoder = load_encoder(settings.cls_model, settings.cache_dir, dtype, None)
@@ -93,49 +117,128 @@ class Runtime:
                 return Classifier(enc, device).embed
 
             report = compress_encoder(encoder, spec, cache, embedder)
-            rt.reports["classify"] = report
+            built.reports["classify"] = report
             log.info("compression %s", report.summary())
-            rt.classifier = Classifier(encoder, device, max_batch=settings.cls_max_batch_size)
-            rt.classifier.capture_graphs(settings.cls_max_batch_tokens)  # before the engines start
-            rt.cls_model_id = resolve_spec(settings.cls_model, "classify").name
-            if settings.cls_cache_size > 0:
-                rt.cls_cache = ResponseCache(settings.cls_cache_size, name="classify")
-            rt.info["classify"] = {"model": encoder.source, "load_seconds": rt._loaded("classify", start)}
+            built.classifier = Classifier(encoder, device, max_batch=settings.cls_max_batch_size)
+            built.classifier.capture_graphs(settings.cls_max_batch_tokens)  # before the engines start
+            built.cls_model_id = resolve_spec(settings.cls_model, "classify").name
+            built.info["classify"] = {"model": encoder.source, "load_seconds": _loaded("classify", start)}
         metrics.BUILD_INFO.info(
             {
                 "version": _package_version(),
-                "gen_model": rt.info["generate"]["model"] if "generate" in rt.info else "off",
-                "cls_model": rt.info["classify"]["model"] if "classify" in rt.info else "off",
+                "gen_model": built.info["generate"]["model"] if "generate" in built.info else "off",
+                "cls_model": built.info["classify"]["model"] if "classify" in built.info else "off",
                 "device": str(device),
                 "dtype": str(dtype).removeprefix("torch."),
             }
         )
-        return rt
+        return built
 
-    def _loaded(self, model: str, start: float) -> float:
-        seconds = time.perf_counter() - start
-        metrics.MODEL_LOAD_SECONDS.labels(model=model).set(seconds)
-        return round(seconds, 2)
+    def batcher(self) -> Batcher:
+        """A dynamic batcher over the classifier (not started: it starts on the loop that submits)."""
+        assert self.classifier is not None
+        s = self.settings
+        return DynamicBatcher(
+            self.classifier.run,
+            max_batch_size=s.cls_max_batch_size,
+            max_batch_tokens=s.cls_max_batch_tokens,
+            max_wait_ms=s.cls_max_wait_ms,
+            max_queued=s.cls_max_queued_inputs,
+            cost=lambda item: item.n_tokens,
+            name="classify",
+        )
+
+    def details(self) -> CoreDetails:
+        return CoreDetails(
+            device=str(self.device),
+            tokenizer=self.engine.tokenizer if self.engine is not None else None,
+            max_model_len=self.engine.max_model_len if self.engine is not None else 0,
+            encoder=self.classifier.frontend() if self.classifier is not None else None,
+            gen_model_id=self.gen_model_id,
+            cls_model_id=self.cls_model_id,
+            info=self.info,
+            reports=self.reports,
+        )
+
+
+def _loaded(model: str, start: float) -> float:
+    seconds = time.perf_counter() - start
+    metrics.MODEL_LOAD_SECONDS.labels(model=model).set(seconds)
+    return round(seconds, 2)
+
+
+@dataclass
+class Runtime:
+    """What the routes serve from: the engines' clients and what the API side knows of the models. The
+    engines run on threads of this process (:meth:`load`) or in engine-core processes (:meth:`connect`)."""
+
+    settings: Settings
+    device: str
+    llm: LLMClient | None = None
+    classifier: EncoderFrontend | None = None
+    batcher: Batcher | CoreClient | None = None
+    # Identical /classify inputs, keyed by (model id, text, labels, multi_label); None when disabled.
+    cls_cache: ResponseCache[tuple[str, str, tuple[str, ...] | None, bool], ClassResult] | None = None
+    gen_model_id: str | None = None  # the names /v1/models lists and the /v1 routes accept as `model`
+    cls_model_id: str | None = None
+    ready: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))  # unix time, /v1/models' `created`
+    info: dict[str, object] = field(default_factory=dict)
+    reports: dict[str, CompressionReport] = field(default_factory=dict)  # "generate" / "classify"
+    cores: CoreClient | None = None  # set when the engines run in engine-core processes
+
+    def __post_init__(self) -> None:
+        if self.classifier is not None and self.settings.cls_cache_size > 0:
+            self.cls_cache = ResponseCache(self.settings.cls_cache_size, name="classify")
+
+    @classmethod
+    def load(cls, settings: Settings) -> Runtime:
+        """Blocking: builds the engines to run on threads of this process. Run it off the event loop."""
+        built = Engines.build(settings)
+        return cls(
+            settings=settings,
+            device=str(built.device),
+            # A failed step turns /ready 503 from then on.
+            llm=AsyncLLM(built.engine, on_error=lambda _: metrics.READY.set(0)) if built.engine else None,
+            classifier=built.classifier,
+            batcher=built.batcher() if built.classifier is not None else None,
+            gen_model_id=built.gen_model_id,
+            cls_model_id=built.cls_model_id,
+            info=built.info,
+            reports=built.reports,
+        )
+
+    @classmethod
+    async def connect(cls, settings: Settings, cores: CoreClient, timeout: float) -> Runtime:
+        """The runtime of an API-server process, over engine cores that are starting or running."""
+        answers = await cores.connect(timeout)
+        details: CoreDetails = pickle.loads(answers[0].details)  # from our own core process only
+        llm = None
+        if details.tokenizer is not None:
+            llm = LLMClient(details.tokenizer, details.max_model_len, cores.send_generation, cores.api_index)
+            cores.attach(llm)
+        return cls(
+            settings=settings,
+            device=details.device if len(answers) == 1 else f"{details.device} x{len(answers)}",
+            llm=llm,
+            classifier=details.encoder,
+            batcher=cores if details.encoder is not None else None,
+            gen_model_id=details.gen_model_id,
+            cls_model_id=details.cls_model_id,
+            info=details.info,
+            reports=details.reports,
+            cores=cores,
+        )
 
     async def start(self) -> None:
-        """Starts the engine thread and batcher on the running loop, then warms both up."""
-        s = self.settings
-        if self.llm is not None:
+        """Starts in-process engines on the running loop and warms them up; engine cores warm up themselves."""
+        if isinstance(self.llm, AsyncLLM):
             self.llm.start()
             start = time.perf_counter()
             async for _ in self.llm.generate([0, 1, 2], SamplingParams(max_tokens=2), "warmup"):
                 pass
             metrics.WARMUP_SECONDS.labels(model="generate").set(time.perf_counter() - start)
-        if self.classifier is not None:
-            self.batcher = DynamicBatcher(
-                self.classifier.run,
-                max_batch_size=s.cls_max_batch_size,
-                max_batch_tokens=s.cls_max_batch_tokens,
-                max_wait_ms=s.cls_max_wait_ms,
-                max_queued=s.cls_max_queued_inputs,
-                cost=lambda item: item.n_tokens,
-                name="classify",
-            )
+        if isinstance(self.batcher, DynamicBatcher):
             self.batcher.start()
             start = time.perf_counter()
             await self.batcher.submit(ClassifyItem("warm up", ("a", "b"), False, 4))
@@ -146,8 +249,10 @@ class Runtime:
 
     @property
     def failure(self) -> str | None:
-        """Why the runtime cannot serve although it started (a generation step raised), or None.
-        The message names only the error type: details, with request ids, are in the server log."""
+        """Why the runtime cannot serve although it started (a generation step raised, an engine core
+        died), or None. The message names only the error type: details are in the server log."""
+        if self.cores is not None and self.cores.error is not None:
+            return f"{self.cores.error}; see the server log"
         if self.llm is not None and self.llm.error is not None:
             return f"{self.llm.error}; see the server log"
         return None
@@ -155,7 +260,9 @@ class Runtime:
     async def stop(self) -> None:
         self.ready = False
         metrics.READY.set(0)
-        if self.batcher is not None:
+        if isinstance(self.batcher, DynamicBatcher):
             await self.batcher.stop()
-        if self.llm is not None:
+        if isinstance(self.llm, AsyncLLM):
             await asyncio.to_thread(self.llm.stop)
+        if self.cores is not None:
+            await self.cores.close()

@@ -25,6 +25,8 @@ from server.config import Settings
 from server.metrics import REQUESTS
 from server.runtime import Runtime
 
+pytestmark = pytest.mark.integration
+
 LONG = {"prompt": "Once upon a time", "max_tokens": 32}  # greedy: runs to max_tokens
 
 
@@ -254,7 +256,7 @@ async def test_engine_failure_turns_ready_503(
     shared = runtime.llm.engine
     # An engine of its own (own KV cache and thread) over the session's model weights.
     config = EngineConfig(max_num_seqs=4, kv_cache_tokens=1024, max_model_len=512)
-    engine = LLMEngine(shared.runner.model, shared.tokenizer, runtime.device, shared.runner.k_cache.dtype, config)
+    engine = LLMEngine(shared.runner.model, shared.tokenizer, shared.runner.device, shared.runner.k_cache.dtype, config)
     rt = Runtime(settings=settings, device=runtime.device, llm=AsyncLLM(engine))
     await rt.start()
     try:

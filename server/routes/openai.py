@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from engine.classifier import ClassifierInputError, ClassifyItem, Embedding
-from engine.llm_engine import AsyncLLM, EngineError, GenerationChunk
+from engine.llm_engine import EngineError, GenerationChunk, LLMClient
 from engine.sequence import SamplingParams
 from server.config import Settings
 from server.errors import UNSUPPORTED, APIError, openai_error_body
@@ -85,7 +85,7 @@ def _not_found(model: str) -> APIError:
     )
 
 
-def _llm(runtime: Runtime, body: SamplingRequest) -> AsyncLLM:
+def _llm(runtime: Runtime, body: SamplingRequest) -> LLMClient:
     """``model`` is the id /v1/models lists or, as an alias, the spec the server was started with
     (``--gen-model``, e.g. ``default``); responses name the id either way."""
     if runtime.llm is None or body.model not in (runtime.gen_model_id, runtime.settings.gen_model):
@@ -246,7 +246,7 @@ async def _stream_events(
 async def _serve(
     request: Request,
     settings: Settings,
-    llm: AsyncLLM,
+    llm: LLMClient,
     kind: Kind,
     body: SamplingRequest,
     prompts: list[list[int]],

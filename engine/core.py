@@ -1,0 +1,135 @@
+"""An engine core: the models of one device behind ZeroMQ sockets, with no HTTP in its process.
+
+API servers push commands to the core's one PULL socket; the core pushes results to each API server's
+own PULL socket. Generation runs on the engine thread (:class:`EngineLoop`), which sends one frame per
+step per API server from sockets of its own; classification runs through the dynamic batcher on this
+process's event loop, between and beside generation steps on the same device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+
+from engine.batcher import BatcherClosed, BatcherFull, DynamicBatcher
+from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult, Embedding
+from engine.llm_engine import EngineLoop, LLMEngine
+from engine.protocol import (
+    API_STRIDE,
+    Abort,
+    AddRequest,
+    CancelClassify,
+    ClassifyRequest,
+    ClassifyResults,
+    Hello,
+    Ready,
+    Shutdown,
+    StepOutputs,
+    decode_to_core,
+    encode,
+    pack_result,
+)
+
+log = logging.getLogger(__name__)
+
+Batcher = DynamicBatcher[ClassifyItem, ClassResult | Embedding | ClassifierInputError]
+
+
+class EngineCore:
+    def __init__(
+        self,
+        index: int,
+        address: str,
+        engine: LLMEngine | None,
+        batcher: Batcher | None,
+        details: bytes,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.index = index
+        self.address = address
+        self.engine = engine
+        self.batcher = batcher
+        self.details = details
+        self.loop = EngineLoop(engine, self._publish_step, on_error) if engine is not None else None
+        self._api_addresses: dict[int, str] = {}  # filled before any of that API server's requests arrive
+        self._step_sockets: dict[int, zmq.Socket[bytes]] = {}  # the engine thread's own
+        self._step_context = zmq.Context()
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+
+    async def serve(self) -> None:
+        """Until a :class:`Shutdown` frame arrives or the task is cancelled."""
+        context = zmq.asyncio.Context()
+        pull = context.socket(zmq.PULL)
+        pull.bind(self.address)
+        replies: dict[int, zmq.asyncio.Socket] = {}
+        if self.loop is not None:
+            self.loop.start()
+        if self.batcher is not None:
+            self.batcher.start()
+        log.info("engine core %d serving on %s", self.index, self.address)
+        try:
+            while True:
+                message = decode_to_core(await pull.recv())
+                if isinstance(message, (AddRequest, Abort)):
+                    assert self.loop is not None
+                    self.loop.submit(message)
+                elif isinstance(message, ClassifyRequest):
+                    sock = replies[message.key % API_STRIDE]
+                    self._tasks[message.key] = asyncio.create_task(self._classify(message, sock))
+                elif isinstance(message, CancelClassify):
+                    task = self._tasks.pop(message.key, None)
+                    if task is not None:
+                        task.cancel()
+                elif isinstance(message, Hello):
+                    self._api_addresses[message.api_index] = message.address
+                    sock = replies[message.api_index] = context.socket(zmq.PUSH)
+                    sock.setsockopt(zmq.LINGER, 0)
+                    sock.setsockopt(zmq.SNDHWM, 0)
+                    sock.connect(message.address)
+                    await sock.send(encode(Ready(self.index, os.getpid(), self.details)))
+                elif isinstance(message, Shutdown):
+                    break
+        finally:
+            for task in self._tasks.values():
+                task.cancel()
+            if self.batcher is not None:
+                await self.batcher.stop(drain=False)
+            if self.loop is not None:
+                await asyncio.to_thread(self.loop.stop)
+            for sock in [*replies.values(), *self._step_sockets.values()]:
+                sock.close()
+            self._step_context.term()
+            pull.close(linger=0)
+            context.term()
+
+    async def _classify(self, request: ClassifyRequest, sock: zmq.asyncio.Socket) -> None:
+        assert self.batcher is not None
+        try:
+            results = await self.batcher.submit_many(request.items)
+            reply = ClassifyResults(request.key, [pack_result(r) for r in results])
+        except BatcherFull as exc:
+            reply = ClassifyResults(request.key, [], refused=f"full: {exc}")
+        except BatcherClosed:
+            reply = ClassifyResults(request.key, [], refused="closed")
+        finally:
+            self._tasks.pop(request.key, None)
+        await sock.send(encode(reply))
+
+    def _publish_step(self, step: StepOutputs) -> None:
+        """On the engine thread: one frame per API server that has outputs in this step."""
+        by_api: dict[int, list] = {}
+        for out in step.outputs:
+            by_api.setdefault(out.key % API_STRIDE, []).append(out)
+        for api, outputs in by_api.items():
+            sock = self._step_sockets.get(api)
+            if sock is None:
+                sock = self._step_sockets[api] = self._step_context.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block a step: the API server drains it
+                sock.connect(self._api_addresses[api])
+            sock.send(encode(StepOutputs(outputs, step.running, step.waiting, step.error, self.index)))

@@ -1,0 +1,180 @@
+"""An API server's side of the engine cores: one PUSH socket per core, one PULL socket for all replies.
+
+Generation goes through an :class:`LLMClient` whose commands this client routes: a new request to the
+least-loaded core (the conversation's core where its prefix is likely cached and that core is not much
+busier), an abort to the core that has the request. Classification goes through :meth:`submit_many`,
+which has the batcher's interface, so routes do not know whether the engine is local or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+import zmq
+import zmq.asyncio
+
+from engine.batcher import BatcherClosed, BatcherFull
+from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult, Embedding
+from engine.llm_engine import LLMClient
+from engine.protocol import (
+    API_STRIDE,
+    Abort,
+    AddRequest,
+    CancelClassify,
+    ClassifyRequest,
+    ClassifyResults,
+    Hello,
+    Ready,
+    Shutdown,
+    StepOutputs,
+    decode_from_core,
+    encode,
+    unpack_result,
+)
+
+log = logging.getLogger(__name__)
+
+AFFINITY_SLACK = 4  # sequences a conversation's core may run beyond the least-loaded one and still get it
+AFFINITY_TOKENS = 64  # prompt tokens hashed to find a conversation's core (a system prompt's first blocks)
+
+
+class CoreClient:
+    def __init__(self, api_index: int, core_addresses: list[str], own_address: str) -> None:
+        self.api_index = api_index
+        self.own_address = own_address
+        self._context = zmq.asyncio.Context()
+        self._pull = self._context.socket(zmq.PULL)
+        self._pull.bind(own_address)
+        self._cores = []
+        for address in core_addresses:
+            sock = self._context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)  # commands queue rather than block the event loop
+            sock.connect(address)
+            self._cores.append(sock)
+        self.llm: LLMClient | None = None
+        self._gen_core: dict[int, int] = {}  # key -> core, while the request runs
+        self._gen_load = [0] * len(core_addresses)  # this API server's requests per core
+        self._core_load = [0] * len(core_addresses)  # running + waiting, as each core last reported
+        self._cls_keys = iter(range(api_index, 1 << 62, API_STRIDE))
+        self._cls_waiting: dict[int, asyncio.Future[ClassifyResults]] = {}
+        self._cls_load = [0] * len(core_addresses)
+        self._receiver: asyncio.Task[None] | None = None
+        self.error: str | None = None
+
+    async def connect(self, timeout: float) -> list[Ready]:
+        """Introduces this API server to every core; returns their answers, in core order."""
+        for sock in self._cores:
+            await sock.send(encode(Hello(self.api_index, self.own_address)))
+        ready: list[Ready | None] = [None] * len(self._cores)
+        async with asyncio.timeout(timeout):
+            while not all(ready):
+                message = decode_from_core(await self._pull.recv())
+                if isinstance(message, Ready):
+                    ready[message.core_index] = message
+        self._receiver = asyncio.create_task(self._receive())
+        return ready  # type: ignore[return-value]
+
+    def attach(self, llm: LLMClient) -> None:
+        self.llm = llm
+
+    # ------------------------------------------------------------------ generation
+
+    def send_generation(self, command: AddRequest | Abort) -> None:
+        """``LLMClient.send``: picks a core for a new request, follows it for an abort."""
+        if isinstance(command, AddRequest):
+            core = self._pick_core(command.prompt_ids)
+            self._gen_core[command.key] = core
+            self._gen_load[core] += 1
+        else:
+            core = self._gen_core.pop(command.key, -1)
+            if core < 0:  # finished meanwhile
+                return
+            self._gen_load[core] -= 1
+        self._cores[core].send(encode(command))
+
+    def _pick_core(self, prompt_ids: list[int]) -> int:
+        if len(self._cores) == 1:
+            return 0
+        load = [mine + theirs for mine, theirs in zip(self._gen_load, self._core_load, strict=True)]
+        best = min(range(len(load)), key=load.__getitem__)
+        home = hash(tuple(prompt_ids[:AFFINITY_TOKENS])) % len(load)
+        return home if load[home] <= load[best] + AFFINITY_SLACK else best
+
+    def _on_step(self, step: StepOutputs) -> None:
+        self._core_load[step.core] = step.running + step.waiting
+        for out in step.outputs:
+            if out.finish_reason is not None and self._gen_core.pop(out.key, None) is not None:
+                self._gen_load[step.core] -= 1
+        assert self.llm is not None
+        self.llm.on_step(step)
+
+    # ------------------------------------------------------------------ classification
+
+    def check_room(self, n: int) -> None:
+        """Refuses at once when the cores are gone; the queue bound itself is the cores' (``submit_many``)."""
+        if self.error is not None:
+            raise BatcherClosed(self.error)
+
+    async def submit_many(self, items: list[ClassifyItem]) -> list[ClassResult | Embedding | ClassifierInputError]:
+        """The batcher's interface: results in input order; a full queue raises ``BatcherFull``."""
+        if self.error is not None:
+            raise BatcherClosed(self.error)
+        key = next(self._cls_keys)
+        core = min(range(len(self._cls_load)), key=self._cls_load.__getitem__)
+        future: asyncio.Future[ClassifyResults] = asyncio.get_running_loop().create_future()
+        self._cls_waiting[key] = future
+        self._cls_load[core] += len(items)
+        try:
+            await self._cores[core].send(encode(ClassifyRequest(key, items)))
+            reply = await future
+        except asyncio.CancelledError:
+            if self._cls_waiting.pop(key, None) is not None:
+                await self._cores[core].send(encode(CancelClassify(key)))
+            raise
+        finally:
+            self._cls_load[core] -= len(items)
+        if reply.refused is not None:
+            if reply.refused.startswith("full"):
+                raise BatcherFull(reply.refused.removeprefix("full: "))
+            raise BatcherClosed(reply.refused)
+        return [unpack_result(r) for r in reply.results]
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _receive(self) -> None:
+        while True:
+            message = decode_from_core(await self._pull.recv())
+            if isinstance(message, StepOutputs):
+                self._on_step(message)
+            elif isinstance(message, ClassifyResults):
+                future = self._cls_waiting.pop(message.key, None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+
+    def fail(self, message: str) -> None:
+        """A core is gone: everything in flight fails with ``message``, and so does all later work."""
+        self.error = message
+        if self.llm is not None:
+            self.llm.fail_all(message)
+        waiting, self._cls_waiting = self._cls_waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(BatcherClosed(message))
+
+    async def close(self, shutdown_cores: bool = False) -> None:
+        if self._receiver is not None:
+            self._receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._receiver
+        if shutdown_cores:
+            for sock in self._cores:
+                await sock.send(encode(Shutdown()))
+        for sock in [self._pull, *self._cores]:
+            sock.close(linger=100)
+        self._context.term()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.own_address.removeprefix("ipc://"))
