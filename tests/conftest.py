@@ -1,4 +1,4 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the tier check: every test is exactly one of unit, integration, live."""
 
 from __future__ import annotations
 
@@ -18,6 +18,33 @@ import pytest
 from server.app import create_app
 from server.config import Settings
 from server.runtime import Runtime
+
+TIERS = ("unit", "integration", "live")
+# Fixtures that load the real models or start a server: a unit test that asks for one is mis-marked.
+MODEL_FIXTURES = frozenset({"cache_dir", "settings", "runtime", "client", "live_server"})
+HOW_TO_MARK = (
+    "mark each test with exactly one tier: a module line `pytestmark = pytest.mark.unit` (or `integration`, "
+    "`live`), or a decorator on the test; unit = no model files, no processes, no sleeps; integration = the "
+    "real models or real time in-process; live = server processes, fuzzing, linters (README, Tests)"
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuses the run when a test has no tier, several, or is a unit test using the real models;
+    then orders the run unit → integration → live, so the fast tier fails first."""
+    problems = []
+    for item in items:
+        tiers = {m.name for m in item.iter_markers() if m.name in TIERS}
+        if len(tiers) != 1:
+            problems.append(f"{item.nodeid}: tiers {sorted(tiers) or 'none'}")
+        elif "unit" in tiers and MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            fixtures = sorted(MODEL_FIXTURES & set(item.fixturenames))
+            problems.append(f"{item.nodeid}: a unit test using {', '.join(fixtures)}")
+    if problems:
+        raise pytest.UsageError(
+            f"{len(problems)} test(s) without exactly one valid tier; {HOW_TO_MARK}:\n  " + "\n  ".join(problems)
+        )
+    items.sort(key=lambda item: TIERS.index(next(m.name for m in item.iter_markers() if m.name in TIERS)))
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ import json
 import httpx
 import pytest
 
+pytestmark = pytest.mark.integration
+
 LABELS = ["billing", "shipping"]
 SURROGATE = '"\\ud800"'  # a lone surrogate, escaped as JSON allows
 

@@ -7,6 +7,8 @@ import asyncio
 import httpx
 import pytest
 
+pytestmark = pytest.mark.integration
+
 LABELS = [
     "billing or payment problem",
     "shipping and delivery of an order",

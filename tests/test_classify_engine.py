@@ -1,20 +1,17 @@
-"""Classification engine: the real embedded MiniLM through Classifier, and DynamicBatcher semantics."""
+"""Classification engine: the real embedded MiniLM through Classifier (batcher semantics: test_batcher.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.metadata
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from prometheus_client import REGISTRY
 from transformers import BertConfig, BertForSequenceClassification
 
-from engine.batcher import BatcherClosed, DynamicBatcher
+from engine.batcher import DynamicBatcher
 from engine.classifier import (
     Classifier,
     ClassifierInputError,
@@ -24,6 +21,8 @@ from engine.classifier import (
 )
 from engine.encoder_graphs import pad_batch, seq_buckets
 from models.loader import load_encoder
+
+pytestmark = pytest.mark.integration
 
 CS_LABELS = ["billing", "shipping", "technical support"]
 
@@ -236,246 +235,7 @@ def test_head_model_uses_id2label(head_model_dir: Path, cache_dir: Path) -> None
         _assert_results_close(got, alone)
 
 
-# ---------------------------------------------------------------------------- DynamicBatcher
-
-
-class Recorder:
-    """A run_batch that records each batch and returns ``item * 10``; optionally fails."""
-
-    def __init__(self, fail_on: object = None, delay: float = 0.0) -> None:
-        self.batches: list[list[int]] = []
-        self.threads: set[int] = set()
-        self.fail_on = fail_on
-        self.delay = delay
-
-    def __call__(self, items: list[int]) -> list[int]:
-        self.batches.append(list(items))
-        self.threads.add(threading.get_ident())
-        if self.delay:
-            time.sleep(self.delay)
-        if self.fail_on is not None and self.fail_on in items:
-            raise ValueError(f"bad item {self.fail_on}")
-        return [i * 10 for i in items]
-
-
-def test_batcher_respects_max_batch_size() -> None:
-    rec = Recorder()
-
-    async def main() -> list[int]:
-        b = DynamicBatcher(rec, max_batch_size=4, max_batch_tokens=10_000, max_wait_ms=50, name="t_size")
-        b.start()
-        res = await asyncio.gather(*(b.submit(i) for i in range(10)))
-        await b.stop()
-        return list(res)
-
-    assert asyncio.run(main()) == [i * 10 for i in range(10)]
-    assert [len(x) for x in rec.batches] == [4, 4, 2]
-    assert sorted(i for batch in rec.batches for i in batch) == list(range(10))
-    assert len(rec.threads) == 1 and threading.get_ident() not in rec.threads
-
-
-def test_batcher_respects_token_budget() -> None:
-    rec = Recorder()
-
-    async def main() -> None:
-        b = DynamicBatcher(
-            rec, max_batch_size=32, max_batch_tokens=10, max_wait_ms=50, cost=lambda i: i, name="t_tokens"
-        )
-        # costs 4,4,4 -> [4,4] then [4]; 30 is over budget alone -> runs alone; then [3,3]
-        res = await b.submit_many([4, 4, 4, 30, 3, 3])
-        assert res == [40, 40, 40, 300, 30, 30]
-        await b.stop()
-
-    asyncio.run(main())
-    assert rec.batches == [[4, 4], [4], [30], [3, 3]]
-    assert all(sum(batch) <= 10 or len(batch) == 1 for batch in rec.batches)
-
-
-def test_batcher_flushes_single_item_after_max_wait() -> None:
-    rec = Recorder()
-
-    async def main() -> float:
-        b = DynamicBatcher(rec, max_batch_size=8, max_batch_tokens=100, max_wait_ms=40, name="t_wait")
-        b.start()
-        t0 = time.perf_counter()
-        assert await b.submit(7) == 70
-        elapsed = time.perf_counter() - t0
-        await b.stop()
-        return elapsed
-
-    elapsed = asyncio.run(main())
-    assert rec.batches == [[7]]
-    assert 0.035 <= elapsed < 1.0
-
-
-def test_batcher_wait_counts_from_first_item() -> None:
-    rec = Recorder()
-
-    async def main() -> float:
-        b = DynamicBatcher(rec, max_batch_size=8, max_batch_tokens=100, max_wait_ms=400, name="t_first")
-        b.start()
-        t0 = time.perf_counter()
-        first = asyncio.ensure_future(b.submit(1))
-        await asyncio.sleep(0.25)
-        second = asyncio.ensure_future(b.submit(2))
-        await asyncio.gather(first, second)
-        elapsed = time.perf_counter() - t0
-        await b.stop()
-        return elapsed
-
-    elapsed = asyncio.run(main())
-    assert rec.batches == [[1, 2]]
-    # A window restarted by the second item would close at >= 0.65 s; margins absorb a loaded CI machine.
-    assert elapsed < 0.6  # the second item did not restart the 400 ms window
-
-
-def test_batcher_sorts_by_cost_and_keeps_order_for_submit_many() -> None:
-    rec = Recorder()
-
-    async def main() -> list[int]:
-        b = DynamicBatcher(rec, max_batch_size=8, max_batch_tokens=100, max_wait_ms=20, cost=lambda i: i)
-        res = await b.submit_many([5, 1, 9, 3, 7])
-        await b.stop()
-        return res
-
-    assert asyncio.run(main()) == [50, 10, 90, 30, 70]
-    assert rec.batches == [[1, 3, 5, 7, 9]]
-
-
-def test_batcher_exception_fails_only_its_batch() -> None:
-    rec = Recorder(fail_on=13)
-
-    async def main() -> list[object]:
-        b = DynamicBatcher(rec, max_batch_size=2, max_batch_tokens=100, max_wait_ms=20, name="t_exc")
-        b.start()
-        res = await asyncio.gather(*(b.submit(i) for i in (11, 13, 15, 17)), return_exceptions=True)
-        await b.stop()
-        return res
-
-    res = asyncio.run(main())
-    assert rec.batches == [[11, 13], [15, 17]]
-    assert isinstance(res[0], ValueError) and isinstance(res[1], ValueError)
-    assert res[2:] == [150, 170]
-
-
-def test_batcher_per_item_exception_result() -> None:
-    def run(items: list[int]) -> list[int | Exception]:
-        return [ValueError("odd") if i % 2 else i for i in items]
-
-    async def main() -> list[object]:
-        b = DynamicBatcher(run, max_batch_size=8, max_batch_tokens=100, max_wait_ms=10)
-        res = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
-        await b.stop()
-        return res
-
-    res = asyncio.run(main())
-    assert res[0] == 0 and res[2] == 2
-    assert isinstance(res[1], ValueError) and isinstance(res[3], ValueError)
-
-
-def test_batcher_skips_cancelled_items() -> None:
-    rec = Recorder()
-
-    async def main() -> None:
-        b = DynamicBatcher(rec, max_batch_size=8, max_batch_tokens=100, max_wait_ms=50, name="t_cancel")
-        b.start()
-        keep = asyncio.ensure_future(b.submit(1))
-        gone = asyncio.ensure_future(b.submit(2))
-        keep2 = asyncio.ensure_future(b.submit(3))
-        await asyncio.sleep(0.005)
-        assert b.queued == 3
-        gone.cancel()
-        assert await keep == 10 and await keep2 == 30
-        with pytest.raises(asyncio.CancelledError):
-            await gone
-        await b.stop()
-
-    asyncio.run(main())
-    assert rec.batches == [[1, 3]]
-
-
-def test_batcher_submit_many_failure_drops_the_rest() -> None:
-    def run(items: list[int]) -> list[int | Exception]:
-        return [ValueError("bad") if i == 0 else i for i in items]
-
-    async def main() -> None:
-        b = DynamicBatcher(run, max_batch_size=8, max_batch_tokens=100, max_wait_ms=5)
-        with pytest.raises(ValueError):
-            await b.submit_many([1, 0, 2])
-        assert await b.submit_many([]) == []
-        await b.stop()
-
-    asyncio.run(main())
-
-
-def test_batcher_event_loop_stays_responsive() -> None:
-    rec = Recorder(delay=0.2)
-
-    async def main() -> int:
-        b = DynamicBatcher(rec, max_batch_size=8, max_batch_tokens=100, max_wait_ms=1)
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        t = asyncio.ensure_future(ticker())
-        assert await b.submit(1) == 10
-        t.cancel()
-        await b.stop()
-        return ticks
-
-    assert asyncio.run(main()) >= 10  # the loop kept running while the batch slept 200 ms
-
-
-def test_batcher_stop_drains_or_fails() -> None:
-    async def drain() -> None:
-        rec = Recorder(delay=0.05)
-        b = DynamicBatcher(rec, max_batch_size=1, max_batch_tokens=100, max_wait_ms=1)
-        futs = [asyncio.ensure_future(b.submit(i)) for i in range(3)]
-        await asyncio.sleep(0)
-        await b.stop()  # drain
-        assert [f.result() for f in futs] == [0, 10, 20]
-        with pytest.raises(BatcherClosed):
-            await b.submit(1)
-
-    async def abort() -> None:
-        rec = Recorder(delay=0.1)
-        b = DynamicBatcher(rec, max_batch_size=1, max_batch_tokens=100, max_wait_ms=1)
-        futs = [asyncio.ensure_future(b.submit(i)) for i in range(3)]
-        await asyncio.sleep(0.02)  # first batch is running
-        await b.stop(drain=False)
-        res = await asyncio.gather(*futs, return_exceptions=True)
-        assert all(isinstance(r, BatcherClosed) for r in res)
-        assert "stopped" in str(res[0])
-
-    asyncio.run(drain())
-    asyncio.run(abort())
-
-
-def test_batcher_metrics() -> None:
-    name = "t_metrics"
-
-    def sample(metric: str) -> float:
-        return REGISTRY.get_sample_value(metric, {"endpoint": name}) or 0.0
-
-    before_batches = sample("llm_batch_size_count")
-    before_items = sample("llm_batch_size_sum")
-    before_waits = sample("llm_queue_time_seconds_count")
-
-    async def main() -> None:
-        b = DynamicBatcher(Recorder(), max_batch_size=3, max_batch_tokens=100, max_wait_ms=5, name=name)
-        await b.submit_many(range(5))
-        assert b.queued == 0
-        await b.stop()
-
-    asyncio.run(main())
-    assert sample("llm_batch_size_count") - before_batches == 2
-    assert sample("llm_batch_size_sum") - before_items == 5
-    assert sample("llm_queue_time_seconds_count") - before_waits == 5
-    assert REGISTRY.get_sample_value("llm_queued_requests", {"endpoint": name}) == 0
+# ---------------------------------------------------------------------------- with the batcher
 
 
 def test_batcher_with_real_classifier(clf: Classifier) -> None:

@@ -36,6 +36,7 @@ TINY_LLAMA = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["int8", "int8-wo", "fp8"])
 @pytest.mark.parametrize("rows", [1, 33])
 def test_quant_linear_close_to_float(method: str, rows: int) -> None:
@@ -50,6 +51,7 @@ def test_quant_linear_close_to_float(method: str, rows: int) -> None:
     assert rel < (0.08 if method == "fp8" else 0.02), rel
 
 
+@pytest.mark.unit
 def test_int8_rows_do_not_depend_on_the_batch() -> None:
     """Per-token activation scales + exact integer accumulation: a request computes the same alone or batched."""
     torch.manual_seed(0)
@@ -60,6 +62,7 @@ def test_int8_rows_do_not_depend_on_the_batch() -> None:
         assert torch.equal(q(x[i : i + 1]), batched[i : i + 1])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["int8", "int8-wo", "fp8"])
 def test_concatenated_quant_linears_compute_the_parts_exactly(method: str) -> None:
     torch.manual_seed(0)
@@ -69,6 +72,7 @@ def test_concatenated_quant_linears_compute_the_parts_exactly(method: str) -> No
     assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
 
 
+@pytest.mark.unit
 def test_prune_mlp_shapes_and_least_squares_refit() -> None:
     torch.manual_seed(0)
     width, hidden = 256, 32
@@ -90,6 +94,7 @@ def test_prune_mlp_shapes_and_least_squares_refit() -> None:
     assert err_refit < 0.5 * err_sliced
 
 
+@pytest.mark.unit
 def test_smoothing_is_exact_before_quantization() -> None:
     torch.manual_seed(0)
     norm_w = torch.rand(64) + 0.5
@@ -114,6 +119,7 @@ def _fresh(loaded) -> Llama:
     return Llama.from_hf(loaded.config, {k: memo.setdefault(id(v), v.clone()) for k, v in loaded.state_dict.items()})
 
 
+@pytest.mark.integration
 def test_compress_causal_lm_report_and_cache(tiny_lm, tmp_path: Path) -> None:
     spec = CompressionSpec(
         quantize="int8", prune_mlp=0.25, prune_allocation="uniform", smooth_alpha=0.5, calib_tokens=256, eval_tokens=128
@@ -143,6 +149,7 @@ def test_compress_causal_lm_report_and_cache(tiny_lm, tmp_path: Path) -> None:
     torch.testing.assert_close(cached.logits(forward_sequence(cached, ids)), logits, rtol=0, atol=0)
 
 
+@pytest.mark.integration
 def test_compress_encoder_report_and_cache(cache_dir: Path, tmp_path: Path) -> None:
     original = load_encoder("dummy:minilm-l6", cache_dir, torch.float32)
     spec = CompressionSpec(quantize="int8", prune_mlp=0.25, prune_allocation="uniform")
@@ -165,6 +172,7 @@ def test_compress_encoder_report_and_cache(cache_dir: Path, tmp_path: Path) -> N
     torch.testing.assert_close(embedder(second)(texts), embedder(first)(texts), rtol=0, atol=0)
 
 
+@pytest.mark.integration
 async def test_info_serves_the_compression_reports(client) -> None:
     r = await client.get("/info")
     assert r.status_code == 200, r.text
@@ -177,6 +185,7 @@ async def test_info_serves_the_compression_reports(client) -> None:
     assert cls["spec"]["quantize"] == "int8" and cls["fidelity"]["label_agreement"] >= 0.95
 
 
+@pytest.mark.integration
 async def test_v1_models_carries_the_compression_report(client) -> None:
     cards = {c["task"]: c for c in (await client.get("/v1/models")).json()["data"]}
     for task in ("generate", "classify"):
@@ -184,6 +193,7 @@ async def test_v1_models_carries_the_compression_report(client) -> None:
         assert report["task"] == task and report["weight_bytes_after"] < report["weight_bytes_before"]
 
 
+@pytest.mark.unit
 def test_triton_kernels_stay_off_without_cuda() -> None:
     """CPU (and CPU-only installs without Triton) take QuantLinear's PyTorch paths; the kernels are
     checked on the GPU by their startup self-check and load_tests/quant_kernel_bench.py."""
@@ -192,6 +202,7 @@ def test_triton_kernels_stay_off_without_cuda() -> None:
         assert not quant_kernels.fp8_usable(torch.device("cpu"), dtype)
 
 
+@pytest.mark.unit
 def test_self_check_covers_every_tile_the_kernel_may_pick() -> None:
     """usable() compiles and checks PICKABLE_CONFIGS; a tile outside it would first compile mid-request."""
     shapes = [(m, n, k) for m in (1, 5, 16, 17, 33, 64, 65, 128, 256, 300, 2048, 8192)

@@ -9,6 +9,8 @@ from pydantic import ValidationError
 from models import quant_kernels
 from server.config import Settings
 
+pytestmark = pytest.mark.unit
+
 
 def test_cli_flags_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLM_PORT", "9001")

@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.metrics import GPU_METRICS, GPUCollector, load_nvml
 
+pytestmark = pytest.mark.live
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "lowlat-server.json"

@@ -15,6 +15,8 @@ from server.config import Settings
 from server.runtime import Runtime
 from tests.conftest import TEST_SETTINGS
 
+pytestmark = pytest.mark.integration
+
 QUESTIONS = [
     "What is the capital of France?",
     "How do I reset my password?",

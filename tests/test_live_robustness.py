@@ -15,6 +15,8 @@ import pytest
 from load_tests.fuzz import fuzz
 from tests.conftest import server_process
 
+pytestmark = pytest.mark.live
+
 
 @pytest.fixture(scope="module")
 def fuzz_server(cache_dir: Path) -> Iterator[str]:

@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from load_tests.loadgen import make_scenario, run_sweep_sync
 from load_tests.report import write_report
+
+pytestmark = pytest.mark.live
 
 
 def gauge(url: str, name: str) -> float:

@@ -26,6 +26,8 @@ from models.loader import (
 )
 from models.sources import ModelSource, dummy_config, resolve_spec
 
+pytestmark = pytest.mark.integration
+
 MINILM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
 

@@ -6,8 +6,11 @@ import re
 from importlib.metadata import version
 
 import httpx
+import pytest
 
 from server.config import Settings
+
+pytestmark = pytest.mark.integration
 
 
 def sample(text: str, name: str, labels: str = "") -> float:

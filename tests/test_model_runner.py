@@ -14,6 +14,8 @@ from engine.scheduler import Scheduler
 from engine.sequence import SamplingParams, Sequence
 from models.llama import Llama
 
+pytestmark = pytest.mark.unit
+
 CPU = torch.device("cpu")
 
 

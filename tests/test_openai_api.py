@@ -12,6 +12,8 @@ import pytest
 from load_tests.loadgen import make_scenario, run_sweep_sync
 from tests.test_live_server import wait_idle
 
+pytestmark = pytest.mark.live
+
 GEN = "SmolLM2-135M-Instruct"
 EMB = "all-MiniLM-L6-v2"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from engine import metrics
 from engine.kv_cache import BlockManager
 from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
@@ -32,6 +34,7 @@ def computed(blocks: BlockManager, s: Sequence) -> None:
     blocks.commit(s)
 
 
+@pytest.mark.unit
 def test_shared_prefix_reuses_blocks_and_leaves_last_token() -> None:
     blocks = BlockManager(num_blocks=32, block_size=BS)
     a = seq(list(range(10)))  # 2 full blocks + 2 tokens
@@ -50,6 +53,7 @@ def test_shared_prefix_reuses_blocks_and_leaves_last_token() -> None:
     assert c.num_computed == BS
 
 
+@pytest.mark.unit
 def test_refcounts_free_only_unused_blocks_and_keep_them_cached() -> None:
     blocks = BlockManager(num_blocks=16, block_size=BS)
     total = blocks.num_free
@@ -67,6 +71,7 @@ def test_refcounts_free_only_unused_blocks_and_keep_them_cached() -> None:
     assert admit(blocks, d) == shared
 
 
+@pytest.mark.unit
 def test_eviction_drops_hashes_least_recently_freed_first() -> None:
     blocks = BlockManager(num_blocks=5, block_size=BS)  # 4 usable blocks
     a = seq(list(range(9)))  # 3 blocks
@@ -95,6 +100,7 @@ def test_eviction_drops_hashes_least_recently_freed_first() -> None:
     assert small.match_prefix(seq(list(range(9)))) == tail_first[:1]
 
 
+@pytest.mark.unit
 def test_disabled_never_matches() -> None:
     blocks = BlockManager(num_blocks=16, block_size=BS, enable_prefix_caching=False)
     a = seq(list(range(12)))
@@ -116,6 +122,7 @@ def run_to_completion(sched: Scheduler) -> None:
     raise AssertionError("scheduler did not drain")
 
 
+@pytest.mark.unit
 def test_preemption_and_abort_with_shared_blocks_free_everything() -> None:
     blocks = BlockManager(num_blocks=9, block_size=BS)  # 8 usable blocks: too few for all at once
     sched = Scheduler(blocks, max_num_seqs=8, max_batched_tokens=64)
@@ -153,6 +160,7 @@ async def _texts(llm: AsyncLLM, prompts: list[list[int]], max_tokens: int) -> li
     return out
 
 
+@pytest.mark.integration
 async def test_outputs_identical_with_cache_on_and_off(runtime: Runtime) -> None:
     assert runtime.llm is not None
     engine = runtime.llm.engine

@@ -21,6 +21,7 @@ def metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.integration
 async def test_repeated_classify_is_answered_from_the_cache(client: httpx.AsyncClient) -> None:
     body = {"inputs": ["my card was charged twice", "cache test: where is my box?"], "labels": ["billing", "delivery"]}
     before = (await client.get("/metrics")).text
@@ -36,6 +37,7 @@ async def test_repeated_classify_is_answered_from_the_cache(client: httpx.AsyncC
     assert metric(after, misses) - metric(before, misses) == 4
 
 
+@pytest.mark.unit
 def test_response_cache_evicts_least_recently_used() -> None:
     cache: ResponseCache[str, int] = ResponseCache(2, name="unit")
     cache.put("a", 1)
@@ -48,6 +50,7 @@ def test_response_cache_evicts_least_recently_used() -> None:
         ResponseCache(0, name="unit")
 
 
+@pytest.mark.integration
 async def test_shared_system_prompt_hits_the_prefix_cache(client: httpx.AsyncClient) -> None:
     system = "You are the support assistant of Example Shop. Be brief, friendly and precise. " * 6
     model = (await client.get("/v1/models")).json()["data"][0]["id"]
@@ -66,6 +69,7 @@ async def test_shared_system_prompt_hits_the_prefix_cache(client: httpx.AsyncCli
     assert metric(after, "llm_prefix_cache_blocks") >= cached // 16
 
 
+@pytest.mark.integration
 async def test_request_id_in_header_and_logs(client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
     caplog.handler.addFilter(RequestIdFilter())
     with caplog.at_level(logging.INFO, logger="server.access"):
@@ -77,6 +81,7 @@ async def test_request_id_in_header_and_logs(client: httpx.AsyncClient, caplog: 
     assert lines[bad.headers["x-request-id"]].startswith("POST /generate 422 ")
 
 
+@pytest.mark.integration
 def test_embeddings_share_a_batch_with_classification(runtime: Runtime) -> None:
     classifier = runtime.classifier
     assert classifier is not None

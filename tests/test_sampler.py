@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine.sampler import apply_penalties, sample
 from engine.sequence import SamplingParams, Sequence
+
+pytestmark = pytest.mark.unit
 
 
 def seq(output: list[int], **params: float) -> Sequence:
