@@ -29,6 +29,7 @@ from load_tests.loadgen import (
     TargetRefused,
     arrival_offsets,
     check_target,
+    cli,
     make_scenario,
     parse_generate_event,
     parse_openai_event,
@@ -37,6 +38,8 @@ from load_tests.loadgen import (
     run_sweep,
     summarize,
 )
+
+pytestmark = pytest.mark.integration
 
 BASE = "http://127.0.0.1:8000"
 
@@ -418,7 +421,7 @@ def test_refusal_happens_before_any_request(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(TargetRefused):
         _run_level(tracker, base="http://example.com", concurrency=1, requests=1, duration=1)
     assert tracker.calls == 0
-    assert loadgen.main(["--url", "http://example.com:8000", "--requests", "1", "--no-progress"]) == 2
+    assert cli.main(["--url", "http://example.com:8000", "--requests", "1", "--no-progress"]) == 2
     assert "--allow-remote" in capsys.readouterr().err
     with pytest.raises(TargetRefused):
         check_target("ftp://127.0.0.1/")
@@ -633,7 +636,7 @@ def stub_url():
 
 
 def test_cli_end_to_end_over_loopback(stub_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = loadgen.main(
+    rc = cli.main(
         [
             "--url",
             stub_url,
@@ -660,7 +663,7 @@ def test_cli_end_to_end_over_loopback(stub_url: str, tmp_path: Path, capsys: pyt
     assert [lv["ok"] for lv in doc["levels"]] == [6, 6]
     rec = doc["levels"][0]["records"][0]
     assert rec["status"] == 200 and rec["output_tokens"] == 2 and len(rec["itl"]) == 1 and rec["ttft"] > 0
-    rc = loadgen.main(
+    rc = cli.main(
         [
             "--url",
             stub_url,
@@ -677,7 +680,7 @@ def test_cli_end_to_end_over_loopback(stub_url: str, tmp_path: Path, capsys: pyt
     )
     assert rc == 0
     # nothing listening: every request is a connection error, exit status 1
-    rc = loadgen.main(["--url", "http://127.0.0.1:9", "--requests", "2", "--duration", "5", "--no-progress"])
+    rc = cli.main(["--url", "http://127.0.0.1:9", "--requests", "2", "--duration", "5", "--no-progress"])
     assert rc == 1
 
 
