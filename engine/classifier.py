@@ -7,8 +7,8 @@ tokenizer (also used from the event loop by ``count_tokens``) and the label cach
 
 from __future__ import annotations
 
+import sys
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from engine.encoder_graphs import EncoderGraphs
+from engine.response_cache import BytesLRU
 
 # Zero-shot logit scale. all-MiniLM-L6-v2 (like most sentence-transformers models) was trained
 # with MultipleNegativesRankingLoss, i.e. a softmax over cosine similarities multiplied by
@@ -29,7 +30,10 @@ DEFAULT_TEMPERATURE = 0.05
 # not". For MiniLM, text/label pairs that match lie around cos 0.37-0.6 and unrelated ones below
 # ~0.25 (measured on customer-service messages vs short labels), so 0.35 sits between the two.
 DEFAULT_MULTI_LABEL_THRESHOLD = 0.35
-LABEL_CACHE_SIZE = 4096
+# Label embeddings kept for reuse, bounded by bytes (labels are client text): ~5,000 of the longest
+# labels accepted or ~8,000 short ones with MiniLM's 384 floats; a tensor's own bookkeeping is a flat overhead.
+LABEL_CACHE_BYTES = 16 * 2**20
+TENSOR_OVERHEAD_BYTES = 512
 
 
 class EncoderLike(Protocol):
@@ -164,7 +168,7 @@ class Classifier(EncoderFrontend):
         max_batch: int = 64,
         temperature: float = DEFAULT_TEMPERATURE,
         multi_label_threshold: float = DEFAULT_MULTI_LABEL_THRESHOLD,
-        label_cache_size: int = LABEL_CACHE_SIZE,
+        label_cache_bytes: int = LABEL_CACHE_BYTES,
     ) -> None:
         self.device = torch.device(device)
         self.model = encoder.model.to(self.device).eval()
@@ -182,8 +186,7 @@ class Classifier(EncoderFrontend):
         )
         self.temperature = temperature
         self.multi_label_threshold = multi_label_threshold
-        self._label_cache: OrderedDict[str, Tensor] = OrderedDict()
-        self._label_cache_size = label_cache_size
+        self._label_cache: BytesLRU[str, Tensor] = BytesLRU(label_cache_bytes, size=_label_bytes)
         self._cache_lock = threading.Lock()
         self.graphs = EncoderGraphs(self._encode, self.device, self.max_length, max_batch)
 
@@ -243,17 +246,14 @@ class Classifier(EncoderFrontend):
     def _label_embeddings(self, labels: Sequence[str]) -> Tensor:
         """Embeddings ``[L, d]`` for ``labels`` (in order); only uncached label texts are encoded."""
         with self._cache_lock:
-            found = {lab: self._label_cache[lab] for lab in labels if lab in self._label_cache}
-            for lab in found:
-                self._label_cache.move_to_end(lab)
+            found = {lab: vec for lab in labels if (vec := self._label_cache.get(lab)) is not None}
         missing = [lab for lab in dict.fromkeys(labels) if lab not in found]
         if missing:
             fresh = self.embed(missing)
             with self._cache_lock:
                 for lab, vec in zip(missing, fresh, strict=True):
-                    found[lab] = self._label_cache[lab] = vec.clone()
-                while len(self._label_cache) > self._label_cache_size:
-                    self._label_cache.popitem(last=False)
+                    found[lab] = vec.clone()
+                    self._label_cache.put(lab, found[lab])
         return torch.stack([found[lab] for lab in labels])
 
     # ------------------------------------------------------------------ classification
@@ -324,6 +324,10 @@ class Classifier(EncoderFrontend):
             if isinstance(r, Exception):
                 raise r
         return out  # type: ignore[return-value]
+
+
+def _label_bytes(label: str, vector: Tensor) -> int:
+    return sys.getsizeof(label) + vector.nbytes + TENSOR_OVERHEAD_BYTES
 
 
 def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:

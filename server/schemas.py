@@ -7,12 +7,17 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
+# Texts are bounded in characters as well as tokens: a token limit alone lets one 900 KB "word" (a few
+# tokens) through into the caches, and is only checked after tokenizing it. A text may hold at most this
+# many characters per token of its limit (natural text averages 3-6; a BERT [UNK] covers a 100+ character
+# word): checked before tokenizing, 400 naming the field like the token limit.
+MAX_CHARS_PER_TOKEN = 16
 # /classify zero-shot labels: each one is encoded like an input (cached afterwards), so their number and
-# size are bounded like inputs are. Characters are checked by the schema, before any tokenizing; tokens
-# by the route (server/routes/classify.py). Settings-free for now (server.config is being split).
+# size are bounded like inputs are. Characters are checked by the schema; tokens by the route
+# (server/routes/classify.py). Settings-free for now (server.config is being split).
 CLS_MAX_LABELS = 64
-CLS_MAX_LABEL_CHARS = 512
 CLS_MAX_LABEL_TOKENS = 64
+CLS_MAX_LABEL_CHARS = CLS_MAX_LABEL_TOKENS * MAX_CHARS_PER_TOKEN
 Label = Annotated[str, StringConstraints(min_length=1, max_length=CLS_MAX_LABEL_CHARS)]
 
 

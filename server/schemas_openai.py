@@ -16,6 +16,8 @@ from server.errors import UNSUPPORTED
 from server.schemas import StrictModel
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+# Names the server echoes (model, in a 404) or ignores (user, name): bounded so they cannot carry bulk.
+MAX_NAME_CHARS = 256
 
 
 def _unsupported(*neutral: object) -> Any:
@@ -34,7 +36,7 @@ class StreamOptions(StrictModel):
 class SamplingRequest(StrictModel):
     """Fields shared by chat completions and completions."""
 
-    model: str = Field(min_length=1, description="an id from GET /v1/models")
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS, description="an id from GET /v1/models")
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate; the server's default when omitted")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding (OpenAI's default is 1)")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -45,7 +47,9 @@ class SamplingRequest(StrictModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, description="end-user id; accepted for compatibility, not used")
+    user: str | None = Field(
+        None, max_length=MAX_NAME_CHARS, description="end-user id; accepted for compatibility, not used"
+    )
     logprobs: _unsupported(False) = None
     top_logprobs: _unsupported(0) = None
     logit_bias: _unsupported({}) = None
@@ -75,7 +79,7 @@ class TextPart(StrictModel):
 class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] = Field(description="text, or text parts (other part types are not supported)")
-    name: str | None = Field(None, description="accepted for compatibility, not used")
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS, description="accepted for compatibility, not used")
 
     @property
     def text(self) -> str:
@@ -133,11 +137,11 @@ class CompletionRequest(SamplingRequest):
 
 
 class EmbeddingRequest(StrictModel):
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     input: str | list[str] = Field(description="a text or a list of texts (token-id inputs are not supported)")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="only the model's own dimension is supported")
-    user: str | None = None
+    user: str | None = Field(None, max_length=MAX_NAME_CHARS)
 
     @field_validator("input")
     @classmethod

@@ -9,8 +9,9 @@ import httpx
 import pytest
 
 from engine.classifier import ClassifyItem, ClassResult
+from engine.response_cache import BytesLRU
 from server.runtime import Runtime
-from server.schemas import CLS_MAX_LABEL_CHARS, CLS_MAX_LABEL_TOKENS, CLS_MAX_LABELS
+from server.schemas import CLS_MAX_LABEL_CHARS, CLS_MAX_LABEL_TOKENS, CLS_MAX_LABELS, MAX_CHARS_PER_TOKEN
 
 pytestmark = pytest.mark.integration
 
@@ -91,3 +92,52 @@ async def test_label_cost_goes_to_the_first_queued_input(
     (items,) = submitted
     assert [it.text for it in items] == [fresh]
     assert items[0].n_tokens == sum(runtime.classifier.count_tokens([fresh, *labels]))
+
+
+def _words(tag: str, n: int) -> str:
+    """``n`` words of 120 characters: each is one [UNK] token to MiniLM's tokenizer (few tokens, many bytes)."""
+    return " ".join(f"{tag}{i:04d}".ljust(120, "q") for i in range(n))
+
+
+async def test_inputs_bounded_by_characters_before_tokenizing(
+    client: httpx.AsyncClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert runtime.classifier is not None
+    limit = runtime.settings.cls_max_input_tokens * MAX_CHARS_PER_TOKEN
+    text = "x" * (limit + 1)  # a single "word": a handful of tokens, far under the token limit
+
+    def no_tokenizing(texts: list[str]) -> list[int]:
+        raise AssertionError("tokenized an oversized text")
+
+    monkeypatch.setattr(runtime.classifier, "count_tokens", no_tokenizing)
+    r = await client.post("/classify", json={"inputs": ["ok", text], "labels": ["a", "b"]})
+    assert_error(r, 400, "inputs.1")
+    assert r.json()["error"]["type"] == "input_too_long" and str(limit) in r.json()["error"]["message"]
+    r = await client.post("/v1/embeddings", json={"model": runtime.cls_model_id, "input": text})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
+
+
+async def test_response_cache_holds_bytes_not_entries(client: httpx.AsyncClient, runtime: Runtime) -> None:
+    """Many distinct large (but few-token) inputs leave the classification cache within its byte bound."""
+    assert runtime.cls_cache is not None and runtime.classifier is not None
+    tag = uuid.uuid4().hex[:6]
+    texts = [_words(f"{tag}{i:02d}", 60) for i in range(16)]
+    assert max(runtime.classifier.count_tokens(texts)) < 100 and len(texts[0]) > 7000
+    assert (await client.post("/classify", json={"inputs": texts, "labels": ["a", "b"]})).status_code == 200
+    assert 16 * 7000 < runtime.cls_cache.nbytes <= runtime.cls_cache._lru.max_bytes
+
+
+async def test_label_cache_bounded_by_bytes(
+    client: httpx.AsyncClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A label cache smaller than one call's new labels evicts as it goes; every label still gets its score."""
+    classifier = runtime.classifier
+    assert classifier is not None
+    one = classifier._label_cache.size("x" * 20, classifier.embed(["x"])[0])
+    monkeypatch.setattr(classifier, "_label_cache", BytesLRU(3 * one, size=classifier._label_cache.size))
+    tag = uuid.uuid4().hex[:8]
+    labels = [f"topic {i} {tag}" for i in range(6)]
+    r = await client.post("/classify", json={"inputs": f"about topic 4 {tag}", "labels": labels})
+    assert r.status_code == 200, r.text
+    assert {s["label"] for s in r.json()["results"][0]["scores"]} == set(labels)
+    assert len(classifier._label_cache) <= 3 and classifier._label_cache.nbytes <= 3 * one

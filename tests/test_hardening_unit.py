@@ -10,6 +10,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from engine.classifier import ClassResult
+from engine.response_cache import BytesLRU, ResponseCache, approx_bytes
 from server.request_id import RequestIdFilter, RequestIdMiddleware, escape_controls
 from server.routes import health
 
@@ -85,3 +87,43 @@ def test_log_filter_escapes_every_message() -> None:
     RequestIdFilter().filter(plain)
     assert plain.args == (3,) and plain.getMessage() == "3 tokens"
     assert escape_controls("tab\there\u2029") == "tab\\there\\u2029"
+
+
+def test_bytes_lru_bounded_by_bytes_not_entries() -> None:
+    """Large distinct keys (issue 18: 900 KB single words) cannot grow a cache past its byte bound."""
+    lru: BytesLRU[str, object] = BytesLRU(max_bytes=1_000_000)
+    for i in range(100):
+        lru.put(f"{i:03d}" + "x" * 100_000, i)
+        assert lru.nbytes <= 1_000_000
+    assert 5 <= len(lru) < 10
+    assert lru.get("099" + "x" * 100_000) == 99 and lru.get("000" + "x" * 100_000) is None
+    lru.put("huge", "y" * 2_000_000)  # larger than the bound alone: not kept
+    assert "huge" not in lru and lru.nbytes <= 1_000_000
+
+
+def test_bytes_lru_evicts_least_recently_used_and_counts_replacements() -> None:
+    lru: BytesLRU[str, str] = BytesLRU(max_bytes=10_000, size=lambda k, v: len(v))
+    lru.put("a", "1" * 4000)
+    lru.put("b", "2" * 4000)
+    assert lru.get("a") is not None  # a is now the most recent
+    lru.put("c", "3" * 4000)
+    assert "b" not in lru and "a" in lru and "c" in lru and lru.nbytes == 8000
+    lru.put("a", "4" * 1000)  # a replacement frees what the old value held
+    assert lru.nbytes == 5000 and len(lru) == 2
+    capped: BytesLRU[str, str] = BytesLRU(max_bytes=10_000, max_entries=1, size=lambda k, v: len(v))
+    capped.put("a", "1")
+    capped.put("b", "2")
+    assert list(capped._items) == ["b"]
+
+
+def test_approx_bytes_counts_nested_values() -> None:
+    result = ClassResult("billing", 0.9, [("billing", 0.9), ("x" * 10_000, 0.1)])
+    key = ("model", "y" * 50_000, ("billing", "x" * 10_000), False)
+    assert approx_bytes(result) > 10_000 and approx_bytes(key) > 60_000
+
+
+def test_response_cache_bounded_by_bytes() -> None:
+    cache: ResponseCache[str, str] = ResponseCache(4096, name="unit", max_bytes=500_000)
+    for i in range(400):
+        cache.put(f"{i}" + "w" * 20_000, "result")
+    assert cache.nbytes <= 500_000 and len(cache) < 30

@@ -14,6 +14,7 @@ from engine.batcher import BatcherClosed, BatcherFull
 from server.admission import RETRY_AFTER_BUSY, Admission
 from server.errors import APIError
 from server.runtime import Runtime
+from server.schemas import MAX_CHARS_PER_TOKEN
 
 T = TypeVar("T")
 
@@ -140,14 +141,25 @@ async def within_deadline(chunks: AsyncIterator[T], deadline: float) -> AsyncIte
 
 
 def encoder_inputs(runtime: Runtime, texts: list[str], field: str, single: bool) -> list[int]:
-    """Checks the per-call input count and per-input token limits of the classification model (shared
-    by /classify and /v1/embeddings); returns each text's token count, the batcher's cost."""
+    """Checks the per-call input count and per-input character and token limits of the classification
+    model (shared by /classify and /v1/embeddings); returns each text's token count, the batcher's cost.
+    Characters are checked first, so an oversized text is refused without tokenizing it."""
     settings = runtime.settings
     assert runtime.classifier is not None
     if len(texts) > settings.cls_max_inputs:
         raise APIError(
             400, f"{len(texts)} inputs; the limit is {settings.cls_max_inputs} (cls_max_inputs)", field=field
         )
+    max_chars = settings.cls_max_input_tokens * MAX_CHARS_PER_TOKEN
+    for i, text in enumerate(texts):
+        if len(text) > max_chars:
+            raise APIError(
+                400,
+                f"{field}[{i}] has {len(text)} characters; the limit is {max_chars} "
+                f"({MAX_CHARS_PER_TOKEN} per token of cls_max_input_tokens)",
+                type="input_too_long",
+                field=field if single else f"{field}.{i}",
+            )
     counts = runtime.classifier.count_tokens(texts)
     for i, n_tokens in enumerate(counts):
         if n_tokens > settings.cls_max_input_tokens:
