@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
@@ -41,10 +43,38 @@ AFFINITY_SLACK = 4  # sequences a conversation's core may run beyond the least-l
 AFFINITY_TOKENS = 64  # prompt tokens hashed to find a conversation's core (a system prompt's first blocks)
 
 
+WATCH_INTERVAL_S = 0.25
+
+
+@dataclass(frozen=True)
+class CoreLink:
+    """How an API server reaches the engine cores (addresses are ZeroMQ endpoints)."""
+
+    api_index: int
+    core_addresses: list[str]
+    own_address: str
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited process not yet reaped by its parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no procfs: fall back to a signal-0 probe
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
 class CoreClient:
-    def __init__(self, api_index: int, core_addresses: list[str], own_address: str) -> None:
-        self.api_index = api_index
-        self.own_address = own_address
+    def __init__(self, link: CoreLink) -> None:
+        self.api_index = api_index = link.api_index
+        self.own_address = own_address = link.own_address
+        core_addresses = link.core_addresses
         self._context = zmq.asyncio.Context()
         self._pull = self._context.socket(zmq.PULL)
         self._pull.bind(own_address)
@@ -63,6 +93,7 @@ class CoreClient:
         self._cls_waiting: dict[int, asyncio.Future[ClassifyResults]] = {}
         self._cls_load = [0] * len(core_addresses)
         self._receiver: asyncio.Task[None] | None = None
+        self._pids: list[int] = []
         self.error: str | None = None
 
     async def connect(self, timeout: float) -> list[Ready]:
@@ -70,13 +101,28 @@ class CoreClient:
         for sock in self._cores:
             await sock.send(encode(Hello(self.api_index, self.own_address)))
         ready: list[Ready | None] = [None] * len(self._cores)
-        async with asyncio.timeout(timeout):
+
+        async def answers() -> None:
             while not all(ready):
                 message = decode_from_core(await self._pull.recv())
                 if isinstance(message, Ready):
                     ready[message.core_index] = message
+
+        await asyncio.wait_for(answers(), timeout)
         self._receiver = asyncio.create_task(self._receive())
+        self._pids = [r.pid for r in ready if r is not None]
         return ready  # type: ignore[return-value]
+
+    async def watch(self, on_failure: Callable[[], None]) -> None:
+        """Fails everything in flight, and all later work, as soon as a core process is gone."""
+        while self.error is None:
+            for index, pid in enumerate(self._pids):
+                if not _alive(pid):
+                    log.error("engine core %d (pid %d) is gone", index, pid)
+                    self.fail(f"engine core {index} stopped")
+                    on_failure()
+                    return
+            await asyncio.sleep(WATCH_INTERVAL_S)
 
     def attach(self, llm: LLMClient) -> None:
         self.llm = llm

@@ -1,4 +1,7 @@
-"""Engine-level Prometheus metrics; the HTTP layer's own metrics live in server/metrics.py."""
+"""Engine-level Prometheus metrics; the HTTP layer's own metrics live in server/metrics.py.
+
+Gauges say how processes combine (``multiprocess_mode``) for a server of several processes, whose
+scrape sums or maxes every live process's values (server/metrics.py)."""
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -41,17 +44,21 @@ BATCH_SIZE = Histogram(
     ["endpoint"],
     buckets=BATCH_BUCKETS,
 )
-QUEUED = Gauge("llm_queued_requests", "Requests waiting for a batch slot", ["endpoint"])
-RUNNING = Gauge("llm_running_sequences", "Sequences in the running batch (generate)")
+QUEUED = Gauge("llm_queued_requests", "Requests waiting for a batch slot", ["endpoint"], multiprocess_mode="livesum")
+RUNNING = Gauge("llm_running_sequences", "Sequences in the running batch (generate)", multiprocess_mode="livesum")
 STEP_TIME = Histogram(
     "llm_engine_step_seconds",
     "Wall time of one engine step",
     ["phase"],
     buckets=LATENCY_BUCKETS,
 )
-KV_USAGE = Gauge("llm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
-KV_BLOCKS = Gauge("llm_kv_cache_blocks", "KV-cache blocks by state (used, free)", ["state"])
-KV_BYTES = Gauge("llm_kv_cache_bytes", "Memory preallocated for the KV cache (keys and values)")
+KV_USAGE = Gauge("llm_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", multiprocess_mode="livemax")
+KV_BLOCKS = Gauge(
+    "llm_kv_cache_blocks", "KV-cache blocks by state (used, free)", ["state"], multiprocess_mode="livesum"
+)
+KV_BYTES = Gauge(
+    "llm_kv_cache_bytes", "Memory preallocated for the KV cache (keys and values)", multiprocess_mode="livesum"
+)
 PREEMPTIONS = Counter("llm_preemptions_total", "Sequences preempted for lack of KV-cache blocks")
 PREFIX_CACHE_QUERIED = Counter(
     "llm_prefix_cache_queried_tokens_total", "Tokens of admitted sequences looked up in the prefix cache"
@@ -60,11 +67,17 @@ PREFIX_CACHE_HITS = Counter(
     "llm_prefix_cache_hit_tokens_total", "Tokens whose KV came from the prefix cache instead of prefill"
 )
 PREFIX_CACHE_BLOCKS = Gauge(
-    "llm_prefix_cache_blocks", "KV-cache blocks holding a reusable prefix (in use or free but not yet evicted)"
+    "llm_prefix_cache_blocks",
+    "KV-cache blocks holding a reusable prefix (in use or free but not yet evicted)",
+    multiprocess_mode="livesum",
 )
-PREFIX_CACHE_HIT_RATE = Gauge("llm_prefix_cache_hit_rate", "Hit tokens / queried tokens since the engine started")
+PREFIX_CACHE_HIT_RATE = Gauge(
+    "llm_prefix_cache_hit_rate", "Hit tokens / queried tokens since the engine started", multiprocess_mode="livemax"
+)
 RESPONSE_CACHE_HITS = Counter("llm_response_cache_hits_total", "Results answered from the response cache", ["endpoint"])
 RESPONSE_CACHE_MISSES = Counter(
     "llm_response_cache_misses_total", "Results not in the response cache (computed)", ["endpoint"]
 )
-RESPONSE_CACHE_SIZE = Gauge("llm_response_cache_entries", "Results held in the response cache", ["endpoint"])
+RESPONSE_CACHE_SIZE = Gauge(
+    "llm_response_cache_entries", "Results held in the response cache", ["endpoint"], multiprocess_mode="livesum"
+)

@@ -8,8 +8,11 @@ and draining ends when no slot is held.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterable, Callable, MutableMapping
 from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
+from multiprocessing.sharedctypes import Synchronized
 from types import TracebackType
 from typing import Any
 
@@ -22,25 +25,48 @@ RETRY_AFTER_BUSY = "1"  # seconds: an engine step frees slots within well under 
 
 
 class Gate:
-    """A bounded count of requests holding one kind of slot (``limit=None``: counted, not bounded)."""
+    """A bounded count of requests holding one kind of slot (``limit=None``: counted, not bounded).
+    With ``shared`` (a ``multiprocessing.Value``) the count is the whole server's, across API-server
+    processes, so a 429 is decided once for all of them."""
 
-    def __init__(self, what: str, limit: int | None, setting: str) -> None:
+    def __init__(self, what: str, limit: int | None, setting: str, shared: Synchronized[int] | None = None) -> None:
         self.what, self.limit, self.setting = what, limit, setting
-        self.count = 0
+        self._count = shared if shared is not None else _Local()
+        self._lock = shared.get_lock() if shared is not None else contextlib.nullcontext()
+
+    @property
+    def count(self) -> int:
+        return self._count.value
 
     def enter(self, cost: int = 1) -> None:
         """Takes ``cost`` slots (a request of n sequences takes n); one request alone is always let in."""
-        if self.limit is not None and self.count > 0 and self.count + cost > self.limit:
-            raise APIError(
-                429,
-                f"server busy: {self.limit} {self.what} already in progress ({self.setting}); retry shortly",
-                type="overloaded",
-                headers={"Retry-After": RETRY_AFTER_BUSY},
-            )
-        self.count += cost
+        with self._lock:
+            count = self._count.value
+            if self.limit is None or count == 0 or count + cost <= self.limit:
+                self._count.value = count + cost
+                return
+        raise APIError(
+            429,
+            f"server busy: {self.limit} {self.what} already in progress ({self.setting}); retry shortly",
+            type="overloaded",
+            headers={"Retry-After": RETRY_AFTER_BUSY},
+        )
 
     def leave(self, cost: int = 1) -> None:
-        self.count -= cost
+        with self._lock:
+            self._count.value -= cost
+
+
+class _Local:
+    value = 0
+
+
+SharedCounts = tuple["Synchronized[int]", "Synchronized[int]", "Synchronized[int]"]
+
+
+def shared_counts(context: BaseContext) -> SharedCounts:
+    """Counts in shared memory for :meth:`Admission.from_settings`, made before the API servers start."""
+    return (context.Value("q", 0), context.Value("q", 0), context.Value("q", 0))
 
 
 class Ticket:
@@ -90,13 +116,20 @@ class Admission:
         self.all_gates = [self.generate, self.streams, self.classify]
 
     @classmethod
-    def from_settings(cls, s: Settings) -> Admission:
+    def from_settings(cls, s: Settings, shared: SharedCounts | None = None) -> Admission:
+        """``shared``: the counts of every API-server process of this server (see :func:`shared_counts`)."""
+        counts = shared or (None, None, None)
         return cls(
             # Admitted sequences = running batch + waiting list: the engine's queue stays within max_queued_requests.
-            generate=Gate("generation sequences", s.max_num_seqs + s.max_queued_requests, "max_queued_requests"),
-            streams=Gate("streams", s.max_concurrent_streams, "max_concurrent_streams"),
+            generate=Gate(
+                "generation sequences",
+                (s.max_num_seqs + s.max_queued_requests) * s.data_parallel_size,
+                "max_queued_requests",
+                counts[0],
+            ),
+            streams=Gate("streams", s.max_concurrent_streams, "max_concurrent_streams", counts[1]),
             # Classification is bounded by the batcher's queue (cls_max_queued_inputs); counted here for draining.
-            classify=Gate("classify requests", None, "cls_max_queued_inputs"),
+            classify=Gate("classify requests", None, "cls_max_queued_inputs", counts[2]),
         )
 
     def _admit(self, wanted: list[tuple[Gate, int]]) -> Ticket:

@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from server.admission import Admission
+from engine.core_client import CoreClient, CoreLink
+from server import metrics
+from server.admission import Admission, SharedCounts
 from server.config import Settings
 from server.errors import install_error_handlers
 from server.metrics import MetricsMiddleware
@@ -23,16 +25,31 @@ from server.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+CORE_CONNECT_TIMEOUT_S = 3600.0  # engine cores load and compress the models first; a core that dies ends the server
 
-def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+
+def create_app(
+    settings: Settings,
+    runtime: Runtime | None = None,
+    cores: CoreLink | None = None,
+    shared_counts: SharedCounts | None = None,
+) -> FastAPI:
     """``runtime``, already started, lets tests share one set of loaded models between apps (its owner
-    stops it); normally the app loads, starts and stops its own."""
+    stops it); normally the app loads, starts and stops its own, or, with ``cores``, connects to engine
+    cores (an API-server process; ``shared_counts`` then makes admission global across such processes)."""
 
     async def bring_up(app: FastAPI) -> None:
         if runtime is not None:
             app.state.runtime = runtime
             return
         try:
+            if cores is not None:
+                client = CoreClient(cores)
+                rt = await Runtime.connect(settings, client, CORE_CONNECT_TIMEOUT_S)
+                await rt.start()
+                app.state.runtime = rt
+                await client.watch(on_failure=lambda: metrics.READY.set(0))
+                return
             rt = await asyncio.to_thread(Runtime.load, settings)
             await rt.start()
             app.state.runtime = rt
@@ -55,7 +72,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
                 await app.state.runtime.stop()
 
     app = FastAPI(title="lowlat-server", version="0.1.0", lifespan=lifespan)
-    app.state.admission = Admission.from_settings(settings)
+    app.state.admission = Admission.from_settings(settings, shared_counts)
     install_error_handlers(app)
     # Added innermost first. CORS answers preflights before auth; metrics count 401s and 413s too.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

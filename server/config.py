@@ -3,6 +3,7 @@ a CLI flag (``python -m server --help``)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -67,6 +68,20 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Processes: API servers (HTTP, tokenization, detokenization) apart from the engines
+    api_servers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="HTTP processes sharing the port; default 1 on up to 4 CPU cores, else a quarter of them (max 8)",
+    )
+    engine_core: Literal["auto", "thread", "process"] = Field(
+        "auto",
+        description="where the engines run: 'process' = an engine-core process per device, 'thread' = in the "
+        "(single) API server's process; 'auto' = process on CUDA, with several API servers or data parallel",
+    )
+    data_parallel_size: int = Field(1, ge=1, le=64, description="engine cores, one per GPU (engine_core=process)")
+
     # Generation limits and continuous batching
     max_input_tokens: int = Field(2048, ge=1, description="longest accepted prompt, in tokens")
     max_new_tokens: int = Field(512, ge=1, description="largest accepted max_tokens")
@@ -123,9 +138,24 @@ class Settings(BaseSettings):
             raise ValueError("default_max_tokens must not exceed max_new_tokens")
         if self.max_input_tokens + self.max_new_tokens > self.kv_cache_tokens:
             raise ValueError("kv_cache_tokens must hold at least one max_input_tokens + max_new_tokens sequence")
+        if self.engine_core == "thread" and (self.num_api_servers() > 1 or self.data_parallel_size > 1):
+            raise ValueError("engine_core=thread runs one API server and one engine: drop api_servers/data_parallel")
         if self.cls_max_inputs > self.cls_max_queued_inputs:
             raise ValueError("cls_max_queued_inputs must be at least cls_max_inputs (one full call must fit)")
         return self
+
+    def num_api_servers(self) -> int:
+        if self.api_servers is not None:
+            return self.api_servers
+        cores = os.cpu_count() or 1
+        return 1 if cores <= 4 else min(8, cores // 4)
+
+    def engine_in_process(self) -> bool:
+        """Engines on a thread of the one server process, or in engine-core processes."""
+        if self.engine_core != "auto":
+            return self.engine_core == "thread"
+        several = self.num_api_servers() > 1 or self.data_parallel_size > 1
+        return not several and self.torch_device().type == "cpu"
 
     def accepted_keys(self) -> list[bytes]:
         """API keys from ``api_keys`` and ``api_keys_file`` (blank lines and ``#`` comments skipped)."""

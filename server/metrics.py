@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from types import ModuleType
 from typing import Any
 
 import torch
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from engine.metrics import LATENCY_BUCKETS
@@ -37,17 +47,28 @@ REQUEST_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 REQUESTS = Counter("http_requests_total", "Requests by endpoint and status code", ["endpoint", "status"])
-IN_FLIGHT = Gauge("http_requests_in_flight", "Requests being served", ["endpoint"])
+IN_FLIGHT = Gauge("http_requests_in_flight", "Requests being served", ["endpoint"], multiprocess_mode="livesum")
 TTFT = Histogram("llm_time_to_first_token_seconds", "Request arrival to first generated token", buckets=LATENCY_BUCKETS)
 ITL = Histogram("llm_inter_token_latency_seconds", "Time between generated tokens", buckets=LATENCY_BUCKETS)
 PROMPT_TOKENS = Counter("llm_prompt_tokens_total", "Prompt tokens of finished generate requests")
 GENERATED_TOKENS = Counter("llm_generated_tokens_total", "Tokens generated")
 CLASSIFY_INPUTS = Counter("classify_inputs_total", "Texts classified")
 
-BUILD_INFO = Info("llm_build", "Server version, models, device and dtype")
-READY = Gauge("llm_ready", "1 once the models are loaded and warmed up, else 0")
-MODEL_LOAD_SECONDS = Gauge("llm_model_load_seconds", "Startup time to load and prepare a model", ["model"])
-WARMUP_SECONDS = Gauge("llm_warmup_seconds", "Startup time of a model's warm-up pass", ["model"])
+# A gauge of value 1, as prometheus_client's Info exposes it; Info has no multiprocess support.
+BUILD_INFO = Gauge(
+    "llm_build_info",
+    "Server version, models, device and dtype",
+    ["version", "gen_model", "cls_model", "device", "dtype"],
+    multiprocess_mode="max",
+)
+# Every process of the server sets it: the minimum says whether all of them can serve.
+READY = Gauge("llm_ready", "1 once the models are loaded and warmed up, else 0", multiprocess_mode="livemin")
+MODEL_LOAD_SECONDS = Gauge(
+    "llm_model_load_seconds", "Startup time to load and prepare a model", ["model"], multiprocess_mode="max"
+)
+WARMUP_SECONDS = Gauge(
+    "llm_warmup_seconds", "Startup time of a model's warm-up pass", ["model"], multiprocess_mode="max"
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +143,19 @@ class GPUCollector(Collector):
 
 
 REGISTRY.register(GPUCollector())
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def exposition() -> tuple[bytes, str]:
+    """The scrape body: this process's registry, or, in a server of several processes (``MULTIPROC_ENV``
+    set before they started), every process's metrics combined from their files."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

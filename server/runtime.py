@@ -123,15 +123,13 @@ class Engines:
             built.classifier.capture_graphs(settings.cls_max_batch_tokens)  # before the engines start
             built.cls_model_id = resolve_spec(settings.cls_model, "classify").name
             built.info["classify"] = {"model": encoder.source, "load_seconds": _loaded("classify", start)}
-        metrics.BUILD_INFO.info(
-            {
-                "version": _package_version(),
-                "gen_model": built.info["generate"]["model"] if "generate" in built.info else "off",
-                "cls_model": built.info["classify"]["model"] if "classify" in built.info else "off",
-                "device": str(device),
-                "dtype": str(dtype).removeprefix("torch."),
-            }
-        )
+        metrics.BUILD_INFO.labels(
+            version=_package_version(),
+            gen_model=built.info["generate"]["model"] if "generate" in built.info else "off",
+            cls_model=built.info["classify"]["model"] if "classify" in built.info else "off",
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+        ).set(1)
         return built
 
     def batcher(self) -> Batcher:

@@ -1,0 +1,162 @@
+"""A server of several processes: engine cores (one per device) and API servers sharing one port.
+
+The supervisor (the process ``python -m server`` started) binds the port, starts the engine cores, then
+the API servers, which inherit the listening socket and connect to every core over ZeroMQ. It watches
+them all: SIGTERM drains the API servers, then stops the cores; a core or an API server that exits on
+its own takes the whole server down with exit code 1 (after the API servers have failed what was in
+flight with a clear error), so that the orchestrator restarts it rather than it serving half-broken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
+
+import torch
+import uvicorn
+from prometheus_client import multiprocess
+
+from engine.classifier import ClassifyItem
+from engine.core import EngineCore
+from engine.core_client import CoreLink
+from engine.protocol import AddRequest
+from engine.sequence import SamplingParams
+from server import metrics
+from server.admission import SharedCounts, shared_counts
+from server.app import create_app
+from server.config import Settings
+from server.draining import DrainingServer
+from server.logs import configure_logging
+from server.runtime import Engines
+
+log = logging.getLogger("server")
+
+CORE_STOP_TIMEOUT_S = 10.0
+FAILURE_FLUSH_S = 1.0  # after a core died: time for the API servers to answer what was in flight
+
+
+def run_core(settings: Settings, index: int, address: str) -> None:
+    """An engine-core process: builds and warms up the engines of one device, then serves them."""
+    os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which stops processes in order
+    configure_logging(settings.log_level)
+    if settings.torch_device().type == "cuda":
+        torch.cuda.set_device(index)
+    built = Engines.build(settings)
+    if built.engine is not None:
+        start = time.perf_counter()
+        built.engine.add(AddRequest(0, [0, 1, 2], SamplingParams(max_tokens=2), "warmup"))
+        while built.engine.has_work():
+            built.engine.step()
+        metrics.WARMUP_SECONDS.labels(model="generate").set(time.perf_counter() - start)
+    batcher = None
+    if built.classifier is not None:
+        start = time.perf_counter()
+        built.classifier.run([ClassifyItem("warm up", ("a", "b"), False, 4)])
+        metrics.WARMUP_SECONDS.labels(model="classify").set(time.perf_counter() - start)
+        batcher = built.batcher()
+    metrics.READY.set(1)
+    core = EngineCore(
+        index, address, built.engine, batcher, pickle.dumps(built.details()), on_error=lambda _: metrics.READY.set(0)
+    )
+    asyncio.run(core.serve())
+
+
+def run_api_server(settings: Settings, link: CoreLink, sock: socket.socket, counts: SharedCounts) -> None:
+    """An API-server process: HTTP on the shared socket, the engines through the cores."""
+    os.setpgrp()
+    configure_logging(settings.log_level)
+    app = create_app(settings, cores=link, shared_counts=counts)
+    config = uvicorn.Config(
+        app,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )
+    DrainingServer(config, app.state.admission, settings.shutdown_grace_s).run(sockets=[sock])
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.run_dir = Path(tempfile.mkdtemp(prefix="lowlat-"))
+        self.metrics_dir = self.run_dir / "metrics"
+        self.metrics_dir.mkdir()
+        self.cores: list[BaseProcess] = []
+        self.api_servers: list[BaseProcess] = []
+        self.signals = 0
+
+    def run(self) -> int:
+        """Serves until SIGTERM/SIGINT (exit code 0) or a process failure (1)."""
+        s = self.settings
+        # Before any child starts: every process then writes its metrics where the scrape reads them.
+        os.environ[metrics.MULTIPROC_ENV] = str(self.metrics_dir)
+        context = multiprocessing.get_context("spawn")
+        addresses = [f"ipc://{self.run_dir}/core-{i}" for i in range(s.data_parallel_size)]
+        for i, address in enumerate(addresses):
+            self.cores.append(context.Process(target=run_core, args=(s, i, address), name=f"engine-core-{i}"))
+        sock = uvicorn.Config(app=None, host=s.host, port=s.port).bind_socket()
+        counts = shared_counts(context)
+        for i in range(s.num_api_servers()):
+            link = CoreLink(i, addresses, f"ipc://{self.run_dir}/api-{i}")
+            self.api_servers.append(
+                context.Process(target=run_api_server, args=(s, link, sock, counts), name=f"api-server-{i}")
+            )
+        for process in [*self.cores, *self.api_servers]:
+            process.start()
+        sock.close()  # the API servers hold it now
+        log.info("%d engine core(s), %d API server(s) on %s:%d", len(self.cores), len(self.api_servers), s.host, s.port)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            return self._watch()
+        finally:
+            self._stop_all()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _on_signal(self, sig: int, _frame: FrameType | None) -> None:
+        # The first signal drains the API servers; a second one makes them skip the drain.
+        self.signals += 1
+        for process in self.api_servers:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+
+    def _watch(self) -> int:
+        sentinels = {p.sentinel: p for p in [*self.cores, *self.api_servers]}
+        while True:
+            ready = wait(list(sentinels), timeout=1.0)
+            for sentinel in ready:
+                process = sentinels.pop(sentinel)  # type: ignore[call-overload]
+                process.join()
+                if process.pid is not None:
+                    multiprocess.mark_process_dead(process.pid, str(self.metrics_dir))
+                if self.signals == 0 or process in self.cores:
+                    log.error("%s exited (code %s): stopping the server", process.name, process.exitcode)
+                    if process in self.cores:
+                        time.sleep(FAILURE_FLUSH_S)
+                    return 1
+            if self.signals and not any(p.is_alive() for p in self.api_servers):
+                log.info("API servers stopped; stopping the engine cores")
+                return 0
+
+    def _stop_all(self) -> None:
+        for process in [*self.api_servers, *self.cores]:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + max(self.settings.shutdown_grace_s, CORE_STOP_TIMEOUT_S)
+        for process in [*self.api_servers, *self.cores]:
+            process.join(max(deadline - time.monotonic(), 0.1))
+            if process.is_alive():
+                process.kill()
+                process.join()
