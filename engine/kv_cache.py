@@ -7,7 +7,9 @@ token, so sequences of any length share one preallocated pool without fragmentat
 Prefix caching (as vLLM's automatic prefix caching): every *full*, computed block is named by a hash
 of its tokens chained with its parent block's hash, so a hash identifies the whole prefix up to and
 including that block. A new sequence whose leading full blocks hash to blocks already in the cache
-shares them (reference counted) and skips their prefill. A freed block keeps its hash and stays
+shares them (reference counted) and skips their prefill. The chain starts from the sequence's cache
+salt (``SamplingParams.cache_salt``), so only sequences with the same salt (the same API key, unless
+the operator shares the cache across keys) share blocks. A freed block keeps its hash and stays
 reusable until the pool runs short and evicts it, least recently freed first; blocks without a hash
 are always handed out before cached ones.
 """
@@ -27,6 +29,14 @@ _ROOT_HASH = b""
 def block_hash(parent: bytes, tokens: list[int]) -> bytes:
     """SHA-256 rather than Python's ``hash``: a collision would silently serve another prompt's K/V."""
     return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
+
+
+def root_hash(cache_salt: str | None) -> bytes:
+    """Parent of a sequence's first block: chains with different salts never meet (vLLM's ``cache_salt``).
+    A salted root is 32 bytes, so a salted first block hashes a longer input than any unsalted one."""
+    if cache_salt is None:
+        return _ROOT_HASH
+    return hashlib.sha256(b"cache_salt\0" + cache_salt.encode()).digest()
 
 
 class BlockManager:
@@ -65,7 +75,8 @@ class BlockManager:
         tokens = seq.token_ids if len(hashes) < num_blocks else []
         while len(hashes) < num_blocks:
             i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else _ROOT_HASH, tokens[i * bs : (i + 1) * bs]))
+            parent = hashes[-1] if hashes else root_hash(seq.params.cache_salt)
+            hashes.append(block_hash(parent, tokens[i * bs : (i + 1) * bs]))
         return hashes[:num_blocks]
 
     def match_prefix(self, seq: Sequence) -> list[int]:

@@ -20,6 +20,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     presence_penalty: float = 0.0  # subtracted once from the logit of every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence of a token already generated
+    # Prefix-cache isolation: sequences share cached KV blocks only when their salts are equal (None
+    # shares with None). The server passes a hash of the client's API key, so one client cannot learn
+    # another's prompt from cached_tokens (issue 18); it does not affect sampling.
+    cache_salt: str | None = None
 
     @property
     def greedy(self) -> bool:

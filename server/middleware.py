@@ -1,5 +1,6 @@
 """Pure ASGI middleware guarding the edge: request body size and API keys. Pure ASGI (not
-BaseHTTPMiddleware) so that streamed responses pass through untouched."""
+BaseHTTPMiddleware) so that streamed responses pass through untouched. Also the prefix-cache salt of
+an authenticated request (:func:`cache_salt`)."""
 
 from __future__ import annotations
 
@@ -66,28 +67,56 @@ def _digest(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()
 
 
+_SALT = "cache_salt"  # key in the ASGI scope's "state" (Starlette's request.state)
+
+
+def _salt(digest: bytes) -> str:
+    """A one-way name for a key (from its digest, with a purpose prefix): equal keys, equal salts."""
+    return hashlib.sha256(b"lowlat prefix-cache salt\0" + digest).hexdigest()
+
+
+def cache_salt(scope_or_request: Scope | Request) -> str | None:
+    """The prefix-cache salt of the request (``SamplingParams.cache_salt``): a hash of its API key, so
+    requests share cached prompt blocks only with requests made with the same key; None when auth is
+    off, on an open path, or when the operator shares the cache across keys (``AuthMiddleware``'s
+    ``share_prefix_cache``)."""
+    scope = scope_or_request.scope if isinstance(scope_or_request, Request) else scope_or_request
+    return scope.get("state", {}).get(_SALT)
+
+
 class AuthMiddleware:
     """Bearer API keys. Every configured key is compared in constant time (``hmac.compare_digest``
-    over SHA-256 digests, no early exit); ``open_paths`` (the probes) need no key."""
+    over SHA-256 digests, no early exit); ``open_paths`` (the probes) need no key. An authorized
+    request carries its key's prefix-cache salt (:func:`cache_salt`) unless ``share_prefix_cache``."""
 
-    def __init__(self, app: ASGIApp, keys: list[bytes], open_paths: frozenset[str]) -> None:
+    def __init__(
+        self, app: ASGIApp, keys: list[bytes], open_paths: frozenset[str], share_prefix_cache: bool = False
+    ) -> None:
         self.app = app
         self.digests = [_digest(k) for k in keys]
         self.open_paths = open_paths
+        self.share_prefix_cache = share_prefix_cache
 
-    def authorized(self, scope: Scope) -> bool:
+    def authorized(self, scope: Scope) -> bytes | None:
+        """The digest of the presented key if it is an accepted one, else None."""
         header = _header(scope, b"authorization") or b""
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
-            return False
+            return None
         presented = _digest(token.strip())
         ok = False
         for digest in self.digests:
             ok |= hmac.compare_digest(presented, digest)
-        return ok
+        return presented if ok else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths or self.authorized(scope):
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        digest = self.authorized(scope)
+        if digest is not None:
+            if not self.share_prefix_cache:
+                scope.setdefault("state", {})[_SALT] = _salt(digest)
             await self.app(scope, receive, send)
             return
         response = respond(

@@ -8,10 +8,13 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from engine.classifier import ClassResult
+from engine.kv_cache import BlockManager, root_hash
 from engine.response_cache import BytesLRU, ResponseCache, approx_bytes
+from engine.sequence import SamplingParams, Sequence
+from server.middleware import AuthMiddleware, cache_salt
 from server.request_id import RequestIdFilter, RequestIdMiddleware, escape_controls
 from server.routes import health
 
@@ -127,3 +130,61 @@ def test_response_cache_bounded_by_bytes() -> None:
     for i in range(400):
         cache.put(f"{i}" + "w" * 20_000, "result")
     assert cache.nbytes <= 500_000 and len(cache) < 30
+
+
+def _seq(tokens: list[int], salt: str | None) -> Sequence:
+    return Sequence(prompt_ids=list(tokens), params=SamplingParams(max_tokens=4, cache_salt=salt))
+
+
+def _admitted(blocks: BlockManager, s: Sequence) -> int:
+    """Admits ``s`` as the scheduler does, then commits its prompt blocks; returns its cached tokens."""
+    cached = blocks.match_prefix(s)
+    blocks.allocate(s, cached)
+    hit = s.num_computed
+    s.num_computed = s.num_tokens
+    blocks.commit(s)
+    return hit
+
+
+def test_prefix_cache_shared_only_within_a_salt() -> None:
+    """Issue 18: cached_tokens told one client whether another's system prompt started with a guess.
+    Blocks are shared only between sequences with the same cache salt."""
+    blocks = BlockManager(num_blocks=64, block_size=4)
+    secret = list(range(100, 117))  # 4 full blocks + 1 token
+    assert _admitted(blocks, _seq(secret, "key-a")) == 0
+    assert _admitted(blocks, _seq(secret, "key-b")) == 0  # another key learns nothing
+    assert _admitted(blocks, _seq(secret, None)) == 0  # nor does an unsalted (shared) request
+    assert _admitted(blocks, _seq(secret, "key-a")) == 16  # the same key still reuses its prefix
+    assert _admitted(blocks, _seq(secret, None)) == 16  # unsalted requests share among themselves
+    assert root_hash(None) != root_hash("") != root_hash("key-a")
+
+
+async def _salts(app: Any, headers: list[dict[str, str]], path: str = "/generate") -> list[str | None]:
+    seen: list[str | None] = []
+
+    async def record(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(cache_salt(Request(scope)))
+        assert cache_salt(scope) == seen[-1]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    transport = httpx.ASGITransport(app=app(record))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for h in headers:
+            assert (await client.get(path, headers=h)).status_code == 200
+    return seen
+
+
+async def test_cache_salt_from_the_authenticated_key() -> None:
+    keys = [b"key-a-secret", b"key-b-secret"]
+    bearer = [{"Authorization": f"Bearer {k.decode()}"} for k in keys]
+
+    def auth(share: bool = False) -> Any:
+        return lambda inner: AuthMiddleware(inner, keys, frozenset({"/health"}), share_prefix_cache=share)
+
+    a1, b, a2 = await _salts(auth(), [bearer[0], bearer[1], bearer[0]])
+    assert a1 == a2 and a1 != b and a1 is not None and b is not None
+    assert not any(k.decode() in s for k in keys for s in (a1, b))  # a hash, never the key
+    assert await _salts(auth(share=True), bearer) == [None, None]  # the operator opted in to sharing
+    assert await _salts(auth(), [bearer[0]], path="/health") == [None]  # open path: no key looked at
+    assert await _salts(lambda inner: inner, bearer) == [None, None]  # auth off
