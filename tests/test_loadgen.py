@@ -1,9 +1,10 @@
-"""Unit tests for the load generator (load_tests/): no model, no inference server.
+"""The load generator (load_tests/loadgen/) without a server: parsing, statistics, scenarios, reports,
+and its scheduling, counting and bounding logic.
 
-Loop-mechanics tests use ``httpx.MockTransport`` with handlers that answer well-formed responses
-after an ``asyncio.sleep``: they test the generator's scheduling, counting and bounding logic,
-not the server (the end-to-end check against the real server lives elsewhere). The CLI test uses
-a tiny stdlib HTTP server on 127.0.0.1 to exercise real sockets through the CLI plumbing.
+Loop-mechanics tests use ``httpx.MockTransport`` with handlers that answer after an ``asyncio.sleep`` on
+a virtual-clock event loop (tests/virtual_clock.py): no real time passes, and since the generator
+measures with the loop's clock, every latency, TTFT and level duration is exact. Real sockets through
+the CLI: test_loadgen_cli.py; against the real server: test_live_server.py.
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +36,9 @@ from load_tests.loadgen import (
     run_sweep,
     summarize,
 )
+from tests.virtual_clock import run_virtual
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.unit
 
 BASE = "http://127.0.0.1:8000"
 
@@ -53,7 +52,7 @@ def _run_level(handler: Handler, scenario_name: str = "generate", base: str = BA
         async with httpx.AsyncClient(base_url=base, transport=httpx.MockTransport(handler)) as client:
             return await run_level(client, make_scenario(scenario_name), **kw)
 
-    return asyncio.run(go())
+    return run_virtual(go())
 
 
 class Tracker:
@@ -205,14 +204,16 @@ def test_streamed_generate_measures_ttft_itl_and_tokens() -> None:
     lv = _run_level(handler, "generate-stream", concurrency=1, requests=2, duration=10)
     assert lv.summary.ok == 2
     for rec in lv.records:
-        assert rec.ttft is not None and rec.ttft >= 0.025
-        assert len(rec.itl) == 2 and all(g >= 0.02 for g in rec.itl)  # three text chunks, two gaps
+        assert rec.ttft == pytest.approx(0.03)  # each chunk comes 30 ms after the previous one
+        assert rec.itl == pytest.approx([0.03, 0.03])  # three text chunks, two gaps
         assert rec.output_tokens == 7  # usage wins over chunk count
-        assert rec.latency >= rec.ttft + sum(rec.itl)
+        assert rec.latency == pytest.approx(0.12)  # the final event, without text, 30 ms later
     s = lv.summary
-    assert s.ttft_ms is not None and s.ttft_ms["p50"] is not None and s.ttft_ms["p50"] >= 25
-    assert s.itl_ms is not None and s.itl_ms["p99"] is not None
-    assert s.output_tokens_per_s > 0 and s.ttft_samples_ms is not None and len(s.ttft_samples_ms) == 2
+    assert s.ttft_ms == pytest.approx({"p50": 30.0, "p90": 30.0, "p99": 30.0})
+    assert s.itl_ms == pytest.approx({"p50": 30.0, "p90": 30.0, "p99": 30.0})
+    assert s.tpot_ms == pytest.approx({"p50": 10.0, "p90": 10.0, "p99": 10.0})  # 60 ms over 6 more tokens
+    assert s.duration_s == pytest.approx(0.24) and s.output_tokens_per_s == pytest.approx(14 / 0.24, rel=1e-3)
+    assert s.ttft_samples_ms == pytest.approx([30.0, 30.0])
 
 
 def test_openai_stream_with_v1_base_url_counts_chunks_without_usage() -> None:
@@ -265,7 +266,8 @@ def test_closed_loop_sends_exactly_requests_at_fixed_concurrency() -> None:
     assert s.mode == "closed" and s.concurrency == 4 and s.level == "c=4"
     assert s.mean_output_tokens == 5 and s.output_tokens_per_s == pytest.approx(100 / s.duration_s, rel=1e-3)
     assert s.throughput_rps == pytest.approx(20 / s.duration_s, rel=1e-3)
-    assert s.latency_ms["p50"] is not None and s.latency_ms["p50"] >= 15
+    assert s.duration_s == pytest.approx(0.1)  # five rounds of four 20 ms requests
+    assert s.latency_ms == pytest.approx({"p50": 20.0, "p90": 20.0, "p99": 20.0, "mean": 20.0, "max": 20.0})
     assert s.ttft_ms is None  # not a streaming scenario
     # a concurrency above the request budget does not overshoot it
     tracker = Tracker(delay=0.0)
@@ -275,31 +277,28 @@ def test_closed_loop_sends_exactly_requests_at_fixed_concurrency() -> None:
 
 def test_open_loop_respects_request_budget() -> None:
     tracker = Tracker(delay=0.01)
-    t = time.perf_counter()
     lv = _run_level(tracker, rate=200.0, requests=15, duration=30, seed=1)
-    assert time.perf_counter() - t < 5
     assert tracker.calls == 15 and lv.summary.requests == 15 and lv.summary.ok == 15
     assert lv.summary.dropped_by_client == 0 and lv.summary.mode == "open"
-    # arrivals follow the seeded Poisson schedule (start times never precede it)
+    # each request starts at its arrival on the seeded Poisson schedule; the level ends with the last answer
     offsets = arrival_offsets(200.0, 15, seed=1)
-    for rec in lv.records:
-        assert rec.start >= offsets[rec.index] - 1e-3
+    assert [rec.start for rec in lv.records] == pytest.approx(offsets)
+    assert lv.summary.duration_s == pytest.approx(offsets[-1] + 0.01, abs=1e-6)  # rounded to the µs
 
 
 def test_duration_bounds_closed_and_open_loops() -> None:
     tracker = Tracker(delay=0.05)
-    t = time.perf_counter()
     lv = _run_level(tracker, concurrency=2, requests=100_000, duration=0.3)
-    elapsed = time.perf_counter() - t
-    assert elapsed < 0.3 + 0.05 + 0.5
-    assert 4 <= lv.summary.requests <= 16 and lv.summary.requests == tracker.calls
-    assert all(r.start < 0.3 for r in lv.records)
+    # two workers start a request every 50 ms while under 0.3 s (at 0, 0.05, ..., 0.25); the last ends at 0.3
+    assert lv.summary.requests == tracker.calls == 12
+    assert max(r.start for r in lv.records) == pytest.approx(0.25)
+    assert lv.summary.duration_s == pytest.approx(0.3)
 
     tracker = Tracker(delay=0.01)
-    t = time.perf_counter()
     lv = _run_level(tracker, rate=100.0, requests=100_000, duration=0.3, seed=2)
-    assert time.perf_counter() - t < 0.3 + 0.5
-    assert 5 <= lv.summary.requests <= 80 and all(r.start < 0.3 for r in lv.records)
+    in_time = [t for t in arrival_offsets(100.0, 100, seed=2) if t < 0.3]
+    assert [r.start for r in lv.records] == pytest.approx(in_time)  # no arrival at or after 0.3 s is sent
+    assert lv.summary.duration_s == pytest.approx(in_time[-1] + 0.01, abs=1e-6)
 
 
 def test_open_loop_in_flight_cap_drops_and_counts() -> None:
@@ -343,16 +342,15 @@ def test_request_timeout_bounds_a_stuck_request() -> None:
         await asyncio.sleep(5)
         return httpx.Response(200, json={"text": "late"})
 
-    t = time.perf_counter()
     lv = _run_level(slow, concurrency=2, requests=2, duration=30, timeout=0.2)
-    assert time.perf_counter() - t < 2
     assert lv.summary.errors == {"error:TimeoutError": 2}
-    assert all(0.15 < r.latency < 1.0 for r in lv.records)
+    assert [r.latency for r in lv.records] == pytest.approx([0.2, 0.2])
+    assert lv.summary.duration_s == pytest.approx(0.2)
 
 
 def test_sweep_runs_levels_in_order_and_warmup_is_not_recorded() -> None:
     tracker = Tracker(delay=0.005)
-    result = asyncio.run(
+    result = run_virtual(
         run_sweep(
             BASE,
             make_scenario("generate", max_tokens=8),
@@ -408,7 +406,7 @@ def test_non_loopback_targets_refused(url: str) -> None:
 def test_refusal_happens_before_any_request(capsys: pytest.CaptureFixture[str]) -> None:
     tracker = Tracker()
     with pytest.raises(TargetRefused):
-        asyncio.run(
+        run_virtual(
             run_sweep(
                 "http://example.com",
                 make_scenario("generate"),
@@ -492,7 +490,7 @@ def _streaming_sweep() -> loadgen.SweepResult:
             return httpx.Response(429, json={"error": "busy"})
         return _stream_response(chunks, gap=0.002)
 
-    return asyncio.run(
+    return run_virtual(
         run_sweep(
             BASE,
             make_scenario("generate-stream"),
@@ -553,7 +551,7 @@ def test_report_writes_json_markdown_and_pngs(tmp_path: Path) -> None:
 def test_report_compare_cli_and_non_streaming(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     tracker = Tracker(delay=0.001)
-    whole = asyncio.run(
+    whole = run_virtual(
         run_sweep(
             BASE,
             make_scenario("generate"),
@@ -583,107 +581,6 @@ def test_report_compare_cli_and_non_streaming(tmp_path: Path) -> None:
     assert (tmp_path / "cmp/latency_vs_throughput.png").exists() and (tmp_path / "cmp/ttft_hist.png").exists()
 
 
-# ------------------------------------------------------------------------------ CLI over real sockets
-
-
-class _StubGenerate(BaseHTTPRequestHandler):
-    """Minimal /generate speaking the documented wire format (whole JSON or SSE)."""
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if body.get("stream"):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            for piece in ("Hello", " world"):
-                self.wfile.write(f"data: {json.dumps({'text': piece})}\n\n".encode())
-                self.wfile.flush()
-                time.sleep(0.005)
-            final = {
-                "text": "",
-                "finish_reason": "stop",
-                "usage": {"prompt_tokens": 3, "completion_tokens": 2},
-            }
-            self.wfile.write(f"data: {json.dumps(final)}\n\n".encode())
-        else:
-            out = json.dumps(
-                {
-                    "text": "Hello",
-                    "finish_reason": "stop",
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 1},
-                }
-            ).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def stub_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _StubGenerate)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_cli_end_to_end_over_loopback(stub_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = cli.main(
-        [
-            "--url",
-            stub_url,
-            "--scenario",
-            "generate-stream",
-            "--concurrency",
-            "1,2",
-            "--requests",
-            "6",
-            "--duration",
-            "20",
-            "--timeout",
-            "5",
-            "--no-progress",
-            "--out",
-            str(tmp_path),
-            "--raw",
-        ]
-    )
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "| c=1 |" in out and "| c=2 |" in out
-    doc = json.loads((tmp_path / "results.json").read_text())
-    assert [lv["ok"] for lv in doc["levels"]] == [6, 6]
-    rec = doc["levels"][0]["records"][0]
-    assert rec["status"] == 200 and rec["output_tokens"] == 2 and len(rec["itl"]) == 1 and rec["ttft"] > 0
-    rc = cli.main(
-        [
-            "--url",
-            stub_url,
-            "--scenario",
-            "generate",
-            "--rate",
-            "50",
-            "--requests",
-            "5",
-            "--duration",
-            "10",
-            "--no-progress",
-        ]
-    )
-    assert rc == 0
-    # nothing listening: every request is a connection error, exit status 1
-    rc = cli.main(["--url", "http://127.0.0.1:9", "--requests", "2", "--duration", "5", "--no-progress"])
-    assert rc == 1
-
-
 def test_load_is_spread_over_clients() -> None:
     """make_clients: one client per CONNECTIONS_PER_CLIENT in flight; closed-loop workers round-robin over them."""
     tracker = Tracker()
@@ -704,6 +601,6 @@ def test_load_is_spread_over_clients() -> None:
             for c in clients:
                 await c.aclose()
 
-    lv = asyncio.run(go())
+    lv = run_virtual(go())
     assert lv.summary.ok == 60 and tracker.peak == 20
     assert sorted(seen) == [str(i) for i in range(len(seen))] and len(seen) == 3 and min(seen.values()) >= 12
