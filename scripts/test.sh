@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's test command: install what the tests need, lint, then run the suite on CPU.
+# The README's test command: install what the tests need, lint, then run every tier (unit, integration, live)
+# on CPU; arguments go to pytest (e.g. -m unit).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
