@@ -7,7 +7,7 @@ Per generation model (S = dummy:smollm2-135m, L = dummy:smollm2-1.7b), in this o
      requests of 128 prompt + 128 new tokens: tokens/s, TTFT and ITL p50/p99, share of time in the model;
   4. HF ``generate`` batch 1 (ms/step), static batch 128 and continuous batching (``generate_batch``, 256
      requests) on the same weights and requests;
-  5. our server on loopback driven by load_tests/loadgen.py (whole and streamed /generate).
+  5. our server on loopback driven by load_tests/loadgen/ (whole and streamed /generate).
 Then /classify (MiniLM-L6 architecture, random weights, fp16) through HTTP at 1/64/256 clients against
 one forward per request in process.
 
@@ -736,7 +736,7 @@ def markdown(results: dict[str, Any]) -> str:
         if http:
             lines += [
                 "",
-                f"**HTTP** (our server on loopback, load_tests/loadgen.py closed loop, prompts of ~{PROMPT_LEN} tokens "
+                f"**HTTP** (our server on loopback, load_tests/loadgen closed loop, prompts of ~{PROMPT_LEN} tokens "
                 f"from data/, max_tokens {NEW_TOKENS}; server start {http.get('server_startup_s', 0):.0f} s; "
                 "server columns from its /metrics):",
                 "",
