@@ -251,10 +251,9 @@ def make_clients(
 ) -> list[httpx.AsyncClient]:
     """One client per CONNECTIONS_PER_CLIENT requests in flight (workers and requests round-robin over them).
 
-    One AsyncClient with many connections costs more CPU per request as connections grow: on 2 cores,
-    GET /health through one client ran 1,250 req/s at 4 in flight but 180 req/s at 64, while a raw-socket
-    client got ~3,200 req/s from the same server at 1 to 256 and one client per 8 workers ~1,100. The load
-    generator, not the server, was then what a high-concurrency run measured.
+    One AsyncClient with many connections costs more CPU per request as connections grow, until the load
+    generator, not the server, is what a high-concurrency run measures (the measurements:
+    load_tests/results/gpu/README.md, "What is in the way", item 3).
     """
     count = max(1, -(-concurrency // CONNECTIONS_PER_CLIENT))
     # Each may still open ``concurrency`` connections, so an uneven open-loop spread never waits for one.
