@@ -90,7 +90,7 @@ def load_causal_lm(spec: str, cache_dir: Path, dtype: torch.dtype, tokenizer: st
     """
     cache_dir = Path(cache_dir)
     source = resolve_spec(spec, "generate")
-    logger.info("loading generation model from %s (dtype %s)", source.description, dtype)
+    logger.info("loading generation model from %s at %s (dtype %s)", source.description, source.path, dtype)
     start = time.perf_counter()
     description = source.description
     if source.kind == "gguf":
@@ -98,7 +98,7 @@ def load_causal_lm(spec: str, cache_dir: Path, dtype: torch.dtype, tokenizer: st
         model_dir = ensure_gguf_converted(source.path, cache_dir)
         config, state_dict = read_causal_lm_dir(model_dir, dtype)
         default_tokenizer_dir: Path | None = model_dir
-        description = f"{description} (converted copy {model_dir})"
+        description = f"{description} (converted copy {model_dir.name})"
     elif source.kind == "hf_dir":
         assert source.path is not None
         config, state_dict = read_causal_lm_dir(source.path, dtype)
@@ -138,7 +138,7 @@ def load_encoder(spec: str, cache_dir: Path, dtype: torch.dtype, tokenizer: str 
     """
     cache_dir = Path(cache_dir)
     source = resolve_spec(spec, "classify")
-    logger.info("loading encoder from %s (dtype %s)", source.description, dtype)
+    logger.info("loading encoder from %s at %s (dtype %s)", source.description, source.path, dtype)
     start = time.perf_counter()
     if source.kind == "gguf":
         raise ValueError(f"GGUF encoders are not supported ({source.description}); use a HF model directory")

@@ -9,6 +9,7 @@ Embedded models are located through ``importlib.metadata`` and never by importin
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 from dataclasses import dataclass
@@ -46,23 +47,35 @@ class ModelSource:
 
     @property
     def name(self) -> str:
-        """Short model id for APIs (``/v1/models``): the embedded models' names, else the file or dir name."""
+        """Short model id for APIs (``/v1/models``): the embedded models' names, else the file or dir name
+        (for a dummy config.json, its directory's name); never a filesystem path."""
         if self.kind == "dummy":
-            return f"dummy:{self.preset if self.preset is not None else self.path}"
+            if self.preset is not None:
+                return f"dummy:{self.preset}"
+            assert self.path is not None
+            return f"dummy:{self.path.parent.name if self.path.name == 'config.json' else self.path.stem}"
         if self.embedded:
             return EMBEDDED_GEN_NAME if self.kind == "gguf" else EMBEDDED_CLS_NAME
         assert self.path is not None
         return self.path.stem if self.kind == "gguf" else self.path.name
 
     @property
+    def path_id(self) -> str:
+        """A short digest of the absolute path: tells apart two models of the same name (the compression
+        cache keys on ``description``) without showing the path."""
+        assert self.path is not None
+        return hashlib.sha256(str(self.path).encode()).hexdigest()[:8]
+
+    @property
     def description(self) -> str:
-        """Human-readable origin, used in logs and ``Loaded*.source``."""
+        """Human-readable origin, used in ``Loaded*.source`` and so served by /info, /v1/models and the
+        ``llm_build_info`` metric: names and a path digest, never the path (logs name the path)."""
         if self.kind == "dummy":
-            what = self.preset if self.preset is not None else str(self.path)
-            return f"dummy:{what} (random weights, seed 0)"
+            what = self.name if self.preset is not None else f"{self.name} (path #{self.path_id})"
+            return f"{what} (random weights, seed 0)"
         label = {"gguf": "GGUF file", "hf_dir": "HF model dir"}[self.kind]
         prefix = "embedded " if self.embedded else ""
-        return f"{prefix}{label} {self.path}"
+        return f"{prefix}{label} {self.name} (path #{self.path_id})"
 
 
 def _smollm2_config(

@@ -10,6 +10,8 @@ import pytest
 
 from engine.classifier import ClassifyItem, ClassResult
 from engine.response_cache import BytesLRU
+from models.sources import embedded_encoder_dir, embedded_gguf_path
+from server.config import Settings
 from server.runtime import Runtime
 from server.schemas import CLS_MAX_LABEL_CHARS, CLS_MAX_LABEL_TOKENS, CLS_MAX_LABELS, MAX_CHARS_PER_TOKEN
 
@@ -141,3 +143,14 @@ async def test_label_cache_bounded_by_bytes(
     assert r.status_code == 200, r.text
     assert {s["label"] for s in r.json()["results"][0]["scores"]} == set(labels)
     assert len(classifier._label_cache) <= 3 and classifier._label_cache.nbytes <= 3 * one
+
+
+async def test_no_filesystem_paths_served(client: httpx.AsyncClient, settings: Settings) -> None:
+    """/metrics (public by default), /info and /v1/models name models, not the paths they came from."""
+    paths = {str(settings.cache_dir), str(embedded_gguf_path().parent), str(embedded_encoder_dir().parent)}
+    for url in ("/info", "/v1/models", "/metrics"):
+        r = await client.get(url)
+        assert r.status_code == 200
+        leaked = [p for p in paths if p in r.text]
+        assert not leaked, (url, leaked)
+    assert 'gen_model="embedded GGUF file SmolLM2-135M-Instruct (path #' in (await client.get("/metrics")).text

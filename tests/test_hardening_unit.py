@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import types
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ from engine.classifier import ClassResult
 from engine.kv_cache import BlockManager, root_hash
 from engine.response_cache import BytesLRU, ResponseCache, approx_bytes
 from engine.sequence import SamplingParams, Sequence
+from models.sources import resolve_spec
 from server.middleware import AuthMiddleware, cache_salt
 from server.request_id import RequestIdFilter, RequestIdMiddleware, escape_controls
 from server.routes import health
@@ -188,3 +190,27 @@ async def test_cache_salt_from_the_authenticated_key() -> None:
     assert await _salts(auth(share=True), bearer) == [None, None]  # the operator opted in to sharing
     assert await _salts(auth(), [bearer[0]], path="/health") == [None]  # open path: no key looked at
     assert await _salts(lambda inner: inner, bearer) == [None, None]  # auth off
+
+
+def test_model_names_and_sources_hold_no_paths(tmp_path: Path) -> None:
+    """/info, /v1/models and llm_build_info show ModelSource.name and .description: no filesystem paths,
+    yet two models of one name in different places stay apart (the compression cache keys on them)."""
+    sources = []
+    for parent in ("a", "b"):
+        model_dir = tmp_path / parent / "support-model"
+        model_dir.mkdir(parents=True)
+        (model_dir / "config.json").write_text('{"model_type": "bert"}')
+        (tmp_path / parent / "chat.gguf").write_bytes(b"GGUF")
+        sources += [
+            resolve_spec(str(model_dir), "classify"),
+            resolve_spec(str(tmp_path / parent / "chat.gguf"), "generate"),
+            resolve_spec(f"dummy:{model_dir}", "generate"),
+        ]
+    sources += [resolve_spec("default", "generate"), resolve_spec("default", "classify")]
+    for source in sources:
+        assert source.path is not None
+        for text in (source.name, source.description):
+            assert str(source.path.parent) not in text and "/" not in text.removeprefix("dummy:"), text
+    assert [s.name for s in sources[:3]] == ["support-model", "chat", "dummy:support-model"]
+    assert len({s.description for s in sources}) == len(sources)
+    assert sources[-2].description.startswith("embedded GGUF file SmolLM2-135M-Instruct (path #")
