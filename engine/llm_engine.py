@@ -50,6 +50,7 @@ class GenerationChunk:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    first_token_time: float | None = None  # perf_counter of the first token, on a whole (not streamed) result
 
 
 class EngineError(RuntimeError):
@@ -235,7 +236,9 @@ class _Request:
     detok: IncrementalDetokenizer
     out: asyncio.Queue[GenerationChunk | BaseException]
     request_id: str
+    whole: list[str] | None  # text so far when only the finished result is wanted; None: stream chunks
     tokens: int = 0
+    first_token_time: float | None = None
 
 
 class LLMClient:
@@ -264,15 +267,17 @@ class LLMClient:
         return len(self.requests)
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, stream: bool = True
     ) -> AsyncIterator[GenerationChunk]:
-        """Streams chunks for one request; leaving the iteration early (client gone) aborts it."""
+        """Streams chunks for one request; leaving the iteration early (client gone) aborts it. With
+        ``stream=False`` the one chunk is the whole text (no wake-up of the caller per token)."""
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's limit is {self.max_model_len}")
         if self.error is not None:
             raise EngineError(self.error)
         key = next(self._keys)
-        request = _Request(IncrementalDetokenizer(self.tokenizer, params.stop), asyncio.Queue(), request_id)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        request = _Request(detok, asyncio.Queue(), request_id, None if stream else [])
         self.requests[key] = request
         self.send(AddRequest(key, list(prompt_ids), params, request_id))
         try:
@@ -297,6 +302,8 @@ class LLMClient:
                 request.out.put_nowait(self._failure(step.error or "generation failed", request))
                 continue
             request.tokens += 1
+            if request.tokens == 1:
+                request.first_token_time = time.perf_counter()
             reason = out.finish_reason
             if reason == "stop":  # end of sequence: the token itself is not text
                 text = request.detok.flush()
@@ -310,8 +317,14 @@ class LLMClient:
                     text += request.detok.flush()
             if reason is not None:
                 del self.requests[out.key]
+            if request.whole is not None:
+                request.whole.append(text)
+                if reason is None:
+                    continue
+                text = "".join(request.whole)
             if text or reason:
-                chunk = GenerationChunk(text, reason, out.prompt_tokens, request.tokens, out.cached_tokens)
+                first = request.first_token_time if request.whole is not None else None
+                chunk = GenerationChunk(text, reason, out.prompt_tokens, request.tokens, out.cached_tokens, first)
                 request.out.put_nowait(chunk)
 
     def fail_all(self, message: str) -> None:

@@ -57,14 +57,18 @@ def resolve_max_tokens(settings: Settings, requested: int | None, field: str = "
 
 
 async def timed(chunks: AsyncIterator[GenerationChunk], arrival: float) -> AsyncIterator[GenerationChunk]:
-    """Observes time to first token, inter-token latency and token counts as chunks pass by."""
+    """Observes time to first token, inter-token latency and token counts as chunks pass by (a whole
+    result's one chunk says when its first token came)."""
     last_time, last_tokens = arrival, 0
     async for chunk in chunks:
         now = time.perf_counter()
         new_tokens = chunk.completion_tokens - last_tokens
         if new_tokens > 0:
             if last_tokens == 0:
-                metrics.TTFT.observe(now - arrival)
+                first = chunk.first_token_time or now
+                metrics.TTFT.observe(first - arrival)
+                if new_tokens > 1 and chunk.first_token_time is not None:
+                    metrics.ITL.observe((now - first) / (new_tokens - 1))
             else:
                 metrics.ITL.observe((now - last_time) / new_tokens)
             metrics.GENERATED_TOKENS.inc(new_tokens)

@@ -78,7 +78,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
             seed=body.seed,
             stop=tuple(body.stop),
         )
-        chunks = timed(runtime.llm.generate(prompt_ids, params, current_request_id()), arrival)
+        chunks = timed(runtime.llm.generate(prompt_ids, params, current_request_id(), body.stream), arrival)
         if body.stream:
             return ticket.stream(
                 sse_events(within_deadline(chunks, deadline)),

@@ -261,7 +261,12 @@ async def _serve(
     with admission(request).generation(len(choices), body.stream) as ticket:
         streams = [
             timed(
-                llm.generate(c.prompt_ids, c.params, request_id if len(choices) == 1 else f"{request_id}-{c.index}"),
+                llm.generate(
+                    c.prompt_ids,
+                    c.params,
+                    request_id if len(choices) == 1 else f"{request_id}-{c.index}",
+                    body.stream,
+                ),
                 arrival,
             )
             for c in choices

@@ -1,0 +1,281 @@
+"""HTTP serving benchmark (issue 11): the server's process layouts side by side in one run, driven by
+load generators that are not the bottleneck, against the engine's own throughput in process.
+
+For each server configuration (one process with the engines on threads, or engine core + N API servers):
+  * /classify, one distinct text per request (response cache off), wrk at 1 and 256 connections;
+  * /generate non-streamed, 128 new tokens, wrk at 256 connections (tokens/s from the server's counter);
+  * /generate streamed at 256 concurrent streams: time to first token from raw-socket clients spread
+    over several processes.
+Then, once, the engine level: AsyncLLM in this process at 256 concurrent requests of the same shape.
+The models are the dummy 135M generator and a MiniLM-shaped encoder (random weights, tokenizers carried).
+
+Needs CUDA and wrk (Debian's package, unpacked)::
+
+    python -m load_tests.serve_bench --tokenizer TOK --encoder-tokenizer MINILM_TOK --wrk WRK_ROOT --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+NEW_TOKENS = 128
+PROMPT = " ".join(["Customer asks about the delivery of an order and a refund for a damaged item."] * 8)
+CLASSIFY_LUA = """
+math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16) % 100000)
+request = function()
+  local body = string.format('{"inputs": "message %d: my order %d has not arrived and I want my money back",'
+    .. ' "labels": ["billing", "shipping", "account", "technical support"]}', math.random(1, 1e9), math.random(1, 1e6))
+  return wrk.format("POST", "/classify", {["Content-Type"] = "application/json"}, body)
+end
+"""
+GENERATE_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"prompt": "%s", "max_tokens": %d}'
+"""
+SERVER_ENV = {
+    "LLM_GEN_MODEL": "dummy:smollm2-135m",
+    "LLM_MAX_NUM_SEQS": "256",
+    "LLM_MAX_QUEUED_REQUESTS": "1024",
+    "LLM_MAX_CONCURRENT_STREAMS": "1024",
+    "LLM_KV_CACHE_TOKENS": "131072",
+    "LLM_CLS_MAX_BATCH_SIZE": "256",
+    "LLM_CLS_MAX_BATCH_TOKENS": "16384",
+    "LLM_CLS_MAX_QUEUED_INPUTS": "8192",
+    "LLM_CLS_CACHE_SIZE": "0",
+    "LLM_LOG_LEVEL": "warning",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def start_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    full = {**SERVER_ENV, **os.environ, **env, "LLM_PORT": str(port), "LLM_CACHE_DIR": tempfile.mkdtemp()}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server"], env=full, stdout=log_path.open("wb"), stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server not ready in 300 s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def counter(port: int, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def wrk(root: Path, port: int, path: str, lua: str, connections: int, seconds: int, threads: int) -> dict[str, Any]:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(lua)
+    lib = next(root.rglob("libluajit*.so*")).parent
+    cmd = [str(root / "usr/bin/wrk"), f"-t{min(threads, connections)}", f"-c{connections}", f"-d{seconds}s"]
+    cmd += ["--latency", "--timeout", "30s", "-s", str(script), f"http://127.0.0.1:{port}{path}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LD_LIBRARY_PATH": str(lib)}).stdout
+
+    def ms(token: str) -> float:
+        value, unit = float(re.match(r"[\d.]+", token).group()), re.sub(r"[\d.]+", "", token)  # type: ignore[union-attr]
+        return value * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
+
+    pcts = {f"p{p}": ms(v) for p, v in re.findall(r"^\s+(50|90|99)%\s+(\S+)$", out, re.M)}
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)$", out, re.M)
+    return {
+        "connections": connections,
+        "seconds": seconds,
+        "requests_per_s": float(rps.group(1)) if rps else None,
+        "latency_ms": pcts,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1) if errors else None,
+        "driver": f"wrk -t{min(threads, connections)} -c{connections}",
+    }
+
+
+async def _streams(port: int, concurrency: int, seconds: float, new_tokens: int) -> list[float]:
+    """TTFTs (ms) of back-to-back streamed requests on ``concurrency`` raw connections."""
+    body = json.dumps({"prompt": PROMPT, "max_tokens": new_tokens, "stream": True}).encode()
+    head = (
+        f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    ttfts: list[float] = []
+    end = time.perf_counter() + seconds
+
+    async def one() -> None:
+        while time.perf_counter() < end:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            t0 = time.perf_counter()
+            writer.write(head + body)
+            first = True
+            while line := await reader.readline():
+                if first and line.startswith(b"data: "):
+                    ttfts.append((time.perf_counter() - t0) * 1e3)
+                    first = False
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+    return ttfts
+
+
+def _stream_worker(port: int, concurrency: int, seconds: float, new_tokens: int, out: Any) -> None:
+    out.put(asyncio.run(_streams(port, concurrency, seconds, new_tokens)))
+
+
+def streamed(port: int, concurrency: int, seconds: float, processes: int, new_tokens: int) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    before = counter(port, "llm_generated_tokens_total")
+    t0 = time.perf_counter()
+    procs = [
+        ctx.Process(target=_stream_worker, args=(port, concurrency // processes, seconds, new_tokens, q))
+        for _ in range(processes)
+    ]
+    for p in procs:
+        p.start()
+    ttfts = sorted(t for _ in procs for t in q.get())
+    for p in procs:
+        p.join()
+    wall = time.perf_counter() - t0
+    tokens = counter(port, "llm_generated_tokens_total") - before
+    pick = lambda q: ttfts[min(int(q * len(ttfts)), len(ttfts) - 1)] if ttfts else None  # noqa: E731
+    return {
+        "concurrency": concurrency,
+        "requests": len(ttfts),
+        "tokens_per_s": tokens / wall,
+        "ttft_ms": {"p50": pick(0.5), "p99": pick(0.99)},
+        "driver": f"{processes} processes x {concurrency // processes} raw-socket streams",
+    }
+
+
+def serve(name: str, env: dict[str, str], args: argparse.Namespace, port: int) -> dict[str, Any]:
+    log(f"{name}: starting ({env})")
+    proc = start_server(env, port, args.out / f"server-{name}.log")
+    out: dict[str, Any] = {"env": env}
+    try:
+        d = args.seconds
+        out["classify_c1"] = wrk(args.wrk, port, "/classify", CLASSIFY_LUA, 1, d, 1)
+        out["classify_c256"] = wrk(args.wrk, port, "/classify", CLASSIFY_LUA, 256, d, args.wrk_threads)
+        log(f"  classify: c1 {out['classify_c1']}, c256 {out['classify_c256']}")
+        before = counter(port, "llm_generated_tokens_total")
+        t0 = time.perf_counter()
+        lua = GENERATE_LUA % (PROMPT, args.new_tokens)
+        gen = wrk(args.wrk, port, "/generate", lua, 256, d, args.wrk_threads)
+        gen["tokens_per_s"] = (counter(port, "llm_generated_tokens_total") - before) / (time.perf_counter() - t0)
+        out["generate_c256"] = gen
+        log(f"  generate c256: {gen}")
+        out["stream_c256"] = streamed(port, 256, d, args.stream_processes, args.new_tokens)
+        log(f"  streamed c256: {out['stream_c256']}")
+    finally:
+        stop_server(proc)
+    return out
+
+
+def engine_level(tokenizer: Path) -> dict[str, Any]:
+    import torch
+
+    from engine.llm_engine import LLMEngine
+    from load_tests import gpu_bench
+    from models.llama import Llama
+    from models.loader import load_causal_lm
+
+    loaded = load_causal_lm("dummy:smollm2-135m", Path(tempfile.mkdtemp()), torch.bfloat16, str(tokenizer))
+    model = Llama.from_hf(loaded.config, loaded.state_dict).to("cuda")
+    engine = LLMEngine(model, loaded.tokenizer, torch.device("cuda"), torch.bfloat16, gpu_bench.engine_config())
+    return gpu_bench.engine_level(engine, loaded.config.vocab_size, (256,), gil_ab=False)[0]
+
+
+CONFIGS = {
+    # Main before issue 11 (79dbe9d), unpacked by the caller: ``git archive 79dbe9d server engine models data``.
+    "before": {"CODE_DIR": ".bench/before"},
+    "one-process": {"LLM_ENGINE_CORE": "thread", "LLM_CLS_MAX_WAIT_MS": "5"},
+    "one-process-nowait": {"LLM_ENGINE_CORE": "thread", "LLM_CLS_MAX_WAIT_MS": "0"},
+    "core+1api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "1", "LLM_CLS_MAX_WAIT_MS": "0"},
+    "core+4api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "4", "LLM_CLS_MAX_WAIT_MS": "0"},
+    "core+8api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "8", "LLM_CLS_MAX_WAIT_MS": "0"},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", type=Path, required=True)
+    p.add_argument("--encoder-tokenizer", type=Path, required=True)
+    p.add_argument("--wrk", type=Path, required=True, help="root of the unpacked wrk and libluajit packages")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--before-dir", type=Path, help="where 'before' runs from (default .bench/before)")
+    p.add_argument("--seconds", type=int, default=8)
+    p.add_argument("--wrk-threads", type=int, default=4)
+    p.add_argument("--stream-processes", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    p.add_argument("--skip-engine", action="store_true")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from load_tests.gpu_bench import dummy_encoder_dir
+
+    encoder_dir = dummy_encoder_dir(args.encoder_tokenizer)
+    base = {"LLM_TOKENIZER": str(args.tokenizer), "LLM_CLS_MODEL": str(encoder_dir)}
+    results: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "command": " ".join(sys.argv),
+        "servers": {},
+    }
+    try:
+        import torch
+
+        results["host"]["gpu"] = torch.cuda.get_device_name(0)
+    except Exception as exc:  # the HTTP part still runs where torch cannot see the GPU
+        results["host"]["gpu"] = f"unknown ({exc})"
+    for i, name in enumerate(args.configs.split(",")):
+        try:
+            env = {**base, **CONFIGS[name]}
+            if "CODE_DIR" in env and args.before_dir is not None:
+                env["CODE_DIR"] = str(args.before_dir)
+            results["servers"][name] = serve(name, env, args, 8900 + i)
+        except Exception as exc:
+            log(f"{name} failed: {type(exc).__name__}: {exc}")
+            results["servers"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+        (args.out / "serve_bench.json").write_text(json.dumps(results, indent=1))
+    if not args.skip_engine:
+        results["engine_level_c256"] = engine_level(args.tokenizer)
+        log(f"engine level: {results['engine_level_c256']}")
+    (args.out / "serve_bench.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
