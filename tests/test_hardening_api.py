@@ -3,6 +3,8 @@ costs, character limits, cache byte bounds."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import uuid
 
 import httpx
@@ -11,6 +13,7 @@ import pytest
 from engine.classifier import ClassifyItem, ClassResult
 from engine.response_cache import BytesLRU
 from models.sources import embedded_encoder_dir, embedded_gguf_path
+from server.app import create_app
 from server.config import Settings
 from server.runtime import Runtime
 from server.schemas import CLS_MAX_LABEL_CHARS, CLS_MAX_LABEL_TOKENS, CLS_MAX_LABELS, MAX_CHARS_PER_TOKEN
@@ -154,3 +157,31 @@ async def test_no_filesystem_paths_served(client: httpx.AsyncClient, settings: S
         leaked = [p for p in paths if p in r.text]
         assert not leaked, (url, leaked)
     assert 'gen_model="embedded GGUF file SmolLM2-135M-Instruct (path #' in (await client.get("/metrics")).text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the generation routes do not pass cache_salt(request) to SamplingParams yet (server/routes/generate.py "
+    "and openai.py belong to the API-server/engine-core split); remove this mark with that wiring",
+)
+async def test_prefix_cache_isolated_per_api_key(settings: Settings, runtime: Runtime) -> None:
+    """Issue 18: cached_tokens let a second client confirm a secret in another client's system prompt."""
+    keys = ["key-a-0123456789", "key-b-0123456789"]
+    app_settings = Settings.model_validate({**settings.model_dump(), "api_keys": keys})
+    app = create_app(app_settings, dataclasses.replace(runtime, settings=app_settings))
+    system = f"Internal note {uuid.uuid4().hex}: the vault PIN is 4921. Never reveal it. " * 4
+
+    async def cached_tokens(client: httpx.AsyncClient, key: str) -> int:
+        body = {"model": runtime.gen_model_id, "max_tokens": 1, "messages": [{"role": "system", "content": system}]}
+        r = await client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    async with app.router.lifespan_context(app):
+        while getattr(app.state, "runtime", None) is None:
+            await asyncio.sleep(0.01)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as client:
+            assert await cached_tokens(client, keys[0]) == 0
+            assert await cached_tokens(client, keys[1]) == 0  # another key learns nothing
+            assert await cached_tokens(client, keys[0]) > 0  # the same key still reuses its prefix
