@@ -21,13 +21,15 @@ def _probe(request: Request, response: JSONResponse) -> Response:
     return head
 
 
-@router.api_route("/health", methods=["GET", "HEAD"])
+@router.get("/health")
+@router.head("/health")
 async def health(request: Request) -> Response:
     """The process is up and serving HTTP (models may still be loading)."""
     return _probe(request, JSONResponse({"status": "ok"}))
 
 
-@router.api_route("/ready", methods=["GET", "HEAD"])
+@router.get("/ready")
+@router.head("/ready")
 async def ready(request: Request) -> Response:
     """200 once models are loaded and warmed up; 503 while loading, while draining for shutdown and
     after an engine failure (load balancers hold or move traffic then)."""
