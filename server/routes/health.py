@@ -22,14 +22,14 @@ def _probe(request: Request, response: JSONResponse) -> Response:
 
 
 @router.get("/health")
-@router.head("/health")
+@router.head("/health", include_in_schema=False)
 async def health(request: Request) -> Response:
     """The process is up and serving HTTP (models may still be loading)."""
     return _probe(request, JSONResponse({"status": "ok"}))
 
 
 @router.get("/ready")
-@router.head("/ready")
+@router.head("/ready", include_in_schema=False)
 async def ready(request: Request) -> Response:
     """200 once models are loaded and warmed up; 503 while loading, while draining for shutdown and
     after an engine failure (load balancers hold or move traffic then)."""
