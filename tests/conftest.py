@@ -18,6 +18,7 @@ import pytest
 from server.app import create_app
 from server.config import Settings
 from server.runtime import Runtime
+from tests.virtual_clock import VirtualClockLoop
 
 TIERS = ("unit", "integration", "live")
 # Fixtures that load the real models or start a server: a unit test that asks for one is mis-marked.
@@ -45,6 +46,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             f"{len(problems)} test(s) without exactly one valid tier; {HOW_TO_MARK}:\n  " + "\n  ".join(problems)
         )
     items.sort(key=lambda item: TIERS.index(next(m.name for m in item.iter_markers() if m.name in TIERS)))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_do_not_sleep(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a unit test, ``time.sleep`` and a real-time ``asyncio.sleep`` fail: time-dependent code runs on
+    the virtual clock (tests/virtual_clock.py) and threads synchronise with events."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    real_sleep = asyncio.sleep
+
+    def no_sleep(seconds: float) -> None:
+        raise AssertionError(f"a unit test slept {seconds} s: use tests/virtual_clock.py or events")
+
+    async def virtual_sleep_only(delay: float, result: object = None) -> object:
+        if delay > 0 and not isinstance(asyncio.get_running_loop(), VirtualClockLoop):
+            no_sleep(delay)
+        return await real_sleep(delay, result)
+
+    monkeypatch.setattr(time, "sleep", no_sleep)
+    monkeypatch.setattr(asyncio, "sleep", virtual_sleep_only)
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 pytestmark = pytest.mark.unit
 
+REAL_SLEEP, REAL_ASYNC_SLEEP = time.sleep, asyncio.sleep  # as imported, before any test patches them
+
 CONFTEST = """
 import pytest
 
-from tests.conftest import pytest_collection_modifyitems  # the hook under test
+from tests.conftest import _unit_tests_do_not_sleep, pytest_collection_modifyitems  # under test
 
 
 @pytest.fixture
@@ -30,7 +35,10 @@ def run(pytester: pytest.Pytester):
     def go(source: str, *args: str) -> pytest.RunResult:
         pytester.makeconftest(CONFTEST)
         pytester.makepyfile(test_sample=source)
-        return pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:asyncio", "-v", *args)
+        with pytest.MonkeyPatch.context() as mp:  # this test's own no-sleep guard off for the inner run
+            mp.setattr(time, "sleep", REAL_SLEEP)
+            mp.setattr(asyncio, "sleep", REAL_ASYNC_SLEEP)
+            return pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:asyncio", "-v", *args)
 
     return go
 
@@ -73,3 +81,17 @@ def test_marked_tests_run_unit_first(run) -> None:
     result = run(source)
     assert result.ret == pytest.ExitCode.OK
     result.stdout.fnmatch_lines(["*::test_unit PASSED*", "*::test_integration PASSED*", "*::test_live PASSED*"])
+
+
+def test_a_unit_test_that_sleeps_fails_unless_on_the_virtual_clock(run) -> None:
+    source = (
+        "import asyncio, time\n\nimport pytest\n\nfrom tests.virtual_clock import run_virtual\n\n"
+        "@pytest.mark.unit\ndef test_sleeps():\n    time.sleep(0.01)\n\n"
+        "@pytest.mark.unit\ndef test_sleeps_on_a_real_loop():\n    asyncio.run(asyncio.sleep(0.01))\n\n"
+        "@pytest.mark.unit\ndef test_sleeps_on_the_virtual_clock():\n    run_virtual(asyncio.sleep(3600))\n\n"
+        "@pytest.mark.integration\ndef test_integration_may_sleep():\n    time.sleep(0.01)\n"
+    )
+    result = run(source)
+    result.assert_outcomes(passed=2, failed=2)
+    result.stdout.fnmatch_lines(["*::test_sleeps FAILED*", "*::test_sleeps_on_a_real_loop FAILED*"])
+    result.stdout.fnmatch_lines(["*a unit test slept 0.01 s: use tests/virtual_clock.py or events*"])
