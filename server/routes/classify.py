@@ -27,11 +27,11 @@ router = APIRouter()
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)}
 
 
-def _label_tokens(runtime: Runtime, labels: list[str]) -> int:
+def _label_tokens(runtime: Runtime, labels: list[str], label_counts: list[int]) -> int:
     """Checks the per-label token limit; returns the tokens of the labels the classifier has not cached
     yet, which the batch running the request's first item will encode."""
     assert runtime.classifier is not None
-    counts = dict(zip(labels, runtime.classifier.count_tokens(labels), strict=True))
+    counts = dict(zip(labels, label_counts, strict=True))
     for i, n_tokens in enumerate(counts.values()):
         if n_tokens > CLS_MAX_LABEL_TOKENS:
             raise APIError(
@@ -75,7 +75,9 @@ async def classify(body: ClassifyRequest, request: Request) -> Response:
     if runtime.classifier is None or runtime.batcher is None:
         raise APIError(404, "classification is disabled on this server", type="not_found")
     texts = body.texts
-    n_tokens = encoder_inputs(runtime, texts, "inputs", single=isinstance(body.inputs, str))
+    n_tokens, label_counts = encoder_inputs(
+        runtime, texts, "inputs", single=isinstance(body.inputs, str), labels=body.labels or ()
+    )
     labels = tuple(body.labels) if body.labels is not None else None
     items = []
     for text, n in zip(texts, n_tokens, strict=True):
@@ -85,7 +87,7 @@ async def classify(body: ClassifyRequest, request: Request) -> Response:
         except ClassifierInputError as exc:
             raise APIError(400, str(exc), field=exc.field) from exc
         items.append(item)
-    label_tokens = _label_tokens(runtime, body.labels) if body.labels is not None else 0
+    label_tokens = _label_tokens(runtime, body.labels, label_counts) if body.labels is not None else 0
     try:
         results = await on_encoder(request, runtime, len(items), lambda: _classify(runtime, items, label_tokens))
     except ClientDisconnected:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
@@ -140,10 +140,13 @@ async def within_deadline(chunks: AsyncIterator[T], deadline: float) -> AsyncIte
         await chunks.aclose()  # type: ignore[attr-defined]
 
 
-def encoder_inputs(runtime: Runtime, texts: list[str], field: str, single: bool) -> list[int]:
+def encoder_inputs(
+    runtime: Runtime, texts: list[str], field: str, single: bool, labels: Sequence[str] = ()
+) -> tuple[list[int], list[int]]:
     """Checks the per-call input count and per-input character and token limits of the classification
-    model (shared by /classify and /v1/embeddings); returns each text's token count, the batcher's cost.
-    Characters are checked first, so an oversized text is refused without tokenizing it."""
+    model (shared by /classify and /v1/embeddings); returns each text's token count, the batcher's cost,
+    and each label's (counted in the same tokenizer call). Characters are checked first, so an
+    oversized text is refused without tokenizing it."""
     settings = runtime.settings
     assert runtime.classifier is not None
     if len(texts) > settings.cls_max_inputs:
@@ -160,7 +163,8 @@ def encoder_inputs(runtime: Runtime, texts: list[str], field: str, single: bool)
                 type="input_too_long",
                 field=field if single else f"{field}.{i}",
             )
-    counts = runtime.classifier.count_tokens(texts)
+    all_counts = runtime.classifier.count_tokens([*texts, *labels])
+    counts, label_counts = all_counts[: len(texts)], all_counts[len(texts) :]
     for i, n_tokens in enumerate(counts):
         if n_tokens > settings.cls_max_input_tokens:
             raise APIError(
@@ -170,4 +174,4 @@ def encoder_inputs(runtime: Runtime, texts: list[str], field: str, single: bool)
                 type="input_too_long",
                 field=field if single else f"{field}.{i}",
             )
-    return counts
+    return counts, label_counts
