@@ -79,7 +79,8 @@ def create_app(
     keys = settings.accepted_keys()
     if keys:
         probes = frozenset({"/health", "/ready", "/metrics"} if settings.public_probes else ())
-        app.add_middleware(AuthMiddleware, keys=keys, open_paths=probes)
+        share = settings.share_prefix_cache_across_keys
+        app.add_middleware(AuthMiddleware, keys=keys, open_paths=probes, share_prefix_cache=share)
     app.add_middleware(MetricsMiddleware)
     if settings.cors_origins:
         app.add_middleware(

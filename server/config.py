@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(None, description="file with one accepted API key per line (adds to api_keys)")
     public_probes: bool = Field(True, description="/health, /ready and /metrics answer without an API key")
+    share_prefix_cache_across_keys: bool = Field(
+        False, description="with API keys, requests made with different keys reuse each other's cached prompt prefixes"
+    )
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty disables CORS")
     log_prompts: bool = Field(False, description="log prompt text (off: logs carry only sizes and request ids)")
 

@@ -159,11 +159,6 @@ async def test_no_filesystem_paths_served(client: httpx.AsyncClient, settings: S
     assert 'gen_model="embedded GGUF file SmolLM2-135M-Instruct (path #' in (await client.get("/metrics")).text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the generation routes do not pass cache_salt(request) to SamplingParams yet (server/routes/generate.py "
-    "and openai.py belong to the API-server/engine-core split); remove this mark with that wiring",
-)
 async def test_prefix_cache_isolated_per_api_key(settings: Settings, runtime: Runtime) -> None:
     """Issue 18: cached_tokens let a second client confirm a secret in another client's system prompt."""
     keys = ["key-a-0123456789", "key-b-0123456789"]

@@ -21,6 +21,7 @@ from server.generation import (
     sse,
     timed,
 )
+from server.middleware import cache_salt
 from server.request_id import current_request_id
 from server.routes.common import (
     DEADLINE_MESSAGE,
@@ -77,6 +78,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
             top_k=body.top_k,
             seed=body.seed,
             stop=tuple(body.stop),
+            cache_salt=cache_salt(request),
         )
         chunks = timed(runtime.llm.generate(prompt_ids, params, current_request_id(), body.stream), arrival)
         if body.stream:

@@ -36,6 +36,7 @@ from server.generation import (
     sse,
     timed,
 )
+from server.middleware import cache_salt
 from server.request_id import current_request_id
 from server.routes.common import (
     DEADLINE_MESSAGE,
@@ -117,7 +118,7 @@ class _Choice:
     params: SamplingParams
 
 
-def _choices(body: SamplingRequest, prompts: list[list[int]], max_tokens: int) -> list[_Choice]:
+def _choices(body: SamplingRequest, prompts: list[list[int]], max_tokens: int, salt: str | None) -> list[_Choice]:
     """One sequence per (prompt, n); choice i samples with ``seed + i`` so the n choices differ."""
     out = []
     for p, ids in enumerate(prompts):
@@ -131,6 +132,7 @@ def _choices(body: SamplingRequest, prompts: list[list[int]], max_tokens: int) -
                 stop=body.stop_strings,
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
+                cache_salt=salt,
             )
             out.append(_Choice(index, p, ids, params))
     return out
@@ -256,7 +258,7 @@ async def _serve(
     arrival = time.perf_counter()
     request_id = current_request_id()
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}"
-    choices = _choices(body, prompts, max_tokens)
+    choices = _choices(body, prompts, max_tokens, cache_salt(request))
     deadline = request_deadline(request, settings.request_timeout_s)
     with admission(request).generation(len(choices), body.stream) as ticket:
         streams = [
