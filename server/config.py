@@ -102,7 +102,12 @@ class Settings(BaseSettings):
     # Classification dynamic batching
     cls_max_batch_size: int = Field(32, ge=1, description="inputs per classification batch")
     cls_max_batch_tokens: int = Field(8192, ge=1, description="tokens per classification batch")
-    cls_max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill")
+    cls_max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="longest wait for a batch to fill; 0 = none: a batch runs as soon as the device is free, and "
+        "what arrives meanwhile forms the next one",
+    )
     cls_max_inputs: int = Field(64, ge=1, description="inputs accepted in one /classify call")
     cls_max_input_tokens: int = Field(512, ge=1, description="longest accepted classification input, in tokens")
     cls_cache_size: int = Field(
