@@ -6,7 +6,10 @@ one launch. Everything a step needs is derived on the device from one small int6
 (last token, position and block table of each row); padded rows point at the scratch block. The KV
 bucket bounds the gathered context, so attention cost follows the real lengths, not the maximum.
 
-On CPU the same function runs eagerly over the same buffers, so the tests exercise this path.
+On CPU the same function runs eagerly over the same buffers, so the tests exercise this path; with
+``compile_cpu`` it runs as one ``torch.compile`` (inductor C++) graph per batch bucket instead, the role
+graphs play on the GPU: the eager step is hundreds of small ops whose dispatch costs more than their math.
+The KV length is a dynamic dimension of that graph, so one compile per batch bucket serves every length.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class DecodeGraphs:
         max_num_seqs: int,
         max_model_len: int,
         device: torch.device,
+        compile_cpu: bool = False,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -74,6 +78,8 @@ class DecodeGraphs:
         self.batch_sizes = batch_buckets(max_num_seqs)
         self.kv_lens = kv_buckets(max_model_len, block_size)
         self.use_graphs = device.type == "cuda"
+        self.compiled = compile_cpu and device.type == "cpu"
+        self._step = torch.compile(self._step_fn, dynamic=False) if self.compiled else self._step_fn
         # The Triton paged-decode kernel, when it runs here and agrees with the reference.
         self.paged_kernel_error: str | None = "no CUDA/Triton"
         if paged_attention.available(device):
@@ -104,6 +110,15 @@ class DecodeGraphs:
         buf = self.inputs[:batch]
         ids, positions = buf[:, 0:1], buf[:, 1:2]
         tables = buf[:, 2 : 2 + kv_len // self.block_size]
+        if not self.compiled:
+            return self._step(ids, positions, tables)
+        # Fresh contiguous inputs whose table width (the KV bucket) is a dynamic dimension.
+        ids, positions, tables = ids.contiguous(), positions.contiguous(), tables.contiguous()
+        torch._dynamo.mark_dynamic(tables, 1)
+        return self._step(ids, positions, tables)
+
+    def _step_fn(self, ids: Tensor, positions: Tensor, tables: Tensor) -> tuple[Tensor, Tensor]:
+        batch, kv_len = ids.shape[0], tables.shape[1] * self.block_size
         bs = self.block_size
         slot_mapping = (tables.gather(1, positions // bs) * bs + positions % bs).view(-1)
         mask = (self.kv_positions[:kv_len].view(1, -1) <= positions).view(batch, 1, 1, kv_len)
@@ -127,7 +142,10 @@ class DecodeGraphs:
         self.graphs[key] = graph
 
     def capture_all(self) -> None:
-        """Captures every bucket, largest first, so later captures reuse the largest one's memory."""
+        """Captures every bucket, largest first, so later captures reuse the largest one's memory.
+        With ``compile_cpu``: compiles the step of every batch bucket (each serves every KV length)."""
+        if self.compiled:
+            self._compile_all()
         if not self.use_graphs:
             return
         self.inputs.zero_()  # all rows point at the scratch block while capturing
@@ -136,6 +154,15 @@ class DecodeGraphs:
                 if (batch, kv_len) not in self.graphs:
                     self._capture((batch, kv_len))
         torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def _compile_all(self) -> None:
+        # One graph per batch bucket: dynamo's per-function recompile limit must cover them all.
+        limit = len(self.batch_sizes) + 1
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        self.inputs.zero_()  # all rows point at the scratch block while compiling
+        for batch in self.batch_sizes:
+            self._forward(batch, self.kv_lens[0])
 
     def run(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor]:
         """Decode one token for each sequence (each has exactly one uncomputed token); rows follow ``seqs``."""

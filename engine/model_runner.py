@@ -14,7 +14,8 @@ from models.llama import AttentionMetadata, Llama
 
 class ModelRunner:
     """Prefill runs eagerly over padded tensors; decode steps go through :class:`DecodeGraphs`
-    (CUDA graphs on a GPU, the same code eagerly on CPU)."""
+    (CUDA graphs on a GPU; on CPU the same code eagerly, or compiled per batch bucket with
+    ``compile_cpu``, which costs a compile per bucket at startup; see models/cpu_policy.py)."""
 
     def __init__(
         self,
@@ -24,6 +25,7 @@ class ModelRunner:
         dtype: torch.dtype,
         max_num_seqs: int,
         max_model_len: int,
+        compile_cpu: bool = False,
     ) -> None:
         self.model = model
         self.blocks = blocks
@@ -35,7 +37,7 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.decode = DecodeGraphs(
-            model, (self.k_cache, self.v_cache), blocks.block_size, max_num_seqs, max_model_len, device
+            model, (self.k_cache, self.v_cache), blocks.block_size, max_num_seqs, max_model_len, device, compile_cpu
         )
         self.decode.capture_all()
 

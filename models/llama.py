@@ -96,6 +96,14 @@ def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos.unsqueeze(2), x.roll(x.shape[-1] // 2, dims=-1), signed_sin.unsqueeze(2))
 
 
+@torch.library.custom_op("lowlat::write_kv", mutates_args=("k_cache", "v_cache"))
+def write_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor) -> None:
+    """``index_copy_`` of new keys/values into the paged cache, as one opaque op for ``torch.compile``:
+    traced, the copy into a slice of the cache became a copy of the whole layer's cache every step."""
+    k_cache.index_copy_(0, slots, k)
+    v_cache.index_copy_(0, slots, v)
+
+
 def _concat_linear(parts: tuple[nn.Module, ...]) -> nn.Linear | None:
     """One Linear computing all ``parts`` side by side (one GEMM launch instead of several), or None
     when any part is not a plain nn.Linear (e.g. replaced by a compression pass)."""
@@ -149,8 +157,11 @@ class Attention(nn.Module):
         q, k = qk[:, :, :h], qk[:, :, h:]
         v = qkv[..., (h + kvh) * d :].view(b, t, kvh, d)
         k_cache, v_cache = kv
-        k_cache.index_copy_(0, meta.slot_mapping, k.reshape(-1, kvh, d))
-        v_cache.index_copy_(0, meta.slot_mapping, v.reshape(-1, kvh, d))
+        if torch.compiler.is_compiling():  # CPU decode steps compiled by engine/cuda_graphs.py
+            write_kv(k_cache, v_cache, meta.slot_mapping, k.reshape(-1, kvh, d), v.reshape(-1, kvh, d))
+        else:
+            k_cache.index_copy_(0, meta.slot_mapping, k.reshape(-1, kvh, d))
+            v_cache.index_copy_(0, meta.slot_mapping, v.reshape(-1, kvh, d))
         if meta.context_lens is not None:
             ctx = meta.context_lens
             out = paged_decode_attention(q.reshape(b, h, d), k_cache, v_cache, meta.block_tables, ctx, meta.block_size)

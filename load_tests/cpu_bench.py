@@ -1,0 +1,291 @@
+"""Our CPU generation path against llama.cpp on the same GGUF, same prompts, same process, interleaved.
+
+Each round runs every variant once, one after the other (ours eager, ours with compiled decode steps,
+llama.cpp), so a machine shared with other jobs slows all of them alike; the report takes medians over
+rounds. Ours runs through the engine's own parts (Scheduler, BlockManager, ModelRunner: the step loop of
+engine/llm_engine.py without its thread and HTTP), llama.cpp through llama-cpp-python's low-level eval
+loop. Both decode greedily and ignore end-of-sequence tokens, so every run makes the same number of tokens.
+
+Measured: batch-1 decode tokens/s, time of a 512-token prefill, aggregate tokens/s of 4 and 16
+concurrent streams (ours; llama-cpp-python decodes one sequence per context), and, once per variant of
+ours, teacher-forced fidelity of the decode step on the held-out text (perplexity and greedy agreement
+with the eager step), so a faster path carries its quality figure.
+
+llama-cpp-python is not a dependency of the server: install it first (a source build, ~10 minutes on 2
+cores; ``LLAMA_CPP_WHEEL_DIR`` points at a directory of already built wheels to reuse). A native
+build crashes on Intel AMX machines; these CMake flags build the AVX-512 path without AMX::
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \\
+      -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \\
+      pip wheel --no-deps -w "$LLAMA_CPP_WHEEL_DIR" llama-cpp-python==0.3.36
+    pip install --no-deps diskcache "$LLAMA_CPP_WHEEL_DIR"/llama_cpp_python-0.3.36-*.whl
+
+    HF_HUB_OFFLINE=1 python -m load_tests.cpu_bench --threads 1,2 --rounds 5 --out load_tests/results/cpu_vs_llamacpp
+
+Not a test: never collected by pytest, never run in CI (minutes of compiling and measuring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engine.kv_cache import BlockManager
+from engine.model_runner import ModelRunner
+from engine.scheduler import Scheduler
+from engine.sequence import SamplingParams, Sequence
+from models import calibration as calib
+from models.compress import compress_causal_lm, default_spec
+from models.cpu_policy import cpu_features
+from models.llama import Llama
+from models.loader import load_causal_lm
+from models.sources import resolve_spec
+
+log = logging.getLogger("cpu_bench")
+BLOCK = 16
+
+
+class Driver:
+    """The engine's step loop over its real scheduler, KV cache and model runner, synchronous."""
+
+    def __init__(self, model: Llama, compile_cpu: bool, max_num_seqs: int, kv_tokens: int, max_len: int) -> None:
+        self.blocks = BlockManager(kv_tokens // BLOCK + 1, BLOCK, enable_prefix_caching=False)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens=512)
+        start = time.perf_counter()
+        self.runner = ModelRunner(
+            model, self.blocks, torch.device("cpu"), torch.float32, max_num_seqs, max_len, compile_cpu=compile_cpu
+        )
+        self.setup_seconds = time.perf_counter() - start
+
+    def generate(self, prompts: list[list[int]], max_tokens: int) -> tuple[list[float], float, int]:
+        """(time to first token of each prompt, total seconds, generated tokens)."""
+        seqs = [Sequence(prompt_ids=list(p), params=SamplingParams(max_tokens=max_tokens)) for p in prompts]
+        start = time.perf_counter()
+        first: dict[int, float] = {}
+        for s in seqs:
+            self.scheduler.add(s)
+        while self.scheduler.has_work():
+            batch, _ = self.scheduler.schedule()
+            tokens = self.runner.run(batch)
+            now = time.perf_counter()
+            for seq, token in zip(batch, tokens, strict=True):
+                seq.num_computed += seq.num_step_tokens
+                seq.num_scheduled = 0
+                self.blocks.commit(seq)
+                if token is None:
+                    continue
+                seq.output_ids.append(token)
+                first.setdefault(id(seq), now - start)
+                if len(seq.output_ids) >= max_tokens:
+                    self.scheduler.finish(seq, "length")
+        total = time.perf_counter() - start
+        return [first[id(s)] for s in seqs], total, sum(len(s.output_ids) for s in seqs)
+
+    @torch.inference_mode()
+    def teacher_forced(self, ids: list[int]) -> tuple[float, list[int]]:
+        """Perplexity of ``ids[1:]`` and the greedy token at each position, one decode step per token
+        (the served decode path, compiled or not) after a one-token prefill."""
+        seq = Sequence(prompt_ids=ids[:1], params=SamplingParams(max_tokens=len(ids)))
+        self.scheduler.add(seq)
+        nll, greedy = 0.0, []
+        for i in range(1, len(ids)):
+            batch, is_prefill = self.scheduler.schedule()
+            if is_prefill:
+                input_ids, positions, meta, last = self.runner._prepare(batch)
+                hidden = self.runner.model(input_ids, positions, meta, (self.runner.k_cache, self.runner.v_cache))
+                logits = self.runner.model.logits(hidden[0, last[0]].unsqueeze(0))
+            else:
+                _, logits = self.runner.decode.run(batch)
+            nll += float(F.cross_entropy(logits[:1].float(), torch.tensor([ids[i]])))
+            greedy.append(int(logits[0].argmax()))
+            seq.num_computed += seq.num_step_tokens
+            seq.num_scheduled = 0
+            self.blocks.commit(seq)
+            seq.output_ids.append(ids[i])
+        self.scheduler.finish(seq, "length")
+        return math.exp(nll / (len(ids) - 1)), greedy
+
+
+class LlamaCpp:
+    """llama-cpp-python on the GGUF file: one sequence, greedy, ``n_threads`` for decode and prefill."""
+
+    def __init__(self, gguf: Path, threads: int) -> None:
+        from llama_cpp import Llama as LlamaCppModel
+
+        self.model = LlamaCppModel(
+            str(gguf), n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
+
+    def generate(self, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
+        """(time to first token, total seconds, generated tokens)."""
+        m = self.model
+        m.reset()
+        start = time.perf_counter()
+        m.eval(prompt)
+        ttft = 0.0
+        for i in range(max_tokens):
+            token = m.sample(temp=0.0)
+            if i == 0:
+                ttft = time.perf_counter() - start
+            if i + 1 < max_tokens:
+                m.eval([token])
+        return ttft, time.perf_counter() - start, max_tokens
+
+
+def decode_rate(ttft: float, total: float, tokens: int) -> float:
+    """Tokens after the first per second of the time after the first (prefill excluded)."""
+    return (tokens - 1) / (total - ttft)
+
+
+def machine() -> dict[str, object]:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "")
+    return {
+        "cpu_model": model or platform.processor(),
+        "cpu_features": sorted(cpu_features() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile"}),
+        "logical_cpus": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "llama_cpp_python": _version("llama-cpp-python"),
+        "python": platform.python_version(),
+        "lscpu": lscpu,
+    }
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def load_ours(method: str, prune: float, cache_dir: Path) -> tuple[Llama, object, str, dict]:
+    loaded = load_causal_lm("default", cache_dir, torch.float32)
+    model = Llama.from_hf(loaded.config, loaded.state_dict)
+    spec = default_spec(method, prune)
+    model, report = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache_dir)
+    gguf = resolve_spec("default", "generate").path
+    return model, loaded.tokenizer, str(gguf), report.model_dump(mode="json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", default="1,2", help="torch and llama.cpp thread counts to measure")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--streams", default="4,16")
+    ap.add_argument("--quantize", default="int8", help="our method (the CPU default: int8)")
+    ap.add_argument("--prune", type=float, default=0.01)
+    ap.add_argument("--fidelity-tokens", type=int, default=512, help="teacher-forced decode steps; 0 skips")
+    ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lowlat-server")
+    ap.add_argument("--out", type=Path, required=True, help="directory for results.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    threads = [int(t) for t in args.threads.split(",")]
+    streams = [int(s) for s in args.streams.split(",")]
+    started = datetime.now(timezone.utc)
+
+    model, tokenizer, gguf, report = load_ours(args.quantize, args.prune, args.cache_dir)
+    ids = tokenizer(calib.read_text(calib.EVAL_TEXT), add_special_tokens=False)["input_ids"]
+    short = ids[:16]
+    long = ids[:512]
+    max_seqs = max(streams)
+    kv = 512 + max_seqs * (16 + args.decode_tokens) + 2 * BLOCK * max_seqs
+    torch.set_num_threads(threads[0])
+    variants: dict[str, Callable] = {}
+    drivers = {"ours_eager": Driver(model, False, max_seqs, kv, 2048)}
+    log.info("compiling decode steps")
+    drivers["ours_compiled"] = Driver(model, True, max_seqs, kv, 2048)
+    setup = {name: round(d.setup_seconds, 2) for name, d in drivers.items()}
+    log.info("setup seconds %s", setup)
+
+    fidelity = {}
+    if args.fidelity_tokens:
+        fid_ids = ids[: args.fidelity_tokens + 1]
+        ref_ppl, ref_greedy = drivers["ours_eager"].teacher_forced(fid_ids)
+        for name, d in drivers.items():
+            ppl, greedy = d.teacher_forced(fid_ids) if name != "ours_eager" else (ref_ppl, ref_greedy)
+            agree = sum(a == b for a, b in zip(greedy, ref_greedy, strict=True)) / len(greedy)
+            fidelity[name] = {"perplexity": round(ppl, 4), "greedy_agreement_with_eager": round(agree, 4)}
+        log.info("fidelity %s", fidelity)
+
+    rows: list[dict] = []
+    for r in range(args.rounds):
+        for t in threads:
+            torch.set_num_threads(t)
+            for name, d in drivers.items():
+                ttft, total, n = d.generate([short], args.decode_tokens)
+                p_ttft, _, _ = d.generate([long], 1)
+                row = {"round": r, "threads": t, "variant": name, "decode_tok_s": decode_rate(ttft[0], total, n),
+                       "prefill_512_ms": 1000 * p_ttft[0]}  # fmt: skip
+                for s in streams:
+                    prompts = [ids[i * 8 : i * 8 + 16] for i in range(s)]
+                    _, total, n = d.generate(prompts, args.decode_tokens)
+                    row[f"streams_{s}_tok_s"] = n / total
+                rows.append(row)
+                log.info("%s", row)
+            if not args.no_llama_cpp:
+                cpp = variants.get(f"cpp{t}") or LlamaCpp(Path(gguf), t)
+                variants[f"cpp{t}"] = cpp
+                ttft, total, n = cpp.generate(short, args.decode_tokens)
+                p_ttft, _, _ = cpp.generate(long, 1)
+                row = {"round": r, "threads": t, "variant": "llama_cpp", "decode_tok_s": decode_rate(ttft, total, n),
+                       "prefill_512_ms": 1000 * p_ttft}  # fmt: skip
+                rows.append(row)
+                log.info("%s", row)
+
+    summary = summarize(rows, streams)
+    out = {
+        "command": "python -m load_tests.cpu_bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "gguf": gguf,
+        "ours": {"compression": report, "setup_seconds": setup},
+        "fidelity_teacher_forced": fidelity,
+        "summary_medians": summary,
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+def summarize(rows: list[dict], streams: list[int]) -> dict[str, dict]:
+    """Median of each measure per (threads, variant), and each of ours as a ratio to llama.cpp's."""
+    keys = ["decode_tok_s", "prefill_512_ms", *(f"streams_{s}_tok_s" for s in streams)]
+    groups: dict[str, dict[str, float]] = {}
+    for t in sorted({r["threads"] for r in rows}):
+        for v in dict.fromkeys(r["variant"] for r in rows):
+            sel = [r for r in rows if r["threads"] == t and r["variant"] == v]
+            if sel:
+                groups[f"{v}@{t}t"] = {k: round(statistics.median(r[k] for r in sel), 2) for k in keys if k in sel[0]}
+    for name, g in groups.items():
+        cpp = groups.get("llama_cpp@" + name.split("@")[1])
+        if cpp is None or name.startswith("llama_cpp"):
+            continue
+        g["decode_vs_llama_cpp"] = round(g["decode_tok_s"] / cpp["decode_tok_s"], 3)
+        g["prefill_time_vs_llama_cpp"] = round(g["prefill_512_ms"] / cpp["prefill_512_ms"], 3)
+        for s in streams:
+            g[f"streams_{s}_vs_llama_cpp_batch1"] = round(g[f"streams_{s}_tok_s"] / cpp["decode_tok_s"], 3)
+    return groups
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""CPU decode policy and the compiled CPU decode step (engine/cuda_graphs.py with ``compile_cpu``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from engine.kv_cache import BlockManager
+from engine.model_runner import ModelRunner
+from engine.sequence import SamplingParams, Sequence
+from models.cpu_policy import cpu_features, cpu_policy
+from models.llama import Llama
+from tests.test_model_runner import CPU, greedy_run, make_runner
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return config, {k: v.detach().clone() for k, v in LlamaForCausalLM(config).eval().state_dict().items()}
+
+
+@pytest.mark.unit
+def test_cpu_features_read_the_flags_line(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert cpu_features(info) == {"fpu", "avx2", "avx512f", "avx512_vnni"}
+    assert cpu_features(tmp_path / "absent") == frozenset()
+
+
+@pytest.mark.unit
+def test_cpu_policy_compiles_only_with_a_compiler() -> None:
+    vnni = frozenset({"avx2", "avx512_vnni"})
+    assert cpu_policy(vnni, "/usr/bin/g++").compile_decode
+    assert not cpu_policy(vnni, "").compile_decode
+    assert cpu_policy(frozenset({"avx2"}), "/usr/bin/g++").quantize == "int8"
+
+
+@pytest.mark.integration  # compiles C++ (inductor) for the tiny model: tens of seconds
+def test_compiled_cpu_decode_matches_eager(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]]) -> None:
+    """Decode steps compiled per batch bucket (KV length a dynamic dimension) give the eager step's
+    logits and tokens, across KV buckets, and write the same KV cache."""
+    config, state = tiny
+    eager = make_runner(config, state, max_num_seqs=1)
+    compiled = ModelRunner(Llama.from_hf(config, state), BlockManager(64, 16), CPU, torch.float32, 1, 200, True)
+    assert compiled.decode.compiled and not eager.decode.compiled
+    prompt = list(range(1, 41))  # 40 + 40 steps: crosses the 64-token KV bucket
+    assert greedy_run(compiled, [prompt], steps=40) == greedy_run(eager, [prompt], steps=40)
+    scratch = compiled.blocks.block_size  # block 0, written by the compile's warm-up steps
+    torch.testing.assert_close(compiled.k_cache[:, scratch:], eager.k_cache[:, scratch:], rtol=1e-4, atol=1e-5)
+    seqs = []
+    for runner in (eager, compiled):
+        s = Sequence(prompt_ids=list(range(3, 73)), params=SamplingParams())
+        runner.blocks.allocate(s)
+        runner.run([s])
+        s.output_ids.append(9)
+        s.num_computed = s.num_tokens - 1
+        runner.blocks.allocate(s)
+        seqs.append(runner.decode.run([s])[1])
+    torch.testing.assert_close(seqs[1], seqs[0], rtol=1e-4, atol=1e-4)
