@@ -10,6 +10,7 @@ flight with a clear error), so that the orchestrator restarts it rather than it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -47,9 +48,16 @@ CORE_STOP_TIMEOUT_S = 10.0
 FAILURE_FLUSH_S = 1.0  # after a core died: time for the API servers to answer what was in flight
 
 
+def _name_process(name: str) -> None:
+    """The name ``ps`` and ``top`` show (Linux; elsewhere the name stays Python's)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/comm").write_text(name[:15])
+
+
 def run_core(settings: Settings, index: int, address: str) -> None:
     """An engine-core process: builds and warms up the engines of one device, then serves them."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which stops processes in order
+    _name_process(f"engine-core-{index}")
     configure_logging(settings.log_level)
     if settings.torch_device().type == "cuda":
         torch.cuda.set_device(index)
@@ -76,6 +84,7 @@ def run_core(settings: Settings, index: int, address: str) -> None:
 def run_api_server(settings: Settings, link: CoreLink, sock: socket.socket, counts: SharedCounts) -> None:
     """An API-server process: HTTP on the shared socket, the engines through the cores."""
     os.setpgrp()
+    _name_process(f"api-server-{link.api_index}")
     configure_logging(settings.log_level)
     app = create_app(settings, cores=link, shared_counts=counts)
     config = uvicorn.Config(

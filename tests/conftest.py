@@ -160,8 +160,13 @@ def server_process(cache_dir: Path, *args: str, **settings: object) -> Iterator[
                 proc.kill()
 
 
-@pytest.fixture(scope="session")
-def live_server(cache_dir: Path) -> Iterator[str]:
-    """A real ``python -m server`` process on loopback, for tests that need real sockets."""
-    with server_process(cache_dir) as (_, url):
+# The two process layouts every live test runs against: the engines on a thread of the one server process
+# (the default on a small CPU machine), and engine core + API servers (the default on a GPU host).
+LAYOUTS = {"one-process": ("--engine-core", "thread"), "core+2api": ("--engine-core", "process", "--api-servers", "2")}
+
+
+@pytest.fixture(scope="session", params=list(LAYOUTS))
+def live_server(request: pytest.FixtureRequest, cache_dir: Path) -> Iterator[str]:
+    """A real ``python -m server`` on loopback, for tests that need real sockets, in each process layout."""
+    with server_process(cache_dir, *LAYOUTS[request.param]) as (_, url):
         yield url

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from load_tests.fuzz import fuzz
-from tests.conftest import server_process
+from tests.conftest import LAYOUTS, server_process
 
 pytestmark = pytest.mark.live
 
@@ -62,8 +62,10 @@ def stream_in_thread(url: str, body: dict, events: list[dict], first: threading.
 LONG_STREAM = {"prompt": "Once upon a time", "max_tokens": 96, "stream": True}  # greedy: runs to max_tokens
 
 
-def test_sigterm_drains_in_flight_stream_then_exits(cache_dir: Path) -> None:
-    with server_process(cache_dir, "--no-enable-classify", max_new_tokens=128, shutdown_grace_s=120) as (proc, url):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sigterm_drains_in_flight_stream_then_exits(cache_dir: Path, layout: str) -> None:
+    args = (*LAYOUTS[layout], "--no-enable-classify")
+    with server_process(cache_dir, *args, max_new_tokens=128, shutdown_grace_s=120) as (proc, url):
         events: list[dict] = []
         first = threading.Event()
         thread = stream_in_thread(url, LONG_STREAM, events, first)
@@ -87,8 +89,10 @@ def test_sigterm_drains_in_flight_stream_then_exits(cache_dir: Path) -> None:
         assert proc.wait(30) in (0, -signal.SIGTERM)  # then the process exited by itself
 
 
-def test_sigterm_grace_period_bounds_the_wait(cache_dir: Path) -> None:
-    with server_process(cache_dir, "--no-enable-classify", max_new_tokens=128, shutdown_grace_s=1) as (proc, url):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sigterm_grace_period_bounds_the_wait(cache_dir: Path, layout: str) -> None:
+    args = (*LAYOUTS[layout], "--no-enable-classify")
+    with server_process(cache_dir, *args, max_new_tokens=128, shutdown_grace_s=1) as (proc, url):
         events: list[dict] = []
         first = threading.Event()
         thread = stream_in_thread(url, LONG_STREAM, events, first)
