@@ -260,6 +260,7 @@ class LLMClient:
         self.send = send
         self._keys = itertools.count(key_offset, API_STRIDE)
         self.requests: dict[int, _Request] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.error: str | None = None  # set when the engine is gone for good
 
     @property
@@ -275,6 +276,7 @@ class LLMClient:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's limit is {self.max_model_len}")
         if self.error is not None:
             raise EngineError(self.error)
+        self.loop = asyncio.get_running_loop()  # where on_step must run
         key = next(self._keys)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         request = _Request(detok, asyncio.Queue(), request_id, None if stream else [])
@@ -349,11 +351,8 @@ class AsyncLLM(LLMClient):
         self.engine = engine
         self._on_error = on_error
         self._thread = EngineLoop(engine, self._publish, self._failed)
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        """Call on the event loop that will consume the streams."""
-        self._loop = asyncio.get_running_loop()
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -363,8 +362,8 @@ class AsyncLLM(LLMClient):
         self._thread.submit(command)
 
     def _publish(self, step: StepOutputs) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self.on_step, step)
+        assert self.loop is not None  # a step has outputs only after a generate() call
+        self.loop.call_soon_threadsafe(self.on_step, step)
 
     def _failed(self, exc: BaseException) -> None:
         self.error = f"generation engine failed ({type(exc).__name__})"

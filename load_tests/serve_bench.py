@@ -182,19 +182,89 @@ def streamed(port: int, concurrency: int, seconds: float, processes: int, new_to
     }
 
 
+def _server_pids(root: int) -> list[int]:
+    """The server's process and its children (engine cores, API servers)."""
+    pids = [root]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == root:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _summarize(raw: str, top: int = 12) -> dict[str, Any]:
+    """py-spy's collapsed stacks as the frames holding the most samples, by self and by inclusive time."""
+    leaf: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        leaf[frames[-1]] = leaf.get(frames[-1], 0) + n
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+    share = lambda d: {k[:140]: round(v / total, 3) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]}  # noqa: E731
+    return {"samples": total, "self": share(leaf), "inclusive": share(inclusive)}
+
+
+def profile_during(pyspy: str | None, root: int, seconds: int) -> Any:
+    """Starts py-spy on every server process after a short delay; call the result to collect summaries."""
+    if pyspy is None:
+        return lambda: None
+    time.sleep(1.0)
+    runs = []
+    for pid in _server_pids(root):
+        out = Path(tempfile.mkstemp(suffix=".txt")[1])
+        cmd = [pyspy, "record", "-p", str(pid), "-d", str(seconds), "-r", "250", "--format", "raw", "-o", str(out)]
+        runs.append((pid, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+
+    def collect() -> dict[str, Any]:
+        result = {}
+        for pid, out, proc in runs:
+            proc.wait()
+            result[str(pid)] = _summarize(out.read_text()) if out.exists() else {}
+        return result
+
+    return collect
+
+
+def loaded(run: Any, args: argparse.Namespace, root: int) -> tuple[Any, Any]:
+    """``run()`` under load, with py-spy over the server's processes meanwhile when asked for."""
+    import threading
+
+    box: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: box.update(result=run()))
+    worker.start()
+    collect = profile_during(args.py_spy, root, max(args.seconds - 3, 2))
+    worker.join()
+    return box["result"], collect()
+
+
 def serve(name: str, env: dict[str, str], args: argparse.Namespace, port: int) -> dict[str, Any]:
     log(f"{name}: starting ({env})")
-    proc = start_server(env, port, args.out / f"server-{name}.log")
-    out: dict[str, Any] = {"env": env}
+    log_path = Path(tempfile.mkstemp(suffix=".log")[1])
+    proc = start_server(env, port, log_path)
+    out: dict[str, Any] = {"env": env, "profiles": {}}
     try:
         d = args.seconds
         out["classify_c1"] = wrk(args.wrk, port, "/classify", CLASSIFY_LUA, 1, d, 1)
-        out["classify_c256"] = wrk(args.wrk, port, "/classify", CLASSIFY_LUA, 256, d, args.wrk_threads)
+        out["classify_c256"], out["profiles"]["classify_c256"] = loaded(
+            lambda: wrk(args.wrk, port, "/classify", CLASSIFY_LUA, 256, d, args.wrk_threads), args, proc.pid
+        )
         log(f"  classify: c1 {out['classify_c1']}, c256 {out['classify_c256']}")
         before = counter(port, "llm_generated_tokens_total")
         t0 = time.perf_counter()
         lua = GENERATE_LUA % (PROMPT, args.new_tokens)
-        gen = wrk(args.wrk, port, "/generate", lua, 256, d, args.wrk_threads)
+        gen, out["profiles"]["generate_c256"] = loaded(
+            lambda: wrk(args.wrk, port, "/generate", lua, 256, d, args.wrk_threads), args, proc.pid
+        )
         gen["tokens_per_s"] = (counter(port, "llm_generated_tokens_total") - before) / (time.perf_counter() - t0)
         out["generate_c256"] = gen
         log(f"  generate c256: {gen}")
@@ -202,13 +272,16 @@ def serve(name: str, env: dict[str, str], args: argparse.Namespace, port: int) -
         log(f"  streamed c256: {out['stream_c256']}")
     finally:
         stop_server(proc)
+        text = log_path.read_text(errors="replace")
+        out["server_log_head"], out["server_log_tail"] = text[:300], text[-2000:]
     return out
 
 
 def engine_level(tokenizer: Path) -> dict[str, Any]:
+    """The same requests as the HTTP runs (prompt, 128 new tokens, 256 at a time) through AsyncLLM in process."""
     import torch
 
-    from engine.llm_engine import LLMEngine
+    from engine.llm_engine import AsyncLLM, LLMEngine
     from load_tests import gpu_bench
     from models.llama import Llama
     from models.loader import load_causal_lm
@@ -216,11 +289,19 @@ def engine_level(tokenizer: Path) -> dict[str, Any]:
     loaded = load_causal_lm("dummy:smollm2-135m", Path(tempfile.mkdtemp()), torch.bfloat16, str(tokenizer))
     model = Llama.from_hf(loaded.config, loaded.state_dict).to("cuda")
     engine = LLMEngine(model, loaded.tokenizer, torch.device("cuda"), torch.bfloat16, gpu_bench.engine_config())
-    return gpu_bench.engine_level(engine, loaded.config.vocab_size, (256,), gil_ab=False)[0]
+    prompt = loaded.tokenizer(PROMPT).input_ids
+    llm = AsyncLLM(engine)
+    llm.start()
+    try:
+        asyncio.run(gpu_bench._engine_level(llm, [prompt] * 32, 32))  # warm-up
+        return asyncio.run(gpu_bench._engine_level(llm, [prompt] * 1024, 256))
+    finally:
+        llm.stop()
 
 
 CONFIGS = {
     # Main before issue 11 (79dbe9d), unpacked by the caller: ``git archive 79dbe9d server engine models data``.
+    "before-h11": {"CODE_DIR": ".bench/before", "SLOW_HTTP": "1"},
     "before": {"CODE_DIR": ".bench/before"},
     "one-process": {"LLM_ENGINE_CORE": "thread", "LLM_CLS_MAX_WAIT_MS": "5"},
     "one-process-nowait": {"LLM_ENGINE_CORE": "thread", "LLM_CLS_MAX_WAIT_MS": "0"},
@@ -243,6 +324,8 @@ def main() -> None:
     p.add_argument("--stream-processes", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     p.add_argument("--skip-engine", action="store_true")
+    p.add_argument("--fast-site", help="site dir holding httptools and uvloop (configs marked so run without it)")
+    p.add_argument("--py-spy", help="py-spy binary: profile the server's processes under load")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from load_tests.gpu_bench import dummy_encoder_dir
@@ -266,6 +349,8 @@ def main() -> None:
             env = {**base, **CONFIGS[name]}
             if "CODE_DIR" in env and args.before_dir is not None:
                 env["CODE_DIR"] = str(args.before_dir)
+            if args.fast_site and env.pop("SLOW_HTTP", None) is None:
+                env["FAST_SITE"] = args.fast_site
             results["servers"][name] = serve(name, env, args, 8900 + i)
         except Exception as exc:
             log(f"{name} failed: {type(exc).__name__}: {exc}")

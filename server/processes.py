@@ -85,6 +85,10 @@ def run_api_server(settings: Settings, link: CoreLink, sock: socket.socket, coun
     """An API-server process: HTTP on the shared socket, the engines through the cores."""
     os.setpgrp()
     _name_process(f"api-server-{link.api_index}")
+    # One request's few strings at a time: a thread pool per tokenizer call costs more than it saves, and
+    # many API servers' pools spinning at once would take the host's cores. No tensor work runs here.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    torch.set_num_threads(1)
     configure_logging(settings.log_level)
     app = create_app(settings, cores=link, shared_counts=counts)
     config = uvicorn.Config(
