@@ -15,6 +15,7 @@ The KV length is a dynamic dimension of that graph, so one compile per batch buc
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 from torch import Tensor
@@ -79,7 +80,15 @@ class DecodeGraphs:
         self.kv_lens = kv_buckets(max_model_len, block_size)
         self.use_graphs = device.type == "cuda"
         self.compiled = compile_cpu and device.type == "cpu"
-        self._step = torch.compile(self._step_fn, dynamic=False) if self.compiled else self._step_fn
+        self._step = self._step_fn
+        if self.compiled:
+            # Guards on every module and parameter cost about a tenth of a step, and this instance's model
+            # does not change. Dynamo keeps graphs per code object: a private copy of the step's code
+            # keeps another DecodeGraphs, whose model may differ, from reusing this one's graphs.
+            code = DecodeGraphs._step_fn.__code__.replace()
+            step = types.FunctionType(code, globals(), "_step_fn", DecodeGraphs._step_fn.__defaults__)
+            unguarded = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            self._step = torch.compile(types.MethodType(step, self), dynamic=False, options=unguarded)
         # The Triton paged-decode kernel, when it runs here and agrees with the reference.
         self.paged_kernel_error: str | None = "no CUDA/Triton"
         if paged_attention.available(device):
@@ -157,7 +166,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def _compile_all(self) -> None:
-        # One graph per batch bucket: dynamo's per-function recompile limit must cover them all.
+        # One graph per batch bucket: dynamo's per-code-object recompile limit must cover them.
         limit = len(self.batch_sizes) + 1
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
         self.inputs.zero_()  # all rows point at the scratch block while compiling

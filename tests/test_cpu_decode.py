@@ -70,3 +70,17 @@ def test_compiled_cpu_decode_matches_eager(tiny: tuple[LlamaConfig, dict[str, to
         runner.blocks.allocate(s)
         seqs.append(runner.decode.run([s])[1])
     torch.testing.assert_close(seqs[1], seqs[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.integration
+def test_a_second_compiled_runner_uses_its_own_model(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]]) -> None:
+    """Graphs compiled for one runner are not reused by another whose model differs (fewer guards)."""
+    config, state = tiny
+    other = dict(state)  # layer 0's MLP pruned to 96 channels: other shapes, same code path
+    for name in ("gate_proj", "up_proj"):
+        other[f"model.layers.0.mlp.{name}.weight"] = state[f"model.layers.0.mlp.{name}.weight"][:96].flip(1)
+    other["model.layers.0.mlp.down_proj.weight"] = state["model.layers.0.mlp.down_proj.weight"][:, :96]
+    prompt = list(range(5, 25))
+    for weights in (state, other):
+        runner = ModelRunner(Llama.from_hf(config, weights), BlockManager(64, 16), CPU, torch.float32, 1, 200, True)
+        assert greedy_run(runner, [prompt], steps=8) == greedy_run(make_runner(config, weights, 1), [prompt], steps=8)
