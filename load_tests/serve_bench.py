@@ -67,10 +67,22 @@ def log(msg: str) -> None:
 
 
 def start_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    """``env["CODE_DIR"]``: run the server from another checkout (the code before a change);
+    ``env["FAST_SITE"]``: a site dir with httptools and uvloop (absent: uvicorn uses h11 and asyncio)."""
+    env = dict(env)
+    code = str(Path(env.pop("CODE_DIR", ".")).resolve())
+    fast = env.pop("FAST_SITE", None)
     full = {**SERVER_ENV, **os.environ, **env, "LLM_PORT": str(port), "LLM_CACHE_DIR": tempfile.mkdtemp()}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server"], env=full, stdout=log_path.open("wb"), stderr=subprocess.STDOUT
+    full["PYTHONPATH"] = os.pathsep.join(p for p in (code, fast, full.get("PYTHONPATH", "")) if p)
+    # The checkout goes first on sys.path whatever the interpreter puts there; the log's first line
+    # says which code answered.
+    boot = (
+        "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); import server; "
+        "print('server code:', server.__file__, file=sys.stderr, flush=True); "
+        "runpy.run_module('server', run_name='__main__', alter_sys=True)"
     )
+    stdout = log_path.open("wb")
+    proc = subprocess.Popen([sys.executable, "-c", boot, code], env=full, stdout=stdout, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:

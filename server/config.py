@@ -155,6 +155,8 @@ class Settings(BaseSettings):
     def num_api_servers(self) -> int:
         if self.api_servers is not None:
             return self.api_servers
+        if self.engine_core == "thread":
+            return 1
         cores = os.cpu_count() or 1
         return 1 if cores <= 4 else min(8, cores // 4)
 
