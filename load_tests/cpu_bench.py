@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -174,13 +173,15 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def load_ours(method: str, prune: float, cache_dir: Path) -> tuple[Llama, object, str, dict]:
+def load_ours(method: str, prune: float, cache_dir: Path) -> tuple[Llama, Llama, object, str, dict]:
+    """(served model, float model, tokenizer, GGUF path, compression report) as the server loads them."""
     loaded = load_causal_lm("default", cache_dir, torch.float32)
-    model = Llama.from_hf(loaded.config, loaded.state_dict)
+    float_model = Llama.from_hf(loaded.config, {k: v.clone() for k, v in loaded.state_dict.items()})
+    model = Llama.from_hf(loaded.config, dict(loaded.state_dict))
     spec = default_spec(method, prune)
     model, report = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache_dir)
     gguf = resolve_spec("default", "generate").path
-    return model, loaded.tokenizer, str(gguf), report.model_dump(mode="json")
+    return model, float_model, loaded.tokenizer, str(gguf), report.model_dump(mode="json")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,35 +202,49 @@ def main(argv: list[str] | None = None) -> None:
     streams = [int(s) for s in args.streams.split(",")]
     started = datetime.now(timezone.utc)
 
-    model, tokenizer, gguf, report = load_ours(args.quantize, args.prune, args.cache_dir)
+    model, float_model, tokenizer, gguf, report = load_ours(args.quantize, args.prune, args.cache_dir)
     ids = tokenizer(calib.read_text(calib.EVAL_TEXT), add_special_tokens=False)["input_ids"]
     short = ids[:16]
     long = ids[:512]
     max_seqs = max(streams)
     kv = 512 + max_seqs * (16 + args.decode_tokens) + 2 * BLOCK * max_seqs
-    torch.set_num_threads(threads[0])
-    variants: dict[str, Callable] = {}
-    drivers = {"ours_eager": Driver(model, False, max_seqs, kv, 2048)}
-    log.info("compiling decode steps")
-    drivers["ours_compiled"] = Driver(model, True, max_seqs, kv, 2048)
-    setup = {name: round(d.setup_seconds, 2) for name, d in drivers.items()}
-    log.info("setup seconds %s", setup)
+    llama_cpp: dict[int, LlamaCpp] = {}
+    drivers: dict[tuple[str, int], Driver] = {}
+    setup: dict[str, float] = {}
+    eager = Driver(model, False, max_seqs, kv, 2048)
+    for t in threads:
+        # Inductor builds its kernels for the thread count set at compile time (a change recompiles):
+        # one compiled runner per thread count, as a server sets its threads once before compiling.
+        torch.set_num_threads(t)
+        log.info("compiling decode steps for %d thread(s)", t)
+        drivers["ours_eager", t] = eager
+        drivers["ours_compiled", t] = Driver(model, True, max_seqs, kv, 2048)
+        setup[f"compile_seconds@{t}t"] = round(drivers["ours_compiled", t].setup_seconds, 2)
+    log.info("setup %s", setup)
 
-    fidelity = {}
+    fidelity: dict[str, dict[str, float]] = {}
     if args.fidelity_tokens:
+        torch.set_num_threads(threads[0])
         fid_ids = ids[: args.fidelity_tokens + 1]
-        ref_ppl, ref_greedy = drivers["ours_eager"].teacher_forced(fid_ids)
-        for name, d in drivers.items():
-            ppl, greedy = d.teacher_forced(fid_ids) if name != "ours_eager" else (ref_ppl, ref_greedy)
-            agree = sum(a == b for a, b in zip(greedy, ref_greedy, strict=True)) / len(greedy)
-            fidelity[name] = {"perplexity": round(ppl, 4), "greedy_agreement_with_eager": round(agree, 4)}
-        log.info("fidelity %s", fidelity)
+        float_ppl, float_greedy = Driver(float_model, False, 1, 2 * len(fid_ids), 2048).teacher_forced(fid_ids)
+        fidelity["float"] = {"perplexity": round(float_ppl, 4)}
+        for name, d in (("ours_eager", eager), ("ours_compiled", drivers["ours_compiled", threads[0]])):
+            ppl, greedy = d.teacher_forced(fid_ids)
+            agree = sum(a == b for a, b in zip(greedy, float_greedy, strict=True)) / len(greedy)
+            fidelity[name] = {
+                "perplexity": round(ppl, 4),
+                "perplexity_change": round(ppl / float_ppl - 1, 4),
+                "top1_agreement_with_float": round(agree, 4),
+            }
+        log.info("fidelity (teacher-forced decode steps, %d tokens) %s", len(fid_ids) - 1, fidelity)
+    del float_model
 
     rows: list[dict] = []
     for r in range(args.rounds):
         for t in threads:
             torch.set_num_threads(t)
-            for name, d in drivers.items():
+            for name in ("ours_eager", "ours_compiled"):
+                d = drivers[name, t]
                 ttft, total, n = d.generate([short], args.decode_tokens)
                 p_ttft, _, _ = d.generate([long], 1)
                 row = {"round": r, "threads": t, "variant": name, "decode_tok_s": decode_rate(ttft[0], total, n),
@@ -241,8 +256,9 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 log.info("%s", row)
             if not args.no_llama_cpp:
-                cpp = variants.get(f"cpp{t}") or LlamaCpp(Path(gguf), t)
-                variants[f"cpp{t}"] = cpp
+                if t not in llama_cpp:
+                    llama_cpp[t] = LlamaCpp(Path(gguf), t)
+                cpp = llama_cpp[t]
                 ttft, total, n = cpp.generate(short, args.decode_tokens)
                 p_ttft, _, _ = cpp.generate(long, 1)
                 row = {"round": r, "threads": t, "variant": "llama_cpp", "decode_tok_s": decode_rate(ttft, total, n),

@@ -104,6 +104,22 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tens
     v_cache.index_copy_(0, slots, v)
 
 
+def compiled_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata) -> Tensor:
+    """Decode attention (one query per row) as plain tensor math for ``torch.compile``: inductor fuses the
+    reads of the cache by slot into the score and output reductions, where gather + SDPA first copied
+    every row's whole context. q: [b, 1, h, d] → [b, h, d]; query head = kv_head * g + j, as in HF."""
+    b, _, h, d = q.shape
+    kvh = k_cache.shape[1]
+    g, bs = h // kvh, meta.block_size
+    kv_len = meta.block_tables.shape[1] * bs
+    pos = torch.arange(kv_len, device=q.device)
+    slots = meta.block_tables[:, pos // bs] * bs + pos % bs  # [b, kv_len]
+    keys, values = k_cache[slots].transpose(1, 2), v_cache[slots].transpose(1, 2)  # [b, kvh, kv_len, d]
+    scores = (q.view(b, kvh, 1, g, d) * keys.unsqueeze(3)).sum(-1) * d**-0.5  # [b, kvh, kv_len, g]
+    scores = scores.masked_fill(~meta.mask.view(b, 1, kv_len, 1), float("-inf"))
+    return (scores.softmax(dim=2).unsqueeze(-1) * values.unsqueeze(3)).sum(2).reshape(b, h, d)
+
+
 def _concat_linear(parts: tuple[nn.Module, ...]) -> nn.Linear | None:
     """One Linear computing all ``parts`` side by side (one GEMM launch instead of several), or None
     when any part is not a plain nn.Linear (e.g. replaced by a compression pass)."""
@@ -159,6 +175,8 @@ class Attention(nn.Module):
         k_cache, v_cache = kv
         if torch.compiler.is_compiling():  # CPU decode steps compiled by engine/cuda_graphs.py
             write_kv(k_cache, v_cache, meta.slot_mapping, k.reshape(-1, kvh, d), v.reshape(-1, kvh, d))
+            if t == 1:
+                return self.o_proj(compiled_decode_attention(q, k_cache, v_cache, meta).view(b, 1, h * d))
         else:
             k_cache.index_copy_(0, meta.slot_mapping, k.reshape(-1, kvh, d))
             v_cache.index_copy_(0, meta.slot_mapping, v.reshape(-1, kvh, d))
