@@ -320,6 +320,8 @@ CONFIGS = {
     "core+1api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "1", "LLM_CLS_MAX_WAIT_MS": "0"},
     "core+4api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "4", "LLM_CLS_MAX_WAIT_MS": "0"},
     "core+8api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "8", "LLM_CLS_MAX_WAIT_MS": "0"},
+    "dp2+8api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "8", "LLM_DATA_PARALLEL_SIZE": "2"},
+    "dp2+16api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "16", "LLM_DATA_PARALLEL_SIZE": "2"},
 }
 
 
