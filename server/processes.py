@@ -54,13 +54,26 @@ def _name_process(name: str) -> None:
         Path("/proc/self/comm").write_text(name[:15])
 
 
+def core_device(index: int, visible: str | None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` of data-parallel core ``index``: its entry of the devices this server
+    may use (all of them when none are named)."""
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else None
+    if devices is None:
+        return str(index)
+    if index >= len(devices):
+        raise ValueError(f"data-parallel core {index} has no GPU: CUDA_VISIBLE_DEVICES names {len(devices)}")
+    return devices[index]
+
+
 def run_core(settings: Settings, index: int, address: str) -> None:
     """An engine-core process: builds and warms up the engines of one device, then serves them."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which stops processes in order
     _name_process(f"engine-core-{index}")
     configure_logging(settings.log_level)
-    if settings.torch_device().type == "cuda":
-        torch.cuda.set_device(index)
+    if settings.data_parallel_size > 1:
+        # Before CUDA starts in this process: the core's one GPU becomes its cuda:0 for every thread
+        # (torch.cuda.set_device holds for the calling thread only; the engine runs on others).
+        os.environ["CUDA_VISIBLE_DEVICES"] = core_device(index, os.environ.get("CUDA_VISIBLE_DEVICES"))
     built = Engines.build(settings)
     if built.engine is not None:
         start = time.perf_counter()

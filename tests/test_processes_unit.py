@@ -1,0 +1,24 @@
+"""Process layout decisions that need no processes: GPU per data-parallel core, API-server count."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.config import Settings
+from server.processes import core_device
+
+pytestmark = pytest.mark.unit
+
+
+def test_each_data_parallel_core_gets_its_own_gpu() -> None:
+    assert [core_device(i, None) for i in range(2)] == ["0", "1"]
+    assert [core_device(i, "3, 5") for i in range(2)] == ["3", "5"]  # within the devices the server may use
+    with pytest.raises(ValueError, match="no GPU"):
+        core_device(2, "3,5")
+
+
+def test_api_server_count() -> None:
+    assert Settings(api_servers=3).num_api_servers() == 3
+    assert Settings(engine_core="thread").num_api_servers() == 1
+    with pytest.raises(ValueError, match="one API server"):
+        Settings(engine_core="thread", api_servers=2)
