@@ -7,9 +7,8 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Iterator
 from types import ModuleType
-from typing import Any
 
 import torch
 from prometheus_client import (
@@ -26,6 +25,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from engine.metrics import LATENCY_BUCKETS
+from server.asgi import ASGIApp, Receive, Scope, Send, WatchedSend
 
 # Routes we label by name; anything else is "other" so scanners cannot blow up label cardinality.
 ENDPOINTS = {
@@ -157,11 +157,6 @@ def exposition() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
 
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
-
-
 class MetricsMiddleware:
     """Pure ASGI middleware: times each request until its last body chunk, so streamed responses
     count their full duration (a BaseHTTPMiddleware would stop the clock at the headers)."""
@@ -169,25 +164,18 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]], send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
         start = time.perf_counter()
-        status = 0
-        done = False
 
-        async def timed_send(message: Message) -> None:
-            nonlocal status, done
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False) and not done:
-                done = True
-                REQUEST_LATENCY.labels(endpoint=endpoint).observe(time.perf_counter() - start)
-                REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
+        def observe(status: int) -> None:
+            REQUEST_LATENCY.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+            REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
 
+        timed_send = WatchedSend(send, observe)
         IN_FLIGHT.labels(endpoint=endpoint).inc()
         # Until a body completes, an unfinished request counts as 499 (client gone); an exception escaping
         # the app is a 500 that Starlette's outermost error middleware sends after we return.
@@ -199,6 +187,5 @@ class MetricsMiddleware:
             raise
         finally:
             IN_FLIGHT.labels(endpoint=endpoint).dec()
-            if not done:
-                REQUEST_LATENCY.labels(endpoint=endpoint).observe(time.perf_counter() - start)
-                REQUESTS.labels(endpoint=endpoint, status=str(unfinished_status)).inc()
+            if not timed_send.done:
+                observe(unfinished_status)

@@ -6,19 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 from fastapi import Request
 from starlette.exceptions import HTTPException
 
+from server.asgi import ASGIApp, Message, Receive, Scope, Send
 from server.errors import respond
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -9,8 +9,8 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+
+from server.asgi import ASGIApp, Receive, Scope, Send, WatchedSend
 
 HEADER = "x-request-id"
 # Printable, no spaces or quotes: safe to echo in a header and to put in a log line.
@@ -24,10 +24,6 @@ _CONTROLS = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
 _ESCAPES = {c: repr(chr(c))[1:-1] for c in _CONTROLS}
 
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 
 def current_request_id() -> str:
@@ -65,7 +61,7 @@ class RequestIdMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
-    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Message]], send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -74,17 +70,7 @@ class RequestIdMiddleware:
         # Not reset afterwards: each request runs in its own task (own context), and the 500 handler,
         # which runs outside this middleware, still needs the id.
         _current.set(request_id)
-
-        start, status = time.perf_counter(), 0
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (HEADER.encode(), request_id.encode())]
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                log_access(status)
+        start = time.perf_counter()
 
         def log_access(code: int) -> None:
             ms = (time.perf_counter() - start) * 1000
@@ -92,7 +78,7 @@ class RequestIdMiddleware:
             access_log.info("%s %s %d %.1fms", method, path, code, ms)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, WatchedSend(send, log_access, [(HEADER.encode(), request_id.encode())]))
         except Exception:
             log_access(500)  # answered by the error handler outside this middleware
             raise
