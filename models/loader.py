@@ -41,12 +41,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from models.llama import SUPPORTED_MODEL_TYPES
 from models.sources import dummy_config, embedded_encoder_dir, embedded_gguf_path, resolve_spec
 
 logger = logging.getLogger("models.loader")
-
-SUPPORTED_CAUSAL_MODEL_TYPES = ("llama", "mistral", "qwen2")
-"""model_types the engine's Llama-family decoder implements."""
 
 GGUF_CACHE_FORMAT_VERSION = 2
 """Bump when the layout or content of a converted GGUF cache entry changes; old entries are then ignored."""
@@ -192,10 +190,10 @@ def load_tokenizer(spec: str, cache_dir: Path) -> PreTrainedTokenizerBase:
 
 def check_causal_config(config: PretrainedConfig, what: str) -> None:
     """Reject model families the engine's decoder does not implement, before any heavy work."""
-    if config.model_type not in SUPPORTED_CAUSAL_MODEL_TYPES:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"unsupported model_type {config.model_type!r} for generation ({what}); "
-            f"supported: {', '.join(SUPPORTED_CAUSAL_MODEL_TYPES)}"
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
 
 
