@@ -118,12 +118,26 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         64, ge=0, description="generate requests waiting beyond the running batch; more are refused with 429"
     )
+    max_admitted_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="prompt + max_tokens of all admitted generation sequences together, per engine core; more get "
+        "429, one request over it 400; default twice kv_cache_tokens (a full cache running, as much waiting)",
+    )
     max_concurrent_streams: int = Field(64, ge=1, description="streamed responses open at once; more get 429")
     cls_max_queued_inputs: int = Field(1024, ge=1, description="classification inputs waiting; more get 429")
     request_timeout_s: float = Field(
         120.0, gt=0, description="deadline per request (504); X-Request-Timeout may ask for less"
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413)")
+    header_read_timeout_s: float = Field(
+        10.0, gt=0, description="a connection that has not sent a request's complete headers by then is closed"
+    )
+    body_read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a request body not all received by then (after its headers) gets 408, connection closed",
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish before exit"
     )
