@@ -63,9 +63,8 @@ class DynamicBatcher(Generic[T, R]):
     only that item. If ``run_batch`` raises, every item of that batch (and only that batch) gets
     the exception. Items whose caller went away (future cancelled) are dropped before running.
 
-    Defaults (used by the server on CPU): ``max_batch_size=32``, ``max_batch_tokens=8192``,
-    ``max_wait_ms=5``: on CPU one MiniLM forward over 32 short inputs costs tens of milliseconds,
-    so 5 ms of waiting is small against it while still letting concurrent requests share a forward.
+    The server passes its own limits (``cls_max_*`` settings; why its wait is 0:
+    load_tests/results/serve/README.md#what-the-figures-say).
     ``cost`` defaults to 1 per item (then only the size and wait limits matter). ``max_queued``
     bounds the waiting items: a submission that would pass it raises ``BatcherFull`` at once, so a
     flood is refused instead of queueing without end.

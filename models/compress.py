@@ -77,8 +77,7 @@ def default_spec(method: str, prune_mlp: float, task: Literal["generate", "class
 
 
 GENERATE_METHOD_DEFAULTS: dict[str, dict[str, object]] = {
-    # SmolLM2-135M, 1,020 held-out tokens: int8 without smoothing +3.5% perplexity (top-1 88.2%),
-    # alpha 0.35 +2.5%, 0.5 +1.7% (90.7%), 0.65 +2.4%, 0.8 +3.1%.
+    # The most faithful alpha of the sweep in load_tests/results/compression/README.md#decisions.
     "int8": {"smooth_alpha": 0.5},
 }
 

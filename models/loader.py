@@ -4,7 +4,7 @@ Generation models are returned as a plain HF-named state dict (not an HF module)
 runs its own paged-KV decoder (models/llama.py); encoders are returned as HF modules because the
 classifier runs them as-is.
 
-GGUF files are dequantized by transformers once (~20-25 s for the embedded model) and the result is
+GGUF files are dequantized by transformers once (the slow part of a first start) and the result is
 cached as an ordinary HF directory (safetensors + tokenizer with its chat template), so later starts
 take a few seconds and go through exactly the same code path as any local HF directory.
 """

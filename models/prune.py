@@ -18,8 +18,8 @@ from torch import Tensor, nn
 CHANNEL_ALIGN = 64
 """Kept widths are multiples of this: aligned GEMMs are faster and the CPU int8 kernel requires it."""
 RIDGE = 1.0
-"""Ridge term of the refit relative to the mean diagonal of G[k, k]; measured on SmolLM2-135M (4% pruned,
-+ppl): 1e-3 +15.6%, 1.0 +10.0%, no refit +12.3%."""
+"""Ridge term of the refit relative to the mean diagonal of G[k, k]: the most faithful of the values measured
+(load_tests/results/compression/README.md#decisions)."""
 
 
 def kept_width(width: int, ratio: float) -> int:
