@@ -13,11 +13,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models import quant_kernels
 
-# The largest pruning shares that kept the default within +5% perplexity / >= 99% label agreement
-# (load_tests/results/compression/README.md).
+# The largest pruning shares that kept the default within +5% perplexity / >= 99% label agreement (none
+# for classification), and the largest decode batch at which int8-wo measured no slower than bf16 on CUDA:
+# load_tests/results/compression/README.md#decisions.
 DEFAULT_GEN_PRUNE = 0.01
-DEFAULT_CLS_PRUNE = 0.0  # none qualifies: 2% already drops label agreement to 96.9%
-INT8_WO_MAX_SEQS = 64  # largest decode batch at which int8-wo measured no slower than bf16 on the H100
+DEFAULT_CLS_PRUNE = 0.0
+INT8_WO_MAX_SEQS = 64
 
 
 def default_cache_dir() -> Path:
@@ -91,7 +92,7 @@ class Settings(BaseSettings):
         None,
         ge=16,
         description="padded prompt tokens per prefill step, longer prompts run in chunks; "
-        "default 512 on CPU (a step of ~0.5 s there), 4096 on CUDA",
+        "default 512 on CPU, 4096 on CUDA",
     )
     kv_cache_tokens: int = Field(32768, ge=256, description="KV-cache capacity in tokens, all sequences together")
     kv_block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
@@ -203,10 +204,9 @@ class Settings(BaseSettings):
             return method
         if self.torch_device().type == "cpu":
             return "int8"
-        # H100 (load_tests/results/compression/README.md): int8-wo decode steps are as fast as bf16 or
-        # faster up to 64 sequences (1.7B: -19% at 1) and slower at 256 (+12-26%); a classifier
-        # batch (1,000+ rows, compute-bound) takes 28-44% more GPU time in int8-wo than in bf16.
-        # Without the kernel (no Triton, fp32, a failed self-check) int8-wo would dequantize per call.
+        # On CUDA int8-wo decodes faster than bf16 up to INT8_WO_MAX_SEQS sequences and classifies slower
+        # (load_tests/results/compression/README.md#decisions). Without the kernel (no Triton, fp32, a failed
+        # self-check) int8-wo would dequantize per call.
         fast = quant_kernels.usable(self.torch_device(), self.torch_dtype())
         return "int8-wo" if which == "gen" and self.max_num_seqs <= INT8_WO_MAX_SEQS and fast else "none"
 
