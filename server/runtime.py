@@ -18,14 +18,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from engine.batcher import DynamicBatcher
-from engine.classifier import (
-    Classifier,
-    ClassifierInputError,
-    ClassifyItem,
-    ClassResult,
-    Embedding,
-    EncoderFrontend,
-)
+from engine.classifier import Classifier, ClassifyItem, ClassResult, EncoderFrontend
+from engine.core import Batcher
 from engine.core_client import CoreClient
 from engine.llm_engine import AsyncLLM, EngineConfig, LLMClient, LLMEngine
 from engine.response_cache import ResponseCache
@@ -38,8 +32,6 @@ from server import metrics
 from server.config import Settings
 
 log = logging.getLogger(__name__)
-
-Batcher = DynamicBatcher[ClassifyItem, ClassResult | Embedding | ClassifierInputError]
 
 
 def engine_config(settings: Settings) -> EngineConfig:
