@@ -6,8 +6,11 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -20,7 +23,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -106,18 +109,26 @@ class GPUCollector(Collector):
             yield GaugeMetricFamily(name, doc, labels=["gpu"])
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        reading = self.read()
+        if reading is None:
             return
+        label, values = reading
+        for family in self.describe():
+            if family.name in values:
+                family.add_metric([label], values[family.name])
+                yield family
+
+    def read(self) -> tuple[str, dict[str, float]] | None:
+        """(gpu label, gauge values) of this process's device, or None where it has none."""
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return None
         index = torch.cuda.current_device()
         values = {
             "llm_gpu_memory_allocated_bytes": torch.cuda.memory_allocated(index),
             "llm_gpu_memory_reserved_bytes": torch.cuda.memory_reserved(index),
         }
         values.update(self._nvml_values(index))
-        for family in self.describe():
-            if family.name in values:
-                family.add_metric([str(index)], values[family.name])
-                yield family
+        return _gpu_label(index), values
 
     def _nvml_values(self, index: int) -> dict[str, float]:
         if not self._nvml_tried:
@@ -142,9 +153,65 @@ class GPUCollector(Collector):
         }
 
 
+def _gpu_label(index: int) -> str:
+    """The device as the host numbers it: an engine core of a data-parallel server sees only its own GPU,
+    as its cuda:0 (CUDA_VISIBLE_DEVICES)."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[index] if index < len(visible) else str(index)
+
+
 REGISTRY.register(GPUCollector())
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+GPU_PUBLISH_INTERVAL_S = 5.0
+
+
+def publish_gpu_metrics() -> None:
+    """In an engine-core process: writes the GPU gauges every few seconds where a scrape of any API server
+    reads them (the scraping process has no device to read at scrape time)."""
+    gauges = {
+        name: Gauge(name, doc, ["gpu"], multiprocess_mode="livemax", registry=None) for name, doc in GPU_METRICS.items()
+    }
+    collector = GPUCollector()
+
+    def loop() -> None:
+        while True:
+            reading = collector.read()
+            if reading is not None:
+                label, values = reading
+                for name, value in values.items():
+                    gauges[name].labels(gpu=label).set(value)
+            time.sleep(GPU_PUBLISH_INTERVAL_S)
+
+    threading.Thread(target=loop, name="gpu-metrics", daemon=True).start()
+
+
+class ServerProcessesCollector(Collector):
+    """Resident memory and CPU time of all the server's processes, summed (the default process collector
+    sees only the process that answers the scrape). They are the processes with metric files."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        pids = {os.getpid(), os.getppid()}
+        pids |= {int(m.group(1)) for f in os.listdir(self.directory) if (m := _PID_FILE.search(f))}
+        rss = cpu = 0.0
+        for pid in pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone, or no procfs
+            cpu += (int(stat[11]) + int(stat[12])) / _CLOCK_TICKS  # utime + stime
+            rss += pages * _PAGE_SIZE
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of all server processes", rss)
+        yield CounterMetricFamily("process_cpu_seconds", "CPU time of all server processes", cpu)
+
+
+_PID_FILE = re.compile(r"_(\d+)\.db$")
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def exposition() -> tuple[bytes, str]:
@@ -153,6 +220,7 @@ def exposition() -> tuple[bytes, str]:
     if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
+        registry.register(ServerProcessesCollector(os.environ[MULTIPROC_ENV]))
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST
 

@@ -88,6 +88,7 @@ def run_core(settings: Settings, index: int, address: str) -> None:
         metrics.WARMUP_SECONDS.labels(model="classify").set(time.perf_counter() - start)
         batcher = built.batcher()
     metrics.READY.set(1)
+    metrics.publish_gpu_metrics()
     core = EngineCore(
         index, address, built.engine, batcher, pickle.dumps(built.details()), on_error=lambda _: metrics.READY.set(0)
     )

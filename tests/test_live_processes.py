@@ -57,6 +57,10 @@ def test_metrics_count_every_api_server(live_server: str) -> None:
         assert r.status_code == 200
     scrapes = {counter(live_server, *series) - before for _ in range(6)}
     assert scrapes == {8.0}  # every scrape, whichever process answers it, sees all eight
+    text = httpx.get(f"{live_server}/metrics", timeout=10).text
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total"):  # the dashboard's panels
+        values = re.findall(rf"^{name} (\S+)$", text, re.MULTILINE)
+        assert len(values) == 1 and float(values[0]) > 0, name
 
 
 def test_admission_is_global_across_api_servers(cache_dir: Path) -> None:
