@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -100,24 +100,17 @@ class ClassResult:
     scores: list[tuple[str, float]]
 
 
+@dataclass(eq=False)
 class EncoderFrontend:
     """What validating and sizing classification inputs takes, without the model: an API-server process
     holds one of these while the model itself runs in an engine core."""
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        has_head: bool,
-        head_labels: list[str],
-        max_length: int,
-        embedding_dim: int,
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.has_head = has_head
-        self.head_labels = head_labels
-        self.max_length = max_length
-        self.embedding_dim = embedding_dim
-        self._tok_lock = threading.Lock()
+    tokenizer: Any
+    has_head: bool
+    head_labels: list[str]
+    max_length: int
+    embedding_dim: int
+    _tok_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def frontend(self) -> EncoderFrontend:
         """A model-free copy, picklable, for another process."""
