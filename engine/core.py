@@ -111,11 +111,11 @@ class EngineCore:
         assert self.batcher is not None
         try:
             results = await self.batcher.submit_many(request.items)
-            reply = ClassifyResults(request.key, [pack_result(r) for r in results])
+            reply = ClassifyResults(request.key, [pack_result(r) for r in results], core=self.index)
         except BatcherFull as exc:
-            reply = ClassifyResults(request.key, [], refused=f"full: {exc}")
+            reply = ClassifyResults(request.key, [], refused=f"full: {exc}", core=self.index)
         except BatcherClosed:
-            reply = ClassifyResults(request.key, [], refused="closed")
+            reply = ClassifyResults(request.key, [], refused="closed", core=self.index)
         finally:
             self._tasks.pop(request.key, None)
         await sock.send(encode(reply))

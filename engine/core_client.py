@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -92,6 +93,7 @@ class CoreClient:
         self._cls_keys = iter(range(api_index, 1 << 62, API_STRIDE))
         self._cls_waiting: dict[int, asyncio.Future[ClassifyResults]] = {}
         self._cls_load = [0] * len(core_addresses)
+        self._heard = [0.0] * len(core_addresses)  # loop time of each core's latest frame
         self._receiver: asyncio.Task[None] | None = None
         self._pids: list[int] = []
         self.error: str | None = None
@@ -113,16 +115,34 @@ class CoreClient:
         self._pids = [r.pid for r in ready if r is not None]
         return ready  # type: ignore[return-value]
 
-    async def watch(self, on_failure: Callable[[], None]) -> None:
-        """Fails everything in flight, and all later work, as soon as a core process is gone."""
+    async def watch(self, on_failure: Callable[[], None], hang_s: float) -> None:
+        """Fails everything in flight, and all later work, as soon as a core process is gone. A core that
+        has work from this API server and sends nothing for ``hang_s`` is hung: it is killed, which ends
+        the server (the supervisor's rule for a core that exits), rather than holding requests forever."""
+        loop = asyncio.get_running_loop()
         while self.error is None:
             for index, pid in enumerate(self._pids):
+                busy = self._gen_load[index] > 0 or self._cls_load[index] > 0
+                if busy and loop.time() - self._heard[index] > hang_s:
+                    log.error(
+                        "engine core %d (pid %d) sent nothing for %.0f s with work in flight: killing it",
+                        index,
+                        pid,
+                        hang_s,
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 if not _alive(pid):
                     log.error("engine core %d (pid %d) is gone", index, pid)
                     self.fail(f"engine core {index} stopped")
                     on_failure()
                     return
             await asyncio.sleep(WATCH_INTERVAL_S)
+
+    def _sending(self, core: int) -> None:
+        """Work goes to ``core``: if it had none from here, its silence counts from now."""
+        if self._gen_load[core] == 0 and self._cls_load[core] == 0:
+            self._heard[core] = asyncio.get_running_loop().time()
 
     def attach(self, llm: LLMClient) -> None:
         self.llm = llm
@@ -133,6 +153,7 @@ class CoreClient:
         """``LLMClient.send``: picks a core for a new request, follows it for an abort."""
         if isinstance(command, AddRequest):
             core = self._pick_core(command.prompt_ids)
+            self._sending(core)
             self._gen_core[command.key] = core
             self._gen_load[core] += 1
         else:
@@ -151,6 +172,7 @@ class CoreClient:
         return home if load[home] <= load[best] + AFFINITY_SLACK else best
 
     def _on_step(self, step: StepOutputs) -> None:
+        self._heard[step.core] = asyncio.get_running_loop().time()
         self._core_load[step.core] = step.running + step.waiting
         for out in step.outputs:
             if out.finish_reason is not None and self._gen_core.pop(out.key, None) is not None:
@@ -173,6 +195,7 @@ class CoreClient:
         core = min(range(len(self._cls_load)), key=self._cls_load.__getitem__)
         future: asyncio.Future[ClassifyResults] = asyncio.get_running_loop().create_future()
         self._cls_waiting[key] = future
+        self._sending(core)
         self._cls_load[core] += len(items)
         try:
             await self._cores[core].send(encode(ClassifyRequest(key, items)))
@@ -197,6 +220,7 @@ class CoreClient:
             if isinstance(message, StepOutputs):
                 self._on_step(message)
             elif isinstance(message, ClassifyResults):
+                self._heard[message.core] = asyncio.get_running_loop().time()
                 future = self._cls_waiting.pop(message.key, None)
                 if future is not None and not future.done():
                     future.set_result(message)

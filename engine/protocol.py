@@ -107,6 +107,7 @@ class ClassifyResults(msgspec.Struct, tag="results", array_like=True):
     key: int
     results: list[ItemResult]
     refused: str | None = None  # "full" (queue bound, 429) or "closed" (stopping, 503); results are empty then
+    core: int = 0
 
 
 class Ready(msgspec.Struct, tag="ready", array_like=True):

@@ -48,7 +48,7 @@ def create_app(
                 rt = await Runtime.connect(settings, client, CORE_CONNECT_TIMEOUT_S)
                 await rt.start()
                 app.state.runtime = rt
-                await client.watch(on_failure=lambda: metrics.READY.set(0))
+                await client.watch(lambda: metrics.READY.set(0), settings.engine_hang_timeout_s)
                 return
             rt = await asyncio.to_thread(Runtime.load, settings)
             await rt.start()

@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         "(single) API server's process; 'auto' = process on CUDA, with several API servers or data parallel",
     )
     data_parallel_size: int = Field(1, ge=1, le=64, description="engine cores, one per GPU (engine_core=process)")
+    engine_hang_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="an engine core that has work and sends nothing for this long is killed, ending the server "
+        "(exit 1) for its orchestrator to restart; longer than the slowest step",
+    )
 
     # Generation limits and continuous batching
     max_input_tokens: int = Field(2048, ge=1, description="longest accepted prompt, in tokens")

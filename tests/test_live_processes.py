@@ -94,3 +94,13 @@ def test_engine_core_death_fails_work_and_stops_the_server(cache_dir: Path) -> N
         assert "error" in events[-1] and "engine core 0 stopped" in events[-1]["error"]["message"], events[-2:]
         assert proc.wait(60) == 1  # the whole server exits, for the orchestrator to restart it
         assert proc.stderr is not None and "engine-core-0 exited" in proc.stderr.read()
+
+
+def test_hung_engine_core_is_killed_and_the_server_exits(cache_dir: Path) -> None:
+    """A core that stops answering (here: stopped by SIGSTOP) with a request in flight."""
+    with server_process(cache_dir, *PROCESSES, "--no-enable-classify", engine_hang_timeout_s=2) as (proc, url):
+        os.kill(children(proc.pid)["engine-core-0"], signal.SIGSTOP)
+        r = httpx.post(f"{url}/generate", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 500 and "engine core 0 stopped" in r.json()["error"]["message"]
+        assert proc.wait(60) == 1
+        assert proc.stderr is not None and "killing it" in proc.stderr.read()
