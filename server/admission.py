@@ -38,11 +38,19 @@ class Gate:
     def count(self) -> int:
         return self._count.value
 
-    def enter(self, cost: int = 1) -> None:
-        """Takes ``cost`` slots (a request of n sequences takes n); one request alone is always let in."""
+    def enter(self, cost: int = 1, field: str | None = None) -> None:
+        """Takes ``cost`` slots (a request of n sequences takes n). A request that needs more than the
+        bound could never be let in: 400 naming ``field`` (retrying would not help), not 429."""
+        if self.limit is not None and cost > self.limit:
+            raise APIError(
+                400,
+                f"this request needs {cost} {self.what}; the server admits at most {self.limit} ({self.setting})",
+                type="request_too_large",
+                field=field,
+            )
         with self._lock:
             count = self._count.value
-            if self.limit is None or count == 0 or count + cost <= self.limit:
+            if self.limit is None or count + cost <= self.limit:
                 self._count.value = count + cost
                 return
         raise APIError(
@@ -61,12 +69,13 @@ class _Local:
     value = 0
 
 
-SharedCounts = tuple["Synchronized[int]", "Synchronized[int]", "Synchronized[int]"]
+SharedCounts = tuple["Synchronized[int]", ...]
 
 
 def shared_counts(context: BaseContext) -> SharedCounts:
-    """Counts in shared memory for :meth:`Admission.from_settings`, made before the API servers start."""
-    return (context.Value("q", 0), context.Value("q", 0), context.Value("q", 0))
+    """Counts in shared memory for :meth:`Admission.from_settings` (one per gate), made before the API
+    servers start."""
+    return tuple(context.Value("q", 0) for _ in range(GATES))
 
 
 class Ticket:
@@ -104,52 +113,61 @@ class _AdmittedStream(StreamingResponse):
             self.release()
 
 
+GATES = 4  # generate, tokens, streams, classify
+
+
 @dataclass
 class Admission:
     generate: Gate
+    tokens: Gate
     streams: Gate
     classify: Gate
     draining: bool = False
     all_gates: list[Gate] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.all_gates = [self.generate, self.streams, self.classify]
+        self.all_gates = [self.generate, self.tokens, self.streams, self.classify]
 
     @classmethod
     def from_settings(cls, s: Settings, shared: SharedCounts | None = None) -> Admission:
         """``shared``: the counts of every API-server process of this server (see :func:`shared_counts`)."""
-        counts = shared or (None, None, None)
+        counts = shared or (None,) * GATES
+        tokens = s.max_admitted_tokens or 2 * s.kv_cache_tokens
         return cls(
             # Admitted sequences = running batch + waiting list: the engine's queue stays within max_queued_requests.
             generate=Gate(
                 "generation sequences",
                 (s.max_num_seqs + s.max_queued_requests) * s.data_parallel_size,
-                "max_queued_requests",
+                "max_num_seqs + max_queued_requests",
                 counts[0],
             ),
-            streams=Gate("streams", s.max_concurrent_streams, "max_concurrent_streams", counts[1]),
+            # What those sequences may grow to (prompt + max_tokens each): few long ones weigh as many short ones.
+            tokens=Gate("generation tokens", tokens * s.data_parallel_size, "max_admitted_tokens", counts[1]),
+            streams=Gate("streams", s.max_concurrent_streams, "max_concurrent_streams", counts[2]),
             # Classification is bounded by the batcher's queue (cls_max_queued_inputs); counted here for draining.
-            classify=Gate("classify requests", None, "cls_max_queued_inputs", counts[2]),
+            classify=Gate("classify requests", None, "cls_max_queued_inputs", counts[3]),
         )
 
-    def _admit(self, wanted: list[tuple[Gate, int]]) -> Ticket:
-        """Takes every wanted slot, or none of them (429)."""
+    def _admit(self, wanted: list[tuple[Gate, int, str | None]]) -> Ticket:
+        """Takes every wanted slot, or none of them (429; 400 for a request no gate could ever let in)."""
         held: list[tuple[Gate, int]] = []
         try:
-            for gate, cost in wanted:
-                gate.enter(cost)
+            for gate, cost, field_name in wanted:
+                gate.enter(cost, field_name)
                 held.append((gate, cost))
         except APIError:
             Ticket(held).release()
             raise
         return Ticket(held)
 
-    def generation(self, sequences: int = 1, stream: bool = False) -> Ticket:
-        """Slots for a generation request of ``sequences`` sequences (OpenAI ``n``), streamed or not."""
-        return self._admit([(self.generate, sequences), *([(self.streams, 1)] if stream else [])])
+    def generation(self, sequences: list[int], stream: bool = False, field: str = "n") -> Ticket:
+        """Slots for a generation request: one per sequence (prompts x OpenAI ``n``), ``sequences`` giving
+        each one's prompt + max_tokens; ``field`` is what a request with too many sequences should change."""
+        wanted = [(self.generate, len(sequences), field), (self.tokens, sum(sequences), "max_tokens")]
+        return self._admit([*wanted, *([(self.streams, 1, None)] if stream else [])])
 
     def classification(self) -> Ticket:
-        return self._admit([(self.classify, 1)])
+        return self._admit([(self.classify, 1, None)])
 
     def idle(self) -> bool:
         return all(gate.count == 0 for gate in self.all_gates)

@@ -115,8 +115,9 @@ async def test_classify_queue_bound_gives_429(make_client, runtime: Runtime) -> 
 async def test_openai_routes_share_the_bounds(make_client) -> None:
     c = await make_client(max_num_seqs=2, max_queued_requests=1)  # 3 sequences admitted at most
     chat = {"model": "default", "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 32}
-    r = await c.post("/v1/chat/completions", json={**chat, "n": 4})  # alone: admitted although over the bound
-    assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    r = await c.post("/v1/chat/completions", json={**chat, "n": 4})  # never admissible, even alone
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    assert "at most 3" in r.json()["error"]["message"]
     responses = await asyncio.gather(
         c.post("/v1/chat/completions", json={**chat, "n": 2}),
         c.post("/v1/completions", json={"model": "default", "prompt": "Once upon a time", "max_tokens": 32, "n": 2}),

@@ -63,16 +63,18 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         raise APIError(404, "generation is disabled on this server", type="not_found")
     settings = runtime.settings
     deadline = request_deadline(request, settings.request_timeout_s)
-    with admission(request).generation(stream=body.stream) as ticket:
-        if body.messages is not None:
-            field, prompt_ids = "messages", encode_chat(runtime.llm, [m.model_dump() for m in body.messages])
-        else:
-            assert body.prompt is not None
-            field, prompt_ids = "prompt", encode_text(runtime.llm, body.prompt)
-        check_prompt(settings, prompt_ids, field)
+    if body.messages is not None:
+        field, prompt_ids = "messages", encode_chat(runtime.llm, [m.model_dump() for m in body.messages])
+    else:
+        assert body.prompt is not None
+        field, prompt_ids = "prompt", encode_text(runtime.llm, body.prompt)
+    check_prompt(settings, prompt_ids, field)
+    max_tokens = resolve_max_tokens(settings, body.max_tokens)
+    # Admitted by its size: the prompt and what it may generate (the KV cache it may come to hold).
+    with admission(request).generation([len(prompt_ids) + max_tokens], body.stream) as ticket:
         log_prompt(settings, body.prompt if body.prompt is not None else body.messages, len(prompt_ids))
         params = SamplingParams(
-            max_tokens=resolve_max_tokens(settings, body.max_tokens),
+            max_tokens=max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,

@@ -260,7 +260,8 @@ async def _serve(
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}"
     choices = _choices(body, prompts, max_tokens, cache_salt(request))
     deadline = request_deadline(request, settings.request_timeout_s)
-    with admission(request).generation(len(choices), body.stream) as ticket:
+    sizes = [len(c.prompt_ids) + c.params.max_tokens for c in choices]  # the KV cache each may come to hold
+    with admission(request).generation(sizes, body.stream, field="n") as ticket:
         streams = [
             timed(
                 llm.generate(
