@@ -19,24 +19,10 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
+from engine import protocol
 from engine.batcher import BatcherClosed, BatcherFull
 from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult, Embedding
 from engine.llm_engine import LLMClient
-from engine.protocol import (
-    API_STRIDE,
-    Abort,
-    AddRequest,
-    CancelClassify,
-    ClassifyRequest,
-    ClassifyResults,
-    Hello,
-    Ready,
-    Shutdown,
-    StepOutputs,
-    decode_from_core,
-    encode,
-    unpack_result,
-)
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +76,24 @@ class CoreClient:
         self._gen_core: dict[int, int] = {}  # key -> core, while the request runs
         self._gen_load = [0] * len(core_addresses)  # this API server's requests per core
         self._core_load = [0] * len(core_addresses)  # running + waiting, as each core last reported
-        self._cls_keys = iter(range(api_index, 1 << 62, API_STRIDE))
-        self._cls_waiting: dict[int, asyncio.Future[ClassifyResults]] = {}
+        self._cls_keys = iter(range(api_index, 1 << 62, protocol.API_STRIDE))
+        self._cls_waiting: dict[int, asyncio.Future[protocol.ClassifyResults]] = {}
         self._cls_load = [0] * len(core_addresses)
         self._heard = [0.0] * len(core_addresses)  # loop time of each core's latest frame
         self._receiver: asyncio.Task[None] | None = None
         self._pids: list[int] = []
         self.error: str | None = None
 
-    async def connect(self, timeout: float) -> list[Ready]:
+    async def connect(self, timeout: float) -> list[protocol.Ready]:
         """Introduces this API server to every core; returns their answers, in core order."""
         for sock in self._cores:
-            await sock.send(encode(Hello(self.api_index, self.own_address)))
-        ready: list[Ready | None] = [None] * len(self._cores)
+            await sock.send(protocol.encode(protocol.Hello(self.api_index, self.own_address)))
+        ready: list[protocol.Ready | None] = [None] * len(self._cores)
 
         async def answers() -> None:
             while not all(ready):
-                message = decode_from_core(await self._pull.recv())
-                if isinstance(message, Ready):
+                message = protocol.decode_from_core(await self._pull.recv())
+                if isinstance(message, protocol.Ready):
                     ready[message.core_index] = message
 
         await asyncio.wait_for(answers(), timeout)
@@ -149,9 +135,9 @@ class CoreClient:
 
     # ------------------------------------------------------------------ generation
 
-    def send_generation(self, command: AddRequest | Abort) -> None:
+    def send_generation(self, command: protocol.AddRequest | protocol.Abort) -> None:
         """``LLMClient.send``: picks a core for a new request, follows it for an abort."""
-        if isinstance(command, AddRequest):
+        if isinstance(command, protocol.AddRequest):
             core = self._pick_core(command.prompt_ids)
             self._sending(core)
             self._gen_core[command.key] = core
@@ -161,7 +147,7 @@ class CoreClient:
             if core < 0:  # finished meanwhile
                 return
             self._gen_load[core] -= 1
-        self._cores[core].send(encode(command))
+        self._cores[core].send(protocol.encode(command))
 
     def _pick_core(self, prompt_ids: list[int]) -> int:
         if len(self._cores) == 1:
@@ -171,7 +157,7 @@ class CoreClient:
         home = hash(tuple(prompt_ids[:AFFINITY_TOKENS])) % len(load)
         return home if load[home] <= load[best] + AFFINITY_SLACK else best
 
-    def _on_step(self, step: StepOutputs) -> None:
+    def _on_step(self, step: protocol.StepOutputs) -> None:
         self._heard[step.core] = asyncio.get_running_loop().time()
         self._core_load[step.core] = step.running + step.waiting
         for out in step.outputs:
@@ -193,16 +179,16 @@ class CoreClient:
             raise BatcherClosed(self.error)
         key = next(self._cls_keys)
         core = min(range(len(self._cls_load)), key=self._cls_load.__getitem__)
-        future: asyncio.Future[ClassifyResults] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[protocol.ClassifyResults] = asyncio.get_running_loop().create_future()
         self._cls_waiting[key] = future
         self._sending(core)
         self._cls_load[core] += len(items)
         try:
-            await self._cores[core].send(encode(ClassifyRequest(key, items)))
+            await self._cores[core].send(protocol.encode(protocol.ClassifyRequest(key, items)))
             reply = await future
         except asyncio.CancelledError:
             if self._cls_waiting.pop(key, None) is not None:
-                await self._cores[core].send(encode(CancelClassify(key)))
+                await self._cores[core].send(protocol.encode(protocol.CancelClassify(key)))
             raise
         finally:
             self._cls_load[core] -= len(items)
@@ -210,16 +196,16 @@ class CoreClient:
             if reply.refused.startswith("full"):
                 raise BatcherFull(reply.refused.removeprefix("full: "))
             raise BatcherClosed(reply.refused)
-        return [unpack_result(r) for r in reply.results]
+        return [protocol.unpack_result(r) for r in reply.results]
 
     # ------------------------------------------------------------------ receiving
 
     async def _receive(self) -> None:
         while True:
-            message = decode_from_core(await self._pull.recv())
-            if isinstance(message, StepOutputs):
+            message = protocol.decode_from_core(await self._pull.recv())
+            if isinstance(message, protocol.StepOutputs):
                 self._on_step(message)
-            elif isinstance(message, ClassifyResults):
+            elif isinstance(message, protocol.ClassifyResults):
                 self._heard[message.core] = asyncio.get_running_loop().time()
                 future = self._cls_waiting.pop(message.key, None)
                 if future is not None and not future.done():
@@ -242,7 +228,7 @@ class CoreClient:
                 await self._receiver
         if shutdown_cores:
             for sock in self._cores:
-                await sock.send(encode(Shutdown()))
+                await sock.send(protocol.encode(protocol.Shutdown()))
         for sock in [self._pull, *self._cores]:
             sock.close(linger=100)
         self._context.term()
