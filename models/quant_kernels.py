@@ -32,6 +32,24 @@ DTYPES = (torch.bfloat16, torch.float16)
 if triton is not None:
 
     @triton.jit
+    def _dot_rows(a_ptr, b_ptr, ra, rb, a_ok, b_ok, stride_a, stride_b, K,
+                  BA: tl.constexpr, BB: tl.constexpr, BK: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+        """``acc[i, j] = Σₖ a[ra[i], k]·b[rb[j], k]`` in fp32 for two row-major ``[·, K]`` operands (the
+        int8 one converted to ``DTYPE`` in registers); ``a_ok``/``b_ok``: which of the rows exist."""
+        rk = tl.arange(0, BK)
+        a_ptrs = a_ptr + ra[:, None] * stride_a + rk[None, :]  # [BA, BK]
+        b_ptrs = b_ptr + rb[None, :] * stride_b + rk[:, None]  # [BK, BB]: b read transposed
+        acc = tl.zeros([BA, BB], dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BK)):
+            k_ok = rk < K - k * BK
+            a = tl.load(a_ptrs, mask=a_ok[:, None] & k_ok[None, :], other=0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & b_ok[None, :], other=0)
+            acc += tl.dot(a.to(DTYPE), b.to(DTYPE))
+            a_ptrs += BK
+            b_ptrs += BK
+        return acc
+
+    @triton.jit
     def _w8a16_kernel(
         x_ptr,  # [M, K] bf16/fp16, row-major
         w_ptr,  # [N, K] int8, row-major
@@ -46,56 +64,28 @@ if triton is not None:
         BM: tl.constexpr,
         BN: tl.constexpr,
         BK: tl.constexpr,
+        WEIGHT_FIRST: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
-        m_ok = rm < M
-        n_ok = rn < N
-        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-        w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None]  # [BK, BN]: the weight read transposed
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BK)):
-            k_ok = rk < K - k * BK
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-            acc += tl.dot(x, w.to(x.dtype))
-            x_ptrs += BK
-            w_ptrs += BK
-        scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
-        out = (acc * scale[None, :]).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def _w8a16_weight_first_kernel(
-        x_ptr, w_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    ):  # fmt: skip
-        """The same product computed transposed, outᵀ = W·xᵀ: the converted weight tile is the dot's
-        first operand, which Hopper's wgmma may take from registers, and the few token rows become
+        """``WEIGHT_FIRST`` computes the product transposed, outᵀ = W·xᵀ: the converted weight tile is the
+        dot's first operand, which Hopper's wgmma may take from registers, and the few token rows become
         the narrow side (a 64×16 instruction instead of 16 rows padded from 1)."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
         rn = pid_n * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
         m_ok = rm < M
         n_ok = rn < N
-        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]  # [BN, BK]
-        x_ptrs = x_ptr + rm[None, :] * stride_xm + rk[:, None]  # [BK, BM]: the input read transposed
-        acc = tl.zeros([BN, BM], dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BK)):
-            k_ok = rk < K - k * BK
-            w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)
-            x = tl.load(x_ptrs, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
-            acc += tl.dot(w.to(x.dtype), x)
-            x_ptrs += BK
-            w_ptrs += BK
-        scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
-        out = (acc * scale[:, None]).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], out, mask=n_ok[:, None] & m_ok[None, :])
+        dtype = out_ptr.dtype.element_ty
+        if WEIGHT_FIRST:
+            acc = _dot_rows(w_ptr, x_ptr, rn, rm, n_ok, m_ok, stride_wn, stride_xm, K, BN, BM, BK, dtype)
+            scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
+            out = (acc * scale[:, None]).to(dtype)
+            tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], out, mask=n_ok[:, None] & m_ok[None, :])
+        else:
+            acc = _dot_rows(x_ptr, w_ptr, rm, rn, m_ok, n_ok, stride_xm, stride_wn, K, BM, BN, BK, dtype)
+            scale = tl.load(scale_ptr + rn, mask=n_ok, other=0.0)
+            out = (acc * scale[None, :]).to(dtype)
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _row_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, BLOCK: tl.constexpr):
@@ -160,10 +150,9 @@ def w8a16_matmul(x: Tensor, qweight: Tensor, scale: Tensor, config: Config | Non
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bm, bn, bk, warps, stages, weight_first = config or pick_config(m, n, k)
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
-    kernel = _w8a16_weight_first_kernel if weight_first else _w8a16_kernel
-    kernel[grid](
+    _w8a16_kernel[grid](
         x, qweight, scale, out, m, n, k, x.stride(0), qweight.stride(0), out.stride(0),
-        BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
+        BM=bm, BN=bn, BK=bk, WEIGHT_FIRST=weight_first, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
 
