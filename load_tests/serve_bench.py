@@ -12,6 +12,9 @@ The models are the dummy 135M generator and a MiniLM-shaped encoder (random weig
 Needs CUDA and wrk (Debian's package, unpacked)::
 
     python -m load_tests.serve_bench --tokenizer TOK --encoder-tokenizer MINILM_TOK --wrk WRK_ROOT --out DIR
+
+With ``--embedded CACHE_DIR`` it serves the embedded models with each checkout's default settings instead
+(the CPU A/B: ``--configs before,after --rounds 2 --concurrency 8 --skip-engine``).
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ def start_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.P
     env = dict(env)
     code = str(Path(env.pop("CODE_DIR", ".")).resolve())
     fast = env.pop("FAST_SITE", None)
-    full = {**SERVER_ENV, **os.environ, **env, "LLM_PORT": str(port), "LLM_CACHE_DIR": tempfile.mkdtemp()}
+    cache = env.pop("CACHE_DIR", None) or tempfile.mkdtemp()
+    server_env = SERVER_ENV if env.pop("DEFAULTS", None) is None else {"LLM_CLS_CACHE_SIZE": "0"}
+    full = {**server_env, **os.environ, **env, "LLM_PORT": str(port), "LLM_CACHE_DIR": cache}
     full["PYTHONPATH"] = os.pathsep.join(p for p in (code, fast, full.get("PYTHONPATH", "")) if p)
     # The checkout goes first on sys.path whatever the interpreter puts there; the log's first line
     # says which code answered.
@@ -265,23 +270,23 @@ def serve(name: str, env: dict[str, str], args: argparse.Namespace, port: int) -
     proc = start_server(env, port, log_path)
     out: dict[str, Any] = {"env": env, "profiles": {}}
     try:
-        d = args.seconds
+        d, c = args.seconds, args.concurrency
         out["classify_c1"] = wrk(args.wrk, port, "/classify", CLASSIFY_LUA, 1, d, 1)
-        out["classify_c256"], out["profiles"]["classify_c256"] = loaded(
-            lambda: wrk(args.wrk, port, "/classify", CLASSIFY_LUA, 256, d, args.wrk_threads), args, proc.pid
+        out[f"classify_c{c}"], out["profiles"][f"classify_c{c}"] = loaded(
+            lambda: wrk(args.wrk, port, "/classify", CLASSIFY_LUA, c, d, args.wrk_threads), args, proc.pid
         )
-        log(f"  classify: c1 {out['classify_c1']}, c256 {out['classify_c256']}")
+        log(f"  classify: c1 {out['classify_c1']}, c{c} {out[f'classify_c{c}']}")
         before = counter(port, "llm_generated_tokens_total")
         t0 = time.perf_counter()
         lua = GENERATE_LUA % (PROMPT, args.new_tokens)
-        gen, out["profiles"]["generate_c256"] = loaded(
-            lambda: wrk(args.wrk, port, "/generate", lua, 256, d, args.wrk_threads), args, proc.pid
+        gen, out["profiles"][f"generate_c{c}"] = loaded(
+            lambda: wrk(args.wrk, port, "/generate", lua, c, d, args.wrk_threads), args, proc.pid
         )
         gen["tokens_per_s"] = (counter(port, "llm_generated_tokens_total") - before) / (time.perf_counter() - t0)
-        out["generate_c256"] = gen
-        log(f"  generate c256: {gen}")
-        out["stream_c256"] = streamed(port, 256, d, args.stream_processes, args.new_tokens)
-        log(f"  streamed c256: {out['stream_c256']}")
+        out[f"generate_c{c}"] = gen
+        log(f"  generate c{c}: {gen}")
+        out[f"stream_c{c}"] = streamed(port, c, d, args.stream_processes, args.new_tokens)
+        log(f"  streamed c{c}: {out[f'stream_c{c}']}")
     finally:
         stop_server(proc)
         text = log_path.read_text(errors="replace")
@@ -316,6 +321,7 @@ CONFIGS = {
     "before-h11": {"CODE_DIR": ".bench/before", "SLOW_HTTP": "1"},
     "before": {"CODE_DIR": ".bench/before"},
     "one-process": {"LLM_ENGINE_CORE": "thread", "LLM_CLS_MAX_WAIT_MS": "5"},
+    "after": {},  # this checkout with its own defaults
     "one-process-nowait": {"LLM_ENGINE_CORE": "thread", "LLM_CLS_MAX_WAIT_MS": "0"},
     "core+1api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "1", "LLM_CLS_MAX_WAIT_MS": "0"},
     "core+4api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "4", "LLM_CLS_MAX_WAIT_MS": "0"},
@@ -327,8 +333,8 @@ CONFIGS = {
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", type=Path, required=True)
-    p.add_argument("--encoder-tokenizer", type=Path, required=True)
+    p.add_argument("--tokenizer", type=Path, help="SmolLM2 tokenizer dir (dummy models)")
+    p.add_argument("--encoder-tokenizer", type=Path, help="MiniLM tokenizer dir (dummy models)")
     p.add_argument("--wrk", type=Path, required=True, help="root of the unpacked wrk and libluajit packages")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--configs", default=",".join(CONFIGS))
@@ -340,12 +346,23 @@ def main() -> None:
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--fast-site", help="site dir holding httptools and uvloop (configs marked so run without it)")
     p.add_argument("--py-spy", help="py-spy binary: profile the server's processes under load")
+    p.add_argument("--concurrency", type=int, default=256, help="clients of the loaded runs")
+    p.add_argument("--rounds", type=int, default=1, help="run the configurations this many times, interleaved")
+    p.add_argument(
+        "--embedded",
+        type=Path,
+        metavar="CACHE_DIR",
+        help="serve the embedded models with the server's default settings (a CPU A/B), reusing CACHE_DIR's "
+        "converted and compressed models",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from load_tests.gpu_bench import dummy_encoder_dir
 
-    encoder_dir = dummy_encoder_dir(args.encoder_tokenizer)
-    base = {"LLM_TOKENIZER": str(args.tokenizer), "LLM_CLS_MODEL": str(encoder_dir)}
+    if args.embedded is not None:
+        base = {"DEFAULTS": "1", "CACHE_DIR": str(args.embedded)}
+    else:
+        base = {"LLM_TOKENIZER": str(args.tokenizer), "LLM_CLS_MODEL": str(dummy_encoder_dir(args.encoder_tokenizer))}
     results: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -358,17 +375,19 @@ def main() -> None:
         results["host"]["gpu"] = torch.cuda.get_device_name(0)
     except Exception as exc:  # the HTTP part still runs where torch cannot see the GPU
         results["host"]["gpu"] = f"unknown ({exc})"
-    for i, name in enumerate(args.configs.split(",")):
+    names = args.configs.split(",")
+    for i, (round_, name) in enumerate((r, n) for r in range(args.rounds) for n in names):
+        key = name if args.rounds == 1 else f"{name}#{round_ + 1}"
         try:
             env = {**base, **CONFIGS[name]}
             if "CODE_DIR" in env and args.before_dir is not None:
                 env["CODE_DIR"] = str(args.before_dir)
             if args.fast_site and env.pop("SLOW_HTTP", None) is None:
                 env["FAST_SITE"] = args.fast_site
-            results["servers"][name] = serve(name, env, args, 8900 + i)
+            results["servers"][key] = serve(key, env, args, 8900 + i)
         except Exception as exc:
-            log(f"{name} failed: {type(exc).__name__}: {exc}")
-            results["servers"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"{key} failed: {type(exc).__name__}: {exc}")
+            results["servers"][key] = {"error": f"{type(exc).__name__}: {exc}"}
         (args.out / "serve_bench.json").write_text(json.dumps(results, indent=1))
     if not args.skip_engine:
         results["engine_level_c256"] = engine_level(args.tokenizer)
