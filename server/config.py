@@ -74,7 +74,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=64,
-        description="HTTP processes sharing the port; default 1 on up to 4 CPU cores, else a quarter of them (max 8)",
+        description="HTTP processes sharing the port; default 1 on up to 4 CPU cores, else half of them (max 8)",
     )
     engine_core: Literal["auto", "thread", "process"] = Field(
         "auto",
@@ -179,7 +179,7 @@ class Settings(BaseSettings):
         if self.engine_core == "thread":
             return 1
         cores = os.cpu_count() or 1
-        return 1 if cores <= 4 else min(8, cores // 4)
+        return 1 if cores <= 4 else min(8, cores // 2)
 
     def engine_in_process(self) -> bool:
         """Engines on a thread of the one server process, or in engine-core processes."""
