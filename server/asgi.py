@@ -1,9 +1,11 @@
-"""ASGI types and the one ``send`` wrapper shared by the server's pure ASGI middleware (request ids and
-the access log, HTTP metrics): they must see a response's status and the moment its last body chunk
-went out, which a ``BaseHTTPMiddleware`` would report at the headers for a streamed response."""
+"""ASGI types, the base of the server's pure ASGI middleware, and the one ``send`` wrapper they share
+(request ids and the access log, HTTP metrics): they must see a response's status and the moment its
+last body chunk went out, which a ``BaseHTTPMiddleware`` would report at the headers for a streamed
+response."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -12,6 +14,24 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class HTTPMiddleware(ABC):
+    """Pure ASGI middleware (streamed responses pass through untouched) that acts on HTTP requests only:
+    other scopes (lifespan) go straight to ``app``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.handle(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    @abstractmethod
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one HTTP request, normally by calling ``self.app``."""
 
 
 class WatchedSend:

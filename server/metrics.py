@@ -28,7 +28,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from engine.metrics import LATENCY_BUCKETS
-from server.asgi import ASGIApp, Receive, Scope, Send, WatchedSend
+from server.asgi import HTTPMiddleware, Receive, Scope, Send, WatchedSend
 
 # Routes we label by name; anything else is "other" so scanners cannot blow up label cardinality.
 ENDPOINTS = {
@@ -225,17 +225,10 @@ def exposition() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
 
 
-class MetricsMiddleware:
-    """Pure ASGI middleware: times each request until its last body chunk, so streamed responses
-    count their full duration (a BaseHTTPMiddleware would stop the clock at the headers)."""
+class MetricsMiddleware(HTTPMiddleware):
+    """Times each request until its last body chunk, so streamed responses count their full duration."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
         start = time.perf_counter()
 

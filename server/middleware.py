@@ -10,7 +10,7 @@ import hmac
 from fastapi import Request
 from starlette.exceptions import HTTPException
 
-from server.asgi import ASGIApp, Message, Receive, Scope, Send
+from server.asgi import ASGIApp, HTTPMiddleware, Message, Receive, Scope, Send
 from server.errors import respond
 
 
@@ -21,21 +21,18 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(HTTPMiddleware):
     """413 for a body over ``max_bytes``: at once when ``Content-Length`` says so, else as soon as the
     streamed (chunked) body passes the limit, so an oversized upload is never buffered whole."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
     def _too_large(self) -> str:
         return f"request body exceeds {self.max_bytes} bytes (max_body_bytes)"
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         length = _header(scope, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             response = respond(Request(scope), 413, "payload_too_large", self._too_large(), "body")
@@ -77,7 +74,7 @@ def cache_salt(scope_or_request: Scope | Request) -> str | None:
     return scope.get("state", {}).get(_SALT)
 
 
-class AuthMiddleware:
+class AuthMiddleware(HTTPMiddleware):
     """Bearer API keys. Every configured key is compared in constant time (``hmac.compare_digest``
     over SHA-256 digests, no early exit); ``open_paths`` (the probes) need no key. An authorized
     request carries its key's prefix-cache salt (:func:`cache_salt`) unless ``share_prefix_cache``."""
@@ -85,7 +82,7 @@ class AuthMiddleware:
     def __init__(
         self, app: ASGIApp, keys: list[bytes], open_paths: frozenset[str], share_prefix_cache: bool = False
     ) -> None:
-        self.app = app
+        super().__init__(app)
         self.digests = [_digest(k) for k in keys]
         self.open_paths = open_paths
         self.share_prefix_cache = share_prefix_cache
@@ -102,8 +99,8 @@ class AuthMiddleware:
             ok |= hmac.compare_digest(presented, digest)
         return presented if ok else None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         digest = self.authorized(scope)

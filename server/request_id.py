@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 
-from server.asgi import ASGIApp, Receive, Scope, Send, WatchedSend
+from server.asgi import HTTPMiddleware, Receive, Scope, Send, WatchedSend
 
 HEADER = "x-request-id"
 # Printable, no spaces or quotes: safe to echo in a header and to put in a log line.
@@ -53,18 +53,12 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-class RequestIdMiddleware:
-    """Pure ASGI middleware (a streamed body keeps the id in context until its last chunk). It also
-    writes the access log line, at the last body chunk, so the line carries the id, the status and
-    the full duration of a streamed response (uvicorn's own access log knows neither id nor end)."""
+class RequestIdMiddleware(HTTPMiddleware):
+    """Sets the request's id (a streamed body keeps it in context until its last chunk) and writes the
+    access log line at the last body chunk, so the line carries the id, the status and the full duration
+    of a streamed response (uvicorn's own access log knows neither id nor end)."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         sent = dict(scope["headers"]).get(HEADER.encode(), b"").decode("latin-1")
         request_id = sent if _VALID.fullmatch(sent) else uuid.uuid4().hex
         # Not reset afterwards: each request runs in its own task (own context), and the 500 handler,
