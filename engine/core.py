@@ -28,7 +28,6 @@ from engine.protocol import (
     ClassifyResults,
     Hello,
     Ready,
-    Shutdown,
     StepOutputs,
     decode_to_core,
     encode,
@@ -62,7 +61,7 @@ class EngineCore:
         self._tasks: dict[int, asyncio.Task[None]] = {}
 
     async def serve(self) -> None:
-        """Until a :class:`Shutdown` frame arrives or the task is cancelled."""
+        """Until the process is stopped (the supervisor's SIGTERM, once the API servers have drained)."""
         context = zmq.asyncio.Context()
         pull = context.socket(zmq.PULL)
         pull.bind(self.address)
@@ -92,8 +91,6 @@ class EngineCore:
                     sock.setsockopt(zmq.SNDHWM, 0)
                     sock.connect(message.address)
                     await sock.send(encode(Ready(self.index, os.getpid(), self.details)))
-                elif isinstance(message, Shutdown):
-                    break
         finally:
             for task in self._tasks.values():
                 task.cancel()

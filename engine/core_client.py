@@ -221,14 +221,11 @@ class CoreClient:
             if not future.done():
                 future.set_exception(BatcherClosed(message))
 
-    async def close(self, shutdown_cores: bool = False) -> None:
+    async def close(self) -> None:
         if self._receiver is not None:
             self._receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._receiver
-        if shutdown_cores:
-            for sock in self._cores:
-                await sock.send(protocol.encode(protocol.Shutdown()))
         for sock in [self._pull, *self._cores]:
             sock.close(linger=100)
         self._context.term()

@@ -43,11 +43,7 @@ class CancelClassify(msgspec.Struct, tag="cancel", array_like=True):
     key: int
 
 
-class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
-    """Stop taking work, fail what is left and exit (sent by the supervisor's API server on exit)."""
-
-
-ToCore = Hello | AddRequest | Abort | ClassifyRequest | CancelClassify | Shutdown
+ToCore = Hello | AddRequest | Abort | ClassifyRequest | CancelClassify
 
 
 class TokenOutput(msgspec.Struct, array_like=True):
