@@ -8,6 +8,7 @@ and draining ends when no slot is held.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterable, Callable, MutableMapping
 from dataclasses import dataclass, field
@@ -124,9 +125,24 @@ class Admission:
     classify: Gate
     draining: bool = False
     all_gates: list[Gate] = field(init=False)
+    _cutoff: asyncio.Future[None] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.all_gates = [self.generate, self.tokens, self.streams, self.classify]
+
+    def cutoff(self) -> asyncio.Future[None]:
+        """Done when responses still under way must end now (the shutdown grace is over, or a second
+        signal skipped it): the routes wait on it beside their work, so they can answer with an error
+        (a stream's last event) instead of having their connection cut mid-response."""
+        loop = asyncio.get_running_loop()
+        if self._cutoff is None or self._cutoff.get_loop() is not loop:
+            self._cutoff = loop.create_future()
+        return self._cutoff
+
+    def cut(self) -> None:
+        """Ends every response under way (on the event loop that serves them)."""
+        if self._cutoff is not None and not self._cutoff.done():
+            self._cutoff.set_result(None)
 
     @classmethod
     def from_settings(cls, s: Settings, shared: SharedCounts | None = None) -> Admission:

@@ -21,6 +21,7 @@ T = TypeVar("T")
 DISCONNECT_POLL_S = 0.05
 TIMEOUT_HEADER = "X-Request-Timeout"
 DEADLINE_MESSAGE = "request deadline exceeded; the work was cancelled"
+SHUTDOWN_MESSAGE = "server shut down before the response was complete; the work was cancelled, retry elsewhere"
 
 
 def service_state(app: FastAPI) -> tuple[str, str | None]:
@@ -74,18 +75,26 @@ class ClientDisconnected(Exception):
     """The client went away before its response was ready."""
 
 
-async def until_disconnect(request: Request, work: Awaitable[T], deadline: float | None = None) -> T:
-    """Awaits ``work`` but cancels it as soon as the client disconnects or ``deadline`` (loop time)
-    passes (504), so a vanished or timed-out request stops holding a batch slot (its generator's
-    cleanup aborts the sequence in the engine)."""
+async def until_disconnect(
+    request: Request, work: Awaitable[T], deadline: float | None = None, cutoff: asyncio.Future[None] | None = None
+) -> T:
+    """Awaits ``work`` but cancels it as soon as the client disconnects, ``deadline`` (loop time)
+    passes (504) or ``cutoff`` is done (503: the server is shutting down, see ``Admission.cutoff``), so a
+    vanished or timed-out request stops holding a batch slot (its generator's cleanup aborts the
+    sequence in the engine)."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(work)
+    waited = {task} if cutoff is None else {task, cutoff}
     try:
         while True:
             poll = DISCONNECT_POLL_S if deadline is None else min(DISCONNECT_POLL_S, deadline - loop.time())
-            done, _ = await asyncio.wait({task}, timeout=max(poll, 0))
-            if done:
+            await asyncio.wait(waited, timeout=max(poll, 0), return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
                 return task.result()
+            if cutoff is not None and cutoff.done():
+                raise APIError(
+                    503, SHUTDOWN_MESSAGE, type="shutting_down", headers={"Retry-After": RETRY_AFTER["draining"]}
+                )
             if deadline is not None and loop.time() >= deadline:
                 raise APIError(504, DEADLINE_MESSAGE, type="timeout")
             if await request.is_disconnected():
@@ -105,7 +114,7 @@ async def on_encoder(request: Request, runtime: Runtime, n_items: int, work: Cal
     with admission(request).classification():
         try:
             runtime.batcher.check_room(n_items)
-            return await until_disconnect(request, work(), deadline)
+            return await until_disconnect(request, work(), deadline, admission(request).cutoff())
         except BatcherFull as exc:
             raise APIError(
                 429,
@@ -123,18 +132,30 @@ class DeadlineExceeded(Exception):
     """A streamed response ran past its deadline (headers are sent: it ends with an error event)."""
 
 
-async def within_deadline(chunks: AsyncIterator[T], deadline: float) -> AsyncIterator[T]:
-    """Passes ``chunks`` through until ``deadline`` (loop time), then closes them (which aborts the
-    engine request) and raises :class:`DeadlineExceeded`."""
+class StreamCut(Exception):
+    """A streamed response was still running when the server had to stop (it ends with an error event)."""
+
+
+async def within_deadline(
+    chunks: AsyncIterator[T], deadline: float, cutoff: asyncio.Future[None] | None = None
+) -> AsyncIterator[T]:
+    """Passes ``chunks`` through until ``deadline`` (loop time) or ``cutoff`` (see ``Admission.cutoff``),
+    then closes them (which aborts the engine request) and raises :class:`DeadlineExceeded` or
+    :class:`StreamCut`."""
     loop = asyncio.get_running_loop()
     try:
         while True:
+            step = asyncio.ensure_future(anext(chunks))
+            waited = {step} if cutoff is None else {step, cutoff}
+            await asyncio.wait(waited, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                step.cancel()
+                await asyncio.wait({step})
+                raise StreamCut if cutoff is not None and cutoff.done() else DeadlineExceeded
             try:
-                chunk = await asyncio.wait_for(anext(chunks), deadline - loop.time())
+                chunk = step.result()
             except StopAsyncIteration:
                 return
-            except asyncio.TimeoutError:
-                raise DeadlineExceeded from None
             yield chunk
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]

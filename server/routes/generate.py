@@ -25,8 +25,10 @@ from server.middleware import cache_salt
 from server.request_id import current_request_id
 from server.routes.common import (
     DEADLINE_MESSAGE,
+    SHUTDOWN_MESSAGE,
     ClientDisconnected,
     DeadlineExceeded,
+    StreamCut,
     admission,
     ready_runtime,
     request_deadline,
@@ -53,6 +55,8 @@ async def sse_events(chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[st
         yield "event: error\n" + sse(error_body("engine_error", str(exc)))
     except DeadlineExceeded:
         yield "event: error\n" + sse(error_body("timeout", DEADLINE_MESSAGE))
+    except StreamCut:
+        yield "event: error\n" + sse(error_body("shutting_down", SHUTDOWN_MESSAGE))
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
@@ -71,7 +75,8 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     check_prompt(settings, prompt_ids, field)
     max_tokens = resolve_max_tokens(settings, body.max_tokens)
     # Admitted by its size: the prompt and what it may generate (the KV cache it may come to hold).
-    with admission(request).generation([len(prompt_ids) + max_tokens], body.stream) as ticket:
+    gates = admission(request)
+    with gates.generation([len(prompt_ids) + max_tokens], body.stream) as ticket:
         log_prompt(settings, body.prompt if body.prompt is not None else body.messages, len(prompt_ids))
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -85,12 +90,12 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         chunks = timed(runtime.llm.generate(prompt_ids, params, current_request_id(), body.stream), arrival)
         if body.stream:
             return ticket.stream(
-                sse_events(within_deadline(chunks, deadline)),
+                sse_events(within_deadline(chunks, deadline, gates.cutoff())),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
         try:
-            done = await until_disconnect(request, collect(chunks), deadline)
+            done = await until_disconnect(request, collect(chunks), deadline, gates.cutoff())
         except ClientDisconnected:
             return Response(status_code=499)
         except EngineError as exc:

@@ -40,8 +40,10 @@ from server.middleware import cache_salt
 from server.request_id import current_request_id
 from server.routes.common import (
     DEADLINE_MESSAGE,
+    SHUTDOWN_MESSAGE,
     ClientDisconnected,
     DeadlineExceeded,
+    StreamCut,
     admission,
     encoder_inputs,
     on_encoder,
@@ -238,6 +240,9 @@ async def _stream_events(
     except DeadlineExceeded:
         yield sse(openai_error_body("server_error", DEADLINE_MESSAGE, code="timeout"))
         return
+    except StreamCut:
+        yield sse(openai_error_body("server_error", SHUTDOWN_MESSAGE, code="shutting_down"))
+        return
     if with_usage:
         usage = _usage(prompts, finals, choices).model_dump()
         object_ = "chat.completion.chunk" if kind == "chat" else "text_completion"
@@ -261,7 +266,8 @@ async def _serve(
     choices = _choices(body, prompts, max_tokens, cache_salt(request))
     deadline = request_deadline(request, settings.request_timeout_s)
     sizes = [len(c.prompt_ids) + c.params.max_tokens for c in choices]  # the KV cache each may come to hold
-    with admission(request).generation(sizes, body.stream, field="n") as ticket:
+    gates = admission(request)
+    with gates.generation(sizes, body.stream, field="n") as ticket:
         streams = [
             timed(
                 llm.generate(
@@ -275,11 +281,11 @@ async def _serve(
             for c in choices
         ]
         if body.stream:
-            streams = [within_deadline(s, deadline) for s in streams]
+            streams = [within_deadline(s, deadline, gates.cutoff()) for s in streams]
             events = _stream_events(kind, body, prompts, echoes, choices, streams, rid)
             return ticket.stream(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            done = await until_disconnect(request, _collect_all(streams), deadline)
+            done = await until_disconnect(request, _collect_all(streams), deadline, gates.cutoff())
         except ClientDisconnected:
             return Response(status_code=499)
         except EngineError as exc:
