@@ -33,7 +33,7 @@ from engine.llm_engine import AsyncLLM, LLMEngine
 from engine.sequence import SamplingParams
 from load_tests.loadgen import environment_info
 from server.config import Settings
-from server.runtime import Runtime, engine_config
+from server.runtime import Runtime
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -109,7 +109,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = base.tokenizer
     engines = {}
     for enabled in (True, False):
-        config = dataclasses.replace(engine_config(settings), enable_prefix_caching=enabled)
+        config = dataclasses.replace(base.config, enable_prefix_caching=enabled)
         engine = LLMEngine(base.runner.model, tokenizer, base.runner.device, base.runner.k_cache.dtype, config)
         engines["on" if enabled else "off"] = AsyncLLM(engine)
     for llm in engines.values():

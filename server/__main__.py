@@ -11,6 +11,7 @@ import uvicorn
 from server.app import create_app
 from server.config import Settings
 from server.draining import DrainingServer
+from server.hardware import engines_in_process
 from server.logs import configure_logging
 from server.processes import Supervisor
 
@@ -20,7 +21,7 @@ log = logging.getLogger("server")
 def main(argv: list[str] | None = None) -> None:
     settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
     configure_logging(settings.log_level)
-    if not settings.engine_in_process():
+    if not engines_in_process(settings):
         sys.exit(Supervisor(settings).run())
     app = create_app(settings)
     # access_log=False: server.access (server/request_id.py) writes the access lines, with request ids.

@@ -39,6 +39,7 @@ from server.admission import SharedCounts, shared_counts
 from server.app import create_app
 from server.config import Settings
 from server.draining import DrainingServer
+from server.hardware import api_servers
 from server.logs import configure_logging
 from server.runtime import Engines
 
@@ -135,7 +136,7 @@ class Supervisor:
             self.cores.append(context.Process(target=run_core, args=(s, i, address), name=f"engine-core-{i}"))
         sock = uvicorn.Config(app=None, host=s.host, port=s.port).bind_socket()
         counts = shared_counts(context)
-        for i in range(s.num_api_servers()):
+        for i in range(api_servers(s)):
             link = CoreLink(i, addresses, f"ipc://{self.run_dir}/api-{i}")
             self.api_servers.append(
                 context.Process(target=run_api_server, args=(s, link, sock, counts), name=f"api-server-{i}")

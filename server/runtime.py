@@ -30,14 +30,15 @@ from models.loader import LoadedEncoder, load_causal_lm, load_encoder
 from models.sources import resolve_spec
 from server import metrics
 from server.config import Settings
+from server.hardware import HardwarePolicy
 
 log = logging.getLogger(__name__)
 
 
-def engine_config(settings: Settings) -> EngineConfig:
+def engine_config(settings: Settings, policy: HardwarePolicy) -> EngineConfig:
     return EngineConfig(
         max_num_seqs=settings.max_num_seqs,
-        max_batched_tokens=settings.prefill_budget(),
+        max_batched_tokens=policy.prefill_budget,
         kv_cache_tokens=settings.kv_cache_tokens,
         block_size=settings.kv_block_size,
         max_model_len=settings.max_input_tokens + settings.max_new_tokens,
@@ -57,7 +58,6 @@ def _package_version() -> str:
 class CoreDetails:
     """What an API server needs from an engine core to serve without the models (pickled in ``Ready``)."""
 
-    device: str
     tokenizer: PreTrainedTokenizerBase | None
     max_model_len: int
     encoder: EncoderFrontend | None
@@ -65,6 +65,7 @@ class CoreDetails:
     cls_model_id: str | None
     info: dict[str, object]
     reports: dict[str, CompressionReport]
+    policy: HardwarePolicy
 
 
 @dataclass
@@ -73,7 +74,7 @@ class Engines:
     running. The same for the server's own process, an engine-core process and the benchmarks."""
 
     settings: Settings
-    device: torch.device
+    policy: HardwarePolicy
     engine: LLMEngine | None = None
     classifier: Classifier | None = None
     gen_model_id: str | None = None
@@ -83,26 +84,28 @@ class Engines:
 
     @classmethod
     def build(cls, settings: Settings) -> Engines:
-        """Blocking: loads every enabled model. Run it off the event loop."""
-        device, dtype = settings.torch_device(), settings.torch_dtype()
-        built = cls(settings=settings, device=device)
+        """Blocking: decides the hardware policy, then loads every enabled model. Run it off the event loop."""
+        policy = HardwarePolicy.decide(settings)
+        log.info("hardware policy: %s", policy.summary())
+        device, dtype = policy.torch_device, policy.torch_dtype
+        built = cls(settings=settings, policy=policy)
         if settings.enable_generate:
             start = time.perf_counter()
             loaded = load_causal_lm(settings.gen_model, settings.cache_dir, dtype, settings.tokenizer)
             model = Llama.from_hf(loaded.config, loaded.state_dict).to(device)
-            spec = default_spec(settings.quantize_method("gen"), settings.gen_prune)
+            spec = default_spec(policy.gen_quantize, settings.gen_prune)
             cache = settings.cache_dir if settings.compress_cache else None
             model, report = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache)
             built.reports["generate"] = report
             log.info("compression %s", report.summary())
-            built.engine = LLMEngine(model, loaded.tokenizer, device, dtype, engine_config(settings))
+            built.engine = LLMEngine(model, loaded.tokenizer, device, dtype, engine_config(settings, policy))
             built.gen_model_id = resolve_spec(settings.gen_model, "generate").name
             built.info["generate"] = {"model": loaded.source, "load_seconds": _loaded("generate", start)}
         if settings.enable_classify:
             start = time.perf_counter()
             encoder = load_encoder(settings.cls_model, settings.cache_dir, dtype, None)
             encoder.model.to(device)
-            spec = default_spec(settings.quantize_method("cls"), settings.cls_prune, "classify")
+            spec = default_spec(policy.cls_quantize, settings.cls_prune, "classify")
             cache = settings.cache_dir if settings.compress_cache else None
 
             def embedder(enc: LoadedEncoder) -> Callable[[list[str]], torch.Tensor]:
@@ -119,8 +122,8 @@ class Engines:
             version=_package_version(),
             gen_model=built.info["generate"]["model"] if "generate" in built.info else "off",
             cls_model=built.info["classify"]["model"] if "classify" in built.info else "off",
-            device=str(device),
-            dtype=str(dtype).removeprefix("torch."),
+            device=policy.device,
+            dtype=policy.dtype,
         ).set(1)
         return built
 
@@ -140,7 +143,6 @@ class Engines:
 
     def details(self) -> CoreDetails:
         return CoreDetails(
-            device=str(self.device),
             tokenizer=self.engine.tokenizer if self.engine is not None else None,
             max_model_len=self.engine.max_model_len if self.engine is not None else 0,
             encoder=self.classifier.frontend() if self.classifier is not None else None,
@@ -148,6 +150,7 @@ class Engines:
             cls_model_id=self.cls_model_id,
             info=self.info,
             reports=self.reports,
+            policy=self.policy,
         )
 
 
@@ -176,6 +179,7 @@ class Runtime:
     info: dict[str, object] = field(default_factory=dict)
     reports: dict[str, CompressionReport] = field(default_factory=dict)  # "generate" / "classify"
     cores: CoreClient | None = None  # set when the engines run in engine-core processes
+    policy: HardwarePolicy | None = None  # of the (first) engine core's device; /info shows it
 
     def __post_init__(self) -> None:
         if self.classifier is not None and self.settings.cls_cache_size > 0:
@@ -187,7 +191,7 @@ class Runtime:
         built = Engines.build(settings)
         return cls(
             settings=settings,
-            device=str(built.device),
+            device=built.policy.device,
             # A failed step turns /ready 503 from then on.
             llm=AsyncLLM(built.engine, on_error=lambda _: metrics.READY.set(0)) if built.engine else None,
             classifier=built.classifier,
@@ -196,6 +200,7 @@ class Runtime:
             cls_model_id=built.cls_model_id,
             info=built.info,
             reports=built.reports,
+            policy=built.policy,
         )
 
     @classmethod
@@ -209,7 +214,7 @@ class Runtime:
             cores.attach(llm)
         return cls(
             settings=settings,
-            device=details.device if len(answers) == 1 else f"{details.device} x{len(answers)}",
+            device=details.policy.device if len(answers) == 1 else f"{details.policy.device} x{len(answers)}",
             llm=llm,
             classifier=details.encoder,
             batcher=cores if details.encoder is not None else None,
@@ -218,6 +223,7 @@ class Runtime:
             info=details.info,
             reports=details.reports,
             cores=cores,
+            policy=details.policy,
         )
 
     async def start(self) -> None:

@@ -183,6 +183,9 @@ async def test_info_serves_the_compression_reports(client) -> None:
     assert gen["fidelity"]["top1_agreement"] > 0.8 and gen["fidelity"]["perplexity_change"] < 0.05
     cls = models["classify"]["compression"]
     assert cls["spec"]["quantize"] == "int8" and cls["fidelity"]["label_agreement"] >= 0.95
+    hardware = r.json()["hardware"]  # what `auto` meant here, and why
+    assert (hardware["device"], hardware["gen_quantize"], hardware["cls_quantize"]) == ("cpu", "int8", "int8")
+    assert "gen_quantize" in hardware["why"]
 
 
 @pytest.mark.integration

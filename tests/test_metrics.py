@@ -8,7 +8,7 @@ from importlib.metadata import version
 import httpx
 import pytest
 
-from server.config import Settings
+from server.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ async def test_metrics_after_traffic(client: httpx.AsyncClient) -> None:
     assert sample(text, "llm_kv_cache_usage_ratio") == 0
 
 
-async def test_startup_build_and_kv_metrics(client: httpx.AsyncClient, settings: Settings) -> None:
+async def test_startup_build_and_kv_metrics(client: httpx.AsyncClient, runtime: Runtime) -> None:
     await client.post("/generate", json={"prompt": "Hello", "max_tokens": 2})
     text = (await client.get("/metrics")).text
     assert sample(text, "llm_ready") == 1
@@ -55,8 +55,8 @@ async def test_startup_build_and_kv_metrics(client: httpx.AsyncClient, settings:
     assert build, "llm_build_info missing"
     labels = dict(re.findall(r'(\w+)="([^"]*)"', build.group(1)))
     assert labels["version"] == version("lowlat-server")
-    assert labels["device"] == str(settings.torch_device())
-    assert labels["dtype"] == str(settings.torch_dtype()).removeprefix("torch.")
+    assert runtime.policy is not None
+    assert (labels["device"], labels["dtype"]) == (runtime.policy.device, runtime.policy.dtype)
     assert labels["gen_model"] and labels["cls_model"]
     # The block gauges agree with the usage ratio; the pool has a size.
     used = sample(text, "llm_kv_cache_blocks", '{state="used"}')

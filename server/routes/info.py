@@ -1,4 +1,4 @@
-"""GET /info: what this server runs — models, device, and the startup compression reports."""
+"""GET /info: what this server runs — models, device, the hardware policy and the startup compression reports."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
 from models.compress import CompressionReport
+from server.hardware import HardwarePolicy
 from server.routes.common import ready_runtime
 
 router = APIRouter()
@@ -20,6 +21,7 @@ class ModelInfo(BaseModel):
 
 class InfoResponse(BaseModel):
     device: str
+    hardware: HardwarePolicy | None  # what `auto` settings resolved to on the (first) engine core's device
     models: list[ModelInfo]
 
 
@@ -37,4 +39,4 @@ async def info(request: Request) -> InfoResponse:
                 compression=runtime.reports.get(task),
             )
         )
-    return InfoResponse(device=str(runtime.device), models=models)
+    return InfoResponse(device=str(runtime.device), hardware=runtime.policy, models=models)

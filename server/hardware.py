@@ -1,0 +1,130 @@
+"""What ``auto`` means on this machine: device and dtype, each model's quantization, the prefill budget,
+how many API servers, and whether the engines run on a thread of the server or in engine-core processes.
+
+:meth:`HardwarePolicy.decide` decides it all once, in the process that owns the device (the one-process
+server, or each engine core), since the int8-wo kernel's self-check has to run on the device; the builder
+(server/runtime.py ``Engines.build``) logs it and ``/info`` shows it. The process layout part
+(:func:`api_servers`, :func:`engines_in_process`) reads only the settings and the host, so the supervisor,
+which never touches the device, decides it the same way. The measurements behind the choices:
+load_tests/results/compression/README.md#decisions.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from models import quant_kernels
+from server.config import Settings
+
+INT8_WO_MAX_SEQS = 64  # largest decode batch at which int8-wo measured no slower than bf16 on CUDA
+PREFILL_BUDGET = {"cpu": 512, "cuda": 4096}  # padded prompt tokens per prefill step
+
+
+class HardwarePolicy(BaseModel):
+    """The resolved values; ``why`` gives the reason for each one that was ``auto`` (or unset) in the settings."""
+
+    model_config = ConfigDict(frozen=True)
+
+    device: str
+    dtype: str
+    gen_quantize: str
+    cls_quantize: str
+    prefill_budget: int
+    engine_core: Literal["thread", "process"]
+    api_servers: int
+    why: dict[str, str]
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @classmethod
+    def decide(cls, settings: Settings) -> HardwarePolicy:
+        """Probes the device (and, for ``auto`` generation quantization on CUDA, runs the int8-wo kernel's
+        self-check on it)."""
+        why: dict[str, str] = {}
+        device = torch_device(settings)
+        if settings.device == "auto":
+            why["device"] = "CUDA is available" if device.type == "cuda" else "no CUDA device"
+        dtype = settings.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+            why["dtype"] = f"on {device.type}"
+        gen, cls_ = settings.gen_quantize, settings.cls_quantize
+        if gen == "auto":
+            gen, why["gen_quantize"] = _auto_gen_quantize(settings, device, getattr(torch, dtype))
+        if cls_ == "auto":
+            cls_ = "int8" if device.type == "cpu" else "none"
+            why["cls_quantize"] = "w8a8, the fastest on CPU" if cls_ == "int8" else "quantized ran slower on CUDA"
+        prefill = settings.max_batched_tokens
+        if prefill is None:
+            prefill = PREFILL_BUDGET[device.type]
+            why["prefill_budget"] = f"on {device.type}"
+        in_process = engines_in_process(settings)
+        if settings.engine_core == "auto":
+            alone = "one API server and engine, CPU"
+            why["engine_core"] = alone if in_process else "CUDA, several API servers or data parallel"
+        if settings.api_servers is None:
+            threads = settings.engine_core == "thread"
+            why["api_servers"] = "engine_core=thread" if threads else f"for {os.cpu_count()} CPU cores"
+        return cls(
+            device=str(device),
+            dtype=dtype,
+            gen_quantize=gen,
+            cls_quantize=cls_,
+            prefill_budget=prefill,
+            engine_core="thread" if in_process else "process",
+            api_servers=api_servers(settings),
+            why=why,
+        )
+
+    def summary(self) -> str:
+        """One log line: each value, with the reason where the settings left it to ``auto``."""
+        values = self.model_dump(exclude={"why"})
+        return ", ".join(f"{k}={v}" + (f" (auto: {self.why[k]})" if k in self.why else "") for k, v in values.items())
+
+
+def torch_device(settings: Settings) -> torch.device:
+    if settings.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available")
+    return torch.device(settings.device)
+
+
+def _auto_gen_quantize(settings: Settings, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    if device.type == "cpu":
+        return "int8", "w8a8 with SmoothQuant, the fastest on CPU"
+    if settings.max_num_seqs > INT8_WO_MAX_SEQS:
+        return "none", f"max_num_seqs {settings.max_num_seqs} > {INT8_WO_MAX_SEQS}, where int8-wo decodes slower"
+    # Without the kernel (no Triton, fp32, a failed self-check) int8-wo would dequantize per call.
+    if not quant_kernels.usable(device, dtype):
+        return "none", "the int8-wo kernel does not run here"
+    return "int8-wo", f"max_num_seqs {settings.max_num_seqs} <= {INT8_WO_MAX_SEQS} and the int8-wo kernel runs here"
+
+
+def api_servers(settings: Settings) -> int:
+    """As set; else one with ``engine_core=thread`` or up to 4 CPU cores, else a quarter of the cores (at most 8)."""
+    if settings.api_servers is not None:
+        return settings.api_servers
+    if settings.engine_core == "thread":
+        return 1
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 4 else min(8, cores // 4)
+
+
+def engines_in_process(settings: Settings) -> bool:
+    """Engines on a thread of the one server process, or in engine-core processes: ``auto`` takes the
+    thread only for one API server and one engine on CPU."""
+    if settings.engine_core != "auto":
+        return settings.engine_core == "thread"
+    several = api_servers(settings) > 1 or settings.data_parallel_size > 1
+    return not several and torch_device(settings).type == "cpu"
