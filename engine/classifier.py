@@ -27,8 +27,8 @@ from engine.response_cache import BytesLRU
 DEFAULT_TEMPERATURE = 0.05
 # Multi-label: each label is scored independently as sigmoid((cos - threshold) / temperature).
 # The scale is the training scale above; the threshold is where a label becomes "more likely than
-# not". For MiniLM, text/label pairs that match lie around cos 0.37-0.6 and unrelated ones below
-# ~0.25 (measured on customer-service messages vs short labels), so 0.35 sits between the two.
+# not": for MiniLM on customer-service messages it lies above nearly all unrelated text/label pairs'
+# cosines and near the matching pairs' median (load_tests/results/label_threshold/results.md).
 DEFAULT_MULTI_LABEL_THRESHOLD = 0.35
 # Label embeddings kept for reuse, bounded by bytes (labels are client text): ~5,000 of the longest
 # labels accepted or ~8,000 short ones with MiniLM's 384 floats; a tensor's own bookkeeping is a flat overhead.
