@@ -3,22 +3,16 @@ a CLI flag (``python -m server --help``)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models import quant_kernels
-
 # The largest pruning shares that kept the default within +5% perplexity / >= 99% label agreement (none
-# for classification), and the largest decode batch at which int8-wo measured no slower than bf16 on CUDA:
-# load_tests/results/compression/README.md#decisions.
+# for classification): load_tests/results/compression/README.md#decisions.
 DEFAULT_GEN_PRUNE = 0.01
 DEFAULT_CLS_PRUNE = 0.0
-INT8_WO_MAX_SEQS = 64
 
 
 def default_cache_dir() -> Path:
@@ -54,8 +48,8 @@ class Settings(BaseSettings):
     # Compression at startup (models/compress.py); defaults chosen from load_tests/results/compression/
     gen_quantize: Literal["auto", "none", "int8", "int8-wo", "fp8"] = Field(
         "auto",
-        description="generation weights: 'auto' = int8 on CPU; on CUDA int8-wo up to "
-        f"{INT8_WO_MAX_SEQS} sequences per batch, none above (int8-wo decodes slower at larger batches)",
+        description="generation weights: 'auto' = int8 on CPU; on CUDA int8-wo while max_num_seqs is small, else "
+        "none (what it chose is logged at startup and shown at /info)",
     )
     gen_prune: float = Field(DEFAULT_GEN_PRUNE, ge=0.0, lt=1.0, description="share of MLP channels pruned (generation)")
     cls_quantize: Literal["auto", "none", "int8", "int8-wo", "fp8"] = Field(
@@ -167,26 +161,11 @@ class Settings(BaseSettings):
             raise ValueError("default_max_tokens must not exceed max_new_tokens")
         if self.max_input_tokens + self.max_new_tokens > self.kv_cache_tokens:
             raise ValueError("kv_cache_tokens must hold at least one max_input_tokens + max_new_tokens sequence")
-        if self.engine_core == "thread" and (self.num_api_servers() > 1 or self.data_parallel_size > 1):
+        if self.engine_core == "thread" and ((self.api_servers or 1) > 1 or self.data_parallel_size > 1):
             raise ValueError("engine_core=thread runs one API server and one engine: drop api_servers/data_parallel")
         if self.cls_max_inputs > self.cls_max_queued_inputs:
             raise ValueError("cls_max_queued_inputs must be at least cls_max_inputs (one full call must fit)")
         return self
-
-    def num_api_servers(self) -> int:
-        if self.api_servers is not None:
-            return self.api_servers
-        if self.engine_core == "thread":
-            return 1
-        cores = os.cpu_count() or 1
-        return 1 if cores <= 4 else min(8, cores // 2)
-
-    def engine_in_process(self) -> bool:
-        """Engines on a thread of the one server process, or in engine-core processes."""
-        if self.engine_core != "auto":
-            return self.engine_core == "thread"
-        several = self.num_api_servers() > 1 or self.data_parallel_size > 1
-        return not several and self.torch_device().type == "cpu"
 
     def accepted_keys(self) -> list[bytes]:
         """API keys from ``api_keys`` and ``api_keys_file`` (blank lines and ``#`` comments skipped)."""
@@ -195,33 +174,3 @@ class Settings(BaseSettings):
             lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
             keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         return [k.encode() for k in keys if k]
-
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device=cuda but no CUDA device is available")
-        return torch.device(self.device)
-
-    def quantize_method(self, which: str) -> str:
-        """The quantization method for ``which`` ('gen' or 'cls'), resolving 'auto' for this device."""
-        method = getattr(self, f"{which}_quantize")
-        if method != "auto":
-            return method
-        if self.torch_device().type == "cpu":
-            return "int8"
-        # On CUDA int8-wo decodes faster than bf16 up to INT8_WO_MAX_SEQS sequences and classifies slower
-        # (load_tests/results/compression/README.md#decisions). Without the kernel (no Triton, fp32, a failed
-        # self-check) int8-wo would dequantize per call.
-        fast = quant_kernels.usable(self.torch_device(), self.torch_dtype())
-        return "int8-wo" if which == "gen" and self.max_num_seqs <= INT8_WO_MAX_SEQS and fast else "none"
-
-    def prefill_budget(self) -> int:
-        if self.max_batched_tokens is not None:
-            return self.max_batched_tokens
-        return 512 if self.torch_device().type == "cpu" else 4096
-
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
-        return getattr(torch, self.dtype)

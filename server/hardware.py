@@ -112,13 +112,13 @@ def _auto_gen_quantize(settings: Settings, device: torch.device, dtype: torch.dt
 
 
 def api_servers(settings: Settings) -> int:
-    """As set; else one with ``engine_core=thread`` or up to 4 CPU cores, else a quarter of the cores (at most 8)."""
+    """As set; else one with ``engine_core=thread`` or up to 4 CPU cores, else half the cores (at most 8)."""
     if settings.api_servers is not None:
         return settings.api_servers
     if settings.engine_core == "thread":
         return 1
     cores = os.cpu_count() or 1
-    return 1 if cores <= 4 else min(8, cores // 4)
+    return 1 if cores <= 4 else min(8, cores // 2)
 
 
 def engines_in_process(settings: Settings) -> bool:

@@ -61,6 +61,8 @@ def test_process_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (policy.engine_core, policy.api_servers) == ("thread", 1)
     monkeypatch.setattr("os.cpu_count", lambda: 64)
     assert api_servers(Settings()) == 8 and api_servers(Settings(engine_core="thread")) == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 12)
+    assert api_servers(Settings()) == 6
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert not engines_in_process(Settings()) and engines_in_process(Settings(engine_core="thread"))

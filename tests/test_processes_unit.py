@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.config import Settings
+from server.hardware import api_servers
 from server.processes import core_device
 
 pytestmark = pytest.mark.unit
@@ -18,7 +19,7 @@ def test_each_data_parallel_core_gets_its_own_gpu() -> None:
 
 
 def test_api_server_count() -> None:
-    assert Settings(api_servers=3).num_api_servers() == 3
-    assert Settings(engine_core="thread").num_api_servers() == 1
+    assert api_servers(Settings(api_servers=3)) == 3
+    assert api_servers(Settings(engine_core="thread")) == 1
     with pytest.raises(ValueError, match="one API server"):
         Settings(engine_core="thread", api_servers=2)
