@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    DrainingServer(config, app.state.admission, settings.shutdown_grace_s).run()
+    DrainingServer(config, app.state.admission, settings.shutdown_grace_s, settings.header_read_timeout_s).run()
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ def create_app(
     app.state.admission = Admission.from_settings(settings, shared_counts)
     install_error_handlers(app)
     # Added innermost first. CORS answers preflights before auth; metrics count 401s and 413s too.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, read_timeout_s=settings.body_read_timeout_s
+    )
     keys = settings.accepted_keys()
     if keys:
         probes = frozenset({"/health", "/ready", "/metrics"} if settings.public_probes else ())

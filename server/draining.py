@@ -1,20 +1,77 @@
-"""Graceful shutdown for uvicorn: drain admitted work before closing."""
+"""The uvicorn server: graceful shutdown (drain admitted work before closing) and a deadline for each
+request's headers."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn.config import HTTP_PROTOCOLS
+from uvicorn.importer import import_from_string
 
 from server import metrics
 from server.admission import Admission
+from server.asgi import Receive, Scope, Send
 
 log = logging.getLogger("server")
 
 # Once responses under way are cut (see Admission.cut): time for them to send their last event or error.
 CUT_FLUSH_S = 1.0
+
+
+def header_deadline(base: type[asyncio.Protocol], timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol ``base`` (httptools or h11) closing a connection that has not sent a
+    request's complete headers ``timeout_s`` after it opened or after its previous response: uvicorn
+    bounds the idle wait between requests (keep-alive) but not a slow trickle of header bytes, so
+    without this a slowloris client holds its connection for ever. The body's deadline is an ASGI
+    middleware's (``server.middleware.BodyLimitMiddleware``), which can still answer 408."""
+
+    class HeaderDeadline(base):  # type: ignore[valid-type,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._header_timer: asyncio.TimerHandle | None = None
+            app = self.app
+
+            async def headers_in(scope: Scope, receive: Receive, send: Send) -> None:
+                self._disarm()  # uvicorn calls the app once a request's headers are complete
+                await app(scope, receive, send)
+
+            self.app = headers_in
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(timeout_s, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                log.debug("closing a connection whose request headers took over %.0f s", timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request's headers (a pipelined one's app call disarms it again)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    HeaderDeadline.__name__ = f"HeaderDeadline{base.__name__}"
+    return HeaderDeadline
 
 
 class DrainingServer(uvicorn.Server):
@@ -24,9 +81,12 @@ class DrainingServer(uvicorn.Server):
     takes over (closing idle connections) and the lifespan stops the engines. When ``grace_s`` has
     passed, or a second signal skips the drain, the responses still under way are cut first: a stream
     ends with an ``error`` event, a whole response with 503, as a deadline ends them, rather than with
-    a dropped connection."""
+    a dropped connection. Each request's headers must arrive within ``header_timeout_s``
+    (:func:`header_deadline`)."""
 
-    def __init__(self, config: uvicorn.Config, admission: Admission, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, admission: Admission, grace_s: float, header_timeout_s: float) -> None:
+        base = import_from_string(HTTP_PROTOCOLS[config.http]) if isinstance(config.http, str) else config.http
+        config.http = header_deadline(base, header_timeout_s)
         super().__init__(config)
         self.admission = admission
         self.grace_s = grace_s

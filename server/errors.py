@@ -90,8 +90,8 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    kinds = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-    kind, field = kinds.get(exc.status_code, "http_error"), "body" if exc.status_code in (400, 413) else None
+    kinds = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 408: "timeout", 413: "payload_too_large"}
+    kind, field = kinds.get(exc.status_code, "http_error"), "body" if exc.status_code in (400, 408, 413) else None
     return respond(request, exc.status_code, kind, str(exc.detail), field, headers=exc.headers)
 
 

@@ -4,6 +4,7 @@ an authenticated request (:func:`cache_salt`)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 
@@ -23,14 +24,21 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 class BodyLimitMiddleware(HTTPMiddleware):
     """413 for a body over ``max_bytes``: at once when ``Content-Length`` says so, else as soon as the
-    streamed (chunked) body passes the limit, so an oversized upload is never buffered whole."""
+    streamed (chunked) body passes the limit, so an oversized upload is never buffered whole. 408 (and
+    the connection closed) for a body not all received ``read_timeout_s`` after its headers: a client
+    that promises a body and stalls (slowloris) holds a connection and a task for a bounded time only."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout_s: float) -> None:
         super().__init__(app)
         self.max_bytes = max_bytes
+        self.read_timeout_s = read_timeout_s
 
     def _too_large(self) -> str:
         return f"request body exceeds {self.max_bytes} bytes (max_body_bytes)"
+
+    def _too_slow(self) -> HTTPException:
+        message = f"request body not received within {self.read_timeout_s:g} s (body_read_timeout_s)"
+        return HTTPException(408, message, headers={"Connection": "close"})
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         length = _header(scope, b"content-length")
@@ -38,15 +46,23 @@ class BodyLimitMiddleware(HTTPMiddleware):
             response = respond(Request(scope), 413, "payload_too_large", self._too_large(), "body")
             await response(scope, receive, send)
             return
-        received = 0
+        received, complete = 0, False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout_s
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # the body is in: what follows is the wait for a disconnect, unbounded
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                raise self._too_slow() from None  # the app's error handlers shape it
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise HTTPException(413, self._too_large())  # the app's error handlers shape it
+                    raise HTTPException(413, self._too_large())
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         await self.app(scope, limited, send)

@@ -112,7 +112,8 @@ def run_api_server(settings: Settings, link: CoreLink, sock: socket.socket, coun
         access_log=False,
         timeout_graceful_shutdown=settings.shutdown_grace_s,
     )
-    DrainingServer(config, app.state.admission, settings.shutdown_grace_s).run(sockets=[sock])
+    server = DrainingServer(config, app.state.admission, settings.shutdown_grace_s, settings.header_read_timeout_s)
+    server.run(sockets=[sock])
 
 
 class Supervisor:

@@ -138,7 +138,7 @@ def test_a_stream_started_after_the_cut_ends_at_once() -> None:
 def server(grace_s: float) -> tuple[DrainingServer, Admission]:
     admission = Admission.from_settings(Settings())
     config = uvicorn.Config(app=lambda: None, timeout_graceful_shutdown=grace_s)
-    return DrainingServer(config, admission, grace_s), admission
+    return DrainingServer(config, admission, grace_s, header_timeout_s=10.0), admission
 
 
 def busy(admission: Admission) -> None:
