@@ -13,22 +13,44 @@ from engine.llm_engine import EngineError, GenerationChunk, LLMClient
 from server import chat_template, metrics
 from server.config import Settings
 from server.errors import APIError
+from server.schemas import MAX_CHARS_PER_TOKEN
 
 log = logging.getLogger(__name__)
 
 
-def encode_chat(llm: LLMClient, messages: list[dict[str, str]], field: str = "messages") -> list[int]:
-    """Chat turns in the model's own template (with the assistant turn's header); content stays text."""
+def encode_chat(
+    llm: LLMClient, settings: Settings, messages: list[dict[str, str]], field: str = "messages"
+) -> list[int]:
+    """Chat turns in the model's own template (with the assistant turn's header); content stays text.
+    Their content is bounded in characters (all turns together) before the template is rendered."""
     if not llm.tokenizer.chat_template:
         raise APIError(400, "this model has no chat template; send a plain prompt instead", field=field)
+    check_chars(settings, sum(len(m["content"]) for m in messages), field)
     try:
         return chat_template.encode_chat(llm.tokenizer, messages)
     except chat_template.UnsafeContentError as exc:
         raise APIError(400, str(exc), field=exc.field) from exc
 
 
-def encode_text(llm: LLMClient, prompt: str) -> list[int]:
-    return llm.tokenizer(prompt).input_ids
+def encode_texts(llm: LLMClient, settings: Settings, prompts: list[str], fields: list[str]) -> list[list[int]]:
+    """Plain prompts' tokens (one tokenizer call), every prompt's characters bounded before any is tokenized."""
+    for prompt, field in zip(prompts, fields, strict=True):
+        check_chars(settings, len(prompt), field)
+    return llm.tokenizer(prompts).input_ids
+
+
+def check_chars(settings: Settings, n_chars: int, field: str) -> None:
+    """A prompt's size in characters, checked before tokenizing it (or rendering its template): a text far
+    over the token limit costs the tokenizer time in proportion to its length only to be refused."""
+    max_chars = settings.max_input_tokens * MAX_CHARS_PER_TOKEN
+    if n_chars > max_chars:
+        raise APIError(
+            400,
+            f"{field} has {n_chars} characters; the limit is {max_chars} "
+            f"({MAX_CHARS_PER_TOKEN} per token of max_input_tokens)",
+            type="input_too_long",
+            field=field,
+        )
 
 
 def check_prompt(settings: Settings, prompt_ids: list[int], field: str) -> None:

@@ -229,14 +229,14 @@ async def test_one_failing_request_fails_alone(make_client, monkeypatch: pytest.
     from server.routes import generate
 
     client = await make_client()
-    real = generate.encode_text
+    real = generate.encode_texts
 
-    def exploding(llm, prompt):  # an unexpected bug hit by one particular request
-        if prompt == "explode":
+    def exploding(llm, settings, prompts, fields):  # an unexpected bug hit by one particular request
+        if prompts == ["explode"]:
             raise RuntimeError("boom in /srv/secret/module.py")
-        return real(llm, prompt)
+        return real(llm, settings, prompts, fields)
 
-    monkeypatch.setattr(generate, "encode_text", exploding)
+    monkeypatch.setattr(generate, "encode_texts", exploding)
     errors_before = REQUESTS.labels(endpoint="/generate", status="500")._value.get()
     ok, bad = await asyncio.gather(
         client.post("/generate", json={"prompt": "Hello", "max_tokens": 4}),

@@ -30,7 +30,7 @@ from server.generation import (
     check_prompt,
     collect,
     encode_chat,
-    encode_text,
+    encode_texts,
     log_prompt,
     resolve_max_tokens,
     sse,
@@ -323,7 +323,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     runtime = ready_runtime(request)
     llm = _llm(runtime, body)
     messages = body.template_messages()
-    prompt_ids = encode_chat(llm, messages)
+    prompt_ids = encode_chat(llm, runtime.settings, messages)
     check_prompt(runtime.settings, prompt_ids, "messages")
     log_prompt(runtime.settings, messages, len(prompt_ids))
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -335,9 +335,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completions(body: CompletionRequest, request: Request) -> Response:
     runtime = ready_runtime(request)
     llm = _llm(runtime, body)
-    prompts = [encode_text(llm, p) for p in body.prompts]
-    for i, ids in enumerate(prompts):
-        check_prompt(runtime.settings, ids, "prompt" if isinstance(body.prompt, str) else f"prompt.{i}")
+    fields = ["prompt"] if isinstance(body.prompt, str) else [f"prompt.{i}" for i in range(len(body.prompts))]
+    prompts = encode_texts(llm, runtime.settings, body.prompts, fields)
+    for ids, field in zip(prompts, fields, strict=True):
+        check_prompt(runtime.settings, ids, field)
     log_prompt(runtime.settings, body.prompts, sum(len(ids) for ids in prompts))
     max_tokens = resolve_max_tokens(runtime.settings, body.max_tokens)
     echoes = body.prompts if body.echo else [""] * len(prompts)
