@@ -3,11 +3,18 @@ limits, the metrics wrapper around a chunk stream, collecting a whole completion
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
+
+from transformers import PreTrainedTokenizerBase
 
 from engine.llm_engine import EngineError, GenerationChunk, LLMClient
 from server import chat_template, metrics
@@ -16,27 +23,54 @@ from server.errors import APIError
 from server.schemas import MAX_CHARS_PER_TOKEN
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def encode_chat(
+# Texts from this many characters are tokenized (and chats rendered) on a worker thread, shorter ones on the
+# event loop, where they cost less than the hop; longer ones, encoded on the loop, stall every stream
+# and probe the process serves (load_tests/results/tokenize_offload/results.md).
+OFF_LOOP_CHARS = 1024
+_WORKER = ThreadPoolExecutor(1, thread_name_prefix="tokenize")  # one: an API server's share of the host's cores
+_worker_copies: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, PreTrainedTokenizerBase] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _tokenize(
+    tokenizer: PreTrainedTokenizerBase, n_chars: int, work: Callable[[PreTrainedTokenizerBase], T]
+) -> T:
+    """``work(tokenizer)`` on the loop for short texts, else on the worker thread with a copy of the
+    tokenizer of its own: an HF tokenizer sets per-call flags on its Rust backend (split_special_tokens,
+    which keeps chat content from forging control tokens), so one instance must never encode on two
+    threads at once."""
+    if n_chars < OFF_LOOP_CHARS:
+        return work(tokenizer)
+    own = _worker_copies.get(tokenizer)
+    if own is None:
+        own = _worker_copies[tokenizer] = copy.deepcopy(tokenizer)
+    return await asyncio.get_running_loop().run_in_executor(_WORKER, work, own)
+
+
+async def encode_chat(
     llm: LLMClient, settings: Settings, messages: list[dict[str, str]], field: str = "messages"
 ) -> list[int]:
     """Chat turns in the model's own template (with the assistant turn's header); content stays text.
     Their content is bounded in characters (all turns together) before the template is rendered."""
     if not llm.tokenizer.chat_template:
         raise APIError(400, "this model has no chat template; send a plain prompt instead", field=field)
-    check_chars(settings, sum(len(m["content"]) for m in messages), field)
+    n_chars = sum(len(m["content"]) for m in messages)
+    check_chars(settings, n_chars, field)
     try:
-        return chat_template.encode_chat(llm.tokenizer, messages)
+        return await _tokenize(llm.tokenizer, n_chars, lambda tok: chat_template.encode_chat(tok, messages))
     except chat_template.UnsafeContentError as exc:
         raise APIError(400, str(exc), field=exc.field) from exc
 
 
-def encode_texts(llm: LLMClient, settings: Settings, prompts: list[str], fields: list[str]) -> list[list[int]]:
+async def encode_texts(llm: LLMClient, settings: Settings, prompts: list[str], fields: list[str]) -> list[list[int]]:
     """Plain prompts' tokens (one tokenizer call), every prompt's characters bounded before any is tokenized."""
     for prompt, field in zip(prompts, fields, strict=True):
         check_chars(settings, len(prompt), field)
-    return llm.tokenizer(prompts).input_ids
+    return await _tokenize(llm.tokenizer, sum(map(len, prompts)), lambda tok: tok(prompts).input_ids)
 
 
 def check_chars(settings: Settings, n_chars: int, field: str) -> None:

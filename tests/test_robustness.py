@@ -231,10 +231,10 @@ async def test_one_failing_request_fails_alone(make_client, monkeypatch: pytest.
     client = await make_client()
     real = generate.encode_texts
 
-    def exploding(llm, settings, prompts, fields):  # an unexpected bug hit by one particular request
+    async def exploding(llm, settings, prompts, fields):  # an unexpected bug hit by one particular request
         if prompts == ["explode"]:
             raise RuntimeError("boom in /srv/secret/module.py")
-        return real(llm, settings, prompts, fields)
+        return await real(llm, settings, prompts, fields)
 
     monkeypatch.setattr(generate, "encode_texts", exploding)
     errors_before = REQUESTS.labels(endpoint="/generate", status="500")._value.get()

@@ -68,10 +68,11 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     settings = runtime.settings
     deadline = request_deadline(request, settings.request_timeout_s)
     if body.messages is not None:
-        field, prompt_ids = "messages", encode_chat(runtime.llm, settings, [m.model_dump() for m in body.messages])
+        field = "messages"
+        prompt_ids = await encode_chat(runtime.llm, settings, [m.model_dump() for m in body.messages])
     else:
         assert body.prompt is not None
-        field, (prompt_ids,) = "prompt", encode_texts(runtime.llm, settings, [body.prompt], ["prompt"])
+        field, (prompt_ids,) = "prompt", await encode_texts(runtime.llm, settings, [body.prompt], ["prompt"])
     check_prompt(settings, prompt_ids, field)
     max_tokens = resolve_max_tokens(settings, body.max_tokens)
     # Admitted by its size: the prompt and what it may generate (the KV cache it may come to hold).

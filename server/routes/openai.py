@@ -323,7 +323,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     runtime = ready_runtime(request)
     llm = _llm(runtime, body)
     messages = body.template_messages()
-    prompt_ids = encode_chat(llm, runtime.settings, messages)
+    prompt_ids = await encode_chat(llm, runtime.settings, messages)
     check_prompt(runtime.settings, prompt_ids, "messages")
     log_prompt(runtime.settings, messages, len(prompt_ids))
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -336,7 +336,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     runtime = ready_runtime(request)
     llm = _llm(runtime, body)
     fields = ["prompt"] if isinstance(body.prompt, str) else [f"prompt.{i}" for i in range(len(body.prompts))]
-    prompts = encode_texts(llm, runtime.settings, body.prompts, fields)
+    prompts = await encode_texts(llm, runtime.settings, body.prompts, fields)
     for ids, field in zip(prompts, fields, strict=True):
         check_prompt(runtime.settings, ids, field)
     log_prompt(runtime.settings, body.prompts, sum(len(ids) for ids in prompts))
