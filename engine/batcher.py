@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +59,11 @@ class DynamicBatcher(Generic[T, R]):
       never waits longer than that for company, and items that queued up while the previous
       batch was running go out immediately).
 
+    Batches are filled round-robin over the waiting calls (``submit_many``'s items form one call, a
+    ``submit`` its own): one item from each call in turn, the calls served last going to the back. A
+    call of one input thus runs in the next batch however many inputs bigger calls queued before it;
+    within a call items keep their order.
+
     Within a batch items are sorted by cost (ascending) to keep similar lengths together, and
     results are scattered back to each caller's future. ``run_batch`` must return one result per
     item in the order given; it may put an ``Exception`` instance in place of a result to fail
@@ -66,8 +73,10 @@ class DynamicBatcher(Generic[T, R]):
     The server passes its own limits (``cls_max_*`` settings; why its wait is 0:
     load_tests/results/serve/README.md#what-the-figures-say).
     ``cost`` defaults to 1 per item (then only the size and wait limits matter). ``max_queued``
-    bounds the waiting items: a submission that would pass it raises ``BatcherFull`` at once, so a
-    flood is refused instead of queueing without end.
+    bounds the waiting items, and their summed cost to as many full batches as it makes
+    (``ceil(max_queued / max_batch_size) * max_batch_tokens``): a submission that would pass either
+    raises ``BatcherFull`` at once, so a flood is refused instead of queueing without end (a call
+    that finds the queue empty is always taken: the callers bound one call's size).
 
     Lifecycle: ``start()`` inside a running loop (``submit`` starts it lazily too), ``await
     stop()`` to drain (default) or to fail pending items with ``BatcherClosed``.
@@ -100,7 +109,10 @@ class DynamicBatcher(Generic[T, R]):
         self.name = name
         self._own_executor = executor is None
         self._executor = executor
-        self._queue: deque[_Pending[T]] = deque()
+        self.max_queued_cost = None if max_queued is None else math.ceil(max_queued / max_batch_size) * max_batch_tokens
+        # Waiting items by call, in round-robin order (the next batch starts with the first call).
+        self._calls: dict[int, deque[_Pending[T]]] = {}
+        self._call_ids = itertools.count()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -119,12 +131,12 @@ class DynamicBatcher(Generic[T, R]):
     @property
     def queued(self) -> int:
         """Items waiting for a batch (not counting the batch being executed); for backpressure."""
-        return len(self._queue)
+        return sum(len(call) for call in self._calls.values())
 
     @property
     def queued_cost(self) -> int:
         """Summed cost (tokens) of the waiting items."""
-        return sum(p.cost for p in self._queue)
+        return sum(p.cost for call in self._calls.values() for p in call)
 
     def start(self) -> None:
         """Start the background batching task on the running event loop (idempotent)."""
@@ -169,35 +181,42 @@ class DynamicBatcher(Generic[T, R]):
 
     # ------------------------------------------------------------------ submission
 
-    def check_room(self, n: int) -> None:
-        """Raises ``BatcherFull`` (or ``BatcherClosed``) unless ``n`` more items may queue now."""
+    def check_room(self, n: int, cost: int = 0) -> None:
+        """Raises ``BatcherFull`` (or ``BatcherClosed``) unless ``n`` more items of summed ``cost`` may
+        queue now."""
         if self._closing:
             raise BatcherClosed(f"batcher {self.name!r} is stopped")
-        if self.max_queued is not None and len(self._queue) + n > self.max_queued:
-            raise BatcherFull(f"{len(self._queue)} of at most {self.max_queued} items already queued")
+        queued = self.queued
+        if self.max_queued is not None and queued + n > self.max_queued:
+            raise BatcherFull(f"{queued} of at most {self.max_queued} items already queued")
+        if self.max_queued_cost is not None and queued and self.queued_cost + cost > self.max_queued_cost:
+            raise BatcherFull(f"{self.queued_cost} of at most {self.max_queued_cost} tokens already queued")
 
-    def _enqueue(self, item: T) -> asyncio.Future[R]:
+    def _enqueue(self, call: int, item: T, cost: int) -> asyncio.Future[R]:
         if not self.running:
             self.start()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
-        self._queue.append(_Pending(item, int(self.cost(item)), fut, loop.time()))
-        self._queued_gauge.set(len(self._queue))
+        self._calls.setdefault(call, deque()).append(_Pending(item, cost, fut, loop.time()))
+        self._queued_gauge.set(self.queued)
         assert self._wakeup is not None
         self._wakeup.set()
         return fut
 
     async def submit(self, item: T) -> R:
         """Queue one item and wait for its result (cancelling the await drops the item)."""
-        self.check_room(1)
-        return await self._enqueue(item)
+        cost = int(self.cost(item))
+        self.check_room(1, cost)
+        return await self._enqueue(next(self._call_ids), item, cost)
 
     async def submit_many(self, items: Iterable[T]) -> list[R]:
-        """Queue several items at once, all or none (``BatcherFull``); results in input order.
-        If one fails, the rest are dropped."""
+        """Queue several items at once, all or none (``BatcherFull``), as one call; results in input
+        order. If one fails, the rest are dropped."""
         items = list(items)
-        self.check_room(len(items))
-        futures = [self._enqueue(item) for item in items]
+        costs = [int(self.cost(item)) for item in items]
+        self.check_room(len(items), sum(costs))
+        call = next(self._call_ids)
+        futures = [self._enqueue(call, item, cost) for item, cost in zip(items, costs, strict=True)]
         if not futures:
             return []
         try:
@@ -209,52 +228,67 @@ class DynamicBatcher(Generic[T, R]):
 
     # ------------------------------------------------------------------ batching loop
 
-    def _drop_cancelled_head(self) -> None:
-        while self._queue and self._queue[0].future.done():
-            self._queue.popleft()
+    def _drop_cancelled_heads(self) -> None:
+        """Items whose caller went away leave the front of their call's queue; empty calls leave."""
+        for call, pending in list(self._calls.items()):
+            while pending and pending[0].future.done():
+                pending.popleft()
+            if not pending:
+                del self._calls[call]
 
-    def _batch_full(self) -> bool:
-        """Whether the queued items already close a batch (size reached or next would not fit)."""
-        count = tokens = 0
-        for p in self._queue:
-            if p.future.done():
-                continue
-            if count >= self.max_batch_size or (count and tokens + p.cost > self.max_batch_tokens):
-                return True
-            count += 1
-            tokens += p.cost
-        return count >= self.max_batch_size or tokens >= self.max_batch_tokens
-
-    def _take_batch(self) -> list[_Pending[T]]:
+    def _plan(self) -> tuple[list[_Pending[T]], bool]:
+        """The next batch, one live item from each call in turn, and whether it is closed: the size
+        is reached, or the next item in turn would pass the token budget."""
+        turns = [(p for p in pending if not p.future.done()) for pending in self._calls.values()]
         batch: list[_Pending[T]] = []
         tokens = 0
-        while self._queue:
-            p = self._queue[0]
-            if p.future.done():  # cancelled by its caller: skip without running
-                self._queue.popleft()
-                continue
-            if len(batch) >= self.max_batch_size or (batch and tokens + p.cost > self.max_batch_tokens):
-                break
-            batch.append(self._queue.popleft())
-            tokens += p.cost
-        self._queued_gauge.set(len(self._queue))
+        while turns:
+            for turn in list(turns):
+                p = next(turn, None)
+                if p is None:
+                    turns.remove(turn)
+                    continue
+                if len(batch) >= self.max_batch_size or (batch and tokens + p.cost > self.max_batch_tokens):
+                    return batch, True
+                batch.append(p)
+                tokens += p.cost
+        return batch, len(batch) >= self.max_batch_size or tokens >= self.max_batch_tokens
+
+    def _take_batch(self) -> list[_Pending[T]]:
+        batch, _ = self._plan()
+        taken = {id(p) for p in batch}
+        served = []
+        for call, pending in list(self._calls.items()):
+            before = len(pending)
+            # A call's taken items are its first live ones: drop them with the cancelled ones among them.
+            self._calls[call] = pending = deque(p for p in pending if id(p) not in taken and not p.future.done())
+            if len(pending) < before:
+                served.append(call)
+        for call in served:  # the calls just served go to the back, in their order
+            pending = self._calls.pop(call)
+            if pending:
+                self._calls[call] = pending
+        self._queued_gauge.set(self.queued)
         return batch
+
+    def _oldest(self) -> float:
+        return min(pending[0].submitted for pending in self._calls.values())
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         wakeup = self._wakeup
         assert wakeup is not None
         while True:
-            self._drop_cancelled_head()
-            if not self._queue:
+            self._drop_cancelled_heads()
+            if not self._calls:
                 self._queued_gauge.set(0)
                 if self._closing:
                     return
                 wakeup.clear()
                 await wakeup.wait()
                 continue
-            deadline = self._queue[0].submitted + self.max_wait_s
-            while not self._closing and not self._batch_full():
+            deadline = self._oldest() + self.max_wait_s
+            while not self._closing and not self._plan()[1]:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -302,9 +336,9 @@ class DynamicBatcher(Generic[T, R]):
                 p.future.set_result(res)
 
     def _fail_all(self, exc: BaseException) -> None:
-        for p in [*self._running, *self._queue]:
+        for p in [*self._running, *(p for pending in self._calls.values() for p in pending)]:
             if not p.future.done():
                 p.future.set_exception(exc)
-        self._queue.clear()
+        self._calls.clear()
         self._running = []
         self._queued_gauge.set(0)

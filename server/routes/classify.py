@@ -45,7 +45,7 @@ def _label_tokens(runtime: Runtime, labels: list[str], label_counts: list[int]) 
 
 def _with_label_cost(items: list[ClassifyItem], label_tokens: int) -> list[ClassifyItem]:
     """``items`` with ``label_tokens`` added to the first one's cost: the batch that runs it (the first
-    of the request's batches, the queue being FIFO) encodes the new labels."""
+    of the request's batches: the queue keeps a call's items in order) encodes the new labels."""
     if not items or not label_tokens:
         return items
     return [replace(items[0], n_tokens=items[0].n_tokens + label_tokens), *items[1:]]
