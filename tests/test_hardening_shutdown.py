@@ -186,3 +186,25 @@ def test_a_drained_server_shuts_down_without_cutting() -> None:
 
     srv, admission = run_virtual(main())
     assert srv.should_exit and admission._cutoff is not None and not admission._cutoff.done()
+
+
+def test_a_stream_cancelled_while_waiting_closes_its_source() -> None:
+    """A client gone mid-stream cancels the stream's task while it waits for the next chunk: the source
+    must still be closed (its engine request aborted)."""
+    closed_at: list[float] = []
+
+    async def main() -> None:
+        admission = Admission.from_settings(Settings())
+
+        async def consume() -> None:
+            async for _ in within_deadline(tokens(closed_at), 120.0, admission.cutoff()):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(CUT_AT)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run_virtual(main())
+    assert closed_at == [pytest.approx(CUT_AT)]

@@ -143,14 +143,13 @@ async def within_deadline(
     then closes them (which aborts the engine request) and raises :class:`DeadlineExceeded` or
     :class:`StreamCut`."""
     loop = asyncio.get_running_loop()
+    step: asyncio.Future[T] | None = None
     try:
         while True:
             step = asyncio.ensure_future(anext(chunks))
             waited = {step} if cutoff is None else {step, cutoff}
             await asyncio.wait(waited, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
             if not step.done():
-                step.cancel()
-                await asyncio.wait({step})
                 raise StreamCut if cutoff is not None and cutoff.done() else DeadlineExceeded
             try:
                 chunk = step.result()
@@ -158,6 +157,9 @@ async def within_deadline(
                 return
             yield chunk
     finally:
+        if step is not None and not step.done():  # past the deadline, cut, or this stream itself cancelled
+            step.cancel()
+            await asyncio.wait({step})
         await chunks.aclose()  # type: ignore[attr-defined]
 
 
