@@ -263,10 +263,6 @@ class LLMClient:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.error: str | None = None  # set when the engine is gone for good
 
-    @property
-    def in_flight(self) -> int:
-        return len(self.requests)
-
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str, stream: bool = True
     ) -> AsyncIterator[GenerationChunk]:
