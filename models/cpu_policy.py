@@ -1,8 +1,10 @@
-"""CPU defaults chosen by what this CPU supports (load_tests/results/cpu_vs_llamacpp/README.md).
+"""CPU defaults by what this CPU supports (measurements: load_tests/results/cpu_vs_llamacpp/README.md).
 
-``_int_mm`` (w8a8) is fast where oneDNN has 8-bit dot products (AVX-512 VNNI, AVX-VNNI, AMX); without
-them weight-only int8 through ``_weight_int8pack_mm`` has no speed edge either, and float stays the
-reference. Compiling the decode step (inductor's C++ backend) needs a C++ compiler at startup.
+Quantization: int8 w8a8 (``_int_mm``) with or without 8-bit dot-product instructions. Capped to AVX2 its
+decode step slows ~2x at batch 1 but still beats float at 1 and 16 sequences, while weight-only int8,
+faster there at batch 1, is several times slower at 16. Decode steps are compiled (inductor's C++
+backend) wherever a C++ compiler exists: on the AVX-512 CPU measured that beat the eager step at every
+batch size and thread count (not measured under the AVX2 cap).
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 
 @dataclass(frozen=True)
 class CpuPolicy:
-    quantize: str  # --gen-quantize 'auto' on CPU
-    compile_decode: bool  # compile decode steps per batch bucket (engine/cuda_graphs.py)
-    reason: str
+    quantize: str  # what --gen-quantize 'auto' means on this CPU
+    compile_decode: bool  # ModelRunner(compile_cpu=...): decode steps compiled per batch bucket
+    reason: str  # one line for the startup log and /info
 
 
 def cpu_policy(features: frozenset[str] | None = None, compiler: str | None = None) -> CpuPolicy:
@@ -40,14 +42,10 @@ def cpu_policy(features: frozenset[str] | None = None, compiler: str | None = No
     this machine's (flags from /proc/cpuinfo; the C++ compiler inductor would use)."""
     features = cpu_features() if features is None else features
     compiler = compiler if compiler is not None else _cxx()
-    vnni = bool(features & VNNI_FLAGS)
-    quantize = "int8"
-    compile_decode = bool(compiler)
-    reason = (
-        f"{'8-bit dot products (' + ', '.join(sorted(features & VNNI_FLAGS)) + ')' if vnni else 'no VNNI/AMX'}; "
-        f"{'C++ compiler ' + compiler if compiler else 'no C++ compiler: eager decode'}"
-    )
-    return CpuPolicy(quantize=quantize, compile_decode=compile_decode, reason=reason)
+    dot8 = sorted(features & VNNI_FLAGS)
+    quantize_why = f"int8 w8a8 ({', '.join(dot8)})" if dot8 else "int8 w8a8 (no VNNI/AMX: still faster than float)"
+    compile_why = f"compiled decode ({compiler})" if compiler else "eager decode (no C++ compiler)"
+    return CpuPolicy(quantize="int8", compile_decode=bool(compiler), reason=f"{quantize_why}; {compile_why}")
 
 
 def _cxx() -> str:
