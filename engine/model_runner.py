@@ -14,8 +14,8 @@ from models.llama import AttentionMetadata, Llama
 
 class ModelRunner:
     """Prefill runs eagerly over padded tensors; decode steps go through :class:`DecodeGraphs`
-    (CUDA graphs on a GPU; on CPU the same code eagerly, or compiled per batch bucket with
-    ``compile_cpu``, which costs a compile per bucket at startup; see models/cpu_policy.py)."""
+    (CUDA graphs on a GPU; on CPU the same code eagerly, or compiled with ``compile_cpu``, which
+    costs two compiles at startup; see models/cpu_policy.py)."""
 
     def __init__(
         self,

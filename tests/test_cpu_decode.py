@@ -84,3 +84,19 @@ def test_a_second_compiled_runner_uses_its_own_model(tiny: tuple[LlamaConfig, di
     for weights in (state, other):
         runner = ModelRunner(Llama.from_hf(config, weights), BlockManager(64, 16), CPU, torch.float32, 1, 200, True)
         assert greedy_run(runner, [prompt], steps=8) == greedy_run(make_runner(config, weights, 1), [prompt], steps=8)
+
+
+@pytest.mark.integration
+def test_two_graphs_serve_every_batch_bucket(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]]) -> None:
+    """One graph for batch 1 and one for every larger bucket (rows and KV length dynamic); batched
+    decode through the second gives the eager runner's tokens."""
+    from torch._dynamo.utils import counters
+
+    config, state = tiny
+    before = counters["stats"]["unique_graphs"]
+    compiled = ModelRunner(Llama.from_hf(config, state), BlockManager(64, 16), CPU, torch.float32, 8, 200, True)
+    assert compiled.decode.batch_sizes == [1, 2, 4, 8]
+    assert counters["stats"]["unique_graphs"] - before == 2
+    prompts = [[5, 7, 11], list(range(1, 50)), [42] * 20]  # 3 rows: bucket 4; crosses the 64-token KV bucket
+    assert greedy_run(compiled, prompts, steps=20) == greedy_run(make_runner(config, state), prompts, steps=20)
+    assert counters["stats"]["unique_graphs"] - before == 2
