@@ -19,7 +19,7 @@ log = logging.getLogger("server")
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
+    settings = Settings.from_cli(sys.argv[1:] if argv is None else argv)
     configure_logging(settings.log_level)
     if not engines_in_process(settings):
         sys.exit(Supervisor(settings).run())

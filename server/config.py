@@ -1,34 +1,39 @@
 """One settings object for the whole server: every field is an environment variable (``LLM_<NAME>``) and
-a CLI flag (``python -m server --help``)."""
+a CLI flag (``--<name>`` in kebab case; ``python -m server --help``).
+
+Fields are declared by concern, one class each; :class:`Settings` joins them flat, so
+names stay one level deep (``settings.max_num_seqs``, ``LLM_MAX_NUM_SEQS``, ``--max-num-seqs``) and
+``--help`` lists them under one heading per concern. What ``auto`` values resolve to on this machine is
+not decided here but in server/hardware.py.
+"""
 
 from __future__ import annotations
 
+import inspect
+from argparse import ArgumentParser
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
 # The largest pruning shares that kept the default within +5% perplexity / >= 99% label agreement (none
 # for classification): load_tests/results/compression/README.md#decisions.
 DEFAULT_GEN_PRUNE = 0.01
 DEFAULT_CLS_PRUNE = 0.0
 
+Quantization = Literal["auto", "none", "int8", "int8-wo", "fp8"]
+
 
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "lowlat-server"
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="LLM_",
-        cli_prog_name="python -m server",
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
-        extra="forbid",
-    )
+class ModelSettings(BaseModel):
+    """What to serve, on which device and in what precision ('auto': see /info)."""
 
-    # Models
+    model_config = ConfigDict(title="models")
+
     gen_model: str = Field(
         "default",
         description="generation model: 'default' (embedded SmolLM2), a HF dir, a .gguf file, 'dummy:<preset>'",
@@ -45,25 +50,40 @@ class Settings(BaseSettings):
     )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted-model cache directory")
 
-    # Compression at startup (models/compress.py); defaults chosen from load_tests/results/compression/
-    gen_quantize: Literal["auto", "none", "int8", "int8-wo", "fp8"] = Field(
+
+class CompressionSettings(BaseModel):
+    """Quantization and pruning at startup (models/compress.py); the defaults were chosen from
+    load_tests/results/compression/."""
+
+    model_config = ConfigDict(title="compression")
+
+    gen_quantize: Quantization = Field(
         "auto",
         description="generation weights: 'auto' = int8 on CPU; on CUDA int8-wo while max_num_seqs is small, else "
         "none (what it chose is logged at startup and shown at /info)",
     )
     gen_prune: float = Field(DEFAULT_GEN_PRUNE, ge=0.0, lt=1.0, description="share of MLP channels pruned (generation)")
-    cls_quantize: Literal["auto", "none", "int8", "int8-wo", "fp8"] = Field(
+    cls_quantize: Quantization = Field(
         "auto", description="classification weights: 'auto' = int8 on CPU, none on CUDA (quantized runs slower there)"
     )
     cls_prune: float = Field(DEFAULT_CLS_PRUNE, ge=0.0, lt=1.0, description="share of MLP channels pruned (classify)")
     compress_cache: bool = Field(True, description="cache compressed weights in cache_dir (restart skips the work)")
 
-    # HTTP
+
+class HTTPSettings(BaseModel):
+    """Where the API listens."""
+
+    model_config = ConfigDict(title="HTTP")
+
     host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
     port: int = Field(8000, ge=1, le=65535)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    # Processes: API servers (HTTP, tokenization, detokenization) apart from the engines
+
+class ProcessSettings(BaseModel):
+    """API servers (HTTP, tokenization, detokenization) and the engines, in one process or several."""
+
+    model_config = ConfigDict(title="processes")
+
     api_servers: int | None = Field(
         None,
         ge=1,
@@ -83,7 +103,18 @@ class Settings(BaseSettings):
         "(exit 1) for its orchestrator to restart; longer than the slowest step",
     )
 
-    # Generation limits and continuous batching
+    @model_validator(mode="after")
+    def _one_process(self) -> ProcessSettings:
+        if self.engine_core == "thread" and ((self.api_servers or 1) > 1 or self.data_parallel_size > 1):
+            raise ValueError("engine_core=thread runs one API server and one engine: drop api_servers/data_parallel")
+        return self
+
+
+class GenerationSettings(BaseModel):
+    """Generation limits and continuous batching."""
+
+    model_config = ConfigDict(title="generation limits and batching")
+
     max_input_tokens: int = Field(2048, ge=1, description="longest accepted prompt, in tokens")
     max_new_tokens: int = Field(512, ge=1, description="largest accepted max_tokens")
     default_max_tokens: int = Field(128, ge=1, description="max_tokens when the request gives none")
@@ -100,7 +131,20 @@ class Settings(BaseSettings):
         True, description="reuse the KV cache of shared prompt prefixes (full blocks) across requests"
     )
 
-    # Classification dynamic batching
+    @model_validator(mode="after")
+    def _limits_fit(self) -> GenerationSettings:
+        if self.default_max_tokens > self.max_new_tokens:
+            raise ValueError("default_max_tokens must not exceed max_new_tokens")
+        if self.max_input_tokens + self.max_new_tokens > self.kv_cache_tokens:
+            raise ValueError("kv_cache_tokens must hold at least one max_input_tokens + max_new_tokens sequence")
+        return self
+
+
+class ClassificationSettings(BaseModel):
+    """Classification: per-call limits, dynamic batching, the response cache."""
+
+    model_config = ConfigDict(title="classification")
+
     cls_max_batch_size: int = Field(32, ge=1, description="inputs per classification batch")
     cls_max_batch_tokens: int = Field(8192, ge=1, description="tokens per classification batch")
     cls_max_wait_ms: float = Field(
@@ -115,7 +159,12 @@ class Settings(BaseSettings):
         4096, ge=0, description="classification results kept in an LRU cache for identical inputs; 0 disables it"
     )
 
-    # Overload, deadlines, shutdown
+
+class OverloadSettings(BaseModel):
+    """Overload (429), deadlines and slow clients, graceful shutdown."""
+
+    model_config = ConfigDict(title="overload, deadlines, shutdown")
+
     max_queued_requests: int = Field(
         64, ge=0, description="generate requests waiting beyond the running batch; more are refused with 429"
     )
@@ -143,7 +192,12 @@ class Settings(BaseSettings):
         30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish before exit"
     )
 
-    # Access control
+
+class AccessSettings(BaseModel):
+    """Who may call the API."""
+
+    model_config = ConfigDict(title="security and access")
+
     api_keys: list[SecretStr] = Field(
         default_factory=list, description="accepted Bearer API keys; none means no authentication"
     )
@@ -153,19 +207,6 @@ class Settings(BaseSettings):
         False, description="with API keys, requests made with different keys reuse each other's cached prompt prefixes"
     )
     cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty disables CORS")
-    log_prompts: bool = Field(False, description="log prompt text (off: logs carry only sizes and request ids)")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Settings:
-        if self.default_max_tokens > self.max_new_tokens:
-            raise ValueError("default_max_tokens must not exceed max_new_tokens")
-        if self.max_input_tokens + self.max_new_tokens > self.kv_cache_tokens:
-            raise ValueError("kv_cache_tokens must hold at least one max_input_tokens + max_new_tokens sequence")
-        if self.engine_core == "thread" and ((self.api_servers or 1) > 1 or self.data_parallel_size > 1):
-            raise ValueError("engine_core=thread runs one API server and one engine: drop api_servers/data_parallel")
-        if self.cls_max_inputs > self.cls_max_queued_inputs:
-            raise ValueError("cls_max_queued_inputs must be at least cls_max_inputs (one full call must fit)")
-        return self
 
     def accepted_keys(self) -> list[bytes]:
         """API keys from ``api_keys`` and ``api_keys_file`` (blank lines and ``#`` comments skipped)."""
@@ -174,3 +215,58 @@ class Settings(BaseSettings):
             lines = self.api_keys_file.read_text(encoding="utf-8").splitlines()
             keys += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         return [k.encode() for k in keys if k]
+
+
+class ObservabilitySettings(BaseModel):
+    """Logs (metrics are always on: GET /metrics)."""
+
+    model_config = ConfigDict(title="observability")
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_prompts: bool = Field(False, description="log prompt text (off: logs carry only sizes and request ids)")
+
+
+class Settings(  # pydantic collects fields from the last base first: the concerns are listed bottom up
+    BaseSettings,
+    ObservabilitySettings,
+    AccessSettings,
+    OverloadSettings,
+    ClassificationSettings,
+    GenerationSettings,
+    ProcessSettings,
+    HTTPSettings,
+    CompressionSettings,
+    ModelSettings,
+):
+    """Every setting is an environment variable LLM_<NAME> and a flag --<name>; a flag wins."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_",
+        cli_prog_name="python -m server",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="forbid",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.cls_max_inputs > self.cls_max_queued_inputs:
+            raise ValueError("cls_max_queued_inputs must be at least cls_max_inputs (one full call must fit)")
+        return self
+
+    @classmethod
+    def from_cli(cls, args: list[str]) -> Settings:
+        """Settings from CLI ``args`` over ``LLM_*`` environment variables and defaults; ``--help`` lists
+        the flags under one heading per concern."""
+        groups: dict[str, Any] = {}  # field name -> its concern's argparse group
+
+        def add_argument(parser: ArgumentParser, *names: str, **kwargs: Any) -> Any:
+            if not groups:  # first call: one heading per concern, models first
+                for concern in reversed(cls.__bases__[1:]):
+                    doc = inspect.cleandoc(concern.__doc__ or "")
+                    group = parser.add_argument_group(concern.model_config.get("title"), doc)
+                    groups.update(dict.fromkeys(concern.model_fields, group))
+            return groups.get(kwargs.get("dest", ""), parser).add_argument(*names, **kwargs)
+
+        source = CliSettingsSource(cls, add_argument_method=add_argument)
+        return cls(_cli_settings_source=source(args=args))
