@@ -76,7 +76,7 @@ class HTTPSettings(BaseModel):
     model_config = ConfigDict(title="HTTP")
 
     host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="TCP port (every API server shares it)")
 
 
 class ProcessSettings(BaseModel):
@@ -222,7 +222,7 @@ class ObservabilitySettings(BaseModel):
 
     model_config = ConfigDict(title="observability")
 
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="of every process's logs")
     log_prompts: bool = Field(False, description="log prompt text (off: logs carry only sizes and request ids)")
 
 
