@@ -39,6 +39,7 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int = 4096
     enable_prefix_caching: bool = True
+    compile_cpu: bool = False  # CPU decode steps as torch.compile graphs (engine/cuda_graphs.py)
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,9 @@ class LLMEngine:
             config.kv_cache_tokens // config.block_size + 1, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens)
-        self.runner = ModelRunner(model, self.blocks, device, dtype, config.max_num_seqs, self.max_model_len)
+        self.runner = ModelRunner(
+            model, self.blocks, device, dtype, config.max_num_seqs, self.max_model_len, compile_cpu=config.compile_cpu
+        )
         metrics.KV_BYTES.set(self.runner.kv_cache_bytes)
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])

@@ -130,6 +130,11 @@ class GenerationSettings(BaseModel):
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV cache of shared prompt prefixes (full blocks) across requests"
     )
+    cpu_compile_decode: bool = Field(
+        False,
+        description="on CPU, run decode steps as torch.compile graphs (faster steps; the first start compiles "
+        "for minutes, later ones reuse cache_dir/inductor)",
+    )
 
     @model_validator(mode="after")
     def _limits_fit(self) -> GenerationSettings:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ def engine_config(settings: Settings, policy: HardwarePolicy) -> EngineConfig:
         block_size=settings.kv_block_size,
         max_model_len=settings.max_input_tokens + settings.max_new_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,
+        compile_cpu=settings.cpu_compile_decode and policy.device == "cpu",
     )
 
 
@@ -98,7 +100,10 @@ class Engines:
             model, report = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache)
             built.reports["generate"] = report
             log.info("compression %s", report.summary())
-            built.engine = LLMEngine(model, loaded.tokenizer, device, dtype, engine_config(settings, policy))
+            config = engine_config(settings, policy)
+            if config.compile_cpu:  # compiled graphs survive restarts (and container volumes) with the models
+                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "inductor"))
+            built.engine = LLMEngine(model, loaded.tokenizer, device, dtype, config)
             built.gen_model_id = resolve_spec(settings.gen_model, "generate").name
             built.info["generate"] = {"model": loaded.source, "load_seconds": _loaded("generate", start)}
         if settings.enable_classify:
