@@ -11,20 +11,17 @@ from fastapi.responses import Response
 from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult
 from server import metrics
 from server.errors import APIError
-from server.routes.common import ClientDisconnected, encoder_inputs, on_encoder, ready_runtime
+from server.routes.common import ERRORS, ClientDisconnected, encoder_inputs, on_encoder, ready_runtime
 from server.runtime import Runtime
 from server.schemas import (
     CLS_MAX_LABEL_TOKENS,
     ClassifyRequest,
     ClassifyResponse,
     ClassifyResult,
-    ErrorResponse,
     LabelScore,
 )
 
 router = APIRouter()
-
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)}
 
 
 def _label_tokens(runtime: Runtime, labels: list[str], label_counts: list[int]) -> int:

@@ -14,8 +14,10 @@ from engine.batcher import BatcherClosed, BatcherFull
 from server.admission import RETRY_AFTER_BUSY, Admission
 from server.errors import APIError
 from server.runtime import Runtime
-from server.schemas import MAX_CHARS_PER_TOKEN
+from server.schemas import MAX_CHARS_PER_TOKEN, ErrorResponse
 
+# The error responses the native routes (/generate, /classify) document in the OpenAPI schema.
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)}
 T = TypeVar("T")
 
 DISCONNECT_POLL_S = 0.05

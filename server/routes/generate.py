@@ -25,6 +25,7 @@ from server.middleware import cache_salt
 from server.request_id import current_request_id
 from server.routes.common import (
     DEADLINE_MESSAGE,
+    ERRORS,
     SHUTDOWN_MESSAGE,
     ClientDisconnected,
     DeadlineExceeded,
@@ -35,11 +36,9 @@ from server.routes.common import (
     until_disconnect,
     within_deadline,
 )
-from server.schemas import ErrorResponse, GenerateRequest, GenerateResponse
+from server.schemas import GenerateRequest, GenerateResponse
 
 router = APIRouter()
-
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)}
 
 
 async def sse_events(chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[str]:
