@@ -21,11 +21,10 @@ from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult, E
 from engine.llm_engine import EngineLoop, LLMEngine
 from engine.protocol import (
     API_STRIDE,
-    Abort,
-    AddRequest,
     CancelClassify,
     ClassifyRequest,
     ClassifyResults,
+    Commands,
     Hello,
     Ready,
     StepOutputs,
@@ -74,9 +73,9 @@ class EngineCore:
         try:
             while True:
                 message = decode_to_core(await pull.recv())
-                if isinstance(message, (AddRequest, Abort)):
+                if isinstance(message, Commands):
                     assert self.loop is not None
-                    self.loop.submit(message)
+                    self.loop.submit(message.items)
                 elif isinstance(message, ClassifyRequest):
                     sock = replies[message.key % API_STRIDE]
                     self._tasks[message.key] = asyncio.create_task(self._classify(message, sock))

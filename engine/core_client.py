@@ -80,6 +80,7 @@ class CoreClient:
         self._cls_waiting: dict[int, asyncio.Future[protocol.ClassifyResults]] = {}
         self._cls_load = [0] * len(core_addresses)
         self._heard = [0.0] * len(core_addresses)  # loop time of each core's latest frame
+        self._pending: list[list[protocol.AddRequest | protocol.Abort]] = [[] for _ in core_addresses]
         self._receiver: asyncio.Task[None] | None = None
         self._pids: list[int] = []
         self.error: str | None = None
@@ -147,7 +148,14 @@ class CoreClient:
             if core < 0:  # finished meanwhile
                 return
             self._gen_load[core] -= 1
-        self._cores[core].send(protocol.encode(command))
+        pending = self._pending[core]
+        pending.append(command)
+        if len(pending) == 1:  # the first of this loop turn: send them all when the turn's tasks have run
+            asyncio.get_running_loop().call_soon(self._flush, core)
+
+    def _flush(self, core: int) -> None:
+        commands, self._pending[core] = self._pending[core], []
+        self._cores[core].send(protocol.encode(protocol.Commands(commands)))
 
     def _pick_core(self, prompt_ids: list[int]) -> int:
         if len(self._cores) == 1:

@@ -182,13 +182,14 @@ class EngineLoop:
         self.engine = engine
         self.publish = publish
         self.on_error = on_error
-        self._inbox: queue.SimpleQueue[AddRequest | Abort | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[list[AddRequest | Abort] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._stopping = False
         self.error: BaseException | None = None
 
-    def submit(self, command: AddRequest | Abort) -> None:
-        self._inbox.put(command)
+    def submit(self, commands: list[AddRequest | Abort]) -> None:
+        """Commands given together are taken in together, before the next step."""
+        self._inbox.put(commands)
 
     def start(self) -> None:
         self._thread.start()
@@ -202,16 +203,17 @@ class EngineLoop:
         engine = self.engine
         while not self._stopping:
             try:
-                command = self._inbox.get(timeout=None if not engine.has_work() else 0)
+                commands = self._inbox.get(timeout=None if not engine.has_work() else 0)
             except queue.Empty:
-                command = None
+                commands = None
             while True:
-                if isinstance(command, AddRequest):
-                    engine.add(command)
-                elif isinstance(command, Abort):
-                    engine.abort(command.key)
+                for command in commands or ():
+                    if isinstance(command, AddRequest):
+                        engine.add(command)
+                    else:
+                        engine.abort(command.key)
                 try:
-                    command = self._inbox.get_nowait()
+                    commands = self._inbox.get_nowait()
                 except queue.Empty:
                     break
             if self._stopping:
@@ -358,7 +360,7 @@ class AsyncLLM(LLMClient):
         self._thread.stop(timeout)
 
     def _submit(self, command: AddRequest | Abort) -> None:
-        self._thread.submit(command)
+        self._thread.submit([command])
 
     def _publish(self, step: StepOutputs) -> None:
         assert self.loop is not None  # a step has outputs only after a generate() call

@@ -34,6 +34,14 @@ class Abort(msgspec.Struct, tag="abort", array_like=True):
     key: int
 
 
+class Commands(msgspec.Struct, tag="commands", array_like=True):
+    """The generation commands one API server issued in one turn of its event loop: the engine takes them
+    in together, so the sequences of one request (n > 1, several prompts) join the same step as they do
+    when the engine runs in the API server's process."""
+
+    items: list[AddRequest | Abort]
+
+
 class ClassifyRequest(msgspec.Struct, tag="classify", array_like=True):
     key: int
     items: list[ClassifyItem]
@@ -43,7 +51,7 @@ class CancelClassify(msgspec.Struct, tag="cancel", array_like=True):
     key: int
 
 
-ToCore = Hello | AddRequest | Abort | ClassifyRequest | CancelClassify
+ToCore = Hello | Commands | ClassifyRequest | CancelClassify
 
 
 class TokenOutput(msgspec.Struct, array_like=True):
