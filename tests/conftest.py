@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from server.app import create_app
 from server.config import Settings
@@ -170,3 +172,21 @@ def live_server(request: pytest.FixtureRequest, cache_dir: Path) -> Iterator[str
     """A real ``python -m server`` on loopback, for tests that need real sockets, in each process layout."""
     with server_process(cache_dir, *LAYOUTS[request.param]) as (_, url):
         yield url
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """A two-layer random Llama (config, HF state dict): no model files, so unit tests may use it."""
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    return config, {k: v.detach().clone() for k, v in hf.state_dict().items()}

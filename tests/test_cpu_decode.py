@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
 from engine.kv_cache import BlockManager
 from engine.model_runner import ModelRunner
@@ -14,22 +14,6 @@ from engine.sequence import SamplingParams, Sequence
 from models.cpu_policy import cpu_features, cpu_policy
 from models.llama import Llama
 from tests.test_model_runner import CPU, greedy_run, make_runner
-
-
-@pytest.fixture(scope="module")
-def tiny() -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return config, {k: v.detach().clone() for k, v in LlamaForCausalLM(config).eval().state_dict().items()}
 
 
 @pytest.mark.unit

@@ -19,23 +19,6 @@ pytestmark = pytest.mark.unit
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def tiny() -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(config).eval()
-    return config, {k: v.detach().clone() for k, v in hf.state_dict().items()}
-
-
 def make_runner(config: LlamaConfig, state: dict[str, torch.Tensor], max_num_seqs: int = 8) -> ModelRunner:
     model = Llama.from_hf(config, state)
     return ModelRunner(model, BlockManager(64, 16), CPU, torch.float32, max_num_seqs, 200)
