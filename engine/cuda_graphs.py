@@ -72,8 +72,11 @@ class DecodeGraphs:
         max_model_len: int,
         device: torch.device,
         compile_cpu: bool = False,
+        logits: bool = True,
     ) -> None:
+        """``logits=False`` (a tensor-parallel rank that does not sample) stops each step at the hidden state."""
         self.model = model
+        self.logits = logits
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
@@ -138,6 +141,8 @@ class DecodeGraphs:
         context_lens = (positions + 1).view(-1) if self.paged_kernel else None
         meta = AttentionMetadata(slot_mapping, tables, mask, bs, context_lens)
         hidden = self.model(ids, positions, meta, self.kv_cache)
+        if not self.logits:
+            return hidden[:, 0], hidden[:, 0]
         logits = self.model.logits(hidden[:, 0])
         return logits.argmax(dim=-1), logits
 
@@ -174,10 +179,10 @@ class DecodeGraphs:
         for batch in self.batch_sizes:  # the first two compile, the rest must reuse the second graph
             self._forward(batch, self.kv_lens[0])
 
-    def run(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor]:
-        """Decode one token for each sequence (each has exactly one uncomputed token); rows follow ``seqs``."""
-        n = len(seqs)
-        batch = bucket(self.batch_sizes, n)
+    def stage(self, seqs: list[Sequence]) -> tuple[int, int, int]:
+        """Writes each sequence's one uncomputed token, position and block table into the host staging
+        rows; returns the step's (batch bucket, KV bucket, row width)."""
+        batch = bucket(self.batch_sizes, len(seqs))
         kv_len = bucket(self.kv_lens, max(s.num_tokens for s in seqs))
         width = 2 + kv_len // self.block_size
         host = self.staging_np
@@ -189,13 +194,20 @@ class DecodeGraphs:
             host[row, 1] = pos
             table = s.block_table[: width - 2]  # blocks past the bucket hold no context yet
             host[row, 2 : 2 + len(table)] = table
+        return batch, kv_len, width
+
+    def replay(self, batch: int, kv_len: int, width: int) -> tuple[Tensor, Tensor]:
+        """Runs the step staged in the first ``batch`` host rows: (greedy tokens, logits) of every row."""
         self.inputs[:batch, :width].copy_(self.staging[:batch, :width], non_blocking=True)
         key = (batch, kv_len)
         if not self.use_graphs:
-            tokens, logits = self._forward(batch, kv_len)
-        else:
-            if key not in self.graphs:
-                self._capture(key)
-            self.graphs[key].replay()
-            tokens, logits = self.outputs[key]
-        return tokens[:n], logits[:n]
+            return self._forward(batch, kv_len)
+        if key not in self.graphs:
+            self._capture(key)
+        self.graphs[key].replay()
+        return self.outputs[key]
+
+    def run(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor]:
+        """Decode one token for each sequence (each has exactly one uncomputed token); rows follow ``seqs``."""
+        tokens, logits = self.replay(*self.stage(seqs))
+        return tokens[: len(seqs)], logits[: len(seqs)]

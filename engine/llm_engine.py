@@ -26,6 +26,7 @@ from engine.model_runner import ModelRunner
 from engine.protocol import API_STRIDE, Abort, AddRequest, StepOutputs, TokenOutput
 from engine.scheduler import Scheduler
 from engine.sequence import SamplingParams, Sequence
+from engine.tp import StepFanout
 from models.llama import Llama
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,36 @@ class EngineError(RuntimeError):
     """The engine failed while running a batch; the request cannot complete."""
 
 
+def max_model_len(model: Llama, config: EngineConfig) -> int:
+    return min(config.max_model_len, model.args.max_position, config.kv_cache_tokens)
+
+
+def make_runner(
+    model: Llama,
+    device: torch.device,
+    dtype: torch.dtype,
+    config: EngineConfig,
+    fanout: StepFanout | None = None,
+    sample: bool = True,
+) -> ModelRunner:
+    """The model runner and KV-cache geometry of an engine; under tensor parallelism the same for every
+    rank, rank 0's with the ``fanout`` to the others and the others' with ``sample=False``."""
+    blocks = BlockManager(
+        config.kv_cache_tokens // config.block_size + 1, config.block_size, config.enable_prefix_caching
+    )
+    return ModelRunner(
+        model,
+        blocks,
+        device,
+        dtype,
+        config.max_num_seqs,
+        max_model_len(model, config),
+        compile_cpu=config.compile_cpu,
+        fanout=fanout,
+        sample=sample,
+    )
+
+
 class LLMEngine:
     """Scheduler, KV cache and model runner: one step at a time, token ids in and out. Text (detokenization
     and stop strings) is the API server's business, so this can run in a process of its own."""
@@ -69,17 +100,15 @@ class LLMEngine:
         device: torch.device,
         dtype: torch.dtype,
         config: EngineConfig,
+        fanout: StepFanout | None = None,
     ) -> None:
+        """``fanout``: under tensor parallelism, this is rank 0 and the other ranks follow its steps."""
         self.tokenizer = tokenizer
         self.config = config
-        self.max_model_len = min(config.max_model_len, model.args.max_position, config.kv_cache_tokens)
-        self.blocks = BlockManager(
-            config.kv_cache_tokens // config.block_size + 1, config.block_size, config.enable_prefix_caching
-        )
+        self.runner = make_runner(model, device, dtype, config, fanout)
+        self.blocks = self.runner.blocks
+        self.max_model_len = max_model_len(model, config)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens)
-        self.runner = ModelRunner(
-            model, self.blocks, device, dtype, config.max_num_seqs, self.max_model_len, compile_cpu=config.compile_cpu
-        )
         metrics.KV_BYTES.set(self.runner.kv_cache_bytes)
         eos = tokenizer.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])

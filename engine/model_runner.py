@@ -9,13 +9,18 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import SCRATCH_BLOCK, BlockManager
 from engine.sampler import sample
 from engine.sequence import Sequence
+from engine.tp import Decode, Prefill, StepFanout, StepInput
 from models.llama import AttentionMetadata, Llama
 
 
 class ModelRunner:
     """Prefill runs eagerly over padded tensors; decode steps go through :class:`DecodeGraphs`
     (CUDA graphs on a GPU; on CPU the same code eagerly, or compiled with ``compile_cpu``, which
-    costs two compiles at startup; see models/cpu_policy.py)."""
+    costs two compiles at startup; see models/cpu_policy.py).
+
+    Under tensor parallelism every rank holds a runner over its shard: rank 0's samples and sends each
+    step's host inputs through ``fanout`` before running it; the others (``sample=False``) :meth:`follow`
+    those inputs, so every rank runs the same kernels and collectives in the same order."""
 
     def __init__(
         self,
@@ -26,10 +31,14 @@ class ModelRunner:
         max_num_seqs: int,
         max_model_len: int,
         compile_cpu: bool = False,
+        fanout: StepFanout | None = None,
+        sample: bool = True,
     ) -> None:
         self.model = model
         self.blocks = blocks
         self.device = device
+        self.fanout = fanout
+        self.sample = sample
         model.fuse_projections()
         a = model.args
         shape = (a.num_layers, blocks.num_blocks * blocks.block_size, a.num_kv_heads, a.head_dim)
@@ -37,7 +46,14 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.decode = DecodeGraphs(
-            model, (self.k_cache, self.v_cache), blocks.block_size, max_num_seqs, max_model_len, device, compile_cpu
+            model,
+            (self.k_cache, self.v_cache),
+            blocks.block_size,
+            max_num_seqs,
+            max_model_len,
+            device,
+            compile_cpu,
+            logits=sample,
         )
         self.decode.capture_all()
 
@@ -50,10 +66,15 @@ class ModelRunner:
         """Computes each sequence's ``num_step_tokens`` next uncached tokens; returns the new token of each
         sequence that is then fully computed, None for one whose prompt continues in a later chunk."""
         if all(s.num_tokens - s.num_computed == 1 for s in seqs) and self.decode.fits(seqs):
-            greedy, logits = self.decode.run(seqs)
-            return list(sample(logits, seqs, greedy))
-        input_ids, positions, meta, last = self._prepare(seqs)
-        hidden = self.model(input_ids, positions, meta, (self.k_cache, self.v_cache))
+            step = Decode(*self.decode.stage(seqs))
+            self._send(step)
+            greedy, logits = self.decode.replay(step.batch, step.kv_len, step.width)
+            n = len(seqs)
+            return list(sample(logits[:n], seqs, greedy[:n]))
+        step = self._host_inputs(seqs)
+        self._send(step)
+        ids, positions, meta, last = self._device_inputs(step)
+        hidden = self.model(ids, positions, meta, (self.k_cache, self.v_cache))
         done = [i for i, s in enumerate(seqs) if s.num_computed + s.num_step_tokens == s.num_tokens]
         out: list[int | None] = [None] * len(seqs)
         if done:  # sampling only these keeps a seeded request's random stream independent of chunking
@@ -63,26 +84,49 @@ class ModelRunner:
                 out[i] = token
         return out
 
+    @torch.inference_mode()
+    def follow(self, step: StepInput) -> None:
+        """Runs a step that rank 0 sent (a tensor-parallel rank that does not sample)."""
+        if isinstance(step, Decode):
+            self.decode.staging_np[: step.batch, : step.width] = step.rows
+            self.decode.replay(step.batch, step.kv_len, step.width)
+        else:
+            ids, positions, meta, _ = self._device_inputs(step)
+            self.model(ids, positions, meta, (self.k_cache, self.v_cache))
+
+    def _send(self, step: StepInput) -> None:
+        if self.fanout is not None:
+            if isinstance(step, Decode):  # the rows live in the staging buffer, which the next step rewrites
+                step.rows = self.decode.staging_np[: step.batch, : step.width].copy()
+            self.fanout.send(step)
+
     def _prepare(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:
-        bs = self.blocks.block_size
+        """Device inputs of a prefill step over ``seqs``: ids, positions, metadata, each row's last index."""
+        return self._device_inputs(self._host_inputs(seqs))
+
+    def _host_inputs(self, seqs: list[Sequence]) -> Prefill:
+        """Host inputs of a prefill (or mixed) step: token ids and positions padded to the longest row."""
         q_lens = [s.num_step_tokens for s in seqs]
         q_max = max(q_lens)
         ids = torch.zeros(len(seqs), q_max, dtype=torch.long)
         positions = torch.zeros(len(seqs), q_max, dtype=torch.long)
-        valid = torch.zeros(len(seqs), q_max, dtype=torch.bool)
-        max_blocks = max(len(s.block_table) for s in seqs)
-        tables = torch.full((len(seqs), max_blocks), SCRATCH_BLOCK, dtype=torch.long)
+        tables = torch.full((len(seqs), max(len(s.block_table) for s in seqs)), SCRATCH_BLOCK, dtype=torch.long)
         for b, (s, q) in enumerate(zip(seqs, q_lens, strict=True)):
             ids[b, :q] = torch.tensor(s.token_ids[s.num_computed : s.num_computed + q])
             positions[b, :q] = torch.arange(s.num_computed, s.num_computed + q)
-            valid[b, :q] = True
             tables[b, : len(s.block_table)] = torch.tensor(s.block_table)
+        return Prefill(ids, positions, tables, q_lens)
+
+    def _device_inputs(self, step: Prefill) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:
+        bs = self.blocks.block_size
+        ids, positions, tables = step.ids, step.positions, step.tables
+        valid = torch.arange(ids.shape[1]).view(1, -1) < torch.tensor(step.q_lens).view(-1, 1)
         slots = tables.gather(1, positions // bs) * bs + positions % bs
         slot_mapping = torch.where(valid, slots, SCRATCH_BLOCK * bs).flatten()
-        kv_pos = torch.arange(max_blocks * bs)
+        kv_pos = torch.arange(tables.shape[1] * bs)
         # Causal within the row; padded queries sit at position 0 and see only key 0, so no row is empty.
         mask = (kv_pos.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)
-        last = torch.tensor(q_lens) - 1
         dev = self.device
         meta = AttentionMetadata(slot_mapping.to(dev), tables.to(dev), mask.to(dev), bs)
+        last = torch.tensor(step.q_lens) - 1
         return ids.to(dev), positions.to(dev), meta, last.to(dev)

@@ -1,0 +1,87 @@
+"""Tensor parallelism's step fan-out: rank 0's engine sends each step's host inputs to the other ranks,
+whose runners run the same forward on their shards (models/tensor_parallel.py), meeting rank 0's
+collectives. Only rank 0 schedules and samples; a step's inputs are a few kilobytes of token ids,
+positions and block tables, sent over ZeroMQ (pickle protocol 5) before rank 0 launches its own kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+from torch import Tensor
+
+
+@dataclass
+class Decode:
+    """A decode step staged in the first ``batch`` rows of the runner's staging buffer (engine/cuda_graphs.py)."""
+
+    batch: int
+    kv_len: int
+    width: int
+    rows: np.ndarray | None = None  # filled when sent: rank 0's staging rows
+
+
+@dataclass
+class Prefill:
+    """A prefill (or mixed) step: token ids and positions padded to the longest row, block tables."""
+
+    ids: Tensor
+    positions: Tensor
+    tables: Tensor
+    q_lens: list[int]
+
+
+StepInput = Decode | Prefill
+STOP = b"stop"
+
+
+class StepFanout:
+    """Rank 0's side: one PUSH socket per other rank (ZeroMQ queues what a rank has not taken yet)."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self._context = zmq.Context.instance()
+        self._sockets = []
+        for address in addresses:
+            sock = self._context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            self._sockets.append(sock)
+
+    def send(self, step: StepInput) -> None:
+        frame = pickle.dumps(step, protocol=5)
+        for sock in self._sockets:
+            sock.send(frame, copy=False)
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.send(STOP)
+            sock.close()
+
+
+def follow(address: str, run: Callable[[StepInput], None], parent_alive: Callable[[], bool] | None = None) -> None:
+    """A non-zero rank's loop: runs every step rank 0 sends until it says stop or (checked every second
+    while idle) its parent process has gone."""
+    alive = parent_alive or _parent_alive(os.getppid())
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    sock.bind(address)
+    try:
+        while True:
+            if not sock.poll(1000):
+                if not alive():
+                    return
+                continue
+            frame = sock.recv(copy=False)
+            if frame.bytes == STOP:
+                return
+            run(pickle.loads(frame.buffer))
+    finally:
+        sock.close(linger=0)
+
+
+def _parent_alive(parent: int) -> Callable[[], bool]:
+    return lambda: os.getppid() == parent
