@@ -1,24 +1,36 @@
-"""CPU defaults by what this CPU supports (measurements: load_tests/results/cpu_vs_llamacpp/README.md).
+"""CPU generation defaults by what this CPU supports; server/hardware.py applies them to ``auto`` settings.
 
-Quantization: int8 w8a8 (``_int_mm``) with or without 8-bit dot-product instructions. Capped to AVX2 its
-decode step slows ~2x at batch 1 but still beats float at 1 and 16 sequences, while weight-only int8,
-faster there at batch 1, is several times slower at 16. Decode steps are compiled (inductor's C++
-backend) wherever a C++ compiler exists: on the AVX-512 CPU measured that beat the eager step at every
-batch size and thread count (not measured under the AVX2 cap).
+The measurements (load_tests/results/cpu_vs_llamacpp/README.md) and what they decide:
+
+- Quantization: int8 w8a8 (``_int_mm``) on every CPU kind measured. With 8-bit dot-product instructions
+  (AVX-512 VNNI, this workplace's AMD EPYC) it beat float at every batch size; capped to AVX2 its decode
+  step slows ~2x at batch 1 but still beats float at 1 and 16 sequences, while weight-only int8, faster
+  there at batch 1, is several times slower at 16; on the Intel Xeon with AMX of issue 12 (eager steps)
+  it was 1.07x float. No CPU kind measured changes the winner, so the reason names the evidence for
+  this CPU's kind.
+- Compiled decode steps (inductor's C++ backend) wherever a C++ compiler exists: they remove the
+  per-op dispatch of the eager step, which is not tied to an instruction set; measured faster than the
+  eager step at every batch size and thread count with AVX-512 VNNI; not measured on AMX.
+- Threads: one per physical core this process may use. Two threads on one core's hyperthreads share
+  its execution units (issue 12's 2-vCPU Xeon ran eager steps faster with one thread than two), while
+  on two cores compiled steps ran 1.4x faster with two threads than with one.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+CPUINFO = Path("/proc/cpuinfo")
+AMX_FLAGS = frozenset({"amx_int8", "amx_tile"})
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
 
 
 @functools.cache
-def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+def cpu_features(cpuinfo: Path = CPUINFO) -> frozenset[str]:
     """The CPU's feature flags (Linux); empty where /proc/cpuinfo is absent."""
     try:
         text = cpuinfo.read_text()
@@ -30,22 +42,66 @@ def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset()
 
 
+def physical_cores(cpus: set[int] | None = None, cpuinfo: Path = CPUINFO) -> int:
+    """Distinct physical cores among the logical CPUs ``cpus`` (default: those this process may run on);
+    the number of those CPUs where /proc/cpuinfo does not say which core each is."""
+    cpus = os.sched_getaffinity(0) if cpus is None else cpus
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return max(1, len(cpus))
+    cores = set()
+    for block in text.split("\n\n"):
+        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in block.splitlines() if ":" in line)}
+        if "processor" not in fields or "core id" not in fields:
+            continue
+        if int(fields["processor"]) in cpus:
+            cores.add((fields.get("physical id", "0"), fields["core id"]))
+    return len(cores) or max(1, len(cpus))
+
+
+def cpu_kind(features: frozenset[str]) -> str:
+    """The instruction-set class that CPU measurements are grouped by."""
+    if features & AMX_FLAGS:
+        return "amx"
+    if features & VNNI_FLAGS:
+        return "vnni"
+    return "avx2" if "avx2" in features else "baseline"
+
+
+QUANTIZE_EVIDENCE = {
+    "amx": "int8 w8a8 (AMX: int8 1.07x float in issue 12's eager Xeon measurement; compiled not measured there)",
+    "vnni": "int8 w8a8 (VNNI: faster than float and than weight-only int8 at 1 and 16 sequences, measured)",
+    "avx2": "int8 w8a8 (AVX2 only: still faster than float at 1 and 16 sequences under an AVX2 cap, measured)",
+    "baseline": "int8 w8a8 (no AVX2: not measured; the kind measured nearest, AVX2, favours it)",
+}
+
+
 @dataclass(frozen=True)
 class CpuPolicy:
-    quantize: str  # what --gen-quantize 'auto' means on this CPU
-    compile_decode: bool  # ModelRunner(compile_cpu=...): decode steps compiled per batch bucket
-    reason: str  # one line for the startup log and /info
+    """What ``auto`` means for generation on this CPU, with one reason per value (logged, at /info)."""
+
+    quantize: str  # --gen-quantize auto
+    compile_decode: bool  # --cpu-compile-decode auto
+    threads: int  # --cpu-threads unset
+    why: dict[str, str] = field(default_factory=dict)
 
 
-def cpu_policy(features: frozenset[str] | None = None, compiler: str | None = None) -> CpuPolicy:
-    """What ``auto`` should mean for generation on this CPU. ``features``/``compiler`` default to
-    this machine's (flags from /proc/cpuinfo; the C++ compiler inductor would use)."""
+def cpu_policy(
+    features: frozenset[str] | None = None, compiler: str | None = None, cores: int | None = None
+) -> CpuPolicy:
+    """``features`` / ``compiler`` / ``cores`` default to this machine's (flags from /proc/cpuinfo; the C++
+    compiler inductor would use; physical cores this process may use)."""
     features = cpu_features() if features is None else features
-    compiler = compiler if compiler is not None else _cxx()
-    dot8 = sorted(features & VNNI_FLAGS)
-    quantize_why = f"int8 w8a8 ({', '.join(dot8)})" if dot8 else "int8 w8a8 (no VNNI/AMX: still faster than float)"
-    compile_why = f"compiled decode ({compiler})" if compiler else "eager decode (no C++ compiler)"
-    return CpuPolicy(quantize="int8", compile_decode=bool(compiler), reason=f"{quantize_why}; {compile_why}")
+    compiler = _cxx() if compiler is None else compiler
+    cores = physical_cores() if cores is None else cores
+    kind = cpu_kind(features)
+    why = {
+        "quantize": QUANTIZE_EVIDENCE[kind],
+        "compile_decode": f"a C++ compiler ({compiler}) for inductor" if compiler else "no C++ compiler: eager steps",
+        "threads": f"{cores} physical core(s) available",
+    }
+    return CpuPolicy(quantize="int8", compile_decode=bool(compiler), threads=cores, why=why)
 
 
 def _cxx() -> str:

@@ -130,10 +130,13 @@ class GenerationSettings(BaseModel):
     enable_prefix_caching: bool = Field(
         True, description="reuse the KV cache of shared prompt prefixes (full blocks) across requests"
     )
-    cpu_compile_decode: bool = Field(
-        False,
+    cpu_compile_decode: Literal["auto", "on", "off"] = Field(
+        "auto",
         description="on CPU, run decode steps as torch.compile graphs (faster steps; the first start compiles "
-        "for minutes, later ones reuse cache_dir/inductor)",
+        "for minutes, later ones reuse cache_dir/inductor); auto = on where a C++ compiler exists",
+    )
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads on CPU; default: one per physical core this process may use"
     )
 
     @model_validator(mode="after")

@@ -1,12 +1,14 @@
 """What ``auto`` means on this machine: device and dtype, each model's quantization, the prefill budget,
-how many API servers, and whether the engines run on a thread of the server or in engine-core processes.
+on CPU the torch threads and whether decode steps are compiled, how many API servers, and whether the
+engines run on a thread of the server or in engine-core processes.
 
 :meth:`HardwarePolicy.decide` decides it all once, in the process that owns the device (the one-process
 server, or each engine core), since the int8-wo kernel's self-check has to run on the device; the builder
 (server/runtime.py ``Engines.build``) logs it and ``/info`` shows it. The process layout part
 (:func:`api_servers`, :func:`engines_in_process`) reads only the settings and the host, so the supervisor,
 which never touches the device, decides it the same way. The measurements behind the choices:
-load_tests/results/compression/README.md#decisions.
+load_tests/results/compression/README.md#decisions; on CPU models/cpu_policy.py decides by the CPU's
+instruction sets and cores (load_tests/results/cpu_vs_llamacpp/README.md).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from models import quant_kernels
+from models.cpu_policy import CpuPolicy, cpu_policy
 from server.config import Settings
 
 INT8_WO_MAX_SEQS = 64  # largest decode batch at which int8-wo measured no slower than bf16 on CUDA
@@ -34,6 +37,8 @@ class HardwarePolicy(BaseModel):
     gen_quantize: str
     cls_quantize: str
     prefill_budget: int
+    cpu_threads: int | None = None  # torch threads on CPU (set before the engine is built); None on CUDA
+    cpu_compile_decode: bool = False  # CPU decode steps as torch.compile graphs
     engine_core: Literal["thread", "process"]
     api_servers: int
     why: dict[str, str]
@@ -58,9 +63,10 @@ class HardwarePolicy(BaseModel):
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"
             why["dtype"] = f"on {device.type}"
+        cpu = cpu_policy() if device.type == "cpu" else None
         gen, cls_ = settings.gen_quantize, settings.cls_quantize
         if gen == "auto":
-            gen, why["gen_quantize"] = _auto_gen_quantize(settings, device, getattr(torch, dtype))
+            gen, why["gen_quantize"] = _auto_gen_quantize(settings, device, getattr(torch, dtype), cpu)
         if cls_ == "auto":
             cls_ = "int8" if device.type == "cpu" else "none"
             why["cls_quantize"] = "w8a8, the fastest on CPU" if cls_ == "int8" else "quantized ran slower on CUDA"
@@ -68,6 +74,7 @@ class HardwarePolicy(BaseModel):
         if prefill is None:
             prefill = PREFILL_BUDGET[device.type]
             why["prefill_budget"] = f"on {device.type}"
+        cpu_threads, compiled = _cpu_execution(settings, cpu, why)
         in_process = engines_in_process(settings)
         if settings.engine_core == "auto":
             alone = "one API server and engine, CPU"
@@ -81,6 +88,8 @@ class HardwarePolicy(BaseModel):
             gen_quantize=gen,
             cls_quantize=cls_,
             prefill_budget=prefill,
+            cpu_threads=cpu_threads,
+            cpu_compile_decode=compiled,
             engine_core="thread" if in_process else "process",
             api_servers=api_servers(settings),
             why=why,
@@ -100,9 +109,24 @@ def torch_device(settings: Settings) -> torch.device:
     return torch.device(settings.device)
 
 
-def _auto_gen_quantize(settings: Settings, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
-    if device.type == "cpu":
-        return "int8", "w8a8 with SmoothQuant, the fastest on CPU"
+def _cpu_execution(settings: Settings, cpu: CpuPolicy | None, why: dict[str, str]) -> tuple[int | None, bool]:
+    """(torch threads, compiled decode) on CPU; (None, False) on CUDA."""
+    if cpu is None:
+        return None, False
+    threads = settings.cpu_threads
+    if threads is None:
+        threads, why["cpu_threads"] = cpu.threads, cpu.why["threads"]
+    compiled = settings.cpu_compile_decode == "on"
+    if settings.cpu_compile_decode == "auto":
+        compiled, why["cpu_compile_decode"] = cpu.compile_decode, cpu.why["compile_decode"]
+    return threads, compiled
+
+
+def _auto_gen_quantize(
+    settings: Settings, device: torch.device, dtype: torch.dtype, cpu: CpuPolicy | None
+) -> tuple[str, str]:
+    if cpu is not None:
+        return cpu.quantize, cpu.why["quantize"]
     if settings.max_num_seqs > INT8_WO_MAX_SEQS:
         return "none", f"max_num_seqs {settings.max_num_seqs} > {INT8_WO_MAX_SEQS}, where int8-wo decodes slower"
     # Without the kernel (no Triton, fp32, a failed self-check) int8-wo would dequantize per call.

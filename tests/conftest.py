@@ -22,6 +22,10 @@ from server.config import Settings
 from server.runtime import Runtime
 from tests.virtual_clock import VirtualClockLoop
 
+# CPU decode steps run eagerly in the suite: compiling them (the CPU default, server/hardware.py) costs
+# minutes on CI's two cores. The tests of the compiled path ask for it; server processes inherit this.
+os.environ.setdefault("LLM_CPU_COMPILE_DECODE", "off")
+
 TIERS = ("unit", "integration", "live")
 # Fixtures that load the real models or start a server: a unit test that asks for one is mis-marked.
 MODEL_FIXTURES = frozenset({"cache_dir", "settings", "runtime", "client", "live_server"})

@@ -11,20 +11,21 @@ from server.runtime import engine_config
 pytestmark = pytest.mark.unit
 
 
-def policy(device: str) -> HardwarePolicy:
+def policy(device: str, compiled: bool = False) -> HardwarePolicy:
     return HardwarePolicy(
         device=device,
         dtype="float32",
         gen_quantize="none",
         cls_quantize="none",
         prefill_budget=512,
+        cpu_compile_decode=compiled,
         engine_core="thread",
         api_servers=1,
         why={},
     )
 
 
-def test_compiled_cpu_decode_is_opt_in_and_cpu_only() -> None:
+def test_compiled_cpu_decode_is_the_hardware_policys() -> None:
+    """The policy decides (tests/test_hardware.py: 'auto', explicit values, CUDA); the engine follows it."""
     assert engine_config(Settings(), policy("cpu")).compile_cpu is False
-    assert engine_config(Settings(cpu_compile_decode=True), policy("cpu")).compile_cpu is True
-    assert engine_config(Settings(cpu_compile_decode=True), policy("cuda")).compile_cpu is False
+    assert engine_config(Settings(), policy("cpu", compiled=True)).compile_cpu is True

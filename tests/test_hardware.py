@@ -3,22 +3,41 @@ kernel's self-check faked: no GPU needed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from models import cpu_policy as cpu
 from models import quant_kernels
+from server import hardware
 from server.config import Settings
 from server.hardware import HardwarePolicy, api_servers, engines_in_process
 
 pytestmark = pytest.mark.unit
 
+AMX = frozenset({"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8"})
+VNNI = frozenset({"avx2", "avx512f", "avx512_vnni", "avx_vnni"})
+AVX2 = frozenset({"avx", "avx2", "fma"})
 
-def test_cpu_defaults() -> None:
-    policy = HardwarePolicy.decide(Settings(device="cpu"))
+
+def fake_cpu(
+    monkeypatch: pytest.MonkeyPatch, features: frozenset[str], compiler: str = "/usr/bin/g++", cores: int = 2
+) -> None:
+    """This machine's CPU as ``features``, ``compiler`` and ``cores`` for the policy; no CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_policy", lambda: cpu.cpu_policy(features, compiler, cores))
+
+
+def test_cpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cpu(monkeypatch, VNNI)
+    policy = HardwarePolicy.decide(Settings(device="cpu", cpu_compile_decode="auto"))
     assert (policy.torch_device, policy.torch_dtype) == (torch.device("cpu"), torch.float32)
     assert (policy.gen_quantize, policy.cls_quantize, policy.prefill_budget) == ("int8", "int8", 512)
-    assert set(policy.why) >= {"dtype", "gen_quantize", "cls_quantize", "prefill_budget"}
-    assert "gen_quantize=int8 (auto: w8a8 with SmoothQuant, the fastest on CPU)" in policy.summary()
+    assert (policy.cpu_threads, policy.cpu_compile_decode) == (2, True)
+    assert set(policy.why) >= {"dtype", "gen_quantize", "cls_quantize", "prefill_budget", "cpu_threads"}
+    assert "gen_quantize=int8 (auto: int8 w8a8 (VNNI: " in policy.summary()
+    assert "cpu_compile_decode=True (auto: a C++ compiler (/usr/bin/g++) for inductor)" in policy.summary()
     explicit = HardwarePolicy.decide(Settings(device="cpu", dtype="bfloat16", max_batched_tokens=64))
     assert (explicit.dtype, explicit.prefill_budget) == ("bfloat16", 64)
     assert "dtype" not in explicit.why and "prefill_budget" not in explicit.why
@@ -66,3 +85,55 @@ def test_process_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert not engines_in_process(Settings()) and engines_in_process(Settings(engine_core="thread"))
+
+
+@pytest.mark.parametrize(
+    ("features", "kind"), [(AMX, "AMX"), (VNNI, "VNNI"), (AVX2, "AVX2 only"), (frozenset({"sse4_2"}), "no AVX2")]
+)
+def test_auto_on_cpu_follows_the_cpu_kind(monkeypatch: pytest.MonkeyPatch, features: frozenset[str], kind: str) -> None:
+    """Each CPU kind gets int8 w8a8 (no kind measured changes that winner) with the evidence for its
+    kind as the reason, compiled decode where a C++ compiler exists, a thread per physical core."""
+    fake_cpu(monkeypatch, features, cores=6)
+    policy = HardwarePolicy.decide(Settings(cpu_compile_decode="auto"))
+    assert (policy.device, policy.gen_quantize, policy.cpu_compile_decode, policy.cpu_threads) == (
+        "cpu",
+        "int8",
+        True,
+        6,
+    )
+    assert policy.why["gen_quantize"].startswith(f"int8 w8a8 ({kind}")
+    assert policy.why["cpu_threads"] == "6 physical core(s) available"
+    fake_cpu(monkeypatch, features, compiler="")
+    policy = HardwarePolicy.decide(Settings(cpu_compile_decode="auto"))
+    assert not policy.cpu_compile_decode and "no C++ compiler" in policy.why["cpu_compile_decode"]
+
+
+def test_explicit_cpu_settings_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cpu(monkeypatch, AMX, cores=8)
+    policy = HardwarePolicy.decide(Settings(cpu_compile_decode="off", cpu_threads=3, gen_quantize="int8-wo"))
+    assert (policy.gen_quantize, policy.cpu_compile_decode, policy.cpu_threads) == ("int8-wo", False, 3)
+    assert not {"gen_quantize", "cpu_compile_decode", "cpu_threads"} & set(policy.why)
+    fake_cpu(monkeypatch, AMX, compiler="")
+    assert HardwarePolicy.decide(Settings(cpu_compile_decode="on")).cpu_compile_decode  # as asked
+
+
+def test_no_cpu_execution_settings_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(quant_kernels, "usable", lambda device, dtype: True)
+    policy = HardwarePolicy.decide(Settings(cpu_compile_decode="on", cpu_threads=4))
+    assert (policy.cpu_threads, policy.cpu_compile_decode) == (None, False)
+
+
+def test_physical_cores_count_hyperthreads_once(tmp_path: Path) -> None:
+    """Two cores with two hyperthreads each: four logical CPUs are two cores; CPUs 0 and 1 (siblings on
+    core 0) are one; without core ids, each logical CPU counts."""
+    info = tmp_path / "cpuinfo"
+    procs = [(0, 0), (1, 0), (2, 1), (3, 1)]  # (processor, core id)
+    info.write_text(
+        "\n\n".join(f"processor\t: {p}\nphysical id\t: 0\ncore id\t\t: {c}\nflags\t: avx2" for p, c in procs)
+    )
+    assert cpu.physical_cores({0, 1, 2, 3}, info) == 2
+    assert cpu.physical_cores({0, 1}, info) == 1
+    info.write_text("processor\t: 0\n\nprocessor\t: 1\n")
+    assert cpu.physical_cores({0, 1}, info) == 2
+    assert cpu.physical_cores({0, 1, 2}, tmp_path / "absent") == 3
