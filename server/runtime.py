@@ -25,6 +25,7 @@ from engine.core_client import CoreClient
 from engine.llm_engine import AsyncLLM, EngineConfig, LLMClient, LLMEngine
 from engine.response_cache import ResponseCache
 from engine.sequence import SamplingParams
+from models import checkpoint
 from models.compress import CompressionReport, compress_causal_lm, compress_encoder, default_spec
 from models.llama import Llama
 from models.loader import LoadedEncoder, load_causal_lm, load_encoder
@@ -95,35 +96,50 @@ class Engines:
         built = cls(settings=settings, policy=policy)
         if settings.enable_generate:
             start = time.perf_counter()
-            loaded = load_causal_lm(settings.gen_model, settings.cache_dir, dtype, settings.tokenizer)
-            model = Llama.from_hf(loaded.config, loaded.state_dict).to(device)
-            spec = default_spec(policy.gen_quantize, settings.gen_prune)
-            cache = settings.cache_dir if settings.compress_cache else None
-            model, report = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache)
+            source = resolve_spec(settings.gen_model, "generate")
+            if source.kind == "checkpoint":  # compressed ahead of time (python -m models.compress): no calibration
+                ckpt = checkpoint.read_causal_lm(source.path, dtype, device)
+                model, tokenizer, description = ckpt.model, ckpt.tokenizer, source.description
+                report = _checkpoint_report(ckpt.report_json, settings.gen_quantize)
+                built.policy = policy = _as_checkpointed(policy, "gen_quantize", report)
+            else:
+                loaded = load_causal_lm(settings.gen_model, settings.cache_dir, dtype, settings.tokenizer)
+                model = Llama.from_hf(loaded.config, loaded.state_dict).to(device)
+                spec = default_spec(policy.gen_quantize, settings.gen_prune)
+                cache = settings.cache_dir if settings.compress_cache else None
+                model, report = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache)
+                tokenizer, description = loaded.tokenizer, loaded.source
             built.reports["generate"] = report
             log.info("compression %s", report.summary())
             config = engine_config(settings, policy)
             if config.compile_cpu:  # compiled graphs survive restarts (and container volumes) with the models
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "inductor"))
-            built.engine = LLMEngine(model, loaded.tokenizer, device, dtype, config)
-            built.gen_model_id = resolve_spec(settings.gen_model, "generate").name
-            built.info["generate"] = {"model": loaded.source, "load_seconds": _loaded("generate", start)}
+            built.engine = LLMEngine(model, tokenizer, device, dtype, config)
+            built.gen_model_id = source.name
+            built.info["generate"] = {"model": description, "load_seconds": _loaded("generate", start)}
         if settings.enable_classify:
             start = time.perf_counter()
-            encoder = load_encoder(settings.cls_model, settings.cache_dir, dtype, None)
-            encoder.model.to(device)
-            spec = default_spec(policy.cls_quantize, settings.cls_prune, "classify")
-            cache = settings.cache_dir if settings.compress_cache else None
+            source = resolve_spec(settings.cls_model, "classify")
+            if source.kind == "checkpoint":
+                enc = checkpoint.read_encoder(source.path, dtype, device)
+                encoder = LoadedEncoder(enc.model, enc.tokenizer, enc.id2label, source.description)
+                report = _checkpoint_report(enc.report_json, settings.cls_quantize)
+                built.policy = policy = _as_checkpointed(policy, "cls_quantize", report)
+            else:
+                encoder = load_encoder(settings.cls_model, settings.cache_dir, dtype, None)
+                encoder.model.to(device)
+                spec = default_spec(policy.cls_quantize, settings.cls_prune, "classify")
+                cache = settings.cache_dir if settings.compress_cache else None
 
-            def embedder(enc: LoadedEncoder) -> Callable[[list[str]], torch.Tensor]:
-                return Classifier(enc, device).embed
+                def embedder(enc: LoadedEncoder) -> Callable[[list[str]], torch.Tensor]:
+                    return Classifier(enc, device).embed
 
-            report = compress_encoder(encoder, spec, cache, embedder)
+                report = compress_encoder(encoder, spec, cache, embedder)
             built.reports["classify"] = report
             log.info("compression %s", report.summary())
             built.classifier = Classifier(encoder, device, max_batch=settings.cls_max_batch_size)
             built.classifier.capture_graphs(settings.cls_max_batch_tokens)  # before the engines start
-            built.cls_model_id = resolve_spec(settings.cls_model, "classify").name
+            built.cls_model_id = source.name
             built.info["classify"] = {"model": encoder.source, "load_seconds": _loaded("classify", start)}
         metrics.BUILD_INFO.labels(
             version=_package_version(),
@@ -159,6 +175,25 @@ class Engines:
             reports=self.reports,
             policy=self.policy,
         )
+
+
+def _checkpoint_report(report_json: str, asked: str) -> CompressionReport:
+    """The report a checkpoint was written with; a quantization asked for explicitly must be the one it has
+    (pruning settings do not apply: the checkpoint's widths are fixed)."""
+    report = CompressionReport.model_validate_json(report_json)
+    report.checkpoint = True
+    if asked != "auto" and asked != report.spec.quantize:
+        raise ValueError(
+            f"the {report.task} checkpoint is quantized {report.spec.quantize!r} but {asked!r} was asked for; "
+            "leave the setting at auto or write another checkpoint (python -m models.compress)"
+        )
+    return report
+
+
+def _as_checkpointed(policy: HardwarePolicy, name: str, report: CompressionReport) -> HardwarePolicy:
+    """The policy as served: the quantization is the checkpoint's, whatever ``auto`` would pick here."""
+    why = {**policy.why, name: "as written in the compressed checkpoint"}
+    return policy.model_copy(update={name: report.spec.quantize, "why": why})
 
 
 def _loaded(model: str, start: float) -> float:

@@ -1,0 +1,275 @@
+"""Compressed checkpoints: a model already pruned and quantized, in a directory the server serves as is.
+
+``python -m models.compress`` (models/compress_cli.py) writes one; ``--gen-model DIR`` / ``--cls-model DIR``
+serves it without calibration. A checkpoint directory holds:
+
+- ``model.safetensors``: the state dict as served: quantized layers as their saved 8-bit ``qweight`` and
+  float32 ``scale`` (never re-quantized on load), float layers in the dtype they were compressed in;
+- ``plan.json``: what to rebuild before loading: the quantized module names, the method, each layer's
+  (possibly pruned) MLP width, tensors stored once under another name (tied embeddings);
+- ``report.json``: the compression report with the fidelity measured when it was written (served by /info);
+- ``config.json`` and the tokenizer files (with the chat template), so nothing else is needed;
+- ``lowlat_checkpoint.json``: the marker (format version, task, what it was made from), written last: its
+  presence means the directory is complete.
+
+The startup compression cache (models/compress.py) stores its entries with the same weight files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+
+from models.llama import Llama, ModelArgs, rope_tables
+from models.quantize import QuantEmbedding, QuantLinear, fuse_quantized_projections, install_quant_modules
+
+log = logging.getLogger("models.checkpoint")
+
+MARKER = "lowlat_checkpoint.json"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+PLAN = "plan.json"
+REPORT = "report.json"
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+"""Fused quantized projections (models/quantize.py ``fuse_quantized_projections``) and the parts they replace."""
+
+Task = Literal["generate", "classify"]
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    marker = json.loads((Path(path) / MARKER).read_text())
+    if marker.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: checkpoint format {marker.get('format_version')!r}, this server reads {FORMAT_VERSION}; "
+            "write it again with python -m models.compress"
+        )
+    return marker
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+
+def write_weights(directory: Path, model: nn.Module, plan: dict[str, Any]) -> None:
+    """``model``'s state dict (each shared tensor once, the others recorded as aliases) and its plan."""
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_storage: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in by_storage:
+            aliases[name] = by_storage[key]
+        else:
+            by_storage[key] = name
+            tensors[name] = t.detach().contiguous()
+    save_file(tensors, str(directory / WEIGHTS))
+    (directory / PLAN).write_text(json.dumps({**plan, "aliases": aliases}, indent=1))
+
+
+def read_plan(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / PLAN).read_text())
+
+
+def read_weights(directory: Path, plan: dict[str, Any], device: torch.device, like: nn.Module) -> dict[str, Tensor]:
+    """The saved tensors on ``device``, each in the dtype of ``like``'s tensor of that name (float parts
+    follow the serving dtype; 8-bit weights and their float32 scales stay as saved), aliases shared again."""
+    tensors = load_file(str(Path(directory) / WEIGHTS), device=str(device))
+    want = {name: t.dtype for name, t in like.state_dict().items()}
+    for name, t in tensors.items():
+        if name in want and t.dtype != want[name]:
+            tensors[name] = t.to(want[name])
+    for name, target in plan.get("aliases", {}).items():
+        tensors[name] = tensors[target]
+    return tensors
+
+
+def llama_plan(model: Llama) -> dict[str, Any]:
+    """What :func:`build_llama` needs to recreate ``model``'s modules: quantized names as before fusion."""
+    names, method = [], "none"
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear | QuantEmbedding):
+            method = module.method
+            prefix, _, leaf = name.rpartition(".")
+            names += [f"{prefix}.{part}" for part in FUSED[leaf]] if leaf in FUSED else [name]
+    return {
+        "names": names,
+        "method": method,
+        "intermediate_sizes": [layer.mlp.down_proj.in_features for layer in model.layers],
+        "qkv_bias": _qkv_bias(model),
+    }
+
+
+def _qkv_bias(model: Llama) -> bool:
+    attn = model.layers[0].self_attn
+    proj = attn.q_proj if attn.q_proj is not None else attn.qkv_proj
+    return proj.bias is not None
+
+
+def build_llama(
+    directory: Path, config: PretrainedConfig, dtype: torch.dtype, device: torch.device, plan: dict[str, Any]
+) -> Llama:
+    """The compressed Llama from saved tensors: module structure from ``plan``, weights assigned as saved."""
+    args = ModelArgs.from_hf(config)
+    with torch.device("meta"):
+        model = Llama(args, plan["qkv_bias"], plan["intermediate_sizes"])
+    model.to(dtype)  # float parts in the serving dtype, before quantized modules appear
+    install_quant_modules(model, plan["names"], plan["method"])
+    fuse_quantized_projections(model)
+    tensors = read_weights(directory, plan, device, model)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if args.tie_word_embeddings and plan["method"] == "none":
+        model.lm_head.weight = model.embed_tokens.weight  # one Parameter, as Llama.from_hf leaves it
+    model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(args))
+    return model.eval()
+
+
+def encoder_plan(model: nn.Module, intermediate_sizes: list[int]) -> dict[str, Any]:
+    quantized = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear | QuantEmbedding)]
+    return {
+        "names": [n for n, _ in quantized],
+        "method": quantized[0][1].method if quantized else "none",
+        "intermediate_sizes": intermediate_sizes,
+    }
+
+
+def load_encoder_weights(directory: Path, model: nn.Module, plan: dict[str, Any]) -> None:
+    """Reshape ``model`` (an HF encoder of the original shape) to the saved one and assign the saved tensors."""
+    dev = next(model.parameters()).device
+    with safe_open(str(Path(directory) / WEIGHTS), framework="pt") as f:
+        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    for name, module in list(model.named_modules()):  # pruned layers: resize to the saved shapes
+        shape = shapes.get(f"{name}.weight", shapes.get(f"{name}.qweight"))
+        if isinstance(module, nn.Linear) and shape is not None and shape != tuple(module.weight.shape):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            resized = nn.Linear(
+                shape[1], shape[0], bias=module.bias is not None, device="meta", dtype=module.weight.dtype
+            )
+            setattr(parent, attr, resized)
+    install_quant_modules(model, plan["names"], plan["method"])
+    model.load_state_dict(read_weights(directory, plan, dev, model), strict=True, assign=True)
+
+
+# ------------------------------------------------------------------------------------------ directories
+
+
+def write_checkpoint(
+    out: Path,
+    task: Task,
+    model: nn.Module,
+    plan: dict[str, Any],
+    config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    report_json: str,
+    made_from: dict[str, Any],
+) -> None:
+    """Write a checkpoint directory at ``out`` through a temporary sibling renamed into place, so readers
+    (other replicas, an init container waiting for the marker) never see a half-written one."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and any(out.iterdir()) and not is_checkpoint(out):
+        raise ValueError(f"{out} exists and is not a compressed checkpoint; choose an empty or new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        write_weights(tmp, model, plan)
+        (tmp / REPORT).write_text(report_json)
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        marker = {
+            "format_version": FORMAT_VERSION,
+            "task": task,
+            "made_from": made_from,
+            "torch_version": torch.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2))
+        old = None
+        if out.exists():
+            old = out.with_name(f".old-{out.name}-{os.getpid()}")
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("compressed checkpoint written to %s", out)
+
+
+@dataclass
+class CheckpointLM:
+    """A generation checkpoint ready to serve."""
+
+    model: Llama
+    config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    report_json: str  # models/compress.py CompressionReport, as written
+    marker: dict[str, Any]
+
+
+def read_causal_lm(directory: Path, dtype: torch.dtype, device: torch.device) -> CheckpointLM:
+    directory = Path(directory)
+    marker = _expect(directory, "generate")
+    start = time.perf_counter()
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    model = build_llama(directory, config, dtype, device, read_plan(directory))
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    log.info("read compressed checkpoint %s in %.2f s", directory.name, time.perf_counter() - start)
+    return CheckpointLM(model, config, tokenizer, (directory / REPORT).read_text(), marker)
+
+
+@dataclass
+class CheckpointEncoder:
+    """A classification checkpoint ready to serve."""
+
+    model: nn.Module  # HF AutoModel, or AutoModelForSequenceClassification when it has a head
+    tokenizer: PreTrainedTokenizerBase
+    id2label: dict[int, str] | None
+    report_json: str
+    marker: dict[str, Any]
+
+
+def read_encoder(directory: Path, dtype: torch.dtype, device: torch.device) -> CheckpointEncoder:
+    directory = Path(directory)
+    marker = _expect(directory, "classify")
+    start = time.perf_counter()
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    has_head = any(arch.endswith("ForSequenceClassification") for arch in (config.architectures or []))
+    auto_cls = AutoModelForSequenceClassification if has_head else AutoModel
+    model = auto_cls.from_config(config).to(dtype).to(device).eval()
+    load_encoder_weights(directory, model, read_plan(directory))
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    id2label = {int(k): str(v) for k, v in config.id2label.items()} if has_head else None
+    log.info("read compressed checkpoint %s in %.2f s", directory.name, time.perf_counter() - start)
+    return CheckpointEncoder(model, tokenizer, id2label, (directory / REPORT).read_text(), marker)
+
+
+def _expect(directory: Path, task: Task) -> dict[str, Any]:
+    marker = read_marker(directory)
+    if marker["task"] != task:
+        flag = "--gen-model" if marker["task"] == "generate" else "--cls-model"
+        raise ValueError(f"{directory.name} is a {marker['task']} checkpoint: serve it with {flag}")
+    return marker
