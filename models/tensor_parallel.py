@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from models.llama import Llama
+from models.llama import Llama, ModelArgs
 from models.quantize import QuantLinear
 
 
@@ -71,14 +71,18 @@ def _columns(layer: nn.Module, start: int, stop: int, rank: int) -> nn.Module:
     return out
 
 
+def local_heads(args: ModelArgs, world: int) -> tuple[int, int]:
+    """Attention and key/value heads per rank; refuses a split that does not divide them."""
+    return _split(args.num_heads, world, "the attention heads"), _split(args.num_kv_heads, world, "the key/value heads")
+
+
 def shard_llama(model: Llama, rank: int, world: int, group: dist.ProcessGroup | None = None) -> Llama:
     """Keeps this rank's shard of every layer of ``model`` (in place; before ``fuse_projections``) and
     returns it; ``model.args`` then describes the shard (its heads), which is what its KV cache holds."""
     if world == 1:
         return model
     a = model.args
-    heads = _split(a.num_heads, world, "the attention heads")
-    kv_heads = _split(a.num_kv_heads, world, "the key/value heads")
+    heads, kv_heads = local_heads(a, world)
     d = a.head_dim
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -102,3 +106,8 @@ def init_group(rank: int, world: int, address: str, device: torch.device) -> Non
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world, **kwargs)
+
+
+# NVLink multicast (NVLS) stays off in every process that joins a group: on shared hosts a program using it
+# can take the GPUs out of service, and NCCL's all-reduce at decode sizes does not need it.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -96,6 +96,13 @@ class ProcessSettings(BaseModel):
         "(single) API server's process; 'auto' = process on CUDA, with several API servers or data parallel",
     )
     data_parallel_size: int = Field(1, ge=1, le=64, description="engine cores, one per GPU (engine_core=process)")
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="GPUs per engine core, splitting attention heads and MLP channels (NCCL; a worker process "
+        "per GPU after the first); with data parallel, core i takes GPUs i*N to i*N+N-1",
+    )
     engine_hang_timeout_s: float = Field(
         120.0,
         gt=0,

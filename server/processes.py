@@ -55,15 +55,16 @@ def _name_process(name: str) -> None:
         Path("/proc/self/comm").write_text(name[:15])
 
 
-def core_device(index: int, visible: str | None) -> str:
-    """The ``CUDA_VISIBLE_DEVICES`` of data-parallel core ``index``: its entry of the devices this server
-    may use (all of them when none are named)."""
+def core_device(index: int, visible: str | None, per_core: int = 1) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` of data-parallel core ``index``: its ``per_core`` entries (the tensor
+    parallel size) of the devices this server may use (all of them when none are named)."""
     devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else None
+    first = index * per_core
     if devices is None:
-        return str(index)
-    if index >= len(devices):
+        return ",".join(str(d) for d in range(first, first + per_core))
+    if first + per_core > len(devices):
         raise ValueError(f"data-parallel core {index} has no GPU: CUDA_VISIBLE_DEVICES names {len(devices)}")
-    return devices[index]
+    return ",".join(devices[first : first + per_core])
 
 
 def run_core(settings: Settings, index: int, address: str) -> None:
@@ -74,7 +75,8 @@ def run_core(settings: Settings, index: int, address: str) -> None:
     if settings.data_parallel_size > 1:
         # Before CUDA starts in this process: the core's one GPU becomes its cuda:0 for every thread
         # (torch.cuda.set_device holds for the calling thread only; the engine runs on others).
-        os.environ["CUDA_VISIBLE_DEVICES"] = core_device(index, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = core_device(index, visible, settings.tensor_parallel_size)
     built = Engines.build(settings)
     if built.engine is not None:
         start = time.perf_counter()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from multiprocessing.process import BaseProcess
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -22,17 +23,21 @@ from engine.batcher import DynamicBatcher
 from engine.classifier import Classifier, ClassifyItem, ClassResult, EncoderFrontend
 from engine.core import Batcher
 from engine.core_client import CoreClient
-from engine.llm_engine import AsyncLLM, EngineConfig, LLMClient, LLMEngine
+from engine.llm_engine import AsyncLLM, EngineConfig, LLMClient, LLMEngine, make_runner
+from engine.model_runner import ModelRunner
 from engine.response_cache import ResponseCache
 from engine.sequence import SamplingParams
+from engine.tp import StepFanout
 from models import checkpoint
 from models.compress import CompressionReport, compress_causal_lm, compress_encoder, default_spec
 from models.llama import Llama
 from models.loader import LoadedEncoder, load_causal_lm, load_encoder
 from models.sources import resolve_spec
-from server import metrics
+from models.tensor_parallel import local_heads
+from server import metrics, tp_workers
 from server.config import Settings
 from server.hardware import HardwarePolicy
+from server.tp_workers import TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,7 @@ def engine_config(settings: Settings, policy: HardwarePolicy) -> EngineConfig:
         block_size=settings.kv_block_size,
         max_model_len=settings.max_input_tokens + settings.max_new_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,
-        compile_cpu=policy.cpu_compile_decode,
+        compile_cpu=policy.cpu_compile_decode and settings.tensor_parallel_size == 1,  # compiled steps: no collectives
     )
 
 
@@ -84,15 +89,21 @@ class Engines:
     cls_model_id: str | None = None
     info: dict[str, object] = field(default_factory=dict)
     reports: dict[str, CompressionReport] = field(default_factory=dict)  # "generate" / "classify"
+    follower: ModelRunner | None = None  # a tensor-parallel worker's runner, instead of ``engine``
+    tp_workers: list[BaseProcess] = field(default_factory=list)  # rank 0's tensor-parallel worker processes
 
     @classmethod
-    def build(cls, settings: Settings) -> Engines:
-        """Blocking: decides the hardware policy, then loads every enabled model. Run it off the event loop."""
+    def build(cls, settings: Settings, tp: TensorParallel | None = None) -> Engines:
+        """Blocking: decides the hardware policy, then loads every enabled model. Run it off the event loop.
+        ``tp``: this is a tensor-parallel worker (server/tp_workers.py), which builds its shard and a
+        runner that follows rank 0 (``follower``) instead of an engine."""
         policy = HardwarePolicy.decide(settings)
         log.info("hardware policy: %s", policy.summary())
         if policy.cpu_threads is not None:  # before any model runs: compiled decode steps keep this count
             torch.set_num_threads(policy.cpu_threads)
         device, dtype = policy.torch_device, policy.torch_dtype
+        if tp is not None:
+            device = tp.device(device)
         built = cls(settings=settings, policy=policy)
         if settings.enable_generate:
             start = time.perf_counter()
@@ -114,7 +125,19 @@ class Engines:
             config = engine_config(settings, policy)
             if config.compile_cpu:  # compiled graphs survive restarts (and container volumes) with the models
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "inductor"))
-            built.engine = LLMEngine(model, tokenizer, device, dtype, config)
+            fanout = None
+            if settings.tensor_parallel_size > 1:
+                if tp is None:  # rank 0: the other ranks start now and find this model's compression cached
+                    if not settings.compress_cache and source.kind != "checkpoint":
+                        raise ValueError("tensor_parallel_size > 1 needs compress_cache (or a compressed checkpoint)")
+                    local_heads(model.args, settings.tensor_parallel_size)  # refuses a bad split before starting
+                    tp, built.tp_workers = tp_workers.start_workers(settings)
+                model = tp_workers.join(model, tp, device)
+                if tp.rank > 0:
+                    built.follower = make_runner(model, device, dtype, config, sample=False)
+                    return built
+                fanout = StepFanout(list(tp.steps))
+            built.engine = LLMEngine(model, tokenizer, device, dtype, config, fanout)
             built.gen_model_id = source.name
             built.info["generate"] = {"model": description, "load_seconds": _loaded("generate", start)}
         if settings.enable_classify:

@@ -18,6 +18,13 @@ def test_each_data_parallel_core_gets_its_own_gpu() -> None:
         core_device(2, "3,5")
 
 
+def test_tensor_parallel_cores_take_consecutive_gpus() -> None:
+    assert [core_device(i, None, per_core=2) for i in range(2)] == ["0,1", "2,3"]
+    assert [core_device(i, "4,5,6,7", per_core=2) for i in range(2)] == ["4,5", "6,7"]
+    with pytest.raises(ValueError, match="no GPU"):
+        core_device(1, "4,5,6", per_core=2)
+
+
 def test_api_server_count() -> None:
     assert api_servers(Settings(api_servers=3)) == 3
     assert api_servers(Settings(engine_core="thread")) == 1

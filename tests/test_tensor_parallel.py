@@ -4,8 +4,10 @@ scheduling and sampling, rank 1 following its steps (engine/tp.py), and must giv
 from __future__ import annotations
 
 import multiprocessing as mp
+import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -17,7 +19,7 @@ from engine.tp import StepFanout, follow
 from models.llama import Llama
 from models.quantize import QuantLinear
 from models.tensor_parallel import RowParallel, init_group, shard_llama
-from tests.conftest import free_port
+from tests.conftest import free_port, server_process
 
 PROMPTS = [[5, 7, 11, 13, 17], [3] * 40, list(range(1, 19)), [42]]
 CONFIG = EngineConfig(max_num_seqs=4, max_batched_tokens=32, kv_cache_tokens=1024, block_size=16, max_model_len=256)
@@ -110,3 +112,37 @@ def test_shard_keeps_heads_and_channels(tiny: tuple[LlamaConfig, dict[str, torch
     torch.testing.assert_close(halves, quant.dequantized(torch.float32))
     with pytest.raises(ValueError, match="does not divide"):
         shard_llama(Llama.from_hf(config, state), 0, 3)
+
+
+@pytest.mark.live  # server processes
+def test_server_with_two_ranks_answers_as_one(cache_dir: Path) -> None:
+    """``--tensor-parallel-size 3`` on CPU (gloo; SmolLM2-135M's 9 heads and 3 KV heads split by 3, not 2):
+    an engine core whose two worker processes hold a third of every layer each answers greedy requests with
+    the tokens of an unsplit server (float weights: the split changes only the order of additions)."""
+    float_model = {"gen_quantize": "none", "gen_prune": 0, "enable_classify": False}
+    body = {"prompt": "The three primary colours are", "max_tokens": 24, "temperature": 0}
+    answers = []
+    for args in ((), ("--engine-core", "process", "--tensor-parallel-size", "3")):
+        with server_process(cache_dir, *args, **float_model) as (proc, url):
+            if args:
+                children = subprocess.run(
+                    ["ps", "-o", "comm=", "--ppid", ",".join(str(p) for p in _descendants(proc.pid))],
+                    capture_output=True,
+                    text=True,
+                ).stdout.split()
+                assert {"tp-worker-1", "tp-worker-2"} <= set(children)
+            answer = httpx.post(f"{url}/generate", json=body, timeout=120)
+            assert answer.status_code == 200
+            answers.append(answer.json())
+    assert answers[1]["text"] == answers[0]["text"]
+    assert answers[1]["usage"] == answers[0]["usage"]
+
+
+def _descendants(pid: int) -> list[int]:
+    found, frontier = [pid], [pid]
+    while frontier:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(frontier.pop())], capture_output=True, text=True)
+        kids = [int(p) for p in out.stdout.split()]
+        found += kids
+        frontier += kids
+    return found
