@@ -115,6 +115,31 @@ def _preset_smollm2_1_7b() -> PretrainedConfig:
     return _smollm2_config(hidden=2048, intermediate=8192, layers=24, heads=32, kv_heads=32, theta=130000.0)
 
 
+def _preset_llama_8b() -> PretrainedConfig:
+    """Llama-3-8B's layer shapes (hidden 4096, MLP 14336, 32 layers, 32 heads over 8 KV heads of 128) with
+    SmolLM2's vocabulary, since dummy models take the embedded tokenizer: an 8B-class model for GPU and
+    tensor-parallel benchmarks (its LM head is 49152 rows, not Llama-3's 128256)."""
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        hidden_act="silu",
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 500000.0, "rope_type": "default"},
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
 def _preset_minilm_l6() -> PretrainedConfig:
     """The BertConfig of all-MiniLM-L6-v2 (the embedded classification model)."""
     return BertConfig(
@@ -138,6 +163,7 @@ def _preset_minilm_l6() -> PretrainedConfig:
 PRESETS = {
     "smollm2-135m": _preset_smollm2_135m,
     "smollm2-1.7b": _preset_smollm2_1_7b,
+    "llama-8b": _preset_llama_8b,
     "minilm-l6": _preset_minilm_l6,
 }
 """Dummy presets: name -> factory returning a fresh HF config (fresh so callers may mutate it)."""

@@ -89,7 +89,7 @@ def test_path_specs(tmp_path: Path) -> None:
 
 @pytest.mark.unit
 def test_dummy_specs(tmp_path: Path) -> None:
-    for preset in ("smollm2-135m", "smollm2-1.7b", "minilm-l6"):
+    for preset in ("smollm2-135m", "smollm2-1.7b", "llama-8b", "minilm-l6"):
         assert resolve_spec(f"dummy:{preset}", "generate") == ModelSource(kind="dummy", path=None, preset=preset)
     cfg = tmp_path / "config.json"
     LlamaConfig(hidden_size=64, num_hidden_layers=1).to_json_file(cfg)

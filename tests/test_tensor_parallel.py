@@ -16,9 +16,10 @@ from engine.llm_engine import EngineConfig, make_runner
 from engine.scheduler import Scheduler
 from engine.sequence import SamplingParams, Sequence
 from engine.tp import StepFanout, follow
-from models.llama import Llama
+from models.llama import Llama, ModelArgs
 from models.quantize import QuantLinear
-from models.tensor_parallel import RowParallel, init_group, shard_llama
+from models.sources import dummy_config, resolve_spec
+from models.tensor_parallel import RowParallel, init_group, local_heads, shard_llama
 from tests.conftest import free_port, server_process
 
 PROMPTS = [[5, 7, 11, 13, 17], [3] * 40, list(range(1, 19)), [42]]
@@ -112,6 +113,13 @@ def test_shard_keeps_heads_and_channels(tiny: tuple[LlamaConfig, dict[str, torch
     torch.testing.assert_close(halves, quant.dequantized(torch.float32))
     with pytest.raises(ValueError, match="does not divide"):
         shard_llama(Llama.from_hf(config, state), 0, 3)
+
+
+@pytest.mark.unit
+def test_8b_class_preset_splits_over_two_and_eight() -> None:
+    args = ModelArgs.from_hf(dummy_config(resolve_spec("dummy:llama-8b", "generate")))
+    assert (args.hidden_size, args.intermediate_size, args.num_layers, args.head_dim) == (4096, 14336, 32, 128)
+    assert local_heads(args, 2) == (16, 4) and local_heads(args, 8) == (4, 1)
 
 
 @pytest.mark.live  # server processes
