@@ -20,10 +20,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from engine import metrics
+from engine.constraints import Grammars
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import BlockManager
 from engine.model_runner import ModelRunner
-from engine.protocol import API_STRIDE, Abort, AddRequest, StepOutputs, TokenOutput
+from engine.protocol import API_STRIDE, Abort, AddRequest, StepOutputs, TokenLogprobs, TokenOutput
 from engine.scheduler import Scheduler
 from engine.sequence import SamplingParams, Sequence
 from engine.tp import StepFanout
@@ -44,6 +45,16 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class Timeline:
+    """When (perf_counter, this process's clock) a request's sequence was first scheduled, produced its first
+    token and finished."""
+
+    scheduled: float
+    first_token: float
+    finished: float
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     """New text for one request after one engine step; the last chunk carries ``finish_reason``."""
 
@@ -53,6 +64,9 @@ class GenerationChunk:
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     first_token_time: float | None = None  # perf_counter of the first token, on a whole (not streamed) result
+    # (token id, its log-probabilities) for each token behind this chunk's text, when the request asked
+    logprobs: list[tuple[int, TokenLogprobs]] | None = None
+    timeline: Timeline | None = None  # on the last chunk
 
 
 class EngineError(RuntimeError):
@@ -114,10 +128,13 @@ class LLMEngine:
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         # Keyed by the API server's request key, not the request id: ids come from clients and may repeat.
         self.requests: dict[int, Sequence] = {}
+        self.grammars = Grammars(tokenizer, model.args.vocab_size)
 
     def add(self, request: AddRequest) -> None:
         seq = Sequence(prompt_ids=request.prompt_ids, params=request.params, request_id=request.request_id)
         seq.key = request.key
+        if request.params.grammar is not None:
+            seq.constraint = self.grammars.constraint(request.params.grammar)
         self.requests[request.key] = seq
         self.scheduler.add(seq)
 
@@ -171,7 +188,12 @@ class LLMEngine:
                 seq.num_cached_prompt,
                 len(seq.output_ids),
             )
-        return TokenOutput(seq.key, token, reason, len(seq.prompt_ids), seq.num_cached_prompt)
+        scheduled_ago = None
+        if len(seq.output_ids) == 1 and seq.first_scheduled_time is not None:
+            scheduled_ago = time.perf_counter() - seq.first_scheduled_time
+        return TokenOutput(
+            seq.key, token, reason, len(seq.prompt_ids), seq.num_cached_prompt, seq.logprobs, scheduled_ago
+        )
 
     def fail_all(self, error: BaseException) -> list[TokenOutput]:
         outputs = []
@@ -271,8 +293,10 @@ class _Request:
     out: asyncio.Queue[GenerationChunk | BaseException]
     request_id: str
     whole: list[str] | None  # text so far when only the finished result is wanted; None: stream chunks
+    logprobs: list[tuple[int, TokenLogprobs]] | None  # not yet sent; None: not asked for
     tokens: int = 0
     first_token_time: float | None = None
+    scheduled_time: float | None = None
 
 
 class LLMClient:
@@ -309,7 +333,9 @@ class LLMClient:
         self.loop = asyncio.get_running_loop()  # where on_step must run
         key = next(self._keys)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
-        request = _Request(detok, asyncio.Queue(), request_id, None if stream else [])
+        request = _Request(
+            detok, asyncio.Queue(), request_id, None if stream else [], None if params.logprobs is None else []
+        )
         self.requests[key] = request
         self.send(AddRequest(key, list(prompt_ids), params, request_id))
         try:
@@ -334,13 +360,18 @@ class LLMClient:
                 request.out.put_nowait(self._failure(step.error or "generation failed", request))
                 continue
             request.tokens += 1
+            now = time.perf_counter()
             if request.tokens == 1:
-                request.first_token_time = time.perf_counter()
+                request.first_token_time = now
+            if out.scheduled_ago is not None:
+                request.scheduled_time = now - out.scheduled_ago
             reason = out.finish_reason
             if reason == "stop":  # end of sequence: the token itself is not text
                 text = request.detok.flush()
             else:
                 assert out.token is not None
+                if request.logprobs is not None and out.logprobs is not None:
+                    request.logprobs.append((out.token, out.logprobs))
                 text, hit_stop = request.detok.add(out.token)
                 if hit_stop:
                     reason = "stop"
@@ -356,7 +387,16 @@ class LLMClient:
                 text = "".join(request.whole)
             if text or reason:
                 first = request.first_token_time if request.whole is not None else None
-                chunk = GenerationChunk(text, reason, out.prompt_tokens, request.tokens, out.cached_tokens, first)
+                logprobs = request.logprobs
+                if logprobs is not None:
+                    request.logprobs = []
+                timeline = None
+                if reason is not None:
+                    first_token = request.first_token_time or now
+                    timeline = Timeline(request.scheduled_time or first_token, first_token, now)
+                chunk = GenerationChunk(
+                    text, reason, out.prompt_tokens, request.tokens, out.cached_tokens, first, logprobs, timeline
+                )
                 request.out.put_nowait(chunk)
 
     def fail_all(self, message: str) -> None:

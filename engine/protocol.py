@@ -54,6 +54,15 @@ class CancelClassify(msgspec.Struct, tag="cancel", array_like=True):
 ToCore = Hello | Commands | ClassifyRequest | CancelClassify
 
 
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """The log-probability of a sampled token under the model's distribution, and the ``top`` most likely
+    tokens' (most likely first), for a request that asked for them."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
 class TokenOutput(msgspec.Struct, array_like=True):
     """One sequence's new token after a step. ``finish_reason`` is set by the core for end-of-sequence
     ("stop"), length limits ("length") and failures ("error"); stop strings are matched by the API server."""
@@ -63,6 +72,11 @@ class TokenOutput(msgspec.Struct, array_like=True):
     finish_reason: str | None
     prompt_tokens: int
     cached_tokens: int
+    logprobs: TokenLogprobs | None = None  # only for a request that asked for them
+    # On a sequence's first token: seconds from the start of the step that first scheduled it to this output
+    # (a duration, so the API server can place it on its own clock, whichever process the engine is in).
+    scheduled_ago: float | None = None
+
 
 
 class StepOutputs(msgspec.Struct, tag="step", array_like=True):

@@ -1,10 +1,13 @@
-"""Token selection for a batch of rows with per-request sampling settings."""
+"""Token selection for a batch of rows with per-request sampling settings; grammar masks and
+log-probabilities for the rows that ask for them (the others pay nothing)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from engine import constraints
+from engine.protocol import TokenLogprobs
 from engine.sequence import Sequence
 
 MIN_TEMPERATURE = 1e-4
@@ -34,7 +37,37 @@ def sample(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None = None) -
     all-greedy batch without penalties then costs one device-to-host copy of the tokens.
     A request with a ``seed`` draws from its own generator, so its output does not depend on which
     other requests share the batch.
+
+    A constrained row's disallowed tokens are masked (in place: ``logits`` may be a CUDA graph's output
+    buffer) before penalties and sampling, and its matcher then takes the sampled token. A row that asks
+    for log-probabilities gets them (``Sequence.logprobs``) from the model's own distribution: before
+    penalties, temperature and masks, as OpenAI reports them.
     """
+    wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    logprobs = logits[wanted].float().log_softmax(dim=-1) if wanted else None
+    bound = [i for i, s in enumerate(seqs) if s.constraint is not None]
+    rules = [seqs[i].constraint for i in bound]
+    if bound:
+        constraints.apply_masks(logits, bound, rules)  # type: ignore[arg-type]
+    out = _choose(logits, seqs, None if bound else greedy)
+    if bound:
+        constraints.advance(rules, [out[i] for i in bound])  # type: ignore[arg-type]
+    if logprobs is not None:
+        _record_logprobs(logprobs, [seqs[i] for i in wanted], [out[i] for i in wanted])
+    return out
+
+
+def _record_logprobs(logprobs: Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
+    k = max(s.params.logprobs or 0 for s in seqs)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device).unsqueeze(1)).squeeze(1).tolist()
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    for j, s in enumerate(seqs):
+        n = s.params.logprobs or 0
+        s.logprobs = TokenLogprobs(chosen[j], top_ids[j][:n], top_values[j][:n])
+
+
+def _choose(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None) -> list[int]:
     penalized = apply_penalties(logits, seqs)
     if greedy is None or penalized is not logits:  # a precomputed argmax holds only without penalties
         greedy = penalized.argmax(dim=-1)

@@ -6,8 +6,13 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.constraints import Constraint
+    from engine.protocol import TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,8 @@ class SamplingParams:
     # shares with None). The server passes a hash of the client's API key, so one client cannot learn
     # another's prompt from cached_tokens (issue 18); it does not affect sampling.
     cache_salt: str | None = None
+    logprobs: int | None = None  # None: none; k: the sampled token's log-probability and the k most likely
+    grammar: str | None = None  # an llguidance grammar the output must match (engine/constraints.py)
 
     @property
     def greedy(self) -> bool:
@@ -57,6 +64,8 @@ class Sequence:
     arrival_time: float = field(default_factory=time.perf_counter)
     first_scheduled_time: float | None = None
     generator: torch.Generator | None = None
+    constraint: Constraint | None = None  # the grammar's matcher, made by the engine (engine/constraints.py)
+    logprobs: TokenLogprobs | None = None  # the latest sampled token's, when params.logprobs asks
 
     def __post_init__(self) -> None:
         if self.params.seed is not None and not self.params.greedy:

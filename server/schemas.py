@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
@@ -65,6 +65,14 @@ class GenerateRequest(StrictModel):
         default_factory=list, max_length=8
     )
     stream: bool = Field(False, description="stream Server-Sent Events, one per token chunk")
+    logprobs: bool = Field(False, description="each generated token's log-probability")
+    top_logprobs: int = Field(0, ge=0, le=20, description="with logprobs: the most likely tokens at each position")
+    timings: bool = Field(False, description="a timings object in the response (or the stream's last event)")
+    json_schema: dict[str, Any] | None = Field(None, description="the output is JSON valid against this schema")
+    regex: str | None = Field(None, min_length=1, max_length=4096, description="the output matches this regex")
+    choice: list[Annotated[str, StringConstraints(min_length=1, max_length=1024)]] | None = Field(
+        None, min_length=1, max_length=256, description="the output is exactly one of these strings"
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -82,6 +90,10 @@ class GenerateRequest(StrictModel):
     def _one_input(self) -> GenerateRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if sum(x is not None for x in (self.json_schema, self.regex, self.choice)) > 1:
+            raise ValueError("give at most one of 'json_schema', 'regex' or 'choice'")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         return self
 
 
@@ -90,10 +102,51 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token (as text), its log-probability under the model, and the most likely alternatives."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class Timings(BaseModel):
+    """Where a request's time went, in milliseconds from its arrival at the API server: waiting to be
+    scheduled, until its first token (the prompt's prefill), from then to its last token, and in all;
+    ``tokens_per_second``: generated tokens over prefill and decode time. With several choices: from the
+    first scheduled, through the first token of any, to the last token of all."""
+
+    queue_ms: float
+    prefill_ms: float
+    decode_ms: float
+    total_ms: float
+    tokens_per_second: float
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-Queue-Time-Ms": f"{self.queue_ms:.2f}",
+            "X-Prefill-Time-Ms": f"{self.prefill_ms:.2f}",
+            "X-Decode-Time-Ms": f"{self.decode_ms:.2f}",
+            "X-Total-Time-Ms": f"{self.total_ms:.2f}",
+            "X-Tokens-Per-Second": f"{self.tokens_per_second:.2f}",
+        }
+
+
 class GenerateResponse(BaseModel):
     text: str
     finish_reason: Literal["stop", "length"]
     usage: Usage
+    logprobs: list[TokenLogprob] | None = Field(
+        None, exclude_if=lambda v: v is None, description="present when the request set logprobs"
+    )
+    timings: Timings | None = Field(
+        None, exclude_if=lambda v: v is None, description="present when the request set timings"
+    )
+
 
 
 class ClassifyRequest(StrictModel):

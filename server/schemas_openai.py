@@ -1,7 +1,7 @@
 """OpenAI wire format for the ``/v1`` routes (chat completions, completions, models, embeddings).
 
 Requests are strict like ours (unknown fields are rejected), with one courtesy: OpenAI parameters we
-parse but cannot honour (tools, logprobs, ...) are accepted at their neutral value (``null``, ``false``,
+parse but cannot honour (logit_bias, audio, ...) are accepted at their neutral value (``null``, ``false``,
 ``[]``) that some clients always send, and rejected with ``code: unsupported_parameter`` otherwise.
 """
 
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from server.errors import UNSUPPORTED
-from server.schemas import StrictModel
+from server.schemas import StrictModel, Timings, TokenLogprob
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 # Names the server echoes (model, in a 404) or ignores (user, name): bounded so they cannot carry bulk.
@@ -33,6 +33,29 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
+class TextFormat(StrictModel):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(StrictModel):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(StrictModel):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(StrictModel):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class SamplingRequest(StrictModel):
     """Fields shared by chat completions and completions."""
 
@@ -50,8 +73,8 @@ class SamplingRequest(StrictModel):
     user: str | None = Field(
         None, max_length=MAX_NAME_CHARS, description="end-user id; accepted for compatibility, not used"
     )
-    logprobs: _unsupported(False) = None
-    top_logprobs: _unsupported(0) = None
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
+    timings: bool = Field(False, description="extension: a timings object in the response (or last stream chunk)")
     logit_bias: _unsupported({}) = None
     service_tier: _unsupported("auto", "default") = None
 
@@ -76,25 +99,65 @@ class TextPart(StrictModel):
     text: str
 
 
+class FunctionCall(StrictModel):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(description="the arguments as a JSON text")
+
+
+class ToolCall(StrictModel):
+    id: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="text, or text parts (other part types are not supported)")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(
+        None, description="text, or text parts (other part types are not supported); null on a tool-calling turn"
+    )
     name: str | None = Field(None, max_length=MAX_NAME_CHARS, description="accepted for compatibility, not used")
+    tool_calls: list[ToolCall] | None = Field(None, max_length=64, description="an assistant turn's calls")
+    tool_call_id: str | None = Field(None, max_length=MAX_NAME_CHARS, description="the call a tool turn answers")
+    refusal: str | None = Field(None, description="accepted for compatibility, not used")
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionSpec(StrictModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=4096)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class Tool(StrictModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(StrictModel):
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
-    tools: _unsupported([]) = None
-    tool_choice: _unsupported("none") = None
+    logprobs: bool | None = Field(None, description="each generated token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the most likely alternatives")
+    tools: list[Tool] | None = Field(None, max_length=64, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, description="whether one answer may hold several calls")
     functions: _unsupported([]) = None
     function_call: _unsupported("none") = None
-    parallel_tool_calls: _unsupported(True, False) = None
-    response_format: _unsupported({"type": "text"}) = None
     modalities: _unsupported(["text"]) = None
     audio: _unsupported() = None
     prediction: _unsupported() = None
@@ -110,14 +173,30 @@ class ChatCompletionRequest(SamplingRequest):
             raise ValueError("messages must contain some non-empty content")
         return value
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Turns for the chat template; ``developer`` is OpenAI's new name for ``system``."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in self.messages]
+    @model_validator(mode="after")
+    def _tools(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
+        if self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] = Field(description="a prompt or a list of prompts (token-id prompts are not supported)")
     echo: bool = Field(False, description="prepend the prompt to the completion text")
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="log-probabilities of each token and this many alternatives"
+    )
     suffix: _unsupported() = None
     best_of: _unsupported(1) = None
 
@@ -130,6 +209,10 @@ class CompletionRequest(SamplingRequest):
         if any(not p.strip() for p in prompts):
             raise ValueError("prompt must not be empty or whitespace")
         return value
+
+    @property
+    def logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     @property
     def prompts(self) -> list[str]:
@@ -169,43 +252,75 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: None = None
+    finish_reason: FinishReason
+    logprobs: ChatLogprobs | None = None
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    finish_reason: FinishReason
+    logprobs: CompletionLogprobs | None = None
 
 
-class TextCompletion(BaseModel):
+class Completions(BaseModel):
+    """What a chat completion and a text completion both hold."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
     usage: Usage
     system_fingerprint: None = None
+    timings: Timings | None = Field(
+        None, exclude_if=lambda v: v is None, description="extension: present when the request set timings"
+    )
+
+
+class ChatCompletion(Completions):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+
+
+class TextCompletion(Completions):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class ModelCard(BaseModel):

@@ -226,17 +226,17 @@ async def test_body_size_limit(make_client) -> None:
 
 
 async def test_one_failing_request_fails_alone(make_client, monkeypatch: pytest.MonkeyPatch) -> None:
-    from server.routes import generate
+    from server.services import generation
 
     client = await make_client()
-    real = generate.encode_texts
+    real = generation.encode_texts
 
     async def exploding(llm, settings, prompts, fields):  # an unexpected bug hit by one particular request
         if prompts == ["explode"]:
             raise RuntimeError("boom in /srv/secret/module.py")
         return await real(llm, settings, prompts, fields)
 
-    monkeypatch.setattr(generate, "encode_texts", exploding)
+    monkeypatch.setattr(generation, "encode_texts", exploding)
     errors_before = REQUESTS.labels(endpoint="/generate", status="500")._value.get()
     ok, bad = await asyncio.gather(
         client.post("/generate", json={"prompt": "Hello", "max_tokens": 4}),

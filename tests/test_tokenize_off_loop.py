@@ -10,8 +10,9 @@ import threading
 import pytest
 
 from server import chat_template
-from server.generation import OFF_LOOP_CHARS, _tokenize, encode_chat, encode_texts
 from server.runtime import Runtime
+from server.services.generation import encode_chat, encode_texts
+from server.services.tokenizing import OFF_LOOP_CHARS, _tokenize
 from tests.virtual_clock import run_virtual
 
 

@@ -1,106 +1,83 @@
-"""POST /generate: whole or streamed (SSE) text generation through the continuous-batching engine."""
+"""POST /generate: whole or streamed (SSE) text generation; the native wire format over the generation
+service (server/services/generation.py)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from engine.llm_engine import EngineError, GenerationChunk
 from engine.sequence import SamplingParams
 from server.errors import APIError, error_body
-from server.generation import (
-    check_prompt,
-    collect,
-    encode_chat,
-    encode_texts,
-    log_prompt,
-    resolve_max_tokens,
-    sse,
-    timed,
-)
-from server.middleware import cache_salt
-from server.request_id import current_request_id
-from server.routes.common import (
-    DEADLINE_MESSAGE,
-    ERRORS,
-    SHUTDOWN_MESSAGE,
-    ClientDisconnected,
-    DeadlineExceeded,
-    StreamCut,
-    admission,
-    ready_runtime,
-    request_deadline,
-    until_disconnect,
-    within_deadline,
-)
-from server.schemas import GenerateRequest, GenerateResponse
+from server.routes.common import ERRORS, ready_runtime
+from server.schemas import GenerateRequest, GenerateResponse, Usage
+from server.services import constraints
+from server.services.generation import Completion, Events, GenerationService, Timings, sse, token_logprobs
 
 router = APIRouter()
 
 
-async def sse_events(chunks: AsyncIterator[GenerationChunk]) -> AsyncIterator[str]:
-    """Headers are already sent when a stream fails, so failures end it with an ``error`` event."""
-    try:
-        async for chunk in chunks:
-            if chunk.finish_reason is None:
-                yield sse({"text": chunk.text})
-            else:
-                usage = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
-                yield sse({"text": chunk.text, "finish_reason": chunk.finish_reason, "usage": usage})
-    except EngineError as exc:
-        yield "event: error\n" + sse(error_body("engine_error", str(exc)))
-    except DeadlineExceeded:
-        yield "event: error\n" + sse(error_body("timeout", DEADLINE_MESSAGE))
-    except StreamCut:
-        yield "event: error\n" + sse(error_body("shutting_down", SHUTDOWN_MESSAGE))
+def _grammar(body: GenerateRequest) -> str | None:
+    if body.json_schema is not None:
+        return constraints.json_schema(body.json_schema, "json_schema")
+    if body.regex is not None:
+        return constraints.regex(body.regex, "regex")
+    if body.choice is not None:
+        return constraints.choice(body.choice, "choice")
+    return None
+
+
+def _error_event(code: str, message: str) -> str:
+    return "event: error\n" + sse(error_body(code, message))
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
 async def generate(body: GenerateRequest, request: Request) -> Response:
-    arrival = time.perf_counter()
     runtime = ready_runtime(request)
     if runtime.llm is None:
         raise APIError(404, "generation is disabled on this server", type="not_found")
-    settings = runtime.settings
-    deadline = request_deadline(request, settings.request_timeout_s)
+    service = GenerationService(request, runtime, runtime.llm)
     if body.messages is not None:
-        field = "messages"
-        prompt_ids = await encode_chat(runtime.llm, settings, [m.model_dump() for m in body.messages])
+        prompt_ids = await service.encode_chat([m.model_dump() for m in body.messages])
     else:
         assert body.prompt is not None
-        field, (prompt_ids,) = "prompt", await encode_texts(runtime.llm, settings, [body.prompt], ["prompt"])
-    check_prompt(settings, prompt_ids, field)
-    max_tokens = resolve_max_tokens(settings, body.max_tokens)
-    # Admitted by its size: the prompt and what it may generate (the KV cache it may come to hold).
-    gates = admission(request)
-    with gates.generation([len(prompt_ids) + max_tokens], body.stream) as ticket:
-        log_prompt(settings, body.prompt if body.prompt is not None else body.messages, len(prompt_ids))
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            seed=body.seed,
-            stop=tuple(body.stop),
-            cache_salt=cache_salt(request),
+        (prompt_ids,) = await service.encode_texts([body.prompt], ["prompt"])
+    params = SamplingParams(
+        max_tokens=service.max_tokens(body.max_tokens),
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=tuple(body.stop),
+        logprobs=body.top_logprobs if body.logprobs else None,
+        grammar=_grammar(body),
+    )
+    choices = service.fan_out([prompt_ids], 1, lambda _: params)
+    tokenizer = runtime.llm.tokenizer
+
+    async def render(events: Events) -> AsyncIterator[str]:
+        async for _, chunk in events:
+            event: dict[str, object] = {"text": chunk.text}
+            if body.logprobs:
+                event["logprobs"] = [e.model_dump() for e in token_logprobs(tokenizer, chunk.logprobs or [])]
+            if chunk.finish_reason is not None:
+                event["finish_reason"] = chunk.finish_reason
+                event["usage"] = {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens}
+                if body.timings:
+                    event["timings"] = service.timings([chunk]).model_dump()
+            yield sse(event)
+
+    def build(done: list[Completion], timings: Timings) -> GenerateResponse:
+        (d,) = done
+        return GenerateResponse(
+            text=d.text,
+            finish_reason=d.final.finish_reason,
+            usage=Usage(prompt_tokens=d.final.prompt_tokens, completion_tokens=d.final.completion_tokens),
+            logprobs=None if d.logprobs is None else token_logprobs(tokenizer, d.logprobs),
+            timings=timings if body.timings else None,
         )
-        chunks = timed(runtime.llm.generate(prompt_ids, params, current_request_id(), body.stream), arrival)
-        if body.stream:
-            return ticket.stream(
-                sse_events(within_deadline(chunks, deadline, gates.cutoff())),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        try:
-            done = await until_disconnect(request, collect(chunks), deadline, gates.cutoff())
-        except ClientDisconnected:
-            return Response(status_code=499)
-        except EngineError as exc:
-            raise APIError(500, str(exc), type="engine_error") from exc
-    final = done.final
-    usage = {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens}
-    result = GenerateResponse(text=done.text, finish_reason=final.finish_reason, usage=usage)
-    return Response(result.model_dump_json(), media_type="application/json")
+
+    if body.stream:
+        return service.stream(choices, render, _error_event)
+    return await service.respond(choices, build)

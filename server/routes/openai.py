@@ -1,64 +1,40 @@
 """OpenAI-compatible routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``,
 ``/v1/embeddings``, so existing OpenAI clients can point their ``base_url`` here.
 
-Generation goes through the same engine and plumbing as /generate; embeddings through the same
-dynamic batching queue as /classify. ``n`` > 1 runs n sequences.
+Generation is OpenAI's wire format over the generation service that /generate uses too
+(server/services/generation.py): ``n`` > 1 runs n sequences; ``response_format`` and ``tools`` become
+grammars (server/services/constraints.py, tools.py). Embeddings go through the same dynamic batching queue
+as /classify.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import struct
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel
+from transformers import PreTrainedTokenizerBase
 
 from engine.classifier import ClassifierInputError, ClassifyItem, Embedding
-from engine.llm_engine import EngineError, GenerationChunk, LLMClient
+from engine.llm_engine import GenerationChunk, LLMClient
+from engine.protocol import TokenLogprobs
 from engine.sequence import SamplingParams
-from server.config import Settings
 from server.errors import UNSUPPORTED, APIError, openai_error_body
-from server.generation import (
-    Completion,
-    check_prompt,
-    collect,
-    encode_chat,
-    encode_texts,
-    log_prompt,
-    resolve_max_tokens,
-    sse,
-    timed,
-)
-from server.middleware import cache_salt
 from server.request_id import current_request_id
-from server.routes.common import (
-    DEADLINE_MESSAGE,
-    SHUTDOWN_MESSAGE,
-    ClientDisconnected,
-    DeadlineExceeded,
-    StreamCut,
-    admission,
-    encoder_inputs,
-    on_encoder,
-    ready_runtime,
-    request_deadline,
-    until_disconnect,
-    within_deadline,
-)
+from server.routes.common import ClientDisconnected, encoder_inputs, on_encoder, ready_runtime
 from server.runtime import Runtime
 from server.schemas_openai import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     EmbeddingData,
     EmbeddingList,
@@ -71,6 +47,16 @@ from server.schemas_openai import (
     SamplingRequest,
     TextCompletion,
     Usage,
+)
+from server.services import constraints, tools
+from server.services.generation import (
+    Choice,
+    Completion,
+    Events,
+    GenerationService,
+    Timings,
+    sse,
+    token_logprobs,
 )
 
 router = APIRouter(prefix="/v1")
@@ -112,35 +98,35 @@ async def models(request: Request) -> ModelList:
     return ModelList(data=cards)
 
 
-@dataclass(frozen=True)
-class _Choice:
-    index: int
-    prompt: int  # index into the request's prompts
-    prompt_ids: list[int]
-    params: SamplingParams
+def _response_grammar(body: SamplingRequest) -> str | None:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return constraints.json_object("response_format")
+    return constraints.json_schema(fmt.json_schema.schema_, "response_format.json_schema.schema")
 
 
-def _choices(body: SamplingRequest, prompts: list[list[int]], max_tokens: int, salt: str | None) -> list[_Choice]:
-    """One sequence per (prompt, n); choice i samples with ``seed + i`` so the n choices differ."""
-    out = []
-    for p, ids in enumerate(prompts):
-        for j in range(body.n):
-            index = p * body.n + j
-            params = SamplingParams(
-                max_tokens=max_tokens,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                seed=None if body.seed is None else body.seed + index,
-                stop=body.stop_strings,
-                presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty,
-                cache_salt=salt,
-            )
-            out.append(_Choice(index, p, ids, params))
-    return out
+def _sampling(body: SamplingRequest, max_tokens: int, grammar: str | None) -> Callable[[int], SamplingParams]:
+    """Choice i samples with ``seed + i`` so the n choices differ."""
+
+    def params(index: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=None if body.seed is None else body.seed + index,
+            stop=body.stop_strings,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logprobs=body.logprobs_wanted,
+            grammar=grammar,
+        )
+
+    return params
 
 
-def _usage(prompts: list[list[int]], finals: dict[int, GenerationChunk], choices: list[_Choice]) -> Usage:
+def _usage(prompts: list[list[int]], finals: dict[int, GenerationChunk], choices: list[Choice]) -> Usage:
     """Prompt tokens count once per prompt (not per choice), as OpenAI counts them."""
     firsts = {c.prompt: finals[c.index] for c in reversed(choices)}
     prompt_tokens = sum(len(p) for p in prompts)
@@ -153,196 +139,179 @@ def _usage(prompts: list[list[int]], finals: dict[int, GenerationChunk], choices
     )
 
 
-async def _merged(streams: Sequence[AsyncIterator[GenerationChunk]]) -> AsyncIterator[tuple[int, GenerationChunk]]:
-    """Interleaves the choices' chunk streams as they arrive; leaving early cancels (aborts) them all."""
-    queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[GenerationChunk]) -> None:
-        try:
-            async for chunk in stream:
-                queue.put_nowait((i, chunk))
-            queue.put_nowait((i, None))
-        except Exception as exc:
-            queue.put_nowait((i, exc))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item is None:
-                remaining -= 1
-            else:
-                yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
+def _completion_logprobs(
+    tokenizer: PreTrainedTokenizerBase, logprobs: list[tuple[int, TokenLogprobs]], offset: int
+) -> CompletionLogprobs:
+    """The legacy completions shape; ``text_offset`` counts characters from ``offset`` (the echoed prompt's)."""
+    entries = token_logprobs(tokenizer, logprobs)
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+        text_offset=offsets,
+    )
 
 
-async def _collect_all(streams: Sequence[AsyncIterator[GenerationChunk]]) -> list[Completion]:
-    tasks = [asyncio.ensure_future(collect(s)) for s in streams]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
+class _Serve:
+    """One /v1 generation request: its choices over the service, whole or as OpenAI's stream of chunks."""
 
+    def __init__(
+        self,
+        service: GenerationService,
+        kind: Kind,
+        body: ChatCompletionRequest | CompletionRequest,
+        prompts: list[list[int]],
+        echoes: list[str],
+        max_tokens: int,
+        grammar: str | None,
+    ) -> None:
+        self.service, self.kind, self.body, self.prompts, self.echoes = service, kind, body, prompts, echoes
+        self.tokenizer = service.llm.tokenizer
+        self.rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{current_request_id()}"
+        self.tooling = isinstance(body, ChatCompletionRequest) and tools.active(body)
+        self.choices = service.fan_out(prompts, body.n, _sampling(body, max_tokens, grammar))
 
-def _chunk_payload(
-    kind: Kind, rid: str, created: int, model: str, index: int, text: str | None, reason: str | None, usage: bool
-) -> dict[str, object]:
-    if kind == "chat":
-        delta: dict[str, str] = {} if text is None else {"content": text}
-        choice: dict[str, object] = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
-        payload: dict[str, object] = {"id": rid, "object": "chat.completion.chunk", "created": created}
-    else:
-        choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": None}
-        payload = {"id": rid, "object": "text_completion", "created": created}
-    payload.update(model=model, choices=[choice])
-    if usage:
-        payload["usage"] = None
-    return payload
+    async def respond(self) -> Response:
+        if self.body.stream:
+            return self.service.stream(self.choices, self._events, self._error_event)
+        return await self.service.respond(self.choices, self._build)
 
+    @staticmethod
+    def _error_event(code: str, message: str) -> str:
+        return sse(openai_error_body("server_error", message, code=code))
 
-async def _stream_events(
-    kind: Kind,
-    body: SamplingRequest,
-    prompts: list[list[int]],
-    echoes: list[str],
-    choices: list[_Choice],
-    streams: list[AsyncIterator[GenerationChunk]],
-    rid: str,
-) -> AsyncIterator[str]:
-    created, model, with_usage = int(time.time()), body.model, body.include_usage
-    finals: dict[int, GenerationChunk] = {}
-    try:
-        for c in choices:  # OpenAI opens each choice with the role (chat) or the echoed prompt (text)
-            if kind == "chat":
-                first = _chunk_payload(kind, rid, created, model, c.index, "", None, with_usage)
-                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}  # type: ignore[index]
-                yield sse(first)
-            elif echoes[c.prompt]:
-                yield sse(_chunk_payload(kind, rid, created, model, c.index, echoes[c.prompt], None, with_usage))
-        # aclosing: when the client goes away mid-stream, closing this generator must abort every choice.
-        async with contextlib.aclosing(_merged(streams)) as merged:
-            async for i, chunk in merged:
-                if chunk.finish_reason is not None:
-                    finals[choices[i].index] = chunk
-                text = chunk.text if chunk.text or chunk.finish_reason is None else None
-                yield sse(
-                    _chunk_payload(kind, rid, created, model, choices[i].index, text, chunk.finish_reason, with_usage)
+    def _build(self, done: list[Completion], timings: Timings) -> ChatCompletion | TextCompletion:
+        finals = {d.choice.index: d.final for d in done}
+        common = {
+            "id": self.rid,
+            "created": int(time.time()),
+            "model": self.body.model,
+            "usage": _usage(self.prompts, finals, self.choices),
+            "timings": timings if self.body.timings else None,
+        }
+        if self.kind == "text":
+            choices = []
+            for d in done:
+                echo = self.echoes[d.choice.prompt]
+                lp = None if d.logprobs is None else _completion_logprobs(self.tokenizer, d.logprobs, len(echo))
+                choice = CompletionChoice(
+                    index=d.choice.index, text=echo + d.text, finish_reason=d.final.finish_reason, logprobs=lp
                 )
-    except EngineError as exc:
-        yield sse(openai_error_body("server_error", str(exc), code="engine_error"))
-        return
-    except DeadlineExceeded:
-        yield sse(openai_error_body("server_error", DEADLINE_MESSAGE, code="timeout"))
-        return
-    except StreamCut:
-        yield sse(openai_error_body("server_error", SHUTDOWN_MESSAGE, code="shutting_down"))
-        return
-    if with_usage:
-        usage = _usage(prompts, finals, choices).model_dump()
-        object_ = "chat.completion.chunk" if kind == "chat" else "text_completion"
-        yield sse({"id": rid, "object": object_, "created": created, "model": model, "choices": [], "usage": usage})
-    yield "data: [DONE]\n\n"
+                choices.append(choice)
+            return TextCompletion(choices=choices, **common)
+        chat_choices = []
+        for d in done:
+            message, reason = AssistantMessage(content=d.text), d.final.finish_reason
+            if self.tooling:
+                assert isinstance(self.body, ChatCompletionRequest)
+                parsed = tools.parse(d.text, self.body)
+                if parsed.calls:
+                    message, reason = AssistantMessage(content=parsed.content, tool_calls=parsed.calls), "tool_calls"
+            lp = None if d.logprobs is None else ChatLogprobs(content=token_logprobs(self.tokenizer, d.logprobs))
+            chat_choices.append(ChatChoice(index=d.choice.index, message=message, finish_reason=reason, logprobs=lp))
+        return ChatCompletion(choices=chat_choices, **common)
 
-
-async def _serve(
-    request: Request,
-    settings: Settings,
-    llm: LLMClient,
-    kind: Kind,
-    body: SamplingRequest,
-    prompts: list[list[int]],
-    echoes: list[str],
-    max_tokens: int,
-) -> Response:
-    arrival = time.perf_counter()
-    request_id = current_request_id()
-    rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}"
-    choices = _choices(body, prompts, max_tokens, cache_salt(request))
-    deadline = request_deadline(request, settings.request_timeout_s)
-    sizes = [len(c.prompt_ids) + c.params.max_tokens for c in choices]  # the KV cache each may come to hold
-    gates = admission(request)
-    with gates.generation(sizes, body.stream, field="n") as ticket:
-        streams = [
-            timed(
-                llm.generate(
-                    c.prompt_ids,
-                    c.params,
-                    request_id if len(choices) == 1 else f"{request_id}-{c.index}",
-                    body.stream,
-                ),
-                arrival,
+    def _chunk(
+        self,
+        index: int,
+        text: str | None,
+        reason: str | None,
+        logprobs: list[tuple[int, TokenLogprobs]] | None = None,
+        delta: dict[str, object] | None = None,
+    ) -> dict[str, object]:
+        choice: dict[str, object]
+        if self.kind == "chat":
+            if delta is None:
+                delta = {} if text is None else {"content": text}
+            lp = (
+                None
+                if logprobs is None
+                else {"content": [e.model_dump() for e in token_logprobs(self.tokenizer, logprobs)]}
             )
-            for c in choices
-        ]
-        if body.stream:
-            streams = [within_deadline(s, deadline, gates.cutoff()) for s in streams]
-            events = _stream_events(kind, body, prompts, echoes, choices, streams, rid)
-            return ticket.stream(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            done = await until_disconnect(request, _collect_all(streams), deadline, gates.cutoff())
-        except ClientDisconnected:
-            return Response(status_code=499)
-        except EngineError as exc:
-            raise APIError(500, str(exc), type="engine_error") from exc
-    finals = {c.index: d.final for c, d in zip(choices, done, strict=True)}
-    usage = _usage(prompts, finals, choices)
-    result: BaseModel
-    if kind == "chat":
-        result = ChatCompletion(
-            id=rid,
-            created=int(time.time()),
-            model=body.model,
-            usage=usage,
-            choices=[
-                ChatChoice(index=c.index, message=AssistantMessage(content=d.text), finish_reason=d.final.finish_reason)
-                for c, d in zip(choices, done, strict=True)
-            ],
-        )
-    else:
-        result = TextCompletion(
-            id=rid,
-            created=int(time.time()),
-            model=body.model,
-            usage=usage,
-            choices=[
-                CompletionChoice(index=c.index, text=echoes[c.prompt] + d.text, finish_reason=d.final.finish_reason)
-                for c, d in zip(choices, done, strict=True)
-            ],
-        )
-    return Response(result.model_dump_json(), media_type="application/json")
+            choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": lp}
+            payload: dict[str, object] = {"id": self.rid, "object": "chat.completion.chunk", "created": self.created}
+        else:
+            lp = None if logprobs is None else _completion_logprobs(self.tokenizer, logprobs, 0).model_dump()
+            choice = {"index": index, "text": text or "", "finish_reason": reason, "logprobs": lp}
+            payload = {"id": self.rid, "object": "text_completion", "created": self.created}
+        payload.update(model=self.body.model, choices=[choice])
+        if self.body.include_usage:
+            payload["usage"] = None
+        return payload
+
+    async def _events(self, events: Events) -> AsyncIterator[str]:
+        self.created = int(time.time())
+        body = self.body
+        finals: dict[int, GenerationChunk] = {}
+        for c in self.choices:  # OpenAI opens each choice with the role (chat) or the echoed prompt (text)
+            if self.kind == "chat":
+                yield sse(self._chunk(c.index, None, None, delta={"role": "assistant", "content": ""}))
+            elif self.echoes[c.prompt]:
+                yield sse(self._chunk(c.index, self.echoes[c.prompt], None))
+        splitters = {c.index: tools.StreamSplitter(body) for c in self.choices} if self.tooling else {}  # type: ignore[arg-type]
+        async for choice, chunk in events:
+            i, text, reason = choice.index, chunk.text, chunk.finish_reason
+            if self.tooling:
+                splitter = splitters[i]
+                text = splitter.feed(text)
+                if reason is not None:
+                    parsed = splitter.finish()
+                    text += parsed.content or ""
+                    if parsed.calls:
+                        if text:
+                            yield sse(self._chunk(i, text, None))
+                            text = ""
+                        for k, call in enumerate(parsed.calls):  # as OpenAI streams a call: name, then arguments
+                            function = {"name": call.function.name, "arguments": ""}
+                            opening = {"index": k, "id": call.id, "type": "function", "function": function}
+                            yield sse(self._chunk(i, None, None, delta={"tool_calls": [opening]}))
+                            arguments = {"index": k, "function": {"arguments": call.function.arguments}}
+                            yield sse(self._chunk(i, None, None, delta={"tool_calls": [arguments]}))
+                        reason = "tool_calls"
+            if reason is None and not text and not chunk.logprobs:
+                continue  # held back: it may be the start of a tool call
+            if reason is not None:
+                finals[i] = chunk
+            payload = self._chunk(i, text if text or reason is None else None, reason, chunk.logprobs)
+            if reason is not None and body.timings:
+                payload["timings"] = self.service.timings([chunk]).model_dump()
+            yield sse(payload)
+        if body.include_usage:
+            usage = _usage(self.prompts, finals, self.choices).model_dump()
+            object_ = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+            last = {"id": self.rid, "object": object_, "created": self.created, "model": body.model}
+            yield sse({**last, "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     runtime = ready_runtime(request)
-    llm = _llm(runtime, body)
-    messages = body.template_messages()
-    prompt_ids = await encode_chat(llm, runtime.settings, messages)
-    check_prompt(runtime.settings, prompt_ids, "messages")
-    log_prompt(runtime.settings, messages, len(prompt_ids))
+    service = GenerationService(request, runtime, _llm(runtime, body))
+    prompt_ids = await service.encode_chat(tools.template_messages(body))
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    max_tokens = resolve_max_tokens(runtime.settings, body.max_completion_tokens or body.max_tokens, field)
-    return await _serve(request, runtime.settings, llm, "chat", body, [prompt_ids], [""], max_tokens)
+    max_tokens = service.max_tokens(body.max_completion_tokens or body.max_tokens, field)
+    tool_grammar, format_grammar = tools.grammar(body), _response_grammar(body)
+    if tool_grammar is not None and format_grammar is not None:
+        raise APIError(400, "response_format cannot apply to a forced tool call", field="response_format")
+    serve = _Serve(service, "chat", body, [prompt_ids], [""], max_tokens, tool_grammar or format_grammar)
+    return await serve.respond()
 
 
 @router.post("/completions", response_model=TextCompletion, responses=ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     runtime = ready_runtime(request)
-    llm = _llm(runtime, body)
+    service = GenerationService(request, runtime, _llm(runtime, body))
     fields = ["prompt"] if isinstance(body.prompt, str) else [f"prompt.{i}" for i in range(len(body.prompts))]
-    prompts = await encode_texts(llm, runtime.settings, body.prompts, fields)
-    for ids, field in zip(prompts, fields, strict=True):
-        check_prompt(runtime.settings, ids, field)
-    log_prompt(runtime.settings, body.prompts, sum(len(ids) for ids in prompts))
-    max_tokens = resolve_max_tokens(runtime.settings, body.max_tokens)
+    prompts = await service.encode_texts(body.prompts, fields)
+    max_tokens = service.max_tokens(body.max_tokens)
     echoes = body.prompts if body.echo else [""] * len(prompts)
-    return await _serve(request, runtime.settings, llm, "text", body, prompts, echoes, max_tokens)
+    serve = _Serve(service, "text", body, prompts, echoes, max_tokens, _response_grammar(body))
+    return await serve.respond()
 
 
 @router.post("/embeddings", response_model=EmbeddingList, responses=ERRORS)

@@ -1,0 +1,101 @@
+"""Constrained decoding: a grammar matcher per sequence (llguidance) and the token masks it allows.
+
+A constrained sequence carries an llguidance grammar (built by the API server from a JSON schema, a
+regex, a list of choices or tool definitions; see server/constraints.py). The engine makes its matcher
+when the sequence arrives; each step the sampler asks the batch's matchers for their masks, sets every
+disallowed logit to -inf in place (on the CUDA-graph path: on the graph's output logits, so nothing is
+recaptured), samples, and feeds each matcher its sampled token. Rows without a grammar cost nothing.
+
+llguidance builds a matcher lazily (no up-front compile), so a new schema never stalls the step loop; its
+token table is built once per tokenizer, on first use (:meth:`Grammars.warm`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import llguidance
+import llguidance.hf
+import numpy as np
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+_EXECUTOR = llguidance.LLExecutor()  # computes a batch's masks on native threads, without the GIL
+
+
+@dataclass(eq=False)
+class Constraint:
+    """One sequence's matcher, and the tokens that end a sequence (all a finished or broken matcher allows)."""
+
+    matcher: llguidance.LLMatcher
+    eos_ids: tuple[int, ...]
+
+    @property
+    def done(self) -> bool:
+        """Matched to the end (only an end of sequence is left), or in an error state (a bug: then end too)."""
+        return self.matcher.is_error() or self.matcher.is_stopped()
+
+
+class Grammars:
+    """Matchers for one tokenizer and a model whose logits have ``vocab_size`` columns."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._table: llguidance.LLTokenizer | None = None
+
+    @property
+    def table(self) -> llguidance.LLTokenizer:
+        if self._table is None:
+            self._table = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size)
+        return self._table
+
+    def constraint(self, grammar: str) -> Constraint:
+        """A matcher at the start of ``grammar``; one the library refuses is in its error state (the
+        API server validated the grammar already, so that means a bug, and the row then may only end)."""
+        return Constraint(llguidance.LLMatcher(self.table, grammar), tuple(self.table.eos_tokens))
+
+    def warm(self) -> None:
+        """Builds the token table and walks one small grammar, so the first constrained request does not pay it."""
+        self.constraint(llguidance.LLMatcher.grammar_from_regex("[a-z]{1,3}")).matcher.compute_bitmask()
+
+
+def validate(grammar: str) -> str | None:
+    """Why llguidance cannot use ``grammar`` (an unsupported schema keyword, a bad regex), or None."""
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    return (messages[0] if messages else "invalid grammar") if is_error else None
+
+
+def apply_masks(logits: Tensor, rows: list[int], constraints: list[Constraint]) -> None:
+    """Sets the logits of the tokens each row's matcher does not allow to -inf, in place. Called right
+    after the step's forward is launched: on a GPU the masks are computed while it runs."""
+    vocab = logits.shape[-1]
+    words = (vocab + 31) // 32
+    bitmask = torch.zeros((len(rows), words), dtype=torch.int32, pin_memory=logits.is_cuda)
+    words_u32 = bitmask.numpy().view(np.uint32)
+    live = []
+    for j, c in enumerate(constraints):
+        if c.done:
+            for eos in c.eos_ids:
+                words_u32[j, eos // 32] |= np.uint32(1 << (eos % 32))
+        else:
+            live.append((c.matcher, j))
+    if live:
+        _EXECUTOR.unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words * 4, len(rows))
+    index = torch.tensor(rows, device=logits.device)
+    if logits.is_cuda:  # 4 bytes per 32 tokens cross the bus; the bits unpack on the device
+        shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+        bits = bitmask.to(logits.device, non_blocking=True).unsqueeze(-1) >> shifts
+        allowed = (bits & 1).view(len(rows), -1)[:, :vocab].bool()
+    else:
+        unpacked = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab]
+        allowed = torch.from_numpy(unpacked).bool()
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+def advance(constraints: list[Constraint], tokens: list[int]) -> None:
+    """Feeds each matcher its row's sampled token."""
+    for c, token in zip(constraints, tokens, strict=True):
+        if not c.done:
+            c.matcher.consume_token(token)

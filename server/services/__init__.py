@@ -1,0 +1,1 @@
+"""Services the routes adapt to their wire formats (generation; see ARCHITECTURE.md)."""

@@ -1,0 +1,210 @@
+"""Log-probabilities and grammar-constrained decoding inside the engine's step, on tiny random Llamas:
+values against a direct log_softmax of the model's logits; every constrained output parses and validates
+against its JSON schema (or matches its regex / choice), with constrained and free rows in one batch."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import llguidance
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from engine.llm_engine import EngineConfig, LLMEngine
+from engine.protocol import AddRequest
+from engine.sequence import SamplingParams
+from models.llama import Llama
+from tests.test_model_runner import make_runner
+
+pytestmark = pytest.mark.unit
+
+CPU = torch.device("cpu")
+
+
+def test_logprobs_match_log_softmax_of_the_model(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]]) -> None:
+    """Rows that ask get the sampled token's log-probability and the top k; others get nothing, and their
+    tokens are what they would be alone."""
+    config, state = tiny
+    hf = LlamaForCausalLM(config).eval()
+    hf.load_state_dict(state)
+    runner = make_runner(config, state)
+    from engine.sequence import Sequence
+
+    params = [
+        SamplingParams(max_tokens=8, logprobs=5),
+        SamplingParams(max_tokens=8),
+        SamplingParams(max_tokens=8, temperature=1.0, seed=3, logprobs=0),
+    ]
+    prompts = [[5, 7, 11, 13], [3] * 20, [42, 1]]
+    seqs = [Sequence(prompt_ids=p, params=sp) for p, sp in zip(prompts, params, strict=True)]
+    for s in seqs:
+        runner.blocks.allocate(s)
+    for _ in range(4):
+        tokens = runner.run(seqs)
+        for s, t in zip(seqs, tokens, strict=True):
+            with torch.no_grad():
+                logits = hf(torch.tensor([s.token_ids])).logits[0, -1]
+            expected = logits.float().log_softmax(-1)
+            if s.params.logprobs is None:
+                assert s.logprobs is None
+            else:
+                assert s.logprobs is not None
+                assert s.logprobs.logprob == pytest.approx(expected[t].item(), abs=1e-4)
+                k = s.params.logprobs
+                top = expected.topk(k) if k else None
+                assert len(s.logprobs.top_ids) == k
+                if top is not None:
+                    assert s.logprobs.top_logprobs == pytest.approx(top.values.tolist(), abs=1e-4)
+                    assert s.logprobs.top_ids[0] == top.indices[0].item()
+            s.output_ids.append(t)
+            s.num_computed = s.num_tokens - 1
+            runner.blocks.allocate(s)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per byte (GPT-2's byte-level alphabet) and an end-of-sequence token: 257 tokens."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    assert len(fast) == 257
+    return fast
+
+
+@pytest.fixture(scope="module")
+def engine() -> LLMEngine:
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(1)
+    hf = LlamaForCausalLM(config).eval()
+    model = Llama.from_hf(config, {k: v.detach().clone() for k, v in hf.state_dict().items()})
+    engine_config = EngineConfig(max_num_seqs=16, kv_cache_tokens=16384, max_model_len=1024)
+    return LLMEngine(model, tokenizer, CPU, torch.float32, engine_config)
+
+
+def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> list[tuple[list[int], str]]:
+    """Every request in one continuous batch until each finishes: (tokens, finish reason) per request."""
+    outputs: dict[int, list[int]] = {}
+    reasons: dict[int, str] = {}
+    for key, (prompt, params) in enumerate(requests):
+        engine.add(AddRequest(key, prompt, params, f"r{key}"))
+        outputs[key] = []
+    while engine.has_work():
+        for out in engine.step():
+            if out.finish_reason is None or out.finish_reason == "length":
+                outputs[out.key].append(out.token)
+            if out.finish_reason is not None:
+                reasons[out.key] = out.finish_reason
+    return [(outputs[k], reasons[k]) for k in range(len(requests))]
+
+
+SCHEMAS = [
+    {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "maximum": 120}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "status": {"enum": ["open", "closed", "pending"]},
+            "tags": {"type": "array", "items": {"enum": ["a", "b", "vip"]}, "maxItems": 3},
+        },
+        "required": ["status"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "order": {
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{3}$"},
+                    "paid": {"type": "boolean"},
+                    "lines": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {"sku": {"type": "string", "maxLength": 4}, "qty": {"type": "integer"}},
+                            "required": ["sku", "qty"],
+                            "additionalProperties": False,
+                        },
+                        "minItems": 1,
+                        "maxItems": 2,
+                    },
+                },
+                "required": ["id", "paid", "lines"],
+                "additionalProperties": False,
+            },
+            "note": {"type": ["string", "null"], "maxLength": 5},
+        },
+        "required": ["order", "note"],
+        "additionalProperties": False,
+    },
+    {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 4},
+]
+
+
+def test_json_schemas_always_validate(engine: LLMEngine) -> None:
+    """Many sampled generations per schema, constrained rows beside free ones and beside each other (the
+    same prompt n times: prefix-cache hits), every output parses and validates."""
+    tokenizer = engine.tokenizer
+    prompt = tokenizer("Answer in JSON:").input_ids
+    requests = []
+    for i, schema in enumerate(SCHEMAS):
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, {"whitespace_flexible": False})
+        for seed in range(5):
+            requests.append(
+                (prompt, SamplingParams(max_tokens=400, temperature=1.0, seed=100 * i + seed, grammar=grammar))
+            )
+    requests.append((prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=5)))  # free, in the same batch
+    results = run(engine, requests)
+    for (tokens, reason), (_, params) in zip(results[:-1], requests[:-1], strict=True):
+        assert reason == "stop", tokenizer.decode(tokens)
+        schema = SCHEMAS[(params.seed or 0) // 100]
+        jsonschema.validate(json.loads(tokenizer.decode(tokens)), schema)
+    assert results[-1][1] == "length" and len(results[-1][0]) == 20
+
+
+def test_regex_and_choice(engine: LLMEngine) -> None:
+    prompt = engine.tokenizer("Pick:").input_ids
+    regex = llguidance.LLMatcher.grammar_from_regex(r"[A-Z]{2}-[0-9]{2,4}")
+    options = ["refund", "replace", "escalate to a human"]
+    choice = llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(o) for o in options))
+    requests = [(prompt, SamplingParams(max_tokens=50, temperature=1.0, seed=s, grammar=regex)) for s in range(4)]
+    requests += [(prompt, SamplingParams(max_tokens=50, temperature=1.0, seed=s, grammar=choice)) for s in range(4)]
+    requests += [(prompt, SamplingParams(max_tokens=50, grammar=choice))]  # greedy
+    for i, (tokens, reason) in enumerate(run(engine, requests)):
+        text = engine.tokenizer.decode(tokens)
+        assert reason == "stop"
+        if i < 4:
+            assert re.fullmatch(r"[A-Z]{2}-[0-9]{2,4}", text), text
+        else:
+            assert text in options
+
+
+def test_masked_logprobs_are_the_models_own(engine: LLMEngine) -> None:
+    """Log-probabilities report the model's distribution, not the mask's: the constrained token's
+    log-probability is below 0 even where the grammar allowed only it."""
+    prompt = engine.tokenizer("x").input_ids
+    grammar = llguidance.LLMatcher.grammar_from_lark('start: "yes"')
+    out = engine.grammars  # the table exists once a grammar ran
+    ((tokens, reason),) = run(engine, [(prompt, SamplingParams(max_tokens=10, logprobs=2, grammar=grammar))])
+    assert engine.tokenizer.decode(tokens) == "yes" and reason == "stop"
+    assert out.table.vocab_size == 257
