@@ -138,6 +138,7 @@ class Engines:
                     return built
                 fanout = StepFanout(list(tp.steps))
             built.engine = LLMEngine(model, tokenizer, device, dtype, config, fanout)
+            built.engine.grammars.warm()  # the grammar library's token table takes seconds: not on a request
             built.gen_model_id = source.name
             built.info["generate"] = {"model": description, "load_seconds": _loaded("generate", start)}
         if settings.enable_classify:

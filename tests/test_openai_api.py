@@ -119,8 +119,8 @@ def test_errors_in_openai_shape(client: openai.OpenAI, live_server: str) -> None
         client.chat.completions.create(model="gpt-4o", messages=FRANCE)
     assert e.value.code == "model_not_found" and e.value.param == "model"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=GEN, messages=FRANCE, logprobs=True)
-    assert e.value.code == "unsupported_parameter" and e.value.param == "logprobs"
+        client.chat.completions.create(model=GEN, messages=FRANCE, logit_bias={"1": 5})
+    assert e.value.code == "unsupported_parameter" and e.value.param == "logit_bias"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=GEN, messages=FRANCE, temperature=3)
     assert e.value.param == "temperature"
