@@ -1,5 +1,6 @@
-"""Encoder execution: sentence embeddings, zero-shot classification by label similarity, and
-classification with the model's own head.
+"""Encoder execution: sentence embeddings; classification by similarity to labels (zero-shot from a label's
+name or description, few-shot from its examples), with the model's own head, or with a trained head over
+the embeddings (models/classifier_head.py); an optional out-of-scope threshold answers ``"none"``.
 
 All methods are synchronous and meant to run on the batcher's single worker thread; only the
 tokenizer (also used from the event loop by ``count_tokens``) and the label cache are locked.
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from engine.encoder_graphs import EncoderGraphs
 from engine.response_cache import BytesLRU
+from models.classifier_head import NONE_LABEL, ClassifierHead
 
 # Zero-shot logit scale. all-MiniLM-L6-v2 (like most sentence-transformers models) was trained
 # with MultipleNegativesRankingLoss, i.e. a softmax over cosine similarities multiplied by
@@ -34,6 +36,11 @@ DEFAULT_MULTI_LABEL_THRESHOLD = 0.35
 # labels accepted or ~8,000 short ones with MiniLM's 384 floats; a tensor's own bookkeeping is a flat overhead.
 LABEL_CACHE_BYTES = 16 * 2**20
 TENSOR_OVERHEAD_BYTES = 512
+# How a label's examples (and its description, counted as one more example) score an input, chosen on the
+# train split (load_tests/results/classify_quality/README.md): "prototype" (cosine to the mean of the
+# example embeddings), "knn" (the best example's cosine) or "mix" (the average of the two).
+FEW_SHOT_METHODS = ("prototype", "knn", "mix")
+DEFAULT_FEW_SHOT = "prototype"
 
 
 class EncoderLike(Protocol):
@@ -42,6 +49,7 @@ class EncoderLike(Protocol):
     model: torch.nn.Module
     tokenizer: Any
     id2label: dict[int, str] | None
+    head: ClassifierHead | None
 
 
 class ClassifierInputError(ValueError):
@@ -62,6 +70,32 @@ class NoClassificationHead(ClassifierInputError):
 
 
 @dataclass(frozen=True)
+class LabelSpec:
+    """A candidate label: scored by its examples (few-shot) plus its description, or by its description
+    alone, or by its name alone (zero-shot). ``threshold`` (cosine similarity) is its own bar in
+    ``multi_label`` mode."""
+
+    name: str
+    description: str | None = None
+    examples: tuple[str, ...] = ()
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.examples, tuple):
+            object.__setattr__(self, "examples", tuple(self.examples))
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """What is embedded for this label: its examples and description, else its name."""
+        texts = (*self.examples, self.description) if self.description else self.examples
+        return texts or (self.name,)
+
+
+def as_label(label: str | LabelSpec) -> LabelSpec:
+    return label if isinstance(label, LabelSpec) else LabelSpec(label)
+
+
+@dataclass(frozen=True)
 class ClassifyItem:
     """One input text of a /classify (or /v1/embeddings) request; the batcher's unit of work.
 
@@ -71,17 +105,20 @@ class ClassifyItem:
     token budget covers them as it covers inputs.
     ``embed`` asks for the sentence embedding instead of label scores, so embedding requests share
     the classification batches (one queue, one forward) rather than competing with them.
+    ``threshold``: out of scope below it (a cosine for labels, a probability for a head); None: the
+    head's own, or none for labels.
     """
 
     text: str
-    labels: tuple[str, ...] | None = None
+    labels: tuple[LabelSpec, ...] | None = None
     multi_label: bool = False
     n_tokens: int = 0
     embed: bool = False
+    threshold: float | None = None
 
     def __post_init__(self) -> None:
-        if self.labels is not None and not isinstance(self.labels, tuple):
-            object.__setattr__(self, "labels", tuple(self.labels))
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(as_label(lab) for lab in self.labels))
 
 
 @dataclass(frozen=True)
@@ -93,11 +130,13 @@ class Embedding:
 
 @dataclass
 class ClassResult:
-    """Top label and all ``(label, score)`` pairs sorted by descending score."""
+    """Top label and all ``(label, score)`` pairs sorted by descending score; ``NONE_LABEL`` when out of
+    scope. ``labels``: in ``multi_label`` mode, every label that reaches its threshold (best first)."""
 
     label: str
     score: float
     scores: list[tuple[str, float]]
+    labels: list[str] | None = None
 
 
 @dataclass(eq=False)
@@ -140,8 +179,9 @@ class EncoderFrontend:
             return [len(e.ids) for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
 
     def uncached_labels(self, labels: Sequence[str]) -> list[str]:
-        """The distinct ``labels`` a batch would have to encode: all of them here, where the engine's
-        label cache is out of sight (an upper bound); ``Classifier`` answers from its cache."""
+        """The distinct label texts (names, descriptions, examples) a batch would have to encode: all of
+        them here, where the engine's label cache is out of sight (an upper bound); ``Classifier``
+        answers from its cache."""
         return list(dict.fromkeys(labels))
 
     def check(self, item: ClassifyItem) -> None:
@@ -155,6 +195,8 @@ class EncoderFrontend:
                 )
         elif not item.labels:
             raise ClassifierInputError("`labels` must not be empty", field="labels")
+        elif len({lab.name for lab in item.labels}) != len(item.labels):
+            raise ClassifierInputError("label names must be unique", field="labels")
 
 
 class Classifier(EncoderFrontend):
@@ -170,23 +212,36 @@ class Classifier(EncoderFrontend):
         temperature: float = DEFAULT_TEMPERATURE,
         multi_label_threshold: float = DEFAULT_MULTI_LABEL_THRESHOLD,
         label_cache_bytes: int = LABEL_CACHE_BYTES,
+        few_shot: str = DEFAULT_FEW_SHOT,
     ) -> None:
+        if few_shot not in FEW_SHOT_METHODS:
+            raise ValueError(f"few_shot must be one of {FEW_SHOT_METHODS}")
         self.device = torch.device(device)
         self.model = encoder.model.to(self.device).eval()
         # The bare encoder (BertModel inside BertForSequenceClassification); itself if headless.
         self.encoder: torch.nn.Module = getattr(self.model, "base_model", self.model)
-        has_head = encoder.id2label is not None and self.encoder is not self.model
+        self.model_has_head = encoder.id2label is not None and self.encoder is not self.model
+        # A trained head over the embeddings (--cls-model HEAD_DIR) applies when the model has none of its own.
+        head = getattr(encoder, "head", None)
+        self.head: ClassifierHead | None = None if self.model_has_head or head is None else head.to(self.device)
         config = getattr(self.model, "config", None)
         num_labels = int(getattr(config, "num_labels", 0) or 0)
+        if self.head is not None:
+            head_labels = list(self.head.labels)
+        elif self.model_has_head:
+            head_labels = _labels_from_id2label(encoder.id2label, num_labels)
+        else:
+            head_labels = []
         super().__init__(
             encoder.tokenizer,
-            has_head,
-            _labels_from_id2label(encoder.id2label, num_labels) if has_head else [],
+            self.model_has_head or self.head is not None,
+            head_labels,
             max_length or _model_max_length(encoder.tokenizer, config),
             int(getattr(config, "hidden_size", 0)),
         )
         self.temperature = temperature
         self.multi_label_threshold = multi_label_threshold
+        self.few_shot = few_shot
         self._label_cache: BytesLRU[str, Tensor] = BytesLRU(label_cache_bytes, size=_label_bytes)
         self._cache_lock = threading.Lock()
         self.graphs = EncoderGraphs(self._encode, self.device, self.max_length, max_batch)
@@ -216,7 +271,7 @@ class Classifier(EncoderFrontend):
         embeddings and logits come from the same forward.
         """
         mask = inputs["attention_mask"]
-        if not self.has_head:
+        if not self.model_has_head:
             hidden = self.encoder(**inputs).last_hidden_state
             return _mean_pool(hidden, mask), None
         captured: list[Tensor] = []
@@ -244,8 +299,8 @@ class Classifier(EncoderFrontend):
         with self._cache_lock:
             return [lab for lab in dict.fromkeys(labels) if lab not in self._label_cache]
 
-    def _label_embeddings(self, labels: Sequence[str]) -> Tensor:
-        """Embeddings ``[L, d]`` for ``labels`` (in order); only uncached label texts are encoded."""
+    def _label_embeddings(self, labels: Sequence[str]) -> dict[str, Tensor]:
+        """Embeddings of the label texts ``labels``; only uncached ones are encoded (in one forward)."""
         with self._cache_lock:
             found = {lab: vec for lab in labels if (vec := self._label_cache.get(lab)) is not None}
         missing = [lab for lab in dict.fromkeys(labels) if lab not in found]
@@ -255,7 +310,7 @@ class Classifier(EncoderFrontend):
                 for lab, vec in zip(missing, fresh, strict=True):
                     found[lab] = vec.clone()
                     self._label_cache.put(lab, found[lab])
-        return torch.stack([found[lab] for lab in labels])
+        return found
 
     # ------------------------------------------------------------------ classification
 
@@ -281,43 +336,58 @@ class Classifier(EncoderFrontend):
         emb, logits = self._forward([batch[i].text for i in valid])
         row = {i: r for r, i in enumerate(valid)}
 
-        groups: dict[tuple[tuple[str, ...] | None, bool], list[int]] = {}
+        groups: dict[tuple[tuple[LabelSpec, ...] | None, bool, float | None], list[int]] = {}
         for i in valid:
             if batch[i].embed:
                 results[i] = Embedding(emb[row[i]].cpu().tolist())
                 continue
-            groups.setdefault((batch[i].labels, batch[i].multi_label), []).append(i)
-        all_labels = [lab for (labels, _), _ in groups.items() if labels for lab in labels]
-        if all_labels:
-            self._label_embeddings(list(dict.fromkeys(all_labels)))  # one forward for all new labels
+            groups.setdefault((batch[i].labels, batch[i].multi_label, batch[i].threshold), []).append(i)
+        texts = [t for (labels, _, _) in groups if labels for lab in labels for t in lab.texts]
+        vectors = self._label_embeddings(list(dict.fromkeys(texts))) if texts else {}  # one forward for new ones
 
-        for (labels, multi_label), members in groups.items():
+        for (labels, multi_label, threshold), members in groups.items():
             rows = torch.tensor([row[i] for i in members], device=emb.device)
             if labels is None:
-                assert logits is not None
-                names = self.head_labels
-                group_logits = logits[rows]
-                probs = torch.sigmoid(group_logits) if multi_label else torch.softmax(group_logits, dim=-1)
+                out = self._head_results(emb[rows], None if logits is None else logits[rows], multi_label, threshold)
             else:
-                names = list(labels)
-                sims = emb[rows] @ self._label_embeddings(names).T
-                probs = self._zero_shot_scores(sims, multi_label)
-            for i, p in zip(members, probs.cpu().tolist(), strict=True):
-                results[i] = _result(names, p)
+                sets = [torch.stack([vectors[t] for t in lab.texts]) for lab in labels]
+                sims = label_similarities(emb[rows], sets, self.few_shot)
+                out = similarity_results(
+                    sims, labels, multi_label, threshold, self.temperature, self.multi_label_threshold
+                )
+            for i, result in zip(members, out, strict=True):
+                results[i] = result
         return results  # type: ignore[return-value]
 
-    def _zero_shot_scores(self, sims: Tensor, multi_label: bool) -> Tensor:
-        """Map cosine similarities ``[n, L]`` to scores (see DEFAULT_TEMPERATURE / _THRESHOLD)."""
+    def _head_results(
+        self, emb: Tensor, logits: Tensor | None, multi_label: bool, threshold: float | None
+    ) -> list[ClassResult]:
+        """The model's own head (sigmoid / softmax of its logits) or the trained head's calibrated
+        probabilities, with its data-chosen thresholds unless the request gives one."""
+        names = self.head_labels
+        if self.head is not None:
+            probs = self.head.probs(emb).cpu().tolist()
+            if multi_label:
+                bars = [threshold if threshold is not None else self.head.label_thresholds.get(n, 0.5) for n in names]
+                return [multi_result(names, p, bars) for p in probs]
+            bar = threshold if threshold is not None else self.head.threshold
+            return [single_result(names, p, bar) for p in probs]
+        assert logits is not None
         if multi_label:
-            return torch.sigmoid((sims - self.multi_label_threshold) / self.temperature)
-        return torch.softmax(sims / self.temperature, dim=-1)
+            bars = [0.5 if threshold is None else threshold] * len(names)
+            return [multi_result(names, p, bars) for p in torch.sigmoid(logits).cpu().tolist()]
+        return [single_result(names, p, threshold) for p in torch.softmax(logits, dim=-1).cpu().tolist()]
 
     def classify(
-        self, texts: list[str], labels: list[str] | None = None, multi_label: bool = False
+        self,
+        texts: list[str],
+        labels: Sequence[str | LabelSpec] | None = None,
+        multi_label: bool = False,
+        threshold: float | None = None,
     ) -> list[ClassResult]:
         """Convenience wrapper over ``run`` for one request; raises instead of returning errors."""
-        label_tuple = tuple(labels) if labels is not None else None
-        items = [ClassifyItem(t, label_tuple, multi_label) for t in texts]
+        label_tuple = tuple(as_label(lab) for lab in labels) if labels is not None else None
+        items = [ClassifyItem(t, label_tuple, multi_label, threshold=threshold) for t in texts]
         if items:
             self.check(items[0])  # all items share labels: fail fast with the specific error
         out = self.run(items)
@@ -339,9 +409,66 @@ def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return F.normalize(emb, p=2, dim=1)
 
 
-def _result(names: Sequence[str], probs: Sequence[float]) -> ClassResult:
+def label_similarities(emb: Tensor, label_vectors: Sequence[Tensor], method: str = DEFAULT_FEW_SHOT) -> Tensor:
+    """Cosine similarities ``[n, L]`` of embeddings ``[n, d]`` to labels given as sets of unit vectors
+    ``[k_l, d]`` (one vector: zero-shot; several: few-shot, scored by ``method``, see FEW_SHOT_METHODS)."""
+    cols = []
+    for vecs in label_vectors:
+        if vecs.shape[0] == 1:
+            cols.append(emb @ vecs[0])
+            continue
+        proto = emb @ F.normalize(vecs.mean(dim=0), dim=0)
+        knn = (emb @ vecs.T).max(dim=-1).values
+        cols.append({"prototype": proto, "knn": knn, "mix": (proto + knn) / 2}[method])
+    return torch.stack(cols, dim=-1)
+
+
+def similarity_results(
+    sims: Tensor,
+    labels: Sequence[LabelSpec],
+    multi_label: bool,
+    threshold: float | None,
+    temperature: float = DEFAULT_TEMPERATURE,
+    multi_label_threshold: float = DEFAULT_MULTI_LABEL_THRESHOLD,
+) -> list[ClassResult]:
+    """Label scores from cosine similarities ``[n, L]``.
+
+    Single-label: ``softmax(sims / temperature)``; with a ``threshold`` an extra ``NONE_LABEL`` competes
+    with the logit ``threshold / temperature``, so it wins exactly when no label's similarity reaches it.
+    Multi-label: each label independently ``sigmoid((sim - bar) / temperature)`` with its own bar (the
+    label's threshold, else the request's, else ``multi_label_threshold``): it applies from 0.5 on.
+    """
+    names = [lab.name for lab in labels]
+    if multi_label:
+        default = threshold if threshold is not None else multi_label_threshold
+        bars = torch.tensor([default if lab.threshold is None else lab.threshold for lab in labels], device=sims.device)
+        probs = torch.sigmoid((sims - bars) / temperature).cpu().tolist()
+        return [multi_result(names, p, [0.5] * len(names)) for p in probs]
+    if threshold is None:
+        return [single_result(names, p, None) for p in torch.softmax(sims / temperature, dim=-1).cpu().tolist()]
+    none = torch.full((sims.shape[0], 1), threshold, device=sims.device, dtype=sims.dtype)
+    probs = torch.softmax(torch.cat([sims, none], dim=-1) / temperature, dim=-1).cpu().tolist()
+    return [single_result([*names, NONE_LABEL], p, None) for p in probs]
+
+
+def single_result(names: Sequence[str], probs: Sequence[float], threshold: float | None) -> ClassResult:
+    """The best label, or ``NONE_LABEL`` (score: 1 - the best label's) when its probability is under ``threshold``."""
     scores = sorted(zip(names, probs, strict=True), key=lambda kv: kv[1], reverse=True)
-    return ClassResult(label=scores[0][0], score=scores[0][1], scores=scores)
+    label, score = scores[0]
+    if threshold is not None and score < threshold and label != NONE_LABEL:
+        return ClassResult(label=NONE_LABEL, score=1.0 - score, scores=scores)
+    return ClassResult(label=label, score=score, scores=scores)
+
+
+def multi_result(names: Sequence[str], probs: Sequence[float], bars: Sequence[float]) -> ClassResult:
+    """Every label whose score reaches its bar applies (``labels``); the answer is the best of those, or
+    ``NONE_LABEL`` (score: 1 - the best label's) when none does."""
+    ranked = sorted(zip(names, probs, bars, strict=True), key=lambda kv: kv[1], reverse=True)
+    applies = [name for name, p, bar in ranked if p >= bar]
+    scores = [(name, p) for name, p, _ in ranked]
+    if applies:
+        return ClassResult(label=applies[0], score=dict(scores)[applies[0]], scores=scores, labels=applies)
+    return ClassResult(label=NONE_LABEL, score=1.0 - scores[0][1], scores=scores, labels=[])
 
 
 def _labels_from_id2label(id2label: dict[Any, str] | None, num_labels: int = 0) -> list[str]:

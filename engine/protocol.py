@@ -28,6 +28,8 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str  # for log lines; clients may repeat ids, keys are unique
+    # Seconds the request had left when it was sent: the engine sheds it if it cannot finish in time.
+    timeout_s: float | None = None
 
 
 class Abort(msgspec.Struct, tag="abort", array_like=True):
@@ -78,7 +80,6 @@ class TokenOutput(msgspec.Struct, array_like=True):
     scheduled_ago: float | None = None
 
 
-
 class StepOutputs(msgspec.Struct, tag="step", array_like=True):
     outputs: list[TokenOutput]
     running: int  # the core's load after the step, for routing across data-parallel cores
@@ -91,6 +92,7 @@ class Scores(msgspec.Struct, tag="c", array_like=True):
     label: str
     score: float
     scores: list[tuple[str, float]]
+    labels: list[str] | None = None  # multi_label: the labels that reach their thresholds
 
 
 class Vector(msgspec.Struct, tag="e", array_like=True):
@@ -107,7 +109,7 @@ ItemResult = Scores | Vector | ItemError
 
 def pack_result(result: ClassResult | Embedding | ClassifierInputError) -> ItemResult:
     if isinstance(result, ClassResult):
-        return Scores(result.label, result.score, result.scores)
+        return Scores(result.label, result.score, result.scores, result.labels)
     if isinstance(result, Embedding):
         return Vector(result.vector)
     return ItemError(str(result), result.field)
@@ -115,7 +117,7 @@ def pack_result(result: ClassResult | Embedding | ClassifierInputError) -> ItemR
 
 def unpack_result(result: ItemResult) -> ClassResult | Embedding | ClassifierInputError:
     if isinstance(result, Scores):
-        return ClassResult(result.label, result.score, result.scores)
+        return ClassResult(result.label, result.score, result.scores, result.labels)
     if isinstance(result, Vector):
         return Embedding(result.vector)
     return ClassifierInputError(result.message, result.field)

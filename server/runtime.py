@@ -165,6 +165,8 @@ class Engines:
             built.classifier.capture_graphs(settings.cls_max_batch_tokens)  # before the engines start
             built.cls_model_id = source.name
             built.info["classify"] = {"model": encoder.source, "load_seconds": _loaded("classify", start)}
+            if encoder.head is not None:  # --cls-model HEAD_DIR: what /classify without labels answers with
+                built.info["classify"]["head"] = {"name": encoder.head.name, "labels": encoder.head.labels}
         metrics.BUILD_INFO.labels(
             version=_package_version(),
             gen_model=built.info["generate"]["model"] if "generate" in built.info else "off",

@@ -18,6 +18,11 @@ MAX_CHARS_PER_TOKEN = 16
 CLS_MAX_LABELS = 64
 CLS_MAX_LABEL_TOKENS = 64
 CLS_MAX_LABEL_CHARS = CLS_MAX_LABEL_TOKENS * MAX_CHARS_PER_TOKEN
+# Few-shot labels: examples per label, and label texts (names used as text, descriptions, examples) per request.
+CLS_MAX_LABEL_EXAMPLES = 32
+CLS_MAX_LABEL_TEXTS = 256
+# The label an out-of-scope message gets (models/classifier_head.py NONE_LABEL).
+CLS_NONE_LABEL = "none"
 Label = Annotated[str, StringConstraints(min_length=1, max_length=CLS_MAX_LABEL_CHARS)]
 
 
@@ -148,17 +153,57 @@ class GenerateResponse(BaseModel):
     )
 
 
+class LabelObject(StrictModel):
+    """A label with what describes it: scored by its examples (few-shot) and description, else by its
+    description, else by its name."""
+
+    name: Label = Field(description="the label returned")
+    description: Label | None = Field(None, description="what the label means, in a sentence")
+    examples: list[Label] = Field(
+        default_factory=list, max_length=CLS_MAX_LABEL_EXAMPLES, description="example messages of this label"
+    )
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="multi_label: the cosine similarity from which this label applies"
+    )
+
+    @field_validator("name", "description")
+    @classmethod
+    def _text(cls, value: str | None) -> str | None:
+        return None if value is None else _not_blank(value, "label text")
+
+    @field_validator("examples")
+    @classmethod
+    def _examples(cls, value: list[str]) -> list[str]:
+        for example in value:
+            _not_blank(example, "examples")
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        """The texts the classifier embeds for this label (as engine.classifier.LabelSpec.texts)."""
+        texts = [*self.examples, self.description] if self.description else self.examples
+        return texts or [self.name]
+
 
 class ClassifyRequest(StrictModel):
     inputs: str | list[str] = Field(description="one text or a list of texts")
-    labels: list[Label] | None = Field(
+    labels: list[Label | LabelObject] | None = Field(
         None,
         min_length=1,
         max_length=CLS_MAX_LABELS,
-        description=f"candidate labels (zero-shot); may be short descriptions (at most {CLS_MAX_LABEL_CHARS} "
-        f"characters and {CLS_MAX_LABEL_TOKENS} tokens each)",
+        description="candidate labels: a name or short description (zero-shot), or an object with `name`, "
+        f"`description` and `examples` (few-shot, at most {CLS_MAX_LABEL_EXAMPLES}); at most "
+        f"{CLS_MAX_LABEL_TEXTS} label texts in all, each at most {CLS_MAX_LABEL_CHARS} characters and "
+        f"{CLS_MAX_LABEL_TOKENS} tokens; without labels the model's (or trained) head answers",
     )
     multi_label: bool = Field(False, description="score labels independently instead of as one distribution")
+    threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description=f"out of scope below it: the answer is {CLS_NONE_LABEL!r}; for labels a cosine similarity, "
+        "for a head a probability (default: a trained head's own, chosen on its data)",
+    )
 
     @field_validator("inputs")
     @classmethod
@@ -172,17 +217,34 @@ class ClassifyRequest(StrictModel):
 
     @field_validator("labels")
     @classmethod
-    def _labels(cls, value: list[str] | None) -> list[str] | None:
+    def _labels(cls, value: list[str | LabelObject] | None) -> list[str | LabelObject] | None:
         if value is not None:
-            for label in value:
-                _not_blank(label, "labels")
-            if len(set(value)) != len(value):
-                raise ValueError("labels must be unique")
+            names = [label if isinstance(label, str) else label.name for label in value]
+            for name in names:
+                _not_blank(name, "labels")
+            if len(set(names)) != len(names):
+                raise ValueError("label names must be unique")
+            n_texts = sum(1 if isinstance(label, str) else len(label.texts) for label in value)
+            if n_texts > CLS_MAX_LABEL_TEXTS:
+                raise ValueError(f"{n_texts} label texts in all; the limit is {CLS_MAX_LABEL_TEXTS}")
         return value
+
+    @model_validator(mode="after")
+    def _none_reserved(self) -> ClassifyRequest:
+        """With a threshold or multi_label the answer may be the out-of-scope label: no label may be called so."""
+        names = [label if isinstance(label, str) else label.name for label in self.labels or ()]
+        if (self.threshold is not None or self.multi_label) and CLS_NONE_LABEL in names:
+            raise ValueError(f"{CLS_NONE_LABEL!r} is the out-of-scope answer; name the label otherwise")
+        return self
 
     @property
     def texts(self) -> list[str]:
         return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+
+    @property
+    def label_texts(self) -> list[str]:
+        """Every text the labels have the classifier embed, in label order."""
+        return [t for label in self.labels or () for t in ([label] if isinstance(label, str) else label.texts)]
 
 
 class LabelScore(BaseModel):
@@ -191,9 +253,12 @@ class LabelScore(BaseModel):
 
 
 class ClassifyResult(BaseModel):
-    label: str
+    label: str = Field(description=f"the best label, or {CLS_NONE_LABEL!r} when out of scope")
     score: float
     scores: list[LabelScore]
+    labels: list[str] | None = Field(
+        None, description="multi_label only: every label that reaches its threshold, best first"
+    )
 
 
 class ClassifyResponse(BaseModel):

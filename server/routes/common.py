@@ -4,17 +4,22 @@ encoder input limits."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import math
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
 
 from engine.batcher import BatcherClosed, BatcherFull
+from engine.classifier import EncoderFrontend
 from server.admission import RETRY_AFTER_BUSY, Admission
 from server.errors import APIError
 from server.runtime import Runtime
 from server.schemas import MAX_CHARS_PER_TOKEN, ErrorResponse
+from server.services.tokenizing import OFF_LOOP_CHARS
 
 # The error responses the native routes (/generate, /classify) document in the OpenAPI schema.
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)}
@@ -165,13 +170,27 @@ async def within_deadline(
         await chunks.aclose()  # type: ignore[attr-defined]
 
 
-def encoder_inputs(
+# Classification inputs and labels of OFF_LOOP_CHARS characters or more are counted on this thread, as
+# prompts are (load_tests/results/tokenize_offload/results.md), with a copy of the frontend of its own:
+# the frontend locks its tokenizer, and the loop must not wait on that lock for a long encoding.
+_ENCODER_TOKENIZE = ThreadPoolExecutor(1, thread_name_prefix="tokenize-encoder")
+_worker_frontends: weakref.WeakKeyDictionary[EncoderFrontend, EncoderFrontend] = weakref.WeakKeyDictionary()
+
+
+def _worker_frontend(frontend: EncoderFrontend) -> EncoderFrontend:
+    own = _worker_frontends.get(frontend)
+    if own is None:
+        own = _worker_frontends[frontend] = copy.deepcopy(frontend.frontend())
+    return own
+
+
+async def encoder_inputs(
     runtime: Runtime, texts: list[str], field: str, single: bool, labels: Sequence[str] = ()
 ) -> tuple[list[int], list[int]]:
     """Checks the per-call input count and per-input character and token limits of the classification
     model (shared by /classify and /v1/embeddings); returns each text's token count, the batcher's cost,
-    and each label's (counted in the same tokenizer call). Characters are checked first, so an
-    oversized text is refused without tokenizing it."""
+    and each label text's (counted in the same tokenizer call). Characters are checked first, so an
+    oversized text is refused without tokenizing it; long ones are tokenized off the event loop."""
     settings = runtime.settings
     assert runtime.classifier is not None
     if len(texts) > settings.cls_max_inputs:
@@ -188,7 +207,12 @@ def encoder_inputs(
                 type="input_too_long",
                 field=field if single else f"{field}.{i}",
             )
-    all_counts = runtime.classifier.count_tokens([*texts, *labels])
+    every = [*texts, *labels]
+    if sum(map(len, every)) < OFF_LOOP_CHARS:
+        all_counts = runtime.classifier.count_tokens(every)
+    else:
+        own = _worker_frontend(runtime.classifier)
+        all_counts = await asyncio.get_running_loop().run_in_executor(_ENCODER_TOKENIZE, own.count_tokens, every)
     counts, label_counts = all_counts[: len(texts)], all_counts[len(texts) :]
     for i, n_tokens in enumerate(counts):
         if n_tokens > settings.cls_max_input_tokens:

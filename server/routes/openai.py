@@ -323,7 +323,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     dim = runtime.classifier.embedding_dim
     if body.dimensions is not None and body.dimensions != dim:
         raise APIError(400, f"dimensions: this model only produces {dim}", field="dimensions", code=UNSUPPORTED)
-    n_tokens, _ = encoder_inputs(runtime, body.texts, "input", single=isinstance(body.input, str))
+    n_tokens, _ = await encoder_inputs(runtime, body.texts, "input", single=isinstance(body.input, str))
     items = [ClassifyItem(text, n_tokens=n, embed=True) for text, n in zip(body.texts, n_tokens, strict=True)]
     batcher = runtime.batcher
     try:
