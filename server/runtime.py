@@ -166,7 +166,7 @@ class Engines:
             built.cls_model_id = source.name
             built.info["classify"] = {"model": encoder.source, "load_seconds": _loaded("classify", start)}
             if encoder.head is not None:  # --cls-model HEAD_DIR: what /classify without labels answers with
-                built.info["classify"]["head"] = {"name": encoder.head.name, "labels": encoder.head.labels}
+                built.info["classify"]["model"] += f" with {resolve_spec(settings.cls_model, 'classify').description}"
         metrics.BUILD_INFO.labels(
             version=_package_version(),
             gen_model=built.info["generate"]["model"] if "generate" in built.info else "off",

@@ -4,7 +4,9 @@ the head's file format and training, the request schema, and label objects cross
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pydantic
@@ -17,6 +19,7 @@ from engine.classifier import (
     NONE_LABEL,
     ClassifyItem,
     ClassResult,
+    EncoderFrontend,
     LabelSpec,
     label_similarities,
     multi_result,
@@ -26,7 +29,9 @@ from engine.classifier import (
 from models.classifier_head import ClassifierHead, is_head_dir
 from models.sources import resolve_spec
 from models.train_classifier import expected_calibration_error, fit_temperature, train
+from server.routes.common import encoder_inputs
 from server.schemas import CLS_MAX_LABEL_TEXTS, ClassifyRequest
+from server.services.tokenizing import OFF_LOOP_CHARS
 
 pytestmark = pytest.mark.unit
 
@@ -189,3 +194,31 @@ def test_schema_accepts_label_objects_and_bounds_them() -> None:
         with pytest.raises(pydantic.ValidationError):
             ClassifyRequest.model_validate({"inputs": "x", **extra})
     assert ClassifyRequest.model_validate({"inputs": "x", "labels": ["none", "b"]}).labels == ["none", "b"]
+
+
+class _ThreadRecordingTokenizer:
+    """Counts words; records which thread tokenized (a deep copy shares the record)."""
+
+    def __init__(self, seen: list[str]) -> None:
+        self.seen = seen
+
+    def __deepcopy__(self, memo: dict) -> _ThreadRecordingTokenizer:
+        return _ThreadRecordingTokenizer(self.seen)
+
+    def __call__(self, texts: list[str], **_: object) -> dict[str, list[list[int]]]:
+        self.seen.append(threading.current_thread().name)
+        return {"input_ids": [[0] * len(t.split()) for t in texts]}
+
+
+async def test_long_classification_inputs_are_counted_off_the_event_loop() -> None:
+    seen: list[str] = []
+    frontend = EncoderFrontend(_ThreadRecordingTokenizer(seen), False, [], 512, 8)
+    runtime = SimpleNamespace(
+        settings=SimpleNamespace(cls_max_inputs=16, cls_max_input_tokens=512), classifier=frontend
+    )
+    short, _ = await encoder_inputs(runtime, ["a short one"], "inputs", single=True)  # type: ignore[arg-type]
+    long_text = "word " * (OFF_LOOP_CHARS // 5 + 1)  # at least OFF_LOOP_CHARS characters
+    counts, label_counts = await encoder_inputs(runtime, [long_text], "inputs", single=True, labels=["x y"])  # type: ignore[arg-type]
+    assert short == [3] and counts == [OFF_LOOP_CHARS // 5 + 1] and label_counts == [2]
+    assert seen[0] == threading.current_thread().name
+    assert seen[1].startswith("tokenize-encoder")
