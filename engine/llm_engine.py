@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from engine import metrics
 from engine.constraints import Grammars
+from engine.deadlines import StepRates, admissible, unreachable
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import BlockManager
 from engine.model_runner import ModelRunner
@@ -71,6 +72,17 @@ class GenerationChunk:
 
 class EngineError(RuntimeError):
     """The engine failed while running a batch; the request cannot complete."""
+
+
+SHED_MESSAGE = (
+    "server overloaded: the work queued ahead of this request would not let it finish before its deadline; "
+    "retry later, or with a smaller max_tokens or a longer deadline"
+)
+
+
+class RequestShed(Exception):
+    """The engine refused a waiting request that could no longer finish before its deadline (overload:
+    the work queued ahead of it would take too long; engine/deadlines.py). Nothing of it was computed."""
 
 
 def max_model_len(model: Llama, config: EngineConfig) -> int:
@@ -129,10 +141,17 @@ class LLMEngine:
         # Keyed by the API server's request key, not the request id: ids come from clients and may repeat.
         self.requests: dict[int, Sequence] = {}
         self.grammars = Grammars(tokenizer, model.args.vocab_size)
+        self.rates = StepRates()  # measured speed: what cannot meet its deadline is not started
+        self.clock: Callable[[], float] = time.perf_counter  # of deadlines and step times (tests fake it)
+        self.scheduler.admit = lambda seq, own: admissible(
+            seq, self.scheduler.running, self.rates, self.clock(), self.scheduler.max_batched_tokens, own
+        )
 
     def add(self, request: AddRequest) -> None:
         seq = Sequence(prompt_ids=request.prompt_ids, params=request.params, request_id=request.request_id)
         seq.key = request.key
+        if request.timeout_s is not None:
+            seq.deadline = self.clock() + request.timeout_s
         if request.params.grammar is not None:
             seq.constraint = self.grammars.constraint(request.params.grammar)
         self.requests[request.key] = seq
@@ -149,16 +168,24 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[TokenOutput]:
+        shed = self._shed()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
-            return []
+            if shed:
+                self.update_gauges()
+            return shed
         start = time.perf_counter()
         for seq in seqs:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
                 metrics.QUEUE_TIME.labels(endpoint="generate").observe(start - seq.arrival_time)
+        computed, context, began = sum(s.num_step_tokens for s in seqs), sum(s.num_tokens for s in seqs), self.clock()
         tokens = self.runner.run(seqs)
-        outputs = []
+        if is_prefill:
+            self.rates.observe_prefill(computed, self.clock() - began)
+        else:
+            self.rates.observe_decode(context, self.clock() - began)
+        outputs = shed
         for seq, token in zip(seqs, tokens, strict=True):
             seq.num_computed += seq.num_step_tokens
             seq.num_scheduled = 0
@@ -170,6 +197,27 @@ class LLMEngine:
         metrics.BATCH_SIZE.labels(endpoint="generate").observe(len(seqs))
         self.update_gauges()
         return outputs
+
+    def _shed(self) -> list[TokenOutput]:
+        """Refuses the waiting requests that can no longer finish before their deadlines."""
+        waiting = self.scheduler.waiting
+        if not waiting or all(seq.deadline is None for seq in waiting):
+            return []
+        block_size = self.blocks.block_size
+        late = unreachable(
+            self.scheduler.running,
+            waiting,
+            self.rates,
+            self.clock(),
+            self.scheduler.max_batched_tokens,
+            lambda seq: seq.num_tokens - len(self.blocks.match_prefix(seq)) * block_size,
+        )
+        for seq in late:
+            self.scheduler.finish(seq, "shed")
+            del self.requests[seq.key]
+            metrics.SHED.inc()
+            log.info("request %s shed: it could not finish before its deadline", seq.request_id)
+        return [TokenOutput(seq.key, None, "shed", len(seq.prompt_ids), 0) for seq in late]
 
     def _output(self, seq: Sequence, token: int) -> TokenOutput:
         reason = None
@@ -322,10 +370,17 @@ class LLMClient:
         self.error: str | None = None  # set when the engine is gone for good
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, stream: bool = True
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        stream: bool = True,
+        deadline: float | None = None,
     ) -> AsyncIterator[GenerationChunk]:
         """Streams chunks for one request; leaving the iteration early (client gone) aborts it. With
-        ``stream=False`` the one chunk is the whole text (no wake-up of the caller per token)."""
+        ``stream=False`` the one chunk is the whole text (no wake-up of the caller per token). With a
+        ``deadline`` (event-loop time) the engine sheds the request while it waits if it can no longer
+        finish by then: :class:`RequestShed` is raised."""
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's limit is {self.max_model_len}")
         if self.error is not None:
@@ -337,7 +392,8 @@ class LLMClient:
             detok, asyncio.Queue(), request_id, None if stream else [], None if params.logprobs is None else []
         )
         self.requests[key] = request
-        self.send(AddRequest(key, list(prompt_ids), params, request_id))
+        timeout_s = None if deadline is None else deadline - self.loop.time()
+        self.send(AddRequest(key, list(prompt_ids), params, request_id, timeout_s))
         try:
             while True:
                 item = await request.out.get()
@@ -358,6 +414,10 @@ class LLMClient:
             if out.finish_reason == "error":
                 del self.requests[out.key]
                 request.out.put_nowait(self._failure(step.error or "generation failed", request))
+                continue
+            if out.finish_reason == "shed":
+                del self.requests[out.key]
+                request.out.put_nowait(RequestShed(SHED_MESSAGE))
                 continue
             request.tokens += 1
             now = time.perf_counter()

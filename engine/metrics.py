@@ -59,6 +59,10 @@ KV_BLOCKS = Gauge(
 KV_BYTES = Gauge(
     "llm_kv_cache_bytes", "Memory preallocated for the KV cache (keys and values)", multiprocess_mode="livesum"
 )
+SHED = Counter(
+    "llm_shed_requests_total",
+    "Waiting generation sequences refused because they could not finish before their deadline",
+)
 PREEMPTIONS = Counter("llm_preemptions_total", "Sequences preempted for lack of KV-cache blocks")
 PREFIX_CACHE_QUERIED = Counter(
     "llm_prefix_cache_queried_tokens_total", "Tokens of admitted sequences looked up in the prefix cache"

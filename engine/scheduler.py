@@ -5,6 +5,7 @@ and chunks of long ones, within a token budget) or advances every running sequen
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from engine import metrics
 from engine.kv_cache import BlockManager
@@ -21,6 +22,9 @@ class Scheduler:
         self.last_was_prefill = False
         self.queried_tokens = 0  # prompt tokens looked up in the prefix cache
         self.hit_tokens = 0  # of which served from it
+        # Whether a waiting sequence (with its uncached prompt tokens) may join the running batch now; the
+        # engine's deadline rule (engine/deadlines.py). A sequence it holds back stays first in line.
+        self.admit: Callable[[Sequence, int], bool] = lambda seq, own: True
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -75,8 +79,9 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             cached = self.blocks.match_prefix(seq)
-            n = chunk(seq.num_tokens - len(cached) * self.blocks.block_size)
-            if not n or not self.blocks.can_allocate(seq, cached):
+            own = seq.num_tokens - len(cached) * self.blocks.block_size
+            n = chunk(own)
+            if not n or not self.blocks.can_allocate(seq, cached) or not self.admit(seq, own):
                 break
             self.blocks.allocate(seq, cached)
             self._count_prefix_hit(seq)

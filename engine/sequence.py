@@ -63,6 +63,7 @@ class Sequence:
     finish_reason: str | None = None
     arrival_time: float = field(default_factory=time.perf_counter)
     first_scheduled_time: float | None = None
+    deadline: float | None = None  # perf_counter time by which the request must be answered (engine/deadlines.py)
     generator: torch.Generator | None = None
     constraint: Constraint | None = None  # the grammar's matcher, made by the engine (engine/constraints.py)
     logprobs: TokenLogprobs | None = None  # the latest sampled token's, when params.logprobs asks

@@ -23,6 +23,13 @@ from server.config import Settings
 from server.errors import APIError
 
 RETRY_AFTER_BUSY = "1"  # seconds: an engine step frees slots within well under this
+RETRY_AFTER_SHED = "5"  # seconds: a shed request met a backlog, which takes more than a step to clear
+
+
+def shed_error(exc: Exception) -> APIError:
+    """503 for a request the engine refused while it waited because it could no longer finish before its
+    deadline (engine/deadlines.py): overload, as a 429, but found after admission."""
+    return APIError(503, str(exc), type="overloaded", headers={"Retry-After": RETRY_AFTER_SHED})
 
 
 class Gate:

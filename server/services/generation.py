@@ -20,10 +20,11 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
 
-from engine.llm_engine import EngineError, GenerationChunk, LLMClient
+from engine.llm_engine import EngineError, GenerationChunk, LLMClient, RequestShed
 from engine.protocol import TokenLogprobs
 from engine.sequence import SamplingParams
 from server import chat_template, metrics
+from server.admission import shed_error
 from server.config import Settings
 from server.errors import APIError
 from server.middleware import cache_salt
@@ -200,6 +201,8 @@ class GenerationService:
                 return Response(status_code=499)
             except EngineError as exc:
                 raise APIError(500, str(exc), type="engine_error") from exc
+            except RequestShed as exc:
+                raise shed_error(exc) from exc
         timings = self.timings([c.final for c in done])
         body = build(done, timings)
         return Response(body.model_dump_json(), media_type="application/json", headers=timings.headers())
@@ -241,7 +244,11 @@ class GenerationService:
         return [
             _timed(
                 self.llm.generate(
-                    c.prompt_ids, c.params, request_id if len(choices) == 1 else f"{request_id}-{c.index}", stream
+                    c.prompt_ids,
+                    c.params,
+                    request_id if len(choices) == 1 else f"{request_id}-{c.index}",
+                    stream,
+                    self.deadline,
                 ),
                 self.arrival,
             )
@@ -334,6 +341,8 @@ async def _guarded(render: Render, events: Events, error_event: ErrorEvent) -> A
                 yield event
         except EngineError as exc:
             yield error_event("engine_error", str(exc))
+        except RequestShed as exc:
+            yield error_event("overloaded", str(exc))
         except DeadlineExceeded:
             yield error_event("timeout", DEADLINE_MESSAGE)
         except StreamCut:
