@@ -2,10 +2,12 @@
 
 Workers loop over a mix of requests: whole and streamed /generate, /classify, streams the client
 abandons after the first token, and requests that run past a short ``X-Request-Timeout`` (504). The
-server's resident memory (``process_resident_memory_bytes`` from its /metrics, which is the server
-process's own) and, with ``--pid`` on a CUDA machine, its GPU memory (nvidia-smi) are sampled
-throughout. Growth = median of the last tenth of the samples after warm-up over the median of the
-first tenth; it must stay under ``--max-growth`` (5 %). Afterwards no request may be left in flight.
+server's resident memory and, on a CUDA machine, its GPU memory (nvidia-smi) are sampled throughout:
+with ``--pid`` (the process ``python -m server`` started) the resident memory of that process and every
+process under it (supervisor, engine cores, API servers: Linux /proc), else the answering process's
+``process_resident_memory_bytes`` from /metrics. Growth = median of the last tenth of the samples after
+warm-up over the median of the first tenth; it must stay under ``--max-growth`` (5 %). Afterwards no
+request may be left in flight.
 
     python -m server --port 8000 &
     python -m load_tests.soak --url http://127.0.0.1:8000 --duration 1800 --warmup 120 \\
@@ -51,8 +53,9 @@ EXPECTED_OUTCOMES = {
 @dataclass
 class Sample:
     t: float  # seconds since the start
-    rss_bytes: float | None
+    rss_bytes: float | None  # the whole server's (every process with --pid)
     gpu_bytes: float | None
+    rss_by_process: dict[str, float] | None = None  # name (pid) -> bytes, with --pid
 
 
 @dataclass
@@ -89,9 +92,35 @@ def growth(samples: list[Sample], warmup_s: float, key: str) -> float | None:
     return last[len(last) // 2] / first[len(first) // 2] - 1.0
 
 
-def gpu_memory(pid: int | None) -> float | None:
-    """GPU memory the server process holds (nvidia-smi), or None without a GPU or a pid."""
-    if pid is None or shutil.which("nvidia-smi") is None:
+def tree_rss(pid: int) -> dict[int, tuple[str, float]]:
+    """Resident memory of ``pid`` and every process under it: pid -> (name, bytes) (Linux /proc; empty
+    when ``pid`` is gone)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: dict[int, tuple[str, float]] = {}
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        name = re.search(r"^Name:\s*(.*)$", status, re.MULTILINE)
+        rss_kb = re.search(r"^VmRSS:\s*(\d+) kB$", status, re.MULTILINE)
+        if rss_kb:  # kernel threads and zombies have none
+            found[p] = (name.group(1) if name else "?", float(rss_kb.group(1)) * 1024)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def gpu_memory(pids: set[int]) -> float | None:
+    """GPU memory the server's processes hold (nvidia-smi), or None without a GPU or pids."""
+    if not pids or shutil.which("nvidia-smi") is None:
         return None
     out = subprocess.run(
         ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
@@ -100,7 +129,7 @@ def gpu_memory(pid: int | None) -> float | None:
         check=False,
     ).stdout
     rows = [line.split(",")[:2] for line in out.splitlines() if "," in line]
-    mine = [float(mib) * 2**20 for p, mib in rows if p.strip() == str(pid)]
+    mine = [float(mib) * 2**20 for p, mib in rows if p.strip().isdigit() and int(p) in pids]
     return sum(mine) if mine else None
 
 
@@ -158,7 +187,11 @@ async def soak(
 
     async def sampler() -> None:
         while time.perf_counter() < end:
-            result.samples.append(Sample(round(time.perf_counter() - start, 2), await rss(client), gpu_memory(pid)))
+            tree = tree_rss(pid) if pid is not None else {}
+            total = sum(b for _, b in tree.values()) if tree else await rss(client)
+            by_process = {f"{name} ({p})": b for p, (name, b) in tree.items()} or None
+            t = round(time.perf_counter() - start, 2)
+            result.samples.append(Sample(t, total, gpu_memory(set(tree)), by_process))
             await asyncio.sleep(sample_every)
 
     await asyncio.gather(sampler(), *(worker() for _ in range(concurrency)))
@@ -175,6 +208,21 @@ def _outcomes(statuses: dict[str, int]) -> str:
 
 def _pct(x: float | None) -> str:
     return "not measured" if x is None else f"{100 * x:+.2f} %"
+
+
+def _per_process(samples: list[dict[str, Any]], warmup_s: float) -> list[str]:
+    """A line per server process: its resident memory at the first sample after warm-up and at the last."""
+    tree = [s["rss_by_process"] for s in samples if s["t"] >= warmup_s and s.get("rss_by_process")]
+    if not tree:
+        return []
+    first, last = tree[0], tree[-1]
+    summed = sum(s for s in tree[-1].values())
+    lines = [f"- summed over {len(last)} server processes (last sample {summed / 2**20:.0f} MiB), of which:"]
+    for name in sorted(set(first) | set(last)):
+        a, b = first.get(name), last.get(name)
+        shown = [f"{v / 2**20:.0f} MiB" if v is not None else "absent" for v in (a, b)]
+        lines.append(f"  - `{name}`: {shown[0]} after warm-up, {shown[1]} at the end")
+    return lines
 
 
 def write_report(doc: dict[str, Any], out: Path) -> None:
@@ -202,6 +250,7 @@ def write_report(doc: dict[str, Any], out: Path) -> None:
         f"growth after warm-up {_pct(res['rss_growth'])}"
         if rss_values
         else "- resident memory: not measured",
+        *_per_process(res["samples"], res["warmup_s"]),
         f"- GPU memory growth after warm-up: {_pct(res['gpu_growth'])}",
         f"- in-flight gauges left non-zero afterwards: {res['leftover_gauges'] or 'none'}",
         f"- **{'PASS' if doc['passed'] else 'FAIL'}** (growth under {100 * doc['max_growth']:.0f} %, "
@@ -218,7 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--sample-every", type=float, default=2.0)
-    parser.add_argument("--pid", type=int, default=None, help="server pid, for its GPU memory (nvidia-smi)")
+    parser.add_argument(
+        "--pid", type=int, default=None, help="server pid: memory of it and every process under it (RSS, GPU)"
+    )
     parser.add_argument("--max-growth", type=float, default=0.05)
     parser.add_argument("--server-command", default=None, help="how the server was started, for the report")
     parser.add_argument("--out", type=Path, default=Path("load_tests/results/soak"))

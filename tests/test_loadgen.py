@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from load_tests.loadgen import (
     run_sweep,
     summarize,
 )
+from load_tests.soak import tree_rss
 from tests.virtual_clock import run_virtual
 
 pytestmark = pytest.mark.unit
@@ -604,3 +606,13 @@ def test_load_is_spread_over_clients() -> None:
     lv = run_virtual(go())
     assert lv.summary.ok == 60 and tracker.peak == 20
     assert sorted(seen) == [str(i) for i in range(len(seen))] and len(seen) == 3 and min(seen.values()) >= 12
+
+
+def test_soak_sums_resident_memory_over_the_process_tree() -> None:
+    """The soak's memory is every server process's (supervisor, engine cores, API servers): this process's
+    tree holds at least this process, with its own resident memory."""
+    tree = tree_rss(os.getppid())
+    assert os.getpid() in tree and os.getppid() in tree
+    name, rss_bytes = tree[os.getpid()]
+    assert name and rss_bytes > 10 * 2**20  # a Python process with pytest loaded
+    assert tree_rss(2**22 + 12345) == {}  # no such process
