@@ -83,15 +83,24 @@ def apply_masks(logits: Tensor, rows: list[int], constraints: list[Constraint]) 
             live.append((c.matcher, j))
     if live:
         _EXECUTOR.unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words * 4, len(rows))
-    index = torch.tensor(rows, device=logits.device)
     if logits.is_cuda:  # 4 bytes per 32 tokens cross the bus; the bits unpack on the device
         shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
         bits = bitmask.to(logits.device, non_blocking=True).unsqueeze(-1) >> shifts
-        allowed = (bits & 1).view(len(rows), -1)[:, :vocab].bool()
+        banned = (bits & 1).view(len(rows), -1)[:, :vocab] == 0
+        if len(rows) == logits.shape[0]:  # every row constrained (rows ascend): one in-place fill
+            logits.masked_fill_(banned, float("-inf"))
+        else:
+            index = torch.tensor(rows, device=logits.device)
+            logits[index] = logits[index].masked_fill(banned, float("-inf"))
+        return
+    banned_np = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab] == 0
+    if logits.dtype in (torch.float32, torch.float16):  # row by row in place through numpy: one thread, no copies
+        values = logits.numpy()
+        for j, row in enumerate(rows):
+            values[row][banned_np[j]] = -np.inf
     else:
-        unpacked = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab]
-        allowed = torch.from_numpy(unpacked).bool()
-    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        for j, row in enumerate(rows):
+            logits[row].masked_fill_(torch.from_numpy(banned_np[j]), float("-inf"))
 
 
 def advance(constraints: list[Constraint], tokens: list[int]) -> None:

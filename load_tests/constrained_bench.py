@@ -1,0 +1,148 @@
+"""Constrained against free decoding, engine level: step time and tokens/s at several batch sizes.
+
+Builds the engine the server builds (server.runtime.Engines.build), fills a batch with B copies of one
+chat prompt, either free or constrained by a JSON schema (an array of at least 100 short strings, so no
+row can finish inside the measured steps), and times ``--steps`` decode steps of the full batch; in
+constrained runs it also times the grammar work inside each step (mask computation and application,
+feeding each matcher its token). Rounds alternate free and constrained so that drift on a shared machine
+hits both alike.
+
+    python -m load_tests.constrained_bench --batch 1 64 --out load_tests/results/constrained
+    python -m load_tests.constrained_bench --device cuda --batch 1 64 256 --out load_tests/results/constrained_h200
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import llguidance
+
+from engine import constraints
+from engine.llm_engine import LLMEngine
+from engine.protocol import AddRequest
+from engine.sequence import SamplingParams
+from server.config import Settings
+from server.runtime import Engines
+
+SCHEMA = {"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 100}
+PROMPT = [{"role": "user", "content": "List the words you know as a JSON array of strings."}]
+
+
+class GrammarClock:
+    """Seconds spent in the grammar work of the sampler, accumulated by wrapping its two entry points."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._apply, self._advance = constraints.apply_masks, constraints.advance
+
+        def timed(fn: Any) -> Any:
+            def wrapper(*args: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return fn(*args)
+                finally:
+                    self.seconds += time.perf_counter() - start
+
+            return wrapper
+
+        constraints.apply_masks, constraints.advance = timed(self._apply), timed(self._advance)
+
+
+def run_once(
+    engine: LLMEngine, prompt: list[int], batch: int, steps: int, grammar: str | None, clock: GrammarClock
+) -> dict[str, float]:
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, grammar=grammar)
+    keys = list(range(batch))
+    for key in keys:
+        engine.add(AddRequest(key, prompt, params, f"bench-{key}"))
+    while any(len(engine.requests[k].output_ids) == 0 for k in keys):  # prefill (and first tokens)
+        engine.step()
+    times, grammar_times = [], []
+    for _ in range(steps):
+        before = clock.seconds
+        start = time.perf_counter()
+        outputs = engine.step()
+        times.append(time.perf_counter() - start)
+        grammar_times.append(clock.seconds - before)
+        assert len(outputs) == batch and all(o.finish_reason is None for o in outputs), "a row finished early"
+    for key in keys:
+        engine.abort(key)
+    step = statistics.median(times)
+    return {
+        "step_ms": step * 1e3,
+        "tokens_per_s": batch / step,
+        "grammar_ms": statistics.median(grammar_times) * 1e3,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    settings = Settings(gen_model=args.model, device=args.device, enable_classify=False, max_num_seqs=max(args.batch))
+    built = Engines.build(settings)
+    engine = built.engine
+    assert engine is not None
+    prompt = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, {"whitespace_flexible": False})
+    engine.grammars.warm()
+    clock = GrammarClock()
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    run_once(engine, prompt, 1, 4, grammar, clock)  # warm-up
+    for _ in range(args.rounds):
+        for batch in args.batch:
+            for mode, g in (("free", None), ("json_schema", grammar)):
+                results.setdefault(str(batch), {}).setdefault(mode, []).append(
+                    run_once(engine, prompt, batch, args.steps, g, clock)
+                )
+    summary = {}
+    for batch, modes in results.items():
+        free = statistics.median(r["step_ms"] for r in modes["free"])
+        constrained = statistics.median(r["step_ms"] for r in modes["json_schema"])
+        grammar_ms = statistics.median(r["grammar_ms"] for r in modes["json_schema"])
+        summary[batch] = {
+            "free_step_ms": round(free, 3),
+            "constrained_step_ms": round(constrained, 3),
+            "free_tokens_per_s": round(int(batch) / free * 1e3, 1),
+            "constrained_tokens_per_s": round(int(batch) / constrained * 1e3, 1),
+            "step_time_increase_pct": round((constrained - free) / free * 100, 1),
+            "grammar_ms_per_step": round(grammar_ms, 3),
+            "grammar_share_of_constrained_step_pct": round(grammar_ms / constrained * 100, 1),
+        }
+    try:
+        cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        cpu = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "")
+    except OSError:
+        cpu = platform.processor()
+    report = {
+        "command": "python -m load_tests.constrained_bench " + " ".join(argv or []),
+        "date": datetime.date.today().isoformat(),
+        "device": str(engine.runner.device),
+        "cpu": cpu,
+        "model": built.gen_model_id,
+        "schema": SCHEMA,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "summary": summary,
+        "runs": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
