@@ -32,6 +32,7 @@ from models.compress import (
     compress_encoder,
     default_spec,
 )
+from models.cpu_policy import cpu_policy
 from models.llama import Llama
 from models.loader import LoadedEncoder, load_causal_lm, load_encoder
 
@@ -39,8 +40,9 @@ log = logging.getLogger("models.compress")
 
 METHODS = ("none", "int8", "int8-wo", "fp8")
 # The server's defaults where each measured best (server/config.py, server/hardware.py and
-# load_tests/results/compression/README.md#decisions): the stage must not decide policy of its own.
-DEFAULT_QUANTIZE = {("generate", "cpu"): "int8", ("generate", "cuda"): "int8-wo", ("classify", "cpu"): "int8"}
+# load_tests/results/compression/README.md#decisions): the stage must not decide policy of its own. On CPU,
+# generation takes what models/cpu_policy.py picks for this CPU, as the server's 'auto' does.
+DEFAULT_QUANTIZE = {("generate", "cuda"): "int8-wo", ("classify", "cpu"): "int8"}
 DEFAULT_PRUNE = {"generate": 0.01, "classify": 0.0}
 
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
-    method = args.quantize or DEFAULT_QUANTIZE.get((args.task, device.type), "none")
+    method = args.quantize or default_quantize(args.task, device)
     prune = DEFAULT_PRUNE[args.task] if args.prune is None else args.prune
     spec = default_spec(method, prune, args.task)
     cache = None if args.no_compress_cache else args.cache_dir
@@ -92,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(written.summary())
     return 0
+
+
+def default_quantize(task: str, device: torch.device) -> str:
+    if task == "generate" and device.type == "cpu":
+        return cpu_policy().quantize
+    return DEFAULT_QUANTIZE.get((task, device.type), "none")
 
 
 def _up_to_date(out: Path, made_from: dict[str, object]) -> bool:
