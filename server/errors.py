@@ -68,7 +68,8 @@ def respond(
 def _field_name(loc: tuple[int | str, ...]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     # Union members show up as extra loc entries (e.g. inputs.str / inputs.list[str]); drop them.
-    parts = [p for p in parts if not (p in ("str", "int", "float", "bool") or p.startswith(("list[", "function-")))]
+    members = ("str", "int", "float", "bool", "constrained-str", "LabelObject")
+    parts = [p for p in parts if not (p in members or p.startswith(("list[", "function-")))]
     return ".".join(parts) or "body"
 
 

@@ -10,7 +10,7 @@ import uuid
 import httpx
 import pytest
 
-from engine.classifier import ClassifyItem, ClassResult
+from engine.classifier import ClassifyItem, ClassResult, LabelSpec
 from engine.response_cache import BytesLRU
 from models.sources import embedded_encoder_dir, embedded_gguf_path
 from server.app import create_app
@@ -91,7 +91,8 @@ async def test_label_cost_goes_to_the_first_queued_input(
     tag = uuid.uuid4().hex[:8]
     labels = (f"returns {tag}", f"app crash {tag}")
     cached, fresh = f"cached {tag}", f"fresh {tag}"
-    runtime.cls_cache.put((runtime.cls_model_id, cached, labels, False), ClassResult(labels[0], 1.0, []))
+    key = (runtime.cls_model_id, cached, tuple(LabelSpec(label) for label in labels), False, None)
+    runtime.cls_cache.put(key, ClassResult(labels[0], 1.0, []))
     r = await client.post("/classify", json={"inputs": [cached, fresh], "labels": list(labels)})
     assert r.status_code == 200
     (items,) = submitted
