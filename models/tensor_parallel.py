@@ -104,6 +104,8 @@ def shard_llama(model: Llama, rank: int, world: int, group: dist.ProcessGroup | 
 def init_group(rank: int, world: int, address: str, device: torch.device) -> None:
     """Joins the default process group (NCCL on CUDA, gloo on CPU) at ``tcp://`` ``address``."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank, world_size=world, **kwargs)
 

@@ -1,0 +1,290 @@
+"""Tensor parallel against one GPU and data parallel, same host, same run (issue 17).
+
+Per model (``dummy:llama-8b`` and ``dummy:smollm2-1.7b``, random weights, bf16, uncompressed) and per
+layout — ``tp1`` (one GPU), ``tp2`` (one engine over two GPUs) and ``dp2`` (two one-GPU engines side by side,
+each given half the concurrent requests) — every engine is made by the server's builder
+(``Engines.build``), in a process of its own:
+  1. correctness: logits of a whole-prompt forward and 64 greedy tokens of 8 prompts, compared with tp1;
+  2. batch-1 ms per decode step (host-timed step, as gpu_bench);
+  3. the engine (AsyncLLM) at 1/16/64/256 concurrent requests of 128 prompt + 128 new tokens (EOS ignored).
+Needs two CUDA GPUs::
+
+    python -m load_tests.tp_bench --tokenizer TOK_DIR --out load_tests/results/tensor_parallel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+MODELS = {"8b": "dummy:llama-8b", "1.7b": "dummy:smollm2-1.7b"}
+LAYOUTS = ("tp1", "tp2", "dp2")
+CONCURRENCY = (1, 16, 64, 256)
+PROBE_PROMPTS, GREEDY_TOKENS = 8, 64
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One engine (rank 0 of ``--tp`` ranks) built by the server's builder; results as JSON to ``--json``."""
+    import torch
+
+    from engine.protocol import AddRequest
+    from engine.sequence import SamplingParams, Sequence
+    from load_tests.gpu_bench import NEW_TOKENS, PROMPT_LEN, engine_level, pct, random_prompts
+    from server.config import Settings
+    from server.runtime import Engines
+
+    levels = tuple(int(c) for c in args.concurrency.split(","))
+    settings = Settings(
+        gen_model=args.model,
+        tokenizer=args.tokenizer,
+        enable_classify=False,
+        gen_quantize="none",
+        gen_prune=0,
+        tensor_parallel_size=args.tp,
+        max_num_seqs=max(levels),
+        max_batched_tokens=8192,
+        max_input_tokens=PROMPT_LEN,
+        max_new_tokens=NEW_TOKENS + 64,
+        kv_cache_tokens=max(levels) * (PROMPT_LEN + NEW_TOKENS) + 1024,
+        cache_dir=Path(args.cache_dir),
+    )
+    start = time.perf_counter()
+    built = Engines.build(settings)
+    engine = built.engine
+    assert engine is not None
+    result: dict[str, Any] = {"build_s": time.perf_counter() - start, "graphs": len(engine.runner.decode.graphs)}
+    log(f"{args.model} tp={args.tp}: built in {result['build_s']:.0f} s")
+    vocab = engine.runner.model.args.vocab_size
+    runner = engine.runner
+    if args.probe:
+        prompts = random_prompts(PROBE_PROMPTS, PROMPT_LEN, vocab, seed=7)
+        logits = []
+        for prompt in prompts:  # whole-prompt forwards, sent to the other ranks like any step
+            seq = Sequence(prompt_ids=prompt, params=SamplingParams())
+            engine.blocks.allocate(seq)
+            step = runner._host_inputs([seq])
+            runner._send(step)
+            ids, positions, meta, last = runner._device_inputs(step)
+            with torch.inference_mode():
+                hidden = runner.model(ids, positions, meta, (runner.k_cache, runner.v_cache))
+                logits.append(runner.model.logits(hidden[0, last[0]]).float().cpu())
+            engine.blocks.free(seq)
+        engine.eos_ids = set()
+        for i, prompt in enumerate(prompts):
+            engine.add(AddRequest(i, prompt, SamplingParams(max_tokens=GREEDY_TOKENS), f"probe-{i}"))
+        greedy: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+        while engine.has_work():
+            for out in engine.step():
+                greedy[out.key].append(out.token)
+        probe = {"logits": torch.stack(logits), "greedy": [greedy[i] for i in range(len(prompts))]}
+        if args.tp == 1:
+            probe["fp32"] = fp32_reference(settings, prompts)
+        torch.save(probe, args.probe)
+    result["batch1"] = batch1(engine, random_prompts(1, PROMPT_LEN, vocab, seed=2)[0], pct)
+    log(f"  batch-1 step p50 {result['batch1']['step_ms_p50']:.2f} ms")
+    if args.barrier:  # data parallel: both engines start the load together
+        Path(f"{args.barrier}.{os.environ.get('CUDA_VISIBLE_DEVICES')}").touch()
+        while len(list(Path(args.barrier).parent.glob(Path(args.barrier).name + ".*"))) < 2:
+            time.sleep(0.05)
+    result["levels"] = engine_level(engine, vocab, levels, gil_ab=False)
+    Path(args.json).write_text(json.dumps(result))
+
+
+def batch1(engine: Any, prompt: list[int], pct: Any, steps: int = 128) -> dict[str, Any]:
+    """Host-timed decode steps of one sequence (each step ends when its token is on the host), through the
+    runner as the engine calls it, so the other ranks take part (a graph replayed alone would wait for them)."""
+    from engine.sequence import SamplingParams, Sequence
+
+    seq = Sequence(prompt_ids=prompt, params=SamplingParams())
+    engine.blocks.allocate(seq)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        token = engine.runner.run([seq])[0]
+        if i:
+            times.append((time.perf_counter() - t0) * 1e3)
+        seq.output_ids.append(token)
+        seq.num_computed = seq.num_tokens - 1
+        engine.blocks.allocate(seq)
+    engine.blocks.free(seq)
+    return {"step_ms_p50": pct(times, 0.5), "step_ms_p99": pct(times, 0.99)}
+
+
+def fp32_reference(settings: Any, prompts: list[list[int]]) -> Any:
+    """Last-position logits of Hugging Face's model in float32 on the same random weights: the yardstick for
+    how far bf16 (one GPU or split) strays."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from models.loader import load_causal_lm
+
+    # The engine's bf16 weights, upcast: random weights drawn in float32 would be other numbers.
+    loaded = load_causal_lm(settings.gen_model, settings.cache_dir, torch.bfloat16, settings.tokenizer)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    hf.load_state_dict({k: v.float() for k, v in loaded.state_dict.items()})
+    with torch.inference_mode():
+        out = [hf(torch.tensor([p], device="cuda")).logits[0, -1].float().cpu() for p in prompts]
+    del hf
+    torch.cuda.empty_cache()
+    return torch.stack(out)
+
+
+def run_layout(model: str, layout: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    base = [sys.executable, "-m", "load_tests.tp_bench", "--worker", "--model", MODELS[model]]
+    base += ["--tokenizer", args.tokenizer, "--cache-dir", args.cache_dir]
+    name = f"{model}-{layout}"
+    if layout != "dp2":
+        cmd = [*base, "--tp", layout[-1], "--concurrency", args.concurrency, "--json", str(out / f"{name}.json")]
+        cmd += ["--probe", str(out / f"{name}.pt")]
+        subprocess.run(cmd, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"})
+        return json.loads((out / f"{name}.json").read_text())
+    half = ",".join(str(max(int(c) // 2, 1)) for c in args.concurrency.split(","))
+    barrier = out / f"{name}.barrier"
+    procs = []
+    for gpu in ("0", "1"):
+        cmd = [*base, "--tp", "1", "--concurrency", half, "--json", str(out / f"{name}-gpu{gpu}.json")]
+        cmd += ["--barrier", str(barrier)]
+        procs.append(subprocess.Popen(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}))
+    for p in procs:
+        if p.wait() != 0:
+            raise RuntimeError(f"{name} worker failed")
+    parts = [json.loads((out / f"{name}-gpu{gpu}.json").read_text()) for gpu in ("0", "1")]
+    levels = []
+    for i, c in enumerate(args.concurrency.split(",")):
+        a, b = parts[0]["levels"][i], parts[1]["levels"][i]
+        # One request occupies one engine: the other's c=1 run stands for a second user, not this one.
+        rate = a["output_tokens_per_s"] if int(c) == 1 else a["output_tokens_per_s"] + b["output_tokens_per_s"]
+        levels.append(
+            {
+                "concurrency": int(c),
+                "output_tokens_per_s": rate,
+                "itl_ms": {"p50": max(a["itl_ms"]["p50"], b["itl_ms"]["p50"])},
+                "ttft_ms": {"p50": max(a["ttft_ms"]["p50"], b["ttft_ms"]["p50"])},
+                "per_gpu_concurrency": a["concurrency"],
+            }
+        )
+    return {"batch1": parts[0]["batch1"], "levels": levels, "parts": parts}
+
+
+def compare(out: Path, model: str) -> dict[str, Any]:
+    import torch
+
+    ref, tp2 = torch.load(out / f"{model}-tp1.pt"), torch.load(out / f"{model}-tp2.pt")
+    a, b = tp2["logits"].double(), ref["logits"].double()
+    fp32 = ref["fp32"].double()
+
+    def rel(x: Any, y: Any) -> float:
+        return float((x - y).norm() / y.norm())
+
+    agree = []
+    for x, y in zip(tp2["greedy"], ref["greedy"], strict=True):
+        n = next((i for i, (p, q) in enumerate(zip(x, y, strict=True)) if p != q), len(y))
+        agree.append(n)
+    return {
+        "tp1_bf16_vs_hf_fp32_rel_err": rel(b, fp32),
+        "tp2_bf16_vs_hf_fp32_rel_err": rel(a, fp32),
+        "tp1_top1_vs_fp32": float((b.argmax(-1) == fp32.argmax(-1)).double().mean()),
+        "tp2_top1_vs_fp32": float((a.argmax(-1) == fp32.argmax(-1)).double().mean()),
+        "tp2_vs_tp1_rel_err": rel(a, b),
+        "tp2_vs_tp1_top1": float((a.argmax(-1) == b.argmax(-1)).double().mean()),
+        "greedy_tokens_identical_before_first_difference": agree,
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "# Tensor parallel vs one GPU vs data parallel (issue 17)",
+        "",
+        f"- command: `{results['command']}`",
+        f"- date: {results['date']}; device: {results['device']}; host: {results['host']}",
+        "- models: random weights, bf16, uncompressed; engines built by `Engines.build`; load: the engine's own "
+        "AsyncLLM in process (no HTTP), 128 prompt + 128 new tokens per request, EOS ignored",
+        "- dp2: two one-GPU engines in two processes started together, each given half the concurrent requests; "
+        "its throughput is their sum",
+        "",
+    ]
+    for model, r in results["models"].items():
+        lines += [
+            f"## {model}",
+            "",
+            "| layout | batch-1 ms/step | " + " | ".join(f"c={c} tok/s" for c in CONCURRENCY) + " |",
+            "|---|---|" + "---|" * len(CONCURRENCY),
+        ]
+        for layout in LAYOUTS:
+            lay = r.get(layout)
+            if lay is None:
+                continue
+            tps = " | ".join(f"{lv['output_tokens_per_s']:,.0f}" for lv in lay["levels"])
+            lines.append(f"| {layout} | {lay['batch1']['step_ms_p50']:.2f} | {tps} |")
+        if "tp1" in r and "tp2" in r:
+            ratio = r["tp2"]["batch1"]["step_ms_p50"] / r["tp1"]["batch1"]["step_ms_p50"]
+            top = r["tp2"]["levels"][-1]["output_tokens_per_s"] / r["tp1"]["levels"][-1]["output_tokens_per_s"]
+            lines += ["", f"tp2/tp1: batch-1 step time {ratio:.2f}x; c={CONCURRENCY[-1]} throughput {top:.2f}x"]
+        if "check" in r:
+            lines += ["", f"tp2 vs tp1 correctness: `{json.dumps(r['check'])}`"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--out", help="results directory (required)")
+    parser.add_argument("--cache-dir", default="/tmp/lowlat-tp-cache")
+    parser.add_argument("--models", default="8b,1.7b")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    parser.add_argument("--probe", help=argparse.SUPPRESS)
+    parser.add_argument("--barrier", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if not args.out:
+        parser.error("--out is required")
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "command": " ".join(sys.argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}",
+        "host": f"{platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "models": {},
+    }
+    for model in args.models.split(","):
+        r = results["models"].setdefault(model, {})
+        for layout in args.layouts.split(","):
+            log(f"== {model} {layout}")
+            try:
+                r[layout] = run_layout(model, layout, args, out)
+            except Exception as e:  # keep the other layouts' figures; the failure is in the results
+                r[layout + "_error"] = repr(e)
+                log(f"   failed: {e!r}")
+        if (out / f"{model}-tp1.pt").exists() and (out / f"{model}-tp2.pt").exists():
+            r["check"] = compare(out, model)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.md").write_text(markdown(results))
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
