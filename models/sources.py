@@ -89,9 +89,17 @@ class ModelSource:
 
 
 def _smollm2_config(
-    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, theta: float
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    theta: float,
+    head_dim: int = 64,
+    tie_word_embeddings: bool = True,
 ) -> PretrainedConfig:
-    """The SmolLM2 family's LlamaConfig; the sizes differ, vocabulary, tokens and RoPE layout do not."""
+    """A LlamaConfig with the SmolLM2 family's vocabulary and tokens (dummy models take the embedded
+    tokenizer), at any size."""
     return LlamaConfig(
         vocab_size=49152,
         hidden_size=hidden,
@@ -99,12 +107,12 @@ def _smollm2_config(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=64,
+        head_dim=head_dim,
         hidden_act="silu",
         max_position_embeddings=8192,
         rms_norm_eps=1e-5,
         rope_parameters={"rope_theta": theta, "rope_type": "default"},
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         initializer_range=0.02,
         bos_token_id=1,
         eos_token_id=2,
@@ -127,24 +135,15 @@ def _preset_llama_8b() -> PretrainedConfig:
     """Llama-3-8B's layer shapes (hidden 4096, MLP 14336, 32 layers, 32 heads over 8 KV heads of 128) with
     SmolLM2's vocabulary, since dummy models take the embedded tokenizer: an 8B-class model for GPU and
     tensor-parallel benchmarks (its LM head is 49152 rows, not Llama-3's 128256)."""
-    return LlamaConfig(
-        vocab_size=49152,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
+    return _smollm2_config(
+        hidden=4096,
+        intermediate=14336,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        theta=500000.0,
         head_dim=128,
-        hidden_act="silu",
-        max_position_embeddings=8192,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_theta": 500000.0, "rope_type": "default"},
         tie_word_embeddings=False,
-        initializer_range=0.02,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        architectures=["LlamaForCausalLM"],
     )
 
 
