@@ -1,11 +1,11 @@
-"""Constrained against free decoding, engine level: step time and tokens/s at several batch sizes.
+"""Constrained and logprobs against free decoding, engine level: step time and tokens/s at several batch sizes.
 
 Builds the engine the server builds (server.runtime.Engines.build), fills a batch with B copies of one
-chat prompt, either free or constrained by a JSON schema (an array of at least 100 short strings, so no
-row can finish inside the measured steps), and times ``--steps`` decode steps of the full batch; in
-constrained runs it also times the grammar work inside each step (mask computation and application,
-feeding each matcher its token). Rounds alternate free and constrained so that drift on a shared machine
-hits both alike.
+chat prompt, either free, constrained by a JSON schema (an array of at least 100 short strings, so no
+row can finish inside the measured steps), or asking for logprobs with the top 5 alternatives, and times
+``--steps`` decode steps of the full batch; it also times the extra work inside each step (grammar: mask
+computation and application, feeding each matcher its token; logprobs: the log-softmax of the rows that ask
+and picking their values). Rounds alternate the modes so that drift on a shared machine hits all alike.
 
     python -m load_tests.constrained_bench --batch 1 64 --out load_tests/results/constrained
     python -m load_tests.constrained_bench --device cuda --batch 1 64 256 --out load_tests/results/constrained_h200
@@ -19,13 +19,14 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import llguidance
 
-from engine import constraints
+from engine import constraints, sampler
 from engine.llm_engine import LLMEngine
 from engine.protocol import AddRequest
 from engine.sequence import SamplingParams
@@ -36,12 +37,11 @@ SCHEMA = {"type": "array", "items": {"type": "string", "maxLength": 16}, "minIte
 PROMPT = [{"role": "user", "content": "List the words you know as a JSON array of strings."}]
 
 
-class GrammarClock:
-    """Seconds spent in the grammar work of the sampler, accumulated by wrapping its two entry points."""
+class ExtraClock:
+    """Seconds the sampler spends on grammars and logprobs, accumulated by wrapping their entry points."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._apply, self._advance = constraints.apply_masks, constraints.advance
 
         def timed(fn: Any) -> Any:
             def wrapper(*args: Any) -> Any:
@@ -53,25 +53,25 @@ class GrammarClock:
 
             return wrapper
 
-        constraints.apply_masks, constraints.advance = timed(self._apply), timed(self._advance)
+        constraints.apply_masks, constraints.advance = timed(constraints.apply_masks), timed(constraints.advance)
+        sampler._log_softmax, sampler._record_logprobs = timed(sampler._log_softmax), timed(sampler._record_logprobs)
 
 
 def run_once(
-    engine: LLMEngine, prompt: list[int], batch: int, steps: int, grammar: str | None, clock: GrammarClock
+    engine: LLMEngine, prompt: list[int], batch: int, steps: int, params: SamplingParams, clock: ExtraClock
 ) -> dict[str, float]:
-    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, grammar=grammar)
     keys = list(range(batch))
     for key in keys:
         engine.add(AddRequest(key, prompt, params, f"bench-{key}"))
     while any(len(engine.requests[k].output_ids) == 0 for k in keys):  # prefill (and first tokens)
         engine.step()
-    times, grammar_times = [], []
+    times, extra_times = [], []
     for _ in range(steps):
         before = clock.seconds
         start = time.perf_counter()
         outputs = engine.step()
         times.append(time.perf_counter() - start)
-        grammar_times.append(clock.seconds - before)
+        extra_times.append(clock.seconds - before)
         assert len(outputs) == batch and all(o.finish_reason is None for o in outputs), "a row finished early"
     for key in keys:
         engine.abort(key)
@@ -79,7 +79,7 @@ def run_once(
     return {
         "step_ms": step * 1e3,
         "tokens_per_s": batch / step,
-        "grammar_ms": statistics.median(grammar_times) * 1e3,
+        "extra_ms": statistics.median(extra_times) * 1e3,
     }
 
 
@@ -99,36 +99,40 @@ def main(argv: list[str] | None = None) -> None:
     prompt = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
     grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, {"whitespace_flexible": False})
     engine.grammars.warm()
-    clock = GrammarClock()
+    clock = ExtraClock()
+    modes = {
+        "free": SamplingParams(max_tokens=args.steps + 8),
+        "json_schema": SamplingParams(max_tokens=args.steps + 8, grammar=grammar),
+        "logprobs": SamplingParams(max_tokens=args.steps + 8, logprobs=5),
+    }
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
-    run_once(engine, prompt, 1, 4, grammar, clock)  # warm-up
+    run_once(engine, prompt, 1, 4, modes["json_schema"], clock)  # warm-up
     for _ in range(args.rounds):
         for batch in args.batch:
-            for mode, g in (("free", None), ("json_schema", grammar)):
+            for mode, params in modes.items():
                 results.setdefault(str(batch), {}).setdefault(mode, []).append(
-                    run_once(engine, prompt, batch, args.steps, g, clock)
+                    run_once(engine, prompt, batch, args.steps, params, clock)
                 )
-    summary = {}
-    for batch, modes in results.items():
-        free = statistics.median(r["step_ms"] for r in modes["free"])
-        constrained = statistics.median(r["step_ms"] for r in modes["json_schema"])
-        grammar_ms = statistics.median(r["grammar_ms"] for r in modes["json_schema"])
-        summary[batch] = {
-            "free_step_ms": round(free, 3),
-            "constrained_step_ms": round(constrained, 3),
-            "free_tokens_per_s": round(int(batch) / free * 1e3, 1),
-            "constrained_tokens_per_s": round(int(batch) / constrained * 1e3, 1),
-            "step_time_increase_pct": round((constrained - free) / free * 100, 1),
-            "grammar_ms_per_step": round(grammar_ms, 3),
-            "grammar_share_of_constrained_step_pct": round(grammar_ms / constrained * 100, 1),
-        }
+    summary: dict[str, dict[str, float]] = {}
+    for batch, runs in results.items():
+        free = statistics.median(r["step_ms"] for r in runs["free"])
+        summary[batch] = {"free_step_ms": round(free, 3), "free_tokens_per_s": round(int(batch) / free * 1e3, 1)}
+        for mode in ("json_schema", "logprobs"):
+            step = statistics.median(r["step_ms"] for r in runs[mode])
+            extra = statistics.median(r["extra_ms"] for r in runs[mode])
+            summary[batch] |= {
+                f"{mode}_step_ms": round(step, 3),
+                f"{mode}_tokens_per_s": round(int(batch) / step * 1e3, 1),
+                f"{mode}_extra_ms_per_step": round(extra, 3),
+                f"{mode}_extra_share_of_step_pct": round(extra / step * 100, 1),
+            }
     try:
         cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
         cpu = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "")
     except OSError:
         cpu = platform.processor()
     report = {
-        "command": "python -m load_tests.constrained_bench " + " ".join(argv or []),
+        "command": "python -m load_tests.constrained_bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.date.today().isoformat(),
         "device": str(engine.runner.device),
         "cpu": cpu,
