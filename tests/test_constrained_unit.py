@@ -1,6 +1,7 @@
 """Log-probabilities and grammar-constrained decoding inside the engine's step, on tiny random Llamas:
 values against a direct log_softmax of the model's logits; every constrained output parses and validates
-against its JSON schema (or matches its regex / choice), with constrained and free rows in one batch."""
+against its JSON schema (or matches its regex / choice), with constrained and free rows in one batch.
+Unit tier, but for the hundred-generation run (integration: it takes real time)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,10 @@ from engine.sequence import SamplingParams
 from models.llama import Llama
 from tests.test_model_runner import make_runner
 
-pytestmark = pytest.mark.unit
-
 CPU = torch.device("cpu")
 
 
+@pytest.mark.unit
 def test_logprobs_match_log_softmax_of_the_model(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]]) -> None:
     """Rows that ask get the sampled token's log-probability and the top k; others get nothing, and their
     tokens are what they would be alone."""
@@ -141,7 +141,10 @@ SCHEMAS = [
                         "type": "array",
                         "items": {
                             "type": "object",
-                            "properties": {"sku": {"type": "string", "maxLength": 4}, "qty": {"type": "integer"}},
+                            "properties": {
+                                "sku": {"type": "string", "maxLength": 4},
+                                "qty": {"type": "integer", "minimum": 1, "maximum": 9},
+                            },
                             "required": ["sku", "qty"],
                             "additionalProperties": False,
                         },
@@ -157,31 +160,42 @@ SCHEMAS = [
         "required": ["order", "note"],
         "additionalProperties": False,
     },
-    {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 4},
+    {"type": "array", "items": {"type": "integer", "minimum": -50, "maximum": 50}, "minItems": 2, "maxItems": 4},
 ]
 
 
-def test_json_schemas_always_validate(engine: LLMEngine) -> None:
-    """Many sampled generations per schema, constrained rows beside free ones and beside each other (the
-    same prompt n times: prefix-cache hits), every output parses and validates."""
+def generate_and_validate(engine: LLMEngine, per_schema: int) -> None:
+    """``per_schema`` sampled generations per schema, constrained rows beside free ones and beside each other
+    (the same prompt many times: prefix-cache hits): every output finishes, parses and validates."""
     tokenizer = engine.tokenizer
     prompt = tokenizer("Answer in JSON:").input_ids
     requests = []
     for i, schema in enumerate(SCHEMAS):
         grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, {"whitespace_flexible": False})
-        for seed in range(5):
+        for seed in range(per_schema):
             requests.append(
-                (prompt, SamplingParams(max_tokens=400, temperature=1.0, seed=100 * i + seed, grammar=grammar))
+                (prompt, SamplingParams(max_tokens=400, temperature=1.0, seed=1000 * i + seed, grammar=grammar))
             )
     requests.append((prompt, SamplingParams(max_tokens=20, temperature=1.0, seed=5)))  # free, in the same batch
     results = run(engine, requests)
     for (tokens, reason), (_, params) in zip(results[:-1], requests[:-1], strict=True):
         assert reason == "stop", tokenizer.decode(tokens)
-        schema = SCHEMAS[(params.seed or 0) // 100]
+        schema = SCHEMAS[(params.seed or 0) // 1000]
         jsonschema.validate(json.loads(tokenizer.decode(tokens)), schema)
     assert results[-1][1] == "length" and len(results[-1][0]) == 20
 
 
+@pytest.mark.unit
+def test_json_schemas_always_validate(engine: LLMEngine) -> None:
+    generate_and_validate(engine, per_schema=2)
+
+
+@pytest.mark.integration
+def test_a_hundred_schema_outputs_validate(engine: LLMEngine) -> None:
+    generate_and_validate(engine, per_schema=25)
+
+
+@pytest.mark.unit
 def test_regex_and_choice(engine: LLMEngine) -> None:
     prompt = engine.tokenizer("Pick:").input_ids
     regex = llguidance.LLMatcher.grammar_from_regex(r"[A-Z]{2}-[0-9]{2,4}")
@@ -199,6 +213,7 @@ def test_regex_and_choice(engine: LLMEngine) -> None:
             assert text in options
 
 
+@pytest.mark.unit
 def test_masked_logprobs_are_the_models_own(engine: LLMEngine) -> None:
     """Log-probabilities report the model's distribution, not the mask's: the constrained token's
     log-probability is below 0 even where the grammar allowed only it."""
