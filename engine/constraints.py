@@ -84,9 +84,7 @@ def apply_masks(logits: Tensor, rows: list[int], constraints: list[Constraint]) 
     if live:
         _EXECUTOR.unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words * 4, len(rows))
     if logits.is_cuda:  # 4 bytes per 32 tokens cross the bus; the bits unpack on the device
-        shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-        bits = bitmask.to(logits.device, non_blocking=True).unsqueeze(-1) >> shifts
-        banned = (bits & 1).view(len(rows), -1)[:, :vocab] == 0
+        banned = unpack_banned(bitmask.to(logits.device, non_blocking=True), vocab)
         if len(rows) == logits.shape[0]:  # every row constrained (rows ascend): one in-place fill
             logits.masked_fill_(banned, float("-inf"))
         else:
@@ -101,6 +99,14 @@ def apply_masks(logits: Tensor, rows: list[int], constraints: list[Constraint]) 
     else:
         for j, row in enumerate(rows):
             logits[row].masked_fill_(torch.from_numpy(banned_np[j]), float("-inf"))
+
+
+def unpack_banned(bitmask: Tensor, vocab: int) -> Tensor:
+    """(rows, vocab) booleans, True for each token the packed mask bans (token t is bit t % 32 of word
+    t // 32); computed wherever ``bitmask`` lives."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # arithmetic shifts: bit 31 of a negative word comes out as 1
+    return bits.view(bitmask.shape[0], -1)[:, :vocab] == 0
 
 
 def advance(constraints: list[Constraint], tokens: list[int]) -> None:

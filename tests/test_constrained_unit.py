@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from engine import constraints
 from engine.llm_engine import EngineConfig, LLMEngine
 from engine.protocol import AddRequest
 from engine.sequence import SamplingParams
@@ -63,6 +64,22 @@ def test_logprobs_match_log_softmax_of_the_model(tiny: tuple[LlamaConfig, dict[s
             s.output_ids.append(t)
             s.num_computed = s.num_tokens - 1
             runner.blocks.allocate(s)
+
+
+@pytest.mark.unit
+def test_device_unpacking_of_masks_matches_numpy() -> None:
+    """The CUDA path's bit unpacking (run here on CPU tensors) agrees with the CPU path's numpy unpacking,
+    the sign bit of each word included."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (5, 7), dtype=torch.int32)
+    bitmask[0, 0] = -(2**31)  # only bit 31: token 31 allowed, 0-30 banned
+    vocab = 7 * 32 - 5
+    expected = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")[:, :vocab] == 0
+    banned = constraints.unpack_banned(bitmask, vocab)
+    assert banned.tolist() == expected.tolist()
+    assert banned[0, :31].all() and not banned[0, 31]
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
