@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -27,15 +28,19 @@ class UnsafeContentError(ValueError):
         self.field = field
 
 
-def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]]) -> list[int]:
-    """Token ids of ``messages`` rendered with the tokenizer's chat template plus the assistant header."""
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, str]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """Token ids of ``messages`` rendered with the tokenizer's chat template plus the assistant header;
+    ``tools`` (OpenAI function definitions) go to a template that renders them itself."""
     contents = [m["content"] for m in messages]
     markers = [_special_text(tokenizer, c) for c in contents]
+    extra = {} if tools is None else {"tools": tools}
     if not any(markers):  # nothing to forge: one render, one tokenization, as the model was trained
-        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **extra)
         return tokenizer(text, add_special_tokens=False).input_ids
     marked = [{**m, "content": _PLACEHOLDER.format(i)} for i, m in enumerate(messages)]
-    rendered = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+    rendered = tokenizer.apply_chat_template(marked, add_generation_prompt=True, tokenize=False, **extra)
     parts = _PLACEHOLDER_RE.split(rendered)  # template, index, template, index, ..., template
     template_parts, indices = parts[0::2], [int(i) for i in parts[1::2]]
     if set(indices) != set(range(len(messages))):  # the template rewrote a placeholder: content can't be placed

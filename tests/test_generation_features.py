@@ -3,6 +3,7 @@ the real embedded SmolLM2 (the openai client's tool-calling flow is in tests/tes
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -10,6 +11,10 @@ import httpx
 import jsonschema
 import pytest
 
+from server import chat_template
+from server.runtime import Runtime
+from server.schemas_openai import ChatCompletionRequest
+from server.services import tools
 from tests.test_generate_api import parse_sse
 
 pytestmark = pytest.mark.integration
@@ -201,3 +206,35 @@ async def test_schema_the_library_cannot_compile_is_400(
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error.get("field", error.get("param")) == field
+
+
+HERMES_LIKE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}\n{{ t | tojson }}{% endfor %}\n</tools>\n"
+    'Call a tool with <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>\n{% endif %}'
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+async def test_a_template_with_tool_support_renders_the_tools(runtime: Runtime) -> None:
+    """A template that reads ``tools`` gets them (and ``tool`` turns) itself; no system-prompt format."""
+    assert runtime.llm is not None
+    tokenizer = copy.deepcopy(runtime.llm.tokenizer)
+    tokenizer.chat_template = HERMES_LIKE
+    function = {"name": "get_order_status", "parameters": {"type": "object", "properties": {}}}
+    body = ChatCompletionRequest.model_validate(
+        {
+            "model": GEN,
+            "tools": [{"type": "function", "function": function}],
+            "messages": [
+                {"role": "user", "content": "Where is order 1?"},
+                {"role": "tool", "tool_call_id": "call_1", "content": "shipped"},
+            ],
+        }
+    )
+    ids = chat_template.encode_chat(
+        tokenizer, tools.template_messages(body, tokenizer), tools.definitions(body, tokenizer)
+    )
+    text = tokenizer.decode(ids)
+    assert '"name": "get_order_status"' in text and "<tools>" in text
+    assert tools.INSTRUCTIONS not in text and "<|im_start|>tool\nshipped" in text

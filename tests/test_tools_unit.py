@@ -4,6 +4,7 @@ grammar that forces a valid call (walked with llguidance, no model)."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import llguidance
 import llguidance.hf
@@ -24,6 +25,12 @@ WEATHER = {
     },
 }
 TIME = {"type": "function", "function": {"name": "time", "parameters": {"type": "object", "properties": {}}}}
+
+
+PLAIN = SimpleNamespace(chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+NATIVE = SimpleNamespace(
+    chat_template="{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}{% endfor %}"
+)
 
 
 def request(**extra: object) -> ChatCompletionRequest:
@@ -50,7 +57,7 @@ def test_tools_go_into_the_system_turn_and_results_come_back_as_text() -> None:
             {"role": "tool", "tool_call_id": "call_1", "content": "rain"},
         ]
     )
-    turns = tools.template_messages(body)
+    turns = tools.template_messages(body, PLAIN)
     assert turns[0]["role"] == "system" and turns[0]["content"].startswith("Be brief.\n\n" + tools.INSTRUCTIONS)
     assert '"name": "weather"' in turns[0]["content"] and '"name": "time"' in turns[0]["content"]
     assert turns[2] == {
@@ -58,7 +65,12 @@ def test_tools_go_into_the_system_turn_and_results_come_back_as_text() -> None:
         "content": '<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}</tool_call>',
     }
     assert turns[3] == {"role": "user", "content": "<tool_response>rain</tool_response>"}
-    assert "tool_call" not in tools.template_messages(request(tool_choice="none"))[0]["content"]
+    assert "tool_call" not in tools.template_messages(request(tool_choice="none"), PLAIN)[0]["content"]
+    assert tools.definitions(body, PLAIN) is None
+    native = tools.template_messages(body, NATIVE)  # the template renders the tools and tool turns itself
+    assert native[0] == {"role": "system", "content": "Be brief."}
+    assert native[3] == {"role": "tool", "content": "rain"}
+    assert [d["function"]["name"] for d in tools.definitions(body, NATIVE) or []] == ["weather", "time"]
 
 
 def test_parse_calls_and_content() -> None:

@@ -292,7 +292,10 @@ class _Serve:
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     runtime = ready_runtime(request)
     service = GenerationService(request, runtime, _llm(runtime, body))
-    prompt_ids = await service.encode_chat(tools.template_messages(body))
+    tokenizer = service.llm.tokenizer
+    prompt_ids = await service.encode_chat(
+        tools.template_messages(body, tokenizer), tools=tools.definitions(body, tokenizer)
+    )
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     max_tokens = service.max_tokens(body.max_completion_tokens or body.max_tokens, field)
     tool_grammar, format_grammar = tools.grammar(body), _response_grammar(body)

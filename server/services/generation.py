@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -49,16 +49,21 @@ T = TypeVar("T")
 
 
 async def encode_chat(
-    llm: LLMClient, settings: Settings, messages: list[dict[str, str]], field: str = "messages"
+    llm: LLMClient,
+    settings: Settings,
+    messages: list[dict[str, str]],
+    field: str = "messages",
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
     """Chat turns in the model's own template (with the assistant turn's header); content stays text.
-    Their content is bounded in characters (all turns together) before the template is rendered."""
+    Their content (and tool definitions the template renders) is bounded in characters before the template
+    is rendered."""
     if not llm.tokenizer.chat_template:
         raise APIError(400, "this model has no chat template; send a plain prompt instead", field=field)
-    n_chars = sum(len(m["content"]) for m in messages)
+    n_chars = sum(len(m["content"]) for m in messages) + (len(json.dumps(tools)) if tools else 0)
     check_chars(settings, n_chars, field)
     try:
-        return await _tokenize(llm.tokenizer, n_chars, lambda tok: chat_template.encode_chat(tok, messages))
+        return await _tokenize(llm.tokenizer, n_chars, lambda tok: chat_template.encode_chat(tok, messages, tools))
     except chat_template.UnsafeContentError as exc:
         raise APIError(400, str(exc), field=exc.field) from exc
 
@@ -139,8 +144,10 @@ class GenerationService:
 
     # ------------------------------------------------------------------ prompts and limits
 
-    async def encode_chat(self, messages: list[dict[str, str]], field: str = "messages") -> list[int]:
-        ids = await encode_chat(self.llm, self.settings, messages, field)
+    async def encode_chat(
+        self, messages: list[dict[str, str]], field: str = "messages", tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        ids = await encode_chat(self.llm, self.settings, messages, field, tools)
         self._check_tokens(ids, field)
         self._log_prompt(messages, len(ids))
         return ids

@@ -1,6 +1,7 @@
-"""Tool calling for chat templates without tool support (the embedded SmolLM2's has none).
-
-The tools go into the system message in this format (documented in the README):
+"""Tool calling. A chat template that renders tools itself (one that reads a ``tools`` variable, e.g. Qwen2.5's
+or Hermes') gets them that way, and its tool turns with role ``tool``; such templates ask for the same
+``<tool_call>`` blocks parsed here. For a template without tool support (the embedded SmolLM2's) the tools go
+into the system message in this format (documented in the README):
 
     You can call functions. To call one, answer with only
     <tool_call>{"name": "<function name>", "arguments": {<its arguments as JSON>}}</tool_call>
@@ -23,6 +24,8 @@ import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from transformers import PreTrainedTokenizerBase
 
 from server.schemas_openai import (
     ChatCompletionRequest,
@@ -53,19 +56,33 @@ def _offered(body: ChatCompletionRequest) -> list[Tool]:
     return tools
 
 
-def template_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
-    """Turns for the chat template: ``developer`` is OpenAI's new name for ``system``; tools, earlier calls
-    and their results in the format above."""
+def native(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the model's chat template renders tools itself."""
+    return "tools" in (tokenizer.chat_template or "")
+
+
+def definitions(body: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]] | None:
+    """The tools for a template that renders them itself (OpenAI's shape, which such templates take)."""
+    if not (active(body) and native(tokenizer)):
+        return None
+    return [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in _offered(body)]
+
+
+def template_messages(body: ChatCompletionRequest, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, str]]:
+    """Turns for the chat template: ``developer`` is OpenAI's new name for ``system``; earlier calls as
+    blocks; tool results as role ``tool`` for a template that knows it, else as a user turn; and, for a
+    template without tool support, the tools in the system turn in the format above."""
+    own = native(tokenizer)
     turns = []
     for m in body.messages:
         role, text = ("system" if m.role == "developer" else m.role), m.text
         if m.role == "assistant" and m.tool_calls:
             blocks = [_block(c.function.name, c.function.arguments) for c in m.tool_calls]
             text = "\n".join([text, *blocks] if text else blocks)
-        elif m.role == "tool":
+        elif m.role == "tool" and not own:
             role, text = "user", f"<tool_response>{text}</tool_response>"
         turns.append({"role": role, "content": text})
-    if active(body):
+    if active(body) and not own:
         described = "\n".join(json.dumps(t.function.model_dump(exclude_none=True)) for t in _offered(body))
         if turns and turns[0]["role"] == "system":
             turns[0] = {"role": "system", "content": f"{turns[0]['content']}\n\n{INSTRUCTIONS}{described}"}
