@@ -21,9 +21,9 @@ from server.admission import Admission
 from server.config import Settings
 from server.draining import CUT_FLUSH_S, DrainingServer
 from server.errors import APIError
-from server.routes import openai
+from server.routes import generate, openai
 from server.routes.common import StreamCut, until_disconnect, within_deadline
-from server.routes.generate import sse_events
+from server.services.generation import Choice, Events, _guarded, _merged, sse
 from tests.virtual_clock import run_virtual
 
 pytestmark = pytest.mark.unit
@@ -64,13 +64,20 @@ async def cut_later(admission: Admission) -> None:
     asyncio.get_running_loop().call_later(CUT_AT, admission.cut)
 
 
+async def texts(events: Events) -> AsyncIterator[str]:
+    async for _, chunk in events:
+        yield sse({"text": chunk.text})
+
+
 def test_a_cut_stream_ends_with_an_error_event_and_aborts_its_work() -> None:
     closed_at: list[float] = []
+    choice = Choice(0, 0, [1, 2, 3], SamplingParams())
 
     async def main() -> tuple[list[str], float]:
         admission = Admission.from_settings(Settings())
         await cut_later(admission)
-        events = [e async for e in sse_events(within_deadline(tokens(closed_at), 120.0, admission.cutoff()))]
+        merged = _merged([choice], [within_deadline(tokens(closed_at), 120.0, admission.cutoff())])
+        events = [e async for e in _guarded(texts, merged, generate._error_event)]
         return events, asyncio.get_running_loop().time()
 
     events, ended = run_virtual(main())
@@ -83,15 +90,13 @@ def test_a_cut_stream_ends_with_an_error_event_and_aborts_its_work() -> None:
 
 def test_a_cut_openai_stream_ends_with_an_error_payload() -> None:
     closed_at: list[float] = []
-    body = types.SimpleNamespace(model="m", include_usage=False)
-    choice = openai._Choice(0, 0, [1, 2, 3], SamplingParams())
+    choice = Choice(0, 0, [1, 2, 3], SamplingParams())
 
     async def main() -> list[str]:
         admission = Admission.from_settings(Settings())
         await cut_later(admission)
-        streams = [within_deadline(tokens(closed_at), 120.0, admission.cutoff())]
-        events = openai._stream_events("chat", body, [[1, 2, 3]], [""], [choice], streams, "chatcmpl-x")  # type: ignore[arg-type]
-        return [e async for e in events]
+        merged = _merged([choice], [within_deadline(tokens(closed_at), 120.0, admission.cutoff())])
+        return [e async for e in _guarded(texts, merged, openai._Serve._error_event)]
 
     events = run_virtual(main())
     assert closed_at == [pytest.approx(CUT_AT)]
