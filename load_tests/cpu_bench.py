@@ -1,15 +1,18 @@
 """Our CPU generation path against llama.cpp on the same GGUF, same prompts, same process, interleaved.
 
-Each round runs every variant once, one after the other (ours eager, ours with compiled decode steps,
-llama.cpp), so a machine shared with other jobs slows all of them alike; the report takes medians over
-rounds. Ours runs through the engine's own parts (Scheduler, BlockManager, ModelRunner: the step loop of
-engine/llm_engine.py without its thread and HTTP), llama.cpp through llama-cpp-python's low-level eval
-loop. Both decode greedily and ignore end-of-sequence tokens, so every run makes the same number of tokens.
+Each round runs every variant once, one after the other (each compression setting of ours in ``--variants``,
+eager and/or with compiled decode steps, then llama.cpp), so a machine shared with other jobs slows all of
+them alike; the report takes medians over rounds. Ours runs through the engine's own parts (Scheduler,
+BlockManager, ModelRunner: the step loop of engine/llm_engine.py without its thread and HTTP), llama.cpp
+through llama-cpp-python's low-level eval loop. Both decode greedily and ignore end-of-sequence tokens,
+so every run makes the same number of tokens.
 
 Measured: batch-1 decode tokens/s, time of a 512-token prefill, aggregate tokens/s of 4 and 16
-concurrent streams (ours; llama-cpp-python decodes one sequence per context), and, once per variant of
-ours, teacher-forced fidelity of the decode step on the held-out text (perplexity and greedy agreement
-with the eager step), so a faster path carries its quality figure.
+concurrent streams (ours; llama-cpp-python decodes one sequence per context), and the fidelity of each
+variant against the float model on the held-out text cut in two halves, "select" (to choose a setting
+on) and "confirm" (to check the choice on data not used to make it): perplexity change and top-1
+agreement over consecutive windows (models/fidelity.py, as the startup check measures), and teacher-forced
+through the served decode step itself (compiled or not), so a faster path carries its quality figure.
 
 llama-cpp-python is not a dependency of the server: install it first (a source build, ~10 minutes on 2
 cores; ``LLAMA_CPP_WHEEL_DIR`` points at a directory of already built wheels to reuse). A native
@@ -21,6 +24,8 @@ build crashes on Intel AMX machines; these CMake flags build the AVX-512 path wi
     pip install --no-deps diskcache "$LLAMA_CPP_WHEEL_DIR"/llama_cpp_python-0.3.36-*.whl
 
     HF_HUB_OFFLINE=1 python -m load_tests.cpu_bench --threads 1,2 --rounds 5 --out load_tests/results/cpu_vs_llamacpp
+    HF_HUB_OFFLINE=1 python -m load_tests.cpu_bench --threads 2 --out OUT --variants \
+      '[{"quantize": "int8", "prune_mlp": 0.01}, {"quantize": "int8", "prune_mlp": 0.01, "keep_float": ["lm_head"]}]'
 
 Not a test: never collected by pytest, never run in CI (minutes of compiling and measuring).
 """
@@ -50,10 +55,11 @@ from engine.model_runner import ModelRunner
 from engine.scheduler import Scheduler
 from engine.sequence import SamplingParams, Sequence
 from models import calibration as calib
-from models.compress import compress_causal_lm, default_spec
+from models.compress import CompressionSpec, compress_causal_lm, default_spec
 from models.cpu_policy import cpu_features
+from models.fidelity import evaluate_lm, top1_agreement
 from models.llama import Llama
-from models.loader import load_causal_lm
+from models.loader import LoadedCausalLM, load_causal_lm
 from models.sources import resolve_spec
 
 log = logging.getLogger("cpu_bench")
@@ -173,15 +179,49 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def load_ours(method: str, prune: float, cache_dir: Path) -> tuple[Llama, Llama, object, str, dict]:
-    """(served model, float model, tokenizer, GGUF path, compression report) as the server loads them."""
+def load_base(cache_dir: Path) -> tuple[LoadedCausalLM, Llama, str]:
+    """(the embedded model as the server loads it, its float model, the GGUF path)."""
     loaded = load_causal_lm("default", cache_dir, torch.float32)
     float_model = Llama.from_hf(loaded.config, {k: v.clone() for k, v in loaded.state_dict.items()})
-    model = Llama.from_hf(loaded.config, dict(loaded.state_dict))
-    spec = default_spec(method, prune)
+    return loaded, float_model, str(resolve_spec("default", "generate").path)
+
+
+def compress_variant(loaded: LoadedCausalLM, setting: dict, cache_dir: Path) -> tuple[Llama, dict]:
+    """A variant's served model and compression report; settings not named take ``default_spec``'s."""
+    base = default_spec(setting["quantize"], setting.get("prune_mlp", 0.0))
+    spec = CompressionSpec.model_validate({**base.model_dump(), **{k: v for k, v in setting.items() if k != "paths"}})
+    model = Llama.from_hf(loaded.config, {k: v.clone() for k, v in loaded.state_dict.items()})
     model, report = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache_dir)
-    gguf = resolve_spec("default", "generate").path
-    return model, float_model, loaded.tokenizer, str(gguf), report.model_dump(mode="json")
+    return model, report.model_dump(mode="json")
+
+
+def variant_name(setting: dict) -> str:
+    """A short label: ``int8+p1%``, ``int8+p1%+float(layers.0.*)``."""
+    name = setting["quantize"] + (f"+p{setting['prune_mlp']:.0%}" if setting.get("prune_mlp") else "")
+    keep = setting.get("keep_float")
+    return name + (f"+float({','.join(keep)})" if keep else "")
+
+
+def split_fidelity(
+    models: dict[str, Llama], float_model: Llama, splits: dict[str, list[int]], windows: list[int]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per model, per split and window length: perplexity change and top-1 agreement against the float
+    model, teacher-forced over consecutive windows (models/fidelity.py, as the startup check measures)."""
+    out: dict[str, dict[str, dict[str, float]]] = {name: {} for name in models}
+    for split, ids in splits.items():
+        for w in windows:
+            chunks = [torch.tensor(ids[i : i + w]) for i in range(0, len(ids) - 1, w) if len(ids[i : i + w]) > 1]
+            ref = evaluate_lm(float_model, chunks)
+            for name, model in models.items():
+                ev = evaluate_lm(model, chunks)
+                out[name][f"{split}@{w}"] = {
+                    "perplexity_float": round(ref.perplexity, 4),
+                    "perplexity": round(ev.perplexity, 4),
+                    "perplexity_change": round(ev.perplexity / ref.perplexity - 1, 4),
+                    "top1_agreement": round(top1_agreement(ref, ev), 4),
+                    "tokens": ev.tokens,
+                }
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,9 +230,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--streams", default="4,16")
-    ap.add_argument("--quantize", default="int8", help="our method (the CPU default: int8)")
-    ap.add_argument("--prune", type=float, default=0.01)
-    ap.add_argument("--fidelity-tokens", type=int, default=512, help="teacher-forced decode steps; 0 skips")
+    ap.add_argument(
+        "--variants",
+        default='[{"quantize": "int8", "prune_mlp": 0.01}]',
+        help="JSON list of our compression settings (models.compress.CompressionSpec fields; the rest as "
+        'default_spec); a setting may name its "paths" (eager, compiled), else --paths',
+    )
+    ap.add_argument("--paths", default="eager,compiled", help="decode paths of each variant")
+    ap.add_argument("--fidelity-tokens", type=int, default=512, help="teacher-forced decode steps per split; 0 skips")
+    ap.add_argument("--fidelity-windows", default="256,512", help="window lengths of the split fidelity; '' skips")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lowlat-server")
     ap.add_argument("--out", type=Path, required=True, help="directory for results.json and results.md")
@@ -204,51 +250,74 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     threads = [int(t) for t in args.threads.split(",")]
     streams = [int(s) for s in args.streams.split(",")]
+    settings = json.loads(args.variants)
     started = datetime.now(timezone.utc)
 
-    model, float_model, tokenizer, gguf, report = load_ours(args.quantize, args.prune, args.cache_dir)
-    ids = tokenizer(calib.read_text(calib.EVAL_TEXT), add_special_tokens=False)["input_ids"]
+    loaded, float_model, gguf = load_base(args.cache_dir)
+    ids = loaded.tokenizer(calib.read_text(calib.EVAL_TEXT), add_special_tokens=False)["input_ids"]
+    # Held-out text in two halves: "select" to choose a setting on, "confirm" to check the choice on.
+    splits = {"select": ids[: len(ids) // 2], "confirm": ids[len(ids) // 2 :]}
     short = ids[:16]
     long = ids[:512]
     max_seqs = max(streams)
     kv = 512 + max_seqs * (16 + args.decode_tokens) + 2 * BLOCK * max_seqs
-    llama_cpp: dict[int, LlamaCpp] = {}
+    models: dict[str, Llama] = {}
+    reports: dict[str, dict] = {}
+    paths: dict[str, list[str]] = {}
+    for setting in settings:
+        name = variant_name(setting)
+        models[name], reports[name] = compress_variant(loaded, setting, args.cache_dir)
+        paths[name] = setting.get("paths", args.paths.split(","))
+        log.info("%s: %s", name, reports[name]["fidelity"])
+    windows = [int(w) for w in args.fidelity_windows.split(",") if w]
+    fidelity = split_fidelity(models, float_model, splits, windows) if windows else {}
+    log.info("split fidelity %s", fidelity)
+
     drivers: dict[tuple[str, int], Driver] = {}
     setup: dict[str, float] = {}
-    eager = Driver(model, False, max_seqs, kv, 2048)
-    for t in threads:
-        # Inductor builds its kernels for the thread count set at compile time (a change recompiles):
-        # one compiled runner per thread count, as a server sets its threads once before compiling.
-        torch.set_num_threads(t)
-        log.info("compiling decode steps for %d thread(s)", t)
-        drivers["ours_eager", t] = eager
-        drivers["ours_compiled", t] = Driver(model, True, max_seqs, kv, 2048)
-        setup[f"compile_seconds@{t}t"] = round(drivers["ours_compiled", t].setup_seconds, 2)
+    for name, model in models.items():
+        eager = Driver(model, False, max_seqs, kv, 2048) if "eager" in paths[name] else None
+        for t in threads:
+            if eager is not None:
+                drivers[f"{name}/eager", t] = eager
+            if "compiled" in paths[name]:
+                # Inductor builds its kernels for the thread count set at compile time (a change
+                # recompiles): one compiled runner per thread count, as a server sets its threads first.
+                torch.set_num_threads(t)
+                log.info("compiling decode steps of %s for %d thread(s)", name, t)
+                drivers[f"{name}/compiled", t] = d = Driver(model, True, max_seqs, kv, 2048)
+                setup[f"{name}/compile_seconds@{t}t"] = round(d.setup_seconds, 2)
     log.info("setup %s", setup)
 
-    fidelity: dict[str, dict[str, float]] = {}
+    decode_fidelity: dict[str, dict[str, dict[str, float]]] = {}
     if args.fidelity_tokens:
         torch.set_num_threads(threads[0])
-        fid_ids = ids[: args.fidelity_tokens + 1]
-        float_ppl, float_greedy = Driver(float_model, False, 1, 2 * len(fid_ids), 2048).teacher_forced(fid_ids)
-        fidelity["float"] = {"perplexity": round(float_ppl, 4)}
-        for name, d in (("ours_eager", eager), ("ours_compiled", drivers["ours_compiled", threads[0]])):
-            ppl, greedy = d.teacher_forced(fid_ids)
-            agree = sum(a == b for a, b in zip(greedy, float_greedy, strict=True)) / len(greedy)
-            fidelity[name] = {
-                "perplexity": round(ppl, 4),
-                "perplexity_change": round(ppl / float_ppl - 1, 4),
-                "top1_agreement_with_float": round(agree, 4),
-            }
-        log.info("fidelity (teacher-forced decode steps, %d tokens) %s", len(fid_ids) - 1, fidelity)
+        reference = Driver(float_model, False, 1, 2 * args.fidelity_tokens + 2 * BLOCK, 2048)
+        for split, split_ids in splits.items():
+            fid_ids = split_ids[: args.fidelity_tokens + 1]
+            float_ppl, float_greedy = reference.teacher_forced(fid_ids)
+            decode_fidelity.setdefault("float", {})[split] = {"perplexity": round(float_ppl, 4)}
+            for (name, t), d in drivers.items():
+                if t != threads[0]:
+                    continue
+                ppl, greedy = d.teacher_forced(fid_ids)
+                agree = sum(a == b for a, b in zip(greedy, float_greedy, strict=True)) / len(greedy)
+                decode_fidelity.setdefault(name, {})[split] = {
+                    "perplexity": round(ppl, 4),
+                    "perplexity_change": round(ppl / float_ppl - 1, 4),
+                    "top1_agreement_with_float": round(agree, 4),
+                }
+        log.info("fidelity (teacher-forced decode steps, %d tokens) %s", args.fidelity_tokens, decode_fidelity)
     del float_model
 
     rows: list[dict] = []
+    llama_cpp: dict[int, LlamaCpp] = {}
     for r in range(args.rounds):
         for t in threads:
             torch.set_num_threads(t)
-            for name in ("ours_eager", "ours_compiled"):
-                d = drivers[name, t]
+            for (name, dt), d in drivers.items():
+                if dt != t:
+                    continue
                 ttft, total, n = d.generate([short], args.decode_tokens)
                 p_ttft, _, _ = d.generate([long], 1)
                 row = {"round": r, "threads": t, "variant": name, "decode_tok_s": decode_rate(ttft[0], total, n),
@@ -270,26 +339,29 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 log.info("%s", row)
 
-    summary = summarize(rows, streams)
     out = {
         "command": "python -m load_tests.cpu_bench " + shlex.join(sys.argv[1:] if argv is None else argv),
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "gguf": gguf,
-        "ours": {"compression": report, "setup_seconds": setup},
-        "fidelity_teacher_forced": fidelity,
-        "summary_medians": summary,
+        "splits": {k: len(v) for k, v in splits.items()},
+        "compression": reports,
+        "setup_seconds": setup,
+        "fidelity_splits": fidelity,
+        "fidelity_teacher_forced": decode_fidelity,
+        "summary_medians": summarize(rows, streams) if rows else {},
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(out, indent=1))
     (args.out / "results.md").write_text(render_markdown(out))
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(out["summary_medians"], indent=1))
 
 
 def render_markdown(results: dict) -> str:
-    """The summary as tables: medians per thread count, ours beside llama.cpp with the ratios."""
+    """The summary as tables: fidelity per variant and split, speed medians per thread count beside
+    llama.cpp with the ratios."""
     m = results["machine"]
     lines = [
         "# CPU generation: ours against llama.cpp (same GGUF, same process, interleaved rounds)",
@@ -298,15 +370,51 @@ def render_markdown(results: dict) -> str:
         f"- Run: {results['started']} to {results['finished']} (UTC)",
         f"- CPU: {m['cpu_model']}, {m['logical_cpus']} logical CPUs, flags {', '.join(m['cpu_features'])}",
         f"- torch {m['torch']}, llama-cpp-python {m['llama_cpp_python']}, Python {m['python']}",
-        f"- Model: {results['gguf']}; ours: {results['ours']['compression']['spec']['quantize']} + "
-        f"{results['ours']['compression']['spec']['prune_mlp']:.0%} pruning; setup {results['ours']['setup_seconds']}",
-        "",
-        "Medians over rounds; *best* = the least disturbed round (highest rate).",
-        "",
-        "| threads | variant | decode tok/s | vs llama.cpp | best decode tok/s | best vs llama.cpp | prefill 512 ms "
-        "| vs llama.cpp (time) | 4 streams tok/s | 16 streams tok/s | 16 streams / llama.cpp batch-1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"- Model: {Path(results['gguf']).name}; held-out text split {results['splits']} tokens; "
+        f"compile setup seconds {results['setup_seconds']}",
     ]
+    fid = results.get("fidelity_splits") or {}
+    if fid:
+        keys = list(next(iter(fid.values())))
+        lines += [
+            "",
+            "Fidelity against the float model, teacher-forced over consecutive windows (split@window): "
+            "perplexity change / top-1 agreement.",
+            "",
+            "| variant | " + " | ".join(keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
+        for name, per in fid.items():
+            cells = [f"{per[k]['perplexity_change']:+.1%} / {per[k]['top1_agreement']:.1%}" for k in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    tf = results.get("fidelity_teacher_forced") or {}
+    if tf:
+        lines += [
+            "",
+            "Teacher-forced through the served decode step (one token per step), the first tokens of each split: "
+            "perplexity (change) / top-1 agreement with float.",
+            "",
+            "| decode path | " + " | ".join(tf["float"]) + " |",
+            "|---|" + "---|" * len(tf["float"]),
+        ]
+        for name, per in tf.items():
+            cells = [
+                f"{f['perplexity']:.3f}"
+                + (f" ({f['perplexity_change']:+.1%})" if "perplexity_change" in f else "")
+                + (f" / {f['top1_agreement_with_float']:.1%}" if "top1_agreement_with_float" in f else "")
+                for f in per.values()
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if results["summary_medians"]:
+        lines += [
+            "",
+            "Speed: medians over rounds; *best* = the least disturbed round (highest rate).",
+            "",
+            "| threads | variant | decode tok/s | vs llama.cpp | best decode tok/s | best vs llama.cpp "
+            "| prefill 512 ms | vs llama.cpp (time) | 4 streams tok/s | 16 streams tok/s "
+            "| 16 streams / llama.cpp batch-1 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for name, g in results["summary_medians"].items():
         variant, threads = name.rsplit("@", 1)
 
@@ -325,17 +433,6 @@ def render_markdown(results: dict) -> str:
             "streams_16_vs_llama_cpp_batch1",
         ]
         lines.append(f"| {threads.removesuffix('t')} | {variant} | " + " | ".join(cell(c) for c in cols) + " |")
-    fid = results.get("fidelity_teacher_forced") or {}
-    if fid:
-        lines += [
-            "",
-            "| decode path (teacher-forced) | perplexity | vs float | top-1 agreement with float |",
-            "|---|---|---|---|",
-        ]
-        for name, f in fid.items():
-            change = f"{f['perplexity_change']:+.1%}" if "perplexity_change" in f else "–"
-            agree = f"{f['top1_agreement_with_float']:.1%}" if "top1_agreement_with_float" in f else "–"
-            lines.append(f"| {name} | {f['perplexity']:.3f} | {change} | {agree} |")
     return "\n".join(lines) + "\n"
 
 

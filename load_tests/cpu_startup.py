@@ -1,0 +1,85 @@
+"""Seconds from starting the server to ``/ready`` on CPU, eager against compiled decode steps, the
+compiled start once with an empty inductor cache (a first start) and once with the cache it filled
+(every later start). The compressed-model cache is warmed first, so only the decode-step setup differs.
+
+    HF_HUB_OFFLINE=1 python -m load_tests.cpu_startup --out load_tests/results/cpu_vs_llamacpp/startup.json
+
+Not a test: minutes of compiling, never run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+from load_tests.cpu_bench import machine
+
+
+def time_to_ready(env: dict[str, str], port: int, timeout: float) -> float:
+    """Starts ``python -m server`` and returns the seconds until /ready answers 200; stops the server."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while time.perf_counter() - start < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                    return time.perf_counter() - start
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"not ready after {timeout} s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, default=8431)
+    ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    started = datetime.now(timezone.utc)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LLM_") and k != "TORCHINDUCTOR_CACHE_DIR"}
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="inductor-") as inductor:
+        runs = [
+            ("eager (compressed-model cache warm)", {"LLM_CPU_COMPILE_DECODE": "off"}),
+            ("eager", {"LLM_CPU_COMPILE_DECODE": "off"}),
+            ("compiled, empty inductor cache", {"LLM_CPU_COMPILE_DECODE": "on", "TORCHINDUCTOR_CACHE_DIR": inductor}),
+            ("compiled, inductor cache warm", {"LLM_CPU_COMPILE_DECODE": "on", "TORCHINDUCTOR_CACHE_DIR": inductor}),
+        ]
+        for name, extra in runs:
+            results[name] = round(time_to_ready({**base, **extra}, args.port, args.timeout), 1)
+            print(name, results[name], flush=True)
+    m = machine()
+    out = {
+        "command": "python -m load_tests.cpu_startup " + " ".join(sys.argv[1:]),
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {k: v for k, v in m.items() if k != "lscpu"},
+        "seconds_to_ready": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
