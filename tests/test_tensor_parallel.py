@@ -61,7 +61,8 @@ def rank_main(
     model = shard_llama(Llama.from_hf(config, state), rank, 2)
     if rank == 0:
         fanout = StepFanout([address])
-        out.put(generate(model, fanout))
+        tokens, logits = generate(model, fanout)
+        out.put((tokens, logits.numpy()))  # by value: a shared tensor would need this process alive to unpickle
         fanout.close()
     else:
         runner = make_runner(model, torch.device("cpu"), torch.float32, CONFIG, sample=False)
@@ -80,6 +81,7 @@ def test_two_ranks_match_one(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], 
     for p in ranks:
         p.start()
     tokens, logits = out.get(timeout=300)
+    logits = torch.from_numpy(logits)
     for p in ranks:
         p.join(60)
         assert p.exitcode == 0
