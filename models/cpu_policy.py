@@ -10,7 +10,8 @@ The measurements (load_tests/results/cpu_vs_llamacpp/README.md) and what they de
   this CPU's kind.
 - Compiled decode steps (inductor's C++ backend) wherever a C++ compiler exists: they remove the
   per-op dispatch of the eager step, which is not tied to an instruction set; measured faster than the
-  eager step at every batch size and thread count with AVX-512 VNNI; not measured on AMX.
+  eager step at every batch size and thread count with AVX-512 VNNI; not measured under the AVX2 cap
+  or on AMX. The first start compiles for minutes; later starts load the graphs from the inductor cache.
 - Threads: one per physical core this process may use. Two threads on one core's hyperthreads share
   its execution units (issue 12's 2-vCPU Xeon ran eager steps faster with one thread than two), while
   on two cores compiled steps ran 1.4x faster with two threads than with one.
