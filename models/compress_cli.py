@@ -42,7 +42,7 @@ METHODS = ("none", "int8", "int8-wo", "fp8")
 # The server's defaults where each measured best (server/config.py, server/hardware.py and
 # load_tests/results/compression/README.md#decisions): the stage must not decide policy of its own. On CPU,
 # generation takes what models/cpu_policy.py picks for this CPU, as the server's 'auto' does.
-DEFAULT_QUANTIZE = {("generate", "cuda"): "int8-wo", ("classify", "cpu"): "int8"}
+DEFAULT_QUANTIZE = {("generate", "cuda"): "int8-wo"}
 DEFAULT_PRUNE = {"generate": 0.01, "classify": 0.0}
 
 
@@ -54,7 +54,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--quantize",
         choices=METHODS,
-        help="default: the server's 'auto' for the device: int8 on CPU; on CUDA int8-wo for generation, "
+        help="default: the server's 'auto' for the device: for generation int8 on CPU, int8-wo on CUDA; "
         "none for classification",
     )
     p.add_argument("--prune", type=float, help="share of MLP channels removed; default 0.01 (generate), 0 (classify)")

@@ -182,9 +182,9 @@ async def test_info_serves_the_compression_reports(client) -> None:
     assert gen["spec"]["quantize"] == "int8" and gen["weight_bytes_cut"] >= 0.4
     assert gen["fidelity"]["top1_agreement"] > 0.8 and gen["fidelity"]["perplexity_change"] < 0.05
     cls = models["classify"]["compression"]
-    assert cls["spec"]["quantize"] == "int8" and cls["fidelity"]["label_agreement"] >= 0.95
+    assert cls["spec"]["quantize"] == "none" and cls["weight_bytes_cut"] == 0  # float: see server/hardware.py
     hardware = r.json()["hardware"]  # what `auto` meant here, and why
-    assert (hardware["device"], hardware["gen_quantize"], hardware["cls_quantize"]) == ("cpu", "int8", "int8")
+    assert (hardware["device"], hardware["gen_quantize"], hardware["cls_quantize"]) == ("cpu", "int8", "none")
     assert "gen_quantize" in hardware["why"]
 
 
@@ -193,7 +193,9 @@ async def test_v1_models_carries_the_compression_report(client) -> None:
     cards = {c["task"]: c for c in (await client.get("/v1/models")).json()["data"]}
     for task in ("generate", "classify"):
         report = cards[task]["details"]["compression"]
-        assert report["task"] == task and report["weight_bytes_after"] < report["weight_bytes_before"]
+        assert report["task"] == task and report["weight_bytes_after"] <= report["weight_bytes_before"]
+    gen = cards["generate"]["details"]["compression"]
+    assert gen["weight_bytes_after"] < gen["weight_bytes_before"]  # the classifier stays float (hardware.py)
 
 
 @pytest.mark.unit

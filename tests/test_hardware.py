@@ -33,7 +33,7 @@ def test_cpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_cpu(monkeypatch, VNNI)
     policy = HardwarePolicy.decide(Settings(device="cpu", cpu_compile_decode="auto"))
     assert (policy.torch_device, policy.torch_dtype) == (torch.device("cpu"), torch.float32)
-    assert (policy.gen_quantize, policy.cls_quantize, policy.prefill_budget) == ("int8", "int8", 512)
+    assert (policy.gen_quantize, policy.cls_quantize, policy.prefill_budget) == ("int8", "none", 512)
     assert (policy.cpu_threads, policy.cpu_compile_decode) == (2, True)
     assert set(policy.why) >= {"dtype", "gen_quantize", "cls_quantize", "prefill_budget", "cpu_threads"}
     assert "gen_quantize=int8 (auto: int8 w8a8 (VNNI: " in policy.summary()
@@ -45,7 +45,7 @@ def test_cpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     ("device", "max_num_seqs", "kernel", "gen", "cls"),
-    [("cpu", 256, False, "int8", "int8"), ("cuda", 16, True, "int8-wo", "none"), ("cuda", 64, True, "int8-wo", "none"),
+    [("cpu", 256, False, "int8", "none"), ("cuda", 16, True, "int8-wo", "none"), ("cuda", 64, True, "int8-wo", "none"),
      ("cuda", 65, True, "none", "none"), ("cuda", 16, False, "none", "none")],
 )  # fmt: skip
 def test_auto_quantization_follows_the_measured_table(
