@@ -138,7 +138,7 @@ class GenerationSettings(BaseModel):
         True, description="reuse the KV cache of shared prompt prefixes (full blocks) across requests"
     )
     cpu_compile_decode: Literal["auto", "on", "off"] = Field(
-        "auto",
+        "off",
         description="on CPU, run decode steps as torch.compile graphs (faster steps; the first start compiles "
         "for minutes, later ones reuse cache_dir/inductor); auto = on where a C++ compiler exists",
     )
