@@ -20,7 +20,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from engine.batcher import DynamicBatcher
-from engine.classifier import Classifier, ClassifyItem, ClassResult, EncoderFrontend
+from engine.classifier import Classifier, ClassifyItem, ClassResult, EncoderFrontend, LabelSpec
 from engine.core import Batcher
 from engine.core_client import CoreClient
 from engine.llm_engine import AsyncLLM, EngineConfig, LLMClient, LLMEngine, make_runner
@@ -40,6 +40,9 @@ from server.hardware import HardwarePolicy
 from server.tp_workers import TensorParallel
 
 log = logging.getLogger(__name__)
+
+
+ClassifyKey = tuple[str, str, tuple[LabelSpec, ...] | None, bool, float | None]
 
 
 def engine_config(settings: Settings, policy: HardwarePolicy) -> EngineConfig:
@@ -238,8 +241,8 @@ class Runtime:
     llm: LLMClient | None = None
     classifier: EncoderFrontend | None = None
     batcher: Batcher | CoreClient | None = None
-    # Identical /classify inputs, keyed by (model id, text, labels, multi_label); None when disabled.
-    cls_cache: ResponseCache[tuple[str, str, tuple[str, ...] | None, bool], ClassResult] | None = None
+    # Identical /classify inputs, keyed by (model id, text, labels, multi_label, threshold); None when disabled.
+    cls_cache: ResponseCache[ClassifyKey, ClassResult] | None = None
     gen_model_id: str | None = None  # the names /v1/models lists and the /v1 routes accept as `model`
     cls_model_id: str | None = None
     ready: bool = False

@@ -85,12 +85,12 @@ async def _through_cache(runtime: Runtime, items: list[ClassifyItem], label_toke
     if cache is None:
         return _checked(await runtime.batcher.submit_many(_with_label_cost(items, label_tokens)))
     keys = [(runtime.cls_model_id, it.text, it.labels, it.multi_label, it.threshold) for it in items]
-    results = [cache.get(key) for key in keys]  # type: ignore[arg-type]
+    results: list[ClassResult | None] = [cache.get(key) for key in keys]
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:
         fresh = _checked(await runtime.batcher.submit_many(_with_label_cost([items[i] for i in missing], label_tokens)))
         for i, result in zip(missing, fresh, strict=True):
-            cache.put(keys[i], result)  # type: ignore[arg-type]
+            cache.put(keys[i], result)
             results[i] = result
     return results  # type: ignore[return-value]
 
