@@ -63,16 +63,16 @@ class StepFanout:
             sock.close()
 
 
-def follow(address: str, run: Callable[[StepInput], None], parent_alive: Callable[[], bool] | None = None) -> None:
+def follow(address: str, run: Callable[[StepInput], None]) -> None:
     """A non-zero rank's loop: runs every step rank 0 sends until it says stop or (checked every second
     while idle) its parent process has gone."""
-    alive = parent_alive or _parent_alive(os.getppid())
+    parent = os.getppid()
     sock = zmq.Context.instance().socket(zmq.PULL)
     sock.bind(address)
     try:
         while True:
             if not sock.poll(1000):
-                if not alive():
+                if os.getppid() != parent:
                     return
                 continue
             frame = sock.recv(copy=False)
@@ -81,7 +81,3 @@ def follow(address: str, run: Callable[[StepInput], None], parent_alive: Callabl
             run(pickle.loads(frame.buffer))
     finally:
         sock.close(linger=0)
-
-
-def _parent_alive(parent: int) -> Callable[[], bool]:
-    return lambda: os.getppid() == parent

@@ -12,47 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
-
 from load_tests.cpu_bench import machine
-
-
-def time_to_ready(env: dict[str, str], port: int, timeout: float) -> float:
-    """Starts ``python -m server`` and returns the seconds until /ready answers 200; stops the server."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        while time.perf_counter() - start < timeout:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                    return time.perf_counter() - start
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"not ready after {timeout} s")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+from load_tests.ready_time import time_to_ready
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--port", type=int, default=8431)
     ap.add_argument("--timeout", type=float, default=1200)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -67,7 +37,7 @@ def main() -> None:
             ("compiled, inductor cache warm", {"LLM_CPU_COMPILE_DECODE": "on", "TORCHINDUCTOR_CACHE_DIR": inductor}),
         ]
         for name, extra in runs:
-            results[name] = round(time_to_ready({**base, **extra}, args.port, args.timeout), 1)
+            results[name] = round(time_to_ready([], {**base, **extra}, args.timeout)[0], 1)
             print(name, results[name], flush=True)
     m = machine()
     out = {

@@ -125,6 +125,8 @@ def _cpu_execution(settings: Settings, cpu: CpuPolicy | None, why: dict[str, str
     compiled = settings.cpu_compile_decode == "on"
     if settings.cpu_compile_decode == "auto":
         compiled, why["cpu_compile_decode"] = cpu.compile_decode, cpu.why["compile_decode"]
+    if compiled and settings.tensor_parallel_size > 1:  # compiled steps hold no collectives
+        compiled, why["cpu_compile_decode"] = False, "tensor parallel: eager steps"
     return threads, compiled
 
 

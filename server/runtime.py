@@ -53,7 +53,7 @@ def engine_config(settings: Settings, policy: HardwarePolicy) -> EngineConfig:
         block_size=settings.kv_block_size,
         max_model_len=settings.max_input_tokens + settings.max_new_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,
-        compile_cpu=policy.cpu_compile_decode and settings.tensor_parallel_size == 1,  # compiled steps: no collectives
+        compile_cpu=policy.cpu_compile_decode,
     )
 
 

@@ -137,3 +137,10 @@ def test_physical_cores_count_hyperthreads_once(tmp_path: Path) -> None:
     info.write_text("processor\t: 0\n\nprocessor\t: 1\n")
     assert cpu.physical_cores({0, 1}, info) == 2
     assert cpu.physical_cores({0, 1, 2}, tmp_path / "absent") == 3
+
+
+@pytest.mark.unit
+def test_tensor_parallel_runs_eager_cpu_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cpu(monkeypatch, VNNI)
+    policy = HardwarePolicy.decide(Settings(device="cpu", cpu_compile_decode="on", tensor_parallel_size=3))
+    assert not policy.cpu_compile_decode and "tensor parallel" in policy.why["cpu_compile_decode"]
