@@ -12,9 +12,9 @@ from __future__ import annotations
 import inspect
 from argparse import ArgumentParser
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
 # The largest pruning shares that kept the default within +5% perplexity / >= 99% label agreement (none
@@ -23,92 +23,84 @@ DEFAULT_GEN_PRUNE = 0.01
 DEFAULT_CLS_PRUNE = 0.0
 
 Quantization = Literal["auto", "none", "int8", "int8-wo", "fp8"]
+# The bounds most settings share, named once.
+Count = Annotated[int, Field(ge=1)]  # things, tokens, processes: at least one
+Size = Annotated[int, Field(ge=0)]  # a capacity that may be 0 (none)
+Seconds = Annotated[float, Field(gt=0)]  # a timeout
+Share = Annotated[float, Field(ge=0.0, lt=1.0)]  # a fraction of channels
 
 
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "lowlat-server"
 
 
-class ModelSettings(BaseModel):
+class Concern(BaseModel, use_attribute_docstrings=True):
+    """A group of settings with one ``--help`` heading (its ``title``); each field's docstring is its help."""
+
+
+class ModelSettings(Concern, title="models"):
     """What to serve, on which device and in what precision ('auto': see /info)."""
 
-    model_config = ConfigDict(title="models")
+    gen_model: str = "default"
+    """generation model: 'default' (embedded SmolLM2), a HF dir, a .gguf file, 'dummy:<preset>'"""
+    cls_model: str = "default"
+    """classification model: 'default' (embedded MiniLM), a HF dir, or 'dummy:minilm-l6'"""
+    tokenizer: str | None = None
+    """tokenizer directory overriding the model's (dummy models)"""
+    enable_generate: bool = True
+    """load the generation model and serve /generate"""
+    enable_classify: bool = True
+    """load the classification model and serve /classify"""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """'auto' picks CUDA when available"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """'auto': bfloat16 on CUDA, float32 on CPU"""
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    """converted-model cache directory"""
 
-    gen_model: str = Field(
-        "default",
-        description="generation model: 'default' (embedded SmolLM2), a HF dir, a .gguf file, 'dummy:<preset>'",
-    )
-    cls_model: str = Field(
-        "default", description="classification model: 'default' (embedded MiniLM), a HF dir, or 'dummy:minilm-l6'"
-    )
-    tokenizer: str | None = Field(None, description="tokenizer directory overriding the model's (dummy models)")
-    enable_generate: bool = Field(True, description="load the generation model and serve /generate")
-    enable_classify: bool = Field(True, description="load the classification model and serve /classify")
-    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="'auto' picks CUDA when available")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="'auto': bfloat16 on CUDA, float32 on CPU"
-    )
-    cache_dir: Path = Field(default_factory=default_cache_dir, description="converted-model cache directory")
 
-
-class CompressionSettings(BaseModel):
+class CompressionSettings(Concern, title="compression"):
     """Quantization and pruning at startup (models/compress.py); the defaults were chosen from
     load_tests/results/compression/."""
 
-    model_config = ConfigDict(title="compression")
-
-    gen_quantize: Quantization = Field(
-        "auto",
-        description="generation weights: 'auto' = int8 on CPU; on CUDA int8-wo while max_num_seqs is small, else "
-        "none (what it chose is logged at startup and shown at /info)",
-    )
-    gen_prune: float = Field(DEFAULT_GEN_PRUNE, ge=0.0, lt=1.0, description="share of MLP channels pruned (generation)")
-    cls_quantize: Quantization = Field(
-        "auto", description="classification weights: 'auto' = int8 on CPU, none on CUDA (quantized runs slower there)"
-    )
-    cls_prune: float = Field(DEFAULT_CLS_PRUNE, ge=0.0, lt=1.0, description="share of MLP channels pruned (classify)")
-    compress_cache: bool = Field(True, description="cache compressed weights in cache_dir (restart skips the work)")
+    gen_quantize: Quantization = "auto"
+    """generation weights: 'auto' = int8 on CPU; on CUDA int8-wo while max_num_seqs is small, else none (what
+    it chose is logged at startup and shown at /info)"""
+    gen_prune: Share = DEFAULT_GEN_PRUNE
+    """share of MLP channels pruned (generation)"""
+    cls_quantize: Quantization = "auto"
+    """classification weights: 'auto' = none (float) on CPU and CUDA (see /info for why)"""
+    cls_prune: Share = DEFAULT_CLS_PRUNE
+    """share of MLP channels pruned (classify)"""
+    compress_cache: bool = True
+    """cache compressed weights in cache_dir (restart skips the work)"""
 
 
-class HTTPSettings(BaseModel):
+class HTTPSettings(Concern, title="HTTP"):
     """Where the API listens."""
 
-    model_config = ConfigDict(title="HTTP")
+    host: str = "127.0.0.1"
+    """bind address (the container sets 0.0.0.0)"""
+    port: Annotated[Count, Field(le=65535)] = 8000
+    """TCP port (every API server shares it)"""
 
-    host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
-    port: int = Field(8000, ge=1, le=65535, description="TCP port (every API server shares it)")
 
-
-class ProcessSettings(BaseModel):
+class ProcessSettings(Concern, title="processes"):
     """API servers (HTTP, tokenization, detokenization) and the engines, in one process or several."""
 
-    model_config = ConfigDict(title="processes")
-
-    api_servers: int | None = Field(
-        None,
-        ge=1,
-        le=64,
-        description="HTTP processes sharing the port; default 1 on up to 4 CPU cores, else half of them (max 8)",
-    )
-    engine_core: Literal["auto", "thread", "process"] = Field(
-        "auto",
-        description="where the engines run: 'process' = an engine-core process per device, 'thread' = in the "
-        "(single) API server's process; 'auto' = process on CUDA, with several API servers or data parallel",
-    )
-    data_parallel_size: int = Field(1, ge=1, le=64, description="engine cores, one per GPU (engine_core=process)")
-    tensor_parallel_size: int = Field(
-        1,
-        ge=1,
-        le=8,
-        description="GPUs per engine core, splitting attention heads and MLP channels (NCCL; a worker process "
-        "per GPU after the first); with data parallel, core i takes GPUs i*N to i*N+N-1",
-    )
-    engine_hang_timeout_s: float = Field(
-        120.0,
-        gt=0,
-        description="an engine core that has work and sends nothing for this long is killed, ending the server "
-        "(exit 1) for its orchestrator to restart; longer than the slowest step",
-    )
+    api_servers: Annotated[Count, Field(le=64)] | None = None
+    """HTTP processes sharing the port; default 1 on up to 4 CPU cores, else half of them (max 8)"""
+    engine_core: Literal["auto", "thread", "process"] = "auto"
+    """where the engines run: 'process' = an engine-core process per device, 'thread' = in the (single) API
+    server's process; 'auto' = process on CUDA, with several API servers or data parallel"""
+    data_parallel_size: Annotated[Count, Field(le=64)] = 1
+    """engine cores, one per GPU (engine_core=process)"""
+    tensor_parallel_size: Annotated[Count, Field(le=8)] = 1
+    """GPUs per engine core, splitting attention heads and MLP channels (NCCL; a worker process per GPU after
+    the first); with data parallel, core i takes GPUs i*N to i*N+N-1"""
+    engine_hang_timeout_s: Seconds = 120.0
+    """an engine core that has work and sends nothing for this long is killed, ending the server (exit 1) for
+    its orchestrator to restart; longer than the slowest step"""
 
     @model_validator(mode="after")
     def _one_process(self) -> ProcessSettings:
@@ -117,34 +109,30 @@ class ProcessSettings(BaseModel):
         return self
 
 
-class GenerationSettings(BaseModel):
+class GenerationSettings(Concern, title="generation limits and batching"):
     """Generation limits and continuous batching."""
 
-    model_config = ConfigDict(title="generation limits and batching")
-
-    max_input_tokens: int = Field(2048, ge=1, description="longest accepted prompt, in tokens")
-    max_new_tokens: int = Field(512, ge=1, description="largest accepted max_tokens")
-    default_max_tokens: int = Field(128, ge=1, description="max_tokens when the request gives none")
-    max_num_seqs: int = Field(16, ge=1, description="sequences in the running batch")
-    max_batched_tokens: int | None = Field(
-        None,
-        ge=16,
-        description="padded prompt tokens per prefill step, longer prompts run in chunks; "
-        "default 512 on CPU, 4096 on CUDA",
-    )
-    kv_cache_tokens: int = Field(32768, ge=256, description="KV-cache capacity in tokens, all sequences together")
-    kv_block_size: int = Field(16, ge=1, description="tokens per KV-cache block")
-    enable_prefix_caching: bool = Field(
-        True, description="reuse the KV cache of shared prompt prefixes (full blocks) across requests"
-    )
-    cpu_compile_decode: Literal["auto", "on", "off"] = Field(
-        "off",
-        description="on CPU, run decode steps as torch.compile graphs (faster steps; the first start compiles "
-        "for minutes, later ones reuse cache_dir/inductor); auto = on where a C++ compiler exists",
-    )
-    cpu_threads: int | None = Field(
-        None, ge=1, description="torch threads on CPU; default: one per physical core this process may use"
-    )
+    max_input_tokens: Count = 2048
+    """longest accepted prompt, in tokens"""
+    max_new_tokens: Count = 512
+    """largest accepted max_tokens"""
+    default_max_tokens: Count = 128
+    """max_tokens when the request gives none"""
+    max_num_seqs: Count = 16
+    """sequences in the running batch"""
+    max_batched_tokens: Annotated[int, Field(ge=16)] | None = None
+    """padded prompt tokens per prefill step, longer prompts run in chunks; default 512 on CPU, 4096 on CUDA"""
+    kv_cache_tokens: Annotated[int, Field(ge=256)] = 32768
+    """KV-cache capacity in tokens, all sequences together"""
+    kv_block_size: Count = 16
+    """tokens per KV-cache block"""
+    enable_prefix_caching: bool = True
+    """reuse the KV cache of shared prompt prefixes (full blocks) across requests"""
+    cpu_compile_decode: Literal["auto", "on", "off"] = "off"
+    """on CPU, run decode steps as torch.compile graphs (faster steps; the first start compiles for minutes,
+    later ones reuse cache_dir/inductor); auto = on where a C++ compiler exists"""
+    cpu_threads: Count | None = None
+    """torch threads on CPU; default: one per physical core this process may use"""
 
     @model_validator(mode="after")
     def _limits_fit(self) -> GenerationSettings:
@@ -155,73 +143,61 @@ class GenerationSettings(BaseModel):
         return self
 
 
-class ClassificationSettings(BaseModel):
+class ClassificationSettings(Concern, title="classification"):
     """Classification: per-call limits, dynamic batching, the response cache."""
 
-    model_config = ConfigDict(title="classification")
-
-    cls_max_batch_size: int = Field(32, ge=1, description="inputs per classification batch")
-    cls_max_batch_tokens: int = Field(8192, ge=1, description="tokens per classification batch")
-    cls_max_wait_ms: float = Field(
-        0.0,
-        ge=0,
-        description="longest wait for a batch to fill; 0 = none: a batch runs as soon as the device is free, and "
-        "what arrives meanwhile forms the next one",
-    )
-    cls_max_inputs: int = Field(64, ge=1, description="inputs accepted in one /classify call")
-    cls_max_input_tokens: int = Field(512, ge=1, description="longest accepted classification input, in tokens")
-    cls_cache_size: int = Field(
-        4096, ge=0, description="classification results kept in an LRU cache for identical inputs; 0 disables it"
-    )
+    cls_max_batch_size: Count = 32
+    """inputs per classification batch"""
+    cls_max_batch_tokens: Count = 8192
+    """tokens per classification batch"""
+    cls_max_wait_ms: Annotated[float, Field(ge=0)] = 0.0
+    """longest wait for a batch to fill; 0 = none: a batch runs as soon as the device is free, and what
+    arrives meanwhile forms the next one"""
+    cls_max_inputs: Count = 64
+    """inputs accepted in one /classify call"""
+    cls_max_input_tokens: Count = 512
+    """longest accepted classification input, in tokens"""
+    cls_cache_size: Size = 4096
+    """classification results kept in an LRU cache for identical inputs; 0 disables it"""
 
 
-class OverloadSettings(BaseModel):
+class OverloadSettings(Concern, title="overload, deadlines, shutdown"):
     """Overload (429), deadlines and slow clients, graceful shutdown."""
 
-    model_config = ConfigDict(title="overload, deadlines, shutdown")
-
-    max_queued_requests: int = Field(
-        64, ge=0, description="generate requests waiting beyond the running batch; more are refused with 429"
-    )
-    max_admitted_tokens: int | None = Field(
-        None,
-        ge=1,
-        description="prompt + max_tokens of all admitted generation sequences together, per engine core; more get "
-        "429, one request over it 400; default twice kv_cache_tokens (a full cache running, as much waiting)",
-    )
-    max_concurrent_streams: int = Field(64, ge=1, description="streamed responses open at once; more get 429")
-    cls_max_queued_inputs: int = Field(1024, ge=1, description="classification inputs waiting; more get 429")
-    request_timeout_s: float = Field(
-        120.0, gt=0, description="deadline per request (504); X-Request-Timeout may ask for less"
-    )
-    max_body_bytes: int = Field(1_048_576, ge=1024, description="largest accepted request body (413)")
-    header_read_timeout_s: float = Field(
-        10.0, gt=0, description="a connection that has not sent a request's complete headers by then is closed"
-    )
-    body_read_timeout_s: float = Field(
-        30.0,
-        gt=0,
-        description="a request body not all received by then (after its headers) gets 408, connection closed",
-    )
-    shutdown_grace_s: float = Field(
-        30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish before exit"
-    )
+    max_queued_requests: Size = 64
+    """generate requests waiting beyond the running batch; more are refused with 429"""
+    max_admitted_tokens: Count | None = None
+    """prompt + max_tokens of all admitted generation sequences together, per engine core; more get 429, one
+    request over it 400; default twice kv_cache_tokens (a full cache running, as much waiting)"""
+    max_concurrent_streams: Count = 64
+    """streamed responses open at once; more get 429"""
+    cls_max_queued_inputs: Count = 1024
+    """classification inputs waiting; more get 429"""
+    request_timeout_s: Seconds = 120.0
+    """deadline per request (504); X-Request-Timeout may ask for less"""
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
+    """largest accepted request body (413)"""
+    header_read_timeout_s: Seconds = 10.0
+    """a connection that has not sent a request's complete headers by then is closed"""
+    body_read_timeout_s: Seconds = 30.0
+    """a request body not all received by then (after its headers) gets 408, connection closed"""
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 30.0
+    """on SIGTERM, how long in-flight requests may take to finish before exit"""
 
 
-class AccessSettings(BaseModel):
+class AccessSettings(Concern, title="security and access"):
     """Who may call the API."""
 
-    model_config = ConfigDict(title="security and access")
-
-    api_keys: list[SecretStr] = Field(
-        default_factory=list, description="accepted Bearer API keys; none means no authentication"
-    )
-    api_keys_file: Path | None = Field(None, description="file with one accepted API key per line (adds to api_keys)")
-    public_probes: bool = Field(True, description="/health, /ready and /metrics answer without an API key")
-    share_prefix_cache_across_keys: bool = Field(
-        False, description="with API keys, requests made with different keys reuse each other's cached prompt prefixes"
-    )
-    cors_origins: list[str] = Field(default_factory=list, description="origins allowed by CORS; empty disables CORS")
+    api_keys: list[SecretStr] = []
+    """accepted Bearer API keys; none means no authentication"""
+    api_keys_file: Path | None = None
+    """file with one accepted API key per line (adds to api_keys)"""
+    public_probes: bool = True
+    """/health, /ready and /metrics answer without an API key"""
+    share_prefix_cache_across_keys: bool = False
+    """with API keys, requests made with different keys reuse each other's cached prompt prefixes"""
+    cors_origins: list[str] = []
+    """origins allowed by CORS; empty disables CORS"""
 
     def accepted_keys(self) -> list[bytes]:
         """API keys from ``api_keys`` and ``api_keys_file`` (blank lines and ``#`` comments skipped)."""
@@ -232,13 +208,13 @@ class AccessSettings(BaseModel):
         return [k.encode() for k in keys if k]
 
 
-class ObservabilitySettings(BaseModel):
+class ObservabilitySettings(Concern, title="observability"):
     """Logs (metrics are always on: GET /metrics)."""
 
-    model_config = ConfigDict(title="observability")
-
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="of every process's logs")
-    log_prompts: bool = Field(False, description="log prompt text (off: logs carry only sizes and request ids)")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """of every process's logs"""
+    log_prompts: bool = False
+    """log prompt text (off: logs carry only sizes and request ids)"""
 
 
 class Settings(  # pydantic collects fields from the last base first: the concerns are listed bottom up
