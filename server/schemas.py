@@ -51,6 +51,23 @@ def _not_blank(value: str, name: str) -> str:
     return value
 
 
+def as_texts(value: str | list[str]) -> list[str]:
+    """A field that takes one text or a list of them, as a list."""
+    return [value] if isinstance(value, str) else value
+
+
+def one_or_more_texts(value: str | list[str], name: str, most: int | None = None) -> str | list[str]:
+    """Validate a field that takes one text or a list of them: 1 to ``most`` texts, none blank."""
+    texts = as_texts(value)
+    if not texts:
+        raise ValueError(f"{name} must not be empty")
+    if most is not None and len(texts) > most:
+        raise ValueError(f"{name} takes at most {most} texts")
+    for text in texts:
+        _not_blank(text, name)
+    return value
+
+
 class ChatMessage(StrictModel):
     role: Literal["system", "user", "assistant"]
     content: str
@@ -208,12 +225,7 @@ class ClassifyRequest(StrictModel):
     @field_validator("inputs")
     @classmethod
     def _inputs(cls, value: str | list[str]) -> str | list[str]:
-        texts = [value] if isinstance(value, str) else value
-        if not texts:
-            raise ValueError("inputs must not be empty")
-        for text in texts:
-            _not_blank(text, "inputs")
-        return value
+        return one_or_more_texts(value, "inputs")
 
     @field_validator("labels")
     @classmethod
@@ -239,7 +251,7 @@ class ClassifyRequest(StrictModel):
 
     @property
     def texts(self) -> list[str]:
-        return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+        return as_texts(self.inputs)
 
     @property
     def label_texts(self) -> list[str]:

@@ -13,7 +13,7 @@ from pydantic import AfterValidator, BaseModel, Field, StringConstraints, field_
 from pydantic_core import PydanticCustomError
 
 from server.errors import UNSUPPORTED
-from server.schemas import StrictModel, Timings, TokenLogprob
+from server.schemas import StrictModel, Timings, TokenLogprob, as_texts, one_or_more_texts
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 # Names the server echoes (model, in a 404) or ignores (user, name): bounded so they cannot carry bulk.
@@ -203,12 +203,7 @@ class CompletionRequest(SamplingRequest):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, value: str | list[str]) -> str | list[str]:
-        prompts = [value] if isinstance(value, str) else value
-        if not prompts or len(prompts) > 16:
-            raise ValueError("give 1 to 16 prompts")
-        if any(not p.strip() for p in prompts):
-            raise ValueError("prompt must not be empty or whitespace")
-        return value
+        return one_or_more_texts(value, "prompt", most=16)
 
     @property
     def logprobs_wanted(self) -> int | None:
@@ -216,7 +211,7 @@ class CompletionRequest(SamplingRequest):
 
     @property
     def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        return as_texts(self.prompt)
 
 
 class EmbeddingRequest(StrictModel):
@@ -229,16 +224,11 @@ class EmbeddingRequest(StrictModel):
     @field_validator("input")
     @classmethod
     def _input(cls, value: str | list[str]) -> str | list[str]:
-        texts = [value] if isinstance(value, str) else value
-        if not texts:
-            raise ValueError("input must not be empty")
-        if any(not t.strip() for t in texts):
-            raise ValueError("input must not contain empty strings")
-        return value
+        return one_or_more_texts(value, "input")
 
     @property
     def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else self.input
+        return as_texts(self.input)
 
 
 class PromptTokensDetails(BaseModel):
