@@ -155,6 +155,20 @@ def encoder_plan(model: nn.Module, intermediate_sizes: list[int]) -> dict[str, A
     }
 
 
+def _has_head(config: PretrainedConfig) -> bool:
+    return any(arch.endswith("ForSequenceClassification") for arch in (config.architectures or []))
+
+
+def build_encoder(
+    directory: Path, config: PretrainedConfig, dtype: torch.dtype, device: torch.device, plan: dict[str, Any]
+) -> nn.Module:
+    """The compressed HF encoder (with its classification head if it was saved with one) from saved tensors."""
+    auto_cls = AutoModelForSequenceClassification if _has_head(config) else AutoModel
+    model = auto_cls.from_config(config).to(dtype).to(device).eval()
+    load_encoder_weights(directory, model, plan)
+    return model
+
+
 def load_encoder_weights(directory: Path, model: nn.Module, plan: dict[str, Any]) -> None:
     """Reshape ``model`` (an HF encoder of the original shape) to the saved one and assign the saved tensors."""
     dev = next(model.parameters()).device
@@ -220,51 +234,35 @@ def write_checkpoint(
 
 
 @dataclass
-class CheckpointLM:
-    """A generation checkpoint ready to serve."""
+class Checkpoint:
+    """A checkpoint read for serving."""
 
-    model: Llama
+    model: nn.Module  # Llama (generate); HF AutoModel, or AutoModelForSequenceClassification with a head (classify)
     config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
     report_json: str  # models/compress.py CompressionReport, as written
     marker: dict[str, Any]
 
+    @property
+    def id2label(self) -> dict[int, str] | None:
+        """The classification head's labels; None without one."""
+        if not _has_head(self.config):
+            return None
+        return {int(k): str(v) for k, v in self.config.id2label.items()}
 
-def read_causal_lm(directory: Path, dtype: torch.dtype, device: torch.device) -> CheckpointLM:
+
+def read_checkpoint(directory: Path, task: Task, dtype: torch.dtype, device: torch.device) -> Checkpoint:
+    """The ``task`` checkpoint in ``directory`` on ``device`` (float parts in ``dtype``); one written for the
+    other task is refused, naming the flag that serves it."""
     directory = Path(directory)
-    marker = _expect(directory, "generate")
+    marker = _expect(directory, task)
     start = time.perf_counter()
     config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    model = build_llama(directory, config, dtype, device, read_plan(directory))
+    build = build_llama if task == "generate" else build_encoder
+    model = build(directory, config, dtype, device, read_plan(directory))
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     log.info("read compressed checkpoint %s in %.2f s", directory.name, time.perf_counter() - start)
-    return CheckpointLM(model, config, tokenizer, (directory / REPORT).read_text(), marker)
-
-
-@dataclass
-class CheckpointEncoder:
-    """A classification checkpoint ready to serve."""
-
-    model: nn.Module  # HF AutoModel, or AutoModelForSequenceClassification when it has a head
-    tokenizer: PreTrainedTokenizerBase
-    id2label: dict[int, str] | None
-    report_json: str
-    marker: dict[str, Any]
-
-
-def read_encoder(directory: Path, dtype: torch.dtype, device: torch.device) -> CheckpointEncoder:
-    directory = Path(directory)
-    marker = _expect(directory, "classify")
-    start = time.perf_counter()
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    has_head = any(arch.endswith("ForSequenceClassification") for arch in (config.architectures or []))
-    auto_cls = AutoModelForSequenceClassification if has_head else AutoModel
-    model = auto_cls.from_config(config).to(dtype).to(device).eval()
-    load_encoder_weights(directory, model, read_plan(directory))
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    id2label = {int(k): str(v) for k, v in config.id2label.items()} if has_head else None
-    log.info("read compressed checkpoint %s in %.2f s", directory.name, time.perf_counter() - start)
-    return CheckpointEncoder(model, tokenizer, id2label, (directory / REPORT).read_text(), marker)
+    return Checkpoint(model, config, tokenizer, (directory / REPORT).read_text(), marker)
 
 
 def _expect(directory: Path, task: Task) -> dict[str, Any]:

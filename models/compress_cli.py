@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     prune = DEFAULT_PRUNE[args.task] if args.prune is None else args.prune
     spec = default_spec(method, prune, args.task)
     cache = None if args.no_compress_cache else args.cache_dir
-    write = compress_generation if args.task == "generate" else compress_classification
-    written = write(args, spec, device, dtype, cache)
+    written = compress(args, spec, device, dtype, cache)
     if written is None:
         print(f"{args.out}: already a checkpoint of the same model and settings (--force rewrites it)")
     else:
@@ -110,42 +109,33 @@ def _made_from(source: str, spec: CompressionSpec, device: torch.device, dtype: 
     return {"model": source, "spec": spec.model_dump(mode="json"), "device": device.type, "dtype": str(dtype)}
 
 
-def compress_generation(
+def compress(
     args: argparse.Namespace, spec: CompressionSpec, device: torch.device, dtype: torch.dtype, cache: Path | None
 ) -> CompressionReport | None:
-    loaded = load_causal_lm(args.model, args.cache_dir, dtype, args.tokenizer)
+    """Load ``args.model`` for ``args.task``, compress it and write the checkpoint; None when ``args.out``
+    already holds one made from the same model and settings."""
+    load = load_causal_lm if args.task == "generate" else load_encoder
+    loaded = load(args.model, args.cache_dir, dtype, args.tokenizer)
     made_from = _made_from(loaded.source, spec, device, dtype)
     if not args.force and _up_to_date(args.out, made_from):
         return None
-    model = Llama.from_hf(loaded.config, loaded.state_dict).to(device)
-    model, report = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache)
+    if isinstance(loaded, LoadedEncoder):
+        model, config = loaded.model.to(device), loaded.model.config
+        report = compress_encoder(loaded, spec, cache, _served_embedding(device))
+        plan = checkpoint.encoder_plan(model, report.intermediate_sizes)
+    else:
+        model, config = Llama.from_hf(loaded.config, loaded.state_dict).to(device), loaded.config
+        model, report = compress_causal_lm(model, config, loaded.tokenizer, spec, loaded.source, cache)
+        plan = checkpoint.llama_plan(model)
     report = report.model_copy(update={"cached": False})
-    plan = checkpoint.llama_plan(model)
-    checkpoint.write_checkpoint(
-        args.out, "generate", model, plan, loaded.config, loaded.tokenizer, report.model_dump_json(indent=2), made_from
-    )
+    report_json = report.model_dump_json(indent=2)
+    checkpoint.write_checkpoint(args.out, args.task, model, plan, config, loaded.tokenizer, report_json, made_from)
     return report
 
 
-def compress_classification(
-    args: argparse.Namespace, spec: CompressionSpec, device: torch.device, dtype: torch.dtype, cache: Path | None
-) -> CompressionReport | None:
-    # The embedding /classify computes, so the fidelity measured is the served one (an offline tool may
-    # use the engine; the serving side never imports this module).
+def _served_embedding(device: torch.device) -> Callable[[LoadedEncoder], Callable[[list[str]], torch.Tensor]]:
+    """The embedding /classify computes, so the fidelity measured is the served one (an offline tool may
+    use the engine; the serving side never imports this module)."""
     from engine.classifier import Classifier
 
-    encoder = load_encoder(args.model, args.cache_dir, dtype, args.tokenizer)
-    made_from = _made_from(encoder.source, spec, device, dtype)
-    if not args.force and _up_to_date(args.out, made_from):
-        return None
-    encoder.model.to(device)
-
-    def embedder(enc: LoadedEncoder) -> Callable[[list[str]], torch.Tensor]:
-        return Classifier(enc, device).embed
-
-    report = compress_encoder(encoder, spec, cache, embedder).model_copy(update={"cached": False})
-    plan = checkpoint.encoder_plan(encoder.model, report.intermediate_sizes)
-    report_json = report.model_dump_json(indent=2)
-    model, config, tokenizer = encoder.model, encoder.model.config, encoder.tokenizer
-    checkpoint.write_checkpoint(args.out, "classify", model, plan, config, tokenizer, report_json, made_from)
-    return report
+    return lambda enc: Classifier(enc, device).embed

@@ -54,6 +54,8 @@ def engine_config(settings: Settings, policy: HardwarePolicy) -> EngineConfig:
         max_model_len=settings.max_input_tokens + settings.max_new_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,
         compile_cpu=policy.cpu_compile_decode,
+        speculative=settings.speculative,
+        speculative_tokens=settings.speculative_tokens,
     )
 
 
@@ -112,7 +114,7 @@ class Engines:
             start = time.perf_counter()
             source = resolve_spec(settings.gen_model, "generate")
             if source.kind == "checkpoint":  # compressed ahead of time (python -m models.compress): no calibration
-                ckpt = checkpoint.read_causal_lm(source.path, dtype, device)
+                ckpt = checkpoint.read_checkpoint(source.path, "generate", dtype, device)
                 model, tokenizer, description = ckpt.model, ckpt.tokenizer, source.description
                 report = _checkpoint_report(ckpt.report_json, settings.gen_quantize)
                 built.policy = policy = _as_checkpointed(policy, "gen_quantize", report)
@@ -140,15 +142,21 @@ class Engines:
                     built.follower = make_runner(model, device, dtype, config, sample=False)
                     return built
                 fanout = StepFanout(list(tp.steps))
-            built.engine = LLMEngine(model, tokenizer, device, dtype, config, fanout)
+            draft = None
+            if settings.draft_model is not None:  # small: served as loaded, in the engine's dtype
+                draft_loaded = load_causal_lm(settings.draft_model, settings.cache_dir, dtype, settings.tokenizer)
+                draft = Llama.from_hf(draft_loaded.config, draft_loaded.state_dict).to(device)
+            built.engine = LLMEngine(model, tokenizer, device, dtype, config, fanout, draft)
             built.engine.grammars.warm()  # the grammar library's token table takes seconds: not on a request
             built.gen_model_id = source.name
             built.info["generate"] = {"model": description, "load_seconds": _loaded("generate", start)}
+            if draft is not None:
+                built.info["generate"]["draft_model"] = draft_loaded.source
         if settings.enable_classify:
             start = time.perf_counter()
             source = resolve_spec(settings.cls_model, "classify")
             if source.kind == "checkpoint":
-                enc = checkpoint.read_encoder(source.path, dtype, device)
+                enc = checkpoint.read_checkpoint(source.path, "classify", dtype, device)
                 encoder = LoadedEncoder(enc.model, enc.tokenizer, enc.id2label, source.description)
                 report = _checkpoint_report(enc.report_json, settings.cls_quantize)
                 built.policy = policy = _as_checkpointed(policy, "cls_quantize", report)

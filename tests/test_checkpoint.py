@@ -68,7 +68,7 @@ def test_lm_round_trip_is_bit_identical(tiny: tuple[LlamaConfig, dict], tmp_path
     checkpoint.write_checkpoint(out, "generate", model, plan, config, tok, report.model_dump_json(), {"model": "tiny"})
 
     assert checkpoint.is_checkpoint(out) and resolve_spec(str(out), "generate").kind == "checkpoint"
-    read = checkpoint.read_causal_lm(out, torch.float32, torch.device("cpu"))
+    read = checkpoint.read_checkpoint(out, "generate", torch.float32, torch.device("cpu"))
     assert read.marker["task"] == "generate" and read.marker["made_from"] == {"model": "tiny"}
     mine, theirs = model.state_dict(), read.model.state_dict()
     assert mine.keys() == theirs.keys()
@@ -94,7 +94,7 @@ def test_lm_checkpoint_serves_in_another_dtype(tiny: tuple[LlamaConfig, dict], t
     tok = char_tokenizer()
     model, _ = compress_causal_lm(Llama.from_hf(config, state_dict), config, tok, lm_spec("int8-wo"), "t", None)
     checkpoint.write_checkpoint(tmp_path, "generate", model, checkpoint.llama_plan(model), config, tok, "{}", {})
-    read = checkpoint.read_causal_lm(tmp_path, torch.bfloat16, torch.device("cpu")).model
+    read = checkpoint.read_checkpoint(tmp_path, "generate", torch.bfloat16, torch.device("cpu")).model
     assert read.norm.weight.dtype == torch.bfloat16
     qkv = read.layers[0].self_attn.qkv_proj
     assert qkv.qweight.dtype == torch.int8 and qkv.scale.dtype == torch.float32
@@ -125,14 +125,14 @@ def test_encoder_round_trip_is_bit_identical(tmp_path: Path) -> None:
     plan = checkpoint.encoder_plan(encoder.model, widths)
     checkpoint.write_checkpoint(tmp_path, "classify", encoder.model, plan, config, tok, "{}", {})
 
-    read = checkpoint.read_encoder(tmp_path, torch.float32, torch.device("cpu"))
+    read = checkpoint.read_checkpoint(tmp_path, "classify", torch.float32, torch.device("cpu"))
     mine, theirs = encoder.model.state_dict(), read.model.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     texts = ["I was charged twice", "where is my parcel"]
     served = Classifier(LoadedEncoder(read.model, read.tokenizer, read.id2label, "ckpt"), "cpu")
     assert torch.equal(served.embed(texts), Classifier(encoder, "cpu").embed(texts))
     with pytest.raises(ValueError, match="classify checkpoint: serve it with --cls-model"):
-        checkpoint.read_causal_lm(tmp_path, torch.float32, torch.device("cpu"))
+        checkpoint.read_checkpoint(tmp_path, "generate", torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.unit
