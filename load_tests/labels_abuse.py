@@ -20,26 +20,11 @@ from pathlib import Path
 
 import httpx
 
+from load_tests.loadgen.prompts import SUPPORT_WORDS
 from server.app import create_app
 from server.config import Settings
 from server.runtime import Runtime
 from server.schemas import CLS_MAX_LABEL_TOKENS, CLS_MAX_LABELS
-
-WORDS = [
-    "order",
-    "refund",
-    "parcel",
-    "invoice",
-    "account",
-    "password",
-    "delivery",
-    "billing",
-    "warranty",
-    "return",
-    "app",
-    "crash",
-    "payment",
-]
 
 
 def _rss_mb() -> float:
@@ -58,7 +43,7 @@ def _labels(runtime: Runtime, rng: random.Random, tag: str) -> list[str]:
     assert runtime.classifier is not None
     labels = []
     for i in range(CLS_MAX_LABELS):
-        words = [f"{tag}{i}", *rng.choices(WORDS, k=CLS_MAX_LABEL_TOKENS)]
+        words = [f"{tag}{i}", *rng.choices(SUPPORT_WORDS, k=CLS_MAX_LABEL_TOKENS)]
         while runtime.classifier.count_tokens([" ".join(words)])[0] > CLS_MAX_LABEL_TOKENS:
             words.pop()
         labels.append(" ".join(words))

@@ -34,22 +34,8 @@ from typing import Any
 import httpx
 
 from load_tests.loadgen import environment_info, make_client
+from load_tests.loadgen.prompts import SUPPORT_WORDS
 from load_tests.soak import tree_rss
-
-WORDS = [
-    "order",
-    "refund",
-    "parcel",
-    "invoice",
-    "account",
-    "password",
-    "delivery",
-    "billing",
-    "warranty",
-    "return",
-    "payment",
-    "crash",
-]
 
 
 def _rss_mib(pid: int | None) -> float | None:
@@ -72,7 +58,7 @@ async def _post(client: httpx.AsyncClient, path: str, body: dict[str, Any], **kw
 
 async def labels(client: httpx.AsyncClient, concurrent: int, rng: random.Random) -> dict[str, Any]:
     def label_set(tag: str) -> list[str]:  # 64 distinct labels of ~45 tokens (the limit is 64)
-        return [" ".join([f"{tag}{i}", *rng.choices(WORDS, k=30)]) for i in range(64)]
+        return [" ".join([f"{tag}{i}", *rng.choices(SUPPORT_WORDS, k=30)]) for i in range(64)]
 
     over = {"inputs": "x", "labels": [" ".join(["refund"] * 512) + f" {i}" for i in range(64)]}
     over_status = await _post(client, "/classify", over)
@@ -146,7 +132,7 @@ async def huge_words(client: httpx.AsyncClient, pid: int | None, n: int = 400) -
 
 async def big_and_small(client: httpx.AsyncClient, big: int, rng: random.Random) -> dict[str, Any]:
     def long_prompt() -> str:  # about 2,000 tokens, different for each request (no prefix-cache sharing)
-        return " ".join(rng.choices(WORDS, k=1900))
+        return " ".join(rng.choices(SUPPORT_WORDS, k=1900))
 
     bigs = [
         asyncio.create_task(_post(client, "/generate", {"prompt": long_prompt(), "max_tokens": 512}))

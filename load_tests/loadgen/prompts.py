@@ -9,6 +9,13 @@ Message = dict[str, str]
 PromptItem = str | list[Message]
 """A prompt is either plain text or a chat conversation (list of {"role", "content"})."""
 
+# Customer-service words that synthetic long texts are drawn from (load_tests/size_abuse.py,
+# load_tests/labels_abuse.py): real words, so token counts are like a real user's.
+SUPPORT_WORDS = (
+    "order", "refund", "parcel", "invoice", "account", "password", "delivery", "billing", "warranty", "return",
+    "app", "crash", "payment",
+)  # fmt: skip
+
 BUILTIN_PROMPTS: tuple[PromptItem, ...] = (
     "How do I reset my password?",
     "My order hasn't arrived yet. It was supposed to be delivered three days ago. What should I do?",
