@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -178,19 +179,32 @@ def live_server(request: pytest.FixtureRequest, cache_dir: Path) -> Iterator[str
         yield url
 
 
+TINY_LLAMA = {
+    "vocab_size": 97,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
+
+
+def random_llama(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
+    """A random HF Llama of the ``TINY_LLAMA`` shape (with ``overrides``): no model files, so unit tests may
+    use it."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides})).eval()
+
+
+def random_weights(seed: int = 0, **overrides: Any) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """:func:`random_llama`'s config and state dict, each tensor its own copy (as a checkpoint loads them)."""
+    hf = random_llama(seed, **overrides)
+    return hf.config, {k: v.detach().clone() for k, v in hf.state_dict().items()}
+
+
 @pytest.fixture(scope="module")
 def tiny() -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """A two-layer random Llama (config, HF state dict): no model files, so unit tests may use it."""
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(config).eval()
-    return config, {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    """A two-layer random Llama (config, HF state dict)."""
+    return random_weights()

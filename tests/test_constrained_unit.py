@@ -20,6 +20,7 @@ from engine.llm_engine import EngineConfig, LLMEngine
 from engine.protocol import AddRequest
 from engine.sequence import SamplingParams
 from models.llama import Llama
+from tests.conftest import random_weights
 from tests.test_model_runner import make_runner
 
 CPU = torch.device("cpu")
@@ -97,19 +98,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def engine() -> LLMEngine:
     tokenizer = byte_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(1)
-    hf = LlamaForCausalLM(config).eval()
-    model = Llama.from_hf(config, {k: v.detach().clone() for k, v in hf.state_dict().items()})
+    model = Llama.from_hf(*random_weights(1, vocab_size=len(tokenizer), max_position_embeddings=1024))
     engine_config = EngineConfig(max_num_seqs=16, kv_cache_tokens=16384, max_model_len=1024)
     return LLMEngine(model, tokenizer, CPU, torch.float32, engine_config)
 

@@ -15,6 +15,7 @@ from server import chat_template
 from server.runtime import Runtime
 from server.schemas_openai import ChatCompletionRequest
 from server.services import tools
+from tests.test_constrained_unit import SCHEMAS  # the engine's unit test validates the same ones
 from tests.test_generate_api import parse_sse
 
 pytestmark = pytest.mark.integration
@@ -22,58 +23,6 @@ pytestmark = pytest.mark.integration
 GEN = "SmolLM2-135M-Instruct"
 TIMING_HEADERS = ("x-queue-time-ms", "x-prefill-time-ms", "x-decode-time-ms", "x-total-time-ms", "x-tokens-per-second")
 TIMING_KEYS = {"queue_ms", "prefill_ms", "decode_ms", "total_ms", "tokens_per_second"}
-
-SCHEMAS = [
-    {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "maxLength": 20},
-            "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        },
-        "required": ["name", "age"],
-        "additionalProperties": False,
-    },
-    {
-        "type": "object",
-        "properties": {
-            "intent": {"enum": ["refund", "shipping", "password", "other"]},
-            "urgent": {"type": "boolean"},
-            "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
-        },
-        "required": ["intent", "urgent"],
-        "additionalProperties": False,
-    },
-    {
-        "type": "object",
-        "properties": {
-            "customer": {
-                "type": "object",
-                "properties": {
-                    "first": {"type": "string", "maxLength": 12},
-                    "last": {"type": "string", "maxLength": 12},
-                },
-                "required": ["first", "last"],
-                "additionalProperties": False,
-            },
-            "items": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "sku": {"type": "string", "maxLength": 8},
-                        "qty": {"type": "integer", "minimum": 1, "maximum": 99},
-                    },
-                    "required": ["sku", "qty"],
-                    "additionalProperties": False,
-                },
-                "minItems": 1,
-                "maxItems": 2,
-            },
-        },
-        "required": ["customer", "items"],
-        "additionalProperties": False,
-    },
-]
 
 
 async def test_timings_headers_and_body(client: httpx.AsyncClient) -> None:

@@ -12,13 +12,13 @@ import types
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine.deadlines import MIN_DECODE_STEPS, StepRates, admissible, unreachable
 from engine.llm_engine import SHED_MESSAGE, EngineConfig, LLMClient, LLMEngine, RequestShed
 from engine.protocol import AddRequest, StepOutputs, TokenOutput
 from engine.sequence import SamplingParams, Sequence
 from models.llama import Llama
+from tests.conftest import random_weights
 from tests.virtual_clock import run_virtual
 
 pytestmark = pytest.mark.unit
@@ -38,19 +38,7 @@ class Clock:
 
 @pytest.fixture(scope="module")
 def model() -> Llama:
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(config).eval()
-    return Llama.from_hf(config, {k: v.detach().clone() for k, v in hf.state_dict().items()})
+    return Llama.from_hf(*random_weights(max_position_embeddings=4096))
 
 
 def simulated_engine(model: Llama, clock: Clock) -> LLMEngine:

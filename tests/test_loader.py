@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig
 
 from models import loader, sources
 from models.loader import (
@@ -26,6 +26,7 @@ from models.loader import (
     random_causal_state_dict,
 )
 from models.sources import ModelSource, dummy_config, resolve_spec
+from tests.conftest import random_llama
 
 MINILM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 
@@ -273,17 +274,7 @@ def test_failed_conversion_leaves_no_cache_entry(tmp_path: Path, monkeypatch: py
 
 @pytest.mark.integration
 def test_untied_local_llama_dir(tmp_path: Path, cache_dir: Path, gguf_entry: Path) -> None:
-    torch.manual_seed(1)
-    cfg = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = random_llama(1, vocab_size=49152, tie_word_embeddings=False)
     model.save_pretrained(tmp_path)
     loaded = load_causal_lm(str(tmp_path), cache_dir, torch.float32, tokenizer=str(gguf_entry))
     _assert_same_tensors(loaded.state_dict, dict(model.state_dict()))
