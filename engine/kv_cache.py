@@ -132,6 +132,15 @@ class BlockManager:
         self._ref[block] = 1
         return block
 
+    def reserve(self, seq: Sequence, extra: int) -> int:
+        """Blocks for up to ``extra`` tokens past the sequence's own (speculative drafts), as far as the pool
+        allows; returns how many such tokens its blocks now hold. Drafts that get rejected leave their K/V
+        in these blocks past ``num_computed``: overwritten later, never published (:meth:`commit`)."""
+        wanted = self.blocks_needed(seq.num_tokens + extra) - len(seq.block_table)
+        for _ in range(min(wanted, self.num_free)):
+            seq.block_table.append(self._take())
+        return min(extra, len(seq.block_table) * self.block_size - seq.num_tokens)
+
     def can_append(self, seq: Sequence) -> bool:
         """Whether the next decode step (one more token) fits."""
         return self.blocks_needed(seq.num_tokens) <= len(seq.block_table) or self.num_free > 0

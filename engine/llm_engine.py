@@ -14,7 +14,8 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -28,6 +29,7 @@ from engine.model_runner import ModelRunner
 from engine.protocol import API_STRIDE, Abort, AddRequest, StepOutputs, TokenLogprobs, TokenOutput
 from engine.scheduler import Scheduler
 from engine.sequence import SamplingParams, Sequence
+from engine.speculative import DraftModel, Method, Speculator
 from engine.tp import StepFanout
 from models.llama import Llama
 
@@ -43,6 +45,10 @@ class EngineConfig:
     max_model_len: int = 4096
     enable_prefix_caching: bool = True
     compile_cpu: bool = False  # CPU decode steps as torch.compile graphs (engine/cuda_graphs.py)
+    # Speculative decoding (engine/speculative.py): "ngram" or "draft" speculate for requests that do not say
+    # otherwise; "none" only for those that ask (with n-gram lookup, or the draft model when there is one).
+    speculative: Literal["none", "ngram", "draft"] = "none"
+    speculative_tokens: int = 4  # draft tokens proposed per row and step, at most
 
 
 @dataclass(frozen=True)
@@ -127,13 +133,16 @@ class LLMEngine:
         dtype: torch.dtype,
         config: EngineConfig,
         fanout: StepFanout | None = None,
+        draft: Llama | None = None,
     ) -> None:
-        """``fanout``: under tensor parallelism, this is rank 0 and the other ranks follow its steps."""
+        """``fanout``: under tensor parallelism, this is rank 0 and the other ranks follow its steps.
+        ``draft``: a smaller model of the same tokenizer proposing speculative tokens."""
         self.tokenizer = tokenizer
         self.config = config
         self.runner = make_runner(model, device, dtype, config, fanout)
         self.blocks = self.runner.blocks
         self.max_model_len = max_model_len(model, config)
+        self.speculator = self._speculator(model, draft, device, dtype)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens)
         metrics.KV_BYTES.set(self.runner.kv_cache_bytes)
         eos = tokenizer.eos_token_id
@@ -146,6 +155,22 @@ class LLMEngine:
         self.scheduler.admit = lambda seq, own: admissible(
             seq, self.scheduler.running, self.rates, self.clock(), self.scheduler.max_batched_tokens, own
         )
+
+    def _speculator(self, model: Llama, draft: Llama | None, device: torch.device, dtype: torch.dtype) -> Speculator:
+        config, proposer = self.config, None
+        if draft is not None:
+            if draft.args.vocab_size != model.args.vocab_size:
+                raise ValueError(
+                    f"the draft model's vocabulary ({draft.args.vocab_size}) differs from the model's "
+                    f"({model.args.vocab_size}): it needs the same tokenizer"
+                )
+            runner = ModelRunner(draft, self.blocks, device, dtype, config.max_num_seqs, self.max_model_len)
+            proposer = DraftModel(runner)
+        elif config.speculative == "draft":
+            raise ValueError("speculative 'draft' needs a draft model")
+        method: Method = "draft" if proposer is not None else "ngram"
+        default_on = config.speculative != "none"
+        return Speculator(method, config.speculative_tokens, default_on, self.max_model_len, proposer)
 
     def add(self, request: AddRequest) -> None:
         seq = Sequence(prompt_ids=request.prompt_ids, params=request.params, request_id=request.request_id)
@@ -179,20 +204,37 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
                 metrics.QUEUE_TIME.labels(endpoint="generate").observe(start - seq.arrival_time)
+        if not is_prefill:
+            ks = self.speculator.plan(seqs)
+            if any(ks):
+                self.speculator.propose(seqs, self.scheduler.reserve_drafts(seqs, ks))
         computed, context, began = sum(s.num_step_tokens for s in seqs), sum(s.num_tokens for s in seqs), self.clock()
-        tokens = self.runner.run(seqs)
+        if any(s.draft_ids for s in seqs):
+            produced = self.runner.run_speculative(seqs)
+        else:
+            produced = [[] if t is None else [t] for t in self.runner.run(seqs)]
         if is_prefill:
             self.rates.observe_prefill(computed, self.clock() - began)
         else:
             self.rates.observe_decode(context, self.clock() - began)
         outputs = shed
-        for seq, token in zip(seqs, tokens, strict=True):
-            seq.num_computed += seq.num_step_tokens
-            seq.num_scheduled = 0
-            self.blocks.commit(seq)
-            if token is not None:  # None: a prompt chunk, continued in a later prefill step
+        for seq, tokens in zip(seqs, produced, strict=True):
+            advance = seq.num_step_tokens  # positions whose K/V this step wrote
+            if seq.draft_ids:  # the last token and the accepted drafts: the rest is overwritten later
+                advance = len(tokens)
+                self.speculator.observe(seq, len(tokens) - 1)
+            seq.num_scheduled, seq.draft_ids = 0, []
+            reason = None
+            for token in tokens:  # none (a prompt chunk), one, or several (accepted drafts)
                 seq.output_ids.append(token)
-                outputs.append(self._output(seq, token))
+                reason = self._finish_reason(seq, token)
+                outputs.append(self._output(seq, token, reason))
+                if reason is not None:  # tokens past a stop or a limit are dropped
+                    break
+            seq.num_computed = min(seq.num_computed + advance, seq.num_tokens)
+            self.blocks.commit(seq)
+            if reason is not None:
+                self._finish(seq, reason)
         metrics.STEP_TIME.labels(phase="prefill" if is_prefill else "decode").observe(time.perf_counter() - start)
         metrics.BATCH_SIZE.labels(endpoint="generate").observe(len(seqs))
         self.update_gauges()
@@ -219,23 +261,26 @@ class LLMEngine:
             log.info("request %s shed: it could not finish before its deadline", seq.request_id)
         return [TokenOutput(seq.key, None, "shed", len(seq.prompt_ids), 0) for seq in late]
 
-    def _output(self, seq: Sequence, token: int) -> TokenOutput:
-        reason = None
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if token in self.eos_ids:
-            reason = "stop"
-        elif len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
-            del self.requests[seq.key]
-            log.debug(
-                "request %s finished (%s): %d prompt tokens (%d from the prefix cache), %d generated",
-                seq.request_id,
-                reason,
-                len(seq.prompt_ids),
-                seq.num_cached_prompt,
-                len(seq.output_ids),
-            )
+            return "stop"
+        if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        del self.requests[seq.key]
+        log.debug(
+            "request %s finished (%s): %d prompt tokens (%d from the prefix cache), %d generated",
+            seq.request_id,
+            reason,
+            len(seq.prompt_ids),
+            seq.num_cached_prompt,
+            len(seq.output_ids),
+        )
+
+    def _output(self, seq: Sequence, token: int, reason: str | None) -> TokenOutput:
         scheduled_ago = None
         if len(seq.output_ids) == 1 and seq.first_scheduled_time is not None:
             scheduled_ago = time.perf_counter() - seq.first_scheduled_time
@@ -340,8 +385,9 @@ class _Request:
     detok: IncrementalDetokenizer
     out: asyncio.Queue[GenerationChunk | BaseException]
     request_id: str
-    whole: list[str] | None  # text so far when only the finished result is wanted; None: stream chunks
+    whole: bool  # only the finished result is wanted (one chunk); else a chunk per step with new text
     logprobs: list[tuple[int, TokenLogprobs]] | None  # not yet sent; None: not asked for
+    text: list[str] = field(default_factory=list)  # not yet sent
     tokens: int = 0
     first_token_time: float | None = None
     scheduled_time: float | None = None
@@ -388,9 +434,7 @@ class LLMClient:
         self.loop = asyncio.get_running_loop()  # where on_step must run
         key = next(self._keys)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
-        request = _Request(
-            detok, asyncio.Queue(), request_id, None if stream else [], None if params.logprobs is None else []
-        )
+        request = _Request(detok, asyncio.Queue(), request_id, not stream, None if params.logprobs is None else [])
         self.requests[key] = request
         timeout_s = None if deadline is None else deadline - self.loop.time()
         self.send(AddRequest(key, list(prompt_ids), params, request_id, timeout_s))
@@ -407,6 +451,10 @@ class LLMClient:
                 self.send(Abort(key))
 
     def on_step(self, step: StepOutputs) -> None:
+        """A step may carry several tokens of one request (speculative decoding): a streamed request gets
+        one chunk per step with all of their text, a finished one its last chunk at once."""
+        streamed: dict[int, tuple[_Request, TokenOutput]] = {}  # streams with new text, not finished
+        now = time.perf_counter()
         for out in step.outputs:
             request = self.requests.get(out.key)
             if request is None:  # aborted here; the core learns of it after this step
@@ -420,7 +468,6 @@ class LLMClient:
                 request.out.put_nowait(RequestShed(SHED_MESSAGE))
                 continue
             request.tokens += 1
-            now = time.perf_counter()
             if request.tokens == 1:
                 request.first_token_time = now
             if out.scheduled_ago is not None:
@@ -438,26 +485,35 @@ class LLMClient:
                     self.send(Abort(out.key))
                 elif reason == "length":
                     text += request.detok.flush()
-            if reason is not None:
-                del self.requests[out.key]
-            if request.whole is not None:
-                request.whole.append(text)
-                if reason is None:
-                    continue
-                text = "".join(request.whole)
-            if text or reason:
-                first = request.first_token_time if request.whole is not None else None
-                logprobs = request.logprobs
-                if logprobs is not None:
-                    request.logprobs = []
-                timeline = None
-                if reason is not None:
-                    first_token = request.first_token_time or now
-                    timeline = Timeline(request.scheduled_time or first_token, first_token, now)
-                chunk = GenerationChunk(
-                    text, reason, out.prompt_tokens, request.tokens, out.cached_tokens, first, logprobs, timeline
-                )
-                request.out.put_nowait(chunk)
+            request.text.append(text)
+            if reason is None:
+                if not request.whole:
+                    streamed[out.key] = (request, out)
+                continue
+            del self.requests[out.key]
+            streamed.pop(out.key, None)
+            self._emit(request, out, reason, now)
+        for request, out in streamed.values():
+            self._emit(request, out, None, now)
+
+    def _emit(self, request: _Request, out: TokenOutput, reason: str | None, now: float) -> None:
+        """The request's text since its last chunk (for a whole result: all of it) as a chunk, if any."""
+        text = "".join(request.text)
+        request.text.clear()
+        if not (text or reason):
+            return
+        first = request.first_token_time if request.whole else None
+        logprobs = request.logprobs
+        if logprobs is not None:
+            request.logprobs = []
+        timeline = None
+        if reason is not None:
+            first_token = request.first_token_time or now
+            timeline = Timeline(request.scheduled_time or first_token, first_token, now)
+        chunk = GenerationChunk(
+            text, reason, out.prompt_tokens, request.tokens, out.cached_tokens, first, logprobs, timeline
+        )
+        request.out.put_nowait(chunk)
 
     def fail_all(self, message: str) -> None:
         """The engine is gone: every request in flight and every later one fails with ``message``."""

@@ -85,3 +85,11 @@ RESPONSE_CACHE_MISSES = Counter(
 RESPONSE_CACHE_SIZE = Gauge(
     "llm_response_cache_entries", "Results held in the response cache", ["endpoint"], multiprocess_mode="livesum"
 )
+SPEC_PROPOSED = Counter(
+    "llm_spec_proposed_tokens_total", "Draft tokens proposed by speculative decoding and verified by the model"
+)
+SPEC_ACCEPTED = Counter(
+    "llm_spec_accepted_tokens_total",
+    "Draft tokens the model accepted (acceptance rate: accepted / proposed; each verification adds one more)",
+)
+SPEC_VERIFIED = Counter("llm_spec_verified_rows_total", "Sequence rows that verified drafts in a decode step")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from engine import speculative
 from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import SCRATCH_BLOCK, BlockManager
 from engine.sampler import sample
@@ -83,6 +84,26 @@ class ModelRunner:
             for i, token in zip(done, tokens, strict=True):
                 out[i] = token
         return out
+    @torch.inference_mode()
+    def run_speculative(self, seqs: list[Sequence]) -> list[list[int]]:
+        """A decode step in which rows also verify their ``draft_ids``: every row computes its last token and
+        its drafts in one forward, with logits at each of those positions; returns the tokens each row
+        gains (engine/speculative.py)."""
+        step = self._host_inputs(seqs)
+        self._send(step)
+        ids, positions, meta, _ = self._device_inputs(step)
+        hidden = self.model(ids, positions, meta, (self.k_cache, self.v_cache))
+        valid = torch.arange(hidden.shape[1]).view(1, -1) < torch.tensor(step.q_lens).view(-1, 1)
+        return speculative.verify(self.model.logits(hidden[valid.to(self.device)]), seqs)
+
+    @torch.inference_mode()
+    def forward_rows(self, rows: list[tuple[list[int], int, list[int]]]) -> Tensor:
+        """Logits after each row's last token, for rows of (tokens, position of the first, block table):
+        a draft model's catch-up and proposal steps, eager (no tensor-parallel fan-out)."""
+        ids, positions, meta, last = self._device_inputs(self._row_inputs(rows))
+        hidden = self.model(ids, positions, meta, (self.k_cache, self.v_cache))
+        return self.model.logits(hidden[torch.arange(len(rows), device=self.device), last])
+
 
     @torch.inference_mode()
     def follow(self, step: StepInput) -> None:
@@ -105,16 +126,21 @@ class ModelRunner:
         return self._device_inputs(self._host_inputs(seqs))
 
     def _host_inputs(self, seqs: list[Sequence]) -> Prefill:
-        """Host inputs of a prefill (or mixed) step: token ids and positions padded to the longest row."""
-        q_lens = [s.num_step_tokens for s in seqs]
+        """Host inputs of a prefill (or mixed) step: each sequence's step tokens, from its first uncomputed one."""
+        return self._row_inputs([(s.step_token_ids, s.num_computed, s.block_table) for s in seqs])
+
+    @staticmethod
+    def _row_inputs(rows: list[tuple[list[int], int, list[int]]]) -> Prefill:
+        """Rows of (tokens, position of the first, block table) as token ids and positions padded to the longest."""
+        q_lens = [len(tokens) for tokens, _, _ in rows]
         q_max = max(q_lens)
-        ids = torch.zeros(len(seqs), q_max, dtype=torch.long)
-        positions = torch.zeros(len(seqs), q_max, dtype=torch.long)
-        tables = torch.full((len(seqs), max(len(s.block_table) for s in seqs)), SCRATCH_BLOCK, dtype=torch.long)
-        for b, (s, q) in enumerate(zip(seqs, q_lens, strict=True)):
-            ids[b, :q] = torch.tensor(s.token_ids[s.num_computed : s.num_computed + q])
-            positions[b, :q] = torch.arange(s.num_computed, s.num_computed + q)
-            tables[b, : len(s.block_table)] = torch.tensor(s.block_table)
+        ids = torch.zeros(len(rows), q_max, dtype=torch.long)
+        positions = torch.zeros(len(rows), q_max, dtype=torch.long)
+        tables = torch.full((len(rows), max(len(t) for _, _, t in rows)), SCRATCH_BLOCK, dtype=torch.long)
+        for b, ((tokens, start, table), q) in enumerate(zip(rows, q_lens, strict=True)):
+            ids[b, :q] = torch.tensor(tokens)
+            positions[b, :q] = torch.arange(start, start + q)
+            tables[b, : len(table)] = torch.tensor(table)
         return Prefill(ids, positions, tables, q_lens)
 
     def _device_inputs(self, step: Prefill) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:

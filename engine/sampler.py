@@ -8,7 +8,7 @@ from torch import Tensor
 
 from engine import constraints
 from engine.protocol import TokenLogprobs
-from engine.sequence import Sequence
+from engine.sequence import SamplingParams, Sequence
 
 MIN_TEMPERATURE = 1e-4
 
@@ -80,10 +80,20 @@ def _choose(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None) -> list
     if not sampled_rows:
         return greedy.tolist()
     rows = torch.tensor(sampled_rows, device=logits.device)
-    params = [seqs[i].params for i in sampled_rows]
+    probs, order = filtered_probs(logits[rows], [seqs[i].params for i in sampled_rows])
+    out = greedy.tolist()
+    for j, i in enumerate(sampled_rows):
+        choice = torch.multinomial(probs[j], 1, generator=seqs[i].generator)
+        out[i] = int(order[j, choice])
+    return out
+
+
+def filtered_probs(logits: Tensor, params: list[SamplingParams]) -> tuple[Tensor, Tensor]:
+    """Each row's sampling distribution after its temperature, top-k and top-p: probabilities sorted most
+    likely first (float32, on the CPU) and the token ids in that order."""
     # A vanishing temperature would overflow logits/T to inf (NaN probabilities): below the floor it is greedy anyway.
     temps = torch.tensor([p.temperature for p in params], device=logits.device).unsqueeze(1).clamp_min(MIN_TEMPERATURE)
-    sorted_logits, order = (logits[rows] / temps).sort(dim=-1, descending=True)
+    sorted_logits, order = (logits / temps).sort(dim=-1, descending=True)
     vocab_rank = torch.arange(logits.shape[-1], device=logits.device)
     top_k = torch.tensor([p.top_k if p.top_k > 0 else logits.shape[-1] for p in params], device=logits.device)
     sorted_logits = sorted_logits.masked_fill(vocab_rank >= top_k.unsqueeze(1), float("-inf"))
@@ -94,10 +104,4 @@ def _choose(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None) -> list
     drop = probs.cumsum(dim=-1) - probs >= top_p
     drop[:, 0] = False
     probs = probs.masked_fill(drop, 0.0)
-    probs = (probs / probs.sum(dim=-1, keepdim=True)).float().cpu()
-    out = greedy.tolist()
-    order = order.cpu()
-    for j, i in enumerate(sampled_rows):
-        choice = torch.multinomial(probs[j], 1, generator=seqs[i].generator)
-        out[i] = int(order[j, choice])
-    return out
+    return (probs / probs.sum(dim=-1, keepdim=True)).float().cpu(), order.cpu()

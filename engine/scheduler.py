@@ -107,6 +107,11 @@ class Scheduler:
                 scheduled.append(seq)
         return scheduled
 
+    def reserve_drafts(self, seqs: list[Sequence], ks: list[int]) -> list[int]:
+        """KV room for the draft tokens each decode row may propose (``ks``), never preempting for it:
+        what the free blocks cannot hold is proposed less."""
+        return [self.blocks.reserve(seq, k) if k > 0 else 0 for seq, k in zip(seqs, ks, strict=True)]
+
     def _count_prefix_hit(self, seq: Sequence) -> None:
         """Every admission (re-admission after preemption included) queries the prefix cache."""
         if not self.blocks.enable_prefix_caching:

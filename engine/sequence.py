@@ -13,6 +13,7 @@ import torch
 if TYPE_CHECKING:
     from engine.constraints import Constraint
     from engine.protocol import TokenLogprobs
+    from engine.speculative import SpecState
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class SamplingParams:
     cache_salt: str | None = None
     logprobs: int | None = None  # None: none; k: the sampled token's log-probability and the k most likely
     grammar: str | None = None  # an llguidance grammar the output must match (engine/constraints.py)
+    speculative: bool | None = None  # speculative decoding for this request; None: the server's default
 
     @property
     def greedy(self) -> bool:
@@ -67,6 +69,8 @@ class Sequence:
     generator: torch.Generator | None = None
     constraint: Constraint | None = None  # the grammar's matcher, made by the engine (engine/constraints.py)
     logprobs: TokenLogprobs | None = None  # the latest sampled token's, when params.logprobs asks
+    draft_ids: list[int] = field(default_factory=list)  # speculative tokens this step verifies after the last
+    spec: SpecState | None = None  # speculation's per-sequence state (engine/speculative.py)
 
     def __post_init__(self) -> None:
         if self.params.seed is not None and not self.params.greedy:
@@ -83,6 +87,11 @@ class Sequence:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def step_token_ids(self) -> list[int]:
+        """The tokens this step computes: uncomputed ones (a prompt chunk, or the last token), then drafts."""
+        return (self.token_ids[self.num_computed :] + self.draft_ids)[: self.num_step_tokens]
 
     @property
     def is_finished(self) -> bool:

@@ -143,6 +143,24 @@ class GenerationSettings(Concern, title="generation limits and batching"):
         return self
 
 
+class SpeculativeSettings(Concern, title="speculative decoding"):
+    """Speculative decoding (engine/speculative.py): proposed tokens verified by the model in one step."""
+
+    speculative: Literal["none", "ngram", "draft"] = "none"
+    """what requests that do not say (their `speculative` field) get: 'ngram' = prompt lookup, 'draft' =
+    draft_model proposes; 'none' = only requests that ask (with draft_model if given, else prompt lookup)"""
+    speculative_tokens: Annotated[Count, Field(le=16)] = 4
+    """draft tokens proposed per sequence and step, at most"""
+    draft_model: str | None = None
+    """a smaller generation model with the same tokenizer proposing drafts (a spec as gen_model), uncompressed"""
+
+    @model_validator(mode="after")
+    def _draft_given(self) -> SpeculativeSettings:
+        if self.speculative == "draft" and self.draft_model is None:
+            raise ValueError("speculative=draft needs draft_model")
+        return self
+
+
 class ClassificationSettings(Concern, title="classification"):
     """Classification: per-call limits, dynamic batching, the response cache."""
 
@@ -223,6 +241,7 @@ class Settings(  # pydantic collects fields from the last base first: the concer
     AccessSettings,
     OverloadSettings,
     ClassificationSettings,
+    SpeculativeSettings,
     GenerationSettings,
     ProcessSettings,
     HTTPSettings,

@@ -142,16 +142,18 @@ class Engines:
                     built.follower = make_runner(model, device, dtype, config, sample=False)
                     return built
                 fanout = StepFanout(list(tp.steps))
-            draft = None
+            draft, draft_source = None, None
             if settings.draft_model is not None:  # small: served as loaded, in the engine's dtype
-                draft_loaded = load_causal_lm(settings.draft_model, settings.cache_dir, dtype, settings.tokenizer)
-                draft = Llama.from_hf(draft_loaded.config, draft_loaded.state_dict).to(device)
+                loaded_draft = load_causal_lm(settings.draft_model, settings.cache_dir, dtype, settings.tokenizer)
+                draft = Llama.from_hf(loaded_draft.config, loaded_draft.state_dict).to(device)
+                draft_source = loaded_draft.source
             built.engine = LLMEngine(model, tokenizer, device, dtype, config, fanout, draft)
             built.engine.grammars.warm()  # the grammar library's token table takes seconds: not on a request
             built.gen_model_id = source.name
-            built.info["generate"] = {"model": description, "load_seconds": _loaded("generate", start)}
-            if draft is not None:
-                built.info["generate"]["draft_model"] = draft_loaded.source
+            gen_info: dict[str, object] = {"model": description, "load_seconds": _loaded("generate", start)}
+            if draft_source is not None:
+                gen_info["draft_model"] = draft_source
+            built.info["generate"] = gen_info
         if settings.enable_classify:
             start = time.perf_counter()
             source = resolve_spec(settings.cls_model, "classify")

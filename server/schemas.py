@@ -90,6 +90,9 @@ class GenerateRequest(StrictModel):
     logprobs: bool = Field(False, description="each generated token's log-probability")
     top_logprobs: int = Field(0, ge=0, le=20, description="with logprobs: the most likely tokens at each position")
     timings: bool = Field(False, description="a timings object in the response (or the stream's last event)")
+    speculative: bool | None = Field(
+        None, description="speculative decoding for this request; the server's `speculative` setting when omitted"
+    )
     json_schema: dict[str, Any] | None = Field(None, description="the output is JSON valid against this schema")
     regex: str | None = Field(None, min_length=1, max_length=4096, description="the output matches this regex")
     choice: list[Annotated[str, StringConstraints(min_length=1, max_length=1024)]] | None = Field(

@@ -75,6 +75,9 @@ class SamplingRequest(StrictModel):
     )
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
     timings: bool = Field(False, description="extension: a timings object in the response (or last stream chunk)")
+    speculative: bool | None = Field(
+        None, description="extension: speculative decoding for this request; the server's setting when omitted"
+    )
     logit_bias: _unsupported({}) = None
     service_tier: _unsupported("auto", "default") = None
 

@@ -52,6 +52,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         stop=tuple(body.stop),
         logprobs=body.top_logprobs if body.logprobs else None,
         grammar=_grammar(body),
+        speculative=body.speculative,
     )
     choices = service.fan_out([prompt_ids], 1, lambda _: params)
     tokenizer = runtime.llm.tokenizer

@@ -121,6 +121,7 @@ def _sampling(body: SamplingRequest, max_tokens: int, grammar: str | None) -> Ca
             frequency_penalty=body.frequency_penalty,
             logprobs=body.logprobs_wanted,
             grammar=grammar,
+            speculative=body.speculative,
         )
 
     return params

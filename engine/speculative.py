@@ -1,0 +1,274 @@
+"""Speculative decoding: cheap proposals of the next few tokens, verified by the served model in one step.
+
+Each decode step, a row that speculates carries up to ``k`` draft tokens after its last token; the model
+computes all ``k + 1`` positions in one forward over the paged cache (a query width per row), and the
+row keeps the drafts the model agrees with plus one token of the model's own. One step then yields up to
+``k + 1`` tokens for about the price of one when decode is bound by reading the weights.
+
+Proposers (both deterministic, so a draft is a point mass ``q``):
+
+- **n-gram (prompt lookup)**: the last n tokens (n from :data:`NGRAM_MAX` down to :data:`NGRAM_MIN`) are
+  looked up earlier in the row's own prompt and output; the tokens that followed their latest occurrence
+  are the drafts. Free, and right where answers quote their context (retrieval-backed support bots).
+- **draft model**: a smaller model with the same tokenizer proposes ``k`` tokens greedily, with a KV
+  cache of its own laid out in the served model's blocks (the same block tables, so the scheduler's
+  allocation covers both); it catches up on the tokens it has not seen in one forward, then runs a
+  forward per draft token.
+
+Acceptance keeps the output exactly what decoding without speculation gives: a greedy row takes drafts
+while they equal the model's argmax, then the argmax (the same tokens, up to floating-point differences
+between a one-token and a wider forward); a sampled row takes draft ``x`` with probability ``p(x)`` (the
+standard rule ``min(1, p(x)/q(x))`` for a point mass ``q``) and on rejection samples from ``p`` with
+``x`` removed, renormalized, so every emitted token is distributed as ``p`` (temperature, top-k, top-p
+applied). A seeded row draws from its own generator, so it stays reproducible (its tokens differ from
+those of the same seed without speculation: same distribution, other draws).
+
+Rows that cannot compose with speculation do not speculate: grammar-constrained rows (the matcher would
+have to follow every draft), rows with presence/frequency penalties (each position's penalty depends on
+the drafts before it) and rows asking for log-probabilities. Back-off: each row tracks its acceptance
+(a decayed rate); below :data:`LOW_ACCEPTANCE` it stops speculating for a while (longer each time), and
+between that and :data:`FULL_ACCEPTANCE` it proposes half as many tokens, so text the proposer cannot
+predict costs little more than decoding without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from engine import metrics
+from engine.sampler import filtered_probs, sample
+from engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from engine.model_runner import ModelRunner
+
+Method = Literal["ngram", "draft"]
+NGRAM_MAX = 4  # longest suffix looked up; longer matches are tried first
+NGRAM_MIN = 2  # shortest: a single repeated token predicts too little to pay for a wider step
+DECAY = 0.6  # weight of the history in a row's acceptance rate (the last few verifications count)
+LOW_ACCEPTANCE = 0.25  # below: pause speculating
+FULL_ACCEPTANCE = 0.5  # at or above: propose k tokens; between the two: k / 2
+FIRST_PAUSE = 8  # decode steps without speculation after the first back-off; doubles each time, up to
+MAX_PAUSE = 128
+
+
+@dataclass(eq=False)
+class SpecState:
+    """One sequence's speculation: its acceptance (back-off), the n-gram lookup's token buffer and how far
+    the draft model's KV cache has caught up with it."""
+
+    rate: float = 1.0  # decayed share of proposed tokens accepted
+    paused: int = 0  # decode steps left without speculating
+    pause: int = FIRST_PAUSE  # length of the next pause
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # prompt + output so far
+    length: int = 0  # of ``tokens`` filled
+    draft_computed: int = 0  # tokens whose KV the draft model has (in ``draft_table``'s blocks)
+    draft_table: list[int] | None = None  # the block table the draft's KV was written under
+
+    def token_array(self, seq: Sequence) -> np.ndarray:
+        """Prompt and output as an array, extended by what was appended since the last call."""
+        n = seq.num_tokens
+        if n > len(self.tokens):
+            grown = np.zeros(max(n, 2 * len(self.tokens)), dtype=np.int64)
+            grown[: self.length] = self.tokens[: self.length]
+            self.tokens = grown
+        if self.length < len(seq.prompt_ids):
+            self.tokens[: len(seq.prompt_ids)] = seq.prompt_ids
+            self.length = len(seq.prompt_ids)
+        if self.length < n:
+            start = self.length - len(seq.prompt_ids)
+            self.tokens[self.length : n] = seq.output_ids[start:]
+            self.length = n
+        return self.tokens[:n]
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        self.rate = DECAY * self.rate + (1 - DECAY) * accepted / proposed
+        if self.rate < LOW_ACCEPTANCE:
+            self.paused, self.pause = self.pause, min(2 * self.pause, MAX_PAUSE)
+            self.rate = (LOW_ACCEPTANCE + FULL_ACCEPTANCE) / 2  # after the pause, try again at k / 2
+
+
+def ngram_lookup(tokens: np.ndarray, k: int, n_max: int = NGRAM_MAX, n_min: int = NGRAM_MIN) -> list[int]:
+    """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix of ``tokens``
+    (n from ``n_max`` down to ``n_min`` tokens) that occurred before; [] when none did."""
+    length = len(tokens)
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        suffix = tokens[length - n :]
+        # Windows that end before the last token, so at least one token follows each.
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[: length - 1], n)
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return tokens[start : start + k].tolist()
+    return []
+
+
+class DraftModel:
+    """A smaller model's runner proposing drafts greedily; its KV cache is indexed by the served model's
+    block tables (same block size and count), so what the scheduler allocates covers both."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[list[int]]:
+        drafts: list[list[int]] = [[] for _ in seqs]
+        rows = []
+        for s in seqs:
+            state = s.spec
+            assert state is not None
+            if state.draft_table is not s.block_table:  # new blocks (admitted again after preemption)
+                state.draft_computed, state.draft_table = 0, s.block_table
+            start = min(state.draft_computed, s.num_tokens - 1)
+            rows.append((s.token_ids[start:], start, s.block_table))
+        tokens = self.runner.forward_rows(rows).argmax(dim=-1).tolist()
+        live = list(range(len(seqs)))
+        while True:
+            for i, token in zip(live, tokens, strict=True):
+                drafts[i].append(token)
+            live = [i for i in live if len(drafts[i]) < ks[i]]
+            if not live:
+                break
+            # Draft j (from 0) sits at position num_tokens + j; fed back, it yields draft j + 1.
+            rows = [([drafts[i][-1]], seqs[i].num_tokens + len(drafts[i]) - 1, seqs[i].block_table) for i in live]
+            tokens = self.runner.forward_rows(rows).argmax(dim=-1).tolist()
+        for s, d in zip(seqs, drafts, strict=True):
+            assert s.spec is not None
+            s.spec.draft_computed = s.num_tokens + len(d) - 1  # the last draft was never fed back
+        return drafts
+
+
+class Speculator:
+    """Decides which rows speculate and how far, proposes their drafts, and verifies them after the step."""
+
+    def __init__(
+        self, method: Method, k: int, default_on: bool, max_model_len: int, draft: DraftModel | None = None
+    ) -> None:
+        if method == "draft" and draft is None:
+            raise ValueError("speculative method 'draft' needs a draft model")
+        self.method = method
+        self.k = k
+        self.default_on = default_on
+        self.max_model_len = max_model_len
+        self.draft = draft
+
+    def eligible(self, seq: Sequence) -> bool:
+        """Whether the request speculates at all (its setting, and no feature that cannot compose with it)."""
+        p = seq.params
+        wanted = self.default_on if p.speculative is None else p.speculative
+        return (
+            wanted
+            and seq.constraint is None
+            and p.logprobs is None
+            and not p.presence_penalty
+            and not p.frequency_penalty
+        )
+
+    def plan(self, seqs: list[Sequence]) -> list[int]:
+        """Draft tokens each decode row may propose this step (0: none): its back-off, its remaining
+        ``max_tokens`` (drafts beyond what it may still emit are wasted) and the model length."""
+        ks = []
+        for s in seqs:
+            k = 0
+            if self.eligible(s):
+                if s.spec is None:
+                    s.spec = SpecState()
+                if s.spec.paused:
+                    s.spec.paused -= 1
+                else:
+                    k = self.k if s.spec.rate >= FULL_ACCEPTANCE else max(1, self.k // 2)
+                    k = min(k, s.params.max_tokens - len(s.output_ids) - 1, self.max_model_len - s.num_tokens)
+            ks.append(max(k, 0))
+        return ks
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> None:
+        """Sets each row's ``draft_ids`` (at most its ``ks`` entry) and its step width."""
+        rows = [i for i, k in enumerate(ks) if k > 0]
+        if not rows:
+            return
+        if self.method == "ngram":
+            drafts = []
+            for i in rows:
+                state = seqs[i].spec
+                assert state is not None
+                drafts.append(ngram_lookup(state.token_array(seqs[i]), ks[i]))
+        else:
+            assert self.draft is not None
+            drafts = self.draft.propose([seqs[i] for i in rows], [ks[i] for i in rows])
+        for i, d in zip(rows, drafts, strict=True):
+            seqs[i].draft_ids = d
+            seqs[i].num_scheduled = 1 + len(d)
+
+    def observe(self, seq: Sequence, accepted: int) -> None:
+        """After a verification: back-off and metrics; the draft model's cache is valid up to the accepted."""
+        proposed = len(seq.draft_ids)
+        state = seq.spec
+        assert state is not None
+        state.observe(proposed, accepted)
+        state.draft_computed = min(state.draft_computed, seq.num_computed + 1 + accepted)
+        metrics.SPEC_PROPOSED.inc(proposed)
+        metrics.SPEC_ACCEPTED.inc(accepted)
+        metrics.SPEC_VERIFIED.inc()
+
+
+def verify(logits: Tensor, seqs: list[Sequence]) -> list[list[int]]:
+    """The tokens each row gains from a step whose logits are ``logits`` (``1 + len(draft_ids)`` rows per
+    sequence, in order): rows without drafts are sampled as usual (grammar masks, penalties and
+    log-probabilities included); rows with drafts accept a prefix of them and add one token of their own."""
+    widths = [1 + len(s.draft_ids) for s in seqs]
+    ends = np.cumsum(widths).tolist()
+    plain = [i for i, s in enumerate(seqs) if not s.draft_ids]
+    out: list[list[int]] = [[] for _ in seqs]
+    if plain:
+        tokens = sample(logits[[ends[i] - 1 for i in plain]], [seqs[i] for i in plain])
+        for i, token in zip(plain, tokens, strict=True):
+            out[i] = [token]
+    drafted = [i for i, s in enumerate(seqs) if s.draft_ids]
+    if not drafted:
+        return out
+    greedy = logits.argmax(dim=-1).tolist()
+    sampled = [i for i in drafted if not seqs[i].params.greedy]
+    probs: dict[int, Tensor] = {}
+    if sampled:
+        index = [j for i in sampled for j in range(ends[i] - widths[i], ends[i])]
+        params = [seqs[i].params for i in sampled for _ in range(widths[i])]
+        sorted_probs, order = filtered_probs(logits[index], params)
+        full = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
+        at = 0
+        for i in sampled:
+            probs[i], at = full[at : at + widths[i]], at + widths[i]
+    for i in drafted:
+        s, start = seqs[i], ends[i] - widths[i]
+        if i in probs:
+            out[i] = _accept_sampled(s.draft_ids, probs[i], s.generator)
+        else:
+            out[i] = _accept_greedy(s.draft_ids, greedy[start : ends[i]])
+    return out
+
+
+def _accept_greedy(drafts: list[int], argmax: list[int]) -> list[int]:
+    """Drafts while they equal the model's argmax at their position, then the argmax after the last one."""
+    n = 0
+    while n < len(drafts) and drafts[n] == argmax[n]:
+        n += 1
+    return [*drafts[:n], argmax[n]]
+
+
+def _accept_sampled(drafts: list[int], probs: Tensor, generator: torch.Generator | None) -> list[int]:
+    """Speculative rejection sampling for point-mass drafts: ``probs[j]`` is the model's sampling
+    distribution at draft j's position (row ``len(drafts)``: after the last draft). Draft x is kept with
+    probability p(x); a rejected one is replaced by a sample of p without x, which ends the row's run."""
+    for j, x in enumerate(drafts):
+        p = probs[j]
+        if torch.rand((), generator=generator).item() < p[x].item():
+            continue
+        residual = p.clone()
+        residual[x] = 0.0
+        token = int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+        return [*drafts[:j], token]
+    return [*drafts, int(torch.multinomial(probs[len(drafts)], 1, generator=generator))]

@@ -1,0 +1,273 @@
+"""Speculative decoding (engine/speculative.py) on a tiny random Llama: greedy output identical with and
+without it (n-gram and draft model, mixed batches, limits inside an accepted run, prefix caching), rejection
+sampling that keeps the sampling distribution exact, back-off, KV room for drafts, several tokens of a
+request in one step reaching the client as one chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from engine import metrics
+from engine.kv_cache import BlockManager
+from engine.llm_engine import EngineConfig, LLMClient, LLMEngine
+from engine.protocol import AddRequest, StepOutputs, TokenOutput
+from engine.sampler import filtered_probs
+from engine.sequence import SamplingParams, Sequence
+from engine.speculative import FIRST_PAUSE, SpecState, Speculator, _accept_sampled, ngram_lookup, verify
+from models.llama import Llama
+
+pytestmark = pytest.mark.unit
+
+CPU = torch.device("cpu")
+EOS = 96
+# Prompts whose greedy continuations (on the tiny model) repeat, so the n-gram lookup finds drafts.
+PROMPTS = [[5, 7, 11, 13, 17, 5, 7, 11], [3] * 40, list(range(1, 19)) * 2, [42], [9, 8, 7, 6, 5, 4, 3, 2, 1]]
+
+Tiny = tuple[LlamaConfig, dict[str, torch.Tensor]]
+
+
+def make_engine(tiny: Tiny, speculative: str = "none", draft: Llama | None = None, **config: object) -> LLMEngine:
+    hf_config, state = tiny
+    settings = {"max_num_seqs": 8, "kv_cache_tokens": 4096, "max_model_len": 256, "block_size": 4, **config}
+    engine_config = EngineConfig(speculative=speculative, **settings)  # type: ignore[arg-type]
+    tokenizer = types.SimpleNamespace(eos_token_id=EOS)
+    return LLMEngine(Llama.from_hf(hf_config, state), tokenizer, CPU, torch.float32, engine_config, draft=draft)
+
+
+def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> tuple[list[list[int]], list[str], int]:
+    """Every request in one continuous batch until each finishes: tokens and finish reason per request, steps."""
+    outputs: dict[int, list[int]] = {k: [] for k in range(len(requests))}
+    reasons: dict[int, str] = {}
+    for key, (prompt, params) in enumerate(requests):
+        engine.add(AddRequest(key, prompt, params, f"r{key}"))
+    steps = 0
+    while engine.has_work():
+        steps += 1
+        for out in engine.step():
+            assert out.key not in reasons, "no token after a request's last"
+            if out.token is not None:
+                outputs[out.key].append(out.token)
+            if out.finish_reason is not None:
+                reasons[out.key] = out.finish_reason
+    return [outputs[k] for k in range(len(requests))], [reasons[k] for k in range(len(requests))], steps
+
+
+def counters() -> tuple[float, float]:
+    return metrics.SPEC_PROPOSED._value.get(), metrics.SPEC_ACCEPTED._value.get()
+
+
+def test_ngram_lookup_takes_the_latest_longest_match() -> None:
+    tokens = np.array([1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 6, 0, 2, 3])
+    assert ngram_lookup(tokens, 3) == [4, 5, 6]  # suffix [2, 3]: its latest earlier occurrence is at 6
+    assert ngram_lookup(np.array([1, 2, 3, 4]), 3) == []
+    assert ngram_lookup(np.array([7, 7, 7]), 5) == [7]  # what follows, even if shorter than k
+    assert ngram_lookup(np.array([4, 1, 2, 8, 1, 2]), 2, n_max=4, n_min=2) == [8, 1]
+
+
+def test_greedy_output_is_identical_with_ngram_speculation(tiny: Tiny) -> None:
+    requests = [(p, SamplingParams(max_tokens=60)) for p in PROMPTS]
+    plain, plain_reasons, plain_steps = run(make_engine(tiny), requests)
+    before = counters()
+    spec, spec_reasons, spec_steps = run(make_engine(tiny, "ngram"), requests)
+    proposed, accepted = (b - a for a, b in zip(before, counters(), strict=True))
+    assert spec == plain and spec_reasons == plain_reasons
+    assert accepted > 0 and proposed >= accepted
+    assert spec_steps < plain_steps  # several tokens per step
+
+
+def test_greedy_output_is_identical_with_a_draft_model(tiny: Tiny) -> None:
+    requests = [(p, SamplingParams(max_tokens=40)) for p in PROMPTS]
+    plain, _, plain_steps = run(make_engine(tiny), requests)
+    config, state = tiny
+    same = Llama.from_hf(config, state)  # drafting for itself: every draft is accepted
+    before = counters()
+    spec, _, spec_steps = run(make_engine(tiny, "draft", draft=same), requests)
+    proposed, accepted = (b - a for a, b in zip(before, counters(), strict=True))
+    assert spec == plain
+    assert proposed > 0 and accepted == proposed
+    assert spec_steps < plain_steps / 2
+    torch.manual_seed(7)  # another random model: mostly wrong drafts, still the same output
+    other = Llama.from_hf(config, {k: torch.randn_like(v) * 0.05 for k, v in state.items()})
+    assert run(make_engine(tiny, "draft", draft=other), requests)[0] == plain
+
+
+def test_mixed_batch_rows_with_and_without_speculation(tiny: Tiny) -> None:
+    """Speculating rows beside rows that opt out, ask for log-probabilities or carry penalties, in one batch:
+    every row gets what it gets without speculation."""
+    kinds = [
+        SamplingParams(max_tokens=30),
+        SamplingParams(max_tokens=30, speculative=False),
+        SamplingParams(max_tokens=30, logprobs=2),
+        SamplingParams(max_tokens=30, presence_penalty=0.5),
+        SamplingParams(max_tokens=30, temperature=0.8, seed=3, frequency_penalty=0.2),
+    ]
+    requests = [(p, k) for p, k in zip(PROMPTS, kinds, strict=True)]
+    assert run(make_engine(tiny, "ngram"), requests)[0] == run(make_engine(tiny), requests)[0]
+    # Opted in per request while the server's default is off.
+    opted = [(p, SamplingParams(max_tokens=30, speculative=True)) for p in PROMPTS]
+    before = counters()
+    assert run(make_engine(tiny), opted)[0] == run(make_engine(tiny), [(p, kinds[0]) for p in PROMPTS])[0]
+    assert counters()[0] > before[0]
+
+
+def test_limits_inside_an_accepted_run(tiny: Tiny) -> None:
+    """max_tokens, an end-of-sequence token and the model length cut an accepted run where decoding
+    without speculation would have stopped."""
+    long = [(p, SamplingParams(max_tokens=60)) for p in PROMPTS]
+    plain = run(make_engine(tiny), long)[0]
+    for max_tokens in (1, 2, 5, 13):
+        requests = [(p, SamplingParams(max_tokens=max_tokens)) for p in PROMPTS]
+        out, reasons, _ = run(make_engine(tiny, "ngram"), requests)
+        assert out == [t[:max_tokens] for t in plain] and set(reasons) == {"length"}
+    # An end-of-sequence token that occurs mid-output (after speculation has started).
+    eos = plain[1][20]
+    engine = make_engine(tiny, "ngram")
+    engine.eos_ids = {eos}
+    out, reasons, _ = run(engine, long[1:2])
+    assert out[0] == plain[1][: plain[1].index(eos) + 1] and reasons == ["stop"]
+    short = make_engine(tiny, "ngram", max_model_len=48)  # prompt of 40 tokens: 8 more
+    out, reasons, _ = run(short, long[1:2])
+    assert out[0] == plain[1][:8] and reasons == ["length"]
+
+
+def test_prefix_cache_never_publishes_rejected_drafts(tiny: Tiny) -> None:
+    """A second request whose prompt is the first one's prompt and output reuses the blocks the first one
+    published (accepted tokens only): its output equals an engine's without a prefix cache."""
+    engine = make_engine(tiny, "ngram")
+    first_prompt = PROMPTS[2]
+    (first,), _, _ = run(engine, [(first_prompt, SamplingParams(max_tokens=40))])
+    follow_up = [(first_prompt + first[:30], SamplingParams(max_tokens=20))]
+    cached, _, _ = run(engine, follow_up)
+    assert engine.scheduler.hit_tokens > 0
+    assert cached == run(make_engine(tiny, enable_prefix_caching=False), follow_up)[0]
+
+
+def test_seeded_sampling_is_reproducible(tiny: Tiny) -> None:
+    requests = [(p, SamplingParams(max_tokens=30, temperature=0.9, top_k=20, seed=11)) for p in PROMPTS]
+    first = run(make_engine(tiny, "ngram"), requests)[0]
+    assert run(make_engine(tiny, "ngram"), requests)[0] == first
+    assert run(make_engine(tiny, "ngram"), list(reversed(requests)))[0] == list(reversed(first))
+
+
+def test_rejection_sampling_keeps_the_distribution() -> None:
+    """Emitted tokens follow the model's sampling distribution p (temperature and top-k applied), whatever
+    the drafts: the first token is distributed as p at position 0, and after an accepted draft the next one
+    as p at position 1. 40,000 seeded trials; the tolerance is about 4 standard errors."""
+    vocab, trials = 6, 40_000
+    torch.manual_seed(0)
+    logits = torch.randn(3, vocab) * 1.5
+    params = SamplingParams(temperature=0.7, top_k=4)
+    sorted_probs, order = filtered_probs(logits, [params] * 3)
+    p = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
+    expected = torch.softmax(logits / 0.7, dim=-1)
+    expected[expected < expected.topk(4, dim=-1).values[:, -1:]] = 0
+    expected /= expected.sum(dim=-1, keepdim=True)
+    assert torch.allclose(p, expected, atol=1e-6)
+    generator = torch.Generator().manual_seed(5)
+    for drafts in ([int(p[0].argmax()), 2], [int(p[0].argmin()), 0]):  # a likely and an impossible first draft
+        first = torch.zeros(vocab)
+        second = torch.zeros(vocab)
+        for _ in range(trials):
+            out = _accept_sampled(drafts, p, generator)
+            first[out[0]] += 1
+            if out[0] == drafts[0]:
+                assert len(out) >= 2  # an accepted draft is always followed by another token
+                second[out[1]] += 1
+        assert (first / trials - p[0]).abs().max() < 4 * (0.25 / trials) ** 0.5
+        if second.sum() > 1000:
+            assert (second / second.sum() - p[1]).abs().max() < 4 * (0.25 / second.sum()) ** 0.5
+
+
+def test_verify_greedy_and_plain_rows() -> None:
+    logits = torch.full((6, 5), -1.0)
+    for row, token in enumerate([2, 3, 1, 4, 0, 3]):
+        logits[row, token] = 1.0
+    spec = Sequence(prompt_ids=[1], params=SamplingParams())
+    spec.draft_ids = [2, 3, 4]  # rows 0-3: the argmax agrees with 2 and 3, not with 4 (it says 1)
+    plain = Sequence(prompt_ids=[1], params=SamplingParams())  # row 4
+    last = Sequence(prompt_ids=[1], params=SamplingParams())
+    last.draft_ids = []  # row 5
+    assert verify(logits, [spec, plain, last]) == [[2, 3, 1], [0], [3]]
+
+
+def test_back_off_pauses_a_row_whose_drafts_are_rejected() -> None:
+    state = SpecState()
+    speculator = Speculator("ngram", 4, True, 1000)
+    seq = Sequence(prompt_ids=list(range(10)), params=SamplingParams(max_tokens=100))
+    seq.spec = state
+    assert speculator.plan([seq]) == [4]
+    for _ in range(3):
+        state.observe(4, 1)  # a quarter accepted: the rate falls, below a half k halves
+    assert state.paused == 0 and speculator.plan([seq]) == [2]
+    for _ in range(3):
+        if not state.paused:
+            state.observe(2, 0)
+    assert state.paused == FIRST_PAUSE
+    assert [speculator.plan([seq])[0] for _ in range(FIRST_PAUSE)] == [0] * FIRST_PAUSE
+    assert speculator.plan([seq]) == [2]  # tries again, at k / 2
+    for _ in range(3):
+        if not state.paused:
+            state.observe(2, 0)
+    assert state.paused == 2 * FIRST_PAUSE  # longer each time
+    seq.params = SamplingParams(max_tokens=100, logprobs=1)
+    assert not speculator.eligible(seq)
+
+
+def test_back_off_in_the_engine_stops_wrong_drafts(tiny: Tiny) -> None:
+    """A draft model that is always wrong: after a few verifications rows stop proposing for a while."""
+    config, state = tiny
+    torch.manual_seed(3)
+    wrong = Llama.from_hf(config, {k: torch.randn_like(v) for k, v in state.items()})
+    engine = make_engine(tiny, "draft", draft=wrong)
+    before = metrics.SPEC_VERIFIED._value.get()
+    _, _, steps = run(engine, [([1, 2, 3], SamplingParams(max_tokens=100))])
+    verified = metrics.SPEC_VERIFIED._value.get() - before
+    assert 0 < verified < steps / 3
+
+
+def test_draft_room_is_reserved_without_preempting() -> None:
+    blocks = BlockManager(num_blocks=5, block_size=4)  # 4 usable blocks
+    seq = Sequence(prompt_ids=list(range(6)), params=SamplingParams())
+    blocks.allocate(seq)
+    assert len(seq.block_table) == 2
+    assert blocks.reserve(seq, 4) == 4 and len(seq.block_table) == 3  # 6 tokens + 4 drafts: 3 blocks
+    assert blocks.reserve(seq, 20) == 10 and blocks.num_free == 0  # what the pool holds, no more
+
+
+def test_several_tokens_of_a_step_reach_a_stream_as_one_chunk() -> None:
+    """A step carrying three tokens of one request (accepted drafts) makes one chunk with all their text."""
+
+    class Tokenizer:
+        eos_token_id = 0
+
+        def decode(self, ids: list[int], **_: object) -> str:
+            return "".join(chr(96 + i) for i in ids)
+
+        def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+            return [chr(96 + i) for i in ids]
+
+    async def main() -> list[str]:
+        client = LLMClient(Tokenizer(), 100, lambda _: None)  # type: ignore[arg-type]
+        stream = client.generate([1], SamplingParams(max_tokens=5), "r")
+        chunks = []
+
+        async def consume() -> None:
+            async for chunk in stream:
+                chunks.append(chunk)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0)
+        (key,) = client.requests
+        client.on_step(StepOutputs([TokenOutput(key, t, None, 1, 0) for t in (1, 2, 3)], 1, 0))
+        client.on_step(StepOutputs([TokenOutput(key, 4, None, 1, 0), TokenOutput(key, 5, "length", 1, 0)], 1, 0))
+        await task
+        assert [c.completion_tokens for c in chunks] == [3, 5]
+        return [c.text for c in chunks]
+
+    assert "".join(asyncio.run(main())) == "abcde"
