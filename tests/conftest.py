@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def eventually(check: Callable[[], bool], within: float, what: str, every: float = 0.05) -> None:
+    """Polls ``check`` until it holds, failing naming ``what`` after ``within`` seconds: how live tests wait
+    for a server process's state, which they see only through its HTTP answers."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {within} s")
+        time.sleep(every)
+
+
 @contextlib.contextmanager
 def server_process(cache_dir: Path, *args: str, **settings: object) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """A real ``python -m server`` process on loopback with TEST_SETTINGS overridden by ``settings``,
@@ -144,19 +154,17 @@ def server_process(cache_dir: Path, *args: str, **settings: object) -> Iterator[
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            return httpx.get(f"{url}/ready", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            raise RuntimeError("server did not become ready in 300 s")
+        eventually(ready, 300, "the server ready", every=0.5)
         yield proc, url
     finally:
         if proc.poll() is None:

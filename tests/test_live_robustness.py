@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from load_tests.fuzz import fuzz
-from tests.conftest import LAYOUTS, server_process
+from tests.conftest import LAYOUTS, eventually, server_process
 
 pytestmark = pytest.mark.live
 
@@ -75,11 +75,8 @@ def test_sigterm_drains_in_flight_stream_then_exits(cache_dir: Path, layout: str
         ready = httpx.get(f"{url}/ready", timeout=10)
         assert ready.status_code == 503 and ready.json()["status"] == "draining"
         assert ready.headers["Retry-After"]
-        for _ in range(50):  # the gauge follows on the server's next tick (0.1 s)
-            if "\nllm_ready 0.0\n" in httpx.get(f"{url}/metrics", timeout=10).text:
-                break
-            time.sleep(0.05)
-        assert "\nllm_ready 0.0\n" in httpx.get(f"{url}/metrics", timeout=10).text
+        # The gauge follows on the server's next tick (0.1 s).
+        eventually(lambda: "\nllm_ready 0.0\n" in httpx.get(f"{url}/metrics", timeout=10).text, 2.5, "llm_ready 0")
         refused = httpx.post(f"{url}/generate", json={"prompt": "hi"}, timeout=10)
         assert refused.status_code == 503 and refused.json()["error"]["type"] == "shutting_down"
         assert refused.headers["Retry-After"]

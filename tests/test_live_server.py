@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import time
 from pathlib import Path
 
 import httpx
@@ -13,6 +12,7 @@ import pytest
 
 from load_tests.loadgen import make_scenario, run_sweep_sync
 from load_tests.report import write_report
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.live
 
@@ -30,10 +30,7 @@ LONG = {"messages": [{"role": "user", "content": "Write a long story about a dra
 
 
 def wait_idle(url: str) -> None:
-    deadline = time.monotonic() + 10
-    while gauge(url, "llm_running_sequences") != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert gauge(url, "llm_running_sequences") == 0
+    eventually(lambda: gauge(url, "llm_running_sequences") == 0, 10, "no running sequence")
     assert gauge(url, "llm_kv_cache_usage_ratio") == 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import LAYOUTS, server_process
+from tests.conftest import LAYOUTS, eventually, server_process
 
 pytestmark = pytest.mark.live
 
@@ -49,14 +49,6 @@ class Stream:
         assert json.loads(self.lines[-1][len("data: ") :])["error"]["type"] == "shutting_down"
 
 
-def wait_draining(url: str) -> None:
-    for _ in range(100):
-        if httpx.get(f"{url}/ready", timeout=10).status_code == 503:
-            return
-        time.sleep(0.05)
-    raise AssertionError("the server did not start draining")
-
-
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_a_stream_open_at_the_grace_end_gets_an_error_event(cache_dir: Path, layout: str) -> None:
     args = (*LAYOUTS[layout], "--no-enable-classify")
@@ -75,7 +67,7 @@ def test_a_second_sigterm_skips_the_drain(cache_dir: Path, layout: str) -> None:
         stream = Stream(url)
         assert stream.first.wait(60)
         proc.send_signal(signal.SIGTERM)
-        wait_draining(url)
+        eventually(lambda: httpx.get(f"{url}/ready", timeout=10).status_code == 503, 5, "draining")
         second = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) in (0, -signal.SIGTERM)
