@@ -2,6 +2,10 @@
 name or description, few-shot from its examples), with the model's own head, or with a trained head over
 the embeddings (models/classifier_head.py); an optional out-of-scope threshold answers ``"none"``.
 
+Label-set scores are cosines after subtracting the mean embedding of a fixed generic background text
+(``BACKGROUND``) from inputs and label texts alike: what every sentence shares (the encoder's common direction)
+no longer counts as similarity, while the scale of the cosines stays about the same.
+
 All methods are synchronous and meant to run on the batcher's single worker thread; only the
 tokenizer (also used from the event loop by ``count_tokens``) and the label cache are locked.
 """
@@ -12,6 +16,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.resources import files
 from typing import Any, Protocol
 
 import torch
@@ -41,6 +46,13 @@ TENSOR_OVERHEAD_BYTES = 512
 # example embeddings), "knn" (the best example's cosine) or "mix" (the average of the two).
 FEW_SHOT_METHODS = ("prototype", "knn", "mix")
 DEFAULT_FEW_SHOT = "prototype"
+# The background whose mean embedding is subtracted before label-set cosines (module docstring): the prose
+# paragraphs of data/calibration.txt (cooking, travel, science, finance, code, a few service texts). Against no
+# centering, the empty string's embedding and all of calibration.txt, it scored best on the train split
+# (load_tests/results/classify_quality/README.md). Embedded once per classifier, on first use.
+BACKGROUND: tuple[str, ...] = tuple(
+    line for line in files("engine").joinpath("background.txt").read_text(encoding="utf-8").splitlines() if line
+)
 
 
 class EncoderLike(Protocol):
@@ -213,6 +225,7 @@ class Classifier(EncoderFrontend):
         multi_label_threshold: float = DEFAULT_MULTI_LABEL_THRESHOLD,
         label_cache_bytes: int = LABEL_CACHE_BYTES,
         few_shot: str = DEFAULT_FEW_SHOT,
+        background: Sequence[str] = BACKGROUND,
     ) -> None:
         if few_shot not in FEW_SHOT_METHODS:
             raise ValueError(f"few_shot must be one of {FEW_SHOT_METHODS}")
@@ -242,6 +255,8 @@ class Classifier(EncoderFrontend):
         self.temperature = temperature
         self.multi_label_threshold = multi_label_threshold
         self.few_shot = few_shot
+        self.background = tuple(background)
+        self._center: Tensor | None = None
         self._label_cache: BytesLRU[str, Tensor] = BytesLRU(label_cache_bytes, size=_label_bytes)
         self._cache_lock = threading.Lock()
         self.graphs = EncoderGraphs(self._encode, self.device, self.max_length, max_batch)
@@ -257,8 +272,10 @@ class Classifier(EncoderFrontend):
         return dict(enc)
 
     def capture_graphs(self, max_tokens: int) -> None:
-        """On CUDA, capture the encoder for every batch bucket of at most ``max_tokens`` padded tokens."""
+        """On CUDA, capture the encoder for every batch bucket of at most ``max_tokens`` padded tokens; on any
+        device embed the background (``center``), so that no request pays for either."""
         self.graphs.capture_all(self._tokenize(["warm up"]), max_tokens)
+        self.center()
 
     def _forward(self, texts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
         """One forward over ``texts`` (a CUDA graph replay where one fits)."""
@@ -312,6 +329,14 @@ class Classifier(EncoderFrontend):
                     self._label_cache.put(lab, found[lab])
         return found
 
+    @torch.inference_mode()
+    def center(self) -> Tensor | None:
+        """The background's mean embedding (``[d]``, not normalized), computed on first use; None without one."""
+        if self._center is None and self.background:
+            texts = sorted(self.background, key=len)  # batches of like lengths: less padding
+            self._center = torch.cat([self.embed(texts[i : i + 16]) for i in range(0, len(texts), 16)]).mean(0)
+        return self._center
+
     # ------------------------------------------------------------------ classification
 
     @torch.inference_mode()
@@ -351,7 +376,7 @@ class Classifier(EncoderFrontend):
                 out = self._head_results(emb[rows], None if logits is None else logits[rows], multi_label, threshold)
             else:
                 sets = [torch.stack([vectors[t] for t in lab.texts]) for lab in labels]
-                sims = label_similarities(emb[rows], sets, self.few_shot)
+                sims = label_similarities(emb[rows], sets, self.few_shot, self.center())
                 out = similarity_results(
                     sims, labels, multi_label, threshold, self.temperature, self.multi_label_threshold
                 )
@@ -409,9 +434,15 @@ def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return F.normalize(emb, p=2, dim=1)
 
 
-def label_similarities(emb: Tensor, label_vectors: Sequence[Tensor], method: str = DEFAULT_FEW_SHOT) -> Tensor:
+def label_similarities(
+    emb: Tensor, label_vectors: Sequence[Tensor], method: str = DEFAULT_FEW_SHOT, center: Tensor | None = None
+) -> Tensor:
     """Cosine similarities ``[n, L]`` of embeddings ``[n, d]`` to labels given as sets of unit vectors
-    ``[k_l, d]`` (one vector: zero-shot; several: few-shot, scored by ``method``, see FEW_SHOT_METHODS)."""
+    ``[k_l, d]`` (one vector: zero-shot; several: few-shot, scored by ``method``, see FEW_SHOT_METHODS).
+    With ``center`` (the background's mean embedding) every vector is re-normalized after subtracting it."""
+    if center is not None:
+        emb = F.normalize(emb - center, dim=-1)
+        label_vectors = [F.normalize(vecs - center, dim=-1) for vecs in label_vectors]
     cols = []
     for vecs in label_vectors:
         if vecs.shape[0] == 1:

@@ -5,17 +5,20 @@
 Modes: zero-shot with bare label names and with the descriptions of data/intent_labels.json; few-shot with
 k = 1, 5, 10 examples per intent (drawn from the train split, seed 0) plus the description; the trained head
 (models/train_classifier.py on the train split). Everything that is chosen is chosen on the train split
-(data/intents.jsonl + data/intents_oos.jsonl): the few-shot scoring method (examples left out of what they
-score), each mode's out-of-scope threshold (best macro-F1), the head. Every figure of the table is on the test
-split (data/intents_test.jsonl), through ``Classifier.run`` as /classify runs it, for the encoder built by the
-server's builder once with ``--cls-quantize none`` and once with the default. Throughput: test inputs per
-second in batches of 32, label embeddings already cached (best of ``--repeats``).
+(data/intents.jsonl + data/intents_oos.jsonl), over draws of examples with seeds 0-4 (examples left out of what
+they score): the background that label-set scoring centers on, the few-shot scoring method, each mode's
+out-of-scope threshold (best mean macro-F1), the head. Every figure of the table is on the test split
+(data/intents_test.jsonl), through ``Classifier.run`` as /classify runs it, for the encoder built by the
+server's builder once with ``--cls-quantize none`` and once with ``--quantize``; few-shot test accuracy is also
+given over the five draws (float). Throughput: test inputs per second through ``Classifier.run`` in batches of
+32 and of 1, label embeddings already cached, modes interleaved in each of ``--repeats`` rounds, the median.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import subprocess
@@ -29,7 +32,15 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score
 
-from engine.classifier import FEW_SHOT_METHODS, Classifier, ClassifyItem, ClassResult, LabelSpec, label_similarities
+from engine.classifier import (
+    BACKGROUND,
+    FEW_SHOT_METHODS,
+    Classifier,
+    ClassifyItem,
+    ClassResult,
+    LabelSpec,
+    label_similarities,
+)
 from models.classifier_head import NONE_LABEL
 from models.train_classifier import train
 from server.config import Settings
@@ -37,6 +48,7 @@ from server.runtime import Engines
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 KS = (1, 5, 10)
+SEEDS = range(5)  # example draws: choices on train are averaged over them; test few-shot reported over them
 THRESHOLDS = np.round(np.arange(0.0, 0.91, 0.01), 2)
 
 
@@ -76,14 +88,21 @@ def answer_names(labels: tuple[LabelSpec, ...] | None, name: str) -> str:
     return {lab.name: lab.name.replace(" ", "_") for lab in labels}.get(name, name)
 
 
-def sims_of(clf: Classifier, texts: Sequence[str], labels: tuple[LabelSpec, ...], method: str) -> torch.Tensor:
-    """Similarities as Classifier.run computes them, every text embedded once per classifier (memoized)."""
+def embed_memo(clf: Classifier, texts: Sequence[str]) -> torch.Tensor:
+    """Embeddings of ``texts``, every text embedded once per classifier (memoized)."""
     memo = _memo.setdefault(id(clf), {})
-    new = sorted({*texts, *(t for lab in labels for t in lab.texts)} - memo.keys())
-    if new:
-        memo.update(zip(new, clf.embed(new), strict=True))
-    emb = torch.stack([memo[t] for t in texts])
-    return label_similarities(emb, [torch.stack([memo[t] for t in lab.texts]) for lab in labels], method)
+    new = sorted(set(texts) - memo.keys())
+    for i in range(0, len(new), 32):
+        memo.update(zip(new[i : i + 32], clf.embed(new[i : i + 32]), strict=True))
+    return torch.stack([memo[t] for t in texts])
+
+
+def sims_of(
+    clf: Classifier, texts: Sequence[str], labels: tuple[LabelSpec, ...], method: str, center: torch.Tensor | None
+) -> torch.Tensor:
+    """Similarities as Classifier.run computes them (with the background mean ``center``)."""
+    emb = embed_memo(clf, texts)
+    return label_similarities(emb, [embed_memo(clf, lab.texts) for lab in labels], method, center)
 
 
 _memo: dict[int, dict[str, torch.Tensor]] = {}
@@ -108,53 +127,117 @@ def scores(gold: Sequence[str], pred: Sequence[str]) -> dict[str, float]:
     }
 
 
-def choose_on_train(clf: Classifier, texts, gold, descriptions, draws) -> tuple[dict, dict[str, float]]:
-    """The few-shot method (in-scope accuracy on train rows that are not examples, per k) and each label-set
-    mode's out-of-scope threshold (best train macro-F1, the smallest on ties)."""
+def center_options(clf: Classifier) -> dict[str, torch.Tensor | None]:
+    """What label-set scoring may subtract: nothing, the empty string's embedding, the mean of all of
+    data/calibration.txt, the mean of its prose paragraphs (engine/background.txt, the served one)."""
+    cal = [line.strip() for line in (DATA / "calibration.txt").read_text().splitlines() if len(line.split()) >= 4]
+    return {
+        "none": None,
+        "empty string": embed_memo(clf, [""])[0],
+        "calibration.txt, all": embed_memo(clf, cal).mean(0),
+        "background (calibration.txt prose, served)": embed_memo(clf, BACKGROUND).mean(0),
+    }
+
+
+def train_rows(gold, labels: tuple[LabelSpec, ...], texts) -> list[int]:
+    """Train rows that are not examples of ``labels``."""
+    used = {t for lab in labels for t in lab.examples}
+    return [i for i, t in enumerate(texts) if t not in used]
+
+
+def best_threshold(f1_by_threshold: list[dict[float, float]]) -> float:
+    """The threshold of best mean macro-F1 over draws (the smallest on ties)."""
+    mean = {t: float(np.mean([f1[t] for f1 in f1_by_threshold])) for t in f1_by_threshold[0]}
+    return min(t for t, s in mean.items() if s == max(mean.values()))
+
+
+def choose_on_train(clf: Classifier, texts, gold, descriptions, draws) -> tuple[dict, dict, dict[str, float]]:
+    """On the train split, averaged over the example draws ``draws`` (seed -> k -> intent -> rows): the background
+    (accuracy at each mode's best threshold, per label-set mode), the few-shot method (in-scope accuracy on rows
+    that are not examples, per k) and each label-set mode's out-of-scope threshold (best mean macro-F1)."""
+    mode_sets = {seed: modes(descriptions, texts, d) for seed, d in draws.items()}
+    label_modes = [m for m, labels in mode_sets[0].items() if labels is not None]
+
+    def accuracy_at_best_threshold(mode: str, method: str, center: torch.Tensor | None) -> tuple[float, float]:
+        per_draw, f1s = [], []
+        for sets in mode_sets.values():
+            labels = sets[mode]
+            assert labels is not None
+            rows = train_rows(gold, labels, texts)
+            sims = sims_of(clf, [texts[i] for i in rows], labels, method, center)
+            g = [gold[i] for i in rows]
+            per_draw.append({float(t): scores(g, predict(sims, labels, float(t))) for t in THRESHOLDS})
+            f1s.append({t: sc["macro_f1"] for t, sc in per_draw[-1].items()})
+        t = best_threshold(f1s)
+        return t, float(np.mean([d[t]["accuracy"] for d in per_draw]))
+
+    center_table: dict[str, dict[str, float]] = {}
+    for name, center in center_options(clf).items():
+        row = {mode: round(accuracy_at_best_threshold(mode, clf.few_shot, center)[1], 4) for mode in label_modes}
+        center_table[name] = {**row, "mean": round(float(np.mean(list(row.values()))), 4)}
+
     method_table: dict[str, dict[str, float]] = {}
-    for k, draw in draws.items():
-        used = {i for idx in draw.values() for i in idx}
-        rest = [i for i, label in enumerate(gold) if i not in used and label != NONE_LABEL]
+    for k in KS:
         for method in FEW_SHOT_METHODS:
             for with_desc in (True, False):
-                labels = tuple(
-                    LabelSpec(n, d if with_desc else None, tuple(texts[i] for i in draw[n]))
-                    for n, d in descriptions.items()
-                )
-                pred = predict(sims_of(clf, [texts[i] for i in rest], labels, method), labels, None)
-                acc = float(np.mean([p == gold[i] for p, i in zip(pred, rest, strict=True)]))
-                method_table.setdefault(f"{method}{'' if with_desc else ', examples only'}", {})[f"k={k}"] = round(
-                    acc, 4
-                )
-    thresholds = {}
-    for mode, labels in modes(descriptions, texts, draws).items():
-        if labels is None:
-            continue
-        used = {t for lab in labels for t in lab.examples}
-        rows = [i for i, t in enumerate(texts) if t not in used]
-        sims = sims_of(clf, [texts[i] for i in rows], labels, clf.few_shot)
-        g = [gold[i] for i in rows]
-        f1 = {float(t): scores(g, predict(sims, labels, float(t)))["macro_f1"] for t in THRESHOLDS}
-        thresholds[mode] = min(t for t, s in f1.items() if s == max(f1.values()))
-    return method_table, thresholds
+                accs = []
+                for draw in draws.values():
+                    labels = tuple(
+                        LabelSpec(n, d if with_desc else None, tuple(texts[i] for i in draw[k][n]))
+                        for n, d in descriptions.items()
+                    )
+                    rest = [i for i in train_rows(gold, labels, texts) if gold[i] != NONE_LABEL]
+                    pred = predict(sims_of(clf, [texts[i] for i in rest], labels, method, clf.center()), labels, None)
+                    accs.append(float(np.mean([p == gold[i] for p, i in zip(pred, rest, strict=True)])))
+                key = f"{method}{'' if with_desc else ', examples only'}"
+                method_table.setdefault(key, {})[f"k={k}"] = round(float(np.mean(accs)), 4)
+
+    thresholds = {mode: accuracy_at_best_threshold(mode, clf.few_shot, clf.center())[0] for mode in label_modes}
+    return center_table, method_table, thresholds
 
 
-def evaluate(clf: Classifier, texts, mode_labels, thresholds, repeats: int) -> dict[str, dict]:
-    """Per mode: answers on ``texts`` through ``Classifier.run`` and inputs per second."""
+def few_shot_over_draws(clf: Classifier, texts, gold, test_texts, test_gold, descriptions, draws, thresholds):
+    """Test figures of few-shot at each k for every draw of examples (float, through label_similarities)."""
     out = {}
-    for mode, labels in mode_labels.items():
-        items = [ClassifyItem(t, labels, threshold=thresholds.get(mode)) for t in texts]
-        clf.run(items[:32])  # label embeddings cached, as a repeated label set is in service
-        best = float("inf")
-        results: list[ClassResult] = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            results = [r for i in range(0, len(items), 32) for r in clf.run(items[i : i + 32])]  # type: ignore[misc]
-            best = min(best, time.perf_counter() - start)
-        out[mode] = {
-            "pred": [answer_names(labels, r.label) for r in results],
-            "inputs_per_s": round(len(items) / best, 1),
+    for k in KS:
+        per = [
+            scores(test_gold, predict(sims_of(clf, test_texts, lab, clf.few_shot, clf.center()), lab, thresholds[m]))
+            for d in draws.values()
+            for m, lab in [(f"few-shot, k={k}", modes(descriptions, texts, d)[f"few-shot, k={k}"])]
+            if lab is not None
+        ]
+        out[f"few-shot, k={k}"] = {
+            metric: {
+                "mean": round(float(np.mean([p[metric] for p in per])), 4),
+                "min": min(p[metric] for p in per),
+                "max": max(p[metric] for p in per),
+            }
+            for metric in ("accuracy", "macro_f1", "oos_f1")
         }
+    return out
+
+
+def evaluate(clf: Classifier, texts, mode_labels, thresholds, repeats: int, timed: int) -> dict[str, dict]:
+    """Per mode: answers on ``texts`` through ``Classifier.run`` (batches of 32), then inputs per second on the
+    first ``timed`` texts in batches of 32 and of 1, modes interleaved in each of ``repeats`` rounds (median)."""
+    out: dict[str, dict] = {}
+    items = {
+        m: [ClassifyItem(t, labels, threshold=thresholds.get(m)) for t in texts] for m, labels in mode_labels.items()
+    }
+    for mode, labels in mode_labels.items():
+        results: list[ClassResult] = [r for i in range(0, len(texts), 32) for r in clf.run(items[mode][i : i + 32])]  # type: ignore[misc]
+        out[mode] = {"pred": [answer_names(labels, r.label) for r in results]}
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(repeats):
+        for mode in mode_labels:
+            for batch in (32, 1):
+                run = items[mode][:timed]
+                start = time.perf_counter()
+                for i in range(0, len(run), batch):
+                    clf.run(run[i : i + batch])
+                times.setdefault((mode, batch), []).append(time.perf_counter() - start)
+    for (mode, batch), secs in times.items():
+        out[mode][f"inputs_per_s_batch{batch}"] = round(timed / float(np.median(secs)), 1)
     return out
 
 
@@ -167,8 +250,10 @@ def build(settings: Settings) -> Classifier:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("load_tests/results/classify_quality"))
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--quantize", default="auto", help="the compressed setting to confirm (default: the server's)")
+    ap.add_argument("--name", default="results.json", help="file name of the JSON written under --out")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (the median is reported)")
+    ap.add_argument("--timed", type=int, default=64, help="test inputs per timing round and mode")
+    ap.add_argument("--quantize", default="int8", help="the compressed setting to confirm against float")
     args = ap.parse_args()
     torch.manual_seed(0)
     descriptions: dict[str, str] = json.loads((DATA / "intent_labels.json").read_text())
@@ -177,24 +262,32 @@ def main() -> None:
     train_texts, train_gold = tr_in + tr_oos, gold_in + gold_oos
     test_texts, test_gold = read(DATA / "intents_test.jsonl")
     assert not set(train_texts) & set(test_texts), "train and test splits share messages"
-    draws = {k: {n: idx[:k] for n, idx in draw_examples(train_texts, train_gold, max(KS)).items()} for k in KS}
+    all_draws = {
+        seed: {k: {n: idx[:k] for n, idx in draw_examples(train_texts, train_gold, max(KS), seed).items()} for k in KS}
+        for seed in SEEDS
+    }
 
     with tempfile.TemporaryDirectory() as tmp:
         base = {"enable_generate": False, "cls_model": "default", "cache_dir": str(Path(tmp) / "cache")}
         float_clf = build(Settings(**base, cls_quantize="none", cls_prune=0.0))
-        method_table, thresholds = choose_on_train(float_clf, train_texts, train_gold, descriptions, draws)
+        center_table, method_table, thresholds = choose_on_train(
+            float_clf, train_texts, train_gold, descriptions, all_draws
+        )
         start = time.perf_counter()
         fit = train(train_texts, train_gold, float_clf.embed(train_texts))
         fit.head.save(Path(tmp) / "head")
         head_seconds = time.perf_counter() - start
-        mode_labels = modes(descriptions, train_texts, draws)
+        over_draws = few_shot_over_draws(
+            float_clf, train_texts, train_gold, test_texts, test_gold, descriptions, all_draws, thresholds
+        )
+        mode_labels = modes(descriptions, train_texts, all_draws[0])
         runs, fidelity = {}, {}
         for setting, quantize in (("float", "none"), ("default", args.quantize)):
             settings = Settings(**{**base, "cls_model": str(Path(tmp) / "head")}, cls_quantize=quantize)
             engines = Engines.build(settings)
             assert engines.classifier is not None
             fidelity[setting] = engines.reports["classify"].model_dump(mode="json")
-            runs[setting] = evaluate(engines.classifier, test_texts, mode_labels, thresholds, args.repeats)
+            runs[setting] = evaluate(engines.classifier, test_texts, mode_labels, thresholds, args.repeats, args.timed)
             if setting == "float":
                 float_emb = engines.classifier.embed(test_texts)
             else:
@@ -205,36 +298,40 @@ def main() -> None:
     for mode in mode_labels:
         f, d = runs["float"][mode], runs["default"][mode]
         agree = float(np.mean([a == b for a, b in zip(f["pred"], d["pred"], strict=True)]))
+        speed = ("inputs_per_s_batch32", "inputs_per_s_batch1")
         table.append(
             {
                 "mode": mode,
                 "threshold": thresholds.get(mode, fit.head.threshold),
-                "float": {**scores(test_gold, f["pred"]), "inputs_per_s": f["inputs_per_s"]},
-                "default": {**scores(test_gold, d["pred"]), "inputs_per_s": d["inputs_per_s"]},
+                "float": {**scores(test_gold, f["pred"]), **{k: f[k] for k in speed}},
+                "default": {**scores(test_gold, d["pred"]), **{k: d[k] for k in speed}},
                 "label_agreement": round(agree, 4),
                 "disagreements": int(sum(a != b for a, b in zip(f["pred"], d["pred"], strict=True))),
             }
         )
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": _git("rev-parse", "--short", "HEAD"),
         "cpu": _cpu(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "compressed_setting": args.quantize,
         "train_rows": len(train_texts),
         "test_rows": len(test_texts),
         "test_per_label": {label: test_gold.count(label) for label in sorted(set(test_gold))},
+        "background_on_train": center_table,
         "few_shot_method": float_clf.few_shot,
         "few_shot_method_on_train": method_table,
         "thresholds_on_train": thresholds,
         "head": {**fit.report, "fit_seconds_incl_embedding": round(head_seconds, 2)},
+        "few_shot_test_over_draws_float": over_draws,
         "test_embedding_cosine_default_vs_float": round(cosine, 5),
         "compression": {k: {"method": v.get("method"), "fidelity": v.get("fidelity")} for k, v in fidelity.items()},
+        "timing": {"inputs": args.timed, "rounds": args.repeats, "statistic": "median"},
         "table": table,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / args.name).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["table"], indent=2))
 
 

@@ -5,7 +5,8 @@
 Each line of the data is ``{"text": ..., "label": ...}``; rows labelled ``none`` are out-of-scope messages
 (a class of their own, and the data that sets the out-of-scope threshold). The encoder embeds every text once
 (mean-pooled, L2-normalized: what /classify computes); a multinomial logistic regression is chosen over its
-regularization by stratified cross-validation; its out-of-fold probabilities then fit a calibration
+regularization and class weighting (as given, or balanced so that every label weighs the same in the loss) by
+stratified cross-validation; its out-of-fold probabilities then fit a calibration
 temperature (least negative log-likelihood), the out-of-scope threshold and, for ``multi_label``, one
 threshold per label (best F1 each). The final head is fitted on all rows and written as
 models/classifier_head.py describes; ``--cls-model DIR`` serves it. Needs scikit-learn (``pip install -e
@@ -35,6 +36,7 @@ from models.loader import LoadedEncoder, load_encoder
 log = logging.getLogger(__name__)
 
 C_GRID = (0.25, 1.0, 4.0, 16.0, 64.0)  # inverse regularization strengths tried by cross-validation
+CLASS_WEIGHTS = (None, "balanced")  # rows as given, or every label's rows weighing the same in all (sklearn)
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.96, 0.01), 2)
 TEMPERATURE_GRID = np.round(np.exp(np.linspace(np.log(0.2), np.log(5.0), 161)), 4)
 
@@ -147,17 +149,19 @@ def _train(texts: Sequence[str], labels: Sequence[str], emb: Tensor, encoder_spe
         raise ValueError("every label needs at least two examples for cross-validation")
     splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y))
 
-    def oof_logits(c: float) -> np.ndarray:
+    def oof_logits(c: float, weight: str | None) -> np.ndarray:
         out = np.zeros((len(y), len(names)))
         for tr, te in splits:
-            model = LogisticRegression(C=c, max_iter=2000).fit(x[tr], y[tr])
+            model = LogisticRegression(C=c, class_weight=weight, max_iter=2000).fit(x[tr], y[tr])
             out[te] = model.decision_function(x[te])
         return out
 
-    cv = {c: oof_logits(c) for c in C_GRID}
-    cv_acc = {c: float((logits.argmax(1) == y).mean()) for c, logits in cv.items()}
-    best_c = max(C_GRID, key=lambda c: (cv_acc[c], -c))  # ties: the stronger regularization
-    logits = cv[best_c]
+    grid = list(itertools.product(C_GRID, CLASS_WEIGHTS))
+    cv = {(c, w): oof_logits(c, w) for c, w in grid}
+    cv_acc = {key: float((logits.argmax(1) == y).mean()) for key, logits in cv.items()}
+    # ties: the stronger regularization, then rows as given
+    best_c, best_weight = max(grid, key=lambda key: (cv_acc[key], -key[0], key[1] is None))
+    logits = cv[(best_c, best_weight)]
     temperature = fit_temperature(logits, y)
     raw, calibrated = _softmax(logits), _softmax(logits, temperature)
     gold = [names[i] for i in y]
@@ -176,7 +180,7 @@ def _train(texts: Sequence[str], labels: Sequence[str], emb: Tensor, encoder_spe
         f1 = [_binary_f1(is_label, calibrated[:, j] >= t) for t in THRESHOLD_GRID]
         label_thresholds[name] = float(THRESHOLD_GRID[int(np.argmax(f1))])
 
-    final = LogisticRegression(C=best_c, max_iter=2000).fit(x, y)
+    final = LogisticRegression(C=best_c, class_weight=best_weight, max_iter=2000).fit(x, y)
     weight, bias = final.coef_, final.intercept_
     if len(names) == 2:  # sklearn keeps one row for two classes: the equivalent two-row softmax
         weight, bias = np.vstack([-weight[0] / 2, weight[0] / 2]), np.array([-bias[0] / 2, bias[0] / 2])
@@ -184,11 +188,16 @@ def _train(texts: Sequence[str], labels: Sequence[str], emb: Tensor, encoder_spe
     report = {
         "rows": len(y),
         "per_label": {name: int((y == j).sum()) for j, name in enumerate(names)},
-        "model": f"multinomial logistic regression, C={best_c} (of {list(C_GRID)} by {folds}-fold CV accuracy)",
-        "cv_accuracy_by_C": {str(c): round(a, 4) for c, a in cv_acc.items()},
+        "model": (
+            f"multinomial logistic regression, C={best_c}, class weights {best_weight or 'as given'} "
+            f"(of C in {list(C_GRID)} x weights as given / balanced, by {folds}-fold CV accuracy)"
+        ),
+        "class_weight": best_weight,
+        "cv_accuracy_by_C": {str(c): round(cv_acc[(c, None)], 4) for c in C_GRID},
+        "cv_accuracy_by_C_balanced": {str(c): round(cv_acc[(c, "balanced")], 4) for c in C_GRID},
         "cv_accuracy": round(float((np.array(pred) == np.array(gold)).mean()), 4),
         "cv_macro_f1": round(macro_f1(gold, pred), 4),
-        "cv_accuracy_without_threshold": round(cv_acc[best_c], 4),
+        "cv_accuracy_without_threshold": round(cv_acc[(best_c, best_weight)], 4),
         "temperature": temperature,
         "cv_ece_raw": round(expected_calibration_error(raw, y), 4),
         "cv_ece_calibrated": round(expected_calibration_error(calibrated, y), 4),

@@ -9,8 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+import torch.nn.functional as F
 
-from engine.classifier import NONE_LABEL, Classifier, LabelSpec
+from engine.classifier import BACKGROUND, NONE_LABEL, Classifier, LabelSpec, label_similarities
 from models.loader import load_encoder
 from models.train_classifier import embed_texts, read_rows, train
 from server.app import create_app
@@ -58,6 +59,32 @@ def test_example_embeddings_are_computed_once(clf: Classifier, monkeypatch: pyte
     assert calls == []
     clf.classify(["x"], [LabelSpec("probe", "a probe label", ("probe example one", "probe example three"))])
     assert calls == [["probe example three"]]
+
+
+def test_label_scores_are_centered_on_the_background(clf: Classifier, cache_dir: Path) -> None:
+    center = clf.center()
+    assert center is not None and clf.center() is center  # embedded once
+    torch.testing.assert_close(center, clf.embed(list(BACKGROUND)).mean(0), atol=1e-5, rtol=1e-4)
+    texts, labels = ["my card got billed two times"], [BILLING, SHIPPING]
+    plain = Classifier(load_encoder("default", cache_dir, torch.float32), "cpu", background=())
+    assert plain.center() is None
+    emb, sets = clf.embed(texts), [clf.embed(list(lab.texts)) for lab in labels]
+    torch.testing.assert_close(
+        label_similarities(emb, sets, clf.few_shot, center),
+        torch.tensor(
+            [
+                [
+                    float(
+                        F.normalize(emb[0] - center, dim=0)
+                        @ F.normalize(F.normalize(s - center, dim=-1).mean(0), dim=0)
+                    )
+                    for s in sets
+                ]
+            ]
+        ),
+    )
+    centered, raw = clf.classify(texts, labels)[0], plain.classify(texts, labels)[0]
+    assert centered.label == raw.label == "billing" and centered.scores != raw.scores
 
 
 @pytest.fixture(scope="module")

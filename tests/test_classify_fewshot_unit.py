@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from engine import protocol
 from engine.classifier import (
+    BACKGROUND,
     NONE_LABEL,
     ClassifyItem,
     ClassResult,
@@ -59,6 +60,30 @@ def test_prototype_knn_and_mix() -> None:
     assert mix == pytest.approx((proto + knn) / 2, abs=1e-6)
     one = label_similarities(emb, [unit(0.6, 0.8, 0).unsqueeze(0)], "knn")  # a single vector: zero-shot cosine
     assert float(one[0, 0]) == pytest.approx(0.6, abs=1e-6)
+
+
+def test_centering_on_the_background_removes_what_all_texts_share() -> None:
+    shared = torch.tensor([0.0, 0.0, 1.0])  # a direction every text has (what the background mean estimates)
+    emb = F.normalize(torch.stack([torch.tensor([0.3, 0.1, 1.0])]), dim=-1)
+    near, shared_only = unit(1, 0, 1), unit(0, 0.2, 1)  # the input's own direction; mostly the shared one
+    labels = [near.unsqueeze(0), shared_only.unsqueeze(0)]
+    plain = label_similarities(emb, labels, "prototype")
+    centered = label_similarities(emb, labels, "prototype", center=shared)
+    # the label near only through the shared direction wins without centering and loses with it
+    assert int(plain.argmax()) == 1 and int(centered.argmax()) == 0
+    assert float(centered[0, 1]) < 0.5 < float(plain[0, 1])
+    want = F.normalize(emb[0] - shared, dim=0) @ F.normalize(labels[1][0] - shared, dim=0)
+    assert float(centered[0, 1]) == pytest.approx(float(want), abs=1e-6)
+    # few-shot: the prototype is the mean of the centered, re-normalized examples
+    examples = torch.stack([unit(1, 0, 1), unit(0, 1, 1)])
+    proto = F.normalize(F.normalize(examples - shared, dim=-1).mean(0), dim=0)
+    got = label_similarities(emb, [examples], "prototype", center=shared)
+    assert float(got[0, 0]) == pytest.approx(float(F.normalize(emb[0] - shared, dim=0) @ proto), abs=1e-6)
+    assert label_similarities(emb, labels, "prototype", center=None).equal(plain)
+
+
+def test_the_background_ships_with_the_engine() -> None:
+    assert len(BACKGROUND) >= 50 and all(line.strip() for line in BACKGROUND)
 
 
 def test_threshold_adds_none_that_wins_exactly_below_it() -> None:
@@ -120,6 +145,14 @@ def test_training_reports_cross_validation_and_calibrates(tmp_path: Path) -> Non
     fit = train([f"t{i}" for i in range(len(labels))], labels, emb, folds=5)
     report = fit.report
     assert report["rows"] == 120 and report["per_label"]["none"] == 30
+    # regularization and class weighting are both chosen by CV: every pair's accuracy is reported
+    assert set(report["cv_accuracy_by_C"]) == set(report["cv_accuracy_by_C_balanced"])
+    assert report["class_weight"] in (None, "balanced")
+    chosen = report["cv_accuracy_by_C_balanced" if report["class_weight"] else "cv_accuracy_by_C"]
+    assert report["cv_accuracy_without_threshold"] == max(
+        *report["cv_accuracy_by_C"].values(), *report["cv_accuracy_by_C_balanced"].values()
+    )
+    assert report["cv_accuracy_without_threshold"] in chosen.values()
     assert report["cv_accuracy"] > 0.8
     assert report["cv_ece_calibrated"] <= report["cv_ece_raw"] + 1e-9  # the temperature never worsens it much
     assert set(fit.head.label_thresholds) == {"alpha", "beta", "gamma"}
