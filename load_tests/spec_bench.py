@@ -1,0 +1,251 @@
+"""Speculative decoding on against off, in one run: acceptance, tokens/s per request and aggregate throughput.
+
+Two workloads (load_tests/data/spec_prompts.json): **retrieval**, a support article plus a question whose
+answer quotes it (what a retrieval-backed support bot sends, where prompt lookup pays), and **freeform**,
+open requests with nothing to copy (where speculation must back off). Each runs at 1, 16 and 64 concurrent
+requests (``--concurrency``), speculation on and off in turn (which goes first alternates), on one engine
+loaded by the server's builder: requests set ``speculative`` themselves, so both sides share the model,
+the process and the moment. Greedy decoding, so the two sides' texts can be compared (identical expected).
+At concurrency 1, ``--sequential`` requests run one after another; at c > 1, c requests start together.
+
+Per request: decode tokens/s (tokens after the first over the time from first to last token) and end to
+end (all tokens over scheduling to last token); aggregate: all tokens over the level's wall time.
+Acceptance: accepted / proposed draft tokens (the engine's counters), and tokens per verifying row.
+Identical texts are expected on the float path (``--quantize none``); with 8-bit weights the wider
+verification forward and the one-token decode step round differently, and greedy near-ties can flip.
+
+    python -m load_tests.spec_bench --device cpu --out load_tests/results/speculative/cpu
+    python -m load_tests.spec_bench --device cuda --model dummy:smollm2-1.7b --out load_tests/results/speculative/h200
+    python -m load_tests.spec_bench --device cuda --model dummy:smollm2-1.7b --draft-model dummy:smollm2-135m ...
+
+Writes ``results.json`` and ``results.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import metrics
+from engine.llm_engine import AsyncLLM, GenerationChunk
+from engine.sequence import SamplingParams
+from load_tests.loadgen import environment_info
+from load_tests.prefix_cache_bench import cpu_model
+from server.config import DEFAULT_GEN_PRUNE, Settings
+from server.runtime import Runtime
+
+PROMPTS = Path(__file__).resolve().parent / "data" / "spec_prompts.json"
+
+
+def prompts(tokenizer: Any) -> dict[str, list[list[int]]]:
+    """Each workload's prompts as token ids, rendered with the model's chat template when it has one."""
+    data = json.loads(PROMPTS.read_text())
+    texts = {
+        "retrieval": [
+            f"{data['retrieval_instruction']}\n\nArticle:\n{r['article']}\n\nQuestion: {r['question']}"
+            for r in data["retrieval"]
+        ],
+        "freeform": list(data["freeform"]),
+    }
+
+    def encode(text: str) -> list[int]:
+        if tokenizer.chat_template:
+            messages = [{"role": "user", "content": text}]
+            return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return tokenizer(text).input_ids
+
+    return {name: [encode(t) for t in items] for name, items in texts.items()}
+
+
+def counters() -> tuple[float, float, float]:
+    return (metrics.SPEC_PROPOSED._value.get(), metrics.SPEC_ACCEPTED._value.get(), metrics.SPEC_VERIFIED._value.get())
+
+
+async def one(llm: AsyncLLM, ids: list[int], params: SamplingParams, request_id: str) -> GenerationChunk:
+    final = None
+    async for chunk in llm.generate(ids, params, request_id, stream=False):
+        final = chunk
+    assert final is not None and final.timeline is not None
+    return final
+
+
+async def level(
+    llm: AsyncLLM, items: list[list[int]], concurrency: int, sequential: int, params: SamplingParams, tag: str
+) -> dict[str, Any]:
+    """One measurement: ``concurrency`` requests together (or ``sequential`` one by one at 1)."""
+    before = counters()
+    start = time.perf_counter()
+    if concurrency == 1:
+        finals = [await one(llm, items[i % len(items)], params, f"{tag}-{i}") for i in range(sequential)]
+    else:
+        calls = [one(llm, items[i % len(items)], params, f"{tag}-{i}") for i in range(concurrency)]
+        finals = list(await asyncio.gather(*calls))
+    wall = time.perf_counter() - start
+    proposed, accepted, verified = (b - a for a, b in zip(before, counters(), strict=True))
+    decode, e2e = [], []
+    for f in finals:
+        line = f.timeline
+        assert line is not None
+        if f.completion_tokens > 1 and line.finished > line.first_token:
+            decode.append((f.completion_tokens - 1) / (line.finished - line.first_token))
+        e2e.append(f.completion_tokens / max(line.finished - line.scheduled, 1e-9))
+    tokens = sum(f.completion_tokens for f in finals)
+    return {
+        "requests": len(finals),
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "aggregate_tokens_per_s": round(tokens / wall, 2),
+        "decode_tokens_per_s_per_request_median": round(statistics.median(decode), 2) if decode else None,
+        "e2e_tokens_per_s_per_request_median": round(statistics.median(e2e), 2),
+        "proposed": int(proposed),
+        "accepted": int(accepted),
+        "acceptance_rate": round(accepted / proposed, 3) if proposed else None,
+        "tokens_per_verifying_row": round((accepted + verified) / verified, 2) if verified else None,
+        "texts": [f.text for f in finals],
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    top = max(args.concurrency)
+    settings = Settings(
+        gen_model=args.model,
+        enable_classify=False,
+        device=args.device,
+        max_num_seqs=top,
+        max_input_tokens=1024,
+        max_new_tokens=max(args.max_tokens, 128),
+        kv_cache_tokens=args.kv_cache_tokens,
+        speculative="none",  # each request says
+        speculative_tokens=args.k,
+        draft_model=args.draft_model,
+        gen_quantize=args.quantize,
+        gen_prune=0.0 if args.quantize == "none" else DEFAULT_GEN_PRUNE,
+    )
+    runtime = await asyncio.to_thread(Runtime.load, settings)
+    llm = runtime.llm
+    assert isinstance(llm, AsyncLLM)
+    await runtime.start()
+    engine = llm.engine
+    workloads = prompts(engine.tokenizer)
+    load_before = os.getloadavg()
+    results: dict[str, Any] = {}
+    try:
+        for name in args.workloads:
+            items = workloads[name]
+            for spec in (False, True):  # warm both paths on this workload's shapes
+                await one(llm, items[0], SamplingParams(max_tokens=8, speculative=spec), f"warm-{name}-{spec}")
+            for n, c in enumerate(args.concurrency):
+                pair = {}
+                for spec in (True, False) if n % 2 == 0 else (False, True):
+                    params = SamplingParams(max_tokens=args.max_tokens, speculative=spec)
+                    key = "on" if spec else "off"
+                    pair[key] = await level(llm, items, c, args.sequential, params, f"{name}-{c}-{key}")
+                    print(name, c, key, {k: v for k, v in pair[key].items() if k != "texts"}, flush=True)
+                on, off = pair["on"], pair["off"]
+                same = sum(a == b for a, b in zip(on["texts"], off["texts"], strict=True))
+                pair["identical_texts"] = f"{same}/{len(on['texts'])}"
+                for side in (on, off):
+                    del side["texts"]
+                pair["speedup_aggregate"] = round(on["aggregate_tokens_per_s"] / off["aggregate_tokens_per_s"], 2)
+                if on["decode_tokens_per_s_per_request_median"] and off["decode_tokens_per_s_per_request_median"]:
+                    pair["speedup_decode_per_request"] = round(
+                        on["decode_tokens_per_s_per_request_median"] / off["decode_tokens_per_s_per_request_median"], 2
+                    )
+                results[f"{name}@{c}"] = pair
+    finally:
+        await runtime.stop()
+    return {
+        "benchmark": "speculative_decoding",
+        "environment": {
+            **environment_info("in-process engine (no HTTP), built by server.runtime.Engines.build"),
+            "processor": cpu_model() if engine.runner.device.type == "cpu" else torch.cuda.get_device_name(),
+            "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "device": str(engine.runner.device),
+            "dtype": str(engine.runner.k_cache.dtype),
+            "command": "python -m load_tests.spec_bench " + " ".join(sys.argv[1:]),
+        },
+        "config": {
+            "model": runtime.info["generate"],
+            "method": engine.speculator.method,
+            "speculative_tokens": args.k,
+            "max_tokens": args.max_tokens,
+            "sequential_requests_at_1": args.sequential,
+            "prompt_tokens_median": {n: statistics.median(map(len, p)) for n, p in workloads.items()},
+            "quantization": runtime.reports["generate"].spec.quantize if "generate" in runtime.reports else None,
+        },
+        "results": results,
+    }
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    env, cfg = doc["environment"], doc["config"]
+    rows = [
+        "| workload @ concurrency | acceptance | tokens / verifying row | decode tok/s per request on / off "
+        "| speed-up per request | aggregate tok/s on / off | speed-up aggregate | identical texts |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, r in doc["results"].items():
+        on, off = r["on"], r["off"]
+        rows.append(
+            f"| {key} | {on['acceptance_rate']} | {on['tokens_per_verifying_row']} "
+            f"| {on['decode_tokens_per_s_per_request_median']} / {off['decode_tokens_per_s_per_request_median']} "
+            f"| {r.get('speedup_decode_per_request')}x "
+            f"| {on['aggregate_tokens_per_s']} / {off['aggregate_tokens_per_s']} "
+            f"| {r['speedup_aggregate']}x | {r['identical_texts']} |"
+        )
+    return "\n".join(
+        [
+            "# Speculative decoding: on against off",
+            "",
+            f"Command: `{env['command']}`  ",
+            f"Date: {env['date']}  ",
+            f"Hardware: {env['machine']} ({env['processor']}), {env['cpu_count']} CPUs visible, torch {env['torch']} "
+            f"with {env['torch_threads']} threads, device {env['device']}, {env['dtype']}; 1-minute load average "
+            f"{env['load_average_1m_before_after'][0]} before, {env['load_average_1m_before_after'][1]} after  ",
+            f"Model: {cfg['model']} (quantization {cfg['quantization']}); proposer {cfg['method']}, "
+            f"k = {cfg['speculative_tokens']}; greedy, max_tokens {cfg['max_tokens']}; prompt tokens (median) "
+            f"{cfg['prompt_tokens_median']}; at concurrency 1, {cfg['sequential_requests_at_1']} requests one "
+            "after another",
+            "",
+            *rows,
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default", help="generation model spec (see --gen-model)")
+    parser.add_argument("--draft-model", default=None, help="draft model spec: requests speculate with it")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--quantize", default="auto", choices=["auto", "none", "int8", "int8-wo", "fp8"], help="as --gen-quantize"
+    )
+    parser.add_argument("--k", type=int, default=4, help="speculative tokens per step")
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--sequential", type=int, default=6, help="requests one after another at concurrency 1")
+    parser.add_argument("--workloads", nargs="+", default=["retrieval", "freeform"], choices=["retrieval", "freeform"])
+    parser.add_argument("--kv-cache-tokens", type=int, default=40960)
+    parser.add_argument("--out", type=Path, default=Path("load_tests/results/speculative"))
+    args = parser.parse_args(argv)
+    doc = asyncio.run(run(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(doc))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
