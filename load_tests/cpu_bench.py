@@ -196,8 +196,8 @@ def compress_variant(loaded: LoadedCausalLM, setting: dict, cache_dir: Path) -> 
 
 
 def variant_name(setting: dict) -> str:
-    """A short label: ``int8+p1%``, ``int8+p1%+float(layers.0.*)``."""
-    name = setting["quantize"] + (f"+p{setting['prune_mlp']:.0%}" if setting.get("prune_mlp") else "")
+    """A short label: ``int8+p1%``, ``int8+p0.5%``, ``int8+p1%+float(layers.0.*)``."""
+    name = setting["quantize"] + (f"+p{100 * setting['prune_mlp']:g}%" if setting.get("prune_mlp") else "")
     keep = setting.get("keep_float")
     return name + (f"+float({','.join(keep)})" if keep else "")
 

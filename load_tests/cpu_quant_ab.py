@@ -4,6 +4,7 @@ Run it once natively and once with the CPU's instruction sets capped to AVX2 (on
 these variables), to see whether ``auto``'s choice would change on a CPU without AVX-512/VNNI::
 
     HF_HUB_OFFLINE=1 python -m load_tests.cpu_quant_ab --out native.json
+    HF_HUB_OFFLINE=1 python -m load_tests.cpu_quant_ab --settings int8:0.01,int8:0 --out prune_ab.json
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 HF_HUB_OFFLINE=1 python -m load_tests.cpu_quant_ab --out avx2.json
 
 The cap is an emulation: the capped code paths run on this CPU's cores, not on an AVX2-only CPU's.
@@ -27,11 +28,12 @@ from models.compress import compress_causal_lm, default_spec
 from models.llama import Llama
 from models.loader import load_causal_lm
 
-SETTINGS = [("int8", 0.01), ("int8-wo", 0.01), ("none", 0.0)]
+SETTINGS = "int8:0.01,int8-wo:0.01,none:0"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--settings", default=SETTINGS, help="method:prune_mlp pairs, comma-separated")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batches", default="1,16")
@@ -43,15 +45,16 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     loaded = load_causal_lm("default", args.cache_dir, torch.float32)
     runners = {}
-    for method, prune in SETTINGS:
+    for setting in args.settings.split(","):
+        method, prune = setting.split(":")
         model = Llama.from_hf(loaded.config, {k: v.clone() for k, v in loaded.state_dict.items()})
-        spec = default_spec(method, prune)
+        spec = default_spec(method, float(prune))
         cache = args.cache_dir if not spec.is_identity else None
         model, _ = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache)
         runner = ModelRunner(model, BlockManager(65, 16), torch.device("cpu"), torch.float32, max(batches), 1024)
         runner.decode.inputs[:, 1] = args.kv_len - 28  # every row at one position, eight blocks of context
         runner.decode.inputs[:, 2:10] = torch.arange(1, 9)
-        runners[method] = runner
+        runners[setting] = runner
     times: dict[str, list[float]] = {f"{m}@b{b}": [] for m in runners for b in batches}
     with torch.inference_mode():
         for _ in range(args.rounds):
