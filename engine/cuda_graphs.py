@@ -29,6 +29,8 @@ from models.llama import AttentionMetadata, Llama
 log = logging.getLogger(__name__)
 
 MIN_KV_BUCKET = 64
+# Tokens per row a step may compute: 1 (decode) or 1 + speculative drafts (server/config.py allows 16).
+MAX_QUERY_WIDTH = 17
 
 
 def bucket(sizes: list[int], n: int) -> int:
@@ -104,25 +106,33 @@ class DecodeGraphs:
             if self.paged_kernel_error is not None:
                 log.warning("decode attention falls back to gather + SDPA: %s", self.paged_kernel_error)
         self.paged_kernel = self.paged_kernel_error is None
-        width = 2 + self.kv_lens[-1] // block_size  # token, position, block table
+        width = MAX_QUERY_WIDTH + 1 + self.kv_lens[-1] // block_size  # tokens, position of the first, block table
         # Host staging buffer (pinned on CUDA, so the upload is one async copy) and its device twin.
         self.staging = torch.zeros(self.batch_sizes[-1], width, dtype=torch.long, pin_memory=self.use_graphs)
         self.staging_np = self.staging.numpy()
         self.inputs = torch.zeros_like(self.staging, device=device)
         self.kv_positions = torch.arange(self.kv_lens[-1], device=device)
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self.offsets = torch.arange(MAX_QUERY_WIDTH, device=device)
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}  # (batch, KV length, query width)
+        self.outputs: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.warmup_stream = torch.cuda.Stream() if self.use_graphs else None
 
-    def fits(self, seqs: list[Sequence]) -> bool:
-        return len(seqs) <= self.batch_sizes[-1] and max(s.num_tokens for s in seqs) <= self.kv_lens[-1]
+    def fits(self, seqs: list[Sequence], q: int = 1) -> bool:
+        """Whether a step of ``q`` tokens per row (padding included) fits the buckets and the model's positions."""
+        top = min(self.kv_lens[-1], self.model.args.max_position)
+        return (
+            len(seqs) <= self.batch_sizes[-1] and q <= MAX_QUERY_WIDTH and max(s.num_computed for s in seqs) + q <= top
+        )
 
-    def _forward(self, batch: int, kv_len: int) -> tuple[Tensor, Tensor]:
-        """One decode step for the first ``batch`` rows of the input buffer: (greedy tokens, logits)."""
+    def _forward(self, batch: int, kv_len: int, q: int = 1) -> tuple[Tensor, Tensor]:
+        """One step for the first ``batch`` rows of the input buffer, ``q`` tokens each (1: decode; more: a
+        row's last token and its speculative drafts): (greedy tokens, logits), row b's position j at b * q + j."""
         buf = self.inputs[:batch]
-        ids, positions = buf[:, 0:1], buf[:, 1:2]
-        tables = buf[:, 2 : 2 + kv_len // self.block_size]
+        ids, positions = buf[:, :q], buf[:, q : q + 1]
+        if q > 1:
+            positions = positions + self.offsets[:q]
+        tables = buf[:, q + 1 : q + 1 + kv_len // self.block_size]
         if not self.compiled:
             return self._step(ids, positions, tables)
         # Fresh contiguous inputs whose table width (the KV bucket) and, beyond batch 1, rows are dynamic.
@@ -134,19 +144,20 @@ class DecodeGraphs:
         return self._step(ids, positions, tables)
 
     def _step_fn(self, ids: Tensor, positions: Tensor, tables: Tensor) -> tuple[Tensor, Tensor]:
-        batch, kv_len = ids.shape[0], tables.shape[1] * self.block_size
+        (batch, q), kv_len = ids.shape, tables.shape[1] * self.block_size
         bs = self.block_size
         slot_mapping = (tables.gather(1, positions // bs) * bs + positions % bs).view(-1)
-        mask = (self.kv_positions[:kv_len].view(1, -1) <= positions).view(batch, 1, 1, kv_len)
-        context_lens = (positions + 1).view(-1) if self.paged_kernel else None
+        mask = (self.kv_positions[:kv_len].view(1, 1, -1) <= positions.unsqueeze(-1)).view(batch, 1, q, kv_len)
+        context_lens = (positions + 1).view(-1) if self.paged_kernel and q == 1 else None  # the kernel: q = 1 only
         meta = AttentionMetadata(slot_mapping, tables, mask, bs, context_lens)
         hidden = self.model(ids, positions, meta, self.kv_cache)
+        hidden = hidden[:, 0] if q == 1 else hidden.flatten(0, 1)
         if not self.logits:
-            return hidden[:, 0], hidden[:, 0]
-        logits = self.model.logits(hidden[:, 0])
+            return hidden, hidden
+        logits = self.model.logits(hidden)
         return logits.argmax(dim=-1), logits
 
-    def _capture(self, key: tuple[int, int]) -> None:
+    def _capture(self, key: tuple[int, int, int]) -> None:
         # Warm up on a side stream (lazy cuBLAS/SDPA workspace setup must not land in the graph). One
         # stream for all: the allocator caches freed blocks per stream, so a new stream each time leaks.
         stream = self.warmup_stream
@@ -169,8 +180,8 @@ class DecodeGraphs:
         self.inputs.zero_()  # all rows point at the scratch block while capturing
         for batch in reversed(self.batch_sizes):
             for kv_len in reversed(self.kv_lens):
-                if (batch, kv_len) not in self.graphs:
-                    self._capture((batch, kv_len))
+                if (batch, kv_len, 1) not in self.graphs:
+                    self._capture((batch, kv_len, 1))
         torch.cuda.synchronize()
 
     @torch.inference_mode()
@@ -179,29 +190,36 @@ class DecodeGraphs:
         for batch in self.batch_sizes:  # the first two compile, the rest must reuse the second graph
             self._forward(batch, self.kv_lens[0])
 
-    def stage(self, seqs: list[Sequence]) -> tuple[int, int, int]:
-        """Writes each sequence's one uncomputed token, position and block table into the host staging
-        rows; returns the step's (batch bucket, KV bucket, row width)."""
+    def stage(self, seqs: list[Sequence], q: int = 1) -> tuple[int, int, int]:
+        """Writes each sequence's step tokens (its one uncomputed token, then any speculative drafts, padded to
+        ``q``), the position of the first and its block table into the host staging rows; returns the step's
+        (batch bucket, KV bucket, row width). Padding queries write their K/V past the row's tokens, in its
+        own blocks or the scratch block, where a later step overwrites it before anything reads it."""
         batch = bucket(self.batch_sizes, len(seqs))
-        kv_len = bucket(self.kv_lens, max(s.num_tokens for s in seqs))
-        width = 2 + kv_len // self.block_size
+        kv_len = bucket(self.kv_lens, max(s.num_computed for s in seqs) + q)
+        width = q + 1 + kv_len // self.block_size
         host = self.staging_np
         host[:batch, :width] = SCRATCH_BLOCK
         for row, s in enumerate(seqs):
             pos = s.num_computed
-            prompt_len = len(s.prompt_ids)
-            host[row, 0] = s.prompt_ids[pos] if pos < prompt_len else s.output_ids[pos - prompt_len]
-            host[row, 1] = pos
-            table = s.block_table[: width - 2]  # blocks past the bucket hold no context yet
-            host[row, 2 : 2 + len(table)] = table
+            if q == 1:
+                prompt_len = len(s.prompt_ids)
+                host[row, 0] = s.prompt_ids[pos] if pos < prompt_len else s.output_ids[pos - prompt_len]
+            else:
+                tokens = s.step_token_ids
+                host[row, : len(tokens)] = tokens
+            host[row, q] = pos
+            table = s.block_table[: width - q - 1]  # blocks past the bucket hold no context yet
+            host[row, q + 1 : q + 1 + len(table)] = table
         return batch, kv_len, width
 
-    def replay(self, batch: int, kv_len: int, width: int) -> tuple[Tensor, Tensor]:
-        """Runs the step staged in the first ``batch`` host rows: (greedy tokens, logits) of every row."""
+    def replay(self, batch: int, kv_len: int, width: int, q: int = 1) -> tuple[Tensor, Tensor]:
+        """Runs the step staged in the first ``batch`` host rows: (greedy tokens, logits) of every row (of
+        every position of every row, row-major, for ``q`` > 1). A width first used here is captured now."""
         self.inputs[:batch, :width].copy_(self.staging[:batch, :width], non_blocking=True)
-        key = (batch, kv_len)
+        key = (batch, kv_len, q)
         if not self.use_graphs:
-            return self._forward(batch, kv_len)
+            return self._forward(*key)
         if key not in self.graphs:
             self._capture(key)
         self.graphs[key].replay()

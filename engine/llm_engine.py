@@ -143,6 +143,7 @@ class LLMEngine:
         self.blocks = self.runner.blocks
         self.max_model_len = max_model_len(model, config)
         self.speculator = self._speculator(model, draft, device, dtype)
+        self.runner.verify_width = 1 + config.speculative_tokens
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens)
         metrics.KV_BYTES.set(self.runner.kv_cache_bytes)
         eos = tokenizer.eos_token_id
@@ -204,19 +205,23 @@ class LLMEngine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = start
                 metrics.QUEUE_TIME.labels(endpoint="generate").observe(start - seq.arrival_time)
-        if not is_prefill:
+        began = self.clock()
+        if not is_prefill:  # proposing counts in the step's time: a draft model's forwards are part of its cost
             ks = self.speculator.plan(seqs)
             if any(ks):
                 self.speculator.propose(seqs, self.scheduler.reserve_drafts(seqs, ks))
-        computed, context, began = sum(s.num_step_tokens for s in seqs), sum(s.num_tokens for s in seqs), self.clock()
-        if any(s.draft_ids for s in seqs):
+        computed, context = sum(s.num_step_tokens for s in seqs), sum(s.num_tokens for s in seqs)
+        speculative = any(s.draft_ids for s in seqs)
+        if speculative:
             produced = self.runner.run_speculative(seqs)
         else:
             produced = [[] if t is None else [t] for t in self.runner.run(seqs)]
+        seconds = self.clock() - began
         if is_prefill:
-            self.rates.observe_prefill(computed, self.clock() - began)
+            self.rates.observe_prefill(computed, seconds)
         else:
-            self.rates.observe_decode(context, self.clock() - began)
+            self.rates.observe_decode(context, seconds)
+            self.speculator.gate.observe(speculative, sum(map(len, produced)), len(seqs), seconds)
         outputs = shed
         for seq, tokens in zip(seqs, produced, strict=True):
             advance = seq.num_step_tokens  # positions whose K/V this step wrote

@@ -40,6 +40,7 @@ class ModelRunner:
         self.device = device
         self.fanout = fanout
         self.sample = sample
+        self.verify_width = 1  # tokens per row of a speculative step on the graph path (1 + drafts), set by the engine
         model.fuse_projections()
         a = model.args
         shape = (a.num_layers, blocks.num_blocks * blocks.block_size, a.num_kv_heads, a.head_dim)
@@ -84,11 +85,20 @@ class ModelRunner:
             for i, token in zip(done, tokens, strict=True):
                 out[i] = token
         return out
+
     @torch.inference_mode()
     def run_speculative(self, seqs: list[Sequence]) -> list[list[int]]:
         """A decode step in which rows also verify their ``draft_ids``: every row computes its last token and
         its drafts in one forward, with logits at each of those positions; returns the tokens each row
-        gains (engine/speculative.py)."""
+        gains (engine/speculative.py). On the graph path every row is padded to ``verify_width`` tokens (one
+        captured graph per bucket serves every number of drafts); else eagerly, as a prefill step."""
+        q = max(self.verify_width, *(s.num_step_tokens for s in seqs))
+        if self.decode.fits(seqs, q):
+            step = Decode(*self.decode.stage(seqs, q), q=q)
+            self._send(step)
+            _, logits = self.decode.replay(step.batch, step.kv_len, step.width, q)
+            rows = [b * q + j for b, s in enumerate(seqs) for j in range(s.num_step_tokens)]
+            return speculative.verify(logits[rows], seqs)
         step = self._host_inputs(seqs)
         self._send(step)
         ids, positions, meta, _ = self._device_inputs(step)
@@ -104,13 +114,12 @@ class ModelRunner:
         hidden = self.model(ids, positions, meta, (self.k_cache, self.v_cache))
         return self.model.logits(hidden[torch.arange(len(rows), device=self.device), last])
 
-
     @torch.inference_mode()
     def follow(self, step: StepInput) -> None:
         """Runs a step that rank 0 sent (a tensor-parallel rank that does not sample)."""
         if isinstance(step, Decode):
             self.decode.staging_np[: step.batch, : step.width] = step.rows
-            self.decode.replay(step.batch, step.kv_len, step.width)
+            self.decode.replay(step.batch, step.kv_len, step.width, step.q)
         else:
             ids, positions, meta, _ = self._device_inputs(step)
             self.model(ids, positions, meta, (self.k_cache, self.v_cache))

@@ -28,7 +28,8 @@ have to follow every draft), rows with presence/frequency penalties (each positi
 the drafts before it) and rows asking for log-probabilities. Back-off: each row tracks its acceptance
 (a decayed rate); below :data:`LOW_ACCEPTANCE` it stops speculating for a while (longer each time), and
 between that and :data:`FULL_ACCEPTANCE` it proposes half as many tokens, so text the proposer cannot
-predict costs little more than decoding without it.
+predict costs little more than decoding without it. And engine-wide, :class:`SpeedGate` turns speculation
+off for a while when steps with drafts deliver fewer tokens per row per second than steps without.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ LOW_ACCEPTANCE = 0.25  # below: pause speculating
 FULL_ACCEPTANCE = 0.5  # at or above: propose k tokens; between the two: k / 2
 FIRST_PAUSE = 8  # decode steps without speculation after the first back-off; doubles each time, up to
 MAX_PAUSE = 128
+GATE_SAMPLES = 8  # decode steps of each kind measured before the speed gate may close
+GATE_DECAY = 0.9  # weight of the history in the gate's speeds
+GATE_REFRESH = 256  # steps with drafts after which plain steps are measured again (the load changes)
 
 
 @dataclass(eq=False)
@@ -91,6 +95,48 @@ class SpecState:
         if self.rate < LOW_ACCEPTANCE:
             self.paused, self.pause = self.pause, min(2 * self.pause, MAX_PAUSE)
             self.rate = (LOW_ACCEPTANCE + FULL_ACCEPTANCE) / 2  # after the pause, try again at k / 2
+
+
+@dataclass
+class SpeedGate:
+    """Engine-wide back-off on measured speed: where a wider step costs more than its accepted tokens save
+    (a CPU, whose step time grows with the tokens computed), acceptance alone would keep speculation on
+    while it slows every request. The gate compares tokens per row per second of decode steps with drafts
+    against those without (closing briefly to measure those when every step has drafts, and again every
+    :data:`GATE_REFRESH` steps); when speculating is slower it closes for a pause (doubling while it stays
+    slower), measuring plain steps meanwhile, then speculation is measured afresh."""
+
+    spec: float = 0.0  # decayed tokens per row per second, steps with drafts
+    plain: float = 0.0  # and without
+    spec_seen: int = 0
+    plain_seen: int = 0
+    closed: int = 0  # decode steps left without speculation
+    pause: int = 4 * FIRST_PAUSE
+
+    def observe(self, speculative: bool, tokens: int, rows: int, seconds: float) -> None:
+        rate = tokens / rows / max(seconds, 1e-9)
+        if speculative:
+            self.spec = rate if not self.spec_seen else GATE_DECAY * self.spec + (1 - GATE_DECAY) * rate
+            self.spec_seen += 1
+        else:
+            self.plain = rate if not self.plain_seen else GATE_DECAY * self.plain + (1 - GATE_DECAY) * rate
+            self.plain_seen += 1
+        if self.spec_seen < GATE_SAMPLES:
+            return
+        if self.plain_seen < GATE_SAMPLES:  # every row speculates (a draft model): measure plain steps too
+            self.closed = GATE_SAMPLES - self.plain_seen
+        elif self.spec < self.plain:
+            self.closed, self.pause = self.pause, min(2 * self.pause, 16 * MAX_PAUSE)
+            self.spec_seen = 0
+        elif self.spec_seen % GATE_REFRESH == 0:
+            self.plain_seen = 0
+
+    def open(self) -> bool:
+        """Whether this decode step may speculate (a closed gate counts the step off its pause)."""
+        if self.closed:
+            self.closed -= 1
+            return False
+        return True
 
 
 def ngram_lookup(tokens: np.ndarray, k: int, n_max: int = NGRAM_MAX, n_min: int = NGRAM_MIN) -> list[int]:
@@ -156,6 +202,7 @@ class Speculator:
         self.default_on = default_on
         self.max_model_len = max_model_len
         self.draft = draft
+        self.gate = SpeedGate()
 
     def eligible(self, seq: Sequence) -> bool:
         """Whether the request speculates at all (its setting, and no feature that cannot compose with it)."""
@@ -171,7 +218,10 @@ class Speculator:
 
     def plan(self, seqs: list[Sequence]) -> list[int]:
         """Draft tokens each decode row may propose this step (0: none): its back-off, its remaining
-        ``max_tokens`` (drafts beyond what it may still emit are wasted) and the model length."""
+        ``max_tokens`` (drafts beyond what it may still emit are wasted) and the model length; none while the
+        speed gate is closed."""
+        if not self.gate.open():
+            return [0] * len(seqs)
         ks = []
         for s in seqs:
             k = 0

@@ -24,6 +24,7 @@ class Decode:
     kv_len: int
     width: int
     rows: np.ndarray | None = None  # filled when sent: rank 0's staging rows
+    q: int = 1  # tokens per row: 1, or 1 + speculative drafts
 
 
 @dataclass

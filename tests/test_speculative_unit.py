@@ -6,6 +6,7 @@ request in one step reaching the client as one chunk."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import types
 
 import numpy as np
@@ -19,7 +20,16 @@ from engine.llm_engine import EngineConfig, LLMClient, LLMEngine
 from engine.protocol import AddRequest, StepOutputs, TokenOutput
 from engine.sampler import filtered_probs
 from engine.sequence import SamplingParams, Sequence
-from engine.speculative import FIRST_PAUSE, SpecState, Speculator, _accept_sampled, ngram_lookup, verify
+from engine.speculative import (
+    FIRST_PAUSE,
+    GATE_SAMPLES,
+    SpecState,
+    Speculator,
+    SpeedGate,
+    _accept_sampled,
+    ngram_lookup,
+    verify,
+)
 from models.llama import Llama
 
 pytestmark = pytest.mark.unit
@@ -37,7 +47,9 @@ def make_engine(tiny: Tiny, speculative: str = "none", draft: Llama | None = Non
     settings = {"max_num_seqs": 8, "kv_cache_tokens": 4096, "max_model_len": 256, "block_size": 4, **config}
     engine_config = EngineConfig(speculative=speculative, **settings)  # type: ignore[arg-type]
     tokenizer = types.SimpleNamespace(eos_token_id=EOS)
-    return LLMEngine(Llama.from_hf(hf_config, state), tokenizer, CPU, torch.float32, engine_config, draft=draft)
+    engine = LLMEngine(Llama.from_hf(hf_config, state), tokenizer, CPU, torch.float32, engine_config, draft=draft)
+    engine.clock = itertools.count().__next__  # every step takes the same time: the speed gate stays open
+    return engine
 
 
 def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> tuple[list[list[int]], list[str], int]:
@@ -79,6 +91,10 @@ def test_greedy_output_is_identical_with_ngram_speculation(tiny: Tiny) -> None:
     assert spec == plain and spec_reasons == plain_reasons
     assert accepted > 0 and proposed >= accepted
     assert spec_steps < plain_steps  # several tokens per step
+    # The same through the eager (prefill) path instead of the decode graphs' fixed-width verification.
+    eager = make_engine(tiny, "ngram")
+    eager.runner.decode.fits = lambda seqs, q=1: q == 1  # type: ignore[method-assign]
+    assert run(eager, requests)[0] == plain
 
 
 def test_greedy_output_is_identical_with_a_draft_model(tiny: Tiny) -> None:
@@ -217,6 +233,27 @@ def test_back_off_pauses_a_row_whose_drafts_are_rejected() -> None:
     assert state.paused == 2 * FIRST_PAUSE  # longer each time
     seq.params = SamplingParams(max_tokens=100, logprobs=1)
     assert not speculator.eligible(seq)
+
+
+def test_speed_gate_closes_when_speculating_is_slower() -> None:
+    gate = SpeedGate()
+    for _ in range(GATE_SAMPLES):
+        gate.observe(False, tokens=4, rows=4, seconds=0.01)  # 100 tokens per row per second
+        gate.observe(True, tokens=8, rows=4, seconds=0.01)  # 200: faster, stays open
+    assert gate.open()
+    for _ in range(3 * GATE_SAMPLES):
+        gate.observe(True, tokens=8, rows=4, seconds=0.04)  # 50: slower than plain steps
+        if gate.closed:
+            break
+    first = gate.closed
+    assert first > 0 and not any(gate.open() for _ in range(first)) and gate.open()
+    for _ in range(GATE_SAMPLES):
+        gate.observe(True, tokens=8, rows=4, seconds=0.04)
+    assert gate.closed == 2 * first  # still slower: a longer pause
+    only = SpeedGate()  # every step has drafts: it closes briefly to measure steps without
+    for _ in range(GATE_SAMPLES):
+        only.observe(True, tokens=8, rows=4, seconds=0.01)
+    assert only.closed == GATE_SAMPLES
 
 
 def test_back_off_in_the_engine_stops_wrong_drafts(tiny: Tiny) -> None:
