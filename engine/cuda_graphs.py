@@ -120,10 +120,12 @@ class DecodeGraphs:
 
     def fits(self, seqs: list[Sequence], q: int = 1) -> bool:
         """Whether a step of ``q`` tokens per row (padding included) fits the buckets and the model's positions."""
+        return self.fits_rows(len(seqs), max(s.num_computed for s in seqs), q)
+
+    def fits_rows(self, rows: int, first: int, q: int = 1) -> bool:
+        """:meth:`fits` for ``rows`` rows whose first token sits at most at position ``first``."""
         top = min(self.kv_lens[-1], self.model.args.max_position)
-        return (
-            len(seqs) <= self.batch_sizes[-1] and q <= MAX_QUERY_WIDTH and max(s.num_computed for s in seqs) + q <= top
-        )
+        return rows <= self.batch_sizes[-1] and q <= MAX_QUERY_WIDTH and first + q <= top
 
     def _forward(self, batch: int, kv_len: int, q: int = 1) -> tuple[Tensor, Tensor]:
         """One step for the first ``batch`` rows of the input buffer, ``q`` tokens each (1: decode; more: a
@@ -193,23 +195,36 @@ class DecodeGraphs:
     def stage(self, seqs: list[Sequence], q: int = 1) -> tuple[int, int, int]:
         """Writes each sequence's step tokens (its one uncomputed token, then any speculative drafts, padded to
         ``q``), the position of the first and its block table into the host staging rows; returns the step's
-        (batch bucket, KV bucket, row width). Padding queries write their K/V past the row's tokens, in its
-        own blocks or the scratch block, where a later step overwrites it before anything reads it."""
+        (batch bucket, KV bucket, row width)."""
+        if q > 1:
+            return self.stage_rows([(s.step_token_ids, s.num_computed, s.block_table) for s in seqs], q)
         batch = bucket(self.batch_sizes, len(seqs))
-        kv_len = bucket(self.kv_lens, max(s.num_computed for s in seqs) + q)
+        kv_len = bucket(self.kv_lens, max(s.num_tokens for s in seqs))
+        width = 2 + kv_len // self.block_size
+        host = self.staging_np
+        host[:batch, :width] = SCRATCH_BLOCK
+        for row, s in enumerate(seqs):  # the decode step's loop: scalar writes, no per-row lists
+            pos = s.num_computed
+            prompt_len = len(s.prompt_ids)
+            host[row, 0] = s.prompt_ids[pos] if pos < prompt_len else s.output_ids[pos - prompt_len]
+            host[row, 1] = pos
+            table = s.block_table[: width - 2]  # blocks past the bucket hold no context yet
+            host[row, 2 : 2 + len(table)] = table
+        return batch, kv_len, width
+
+    def stage_rows(self, rows: list[tuple[list[int], int, list[int]]], q: int = 1) -> tuple[int, int, int]:
+        """:meth:`stage` for rows of (at most ``q`` tokens, position of the first, block table): a draft
+        model's steps. Padding queries write their K/V past the row's tokens, in its own blocks or the
+        scratch block, where a later step overwrites it before anything reads it."""
+        batch = bucket(self.batch_sizes, len(rows))
+        kv_len = bucket(self.kv_lens, max(pos for _, pos, _ in rows) + q)
         width = q + 1 + kv_len // self.block_size
         host = self.staging_np
         host[:batch, :width] = SCRATCH_BLOCK
-        for row, s in enumerate(seqs):
-            pos = s.num_computed
-            if q == 1:
-                prompt_len = len(s.prompt_ids)
-                host[row, 0] = s.prompt_ids[pos] if pos < prompt_len else s.output_ids[pos - prompt_len]
-            else:
-                tokens = s.step_token_ids
-                host[row, : len(tokens)] = tokens
+        for row, (tokens, pos, block_table) in enumerate(rows):
+            host[row, : len(tokens)] = tokens
             host[row, q] = pos
-            table = s.block_table[: width - q - 1]  # blocks past the bucket hold no context yet
+            table = block_table[: width - q - 1]  # blocks past the bucket hold no context yet
             host[row, q + 1 : q + 1 + len(table)] = table
         return batch, kv_len, width
 

@@ -166,6 +166,7 @@ class LLMEngine:
                     f"({model.args.vocab_size}): it needs the same tokenizer"
                 )
             runner = ModelRunner(draft, self.blocks, device, dtype, config.max_num_seqs, self.max_model_len)
+            runner.verify_width = 1 + config.speculative_tokens
             proposer = DraftModel(runner)
         elif config.speculative == "draft":
             raise ValueError("speculative 'draft' needs a draft model")

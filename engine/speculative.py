@@ -13,7 +13,7 @@ Proposers (both deterministic, so a draft is a point mass ``q``):
 - **draft model**: a smaller model with the same tokenizer proposes ``k`` tokens greedily, with a KV
   cache of its own laid out in the served model's blocks (the same block tables, so the scheduler's
   allocation covers both); it catches up on the tokens it has not seen in one forward, then runs a
-  forward per draft token.
+  forward per draft token, through its own decode graphs where the rows fit them.
 
 Acceptance keeps the output exactly what decoding without speculation gives: a greedy row takes drafts
 while they equal the model's argmax, then the argmax (the same tokens, up to floating-point differences
@@ -172,7 +172,7 @@ class DraftModel:
                 state.draft_computed, state.draft_table = 0, s.block_table
             start = min(state.draft_computed, s.num_tokens - 1)
             rows.append((s.token_ids[start:], start, s.block_table))
-        tokens = self.runner.forward_rows(rows).argmax(dim=-1).tolist()
+        tokens = self._greedy(rows)
         live = list(range(len(seqs)))
         while True:
             for i, token in zip(live, tokens, strict=True):
@@ -182,11 +182,23 @@ class DraftModel:
                 break
             # Draft j (from 0) sits at position num_tokens + j; fed back, it yields draft j + 1.
             rows = [([drafts[i][-1]], seqs[i].num_tokens + len(drafts[i]) - 1, seqs[i].block_table) for i in live]
-            tokens = self.runner.forward_rows(rows).argmax(dim=-1).tolist()
+            tokens = self._greedy(rows)
         for s, d in zip(seqs, drafts, strict=True):
             assert s.spec is not None
             s.spec.draft_computed = s.num_tokens + len(d) - 1  # the last draft was never fed back
         return drafts
+
+    def _greedy(self, rows: list[tuple[list[int], int, list[int]]]) -> list[int]:
+        """The draft's argmax after each row's last token, for rows of (tokens, position of the first, block
+        table): one replay of its decode graphs when the rows fit them (one token each, or up to the
+        verification width: a catch-up after a verification), else an eager forward (a first prompt)."""
+        runner, q = self.runner, max(len(tokens) for tokens, _, _ in rows)
+        if q > 1:
+            q = max(q, runner.verify_width)
+        if runner.decode.fits_rows(len(rows), max(pos for _, pos, _ in rows), q):
+            greedy, _ = runner.decode.replay(*runner.decode.stage_rows(rows, q), q)
+            return greedy[[b * q + len(tokens) - 1 for b, (tokens, _, _) in enumerate(rows)]].tolist()
+        return runner.forward_rows(rows).argmax(dim=-1).tolist()
 
 
 class Speculator:

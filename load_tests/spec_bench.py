@@ -3,10 +3,10 @@
 Two workloads (load_tests/data/spec_prompts.json): **retrieval**, a support article plus a question whose
 answer quotes it (what a retrieval-backed support bot sends, where prompt lookup pays), and **freeform**,
 open requests with nothing to copy (where speculation must back off). Each runs at 1, 16 and 64 concurrent
-requests (``--concurrency``), speculation on and off in turn (which goes first alternates), on one engine
-loaded by the server's builder: requests set ``speculative`` themselves, so both sides share the model,
-the process and the moment. Greedy decoding, so the two sides' texts can be compared (identical expected).
-At concurrency 1, ``--sequential`` requests run one after another; at c > 1, c requests start together.
+requests (``--concurrency``), speculation on and off interleaved in rounds (a wave of c requests on, one
+off, the same prompts, which goes first alternating; ``--sequential`` rounds at 1, ``--rounds`` above), on
+one engine loaded by the server's builder: requests set ``speculative`` themselves, so both sides share the
+model, the process and the moment. Greedy decoding, so the two sides' texts can be compared.
 
 Per request: decode tokens/s (tokens after the first over the time from first to last token) and end to
 end (all tokens over scheduling to last token); aggregate: all tokens over the level's wall time.
@@ -40,7 +40,7 @@ from engine.llm_engine import AsyncLLM, GenerationChunk
 from engine.sequence import SamplingParams
 from load_tests.loadgen import environment_info
 from load_tests.prefix_cache_bench import cpu_model
-from server.config import DEFAULT_GEN_PRUNE, Settings
+from server.config import Settings
 from server.runtime import Runtime
 
 PROMPTS = Path(__file__).resolve().parent / "data" / "spec_prompts.json"
@@ -78,19 +78,20 @@ async def one(llm: AsyncLLM, ids: list[int], params: SamplingParams, request_id:
     return final
 
 
-async def level(
-    llm: AsyncLLM, items: list[list[int]], concurrency: int, sequential: int, params: SamplingParams, tag: str
-) -> dict[str, Any]:
-    """One measurement: ``concurrency`` requests together (or ``sequential`` one by one at 1)."""
+async def wave(
+    llm: AsyncLLM, items: list[list[int]], start: int, concurrency: int, params: SamplingParams, tag: str
+) -> tuple[list[GenerationChunk], float, tuple[float, ...]]:
+    """``concurrency`` requests together (prompts from ``start`` on): their last chunks, the wall time and
+    the speculation counters' increase."""
     before = counters()
-    start = time.perf_counter()
-    if concurrency == 1:
-        finals = [await one(llm, items[i % len(items)], params, f"{tag}-{i}") for i in range(sequential)]
-    else:
-        calls = [one(llm, items[i % len(items)], params, f"{tag}-{i}") for i in range(concurrency)]
-        finals = list(await asyncio.gather(*calls))
-    wall = time.perf_counter() - start
-    proposed, accepted, verified = (b - a for a, b in zip(before, counters(), strict=True))
+    began = time.perf_counter()
+    calls = [one(llm, items[(start + i) % len(items)], params, f"{tag}-{i}") for i in range(concurrency)]
+    finals = list(await asyncio.gather(*calls))
+    wall = time.perf_counter() - began
+    return finals, wall, tuple(b - a for a, b in zip(before, counters(), strict=True))
+
+
+def summary(finals: list[GenerationChunk], wall: float, proposed: float, accepted: float, verified: float) -> dict:
     decode, e2e = [], []
     for f in finals:
         line = f.timeline
@@ -110,8 +111,35 @@ async def level(
         "accepted": int(accepted),
         "acceptance_rate": round(accepted / proposed, 3) if proposed else None,
         "tokens_per_verifying_row": round((accepted + verified) / verified, 2) if verified else None,
-        "texts": [f.text for f in finals],
     }
+
+
+async def level(
+    llm: AsyncLLM, items: list[list[int]], concurrency: int, rounds: int, max_tokens: int, tag: str
+) -> dict:
+    """On and off interleaved: ``rounds`` waves of each (which goes first alternates; a round's two waves
+    send the same prompts), so the shared machine's load lands on both sides alike."""
+    sides: dict[bool, list] = {True: [[], 0.0, [0.0, 0.0, 0.0]], False: [[], 0.0, [0.0, 0.0, 0.0]]}
+    same = 0
+    for r in range(rounds):
+        texts = {}
+        for spec in (True, False) if r % 2 == 0 else (False, True):
+            params = SamplingParams(max_tokens=max_tokens, speculative=spec)
+            finals, wall, deltas = await wave(llm, items, r * concurrency, concurrency, params, f"{tag}-{r}-{spec}")
+            side = sides[spec]
+            side[0].extend(finals)
+            side[1] += wall
+            side[2] = [a + b for a, b in zip(side[2], deltas, strict=True)]
+            texts[spec] = [f.text for f in finals]
+        same += sum(a == b for a, b in zip(texts[True], texts[False], strict=True))
+    on, off = (summary(sides[k][0], sides[k][1], *sides[k][2]) for k in (True, False))
+    pair: dict[str, Any] = {"on": on, "off": off, "identical_texts": f"{same}/{rounds * concurrency}"}
+    pair["speedup_aggregate"] = round(on["aggregate_tokens_per_s"] / off["aggregate_tokens_per_s"], 2)
+    if on["decode_tokens_per_s_per_request_median"] and off["decode_tokens_per_s_per_request_median"]:
+        pair["speedup_decode_per_request"] = round(
+            on["decode_tokens_per_s_per_request_median"] / off["decode_tokens_per_s_per_request_median"], 2
+        )
+    return pair
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,7 +156,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         speculative_tokens=args.k,
         draft_model=args.draft_model,
         gen_quantize=args.quantize,
-        gen_prune=0.0 if args.quantize == "none" else DEFAULT_GEN_PRUNE,
+        **({"gen_prune": 0.0} if args.quantize == "none" else {}),  # float: unpruned; else the device's default
     )
     runtime = await asyncio.to_thread(Runtime.load, settings)
     llm = runtime.llm
@@ -143,24 +171,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             items = workloads[name]
             for spec in (False, True):  # warm both paths on this workload's shapes
                 await one(llm, items[0], SamplingParams(max_tokens=8, speculative=spec), f"warm-{name}-{spec}")
-            for n, c in enumerate(args.concurrency):
-                pair = {}
-                for spec in (True, False) if n % 2 == 0 else (False, True):
-                    params = SamplingParams(max_tokens=args.max_tokens, speculative=spec)
-                    key = "on" if spec else "off"
-                    pair[key] = await level(llm, items, c, args.sequential, params, f"{name}-{c}-{key}")
-                    print(name, c, key, {k: v for k, v in pair[key].items() if k != "texts"}, flush=True)
-                on, off = pair["on"], pair["off"]
-                same = sum(a == b for a, b in zip(on["texts"], off["texts"], strict=True))
-                pair["identical_texts"] = f"{same}/{len(on['texts'])}"
-                for side in (on, off):
-                    del side["texts"]
-                pair["speedup_aggregate"] = round(on["aggregate_tokens_per_s"] / off["aggregate_tokens_per_s"], 2)
-                if on["decode_tokens_per_s_per_request_median"] and off["decode_tokens_per_s_per_request_median"]:
-                    pair["speedup_decode_per_request"] = round(
-                        on["decode_tokens_per_s_per_request_median"] / off["decode_tokens_per_s_per_request_median"], 2
-                    )
-                results[f"{name}@{c}"] = pair
+            for c in args.concurrency:
+                rounds = args.sequential if c == 1 else args.rounds
+                results[f"{name}@{c}"] = pair = await level(llm, items, c, rounds, args.max_tokens, f"{name}-{c}")
+                print(name, c, json.dumps(pair), flush=True)
     finally:
         await runtime.stop()
     return {
@@ -180,7 +194,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "method": engine.speculator.method,
             "speculative_tokens": args.k,
             "max_tokens": args.max_tokens,
-            "sequential_requests_at_1": args.sequential,
+            "rounds": {"at_1": args.sequential, "above_1": args.rounds},
             "prompt_tokens_median": {n: statistics.median(map(len, p)) for n, p in workloads.items()},
             "quantization": runtime.reports["generate"].spec.quantize if "generate" in runtime.reports else None,
         },
@@ -215,8 +229,8 @@ def markdown(doc: dict[str, Any]) -> str:
             f"{env['load_average_1m_before_after'][0]} before, {env['load_average_1m_before_after'][1]} after  ",
             f"Model: {cfg['model']} (quantization {cfg['quantization']}); proposer {cfg['method']}, "
             f"k = {cfg['speculative_tokens']}; greedy, max_tokens {cfg['max_tokens']}; prompt tokens (median) "
-            f"{cfg['prompt_tokens_median']}; at concurrency 1, {cfg['sequential_requests_at_1']} requests one "
-            "after another",
+            f"{cfg['prompt_tokens_median']}; on and off interleaved in rounds (a wave of c requests each side; "
+            f"{cfg['rounds']['at_1']} rounds at 1, {cfg['rounds']['above_1']} above), figures over all rounds",
             "",
             *rows,
             "",
@@ -235,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=4, help="speculative tokens per step")
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--sequential", type=int, default=6, help="requests one after another at concurrency 1")
+    parser.add_argument("--sequential", type=int, default=8, help="rounds (one request each side) at concurrency 1")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds (a wave each side) at concurrency above 1")
     parser.add_argument("--workloads", nargs="+", default=["retrieval", "freeform"], choices=["retrieval", "freeform"])
     parser.add_argument("--kv-cache-tokens", type=int, default=40960)
     parser.add_argument("--out", type=Path, default=Path("load_tests/results/speculative"))
