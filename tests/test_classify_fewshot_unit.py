@@ -82,8 +82,11 @@ def test_centering_on_the_background_removes_what_all_texts_share() -> None:
     assert label_similarities(emb, labels, "prototype", center=None).equal(plain)
 
 
-def test_the_background_ships_with_the_engine() -> None:
-    assert len(BACKGROUND) >= 50 and all(line.strip() for line in BACKGROUND)
+def test_the_background_is_the_calibration_texts_prose() -> None:
+    """engine/background.txt is what it was chosen as on the train split (data/README.md): kept in step."""
+    lines = (Path(__file__).resolve().parent.parent / "data" / "calibration.txt").read_text().splitlines()
+    prose = [ln.strip() for ln in lines if len(ln.split()) >= 4 and not ln.startswith(("User:", "Assistant:"))]
+    assert tuple(prose) == BACKGROUND and len(BACKGROUND) >= 50
 
 
 def test_threshold_adds_none_that_wins_exactly_below_it() -> None:
