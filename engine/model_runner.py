@@ -90,9 +90,11 @@ class ModelRunner:
     def run_speculative(self, seqs: list[Sequence]) -> list[list[int]]:
         """A decode step in which rows also verify their ``draft_ids``: every row computes its last token and
         its drafts in one forward, with logits at each of those positions; returns the tokens each row
-        gains (engine/speculative.py). On the graph path every row is padded to ``verify_width`` tokens (one
-        captured graph per bucket serves every number of drafts); else eagerly, as a prefill step."""
-        q = max(self.verify_width, *(s.num_step_tokens for s in seqs))
+        gains (engine/speculative.py). With CUDA graphs every row is padded to ``verify_width`` tokens (one
+        captured graph per bucket serves every number of drafts); a step that does not fit runs as a prefill step."""
+        q = max(s.num_step_tokens for s in seqs)
+        if self.decode.use_graphs:  # one captured width; eagerly (CPU), as wide as this step's widest row
+            q = max(q, self.verify_width)
         if self.decode.fits(seqs, q):
             step = Decode(*self.decode.stage(seqs, q), q=q)
             self._send(step)

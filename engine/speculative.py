@@ -28,8 +28,10 @@ have to follow every draft), rows with presence/frequency penalties (each positi
 the drafts before it) and rows asking for log-probabilities. Back-off: each row tracks its acceptance
 (a decayed rate); below :data:`LOW_ACCEPTANCE` it stops speculating for a while (longer each time), and
 between that and :data:`FULL_ACCEPTANCE` it proposes half as many tokens, so text the proposer cannot
-predict costs little more than decoding without it. And engine-wide, :class:`SpeedGate` turns speculation
-off for a while when steps with drafts deliver fewer tokens per row per second than steps without.
+predict costs little more than decoding without it. A step's rows are padded to its widest, so a step
+whose drafts would more than double its work (:data:`MAX_PADDING`) runs without them. And engine-wide,
+:class:`SpeedGate` turns speculation off for a while when steps with drafts deliver fewer tokens per row
+per second than steps without.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ LOW_ACCEPTANCE = 0.25  # below: pause speculating
 FULL_ACCEPTANCE = 0.5  # at or above: propose k tokens; between the two: k / 2
 FIRST_PAUSE = 8  # decode steps without speculation after the first back-off; doubles each time, up to
 MAX_PAUSE = 128
+MAX_PADDING = 2.0  # a step's rows are as wide as its widest: at most this many positions per useful one
 GATE_SAMPLES = 8  # decode steps of each kind measured before the speed gate may close
 GATE_DECAY = 0.9  # weight of the history in the gate's speeds
 GATE_REFRESH = 256  # steps with drafts after which plain steps are measured again (the load changes)
@@ -193,7 +196,7 @@ class DraftModel:
         table): one replay of its decode graphs when the rows fit them (one token each, or up to the
         verification width: a catch-up after a verification), else an eager forward (a first prompt)."""
         runner, q = self.runner, max(len(tokens) for tokens, _, _ in rows)
-        if q > 1:
+        if q > 1 and runner.decode.use_graphs:  # one captured width for catch-ups
             q = max(q, runner.verify_width)
         if runner.decode.fits_rows(len(rows), max(pos for _, pos, _ in rows), q):
             greedy, _ = runner.decode.replay(*runner.decode.stage_rows(rows, q), q)
@@ -262,6 +265,11 @@ class Speculator:
         else:
             assert self.draft is not None
             drafts = self.draft.propose([seqs[i] for i in rows], [ks[i] for i in rows])
+        # Every row of the step computes as many positions as the widest (padding): a few rows' drafts are not
+        # worth widening a large batch.
+        widest = 1 + max(map(len, drafts))
+        if len(seqs) * widest > MAX_PADDING * (len(seqs) + sum(map(len, drafts))):
+            return
         for i, d in zip(rows, drafts, strict=True):
             seqs[i].draft_ids = d
             seqs[i].num_scheduled = 1 + len(d)
