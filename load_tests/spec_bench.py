@@ -173,6 +173,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await one(llm, items[0], SamplingParams(max_tokens=8, speculative=spec), f"warm-{name}-{spec}")
             for c in args.concurrency:
                 rounds = args.sequential if c == 1 else args.rounds
+                for spec in (False, True)[: 2 * args.warmup_waves]:  # CUDA graphs of new buckets are captured now
+                    params = SamplingParams(max_tokens=args.max_tokens, speculative=spec)
+                    await wave(llm, items, 0, c, params, f"warm-{name}-{c}-{spec}")
                 results[f"{name}@{c}"] = pair = await level(llm, items, c, rounds, args.max_tokens, f"{name}-{c}")
                 print(name, c, json.dumps(pair), flush=True)
     finally:
@@ -195,6 +198,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "speculative_tokens": args.k,
             "max_tokens": args.max_tokens,
             "rounds": {"at_1": args.sequential, "above_1": args.rounds},
+            "warmup_waves_per_level": args.warmup_waves,
             "prompt_tokens_median": {n: statistics.median(map(len, p)) for n, p in workloads.items()},
             "quantization": runtime.reports["generate"].spec.quantize if "generate" in runtime.reports else None,
         },
@@ -251,10 +255,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--sequential", type=int, default=8, help="rounds (one request each side) at concurrency 1")
     parser.add_argument("--rounds", type=int, default=2, help="rounds (a wave each side) at concurrency above 1")
+    parser.add_argument(
+        "--warmup-waves",
+        type=int,
+        choices=[0, 1],
+        default=None,
+        help="an untimed wave each side before each level (default: 1 on CUDA, where it captures the buckets' "
+        "graphs, else 0)",
+    )
     parser.add_argument("--workloads", nargs="+", default=["retrieval", "freeform"], choices=["retrieval", "freeform"])
     parser.add_argument("--kv-cache-tokens", type=int, default=40960)
     parser.add_argument("--out", type=Path, default=Path("load_tests/results/speculative"))
     args = parser.parse_args(argv)
+    if args.warmup_waves is None:
+        args.warmup_waves = int(args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()))
     doc = asyncio.run(run(args))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
