@@ -222,7 +222,7 @@ class LLMEngine:
             self.rates.observe_prefill(computed, seconds)
         else:
             self.rates.observe_decode(context, seconds)
-            self.speculator.gate.observe(speculative, sum(map(len, produced)), len(seqs), seconds)
+            self.speculator.gate(len(seqs)).observe(speculative, sum(map(len, produced)), len(seqs), seconds)
         outputs = shed
         for seq, tokens in zip(seqs, produced, strict=True):
             advance = seq.num_step_tokens  # positions whose K/V this step wrote

@@ -30,8 +30,8 @@ the drafts before it) and rows asking for log-probabilities. Back-off: each row 
 between that and :data:`FULL_ACCEPTANCE` it proposes half as many tokens, so text the proposer cannot
 predict costs little more than decoding without it. A step's rows are padded to its widest, so a step
 whose drafts would more than double its work (:data:`MAX_PADDING`) runs without them. And engine-wide,
-:class:`SpeedGate` turns speculation off for a while when steps with drafts deliver fewer tokens per row
-per second than steps without.
+per batch size, :class:`SpeedGate` turns speculation off for a while when steps with drafts deliver fewer
+tokens per row per second than steps without.
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ class Speculator:
         self.default_on = default_on
         self.max_model_len = max_model_len
         self.draft = draft
-        self.gate = SpeedGate()
+        self.gates: dict[int, SpeedGate] = {}
 
     def eligible(self, seq: Sequence) -> bool:
         """Whether the request speculates at all (its setting, and no feature that cannot compose with it)."""
@@ -231,11 +231,16 @@ class Speculator:
             and not p.frequency_penalty
         )
 
+    def gate(self, rows: int) -> SpeedGate:
+        """The speed gate of decode steps of about ``rows`` rows (powers of two): whether speculating pays
+        depends on the batch (on a CPU it may alone and not among 16)."""
+        return self.gates.setdefault(1 << (rows - 1).bit_length(), SpeedGate())
+
     def plan(self, seqs: list[Sequence]) -> list[int]:
         """Draft tokens each decode row may propose this step (0: none): its back-off, its remaining
         ``max_tokens`` (drafts beyond what it may still emit are wasted) and the model length; none while the
         speed gate is closed."""
-        if not self.gate.open():
+        if not self.gate(len(seqs)).open():
             return [0] * len(seqs)
         ks = []
         for s in seqs:

@@ -250,6 +250,8 @@ def test_speed_gate_closes_when_speculating_is_slower() -> None:
     for _ in range(GATE_SAMPLES):
         gate.observe(True, tokens=8, rows=4, seconds=0.04)
     assert gate.closed == 2 * first  # still slower: a longer pause
+    speculator = Speculator("ngram", 4, True, 1000)  # a gate per batch size (powers of two)
+    assert speculator.gate(3) is speculator.gate(4) is not speculator.gate(1)
     only = SpeedGate()  # every step has drafts: it closes briefly to measure steps without
     for _ in range(GATE_SAMPLES):
         only.observe(True, tokens=8, rows=4, seconds=0.01)
