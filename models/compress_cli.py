@@ -43,7 +43,7 @@ METHODS = ("none", "int8", "int8-wo", "fp8")
 # load_tests/results/compression/README.md#decisions): the stage must not decide policy of its own. On CPU,
 # generation takes what models/cpu_policy.py picks for this CPU, as the server's 'auto' does.
 DEFAULT_QUANTIZE = {("generate", "cuda"): "int8-wo"}
-DEFAULT_PRUNE = {"generate": 0.01, "classify": 0.0}
+DEFAULT_PRUNE = {("generate", "cuda"): 0.01}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,7 +57,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="default: the server's 'auto' for the device: for generation int8 on CPU, int8-wo on CUDA; "
         "none for classification",
     )
-    p.add_argument("--prune", type=float, help="share of MLP channels removed; default 0.01 (generate), 0 (classify)")
+    p.add_argument(
+        "--prune",
+        type=float,
+        help="share of MLP channels removed; default: the server's, for generation 0.005 on CPU and 0.01 on "
+        "CUDA; 0 for classification",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on CPU, else bf16")
     p.add_argument("--tokenizer", help="tokenizer directory or .gguf overriding the model's (dummy models)")
@@ -84,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
     method = args.quantize or default_quantize(args.task, device)
-    prune = DEFAULT_PRUNE[args.task] if args.prune is None else args.prune
+    prune = default_prune(args.task, device) if args.prune is None else args.prune
     spec = default_spec(method, prune, args.task)
     cache = None if args.no_compress_cache else args.cache_dir
     written = compress(args, spec, device, dtype, cache)
@@ -99,6 +104,12 @@ def default_quantize(task: str, device: torch.device) -> str:
     if task == "generate" and device.type == "cpu":
         return cpu_policy().quantize
     return DEFAULT_QUANTIZE.get((task, device.type), "none")
+
+
+def default_prune(task: str, device: torch.device) -> float:
+    if task == "generate" and device.type == "cpu":
+        return cpu_policy().prune_mlp
+    return DEFAULT_PRUNE.get((task, device.type), 0.0)
 
 
 def _up_to_date(out: Path, made_from: dict[str, object]) -> bool:

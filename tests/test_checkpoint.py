@@ -201,6 +201,7 @@ async def test_checkpoint_serves_the_startup_compressed_models(served, runtime: 
         assert served["fidelity"] == startup.fidelity  # measured when it was written
         assert served["fidelity"] or startup.spec.quantize == "none"  # the float classifier: nothing changed
     assert ckpt.policy.why["gen_quantize"] == "as written in the compressed checkpoint"
+    assert ckpt.policy.gen_prune == runtime.reports["generate"].spec.prune_mlp == runtime.policy.gen_prune
 
 
 @pytest.mark.integration
