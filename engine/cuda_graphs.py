@@ -6,11 +6,16 @@ one launch. Everything a step needs is derived on the device from one small int6
 (last token, position and block table of each row); padded rows point at the scratch block. The KV
 bucket bounds the gathered context, so attention cost follows the real lengths, not the maximum.
 
-On CPU the same function runs eagerly over the same buffers, so the tests exercise this path; with
-``compile_cpu`` it runs as ``torch.compile`` (inductor C++) graphs instead, the role graphs play on the
-GPU: the eager step is hundreds of small ops whose dispatch costs more than their math. Two graphs serve
-every bucket: one for batch 1, one whose batch size and KV length are dynamic dimensions (which measured
-as fast as a graph per bucket and compiles once instead of once per bucket).
+On CPU the same function runs eagerly over the same buffers, so the tests exercise this path.
+
+With ``compile`` the step runs as ``torch.compile`` code first: inductor fuses what each layer does
+between its GEMMs (norms with residual adds, RoPE, SiLU·mul, the int8 epilogues; decode attention on
+CPU) into a few kernels. On CPU (inductor's C++ backend) that removes the per-op dispatch that costs
+more than the math of a small model's step; on CUDA the compiled step is what the graphs capture, so a
+step is fewer, fuller kernels. Two compiled graphs serve every bucket: one for batch 1, one whose batch
+size and KV length are dynamic dimensions (measured as fast as a graph per bucket, compiled once instead
+of once per bucket). The whole step is one graph: compiling each layer on its own (one compile for all
+layers) started faster but ran CPU steps a quarter slower (load_tests/results/fused_decode/).
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ class DecodeGraphs:
         max_num_seqs: int,
         max_model_len: int,
         device: torch.device,
-        compile_cpu: bool = False,
+        compile: bool = False,
         logits: bool = True,
     ) -> None:
         """``logits=False`` (a tensor-parallel rank that does not sample) stops each step at the hidden state."""
@@ -85,16 +90,18 @@ class DecodeGraphs:
         self.batch_sizes = batch_buckets(max_num_seqs)
         self.kv_lens = kv_buckets(max_model_len, block_size)
         self.use_graphs = device.type == "cuda"
-        self.compiled = compile_cpu and device.type == "cpu"
-        self._step = self._step_fn
-        if self.compiled:
+        self.compiled = compile
+        self._run = self._step
+        if compile:
             # Guards on every module and parameter cost about a tenth of a step, and this instance's model
             # does not change. Dynamo keeps graphs per code object: a private copy of the step's code
             # keeps another DecodeGraphs, whose model may differ, from reusing this one's graphs.
-            code = DecodeGraphs._step_fn.__code__.replace()
-            step = types.FunctionType(code, globals(), "_step_fn", DecodeGraphs._step_fn.__defaults__)
+            code = DecodeGraphs._step.__code__.replace()
+            step = types.FunctionType(code, globals(), "_step", DecodeGraphs._step.__defaults__)
+            # ``fullgraph``: without module guards, a graph break would let one module's resumed code run
+            # with another's weights; the step must be one graph or fail to compile.
             unguarded = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-            self._step = torch.compile(types.MethodType(step, self), dynamic=False, options=unguarded)
+            self._run = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=False, options=unguarded)
         # The Triton paged-decode kernel, when it runs here and agrees with the reference.
         self.paged_kernel_error: str | None = "no CUDA/Triton"
         if paged_attention.available(device):
@@ -130,22 +137,26 @@ class DecodeGraphs:
     def _forward(self, batch: int, kv_len: int, q: int = 1) -> tuple[Tensor, Tensor]:
         """One step for the first ``batch`` rows of the input buffer, ``q`` tokens each (1: decode; more: a
         row's last token and its speculative drafts): (greedy tokens, logits), row b's position j at b * q + j."""
-        buf = self.inputs[:batch]
-        ids, positions = buf[:, :q], buf[:, q : q + 1]
-        if q > 1:
-            positions = positions + self.offsets[:q]
-        tables = buf[:, q + 1 : q + 1 + kv_len // self.block_size]
+        ids, positions, tables = self._inputs(batch, kv_len, q)
         if not self.compiled:
-            return self._step(ids, positions, tables)
+            return self._run(ids, positions, tables)
         # Fresh contiguous inputs whose table width (the KV bucket) and, beyond batch 1, rows are dynamic.
         ids, positions, tables = ids.contiguous(), positions.contiguous(), tables.contiguous()
         torch._dynamo.mark_dynamic(tables, 1)
         if batch > 1:
             for t in (ids, positions, tables):
                 torch._dynamo.mark_dynamic(t, 0)
-        return self._step(ids, positions, tables)
+        return self._run(ids, positions, tables)
 
-    def _step_fn(self, ids: Tensor, positions: Tensor, tables: Tensor) -> tuple[Tensor, Tensor]:
+    def _inputs(self, batch: int, kv_len: int, q: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+        """Views of the input buffer: each row's ``q`` token ids, their positions, its block table."""
+        buf = self.inputs[:batch]
+        ids, positions = buf[:, :q], buf[:, q : q + 1]
+        if q > 1:
+            positions = positions + self.offsets[:q]
+        return ids, positions, buf[:, q + 1 : q + 1 + kv_len // self.block_size]
+
+    def _step(self, ids: Tensor, positions: Tensor, tables: Tensor) -> tuple[Tensor, Tensor]:
         (batch, q), kv_len = ids.shape, tables.shape[1] * self.block_size
         bs = self.block_size
         slot_mapping = (tables.gather(1, positions // bs) * bs + positions % bs).view(-1)
@@ -172,9 +183,10 @@ class DecodeGraphs:
             self.outputs[key] = self._forward(*key)
         self.graphs[key] = graph
 
+    @torch.inference_mode()  # as every step runs: a compiled step traced outside it would trace autograd too
     def capture_all(self) -> None:
         """Captures every bucket, largest first, so later captures reuse the largest one's memory.
-        With ``compile_cpu``: compiles the step's two graphs (batch 1, and every larger bucket)."""
+        With ``compile``: first compiles the step's two graphs (batch 1, and every larger bucket)."""
         if self.compiled:
             self._compile_all()
         if not self.use_graphs:
@@ -189,6 +201,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _compile_all(self) -> None:
         self.inputs.zero_()  # all rows point at the scratch block while compiling
+        self._step(*self._inputs(1, self.kv_lens[0]))  # eager once: one-time checks run outside the trace
         for batch in self.batch_sizes:  # the first two compile, the rest must reuse the second graph
             self._forward(batch, self.kv_lens[0])
 

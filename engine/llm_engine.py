@@ -44,7 +44,7 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int = 4096
     enable_prefix_caching: bool = True
-    compile_cpu: bool = False  # CPU decode steps as torch.compile graphs (engine/cuda_graphs.py)
+    compile_decode: bool = False  # decode steps as torch.compile graphs (engine/cuda_graphs.py)
     # Speculative decoding (engine/speculative.py): "ngram" or "draft" speculate for requests that do not say
     # otherwise; "none" only for those that ask (with n-gram lookup, or the draft model when there is one).
     speculative: Literal["none", "ngram", "draft"] = "none"
@@ -115,7 +115,7 @@ def make_runner(
         dtype,
         config.max_num_seqs,
         max_model_len(model, config),
-        compile_cpu=config.compile_cpu,
+        compile=config.compile_decode,
         fanout=fanout,
         sample=sample,
     )

@@ -16,8 +16,7 @@ from models.llama import AttentionMetadata, Llama
 
 class ModelRunner:
     """Prefill runs eagerly over padded tensors; decode steps go through :class:`DecodeGraphs`
-    (CUDA graphs on a GPU; on CPU the same code eagerly, or compiled with ``compile_cpu``, which
-    costs two compiles at startup; see models/cpu_policy.py).
+    (CUDA graphs on a GPU, eager on CPU; with ``compile`` the step is compiled first).
 
     Under tensor parallelism every rank holds a runner over its shard: rank 0's samples and sends each
     step's host inputs through ``fanout`` before running it; the others (``sample=False``) :meth:`follow`
@@ -31,7 +30,7 @@ class ModelRunner:
         dtype: torch.dtype,
         max_num_seqs: int,
         max_model_len: int,
-        compile_cpu: bool = False,
+        compile: bool = False,
         fanout: StepFanout | None = None,
         sample: bool = True,
     ) -> None:
@@ -54,7 +53,7 @@ class ModelRunner:
             max_num_seqs,
             max_model_len,
             device,
-            compile_cpu,
+            compile,
             logits=sample,
         )
         self.decode.capture_all()

@@ -8,7 +8,8 @@ computation and application, feeding each matcher its token; logprobs: the log-s
 and picking their values). Rounds alternate the modes so that drift on a shared machine hits all alike.
 
     python -m load_tests.constrained_bench --batch 1 64 --out load_tests/results/constrained
-    python -m load_tests.constrained_bench --device cuda --batch 1 64 256 --out load_tests/results/constrained_h200
+    python -m load_tests.constrained_bench --device cuda --batch 1 64 256 --out load_tests/results/constrained_h200 \
+        --model dummy:smollm2-135m --tokenizer .bench/tok-smollm2
 """
 
 from __future__ import annotations
@@ -87,12 +88,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer dir for dummy: models")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    settings = Settings(gen_model=args.model, device=args.device, enable_classify=False, max_num_seqs=max(args.batch))
+    settings = Settings(
+        gen_model=args.model,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        enable_classify=False,
+        max_num_seqs=max(args.batch),
+    )
     built = Engines.build(settings)
     engine = built.engine
     assert engine is not None

@@ -74,7 +74,7 @@ class Driver:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens=512)
         start = time.perf_counter()
         self.runner = ModelRunner(
-            model, self.blocks, torch.device("cpu"), torch.float32, max_num_seqs, max_len, compile_cpu=compile_cpu
+            model, self.blocks, torch.device("cpu"), torch.float32, max_num_seqs, max_len, compile=compile_cpu
         )
         self.setup_seconds = time.perf_counter() - start
 

@@ -187,7 +187,7 @@ def batch1_step_ms(engine: LLMEngine, vocab: int, steps: int = 128) -> dict[str,
         seq.output_ids.append(token)
         seq.num_computed = seq.num_tokens - 1
         engine.blocks.allocate(seq)
-    key = (1, runner.decode.kv_lens[-1])
+    key = (1, runner.decode.kv_lens[-1], 1)
     graph = runner.decode.graphs.get(key)
     replay_ms = None
     if graph is not None:

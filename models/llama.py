@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PretrainedConfig
 
-from models.paged_attention import paged_decode_attention
+from models.paged_attention import paged_decode_op
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -29,6 +29,16 @@ class AttentionMetadata:
     # Decode only (q_len 1), set where models/paged_attention.py can run: tokens in each row's context.
     # Attention then reads the cache in place instead of gathering + SDPA.
     context_lens: Tensor | None = None
+
+
+@dataclass
+class LayerInputs:
+    """What every layer of one forward pass reads besides its hidden states and its slice of the cache."""
+
+    cos: Tensor  # [b, t, head_dim] RoPE tables at each token's position
+    sin: Tensor  # signed sin (see rope_tables)
+    meta: AttentionMetadata
+    bias: Tensor | None  # additive attention mask, None where the paged decode kernel reads the cache itself
 
 
 @dataclass
@@ -154,16 +164,9 @@ class Attention(nn.Module):
         if fused is not None:
             self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = fused, None, None, None
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        meta: AttentionMetadata,
-        bias: Tensor | None,
-        kv: tuple[Tensor, Tensor],
-    ) -> Tensor:
+    def forward(self, x: Tensor, shared: LayerInputs, kv: tuple[Tensor, Tensor]) -> Tensor:
         b, t, _ = x.shape
+        cos, sin, meta, bias = shared.cos, shared.sin, shared.meta, shared.bias
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)
@@ -173,16 +176,17 @@ class Attention(nn.Module):
         q, k = qk[:, :, :h], qk[:, :, h:]
         v = qkv[..., (h + kvh) * d :].view(b, t, kvh, d)
         k_cache, v_cache = kv
-        if torch.compiler.is_compiling():  # CPU decode steps compiled by engine/cuda_graphs.py
+        compiling = torch.compiler.is_compiling()  # decode steps compiled by engine/cuda_graphs.py
+        if compiling:
             write_kv(k_cache, v_cache, meta.slot_mapping, k.reshape(-1, kvh, d), v.reshape(-1, kvh, d))
-            if t == 1:
-                return self.o_proj(compiled_decode_attention(q, k_cache, v_cache, meta).view(b, 1, h * d))
         else:
             k_cache.index_copy_(0, meta.slot_mapping, k.reshape(-1, kvh, d))
             v_cache.index_copy_(0, meta.slot_mapping, v.reshape(-1, kvh, d))
+        if compiling and t == 1 and meta.context_lens is None:
+            return self.o_proj(compiled_decode_attention(q, k_cache, v_cache, meta).view(b, 1, h * d))
         if meta.context_lens is not None:
             ctx = meta.context_lens
-            out = paged_decode_attention(q.reshape(b, h, d), k_cache, v_cache, meta.block_tables, ctx, meta.block_size)
+            out = paged_decode_op(q.reshape(b, h, d), k_cache, v_cache, meta.block_tables, ctx, meta.block_size)
             return self.o_proj(out.view(b, 1, h * d))
         assert bias is not None
         # Gather whole blocks (rows of block_size·kvh·d contiguous values) with index_select, which
@@ -230,16 +234,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, intermediate_size)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        meta: AttentionMetadata,
-        bias: Tensor | None,
-        kv: tuple[Tensor, Tensor],
-    ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, bias, kv)
+    def forward(self, x: Tensor, shared: LayerInputs, kv: tuple[Tensor, Tensor]) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), shared, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -285,7 +281,11 @@ class Llama(nn.Module):
             layer.mlp.fuse()
 
     def forward(
-        self, input_ids: Tensor, positions: Tensor, meta: AttentionMetadata, kv_cache: tuple[Tensor, Tensor]
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        meta: AttentionMetadata,
+        kv_cache: tuple[Tensor, Tensor],
     ) -> Tensor:
         """Returns final hidden states [b, t, hidden]; call :meth:`logits` on the rows you need."""
         x = self.embed_tokens(input_ids)
@@ -297,9 +297,10 @@ class Llama(nn.Module):
         if meta.context_lens is None:
             bias = torch.zeros(meta.mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~meta.mask, float("-inf"))
             bias = bias.repeat(1, 1, g, 1) if g > 1 else bias
+        shared = LayerInputs(cos, sin, meta, bias)
         k_cache, v_cache = kv_cache
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, meta, bias, (k_cache[i], v_cache[i]))
+            x = layer(x, shared, (k_cache[i], v_cache[i]))
         return self.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -112,6 +112,20 @@ def paged_decode_attention(
     return out
 
 
+@torch.library.custom_op("lowlat::paged_decode_attention", mutates_args=())
+def paged_decode_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, block_size: int
+) -> Tensor:
+    """:func:`paged_decode_attention` as one opaque op, so ``torch.compile`` keeps the kernel as it is
+    instead of tracing its launch (whose grid and constants depend on the shapes)."""
+    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size)
+
+
+@paged_decode_op.register_fake
+def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: Tensor, context_lens: Tensor, block_size: int) -> Tensor:
+    return torch.empty_like(q)
+
+
 def reference_decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, block_size: int
 ) -> Tensor:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -157,6 +156,18 @@ def w8a16_matmul(x: Tensor, qweight: Tensor, scale: Tensor, config: Config | Non
     return out
 
 
+@torch.library.custom_op("lowlat::w8a16_matmul", mutates_args=())
+def w8a16_op(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
+    """:func:`w8a16_matmul` with its tile choice, as one opaque op for ``torch.compile`` (the choice
+    branches on the row count, which a compiled decode step keeps symbolic)."""
+    return w8a16_matmul(x, qweight, scale)
+
+
+@w8a16_op.register_fake
+def _(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
 def reference(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
     """What :func:`w8a16_matmul` computes, in fp32 through plain PyTorch."""
     return x.float() @ (qweight.float() * scale.float()[:, None]).t()
@@ -198,23 +209,39 @@ def _agrees(fn: object, method: str, device: torch.device, dtype: torch.dtype, t
         return False
 
 
-@functools.cache
+# Answers of the self-checks below, by (kernel, device, dtype). A plain dict rather than functools.cache:
+# a compiled decode step (engine/cuda_graphs.py) reads an answer as a constant, where it would trace
+# into a cached function; the step runs once eagerly before compiling, so the answers exist by then.
+_checked: dict[tuple[str, str, torch.dtype], bool] = {}
+
+
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the int8 weight-only kernel runs here and agrees with the reference with every tile it
     may use (checked once per device/dtype); otherwise QuantLinear dequantizes."""
-    if triton is None or device.type != "cuda" or dtype not in DTYPES:
-        return False
-    return all(
-        _agrees(lambda x, q, s, c=c: w8a16_matmul(x, q, s, c), "int8-wo", device, dtype, 1e-2) for c in PICKABLE_CONFIGS
-    )
+    key = ("int8-wo", str(device), dtype)
+    if key not in _checked:
+        _checked[key] = (
+            triton is not None
+            and device.type == "cuda"
+            and dtype in DTYPES
+            and all(
+                _agrees(lambda x, q, s, c=c: w8a16_matmul(x, q, s, c), "int8-wo", device, dtype, 1e-2)
+                for c in PICKABLE_CONFIGS
+            )
+        )
+    return _checked[key]
 
 
-@functools.cache
 def fp8_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the fused fp8 path runs here (fp8 tensor cores: compute capability ≥ 8.9) and agrees
     with the reference within fp8 activation rounding; otherwise QuantLinear's unfused path is used."""
-    if triton is None or device.type != "cuda" or dtype not in DTYPES:
-        return False
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        return False
-    return _agrees(fp8_act_matmul, "fp8", device, dtype, 6e-2)
+    key = ("fp8", str(device), dtype)
+    if key not in _checked:
+        _checked[key] = (
+            triton is not None
+            and device.type == "cuda"
+            and dtype in DTYPES
+            and torch.cuda.get_device_capability(device) >= (8, 9)
+            and _agrees(fp8_act_matmul, "fp8", device, dtype, 6e-2)
+        )
+    return _checked[key]

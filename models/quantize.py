@@ -100,7 +100,7 @@ class QuantLinear(nn.Module):
         elif self.method == "int8":
             out = self._int8_dynamic(x2)
         elif quant_kernels.usable(x.device, x.dtype):
-            out = quant_kernels.w8a16_matmul(x2, self.qweight, self.scale)
+            out = quant_kernels.w8a16_op(x2, self.qweight, self.scale)
         elif x.device.type == "cpu" and self.in_features % PACK_ALIGN == 0 and x2.shape[0] <= DECODE_ROWS:
             if self._scale_bf16 is None:
                 self._scale_bf16 = self.scale.to(torch.bfloat16)

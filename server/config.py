@@ -17,9 +17,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
-# The largest pruning share that kept the default within +5% perplexity / >= 99% label agreement (none for
-# classification): load_tests/results/compression/README.md#decisions. Generation's is per device
-# (server/hardware.py).
+# The largest pruning shares that kept the default within +5% perplexity / >= 99% label agreement (none
+# for classification): load_tests/results/compression/README.md#decisions.
+DEFAULT_GEN_PRUNE = 0.01
 DEFAULT_CLS_PRUNE = 0.0
 
 Quantization = Literal["auto", "none", "int8", "int8-wo", "fp8"]
@@ -66,8 +66,8 @@ class CompressionSettings(Concern, title="compression"):
     gen_quantize: Quantization = "auto"
     """generation weights: 'auto' = int8 on CPU; on CUDA int8-wo while max_num_seqs is small, else none (what
     it chose is logged at startup and shown at /info)"""
-    gen_prune: Share | None = None
-    """share of MLP channels pruned (generation); unset: 0.5% on CPU, 1% on CUDA (shown at /info)"""
+    gen_prune: Share = DEFAULT_GEN_PRUNE
+    """share of MLP channels pruned (generation)"""
     cls_quantize: Quantization = "auto"
     """classification weights: 'auto' = none (float) on CPU and CUDA (see /info for why)"""
     cls_prune: Share = DEFAULT_CLS_PRUNE
@@ -128,9 +128,10 @@ class GenerationSettings(Concern, title="generation limits and batching"):
     """tokens per KV-cache block"""
     enable_prefix_caching: bool = True
     """reuse the KV cache of shared prompt prefixes (full blocks) across requests"""
-    cpu_compile_decode: Literal["auto", "on", "off"] = "off"
-    """on CPU, run decode steps as torch.compile graphs (faster steps; the first start compiles for minutes,
-    later ones reuse cache_dir/inductor); auto = on where a C++ compiler exists"""
+    compile_decode: Literal["auto", "on", "off"] = "auto"
+    """run decode steps as torch.compile graphs (fused kernels: faster steps; a fresh start compiles first,
+    ~1 minute on a GPU host, minutes on a small CPU; later starts reuse cache_dir/inductor); auto = on with
+    CUDA and Triton, off on CPU"""
     cpu_threads: Count | None = None
     """torch threads on CPU; default: one per physical core this process may use"""
 

@@ -19,11 +19,10 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from models import quant_kernels
+from models import paged_attention, quant_kernels
 from models.cpu_policy import CpuPolicy, cpu_policy
 from server.config import Settings
 
-CUDA_GEN_PRUNE = 0.01  # the largest share that kept int8-wo within +5% (load_tests/results/compression)
 INT8_WO_MAX_SEQS = 64  # largest decode batch at which int8-wo measured no slower than bf16 on CUDA
 PREFILL_BUDGET = {"cpu": 512, "cuda": 4096}  # padded prompt tokens per prefill step
 
@@ -36,11 +35,10 @@ class HardwarePolicy(BaseModel):
     device: str
     dtype: str
     gen_quantize: str
-    gen_prune: float
     cls_quantize: str
     prefill_budget: int
     cpu_threads: int | None = None  # torch threads on CPU (set before the engine is built); None on CUDA
-    cpu_compile_decode: bool = False  # CPU decode steps as torch.compile graphs
+    compile_decode: bool = False  # decode steps as torch.compile graphs (engine/cuda_graphs.py)
     engine_core: Literal["thread", "process"]
     api_servers: int
     why: dict[str, str]
@@ -69,13 +67,6 @@ class HardwarePolicy(BaseModel):
         gen, cls_ = settings.gen_quantize, settings.cls_quantize
         if gen == "auto":
             gen, why["gen_quantize"] = _auto_gen_quantize(settings, device, getattr(torch, dtype), cpu)
-        gen_prune = settings.gen_prune
-        if gen_prune is None:
-            gen_prune, why["gen_prune"] = (
-                (cpu.prune_mlp, cpu.why["prune_mlp"])
-                if cpu
-                else (CUDA_GEN_PRUNE, "on CUDA: the largest share within +5%")
-            )
         if cls_ == "auto":
             # On CPU int8 is faster but fell under the 99% label-agreement bar with float on held-out intents in
             # some modes (load_tests/results/classify_quality/README.md), so the classifier stays float.
@@ -89,7 +80,8 @@ class HardwarePolicy(BaseModel):
         if prefill is None:
             prefill = PREFILL_BUDGET[device.type]
             why["prefill_budget"] = f"on {device.type}"
-        cpu_threads, compiled = _cpu_execution(settings, cpu, why)
+        cpu_threads = _cpu_threads(settings, cpu, why)
+        compiled = _compile_decode(settings, device, cpu, why)
         in_process = engines_in_process(settings)
         if settings.engine_core == "auto":
             alone = "one API server and engine, CPU"
@@ -101,11 +93,10 @@ class HardwarePolicy(BaseModel):
             device=str(device),
             dtype=dtype,
             gen_quantize=gen,
-            gen_prune=gen_prune,
             cls_quantize=cls_,
             prefill_budget=prefill,
             cpu_threads=cpu_threads,
-            cpu_compile_decode=compiled,
+            compile_decode=compiled,
             engine_core="thread" if in_process else "process",
             api_servers=api_servers(settings),
             why=why,
@@ -125,19 +116,35 @@ def torch_device(settings: Settings) -> torch.device:
     return torch.device(settings.device)
 
 
-def _cpu_execution(settings: Settings, cpu: CpuPolicy | None, why: dict[str, str]) -> tuple[int | None, bool]:
-    """(torch threads, compiled decode) on CPU; (None, False) on CUDA."""
-    if cpu is None:
-        return None, False
-    threads = settings.cpu_threads
-    if threads is None:
-        threads, why["cpu_threads"] = cpu.threads, cpu.why["threads"]
-    compiled = settings.cpu_compile_decode == "on"
-    if settings.cpu_compile_decode == "auto":
-        compiled, why["cpu_compile_decode"] = cpu.compile_decode, cpu.why["compile_decode"]
-    if compiled and settings.tensor_parallel_size > 1:  # compiled steps hold no collectives
-        compiled, why["cpu_compile_decode"] = False, "tensor parallel: eager steps"
-    return threads, compiled
+def _cpu_threads(settings: Settings, cpu: CpuPolicy | None, why: dict[str, str]) -> int | None:
+    """Torch threads on CPU; None on CUDA."""
+    if cpu is None or settings.cpu_threads is not None:
+        return None if cpu is None else settings.cpu_threads
+    why["cpu_threads"] = cpu.why["threads"]
+    return cpu.threads
+
+
+def _compile_decode(settings: Settings, device: torch.device, cpu: CpuPolicy | None, why: dict[str, str]) -> bool:
+    """Compiled decode steps: fewer, fused kernels per step on CUDA (load_tests/results/fused_decode/) for
+    about a minute of compiling at a fresh start; on CPU faster steps too, but a fresh start of a small
+    machine compiles for minutes (load_tests/results/cpu_vs_llamacpp/), so there only when asked."""
+    if settings.compile_decode == "off":
+        return False
+    if settings.tensor_parallel_size > 1:  # compiled steps hold no collectives
+        why["compile_decode"] = "tensor parallel: eager steps"
+        return False
+    if settings.compile_decode == "on":
+        return True
+    if cpu is not None:
+        why["compile_decode"] = (
+            "CPU: a fresh start would compile for minutes; --compile-decode on opts in"
+            if cpu.compile_decode
+            else cpu.why["compile_decode"]
+        )
+        return False
+    usable = paged_attention.available(device)
+    why["compile_decode"] = "CUDA with Triton: fused kernels in the decode graphs" if usable else "no Triton"
+    return usable
 
 
 def _auto_gen_quantize(

@@ -1,4 +1,4 @@
-"""CPU decode policy and the compiled CPU decode step (engine/cuda_graphs.py with ``compile_cpu``)."""
+"""CPU decode policy and the compiled CPU decode step (engine/cuda_graphs.py with ``compile``)."""
 
 from __future__ import annotations
 

@@ -31,13 +31,13 @@ def fake_cpu(
 
 def test_cpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_cpu(monkeypatch, VNNI)
-    policy = HardwarePolicy.decide(Settings(device="cpu", cpu_compile_decode="auto"))
+    policy = HardwarePolicy.decide(Settings(device="cpu", compile_decode="auto"))
     assert (policy.torch_device, policy.torch_dtype) == (torch.device("cpu"), torch.float32)
     assert (policy.gen_quantize, policy.cls_quantize, policy.prefill_budget) == ("int8", "none", 512)
-    assert (policy.cpu_threads, policy.cpu_compile_decode) == (2, True)
+    assert (policy.cpu_threads, policy.compile_decode) == (2, False)
     assert set(policy.why) >= {"dtype", "gen_quantize", "cls_quantize", "prefill_budget", "cpu_threads"}
     assert "gen_quantize=int8 (auto: int8 w8a8 (VNNI: " in policy.summary()
-    assert "cpu_compile_decode=True (auto: a C++ compiler (/usr/bin/g++) for inductor)" in policy.summary()
+    assert "compile_decode=False (auto: CPU: a fresh start would compile for minutes; " in policy.summary()
     explicit = HardwarePolicy.decide(Settings(device="cpu", dtype="bfloat16", max_batched_tokens=64))
     assert (explicit.dtype, explicit.prefill_budget) == ("bfloat16", 64)
     assert "dtype" not in explicit.why and "prefill_budget" not in explicit.why
@@ -60,19 +60,6 @@ def test_auto_quantization_follows_the_measured_table(
     assert policy.prefill_budget == (512 if device == "cpu" else 4096)
     explicit = HardwarePolicy.decide(Settings(max_num_seqs=max_num_seqs, gen_quantize="fp8", cls_quantize="int8-wo"))
     assert (explicit.gen_quantize, explicit.cls_quantize) == ("fp8", "int8-wo")
-
-
-@pytest.mark.parametrize(("device", "share"), [("cpu", 0.005), ("cuda", 0.01)])
-def test_unset_gen_prune_follows_the_device(monkeypatch: pytest.MonkeyPatch, device: str, share: float) -> None:
-    """Unset, the generation pruning share is the device's measured one (CPU int8 w8a8: 0.5%, held within
-    +5% through the decode step; CUDA int8-wo: 1%); a share that is set wins."""
-    fake_cpu(monkeypatch, VNNI)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
-    monkeypatch.setattr(quant_kernels, "usable", lambda device, dtype: True)
-    policy = HardwarePolicy.decide(Settings())
-    assert policy.gen_prune == share and f"gen_prune={share} (auto: " in policy.summary()
-    explicit = HardwarePolicy.decide(Settings(gen_prune=0.02))
-    assert explicit.gen_prune == 0.02 and "gen_prune" not in explicit.why
 
 
 def test_device_cuda_needs_a_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,36 +92,34 @@ def test_process_layout(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_auto_on_cpu_follows_the_cpu_kind(monkeypatch: pytest.MonkeyPatch, features: frozenset[str], kind: str) -> None:
     """Each CPU kind gets int8 w8a8 (no kind measured changes that winner) with the evidence for its
-    kind as the reason, compiled decode where a C++ compiler exists, a thread per physical core."""
+    kind as the reason, eager decode steps unless asked (compiling takes minutes), a thread per physical core."""
     fake_cpu(monkeypatch, features, cores=6)
-    policy = HardwarePolicy.decide(Settings(cpu_compile_decode="auto"))
-    assert (policy.device, policy.gen_quantize, policy.cpu_compile_decode, policy.cpu_threads) == (
-        "cpu",
-        "int8",
-        True,
-        6,
-    )
+    policy = HardwarePolicy.decide(Settings(compile_decode="auto"))
+    assert (policy.device, policy.gen_quantize, policy.compile_decode, policy.cpu_threads) == ("cpu", "int8", False, 6)
     assert policy.why["gen_quantize"].startswith(f"int8 w8a8 ({kind}")
     assert policy.why["cpu_threads"] == "6 physical core(s) available"
     fake_cpu(monkeypatch, features, compiler="")
-    policy = HardwarePolicy.decide(Settings(cpu_compile_decode="auto"))
-    assert not policy.cpu_compile_decode and "no C++ compiler" in policy.why["cpu_compile_decode"]
+    policy = HardwarePolicy.decide(Settings(compile_decode="auto"))
+    assert not policy.compile_decode and "no C++ compiler" in policy.why["compile_decode"]
 
 
 def test_explicit_cpu_settings_win(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_cpu(monkeypatch, AMX, cores=8)
-    policy = HardwarePolicy.decide(Settings(cpu_compile_decode="off", cpu_threads=3, gen_quantize="int8-wo"))
-    assert (policy.gen_quantize, policy.cpu_compile_decode, policy.cpu_threads) == ("int8-wo", False, 3)
-    assert not {"gen_quantize", "cpu_compile_decode", "cpu_threads"} & set(policy.why)
+    policy = HardwarePolicy.decide(Settings(compile_decode="off", cpu_threads=3, gen_quantize="int8-wo"))
+    assert (policy.gen_quantize, policy.compile_decode, policy.cpu_threads) == ("int8-wo", False, 3)
+    assert not {"gen_quantize", "compile_decode", "cpu_threads"} & set(policy.why)
     fake_cpu(monkeypatch, AMX, compiler="")
-    assert HardwarePolicy.decide(Settings(cpu_compile_decode="on")).cpu_compile_decode  # as asked
+    assert HardwarePolicy.decide(Settings(compile_decode="on")).compile_decode  # as asked
 
 
-def test_no_cpu_execution_settings_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_cpu_threads_on_cuda_and_compiled_steps_with_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(quant_kernels, "usable", lambda device, dtype: True)
-    policy = HardwarePolicy.decide(Settings(cpu_compile_decode="on", cpu_threads=4))
-    assert (policy.cpu_threads, policy.cpu_compile_decode) == (None, False)
+    for triton, compiled in ((True, True), (False, False)):
+        monkeypatch.setattr(hardware.paged_attention, "available", lambda device, t=triton: t)
+        policy = HardwarePolicy.decide(Settings(cpu_threads=4, compile_decode="auto"))
+        assert (policy.cpu_threads, policy.compile_decode) == (None, compiled)
+        assert "cpu_threads" not in policy.why and "compile_decode" in policy.why
 
 
 def test_physical_cores_count_hyperthreads_once(tmp_path: Path) -> None:
@@ -155,5 +140,5 @@ def test_physical_cores_count_hyperthreads_once(tmp_path: Path) -> None:
 @pytest.mark.unit
 def test_tensor_parallel_runs_eager_cpu_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_cpu(monkeypatch, VNNI)
-    policy = HardwarePolicy.decide(Settings(device="cpu", cpu_compile_decode="on", tensor_parallel_size=3))
-    assert not policy.cpu_compile_decode and "tensor parallel" in policy.why["cpu_compile_decode"]
+    policy = HardwarePolicy.decide(Settings(device="cpu", compile_decode="on", tensor_parallel_size=3))
+    assert not policy.compile_decode and "tensor parallel" in policy.why["compile_decode"]

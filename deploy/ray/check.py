@@ -24,7 +24,7 @@ import httpx
 # Small engine limits: two replicas of both models share this machine (the KV cache is most of the memory);
 # eager decode: a compiled one would compile for minutes in each replica before it is ready.
 REPLICA_SETTINGS = {
-    "cpu_compile_decode": "off",
+    "compile_decode": "off",
     "kv_cache_tokens": "4096",
     "max_input_tokens": "256",
     "max_new_tokens": "64",
