@@ -17,9 +17,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDict
 
-# The largest pruning shares that kept the default within +5% perplexity / >= 99% label agreement (none
-# for classification): load_tests/results/compression/README.md#decisions.
-DEFAULT_GEN_PRUNE = 0.01
+# The largest pruning share that kept the default within +5% perplexity / >= 99% label agreement (none for
+# classification): load_tests/results/compression/README.md#decisions. Generation's is per device
+# (server/hardware.py).
 DEFAULT_CLS_PRUNE = 0.0
 
 Quantization = Literal["auto", "none", "int8", "int8-wo", "fp8"]
@@ -66,8 +66,8 @@ class CompressionSettings(Concern, title="compression"):
     gen_quantize: Quantization = "auto"
     """generation weights: 'auto' = int8 on CPU; on CUDA int8-wo while max_num_seqs is small, else none (what
     it chose is logged at startup and shown at /info)"""
-    gen_prune: Share = DEFAULT_GEN_PRUNE
-    """share of MLP channels pruned (generation)"""
+    gen_prune: Share | None = None
+    """share of MLP channels pruned (generation); unset: 0.5% on CPU, 1% on CUDA (shown at /info)"""
     cls_quantize: Quantization = "auto"
     """classification weights: 'auto' = none (float) on CPU and CUDA (see /info for why)"""
     cls_prune: Share = DEFAULT_CLS_PRUNE

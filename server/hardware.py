@@ -23,6 +23,7 @@ from models import paged_attention, quant_kernels
 from models.cpu_policy import CpuPolicy, cpu_policy
 from server.config import Settings
 
+CUDA_GEN_PRUNE = 0.01  # the largest share that kept int8-wo within +5% (load_tests/results/compression)
 INT8_WO_MAX_SEQS = 64  # largest decode batch at which int8-wo measured no slower than bf16 on CUDA
 PREFILL_BUDGET = {"cpu": 512, "cuda": 4096}  # padded prompt tokens per prefill step
 
@@ -35,6 +36,7 @@ class HardwarePolicy(BaseModel):
     device: str
     dtype: str
     gen_quantize: str
+    gen_prune: float
     cls_quantize: str
     prefill_budget: int
     cpu_threads: int | None = None  # torch threads on CPU (set before the engine is built); None on CUDA
@@ -67,6 +69,13 @@ class HardwarePolicy(BaseModel):
         gen, cls_ = settings.gen_quantize, settings.cls_quantize
         if gen == "auto":
             gen, why["gen_quantize"] = _auto_gen_quantize(settings, device, getattr(torch, dtype), cpu)
+        gen_prune = settings.gen_prune
+        if gen_prune is None:
+            gen_prune, why["gen_prune"] = (
+                (cpu.prune_mlp, cpu.why["prune_mlp"])
+                if cpu
+                else (CUDA_GEN_PRUNE, "on CUDA: the largest share within +5%")
+            )
         if cls_ == "auto":
             # On CPU int8 is faster but fell under the 99% label-agreement bar with float on held-out intents in
             # some modes (load_tests/results/classify_quality/README.md), so the classifier stays float.
@@ -93,6 +102,7 @@ class HardwarePolicy(BaseModel):
             device=str(device),
             dtype=dtype,
             gen_quantize=gen,
+            gen_prune=gen_prune,
             cls_quantize=cls_,
             prefill_budget=prefill,
             cpu_threads=cpu_threads,

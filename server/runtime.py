@@ -121,7 +121,7 @@ class Engines:
             else:
                 loaded = load_causal_lm(settings.gen_model, settings.cache_dir, dtype, settings.tokenizer)
                 model = Llama.from_hf(loaded.config, loaded.state_dict).to(device)
-                spec = default_spec(policy.gen_quantize, settings.gen_prune)
+                spec = default_spec(policy.gen_quantize, policy.gen_prune)
                 cache = settings.cache_dir if settings.compress_cache else None
                 model, report = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache)
                 tokenizer, description = loaded.tokenizer, loaded.source
@@ -230,9 +230,13 @@ def _checkpoint_report(report_json: str, asked: str) -> CompressionReport:
 
 
 def _as_checkpointed(policy: HardwarePolicy, name: str, report: CompressionReport) -> HardwarePolicy:
-    """The policy as served: the quantization is the checkpoint's, whatever ``auto`` would pick here."""
-    why = {**policy.why, name: "as written in the compressed checkpoint"}
-    return policy.model_copy(update={name: report.spec.quantize, "why": why})
+    """The policy as served: the quantization (and generation's pruning share) is the checkpoint's,
+    whatever ``auto`` would pick here."""
+    update: dict[str, object] = {name: report.spec.quantize}
+    if name == "gen_quantize":
+        update["gen_prune"] = report.spec.prune_mlp
+    why = {**policy.why, **dict.fromkeys(update, "as written in the compressed checkpoint")}
+    return policy.model_copy(update={**update, "why": why})
 
 
 def _loaded(model: str, start: float) -> float:

@@ -16,6 +16,7 @@ def policy(device: str, compiled: bool = False) -> HardwarePolicy:
         device=device,
         dtype="float32",
         gen_quantize="none",
+        gen_prune=0.0,
         cls_quantize="none",
         prefill_budget=512,
         compile_decode=compiled,

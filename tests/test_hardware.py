@@ -62,6 +62,19 @@ def test_auto_quantization_follows_the_measured_table(
     assert (explicit.gen_quantize, explicit.cls_quantize) == ("fp8", "int8-wo")
 
 
+@pytest.mark.parametrize(("device", "share"), [("cpu", 0.005), ("cuda", 0.01)])
+def test_unset_gen_prune_follows_the_device(monkeypatch: pytest.MonkeyPatch, device: str, share: float) -> None:
+    """Unset, the generation pruning share is the device's measured one (CPU int8 w8a8: 0.5%, held within
+    +5% through the decode step; CUDA int8-wo: 1%); a share that is set wins."""
+    fake_cpu(monkeypatch, VNNI)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+    monkeypatch.setattr(quant_kernels, "usable", lambda device, dtype: True)
+    policy = HardwarePolicy.decide(Settings())
+    assert policy.gen_prune == share and f"gen_prune={share} (auto: " in policy.summary()
+    explicit = HardwarePolicy.decide(Settings(gen_prune=0.02))
+    assert explicit.gen_prune == 0.02 and "gen_prune" not in explicit.why
+
+
 def test_device_cuda_needs_a_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="no CUDA device"):
