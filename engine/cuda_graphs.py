@@ -184,26 +184,27 @@ class DecodeGraphs:
         self.graphs[key] = graph
 
     @torch.inference_mode()  # as every step runs: a compiled step traced outside it would trace autograd too
-    def capture_all(self) -> None:
-        """Captures every bucket, largest first, so later captures reuse the largest one's memory.
+    def capture_all(self, q: int = 1) -> None:
+        """Captures every bucket of ``q`` tokens per row (1: decode; 1 + k: speculative verification, else
+        captured on a bucket's first use), largest first, so later captures reuse the largest one's memory.
         With ``compile``: first compiles the step's two graphs (batch 1, and every larger bucket)."""
         if self.compiled:
-            self._compile_all()
+            self._compile_all(q)
         if not self.use_graphs:
             return
         self.inputs.zero_()  # all rows point at the scratch block while capturing
         for batch in reversed(self.batch_sizes):
             for kv_len in reversed(self.kv_lens):
-                if (batch, kv_len, 1) not in self.graphs:
-                    self._capture((batch, kv_len, 1))
+                if (batch, kv_len, q) not in self.graphs:
+                    self._capture((batch, kv_len, q))
         torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def _compile_all(self) -> None:
+    def _compile_all(self, q: int = 1) -> None:
         self.inputs.zero_()  # all rows point at the scratch block while compiling
-        self._step(*self._inputs(1, self.kv_lens[0]))  # eager once: one-time checks run outside the trace
+        self._step(*self._inputs(1, self.kv_lens[0], q))  # eager once: one-time checks run outside the trace
         for batch in self.batch_sizes:  # the first two compile, the rest must reuse the second graph
-            self._forward(batch, self.kv_lens[0])
+            self._forward(batch, self.kv_lens[0], q)
 
     def stage(self, seqs: list[Sequence], q: int = 1) -> tuple[int, int, int]:
         """Writes each sequence's step tokens (its one uncomputed token, then any speculative drafts, padded to

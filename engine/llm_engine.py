@@ -144,6 +144,8 @@ class LLMEngine:
         self.max_model_len = max_model_len(model, config)
         self.speculator = self._speculator(model, draft, device, dtype)
         self.runner.verify_width = 1 + config.speculative_tokens
+        if config.speculative != "none":  # most steps may verify: compile and capture their width now
+            self.runner.decode.capture_all(self.runner.verify_width)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens)
         metrics.KV_BYTES.set(self.runner.kv_cache_bytes)
         eos = tokenizer.eos_token_id
@@ -167,6 +169,7 @@ class LLMEngine:
                 )
             runner = ModelRunner(draft, self.blocks, device, dtype, config.max_num_seqs, self.max_model_len)
             runner.verify_width = 1 + config.speculative_tokens
+            runner.decode.capture_all(runner.verify_width)  # its catch-ups after each verification
             proposer = DraftModel(runner)
         elif config.speculative == "draft":
             raise ValueError("speculative 'draft' needs a draft model")
