@@ -108,7 +108,7 @@ def make_runner(
     blocks = BlockManager(
         config.kv_cache_tokens // config.block_size + 1, config.block_size, config.enable_prefix_caching
     )
-    return ModelRunner(
+    runner = ModelRunner(
         model,
         blocks,
         device,
@@ -119,6 +119,10 @@ def make_runner(
         fanout=fanout,
         sample=sample,
     )
+    runner.verify_width = 1 + config.speculative_tokens
+    if config.speculative != "none":  # most steps may verify: compile and capture their width now, on every rank
+        runner.decode.capture_all(runner.verify_width)
+    return runner
 
 
 class LLMEngine:
@@ -143,9 +147,6 @@ class LLMEngine:
         self.blocks = self.runner.blocks
         self.max_model_len = max_model_len(model, config)
         self.speculator = self._speculator(model, draft, device, dtype)
-        self.runner.verify_width = 1 + config.speculative_tokens
-        if config.speculative != "none":  # most steps may verify: compile and capture their width now
-            self.runner.decode.capture_all(self.runner.verify_width)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens)
         metrics.KV_BYTES.set(self.runner.kv_cache_bytes)
         eos = tokenizer.eos_token_id
