@@ -102,12 +102,13 @@ class SpecState:
 
 @dataclass
 class SpeedGate:
-    """Engine-wide back-off on measured speed: where a wider step costs more than its accepted tokens save
-    (a CPU, whose step time grows with the tokens computed), acceptance alone would keep speculation on
-    while it slows every request. The gate compares tokens per row per second of decode steps with drafts
-    against those without (closing briefly to measure those when every step has drafts, and again every
-    :data:`GATE_REFRESH` steps); when speculating is slower it closes for a pause (doubling while it stays
-    slower), measuring plain steps meanwhile, then speculation is measured afresh."""
+    """Back-off on measured speed, one gate per batch size (:meth:`Speculator.gate`): where a wider step
+    costs more than its accepted tokens save (a CPU, whose step time grows with the tokens computed),
+    acceptance alone would keep speculation on while it slows every request. The gate compares tokens per
+    row per second of decode steps with drafts against those without (closing briefly to measure those when
+    every step has drafts, and again every :data:`GATE_REFRESH` steps); when speculating is slower it closes
+    for a pause (doubling while it stays slower), measuring plain steps meanwhile, then speculation is
+    measured afresh."""
 
     spec: float = 0.0  # decayed tokens per row per second, steps with drafts
     plain: float = 0.0  # and without
