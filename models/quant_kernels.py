@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -218,30 +219,31 @@ _checked: dict[tuple[str, str, torch.dtype], bool] = {}
 def usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the int8 weight-only kernel runs here and agrees with the reference with every tile it
     may use (checked once per device/dtype); otherwise QuantLinear dequantizes."""
-    key = ("int8-wo", str(device), dtype)
-    if key not in _checked:
-        _checked[key] = (
-            triton is not None
-            and device.type == "cuda"
-            and dtype in DTYPES
-            and all(
-                _agrees(lambda x, q, s, c=c: w8a16_matmul(x, q, s, c), "int8-wo", device, dtype, 1e-2)
-                for c in PICKABLE_CONFIGS
-            )
-        )
-    return _checked[key]
+    return _checked_once("int8-wo", device, dtype, _int8_wo_agrees)
 
 
 def fp8_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the fused fp8 path runs here (fp8 tensor cores: compute capability ≥ 8.9) and agrees
     with the reference within fp8 activation rounding; otherwise QuantLinear's unfused path is used."""
-    key = ("fp8", str(device), dtype)
+    return _checked_once("fp8", device, dtype, _fp8_agrees)
+
+
+def _checked_once(
+    kernel: str, device: torch.device, dtype: torch.dtype, check: Callable[[torch.device, torch.dtype], bool]
+) -> bool:
+    """``check``'s answer, asked once per (kernel, device, dtype) and only where a Triton kernel may run."""
+    key = (kernel, str(device), dtype)
     if key not in _checked:
-        _checked[key] = (
-            triton is not None
-            and device.type == "cuda"
-            and dtype in DTYPES
-            and torch.cuda.get_device_capability(device) >= (8, 9)
-            and _agrees(fp8_act_matmul, "fp8", device, dtype, 6e-2)
-        )
+        _checked[key] = triton is not None and device.type == "cuda" and dtype in DTYPES and check(device, dtype)
     return _checked[key]
+
+
+def _int8_wo_agrees(device: torch.device, dtype: torch.dtype) -> bool:
+    return all(
+        _agrees(lambda x, q, s, c=c: w8a16_matmul(x, q, s, c), "int8-wo", device, dtype, 1e-2) for c in PICKABLE_CONFIGS
+    )
+
+
+def _fp8_agrees(device: torch.device, dtype: torch.dtype) -> bool:
+    capable = torch.cuda.get_device_capability(device) >= (8, 9)
+    return capable and _agrees(fp8_act_matmul, "fp8", device, dtype, 6e-2)
