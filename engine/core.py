@@ -50,7 +50,6 @@ class EngineCore:
     ) -> None:
         self.index = index
         self.address = address
-        self.engine = engine
         self.batcher = batcher
         self.details = details
         self.loop = EngineLoop(engine, self._publish_step, on_error) if engine is not None else None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import types
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -69,30 +70,41 @@ def kv_buckets(max_model_len: int, block_size: int) -> list[int]:
     return sorted({round_up(n) for n in powers_of_two(MIN_KV_BUCKET, round_up(max_model_len))})
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """What a runner's decode steps are built for: the buckets cover up to ``max_num_seqs`` rows and
+    ``max_model_len`` positions; ``compile`` runs the step as ``torch.compile`` code (what the graphs capture).
+    The same on every tensor-parallel rank, which must run the same kernels."""
+
+    max_num_seqs: int
+    max_model_len: int
+    compile: bool = False
+    verify_width: int = 1  # tokens per row of a speculative step on the graph path (1 + drafts)
+    capture_verify: bool = False  # compile and capture that width at startup too, not on a bucket's first use
+
+
 class DecodeGraphs:
     def __init__(
         self,
         model: Llama,
         kv_cache: tuple[Tensor, Tensor],
         block_size: int,
-        max_num_seqs: int,
-        max_model_len: int,
+        config: DecodeConfig,
         device: torch.device,
-        compile: bool = False,
         logits: bool = True,
     ) -> None:
         """``logits=False`` (a tensor-parallel rank that does not sample) stops each step at the hidden state."""
         self.model = model
-        self.logits = logits
         self.kv_cache = kv_cache
         self.block_size = block_size
+        self.batch_sizes = batch_buckets(config.max_num_seqs)
+        self.kv_lens = kv_buckets(config.max_model_len, block_size)
         self.device = device
-        self.batch_sizes = batch_buckets(max_num_seqs)
-        self.kv_lens = kv_buckets(max_model_len, block_size)
         self.use_graphs = device.type == "cuda"
-        self.compiled = compile
+        self.logits = logits
+        self.compiled = config.compile
         self._run = self._step
-        if compile:
+        if config.compile:
             # Guards on every module and parameter cost about a tenth of a step, and this instance's model
             # does not change. Dynamo keeps graphs per code object: a private copy of the step's code
             # keeps another DecodeGraphs, whose model may differ, from reusing this one's graphs.

@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from engine import metrics
 from engine.constraints import Grammars
+from engine.cuda_graphs import DecodeConfig
 from engine.deadlines import StepRates, admissible, unreachable
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache import BlockManager
@@ -49,6 +50,21 @@ class EngineConfig:
     # otherwise; "none" only for those that ask (with n-gram lookup, or the draft model when there is one).
     speculative: Literal["none", "ngram", "draft"] = "none"
     speculative_tokens: int = 4  # draft tokens proposed per row and step, at most
+
+    def kv_blocks(self) -> BlockManager:
+        """The KV cache's blocks, laid out alike on every tensor-parallel rank."""
+        return BlockManager(self.kv_cache_tokens // self.block_size + 1, self.block_size, self.enable_prefix_caching)
+
+    def decode(self, model: Llama) -> DecodeConfig:
+        """The decode steps of ``model``'s runner, alike on every tensor-parallel rank (rank 0's runner has the
+        ``fanout`` to the others, theirs ``sample=False``)."""
+        return DecodeConfig(
+            self.max_num_seqs,
+            max_model_len(model, self),
+            self.compile_decode,
+            verify_width=1 + self.speculative_tokens,
+            capture_verify=self.speculative != "none",
+        )
 
 
 @dataclass(frozen=True)
@@ -95,36 +111,6 @@ def max_model_len(model: Llama, config: EngineConfig) -> int:
     return min(config.max_model_len, model.args.max_position, config.kv_cache_tokens)
 
 
-def make_runner(
-    model: Llama,
-    device: torch.device,
-    dtype: torch.dtype,
-    config: EngineConfig,
-    fanout: StepFanout | None = None,
-    sample: bool = True,
-) -> ModelRunner:
-    """The model runner and KV-cache geometry of an engine; under tensor parallelism the same for every
-    rank, rank 0's with the ``fanout`` to the others and the others' with ``sample=False``."""
-    blocks = BlockManager(
-        config.kv_cache_tokens // config.block_size + 1, config.block_size, config.enable_prefix_caching
-    )
-    runner = ModelRunner(
-        model,
-        blocks,
-        device,
-        dtype,
-        config.max_num_seqs,
-        max_model_len(model, config),
-        compile=config.compile_decode,
-        fanout=fanout,
-        sample=sample,
-    )
-    runner.verify_width = 1 + config.speculative_tokens
-    if config.speculative != "none":  # most steps may verify: compile and capture their width now, on every rank
-        runner.decode.capture_all(runner.verify_width)
-    return runner
-
-
 class LLMEngine:
     """Scheduler, KV cache and model runner: one step at a time, token ids in and out. Text (detokenization
     and stop strings) is the API server's business, so this can run in a process of its own."""
@@ -143,7 +129,7 @@ class LLMEngine:
         ``draft``: a smaller model of the same tokenizer proposing speculative tokens."""
         self.tokenizer = tokenizer
         self.config = config
-        self.runner = make_runner(model, device, dtype, config, fanout)
+        self.runner = ModelRunner(model, config.kv_blocks(), device, dtype, config.decode(model), fanout)
         self.blocks = self.runner.blocks
         self.max_model_len = max_model_len(model, config)
         self.speculator = self._speculator(model, draft, device, dtype)
@@ -168,9 +154,10 @@ class LLMEngine:
                     f"the draft model's vocabulary ({draft.args.vocab_size}) differs from the model's "
                     f"({model.args.vocab_size}): it needs the same tokenizer"
                 )
-            runner = ModelRunner(draft, self.blocks, device, dtype, config.max_num_seqs, self.max_model_len)
-            runner.verify_width = 1 + config.speculative_tokens
-            runner.decode.capture_all(runner.verify_width)  # its catch-ups after each verification
+            # Its catch-ups after each verification are as wide as a verification: captured at startup.
+            width = 1 + config.speculative_tokens
+            decode = DecodeConfig(config.max_num_seqs, self.max_model_len, verify_width=width, capture_verify=True)
+            runner = ModelRunner(draft, self.blocks, device, dtype, decode)
             proposer = DraftModel(runner)
         elif config.speculative == "draft":
             raise ValueError("speculative 'draft' needs a draft model")

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from engine import speculative
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeConfig, DecodeGraphs
 from engine.kv_cache import SCRATCH_BLOCK, BlockManager
 from engine.sampler import sample
 from engine.sequence import Sequence
@@ -28,35 +28,25 @@ class ModelRunner:
         blocks: BlockManager,
         device: torch.device,
         dtype: torch.dtype,
-        max_num_seqs: int,
-        max_model_len: int,
-        compile: bool = False,
+        config: DecodeConfig,
         fanout: StepFanout | None = None,
         sample: bool = True,
     ) -> None:
+        model.fuse_projections()
         self.model = model
         self.blocks = blocks
         self.device = device
         self.fanout = fanout
-        self.sample = sample
-        self.verify_width = 1  # tokens per row of a speculative step on the graph path (1 + drafts), set by the engine
-        model.fuse_projections()
+        self.verify_width = config.verify_width
         a = model.args
         shape = (a.num_layers, blocks.num_blocks * blocks.block_size, a.num_kv_heads, a.head_dim)
         # Zero-filled: masked-out slots still pass through softmax·V, and NaN·0 would poison rows.
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
-        self.decode = DecodeGraphs(
-            model,
-            (self.k_cache, self.v_cache),
-            blocks.block_size,
-            max_num_seqs,
-            max_model_len,
-            device,
-            compile,
-            logits=sample,
-        )
+        self.decode = DecodeGraphs(model, (self.k_cache, self.v_cache), blocks.block_size, config, device, sample)
         self.decode.capture_all()
+        if config.capture_verify:
+            self.decode.capture_all(config.verify_width)
 
     @property
     def kv_cache_bytes(self) -> int:

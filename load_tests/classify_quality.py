@@ -286,7 +286,7 @@ def main() -> None:
             settings = Settings(**{**base, "cls_model": str(Path(tmp) / "head")}, cls_quantize=quantize)
             engines = Engines.build(settings)
             assert engines.classifier is not None
-            fidelity[setting] = engines.reports["classify"].model_dump(mode="json")
+            fidelity[setting] = engines.served.reports["classify"].model_dump(mode="json")
             runs[setting] = evaluate(engines.classifier, test_texts, mode_labels, thresholds, args.repeats, args.timed)
             if setting == "float":
                 float_emb = engines.classifier.embed(test_texts)

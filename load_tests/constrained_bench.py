@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.date.today().isoformat(),
         "device": str(engine.runner.device),
         "cpu": cpu,
-        "model": built.gen_model_id,
+        "model": built.served.gen_model_id,
         "schema": SCHEMA,
         "steps": args.steps,
         "rounds": args.rounds,

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from engine.cuda_graphs import DecodeConfig
 from engine.kv_cache import BlockManager
 from engine.model_runner import ModelRunner
 from engine.scheduler import Scheduler
@@ -74,7 +75,7 @@ class Driver:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batched_tokens=512)
         start = time.perf_counter()
         self.runner = ModelRunner(
-            model, self.blocks, torch.device("cpu"), torch.float32, max_num_seqs, max_len, compile=compile_cpu
+            model, self.blocks, torch.device("cpu"), torch.float32, DecodeConfig(max_num_seqs, max_len, compile_cpu)
         )
         self.setup_seconds = time.perf_counter() - start
 

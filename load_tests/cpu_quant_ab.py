@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from engine.cuda_graphs import DecodeConfig
 from engine.kv_cache import BlockManager
 from engine.model_runner import ModelRunner
 from models.compress import compress_causal_lm, default_spec
@@ -51,7 +52,9 @@ def main() -> None:
         spec = default_spec(method, float(prune))
         cache = args.cache_dir if not spec.is_identity else None
         model, _ = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache)
-        runner = ModelRunner(model, BlockManager(65, 16), torch.device("cpu"), torch.float32, max(batches), 1024)
+        runner = ModelRunner(
+            model, BlockManager(65, 16), torch.device("cpu"), torch.float32, DecodeConfig(max(batches), 1024)
+        )
         runner.decode.inputs[:, 1] = args.kv_len - 28  # every row at one position, eight blocks of context
         runner.decode.inputs[:, 2:10] = torch.arange(1, 9)
         runners[setting] = runner

@@ -159,7 +159,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "command": "python -m load_tests.prefix_cache_bench " + " ".join(sys.argv[1:]),
         },
         "config": {
-            "model": runtime.info["generate"]["model"],
+            "model": runtime.served.info["generate"]["model"],
             "system_prompt_tokens": system_tokens,
             "prompt_tokens_median": statistics.median(prompt_lens),
             "requests_per_mode": args.requests,

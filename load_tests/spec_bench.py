@@ -193,14 +193,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "command": "python -m load_tests.spec_bench " + " ".join(sys.argv[1:]),
         },
         "config": {
-            "model": runtime.info["generate"],
+            "model": runtime.served.info["generate"],
             "method": engine.speculator.method,
             "speculative_tokens": args.k,
             "max_tokens": args.max_tokens,
             "rounds": {"at_1": args.sequential, "above_1": args.rounds},
             "warmup_waves_per_level": args.warmup_waves,
             "prompt_tokens_median": {n: statistics.median(map(len, p)) for n, p in workloads.items()},
-            "quantization": runtime.reports["generate"].spec.quantize if "generate" in runtime.reports else None,
+            "quantization": runtime.served.reports["generate"].spec.quantize
+            if "generate" in runtime.served.reports
+            else None,
         },
         "results": results,
     }

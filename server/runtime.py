@@ -23,7 +23,7 @@ from engine.batcher import DynamicBatcher
 from engine.classifier import Classifier, ClassifyItem, ClassResult, EncoderFrontend, LabelSpec
 from engine.core import Batcher
 from engine.core_client import CoreClient
-from engine.llm_engine import AsyncLLM, EngineConfig, LLMClient, LLMEngine, make_runner
+from engine.llm_engine import AsyncLLM, EngineConfig, LLMClient, LLMEngine
 from engine.model_runner import ModelRunner
 from engine.response_cache import ResponseCache
 from engine.sequence import SamplingParams
@@ -68,17 +68,25 @@ def _package_version() -> str:
 
 
 @dataclass
+class Served:
+    """What the API side knows of the models it serves, as the builder made them: the same whether the
+    engines run in this process or in engine cores (then it comes pickled in :class:`CoreDetails`)."""
+
+    policy: HardwarePolicy  # the (first) engine core's device's; /info shows it
+    gen_model_id: str | None = None  # the names /v1/models lists and the /v1 routes accept as `model`
+    cls_model_id: str | None = None
+    info: dict[str, object] = field(default_factory=dict)  # per task: the model's source and load time
+    reports: dict[str, CompressionReport] = field(default_factory=dict)  # "generate" / "classify"
+
+
+@dataclass
 class CoreDetails:
     """What an API server needs from an engine core to serve without the models (pickled in ``Ready``)."""
 
     tokenizer: PreTrainedTokenizerBase | None
     max_model_len: int
     encoder: EncoderFrontend | None
-    gen_model_id: str | None
-    cls_model_id: str | None
-    info: dict[str, object]
-    reports: dict[str, CompressionReport]
-    policy: HardwarePolicy
+    served: Served
 
 
 @dataclass
@@ -87,13 +95,9 @@ class Engines:
     running. The same for the server's own process, an engine-core process and the benchmarks."""
 
     settings: Settings
-    policy: HardwarePolicy
+    served: Served
     engine: LLMEngine | None = None
     classifier: Classifier | None = None
-    gen_model_id: str | None = None
-    cls_model_id: str | None = None
-    info: dict[str, object] = field(default_factory=dict)
-    reports: dict[str, CompressionReport] = field(default_factory=dict)  # "generate" / "classify"
     follower: ModelRunner | None = None  # a tensor-parallel worker's runner, instead of ``engine``
     tp_workers: list[BaseProcess] = field(default_factory=list)  # rank 0's tensor-parallel worker processes
 
@@ -109,7 +113,8 @@ class Engines:
         device, dtype = policy.torch_device, policy.torch_dtype
         if tp is not None:
             device = tp.device(device)
-        built = cls(settings=settings, policy=policy)
+        served = Served(policy)
+        built = cls(settings=settings, served=served)
         if settings.enable_generate:
             start = time.perf_counter()
             source = resolve_spec(settings.gen_model, "generate")
@@ -117,7 +122,7 @@ class Engines:
                 ckpt = checkpoint.read_checkpoint(source.path, "generate", dtype, device)
                 model, tokenizer, description = ckpt.model, ckpt.tokenizer, source.description
                 report = _checkpoint_report(ckpt.report_json, settings.gen_quantize)
-                built.policy = policy = _as_checkpointed(policy, "gen_quantize", report)
+                served.policy = policy = _as_checkpointed(policy, "gen_quantize", report)
             else:
                 loaded = load_causal_lm(settings.gen_model, settings.cache_dir, dtype, settings.tokenizer)
                 model = Llama.from_hf(loaded.config, loaded.state_dict).to(device)
@@ -125,7 +130,7 @@ class Engines:
                 cache = settings.cache_dir if settings.compress_cache else None
                 model, report = compress_causal_lm(model, loaded.config, loaded.tokenizer, spec, loaded.source, cache)
                 tokenizer, description = loaded.tokenizer, loaded.source
-            built.reports["generate"] = report
+            served.reports["generate"] = report
             log.info("compression %s", report.summary())
             config = engine_config(settings, policy)
             if config.compile_decode:  # compiled graphs survive restarts (and container volumes) with the models
@@ -139,7 +144,9 @@ class Engines:
                     tp, built.tp_workers = tp_workers.start_workers(settings)
                 model = tp_workers.join(model, tp, device)
                 if tp.rank > 0:
-                    built.follower = make_runner(model, device, dtype, config, sample=False)
+                    built.follower = ModelRunner(
+                        model, config.kv_blocks(), device, dtype, config.decode(model), sample=False
+                    )
                     return built
                 fanout = StepFanout(list(tp.steps))
             draft, draft_source = None, None
@@ -149,11 +156,11 @@ class Engines:
                 draft_source = loaded_draft.source
             built.engine = LLMEngine(model, tokenizer, device, dtype, config, fanout, draft)
             built.engine.grammars.warm()  # the grammar library's token table takes seconds: not on a request
-            built.gen_model_id = source.name
+            served.gen_model_id = source.name
             gen_info: dict[str, object] = {"model": description, "load_seconds": _loaded("generate", start)}
             if draft_source is not None:
                 gen_info["draft_model"] = draft_source
-            built.info["generate"] = gen_info
+            served.info["generate"] = gen_info
         if settings.enable_classify:
             start = time.perf_counter()
             source = resolve_spec(settings.cls_model, "classify")
@@ -161,7 +168,7 @@ class Engines:
                 enc = checkpoint.read_checkpoint(source.path, "classify", dtype, device)
                 encoder = LoadedEncoder(enc.model, enc.tokenizer, enc.id2label, source.description)
                 report = _checkpoint_report(enc.report_json, settings.cls_quantize)
-                built.policy = policy = _as_checkpointed(policy, "cls_quantize", report)
+                served.policy = policy = _as_checkpointed(policy, "cls_quantize", report)
             else:
                 encoder = load_encoder(settings.cls_model, settings.cache_dir, dtype, None)
                 encoder.model.to(device)
@@ -172,18 +179,18 @@ class Engines:
                     return Classifier(enc, device).embed
 
                 report = compress_encoder(encoder, spec, cache, embedder)
-            built.reports["classify"] = report
+            served.reports["classify"] = report
             log.info("compression %s", report.summary())
             built.classifier = Classifier(encoder, device, max_batch=settings.cls_max_batch_size)
             built.classifier.capture_graphs(settings.cls_max_batch_tokens)  # before the engines start
-            built.cls_model_id = source.name
-            built.info["classify"] = {"model": encoder.source, "load_seconds": _loaded("classify", start)}
+            served.cls_model_id = source.name
+            served.info["classify"] = {"model": encoder.source, "load_seconds": _loaded("classify", start)}
             if encoder.head is not None:  # --cls-model HEAD_DIR: what /classify without labels answers with
-                built.info["classify"]["model"] += f" with {resolve_spec(settings.cls_model, 'classify').description}"
+                served.info["classify"]["model"] += f" with {resolve_spec(settings.cls_model, 'classify').description}"
         metrics.BUILD_INFO.labels(
             version=_package_version(),
-            gen_model=built.info["generate"]["model"] if "generate" in built.info else "off",
-            cls_model=built.info["classify"]["model"] if "classify" in built.info else "off",
+            gen_model=served.info["generate"]["model"] if "generate" in served.info else "off",
+            cls_model=served.info["classify"]["model"] if "classify" in served.info else "off",
             device=policy.device,
             dtype=policy.dtype,
         ).set(1)
@@ -208,11 +215,7 @@ class Engines:
             tokenizer=self.engine.tokenizer if self.engine is not None else None,
             max_model_len=self.engine.max_model_len if self.engine is not None else 0,
             encoder=self.classifier.frontend() if self.classifier is not None else None,
-            gen_model_id=self.gen_model_id,
-            cls_model_id=self.cls_model_id,
-            info=self.info,
-            reports=self.reports,
-            policy=self.policy,
+            served=self.served,
         )
 
 
@@ -252,19 +255,15 @@ class Runtime:
 
     settings: Settings
     device: str
+    served: Served  # model ids, sources, compression reports and hardware policy, as the builder made them
     llm: LLMClient | None = None
     classifier: EncoderFrontend | None = None
     batcher: Batcher | CoreClient | None = None
     # Identical /classify inputs, keyed by (model id, text, labels, multi_label, threshold); None when disabled.
     cls_cache: ResponseCache[ClassifyKey, ClassResult] | None = None
-    gen_model_id: str | None = None  # the names /v1/models lists and the /v1 routes accept as `model`
-    cls_model_id: str | None = None
     ready: bool = False
     created: int = field(default_factory=lambda: int(time.time()))  # unix time, /v1/models' `created`
-    info: dict[str, object] = field(default_factory=dict)
-    reports: dict[str, CompressionReport] = field(default_factory=dict)  # "generate" / "classify"
     cores: CoreClient | None = None  # set when the engines run in engine-core processes
-    policy: HardwarePolicy | None = None  # of the (first) engine core's device; /info shows it
 
     def __post_init__(self) -> None:
         if self.classifier is not None and self.settings.cls_cache_size > 0:
@@ -276,16 +275,12 @@ class Runtime:
         built = Engines.build(settings)
         return cls(
             settings=settings,
-            device=built.policy.device,
+            device=built.served.policy.device,
+            served=built.served,
             # A failed step turns /ready 503 from then on.
             llm=AsyncLLM(built.engine, on_error=lambda _: metrics.READY.set(0)) if built.engine else None,
             classifier=built.classifier,
             batcher=built.batcher() if built.classifier is not None else None,
-            gen_model_id=built.gen_model_id,
-            cls_model_id=built.cls_model_id,
-            info=built.info,
-            reports=built.reports,
-            policy=built.policy,
         )
 
     @classmethod
@@ -299,16 +294,12 @@ class Runtime:
             cores.attach(llm)
         return cls(
             settings=settings,
-            device=details.policy.device if len(answers) == 1 else f"{details.policy.device} x{len(answers)}",
+            device=details.served.policy.device + ("" if len(answers) == 1 else f" x{len(answers)}"),
+            served=details.served,
             llm=llm,
             classifier=details.encoder,
             batcher=cores if details.encoder is not None else None,
-            gen_model_id=details.gen_model_id,
-            cls_model_id=details.cls_model_id,
-            info=details.info,
-            reports=details.reports,
             cores=cores,
-            policy=details.policy,
         )
 
     async def start(self) -> None:

@@ -194,14 +194,14 @@ async def test_checkpoint_serves_the_startup_compressed_models(served, runtime: 
 
     info = {m["task"]: m for m in (await ckpt_client.get("/info")).json()["models"]}
     for task in ("generate", "classify"):
-        startup = runtime.reports[task]
+        startup = runtime.served.reports[task]
         assert info[task]["model"].startswith("compressed checkpoint ")
         served = info[task]["compression"]
         assert served["checkpoint"] and served["spec"] == startup.spec.model_dump(mode="json")
         assert served["fidelity"] == startup.fidelity  # measured when it was written
         assert served["fidelity"] or startup.spec.quantize == "none"  # the float classifier: nothing changed
     assert ckpt.policy.why["gen_quantize"] == "as written in the compressed checkpoint"
-    assert ckpt.policy.gen_prune == runtime.reports["generate"].spec.prune_mlp == runtime.policy.gen_prune
+    assert ckpt.policy.gen_prune == runtime.served.reports["generate"].spec.prune_mlp == runtime.served.policy.gen_prune
 
 
 @pytest.mark.integration

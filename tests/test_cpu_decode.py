@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from engine.cuda_graphs import DecodeConfig
 from engine.kv_cache import BlockManager
 from engine.model_runner import ModelRunner
 from engine.sequence import SamplingParams, Sequence
@@ -38,7 +39,9 @@ def test_compiled_cpu_decode_matches_eager(tiny: tuple[LlamaConfig, dict[str, to
     logits and tokens, across KV buckets, and write the same KV cache."""
     config, state = tiny
     eager = make_runner(config, state, max_num_seqs=1)
-    compiled = ModelRunner(Llama.from_hf(config, state), BlockManager(64, 16), CPU, torch.float32, 1, 200, True)
+    compiled = ModelRunner(
+        Llama.from_hf(config, state), BlockManager(64, 16), CPU, torch.float32, DecodeConfig(1, 200, compile=True)
+    )
     assert compiled.decode.compiled and not eager.decode.compiled
     prompt = list(range(1, 41))  # 40 + 40 steps: crosses the 64-token KV bucket
     assert greedy_run(compiled, [prompt], steps=40) == greedy_run(eager, [prompt], steps=40)
@@ -66,7 +69,9 @@ def test_a_second_compiled_runner_uses_its_own_model(tiny: tuple[LlamaConfig, di
     other["model.layers.0.mlp.down_proj.weight"] = state["model.layers.0.mlp.down_proj.weight"][:, :96]
     prompt = list(range(5, 25))
     for weights in (state, other):
-        runner = ModelRunner(Llama.from_hf(config, weights), BlockManager(64, 16), CPU, torch.float32, 1, 200, True)
+        runner = ModelRunner(
+            Llama.from_hf(config, weights), BlockManager(64, 16), CPU, torch.float32, DecodeConfig(1, 200, compile=True)
+        )
         assert greedy_run(runner, [prompt], steps=8) == greedy_run(make_runner(config, weights, 1), [prompt], steps=8)
 
 
@@ -78,7 +83,9 @@ def test_two_graphs_serve_every_batch_bucket(tiny: tuple[LlamaConfig, dict[str, 
 
     config, state = tiny
     before = counters["stats"]["unique_graphs"]
-    compiled = ModelRunner(Llama.from_hf(config, state), BlockManager(64, 16), CPU, torch.float32, 8, 200, True)
+    compiled = ModelRunner(
+        Llama.from_hf(config, state), BlockManager(64, 16), CPU, torch.float32, DecodeConfig(8, 200, compile=True)
+    )
     assert compiled.decode.batch_sizes == [1, 2, 4, 8]
     assert counters["stats"]["unique_graphs"] - before == 2
     prompts = [[5, 7, 11], list(range(1, 50)), [42] * 20]  # 3 rows: bucket 4; crosses the 64-token KV bucket

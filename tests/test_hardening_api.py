@@ -91,7 +91,7 @@ async def test_label_cost_goes_to_the_first_queued_input(
     tag = uuid.uuid4().hex[:8]
     labels = (f"returns {tag}", f"app crash {tag}")
     cached, fresh = f"cached {tag}", f"fresh {tag}"
-    key = (runtime.cls_model_id, cached, tuple(LabelSpec(label) for label in labels), False, None)
+    key = (runtime.served.cls_model_id, cached, tuple(LabelSpec(label) for label in labels), False, None)
     runtime.cls_cache.put(key, ClassResult(labels[0], 1.0, []))
     r = await client.post("/classify", json={"inputs": [cached, fresh], "labels": list(labels)})
     assert r.status_code == 200
@@ -119,7 +119,7 @@ async def test_inputs_bounded_by_characters_before_tokenizing(
     r = await client.post("/classify", json={"inputs": ["ok", text], "labels": ["a", "b"]})
     assert_error(r, 400, "inputs.1")
     assert r.json()["error"]["type"] == "input_too_long" and str(limit) in r.json()["error"]["message"]
-    r = await client.post("/v1/embeddings", json={"model": runtime.cls_model_id, "input": text})
+    r = await client.post("/v1/embeddings", json={"model": runtime.served.cls_model_id, "input": text})
     assert r.status_code == 400 and r.json()["error"]["param"] == "input", r.text
 
 
@@ -168,7 +168,11 @@ async def test_prefix_cache_isolated_per_api_key(settings: Settings, runtime: Ru
     system = f"Internal note {uuid.uuid4().hex}: the vault PIN is 4921. Never reveal it. " * 4
 
     async def cached_tokens(client: httpx.AsyncClient, key: str) -> int:
-        body = {"model": runtime.gen_model_id, "max_tokens": 1, "messages": [{"role": "system", "content": system}]}
+        body = {
+            "model": runtime.served.gen_model_id,
+            "max_tokens": 1,
+            "messages": [{"role": "system", "content": system}],
+        }
         r = await client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 200, r.text
         return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]

@@ -55,8 +55,7 @@ async def test_startup_build_and_kv_metrics(client: httpx.AsyncClient, runtime: 
     assert build, "llm_build_info missing"
     labels = dict(re.findall(r'(\w+)="([^"]*)"', build.group(1)))
     assert labels["version"] == version("lowlat-server")
-    assert runtime.policy is not None
-    assert (labels["device"], labels["dtype"]) == (runtime.policy.device, runtime.policy.dtype)
+    assert (labels["device"], labels["dtype"]) == (runtime.served.policy.device, runtime.served.policy.dtype)
     assert labels["gen_model"] and labels["cls_model"]
     # The block gauges agree with the usage ratio; the pool has a size.
     used = sample(text, "llm_kv_cache_blocks", '{state="used"}')

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.cuda_graphs import batch_buckets, kv_buckets
+from engine.cuda_graphs import DecodeConfig, batch_buckets, kv_buckets
 from engine.kv_cache import BlockManager
 from engine.model_runner import ModelRunner
 from engine.scheduler import Scheduler
@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 
 def make_runner(config: LlamaConfig, state: dict[str, torch.Tensor], max_num_seqs: int = 8) -> ModelRunner:
     model = Llama.from_hf(config, state)
-    return ModelRunner(model, BlockManager(64, 16), CPU, torch.float32, max_num_seqs, 200)
+    return ModelRunner(model, BlockManager(64, 16), CPU, torch.float32, DecodeConfig(max_num_seqs, 200))
 
 
 def test_buckets() -> None:

@@ -258,7 +258,7 @@ async def test_engine_failure_turns_ready_503(
     # An engine of its own (own KV cache and thread) over the session's model weights.
     config = EngineConfig(max_num_seqs=4, kv_cache_tokens=1024, max_model_len=512)
     engine = LLMEngine(shared.runner.model, shared.tokenizer, shared.runner.device, shared.runner.k_cache.dtype, config)
-    rt = Runtime(settings=settings, device=runtime.device, llm=AsyncLLM(engine))
+    rt = Runtime(settings=settings, device=runtime.device, served=runtime.served, llm=AsyncLLM(engine))
     await rt.start()
     try:
         c = await make_client(rt)

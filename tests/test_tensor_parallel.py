@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from engine.llm_engine import EngineConfig, make_runner
+from engine.llm_engine import EngineConfig
+from engine.model_runner import ModelRunner
 from engine.scheduler import Scheduler
 from engine.sequence import SamplingParams, Sequence
 from engine.tp import StepFanout, follow
@@ -22,6 +23,7 @@ from models.sources import dummy_config, resolve_spec
 from models.tensor_parallel import RowParallel, init_group, local_heads, shard_llama
 from tests.conftest import free_port, server_process
 
+CPU = torch.device("cpu")
 PROMPTS = [[5, 7, 11, 13, 17], [3] * 40, list(range(1, 19)), [42]]
 CONFIG = EngineConfig(max_num_seqs=4, max_batched_tokens=32, kv_cache_tokens=1024, block_size=16, max_model_len=256)
 
@@ -29,7 +31,7 @@ CONFIG = EngineConfig(max_num_seqs=4, max_batched_tokens=32, kv_cache_tokens=102
 def generate(model: Llama, fanout: StepFanout | None = None, steps: int = 24) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy continuations of PROMPTS through scheduler + runner (chunked prefill: the budget is 32 tokens),
     and the logits of a whole-prompt forward of the first prompt."""
-    runner = make_runner(model, torch.device("cpu"), torch.float32, CONFIG, fanout)
+    runner = ModelRunner(model, CONFIG.kv_blocks(), CPU, torch.float32, CONFIG.decode(model), fanout)
     sched = Scheduler(runner.blocks, CONFIG.max_num_seqs, CONFIG.max_batched_tokens)
     seqs = [Sequence(prompt_ids=p, params=SamplingParams(max_tokens=steps)) for p in PROMPTS]
     for s in seqs:
@@ -57,7 +59,7 @@ def generate(model: Llama, fanout: StepFanout | None = None, steps: int = 24) ->
 def rank_main(
     rank: int, port: int, address: str, config: LlamaConfig, state: dict[str, torch.Tensor], out: mp.Queue
 ) -> None:
-    init_group(rank, 2, f"127.0.0.1:{port}", torch.device("cpu"))
+    init_group(rank, 2, f"127.0.0.1:{port}", CPU)
     model = shard_llama(Llama.from_hf(config, state), rank, 2)
     if rank == 0:
         fanout = StepFanout([address])
@@ -65,7 +67,7 @@ def rank_main(
         out.put((tokens, logits.numpy()))  # by value: a shared tensor would need this process alive to unpickle
         fanout.close()
     else:
-        runner = make_runner(model, torch.device("cpu"), torch.float32, CONFIG, sample=False)
+        runner = ModelRunner(model, CONFIG.kv_blocks(), CPU, torch.float32, CONFIG.decode(model), sample=False)
         follow(address, runner.follow)
     torch.distributed.destroy_process_group()
 

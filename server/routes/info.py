@@ -29,14 +29,14 @@ class InfoResponse(BaseModel):
 async def info(request: Request) -> InfoResponse:
     runtime = ready_runtime(request)
     models = []
-    for task, entry in runtime.info.items():
+    for task, entry in runtime.served.info.items():
         details = entry if isinstance(entry, dict) else {}
         models.append(
             ModelInfo(
                 task=task,
                 model=str(details.get("model", "")),
                 load_seconds=details.get("load_seconds"),
-                compression=runtime.reports.get(task),
+                compression=runtime.served.reports.get(task),
             )
         )
-    return InfoResponse(device=str(runtime.device), hardware=runtime.policy, models=models)
+    return InfoResponse(device=str(runtime.device), hardware=runtime.served.policy, models=models)

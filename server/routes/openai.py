@@ -77,10 +77,10 @@ def _not_found(model: str) -> APIError:
 def _llm(runtime: Runtime, body: SamplingRequest) -> LLMClient:
     """``model`` is the id /v1/models lists or, as an alias, the spec the server was started with
     (``--gen-model``, e.g. ``default``); responses name the id either way."""
-    if runtime.llm is None or body.model not in (runtime.gen_model_id, runtime.settings.gen_model):
+    if runtime.llm is None or body.model not in (runtime.served.gen_model_id, runtime.settings.gen_model):
         raise _not_found(body.model)
-    assert runtime.gen_model_id is not None
-    body.model = runtime.gen_model_id
+    assert runtime.served.gen_model_id is not None
+    body.model = runtime.served.gen_model_id
     return runtime.llm
 
 
@@ -88,12 +88,12 @@ def _llm(runtime: Runtime, body: SamplingRequest) -> LLMClient:
 async def models(request: Request) -> ModelList:
     runtime = ready_runtime(request)
     cards = []
-    for task, model_id in (("generate", runtime.gen_model_id), ("classify", runtime.cls_model_id)):
+    for task, model_id in (("generate", runtime.served.gen_model_id), ("classify", runtime.served.cls_model_id)):
         if model_id is not None:
-            # runtime.info[task]: source and load time; runtime.reports[task]: the startup compression report.
-            details = dict(runtime.info.get(task, {}))
-            if task in runtime.reports:
-                details["compression"] = runtime.reports[task].model_dump(mode="json")
+            # served.info[task]: source and load time; served.reports[task]: the startup compression report.
+            details = dict(runtime.served.info.get(task, {}))
+            if task in runtime.served.reports:
+                details["compression"] = runtime.served.reports[task].model_dump(mode="json")
             cards.append(ModelCard(id=model_id, created=runtime.created, task=task, details=details))
     return ModelList(data=cards)
 
@@ -321,7 +321,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 @router.post("/embeddings", response_model=EmbeddingList, responses=ERRORS)
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     runtime = ready_runtime(request)
-    served = (runtime.cls_model_id, runtime.settings.cls_model)  # id or, as an alias, the --cls-model spec
+    served = (runtime.served.cls_model_id, runtime.settings.cls_model)  # id or, as an alias, the --cls-model spec
     if runtime.classifier is None or runtime.batcher is None or body.model not in served:
         raise _not_found(body.model)
     dim = runtime.classifier.embedding_dim

@@ -80,11 +80,11 @@ def _checked(results: list[object]) -> list[ClassResult]:
 
 async def _through_cache(runtime: Runtime, items: list[ClassifyItem], label_tokens: int) -> list[ClassResult]:
     """Answers cached items at once and sends only the others through the batcher."""
-    assert runtime.batcher is not None and runtime.cls_model_id is not None
+    assert runtime.batcher is not None and runtime.served.cls_model_id is not None
     cache = runtime.cls_cache
     if cache is None:
         return _checked(await runtime.batcher.submit_many(_with_label_cost(items, label_tokens)))
-    keys = [(runtime.cls_model_id, it.text, it.labels, it.multi_label, it.threshold) for it in items]
+    keys = [(runtime.served.cls_model_id, it.text, it.labels, it.multi_label, it.threshold) for it in items]
     results: list[ClassResult | None] = [cache.get(key) for key in keys]
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:
