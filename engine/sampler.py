@@ -16,7 +16,7 @@ MIN_TEMPERATURE = 1e-4
 def apply_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
     """OpenAI's presence/frequency penalties: each token already generated loses ``presence_penalty``
     once plus ``frequency_penalty`` per occurrence (negative values encourage repetition)."""
-    rows = [i for i, s in enumerate(seqs) if s.output_ids and (s.params.presence_penalty or s.params.frequency_penalty)]
+    rows = [i for i, s in enumerate(seqs) if _penalized(s)]
     if not rows:
         return logits
     logits = logits.clone()
@@ -48,13 +48,37 @@ def sample(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None = None) -
     bound = [i for i, s in enumerate(seqs) if s.constraint is not None]
     rules = [seqs[i].constraint for i in bound]
     if bound:
-        constraints.apply_masks(logits, bound, rules)  # type: ignore[arg-type]
-    out = _choose(logits, seqs, None if bound else greedy)
+        greedy = _mask(logits, seqs, bound, rules, greedy)  # type: ignore[arg-type]
+    out = _choose(logits, seqs, greedy)
     if bound:
         constraints.advance(rules, [out[i] for i in bound])  # type: ignore[arg-type]
     if logprobs is not None:
         _record_logprobs(logprobs, [seqs[i] for i in wanted], [out[i] for i in wanted])
     return out
+
+
+def _mask(
+    logits: Tensor, seqs: list[Sequence], bound: list[int], rules: list[constraints.Constraint], greedy: Tensor | None
+) -> Tensor | None:
+    """Masks the constrained rows; returns the argmax of the masked logits where it can be had without a pass
+    over every row, else None. On a CPU a greedy row without penalties whose precomputed argmax its grammar
+    allows keeps that token unmasked (masking cannot change an allowed maximum); only the other rows are
+    masked and searched again. On CUDA every row is masked on the device and the argmax is recomputed there."""
+    if greedy is None or logits.is_cuda:
+        constraints.apply_masks(logits, bound, rules)
+        return None
+    tokens = greedy.tolist()
+    keep = [tokens[i] if seqs[i].params.greedy and not _penalized(seqs[i]) else None for i in bound]
+    masked = constraints.apply_masks(logits, bound, rules, keep)
+    if not masked:
+        return greedy
+    greedy = greedy.clone()
+    greedy[masked] = logits[masked].argmax(dim=-1)
+    return greedy
+
+
+def _penalized(seq: Sequence) -> bool:
+    return bool(seq.output_ids and (seq.params.presence_penalty or seq.params.frequency_penalty))
 
 
 def _log_softmax(logits: Tensor, rows: list[int]) -> Tensor:

@@ -229,3 +229,48 @@ def test_masked_logprobs_are_the_models_own(engine: LLMEngine) -> None:
     ((tokens, reason),) = run(engine, [(prompt, SamplingParams(max_tokens=10, logprobs=2, grammar=grammar))])
     assert engine.tokenizer.decode(tokens) == "yes" and reason == "stop"
     assert out.table.vocab_size == 257
+
+
+@pytest.mark.unit
+def test_greedy_rows_whose_argmax_is_allowed_skip_the_mask_with_the_same_tokens() -> None:
+    """With a precomputed argmax (the decode step's) on a CPU, a greedy row without penalties whose argmax its
+    grammar allows is left unmasked and keeps it; every row's token and matcher state equal those of the
+    path that masks every row and searches again."""
+    from engine import sampler
+    from engine.sequence import Sequence
+
+    tokenizer = byte_tokenizer()
+    grammars = constraints.Grammars(tokenizer, len(tokenizer))
+    letters = llguidance.LLMatcher.grammar_from_regex("[a-c]{2,5}")
+    a, z = tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("z")
+    params = [
+        SamplingParams(grammar=letters),  # argmax allowed: kept unmasked
+        SamplingParams(grammar=letters),  # argmax banned: masked, searched again
+        SamplingParams(grammar=letters, frequency_penalty=5.0),  # penalized: masked
+        SamplingParams(grammar=letters, temperature=1.0, seed=7),  # sampled: masked
+        SamplingParams(),  # free
+    ]
+
+    def batch() -> list[Sequence]:
+        seqs = [Sequence(prompt_ids=[1, 2], params=p) for p in params]
+        for s in seqs:
+            s.output_ids = [a]
+            s.constraint = grammars.constraint(letters) if s.params.grammar else None
+            if s.constraint is not None:
+                s.constraint.matcher.consume_token(a)
+        return seqs
+
+    torch.manual_seed(0)
+    logits = torch.randn(len(params), len(tokenizer))
+    logits[[0, 2], a] = 50.0
+    logits[[1, 3, 4], z] = 50.0
+    fast, full = batch(), batch()
+    kept = logits.clone()
+    fast_tokens = sampler.sample(kept, fast, kept.argmax(dim=-1))
+    full_tokens = sampler.sample(logits.clone(), full)
+    assert fast_tokens == full_tokens
+    assert fast_tokens[0] == a and fast_tokens[1] != z and fast_tokens[4] == z
+    assert torch.equal(kept[0], logits[0]) and torch.isinf(kept[1]).any()  # row 0 unmasked, row 1 masked
+    for f, g in zip(fast, full, strict=True):
+        if f.constraint is not None and g.constraint is not None:
+            assert f.constraint.matcher.compute_bitmask() == g.constraint.matcher.compute_bitmask()
