@@ -200,8 +200,12 @@ async def test_checkpoint_serves_the_startup_compressed_models(served, runtime: 
         assert served["checkpoint"] and served["spec"] == startup.spec.model_dump(mode="json")
         assert served["fidelity"] == startup.fidelity  # measured when it was written
         assert served["fidelity"] or startup.spec.quantize == "none"  # the float classifier: nothing changed
-    assert ckpt.policy.why["gen_quantize"] == "as written in the compressed checkpoint"
-    assert ckpt.policy.gen_prune == runtime.served.reports["generate"].spec.prune_mlp == runtime.served.policy.gen_prune
+    assert ckpt.served.policy.why["gen_quantize"] == "as written in the compressed checkpoint"
+    assert (
+        ckpt.served.policy.gen_prune
+        == runtime.served.reports["generate"].spec.prune_mlp
+        == runtime.served.policy.gen_prune
+    )
 
 
 @pytest.mark.integration
