@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from importlib.metadata import version
 
@@ -20,23 +21,48 @@ def sample(text: str, name: str, labels: str = "") -> float:
 
 
 async def test_metrics_after_traffic(client: httpx.AsyncClient) -> None:
-    await client.post("/generate", json={"prompt": "Hello", "max_tokens": 4, "stream": True})
-    await client.post("/generate", json={"prompt": "Hello", "max_tokens": 4})
+    """Counts move by exactly this test's own traffic (other tests share the registry, and how many tokens
+    the model writes before an end of sequence depends on the CPU's rounding: the responses say it)."""
+    counted = (
+        ("http_request_duration_seconds_count", '{endpoint="/generate"}'),
+        ("http_request_duration_seconds_count", '{endpoint="/classify"}'),
+        ("http_requests_total", '{endpoint="/generate",status="200"}'),
+        ("http_requests_total", '{endpoint="/generate",status="422"}'),
+        ("llm_time_to_first_token_seconds_count", ""),
+        ("llm_inter_token_latency_seconds_count", ""),
+        ("llm_generated_tokens_total", ""),
+        ("llm_batch_size_count", '{endpoint="generate"}'),
+        ("llm_batch_size_count", '{endpoint="classify"}'),
+        ("llm_queue_time_seconds_count", '{endpoint="classify"}'),
+        ("llm_queue_time_seconds_count", '{endpoint="generate"}'),
+    )
+    before_text = (await client.get("/metrics")).text
+    before = {key: sample(before_text, *key) if key[0] + key[1] in before_text else 0.0 for key in counted}
+    stream = {"prompt": "Hello", "max_tokens": 4, "stream": True, "logprobs": True}  # each event lists its tokens
+    streamed = await client.post("/generate", json=stream)
+    events = [json.loads(line[len("data: ") :]) for line in streamed.text.splitlines() if line.startswith("data: ")]
+    whole = (await client.post("/generate", json={"prompt": "Hello", "max_tokens": 4})).json()
     await client.post("/classify", json={"inputs": ["hi", "refund please"], "labels": ["billing", "greeting"]})
     await client.post("/generate", json={"prompt": ""})
     text = (await client.get("/metrics")).text
-    assert sample(text, "http_request_duration_seconds_count", '{endpoint="/generate"}') >= 2
-    assert sample(text, "http_request_duration_seconds_count", '{endpoint="/classify"}') >= 1
-    assert sample(text, "http_requests_total", '{endpoint="/generate",status="200"}') >= 2
-    assert sample(text, "http_requests_total", '{endpoint="/generate",status="422"}') >= 1
-    assert sample(text, "llm_time_to_first_token_seconds_count") >= 2
-    assert sample(text, "llm_inter_token_latency_seconds_count") >= 6
-    assert sample(text, "llm_generated_tokens_total") >= 8
+    delta = {key: sample(text, *key) - before[key] for key in counted}
+    tokens = events[-1]["usage"]["completion_tokens"] + whole["usage"]["completion_tokens"]
+    # Inter-token latency: one observation per streamed event with tokens after the first; one for a whole
+    # response of two or more tokens.
+    gaps = sum(1 for e in events if e["logprobs"]) - 1 + (whole["usage"]["completion_tokens"] > 1)
+    assert sum(len(e["logprobs"]) for e in events) == events[-1]["usage"]["completion_tokens"]
+    assert delta[("http_request_duration_seconds_count", '{endpoint="/generate"}')] == 3
+    assert delta[("http_request_duration_seconds_count", '{endpoint="/classify"}')] == 1
+    assert delta[("http_requests_total", '{endpoint="/generate",status="200"}')] == 2
+    assert delta[("http_requests_total", '{endpoint="/generate",status="422"}')] == 1
+    assert delta[("llm_time_to_first_token_seconds_count", "")] == 2
+    assert delta[("llm_inter_token_latency_seconds_count", "")] == gaps
+    assert delta[("llm_generated_tokens_total", "")] == tokens
+    assert delta[("llm_batch_size_count", '{endpoint="generate"}')] >= max(events[-1]["usage"]["completion_tokens"], 2)
+    assert delta[("llm_batch_size_count", '{endpoint="classify"}')] >= 1
+    assert delta[("llm_queue_time_seconds_count", '{endpoint="classify"}')] == 2
+    assert delta[("llm_queue_time_seconds_count", '{endpoint="generate"}')] == 2
     assert sample(text, "llm_prompt_tokens_total") >= 2
-    assert sample(text, "llm_batch_size_count", '{endpoint="generate"}') >= 8
-    assert sample(text, "llm_batch_size_count", '{endpoint="classify"}') >= 1
-    assert sample(text, "llm_queue_time_seconds_count", '{endpoint="classify"}') >= 2
-    assert sample(text, "llm_queue_time_seconds_count", '{endpoint="generate"}') >= 2
     # Buckets resolve milliseconds.
     assert 'http_request_duration_seconds_bucket{endpoint="/generate",le="0.001"}' in text
     assert sample(text, "http_requests_in_flight", '{endpoint="/generate"}') == 0
