@@ -32,7 +32,7 @@ from models.compress import (
     compress_encoder,
     default_spec,
 )
-from models.cpu_policy import cpu_policy
+from models.cpu_policy import CUDA_GEN_PRUNE, cpu_policy
 from models.llama import Llama
 from models.loader import LoadedEncoder, load_causal_lm, load_encoder
 
@@ -43,7 +43,7 @@ METHODS = ("none", "int8", "int8-wo", "fp8")
 # load_tests/results/compression/README.md#decisions): the stage must not decide policy of its own. On CPU,
 # generation takes what models/cpu_policy.py picks for this CPU, as the server's 'auto' does.
 DEFAULT_QUANTIZE = {("generate", "cuda"): "int8-wo"}
-DEFAULT_PRUNE = {("generate", "cuda"): 0.01}
+DEFAULT_PRUNE = {("generate", "cuda"): CUDA_GEN_PRUNE}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -1,26 +1,28 @@
 """CPU generation defaults by what this CPU supports; server/hardware.py applies them to ``auto`` settings.
 
-The measurements (load_tests/results/cpu_vs_llamacpp/README.md) and what they decide:
+The measurements (load_tests/results/cpu_vs_llamacpp/README.md, "Defaults per CPU", which holds the figures)
+and what they decide:
 
 - Quantization: int8 w8a8 (``_int_mm``) on every CPU kind measured. With 8-bit dot-product instructions
   (AVX-512 VNNI, this workplace's AMD EPYC) it beat float at every batch size; capped to AVX2 its decode
-  step slows ~2x at batch 1 but still beats float at 1 and 16 sequences, while weight-only int8, faster
-  there at batch 1, is several times slower at 16; on the Intel Xeon with AMX of issue 12 (eager steps)
-  it was 1.07x float. No CPU kind measured changes the winner, so the reason names the evidence for
-  this CPU's kind.
+  step slows at batch 1 but still beats float at 1 and 16 sequences, while weight-only int8, faster there
+  at batch 1, is slower at 16 (quant_native.json, quant_avx2_cap.json and "Does `auto` change without
+  VNNI?" there); on the Intel Xeon with AMX of issue 12 (eager steps) it was slightly faster than float. No
+  CPU kind measured changes the winner, so the reason names the evidence for this CPU's kind.
 - Compiled decode steps (inductor's C++ backend) wherever a C++ compiler exists: they remove the
   per-op dispatch of the eager step, which is not tied to an instruction set; measured faster than the
   eager step at every batch size and thread count with AVX-512 VNNI; not measured under the AVX2 cap
   or on AMX. The first start compiles for minutes; later starts load the graphs from the inductor cache.
-- Pruning: 0.5% of MLP channels (three blocks of 64), not the 1% the CUDA default prunes. int8 w8a8 turns
+- Pruning: 0.5% of MLP channels (three blocks of 64), less than the CUDA default prunes. int8 w8a8 turns
   float rounding differences into different int8 roundings, so one 512-token context scores a spread of
   perplexities (prefill, decode step, compiled step are draws from it); at 1% the served decode step
-  crossed +5% against float on single contexts, at 0.5% no decode-step draw of any did, and the window
-  averages stayed within +3% (load_tests/results/cpu_vs_llamacpp/decode_fidelity/). Not tied to an
-  instruction set.
+  crossed the perplexity bar against float on single contexts, at 0.5% no decode-step draw of any did, and
+  the window averages stayed within it (load_tests/results/cpu_vs_llamacpp/decode_fidelity/README.md, "The
+  choice"). Not tied to an instruction set.
 - Threads: one per physical core this process may use. Two threads on one core's hyperthreads share
   its execution units (issue 12's 2-vCPU Xeon ran eager steps faster with one thread than two), while
-  on two cores compiled steps ran 1.4x faster with two threads than with one.
+  on two cores compiled steps ran faster with two threads than with one (load_tests/results/cpu_vs_llamacpp/
+  README.md, "The compiled decode step against llama.cpp").
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def cpu_kind(features: frozenset[str]) -> str:
 
 
 QUANTIZE_EVIDENCE = {
-    "amx": "int8 w8a8 (AMX: int8 1.07x float in issue 12's eager Xeon measurement; compiled not measured there)",
+    "amx": "int8 w8a8 (AMX: int8 faster than float in issue 12's eager Xeon measurement; compiled not measured there)",
     "vnni": "int8 w8a8 (VNNI: faster than float and than weight-only int8 at 1 and 16 sequences, measured)",
     "avx2": "int8 w8a8 (AVX2 only: still faster than float at 1 and 16 sequences under an AVX2 cap, measured)",
     "baseline": "int8 w8a8 (no AVX2: not measured; the kind measured nearest, AVX2, favours it)",
@@ -85,7 +87,14 @@ QUANTIZE_EVIDENCE = {
 
 
 PRUNE_MLP = 0.005
-PRUNE_EVIDENCE = "0.5%: int8 w8a8 stayed within +5% perplexity through the decode step on every context measured"
+PRUNE_EVIDENCE = (
+    "0.5%: the largest share whose int8 w8a8 decode step stayed within the perplexity bar on every context measured "
+    "(load_tests/results/cpu_vs_llamacpp/decode_fidelity/README.md)"
+)
+# Generation's pruning share on CUDA when unset, for the server (server/hardware.py) and the offline stage
+# (models/compress_cli.py); kept beside the CPU share so both defaults live in one place. Chosen in
+# load_tests/results/compression/README.md#decisions.
+CUDA_GEN_PRUNE = 0.01
 
 
 @dataclass(frozen=True)

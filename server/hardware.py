@@ -20,10 +20,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from models import paged_attention, quant_kernels
-from models.cpu_policy import CpuPolicy, cpu_policy
+from models.cpu_policy import CUDA_GEN_PRUNE, CpuPolicy, cpu_policy
 from server.config import Settings
 
-CUDA_GEN_PRUNE = 0.01  # the largest share that kept int8-wo within +5% (load_tests/results/compression)
 INT8_WO_MAX_SEQS = 64  # largest decode batch at which int8-wo measured no slower than bf16 on CUDA
 PREFILL_BUDGET = {"cpu": 512, "cuda": 4096}  # padded prompt tokens per prefill step
 
