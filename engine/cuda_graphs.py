@@ -103,6 +103,9 @@ class DecodeGraphs:
         self.use_graphs = device.type == "cuda"
         self.logits = logits
         self.compiled = config.compile
+        # Steps of a width not compiled or captured yet would compile or capture anew: a speculative step is
+        # then padded to the one verification width (eager CPU steps run at the step's own widest row).
+        self.fixed_width = self.use_graphs or self.compiled
         self._run = self._step
         if config.compile:
             # Guards on every module and parameter cost about a tenth of a step, and this instance's model

@@ -154,6 +154,11 @@ class LLMEngine:
                     f"the draft model's vocabulary ({draft.args.vocab_size}) differs from the model's "
                     f"({model.args.vocab_size}): it needs the same tokenizer"
                 )
+            if draft.args.max_position < self.max_model_len:
+                raise ValueError(
+                    f"the draft model's positions ({draft.args.max_position}) are fewer than the model length "
+                    f"served ({self.max_model_len})"
+                )
             # Its catch-ups after each verification are as wide as a verification: captured at startup.
             width = 1 + config.speculative_tokens
             decode = DecodeConfig(config.max_num_seqs, self.max_model_len, verify_width=width, capture_verify=True)
@@ -163,7 +168,11 @@ class LLMEngine:
             raise ValueError("speculative 'draft' needs a draft model")
         method: Method = "draft" if proposer is not None else "ngram"
         default_on = config.speculative != "none"
-        return Speculator(method, config.speculative_tokens, default_on, self.max_model_len, proposer)
+        decode = self.runner.decode
+        # With compiled steps a width first asked for mid-serving would compile then (a minute or more).
+        opt_in = default_on or not decode.compiled
+        padded = 1 + config.speculative_tokens if decode.fixed_width else 0
+        return Speculator(method, config.speculative_tokens, default_on, self.max_model_len, proposer, opt_in, padded)
 
     def add(self, request: AddRequest) -> None:
         seq = Sequence(prompt_ids=request.prompt_ids, params=request.params, request_id=request.request_id)

@@ -82,7 +82,7 @@ class ModelRunner:
         gains (engine/speculative.py). With CUDA graphs every row is padded to ``verify_width`` tokens (one
         captured graph per bucket serves every number of drafts); a step that does not fit runs as a prefill step."""
         q = max(s.num_step_tokens for s in seqs)
-        if self.decode.use_graphs:  # one captured width; eagerly (CPU), as wide as this step's widest row
+        if self.decode.fixed_width:  # one captured/compiled width; eagerly (CPU), as wide as the widest row
             q = max(q, self.verify_width)
         if self.decode.fits(seqs, q):
             step = Decode(*self.decode.stage(seqs, q), q=q)

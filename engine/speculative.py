@@ -197,7 +197,7 @@ class DraftModel:
         table): one replay of its decode graphs when the rows fit them (one token each, or up to the
         verification width: a catch-up after a verification), else an eager forward (a first prompt)."""
         runner, q = self.runner, max(len(tokens) for tokens, _, _ in rows)
-        if q > 1 and runner.decode.use_graphs:  # one captured width for catch-ups
+        if q > 1 and runner.decode.fixed_width:  # one captured width for catch-ups
             q = max(q, runner.verify_width)
         if runner.decode.fits_rows(len(rows), max(pos for _, pos, _ in rows), q):
             greedy, _ = runner.decode.replay(*runner.decode.stage_rows(rows, q), q)
@@ -209,13 +209,25 @@ class Speculator:
     """Decides which rows speculate and how far, proposes their drafts, and verifies them after the step."""
 
     def __init__(
-        self, method: Method, k: int, default_on: bool, max_model_len: int, draft: DraftModel | None = None
+        self,
+        method: Method,
+        k: int,
+        default_on: bool,
+        max_model_len: int,
+        draft: DraftModel | None = None,
+        opt_in: bool = True,
+        padded_width: int = 0,
     ) -> None:
+        """``opt_in``: whether a request may ask for speculation the server does not do by default (not where
+        the verification width would compile mid-serving); ``padded_width``: the width every row of a
+        speculative step computes (graphs or compiled steps; 0: the widest row's)."""
         if method == "draft" and draft is None:
             raise ValueError("speculative method 'draft' needs a draft model")
         self.method = method
         self.k = k
         self.default_on = default_on
+        self.opt_in = opt_in
+        self.padded_width = padded_width
         self.max_model_len = max_model_len
         self.draft = draft
         self.gates: dict[int, SpeedGate] = {}
@@ -223,7 +235,7 @@ class Speculator:
     def eligible(self, seq: Sequence) -> bool:
         """Whether the request speculates at all (its setting, and no feature that cannot compose with it)."""
         p = seq.params
-        wanted = self.default_on if p.speculative is None else p.speculative
+        wanted = self.default_on if p.speculative is None else p.speculative and (self.default_on or self.opt_in)
         return (
             wanted
             and seq.constraint is None
@@ -273,8 +285,12 @@ class Speculator:
             drafts = self.draft.propose([seqs[i] for i in rows], [ks[i] for i in rows])
         # Every row of the step computes as many positions as the widest (padding): a few rows' drafts are not
         # worth widening a large batch.
-        widest = 1 + max(map(len, drafts))
+        widest = max(1 + max(map(len, drafts)), self.padded_width)
         if len(seqs) * widest > MAX_PADDING * (len(seqs) + sum(map(len, drafts))):
+            for i in rows:  # the draft model's cache holds drafts' K/V past the real tokens: not valid now
+                state = seqs[i].spec
+                assert state is not None
+                state.draft_computed = min(state.draft_computed, seqs[i].num_tokens)
             return
         for i, d in zip(rows, drafts, strict=True):
             seqs[i].draft_ids = d

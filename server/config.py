@@ -159,6 +159,8 @@ class SpeculativeSettings(Concern, title="speculative decoding"):
     def _draft_given(self) -> SpeculativeSettings:
         if self.speculative == "draft" and self.draft_model is None:
             raise ValueError("speculative=draft needs draft_model")
+        if self.speculative == "ngram" and self.draft_model is not None:
+            raise ValueError("draft_model is for speculative=draft (or none: requests that ask get the draft model)")
         return self
 
 

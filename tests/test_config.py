@@ -89,3 +89,10 @@ def test_version_of_a_source_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(runtime, "version", missing)
     assert runtime._package_version() == "unknown"
+
+
+def test_a_draft_model_goes_with_draft_speculation_or_none() -> None:
+    """ngram with a draft model would load a model it never uses: refused, naming the setting."""
+    with pytest.raises(ValueError, match="draft_model"):
+        Settings(speculative="ngram", draft_model="dummy:smollm2-135m")
+    assert Settings(speculative="none", draft_model="dummy:smollm2-135m").draft_model == "dummy:smollm2-135m"

@@ -310,3 +310,30 @@ def test_several_tokens_of_a_step_reach_a_stream_as_one_chunk() -> None:
         return [c.text for c in chunks]
 
     assert "".join(asyncio.run(main())) == "abcde"
+
+
+def test_requests_cannot_opt_in_where_the_width_would_compile_mid_serving(tiny: Tiny) -> None:
+    """With compiled steps and speculation off by default the verification width was never compiled: a
+    request asking for it decodes without (compiling it then would stall every request); on by default,
+    or with eager steps, it speculates."""
+    seq = Sequence(prompt_ids=[1, 2], params=SamplingParams(speculative=True))
+    closed = Speculator("ngram", 4, default_on=False, max_model_len=256, opt_in=False)
+    assert not closed.eligible(seq)
+    assert Speculator("ngram", 4, default_on=True, max_model_len=256, opt_in=False).eligible(seq)
+    assert Speculator("ngram", 4, default_on=False, max_model_len=256).eligible(seq)
+    engine = make_engine(tiny)  # eager CPU steps: opting in costs no compile
+    assert engine.speculator.opt_in and engine.speculator.padded_width == 0
+
+
+def test_padding_to_the_graphs_width_counts_when_dropping_drafts() -> None:
+    """Where every row is padded to the captured width, one short draft among many rows would widen the
+    whole step: the drafts are dropped (and a draft model's cache falls back to the real tokens)."""
+    seqs = [Sequence(prompt_ids=[1, 2, 3, 1, 2], params=SamplingParams()) for _ in range(4)]
+    for s in seqs:
+        s.spec = SpecState()
+    ks = [1, 0, 0, 0]  # one row proposes one token (the lookup finds 3 after [1, 2])
+    padded = Speculator("ngram", 4, default_on=True, max_model_len=256, padded_width=5)
+    padded.propose(seqs, ks)
+    assert all(not s.draft_ids for s in seqs)
+    Speculator("ngram", 4, default_on=True, max_model_len=256).propose(seqs, ks)
+    assert seqs[0].draft_ids == [3]  # unpadded: a row of two positions among single-token rows is cheap
