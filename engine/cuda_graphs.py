@@ -103,9 +103,6 @@ class DecodeGraphs:
         self.use_graphs = device.type == "cuda"
         self.logits = logits
         self.compiled = config.compile
-        # Steps of a width not compiled or captured yet would compile or capture anew: a speculative step is
-        # then padded to the one verification width (eager CPU steps run at the step's own widest row).
-        self.fixed_width = self.use_graphs or self.compiled
         self._run = self._step
         if config.compile:
             # Guards on every module and parameter cost about a tenth of a step, and this instance's model
@@ -139,6 +136,12 @@ class DecodeGraphs:
         self.outputs: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.warmup_stream = torch.cuda.Stream() if self.use_graphs else None
+
+    @property
+    def fixed_width(self) -> bool:
+        """Whether a step of a width not compiled or captured yet would compile or capture anew: speculative
+        steps are then padded to the one verification width (eager CPU steps run at their widest row)."""
+        return self.use_graphs or self.compiled
 
     def fits(self, seqs: list[Sequence], q: int = 1) -> bool:
         """Whether a step of ``q`` tokens per row (padding included) fits the buckets and the model's positions."""

@@ -84,22 +84,21 @@ def run_once(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="default")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir for dummy: models")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args(argv)
+
+
+def build(args: argparse.Namespace, max_num_seqs: int) -> tuple[Engines, LLMEngine, list[int], str]:
+    """The engine the server builds for ``--model``, the benchmark's chat prompt as token ids and its
+    schema's grammar, with the grammar token table built (not part of any measured step)."""
     settings = Settings(
         gen_model=args.model,
         tokenizer=args.tokenizer,
         device=args.device,
         enable_classify=False,
-        max_num_seqs=max(args.batch),
+        max_num_seqs=max_num_seqs,
     )
     built = Engines.build(settings)
     engine = built.engine
@@ -107,6 +106,18 @@ def main(argv: list[str] | None = None) -> None:
     prompt = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
     grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, {"whitespace_flexible": False})
     engine.grammars.warm()
+    return built, engine, prompt, grammar
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(ap)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    built, engine, prompt, grammar = build(args, max(args.batch))
     clock = ExtraClock()
     modes = {
         "free": SamplingParams(max_tokens=args.steps + 8),

@@ -40,9 +40,7 @@ import torch
 from engine import constraints, model_runner, sampler
 from engine.protocol import AddRequest
 from engine.sequence import SamplingParams, Sequence
-from load_tests.constrained_bench import PROMPT, SCHEMA
-from server.config import Settings
-from server.runtime import Engines
+from load_tests.constrained_bench import SCHEMA, build, model_arguments
 
 
 def copies(seqs: list[Sequence]) -> list[Sequence]:
@@ -120,26 +118,13 @@ class Probe:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer dir for dummy: models")
+    model_arguments(ap)
     ap.add_argument("--batch", type=int, nargs="+", default=[64])
     ap.add_argument("--steps", type=int, default=16, help="decode steps probed per batch size")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    settings = Settings(
-        gen_model=args.model,
-        tokenizer=args.tokenizer,
-        device=args.device,
-        enable_classify=False,
-        max_num_seqs=max(args.batch),
-    )
-    engine = Engines.build(settings).engine
-    assert engine is not None
-    prompt = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, {"whitespace_flexible": False})
-    engine.grammars.warm()
+    _, engine, prompt, grammar = build(args, max(args.batch))
     params = SamplingParams(max_tokens=args.steps + 8, grammar=grammar)
     summary: dict[str, Any] = {}
     for batch in args.batch:

@@ -104,13 +104,13 @@ class Driver:
         return [first[id(s)] for s in seqs], total, sum(len(s.output_ids) for s in seqs)
 
     @torch.inference_mode()
-    def teacher_forced(self, ids: list[int]) -> tuple[float, list[int]]:
-        """Perplexity of ``ids[1:]`` and the greedy token at each position, one decode step per token
-        (the served decode path, compiled or not) after a one-token prefill."""
+    def teacher_forced_logits(self, ids: list[int]) -> torch.Tensor:
+        """Float logits [len(ids) - 1, vocab] predicting ``ids[1:]``, one decode step per token (the served
+        decode path, compiled or not) after a one-token prefill."""
         seq = Sequence(prompt_ids=ids[:1], params=SamplingParams(max_tokens=len(ids)))
         self.scheduler.add(seq)
-        nll, greedy = 0.0, []
-        for i in range(1, len(ids)):
+        rows = []
+        for token in ids[1:]:
             batch, is_prefill = self.scheduler.schedule()
             if is_prefill:
                 input_ids, positions, meta, last = self.runner._prepare(batch)
@@ -118,14 +118,19 @@ class Driver:
                 logits = self.runner.model.logits(hidden[0, last[0]].unsqueeze(0))
             else:
                 _, logits = self.runner.decode.run(batch)
-            nll += float(F.cross_entropy(logits[:1].float(), torch.tensor([ids[i]])))
-            greedy.append(int(logits[0].argmax()))
+            rows.append(logits[0].float())
             seq.num_computed += seq.num_step_tokens
             seq.num_scheduled = 0
             self.blocks.commit(seq)
-            seq.output_ids.append(ids[i])
+            seq.output_ids.append(token)
         self.scheduler.finish(seq, "length")
-        return math.exp(nll / (len(ids) - 1)), greedy
+        return torch.stack(rows)
+
+    def teacher_forced(self, ids: list[int]) -> tuple[float, list[int]]:
+        """Perplexity of ``ids[1:]`` and the greedy token at each position, through the served decode step."""
+        logits = self.teacher_forced_logits(ids)
+        nll = float(F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
+        return math.exp(nll / (len(ids) - 1)), logits.argmax(-1).tolist()
 
 
 class LlamaCpp:

@@ -47,7 +47,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.sequence import SamplingParams, Sequence
 from load_tests.cpu_bench import BLOCK, Driver, compress_variant, load_base, machine, variant_name
 from models import calibration as calib
 from models.calibration import forward_sequence
@@ -80,27 +79,9 @@ def prefill_logprobs(model: Llama, window: list[int]) -> Tensor:
     return model.logits(forward_sequence(model, torch.tensor(window))[0, :-1]).log_softmax(-1)
 
 
-@torch.inference_mode()
 def decode_logprobs(driver: Driver, window: list[int]) -> Tensor:
     """The same, teacher-forced through the served decode step (a one-token prefill, then one token a step)."""
-    seq = Sequence(prompt_ids=window[:1], params=SamplingParams(max_tokens=len(window)))
-    driver.scheduler.add(seq)
-    rows = []
-    for token in window[1:]:
-        batch, is_prefill = driver.scheduler.schedule()
-        if is_prefill:
-            ids, positions, meta, last = driver.runner._prepare(batch)
-            hidden = driver.runner.model(ids, positions, meta, (driver.runner.k_cache, driver.runner.v_cache))
-            logits = driver.runner.model.logits(hidden[0, last[0]].unsqueeze(0))
-        else:
-            _, logits = driver.runner.decode.run(batch)
-        rows.append(logits[0].float().log_softmax(-1))
-        seq.num_computed += seq.num_step_tokens
-        seq.num_scheduled = 0
-        driver.blocks.commit(seq)
-        seq.output_ids.append(token)
-    driver.scheduler.finish(seq, "length")
-    return torch.stack(rows)
+    return driver.teacher_forced_logits(window).log_softmax(-1)
 
 
 def window_stats(lp: Tensor, ref: Tensor, target: Tensor) -> dict[str, float]:

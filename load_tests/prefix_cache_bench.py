@@ -32,6 +32,7 @@ import torch
 from engine.llm_engine import AsyncLLM, LLMEngine
 from engine.sequence import SamplingParams
 from load_tests.loadgen import environment_info
+from load_tests.report import write_results
 from server.config import Settings
 from server.runtime import Runtime
 
@@ -219,10 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("load_tests/results/prefix_cache"))
     args = parser.parse_args(argv)
     doc = asyncio.run(run(args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(doc))
-    print(markdown(doc))
+    write_results(args.out, doc, markdown(doc))
 
 
 if __name__ == "__main__":

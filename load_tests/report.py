@@ -24,6 +24,14 @@ LATENCY_PNG = "latency_vs_throughput.png"
 TTFT_PNG = "ttft_hist.png"
 
 
+def write_results(out: Path, doc: dict[str, Any], markdown: str) -> None:
+    """``results.json`` and ``results.md`` under ``out`` (created), and the markdown on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_JSON).write_text(json.dumps(doc, indent=2) + "\n")
+    (out / RESULTS_MD).write_text(markdown)
+    print(markdown)
+
+
 def _as_dict(result: Any, raw: bool = False) -> dict[str, Any]:
     """Accept a SweepResult (anything with ``to_dict``) or an already-loaded JSON document."""
     return result.to_dict(raw=raw) if hasattr(result, "to_dict") else result

@@ -40,6 +40,7 @@ from engine.llm_engine import AsyncLLM, GenerationChunk
 from engine.sequence import SamplingParams
 from load_tests.loadgen import environment_info
 from load_tests.prefix_cache_bench import cpu_model
+from load_tests.report import write_results
 from server.config import Settings
 from server.runtime import Runtime
 
@@ -274,10 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.warmup_waves is None:
         args.warmup_waves = int(args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()))
     doc = asyncio.run(run(args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(doc))
-    print(markdown(doc))
+    write_results(args.out, doc, markdown(doc))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,16 @@ async def client(settings: Settings, runtime: Runtime) -> AsyncIterator[httpx.As
             yield c
 
 
+@contextlib.asynccontextmanager
+async def app_client(settings: Settings, runtime: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    """An in-process HTTP client of the app over ``runtime``, with the app's lifespan running."""
+    app = create_app(settings, runtime)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as c:
+            yield c
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,6 @@ import json
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -27,10 +26,9 @@ from models.loader import LoadedEncoder
 from models.prune import prune_mlp
 from models.quantize import QuantEmbedding, QuantLinear, quantize_modules
 from models.sources import resolve_spec
-from server.app import create_app
 from server.config import Settings
 from server.runtime import Runtime
-from tests.conftest import TEST_SETTINGS, TINY_BERT
+from tests.conftest import TEST_SETTINGS, TINY_BERT, app_client
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -160,11 +158,8 @@ async def served(written: dict[str, Path], tmp_path_factory: pytest.TempPathFact
                         **TEST_SETTINGS)  # fmt: skip
     runtime = Runtime.load(settings)
     await runtime.start()
-    app = create_app(settings, runtime)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as c:
-            yield runtime, c, empty
+    async with app_client(settings, runtime) as c:
+        yield runtime, c, empty
     await runtime.stop()
 
 

@@ -10,10 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.app import create_app
 from server.config import Settings
 from server.runtime import Runtime
-from tests.conftest import TEST_SETTINGS
+from tests.conftest import TEST_SETTINGS, app_client
 
 pytestmark = pytest.mark.integration
 
@@ -80,11 +79,8 @@ async def float_client(cache_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(cache_dir=cache_dir, gen_quantize="none", gen_prune=0.0, enable_classify=False, **TEST_SETTINGS)
     rt = await asyncio.to_thread(Runtime.load, settings)
     await rt.start()
-    app = create_app(settings, rt)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as c:
-            yield c
+    async with app_client(settings, rt) as c:
+        yield c
     assert rt.llm is not None
     await asyncio.to_thread(rt.llm.stop)  # not rt.stop(): that would mark the shared process not ready
 

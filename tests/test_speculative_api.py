@@ -14,10 +14,9 @@ import pytest
 from engine import metrics
 from engine.llm_engine import AsyncLLM
 from engine.speculative import SpeedGate
-from server.app import create_app
 from server.config import Settings
 from server.runtime import Runtime
-from tests.conftest import TEST_SETTINGS
+from tests.conftest import TEST_SETTINGS, app_client
 
 pytestmark = pytest.mark.integration
 
@@ -56,11 +55,8 @@ async def spec_client(cache_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     # The speed gates measure wall time, which a loaded machine distorts; these tests are about the API.
     rt.llm.engine.speculator.gates = {1 << i: OpenGate() for i in range(8)}
     await rt.start()
-    app = create_app(settings, rt)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=120) as c:
-            yield c
+    async with app_client(settings, rt) as c:
+        yield c
     assert rt.llm is not None
     await asyncio.to_thread(rt.llm.stop)  # not rt.stop(): that would mark the shared process not ready
 
