@@ -44,7 +44,7 @@ def sample(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None = None) -
     penalties, temperature and masks, as OpenAI reports them.
     """
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-    logprobs = _log_softmax(logits, wanted) if wanted else None
+    logprobs = logits[wanted].float().log_softmax(dim=-1) if wanted else None
     bound = [i for i, s in enumerate(seqs) if s.constraint is not None]
     rules = [seqs[i].constraint for i in bound]
     if bound:
@@ -79,10 +79,6 @@ def _mask(
 
 def _penalized(seq: Sequence) -> bool:
     return bool(seq.output_ids and (seq.params.presence_penalty or seq.params.frequency_penalty))
-
-
-def _log_softmax(logits: Tensor, rows: list[int]) -> Tensor:
-    return logits[rows].float().log_softmax(dim=-1)
 
 
 def _record_logprobs(logprobs: Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
