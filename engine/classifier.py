@@ -4,7 +4,10 @@ the embeddings (models/classifier_head.py); an optional out-of-scope threshold a
 
 Label-set scores are cosines after subtracting the mean embedding of a fixed generic background text
 (``BACKGROUND``) from inputs and label texts alike: what every sentence shares (the encoder's common direction)
-no longer counts as similarity, while the scale of the cosines stays about the same.
+no longer counts as similarity, while the scale of the cosines stays about the same. Labels are ranked by the
+sentence embedding's cosines; whether the best one applies at all (the out-of-scope threshold) is judged by its
+cosine averaged over the last and an earlier layer's pooled states (``label_scores``), which separated
+out-of-scope messages better on the train split.
 
 All methods are synchronous and meant to run on the batcher's single worker thread; only the
 tokenizer (also used from the event loop by ``count_tokens``) and the label cache are locked.
@@ -12,6 +15,7 @@ tokenizer (also used from the event loop by ``count_tokens``) and the label cach
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import threading
 from collections.abc import Sequence
@@ -25,7 +29,7 @@ from torch import Tensor
 
 from engine.encoder_graphs import EncoderGraphs
 from engine.response_cache import BytesLRU
-from models.classifier_head import NONE_LABEL, ClassifierHead
+from models.classifier_head import NONE_LABEL, ClassifierHead, pooled_features
 
 # Zero-shot logit scale. all-MiniLM-L6-v2 (like most sentence-transformers models) was trained
 # with MultipleNegativesRankingLoss, i.e. a softmax over cosine similarities multiplied by
@@ -55,6 +59,16 @@ DEFAULT_FEW_SHOT = "prototype"
 BACKGROUND: tuple[str, ...] = tuple(
     line for line in files("engine").joinpath("background.txt").read_text(encoding="utf-8").splitlines() if line
 )
+# What a stored center (a compressed checkpoint's, written by python -m models.compress) is valid for besides the
+# weights: the background's texts and this tag of how ``Classifier.center`` pools them. Change the tag with the
+# pooling, so that checkpoints written before are recomputed at startup instead of served a stale center.
+CENTER_FORMAT = "mean of the pooled features of the background texts, batches of 16 by length"
+
+
+def center_key(background: Sequence[str] = BACKGROUND) -> str:
+    """What ``Classifier.center`` depends on besides the weights: the background and ``CENTER_FORMAT``. A
+    center stored with the weights is valid under the same key."""
+    return hashlib.sha256(("\n".join(background) + "\0" + CENTER_FORMAT).encode()).hexdigest()
 
 
 class EncoderLike(Protocol):
@@ -284,33 +298,29 @@ class Classifier(EncoderFrontend):
         return self.graphs(self._tokenize(texts))
 
     def _encode(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        """(L2-normalized mean-pooled embeddings, head logits or None) for device ``inputs``.
-
-        With a head, the full model runs once and the encoder output is captured by a hook, so
-        embeddings and logits come from the same forward.
+        """(pooled features ``[n, 2d]``, head logits or None) for device ``inputs``: the L2-normalized
+        mean-pooled last layer (the sentence embedding) and the same of an earlier layer
+        (``models.classifier_head.pooled_features``); the hidden states are kept from the one forward.
+        With a model head, the full model runs once, so features and logits come from the same forward.
         """
         mask = inputs["attention_mask"]
         if not self.model_has_head:
-            hidden = self.encoder(**inputs).last_hidden_state
-            return _mean_pool(hidden, mask), None
-        captured: list[Tensor] = []
-
-        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
-            captured.append(output[0])  # last_hidden_state, for ModelOutput and tuple outputs
-
-        handle = self.encoder.register_forward_hook(hook)
-        try:
-            logits = self.model(**inputs).logits.float()
-        finally:
-            handle.remove()
-        return _mean_pool(captured[0], mask), logits
+            out = self.encoder(**inputs, output_hidden_states=True)
+            return pooled_features(out.hidden_states, mask), None
+        out = self.model(**inputs, output_hidden_states=True)
+        return pooled_features(out.hidden_states, mask), out.logits.float()
 
     @torch.inference_mode()
     def embed(self, texts: list[str]) -> Tensor:
         """Sentence embeddings ``[n, d]``: attention-masked mean pooling, then L2 normalization
         (what sentence-transformers does for all-MiniLM-L6-v2); float32 on the model device."""
+        return self.features(texts)[:, : self.embedding_dim]
+
+    @torch.inference_mode()
+    def features(self, texts: list[str]) -> Tensor:
+        """Pooled features ``[n, 2d]`` (``_encode``): the sentence embedding, then the early layer's."""
         if not texts:
-            return torch.zeros(0, self.embedding_dim, device=self.device)
+            return torch.zeros(0, 2 * self.embedding_dim, device=self.device)
         return self._forward(texts)[0]
 
     def uncached_labels(self, labels: Sequence[str]) -> list[str]:
@@ -319,12 +329,12 @@ class Classifier(EncoderFrontend):
             return [lab for lab in dict.fromkeys(labels) if lab not in self._label_cache]
 
     def _label_embeddings(self, labels: Sequence[str]) -> dict[str, Tensor]:
-        """Embeddings of the label texts ``labels``; only uncached ones are encoded (in one forward)."""
+        """Features of the label texts ``labels``; only uncached ones are encoded (in one forward)."""
         with self._cache_lock:
             found = {lab: vec for lab in labels if (vec := self._label_cache.get(lab)) is not None}
         missing = [lab for lab in dict.fromkeys(labels) if lab not in found]
         if missing:
-            fresh = self.embed(missing)
+            fresh = self.features(missing)
             with self._cache_lock:
                 for lab, vec in zip(missing, fresh, strict=True):
                     found[lab] = vec.clone()
@@ -333,11 +343,21 @@ class Classifier(EncoderFrontend):
 
     @torch.inference_mode()
     def center(self) -> Tensor | None:
-        """The background's mean embedding (``[d]``, not normalized), computed on first use; None without one."""
+        """The background's mean features (``[2d]``, not normalized), computed on first use; None without one."""
         if self._center is None and self.background:
             texts = sorted(self.background, key=len)  # batches of like lengths: less padding
-            self._center = torch.cat([self.embed(texts[i : i + 16]) for i in range(0, len(texts), 16)]).mean(0)
+            self._center = torch.cat([self.features(texts[i : i + 16]) for i in range(0, len(texts), 16)]).mean(0)
         return self._center
+
+    @torch.inference_mode()
+    def use_center(self, center: Tensor, key: str) -> bool:
+        """Serve ``center``, computed by :meth:`center` when the model's checkpoint was written, instead of
+        embedding the background at startup; refused (False: computed on first use as without one) when its
+        key or width is not this classifier's."""
+        if key != center_key(self.background) or center.shape != self._forward(["x"])[0].shape[1:]:
+            return False
+        self._center = center.to(self.device)
+        return True
 
     # ------------------------------------------------------------------ classification
 
@@ -366,7 +386,7 @@ class Classifier(EncoderFrontend):
         groups: dict[tuple[tuple[LabelSpec, ...] | None, bool, float | None], list[int]] = {}
         for i in valid:
             if batch[i].embed:
-                results[i] = Embedding(emb[row[i]].cpu().tolist())
+                results[i] = Embedding(emb[row[i], : self.embedding_dim].cpu().tolist())
                 continue
             groups.setdefault((batch[i].labels, batch[i].multi_label, batch[i].threshold), []).append(i)
         texts = [t for (labels, _, _) in groups if labels for lab in labels for t in lab.texts]
@@ -378,9 +398,9 @@ class Classifier(EncoderFrontend):
                 out = self._head_results(emb[rows], None if logits is None else logits[rows], multi_label, threshold)
             else:
                 sets = [torch.stack([vectors[t] for t in lab.texts]) for lab in labels]
-                sims = label_similarities(emb[rows], sets, self.few_shot, self.center())
+                sims, gate = label_scores(emb[rows], sets, self.few_shot, self.center())
                 out = similarity_results(
-                    sims, labels, multi_label, threshold, self.temperature, self.multi_label_threshold
+                    sims, labels, multi_label, threshold, self.temperature, self.multi_label_threshold, gate
                 )
             for i, result in zip(members, out, strict=True):
                 results[i] = result
@@ -428,14 +448,6 @@ def _label_bytes(label: str, vector: Tensor) -> int:
     return sys.getsizeof(label) + vector.nbytes + TENSOR_OVERHEAD_BYTES
 
 
-def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
-    """Average the token vectors that the attention mask keeps, then L2-normalize (in float32)."""
-    m = mask.unsqueeze(-1).to(torch.float32)
-    summed = (hidden.to(torch.float32) * m).sum(dim=1)
-    emb = summed / m.sum(dim=1).clamp(min=1e-9)
-    return F.normalize(emb, p=2, dim=1)
-
-
 def label_similarities(
     emb: Tensor, label_vectors: Sequence[Tensor], method: str = DEFAULT_FEW_SHOT, center: Tensor | None = None
 ) -> Tensor:
@@ -456,6 +468,23 @@ def label_similarities(
     return torch.stack(cols, dim=-1)
 
 
+def label_scores(
+    features: Tensor, label_features: Sequence[Tensor], method: str = DEFAULT_FEW_SHOT, center: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(ranking, gate) ``[n, L]`` from pooled features ``[n, 2d]`` and labels' ``[k_l, 2d]`` (``center``: ``[2d]``).
+
+    Ranking: ``label_similarities`` of the sentence embeddings (the first half). Gate: the mean of that and the
+    same cosine over the early layer's pooled states (the second half), what the out-of-scope threshold is
+    compared with: chosen on the train split over the ranking alone, where it separated out-of-scope messages
+    better (load_tests/results/classify_quality/README.md)."""
+    d = features.shape[-1] // 2
+    halves = []
+    for part in (slice(0, d), slice(d, 2 * d)):
+        sets = [vecs[:, part] for vecs in label_features]
+        halves.append(label_similarities(features[:, part], sets, method, None if center is None else center[part]))
+    return halves[0], (halves[0] + halves[1]) / 2
+
+
 def similarity_results(
     sims: Tensor,
     labels: Sequence[LabelSpec],
@@ -463,11 +492,14 @@ def similarity_results(
     threshold: float | None,
     temperature: float = DEFAULT_TEMPERATURE,
     multi_label_threshold: float = DEFAULT_MULTI_LABEL_THRESHOLD,
+    gate: Tensor | None = None,
 ) -> list[ClassResult]:
     """Label scores from cosine similarities ``[n, L]``.
 
     Single-label: ``softmax(sims / temperature)``; with a ``threshold`` an extra ``NONE_LABEL`` competes
-    with the logit ``threshold / temperature``, so it wins exactly when no label's similarity reaches it.
+    with the logit ``(best + threshold - gate) / temperature``, where ``best`` is the top similarity and
+    ``gate`` that label's entry in ``gate`` (``label_scores``; without one, ``best`` itself: the logit is
+    ``threshold / temperature``), so it wins exactly when the best label's gate score is under the threshold.
     Multi-label: each label independently ``sigmoid((sim - bar) / temperature)`` with its own bar (the
     label's threshold, else the request's, else ``multi_label_threshold``): it applies from 0.5 on.
     """
@@ -479,7 +511,11 @@ def similarity_results(
         return [multi_result(names, p, [0.5] * len(names)) for p in probs]
     if threshold is None:
         return [single_result(names, p, None) for p in torch.softmax(sims / temperature, dim=-1).cpu().tolist()]
-    none = torch.full((sims.shape[0], 1), threshold, device=sims.device, dtype=sims.dtype)
+    if gate is None:
+        none = torch.full((sims.shape[0], 1), threshold, device=sims.device, dtype=sims.dtype)
+    else:
+        best, top = sims.max(dim=-1, keepdim=True)
+        none = best + threshold - gate.gather(-1, top)
     probs = torch.softmax(torch.cat([sims, none], dim=-1) / temperature, dim=-1).cpu().tolist()
     return [single_result([*names, NONE_LABEL], p, None) for p in probs]
 

@@ -7,7 +7,8 @@ k = 1, 5, 10 examples per intent (drawn from the train split, seed 0) plus the d
 (models/train_classifier.py on the train split). Everything that is chosen is chosen on the train split
 (data/intents.jsonl + data/intents_oos.jsonl), over draws of examples with seeds 0-4 (examples left out of what
 they score): the background that label-set scoring centers on, the few-shot scoring method, each mode's
-out-of-scope threshold (best mean macro-F1), the head. Every figure of the table is on the test split
+out-of-scope threshold (best mean macro-F1), what that threshold is compared with (the best label's cosine, or
+its cosine averaged with the early layer's: ``label_scores``), the head. Every figure of the table is on the test split
 (data/intents_test.jsonl), through ``Classifier.run`` as /classify runs it, for the encoder built by the
 server's builder once with ``--cls-quantize none`` and once with ``--quantize``; few-shot test accuracy is also
 given over the five draws (float). Throughput: test inputs per second through ``Classifier.run`` in batches of
@@ -39,7 +40,7 @@ from engine.classifier import (
     ClassifyItem,
     ClassResult,
     LabelSpec,
-    label_similarities,
+    label_scores,
 )
 from models.classifier_head import NONE_LABEL
 from models.train_classifier import train
@@ -89,27 +90,33 @@ def answer_names(labels: tuple[LabelSpec, ...] | None, name: str) -> str:
 
 
 def embed_memo(clf: Classifier, texts: Sequence[str]) -> torch.Tensor:
-    """Embeddings of ``texts``, every text embedded once per classifier (memoized)."""
+    """Pooled features of ``texts`` (``Classifier.features``), every text encoded once per classifier (memoized)."""
     memo = _memo.setdefault(id(clf), {})
     new = sorted(set(texts) - memo.keys())
     for i in range(0, len(new), 32):
-        memo.update(zip(new[i : i + 32], clf.embed(new[i : i + 32]), strict=True))
+        memo.update(zip(new[i : i + 32], clf.features(new[i : i + 32]), strict=True))
     return torch.stack([memo[t] for t in texts])
 
 
 def sims_of(
     clf: Classifier, texts: Sequence[str], labels: tuple[LabelSpec, ...], method: str, center: torch.Tensor | None
-) -> torch.Tensor:
-    """Similarities as Classifier.run computes them (with the background mean ``center``)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ranking, gate) similarities as Classifier.run computes them (with the background mean ``center``)."""
     emb = embed_memo(clf, texts)
-    return label_similarities(emb, [embed_memo(clf, lab.texts) for lab in labels], method, center)
+    return label_scores(emb, [embed_memo(clf, lab.texts) for lab in labels], method, center)
 
 
 _memo: dict[int, dict[str, torch.Tensor]] = {}
 
 
-def predict(sims: torch.Tensor, labels: tuple[LabelSpec, ...], threshold: float | None) -> list[str]:
-    best, idx = sims.max(dim=-1)
+def predict(
+    scored: tuple[torch.Tensor, torch.Tensor], labels: tuple[LabelSpec, ...], threshold: float | None, gate: bool = True
+) -> list[str]:
+    """Answers as ``similarity_results`` gives them: the best-ranked label, ``none`` when its gate score (with
+    ``gate``; else its ranking score) is under ``threshold``."""
+    sims, gates = scored
+    idx = sims.argmax(dim=-1)
+    best = (gates if gate else sims).gather(-1, idx[:, None])[:, 0]
     names = [answer_names(labels, lab.name) for lab in labels]
     return [
         NONE_LABEL if threshold is not None and b < threshold else names[i]
@@ -151,14 +158,17 @@ def best_threshold(f1_by_threshold: list[dict[float, float]]) -> float:
     return min(t for t, s in mean.items() if s == max(mean.values()))
 
 
-def choose_on_train(clf: Classifier, texts, gold, descriptions, draws) -> tuple[dict, dict, dict[str, float]]:
+def choose_on_train(clf: Classifier, texts, gold, descriptions, draws) -> tuple[dict, dict, dict, dict[str, float]]:
     """On the train split, averaged over the example draws ``draws`` (seed -> k -> intent -> rows): the background
-    (accuracy at each mode's best threshold, per label-set mode), the few-shot method (in-scope accuracy on rows
-    that are not examples, per k) and each label-set mode's out-of-scope threshold (best mean macro-F1)."""
+    and what the threshold is compared with (accuracy and out-of-scope F1 at each mode's best threshold, per
+    label-set mode), the few-shot method (in-scope accuracy on rows that are not examples, per k) and each
+    label-set mode's out-of-scope threshold (best mean macro-F1)."""
     mode_sets = {seed: modes(descriptions, texts, d) for seed, d in draws.items()}
     label_modes = [m for m, labels in mode_sets[0].items() if labels is not None]
 
-    def accuracy_at_best_threshold(mode: str, method: str, center: torch.Tensor | None) -> tuple[float, float]:
+    def accuracy_at_best_threshold(
+        mode: str, method: str, center: torch.Tensor | None, gate: bool = True
+    ) -> tuple[float, float, float]:
         per_draw, f1s = [], []
         for sets in mode_sets.values():
             labels = sets[mode]
@@ -166,15 +176,21 @@ def choose_on_train(clf: Classifier, texts, gold, descriptions, draws) -> tuple[
             rows = train_rows(gold, labels, texts)
             sims = sims_of(clf, [texts[i] for i in rows], labels, method, center)
             g = [gold[i] for i in rows]
-            per_draw.append({float(t): scores(g, predict(sims, labels, float(t))) for t in THRESHOLDS})
+            per_draw.append({float(t): scores(g, predict(sims, labels, float(t), gate)) for t in THRESHOLDS})
             f1s.append({t: sc["macro_f1"] for t, sc in per_draw[-1].items()})
         t = best_threshold(f1s)
-        return t, float(np.mean([d[t]["accuracy"] for d in per_draw]))
+        mean = {metric: float(np.mean([d[t][metric] for d in per_draw])) for metric in ("accuracy", "oos_f1")}
+        return t, mean["accuracy"], mean["oos_f1"]
 
     center_table: dict[str, dict[str, float]] = {}
     for name, center in center_options(clf).items():
         row = {mode: round(accuracy_at_best_threshold(mode, clf.few_shot, center)[1], 4) for mode in label_modes}
         center_table[name] = {**row, "mean": round(float(np.mean(list(row.values()))), 4)}
+
+    gate_table: dict[str, dict[str, list[float]]] = {}
+    for name, gate in (("best label's cosine", False), ("its cosine averaged with the early layer's (served)", True)):
+        found = {mode: accuracy_at_best_threshold(mode, clf.few_shot, clf.center(), gate) for mode in label_modes}
+        gate_table[name] = {mode: [t, round(acc, 4), round(f1, 4)] for mode, (t, acc, f1) in found.items()}
 
     method_table: dict[str, dict[str, float]] = {}
     for k in KS:
@@ -187,17 +203,18 @@ def choose_on_train(clf: Classifier, texts, gold, descriptions, draws) -> tuple[
                         for n, d in descriptions.items()
                     )
                     rest = [i for i in train_rows(gold, labels, texts) if gold[i] != NONE_LABEL]
-                    pred = predict(sims_of(clf, [texts[i] for i in rest], labels, method, clf.center()), labels, None)
+                    scored = sims_of(clf, [texts[i] for i in rest], labels, method, clf.center())
+                    pred = predict(scored, labels, None)
                     accs.append(float(np.mean([p == gold[i] for p, i in zip(pred, rest, strict=True)])))
                 key = f"{method}{'' if with_desc else ', examples only'}"
                 method_table.setdefault(key, {})[f"k={k}"] = round(float(np.mean(accs)), 4)
 
     thresholds = {mode: accuracy_at_best_threshold(mode, clf.few_shot, clf.center())[0] for mode in label_modes}
-    return center_table, method_table, thresholds
+    return center_table, gate_table, method_table, thresholds
 
 
 def few_shot_over_draws(clf: Classifier, texts, gold, test_texts, test_gold, descriptions, draws, thresholds):
-    """Test figures of few-shot at each k for every draw of examples (float, through label_similarities)."""
+    """Test figures of few-shot at each k for every draw of examples (float, through label_scores)."""
     out = {}
     for k in KS:
         per = [
@@ -270,11 +287,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = {"enable_generate": False, "cls_model": "default", "cache_dir": str(Path(tmp) / "cache")}
         float_clf = build(Settings(**base, cls_quantize="none", cls_prune=0.0))
-        center_table, method_table, thresholds = choose_on_train(
+        center_table, gate_table, method_table, thresholds = choose_on_train(
             float_clf, train_texts, train_gold, descriptions, all_draws
         )
         start = time.perf_counter()
-        fit = train(train_texts, train_gold, float_clf.embed(train_texts))
+        fit = train(train_texts, train_gold, float_clf.features(train_texts))
         fit.head.save(Path(tmp) / "head")
         head_seconds = time.perf_counter() - start
         over_draws = few_shot_over_draws(
@@ -320,6 +337,7 @@ def main() -> None:
         "test_rows": len(test_texts),
         "test_per_label": {label: test_gold.count(label) for label in sorted(set(test_gold))},
         "background_on_train": center_table,
+        "oos_gate_on_train_threshold_accuracy_oos_f1": gate_table,
         "few_shot_method": float_clf.few_shot,
         "few_shot_method_on_train": method_table,
         "thresholds_on_train": thresholds,

@@ -145,7 +145,7 @@ def load_encoder(spec: str, cache_dir: Path, dtype: torch.dtype, tokenizer: str 
         if loaded.id2label is not None or loaded.head is not None:
             raise ValueError(f"{source.description}: its encoder {head.encoder!r} has a head of its own")
         width = int(getattr(loaded.model.config, "hidden_size", 0))
-        if head.dim != width:
+        if head.dim not in (width, 2 * width):  # its pooled features, or (older heads) the embedding alone
             raise ValueError(f"{source.description}: head of width {head.dim} for an encoder of width {width}")
         logger.info("classifier head %s: %d labels", source.description, len(head.labels))
         loaded.head = head

@@ -3,8 +3,10 @@
     python -m models.train_classifier --data FILE.jsonl [--data MORE.jsonl] --out DIR [--encoder default]
 
 Each line of the data is ``{"text": ..., "label": ...}``; rows labelled ``none`` are out-of-scope messages
-(a class of their own, and the data that sets the out-of-scope threshold). The encoder embeds every text once
-(mean-pooled, L2-normalized: what /classify computes); a multinomial logistic regression is chosen over its
+(a class of their own, and the data that sets the out-of-scope threshold). The encoder pools every text once
+(``models.classifier_head.pooled_features``: the mean-pooled, L2-normalized last layer and an earlier one, what
+/classify computes; against the last layer alone this raised cross-validated accuracy on the intent train split,
+load_tests/results/classify_quality/README.md); a multinomial logistic regression is chosen over its
 regularization and class weighting (as given, or balanced so that every label weighs the same in the loss) by
 stratified cross-validation; its out-of-fold probabilities then fit a calibration
 temperature (least negative log-likelihood), the out-of-scope threshold and, for ``multi_label``, one
@@ -27,15 +29,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from models.classifier_head import NONE_LABEL, ClassifierHead
+from models.classifier_head import NONE_LABEL, ClassifierHead, pooled_features
 from models.loader import LoadedEncoder, load_encoder
 
 log = logging.getLogger(__name__)
 
-C_GRID = (0.25, 1.0, 4.0, 16.0, 64.0)  # inverse regularization strengths tried by cross-validation
+C_GRID = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0)  # inverse regularization strengths tried by cross-validation
 CLASS_WEIGHTS = (None, "balanced")  # rows as given, or every label's rows weighing the same in all (sklearn)
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.96, 0.01), 2)
 TEMPERATURE_GRID = np.round(np.exp(np.linspace(np.log(0.2), np.log(5.0), 161)), 4)
@@ -58,8 +59,8 @@ def read_rows(paths: Sequence[Path]) -> tuple[list[str], list[str]]:
 
 @torch.inference_mode()
 def embed_texts(encoder: LoadedEncoder, texts: Sequence[str], batch: int = 64, max_length: int = 256) -> Tensor:
-    """Mean-pooled, L2-normalized embeddings ``[n, d]`` (float32, CPU), as engine.classifier computes them
-    (tests check that the two agree)."""
+    """Pooled features ``[n, 2d]`` (float32, CPU), as engine.classifier computes them (tests check that the
+    two agree)."""
     model = getattr(encoder.model, "base_model", encoder.model)
     dev = next(model.parameters()).device
     out = []
@@ -68,9 +69,8 @@ def embed_texts(encoder: LoadedEncoder, texts: Sequence[str], batch: int = 64, m
             list(texts[i : i + batch]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
         enc = {k: v.to(dev) for k, v in enc.items()}
-        hidden = model(**enc).last_hidden_state.float()
-        mask = enc["attention_mask"].unsqueeze(-1).float()
-        out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1).cpu())
+        hidden_states = model(**enc, output_hidden_states=True).hidden_states
+        out.append(pooled_features(hidden_states, enc["attention_mask"]).cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
 
 
@@ -127,7 +127,7 @@ def train(
     folds: int = 5,
     seed: int = 0,
 ) -> Fit:
-    """Chooses, calibrates and fits the head on embeddings ``emb`` of ``texts``; see the module docstring."""
+    """Chooses, calibrates and fits the head on pooled features ``emb`` of ``texts``; see the module docstring."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):  # BLAS threads on problems this small only contend (10-20x slower on 2 cores)

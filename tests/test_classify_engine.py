@@ -111,13 +111,13 @@ def test_label_embeddings_are_cached(clf: Classifier, monkeypatch: pytest.Monkey
     labels = ["cache probe label one", "cache probe label two"]
     clf.classify(["first call"], labels)
     calls: list[list[str]] = []
-    real_embed = clf.embed
+    real_features = clf.features
 
-    def counting_embed(texts: list[str]) -> torch.Tensor:
+    def counting_features(texts: list[str]) -> torch.Tensor:
         calls.append(list(texts))
-        return real_embed(texts)
+        return real_features(texts)
 
-    monkeypatch.setattr(clf, "embed", counting_embed)
+    monkeypatch.setattr(clf, "features", counting_features)
     clf.classify(["second call", "third"], labels)
     assert calls == []  # labels came from the cache; the texts go through _forward directly
     clf.classify(["x"], [*labels, "cache probe label three"])

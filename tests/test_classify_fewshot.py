@@ -34,7 +34,8 @@ def clf(cache_dir: Path) -> Classifier:
 def test_training_embeddings_are_the_served_ones(clf: Classifier, cache_dir: Path) -> None:
     texts = ["Where is my order?", "I want a refund for the double charge " * 5, "hi"]
     offline = embed_texts(load_encoder("default", cache_dir, torch.float32), texts)
-    torch.testing.assert_close(offline, clf.embed(texts).cpu(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(offline, clf.features(texts).cpu(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(offline[:, : clf.embedding_dim], clf.embed(texts).cpu(), atol=1e-5, rtol=1e-4)
 
 
 def test_few_shot_labels_and_out_of_scope(clf: Classifier) -> None:
@@ -53,8 +54,8 @@ def test_example_embeddings_are_computed_once(clf: Classifier, monkeypatch: pyte
     label = LabelSpec("probe", "a probe label", ("probe example one", "probe example two"))
     clf.classify(["first"], [label, BILLING])
     calls: list[list[str]] = []
-    real = clf.embed
-    monkeypatch.setattr(clf, "embed", lambda texts: calls.append(list(texts)) or real(texts))
+    real = clf.features
+    monkeypatch.setattr(clf, "features", lambda texts: calls.append(list(texts)) or real(texts))
     clf.classify(["second", "third"], [label, BILLING])
     assert calls == []
     clf.classify(["x"], [LabelSpec("probe", "a probe label", ("probe example one", "probe example three"))])
@@ -64,11 +65,12 @@ def test_example_embeddings_are_computed_once(clf: Classifier, monkeypatch: pyte
 def test_label_scores_are_centered_on_the_background(clf: Classifier, cache_dir: Path) -> None:
     center = clf.center()
     assert center is not None and clf.center() is center  # embedded once
-    torch.testing.assert_close(center, clf.embed(list(BACKGROUND)).mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(center, clf.features(list(BACKGROUND)).mean(0), atol=1e-5, rtol=1e-4)
     texts, labels = ["my card got billed two times"], [BILLING, SHIPPING]
     plain = Classifier(load_encoder("default", cache_dir, torch.float32), "cpu", background=())
     assert plain.center() is None
     emb, sets = clf.embed(texts), [clf.embed(list(lab.texts)) for lab in labels]
+    center = center[: clf.embedding_dim]  # the sentence embedding's half, which ranks labels
     torch.testing.assert_close(
         label_similarities(emb, sets, clf.few_shot, center),
         torch.tensor(
