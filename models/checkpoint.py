@@ -9,6 +9,9 @@ serves it without calibration. A checkpoint directory holds:
   (possibly pruned) MLP width, tensors stored once under another name (tied embeddings);
 - ``report.json``: the compression report with the fidelity measured when it was written (served by /info);
 - ``config.json`` and the tokenizer files (with the chat template), so nothing else is needed;
+- ``center.safetensors`` (classification): the classifier's background center as computed when written, with the
+  key it was computed under (engine/classifier.py ``Classifier.center_key``), so that a replica does not embed
+  the background at startup; served only under the same key;
 - ``lowlat_checkpoint.json``: the marker (format version, task, what it was made from), written last: its
   presence means the directory is complete.
 
@@ -39,6 +42,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
+from transformers.initialization import no_init_weights
 
 from models.llama import Llama, ModelArgs, rope_tables
 from models.quantize import QuantEmbedding, QuantLinear, fuse_quantized_projections, install_quant_modules
@@ -50,6 +54,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 PLAN = "plan.json"
 REPORT = "report.json"
+CENTER = "center.safetensors"
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 """Fused quantized projections (models/quantize.py ``fuse_quantized_projections``) and the parts they replace."""
 
@@ -164,7 +169,9 @@ def build_encoder(
 ) -> nn.Module:
     """The compressed HF encoder (with its classification head if it was saved with one) from saved tensors."""
     auto_cls = AutoModelForSequenceClassification if _has_head(config) else AutoModel
-    model = auto_cls.from_config(config).to(dtype).to(device).eval()
+    with no_init_weights():  # every parameter is assigned from the file: random initialization would be thrown away
+        model = auto_cls.from_config(config)
+    model = model.to(dtype).to(device).eval()
     load_encoder_weights(directory, model, plan)
     return model
 
@@ -199,9 +206,11 @@ def write_checkpoint(
     tokenizer: PreTrainedTokenizerBase,
     report_json: str,
     made_from: dict[str, Any],
+    center: tuple[Tensor, str] | None = None,
 ) -> None:
     """Write a checkpoint directory at ``out`` through a temporary sibling renamed into place, so readers
-    (other replicas, an init container waiting for the marker) never see a half-written one."""
+    (other replicas, an init container waiting for the marker) never see a half-written one. ``center``: the
+    classifier's background center and its key, served instead of computed at startup."""
     out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not is_checkpoint(out):
         raise ValueError(f"{out} exists and is not a compressed checkpoint; choose an empty or new directory")
@@ -210,6 +219,8 @@ def write_checkpoint(
     try:
         write_weights(tmp, model, plan)
         (tmp / REPORT).write_text(report_json)
+        if center is not None:
+            save_file({"center": center[0].detach().cpu().contiguous()}, str(tmp / CENTER), {"key": center[1]})
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         marker = {
@@ -242,6 +253,7 @@ class Checkpoint:
     tokenizer: PreTrainedTokenizerBase
     report_json: str  # models/compress.py CompressionReport, as written
     marker: dict[str, Any]
+    center: tuple[Tensor, str] | None = None  # classification: the background center and its key, if written
 
     @property
     def id2label(self) -> dict[int, str] | None:
@@ -261,8 +273,12 @@ def read_checkpoint(directory: Path, task: Task, dtype: torch.dtype, device: tor
     build = build_llama if task == "generate" else build_encoder
     model = build(directory, config, dtype, device, read_plan(directory))
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    center = None
+    if (directory / CENTER).is_file():
+        with safe_open(str(directory / CENTER), framework="pt") as f:
+            center = (f.get_tensor("center"), f.metadata()["key"])
     log.info("read compressed checkpoint %s in %.2f s", directory.name, time.perf_counter() - start)
-    return Checkpoint(model, config, tokenizer, (directory / REPORT).read_text(), marker)
+    return Checkpoint(model, config, tokenizer, (directory / REPORT).read_text(), marker, center)
 
 
 def _expect(directory: Path, task: Task) -> dict[str, Any]:

@@ -128,19 +128,28 @@ def compress(
     load = load_causal_lm if args.task == "generate" else load_encoder
     loaded = load(args.model, args.cache_dir, dtype, args.tokenizer)
     made_from = _made_from(loaded.source, spec, device, dtype)
+    if args.task == "classify":  # a checkpoint whose center is stale (or missing) is written again
+        from engine.classifier import center_key
+
+        made_from["center_key"] = center_key()
     if not args.force and _up_to_date(args.out, made_from):
         return None
+    center = None
     if isinstance(loaded, LoadedEncoder):
         model, config = loaded.model.to(device), loaded.model.config
         report = compress_encoder(loaded, spec, cache, _served_embedding(device))
         plan = checkpoint.encoder_plan(model, report.intermediate_sizes)
+        served_center = _served_center(loaded, device)
+        center = None if served_center is None else (served_center, made_from["center_key"])
     else:
         model, config = Llama.from_hf(loaded.config, loaded.state_dict).to(device), loaded.config
         model, report = compress_causal_lm(model, config, loaded.tokenizer, spec, loaded.source, cache)
         plan = checkpoint.llama_plan(model)
     report = report.model_copy(update={"cached": False})
     report_json = report.model_dump_json(indent=2)
-    checkpoint.write_checkpoint(args.out, args.task, model, plan, config, loaded.tokenizer, report_json, made_from)
+    checkpoint.write_checkpoint(
+        args.out, args.task, model, plan, config, loaded.tokenizer, report_json, made_from, center
+    )
     return report
 
 
@@ -150,3 +159,11 @@ def _served_embedding(device: torch.device) -> Callable[[LoadedEncoder], Callabl
     from engine.classifier import Classifier
 
     return lambda enc: Classifier(enc, device).embed
+
+
+def _served_center(encoder: LoadedEncoder, device: torch.device) -> torch.Tensor | None:
+    """The compressed classifier's background center as the server computes it (engine/classifier.py), stored
+    so that a replica serving the checkpoint does not embed the background at startup."""
+    from engine.classifier import Classifier
+
+    return Classifier(encoder, device).center()

@@ -164,9 +164,11 @@ class Engines:
         if settings.enable_classify:
             start = time.perf_counter()
             source = resolve_spec(settings.cls_model, "classify")
+            center = None
             if source.kind == "checkpoint":
                 enc = checkpoint.read_checkpoint(source.path, "classify", dtype, device)
                 encoder = LoadedEncoder(enc.model, enc.tokenizer, enc.id2label, source.description)
+                center = enc.center
                 report = _checkpoint_report(enc.report_json, settings.cls_quantize)
                 served.policy = policy = _as_checkpointed(policy, "cls_quantize", report)
             else:
@@ -182,6 +184,8 @@ class Engines:
             served.reports["classify"] = report
             log.info("compression %s", report.summary())
             built.classifier = Classifier(encoder, device, max_batch=settings.cls_max_batch_size)
+            if center is not None and not built.classifier.use_center(*center):
+                log.info("the checkpoint's background center is for another background or pooling: recomputed")
             built.classifier.capture_graphs(settings.cls_max_batch_tokens)  # before the engines start
             served.cls_model_id = source.name
             served.info["classify"] = {"model": encoder.source, "load_seconds": _loaded("classify", start)}

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import BPE
 from transformers import BertConfig, BertModel, LlamaConfig, PreTrainedTokenizerFast
 
-from engine.classifier import Classifier
+from engine.classifier import Classifier, center_key
 from models import checkpoint
 from models.calibration import forward_sequence
 from models.compress import CompressionReport, CompressionSpec, compress_causal_lm
@@ -124,6 +124,29 @@ def test_encoder_round_trip_is_bit_identical(tmp_path: Path) -> None:
     assert torch.equal(served.embed(texts), Classifier(encoder, "cpu").embed(texts))
     with pytest.raises(ValueError, match="classify checkpoint: serve it with --cls-model"):
         checkpoint.read_checkpoint(tmp_path, "generate", torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.unit
+def test_classifier_serves_the_center_written_with_the_checkpoint(tmp_path: Path) -> None:
+    config = BertConfig(**{**TINY_BERT, "vocab_size": 97, "pad_token_id": 96})
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    encoder = LoadedEncoder(BertModel(config).eval(), tok, None, "tiny-bert")
+    computed = Classifier(encoder, "cpu").center()
+    plan = checkpoint.encoder_plan(encoder.model, [config.intermediate_size] * config.num_hidden_layers)
+    checkpoint.write_checkpoint(
+        tmp_path, "classify", encoder.model, plan, config, tok, "{}", {}, (computed, center_key())
+    )
+
+    read = checkpoint.read_checkpoint(tmp_path, "classify", torch.float32, torch.device("cpu"))
+    assert read.center is not None and torch.equal(read.center[0], computed) and read.center[1] == center_key()
+    served = Classifier(LoadedEncoder(read.model, read.tokenizer, None, "ckpt"), "cpu")
+    assert served.use_center(*read.center) and served.center() is not None and torch.equal(served.center(), computed)
+    # Another background or pooling (key), or another width: refused, computed from the weights on first use.
+    for center, key in ((computed, center_key(("other text",))), (computed[:-1], center_key())):
+        fresh = Classifier(LoadedEncoder(read.model, read.tokenizer, None, "ckpt"), "cpu")
+        assert not fresh.use_center(center, key)
+        assert torch.equal(fresh.center(), computed)
 
 
 @pytest.mark.unit
