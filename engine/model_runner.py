@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 from torch import Tensor
 
@@ -41,8 +44,8 @@ class ModelRunner:
         a = model.args
         shape = (a.num_layers, blocks.num_blocks * blocks.block_size, a.num_kv_heads, a.head_dim)
         # Zero-filled: masked-out slots still pass through softmax·V, and NaN·0 would poison rows.
-        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.k_cache = zeros(shape, device, dtype)
+        self.v_cache = zeros(shape, device, dtype)
         self.decode = DecodeGraphs(model, (self.k_cache, self.v_cache), blocks.block_size, config, device, sample)
         self.decode.capture_all()
         if config.capture_verify:
@@ -156,3 +159,12 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping.to(dev), tables.to(dev), mask.to(dev), bs)
         last = torch.tensor(step.q_lens) - 1
         return ids.to(dev), positions.to(dev), meta, last.to(dev)
+
+
+def zeros(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A zero-filled tensor. On CPU over anonymous memory, which the kernel maps zeroed page by page as it is
+    first written: a KV cache of gigabytes is ready at once (``torch.zeros`` writes every byte at startup) and
+    holds memory as it fills."""
+    if device.type != "cpu":
+        return torch.zeros(shape, device=device, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, math.prod(shape) * dtype.itemsize), dtype=dtype).view(shape)

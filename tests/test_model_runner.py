@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine.cuda_graphs import DecodeConfig, batch_buckets, kv_buckets
 from engine.kv_cache import BlockManager
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, zeros
 from engine.scheduler import Scheduler
 from engine.sequence import SamplingParams, Sequence
 from models.llama import Llama
@@ -31,6 +31,15 @@ def test_buckets() -> None:
     assert batch_buckets(100)[-3:] == [80, 96, 100]
     assert kv_buckets(384, 16) == [64, 128, 256, 384]
     assert kv_buckets(100, 48) == [96, 144]
+
+
+def test_cpu_kv_cache_is_zeroed_writable_memory() -> None:
+    for dtype in (torch.float32, torch.bfloat16):
+        t = zeros((3, 1000, 2, 8), CPU, dtype)
+        assert t.shape == (3, 1000, 2, 8) and t.dtype == dtype and t.is_contiguous()
+        assert torch.equal(t, torch.zeros_like(t))
+        t[1, 500:] = 2.0
+        assert t.sum().item() == 2.0 * 500 * 2 * 8 and t[0].abs().sum().item() == 0.0
 
 
 def greedy_run(runner: ModelRunner, prompts: list[list[int]], steps: int) -> list[list[int]]:
