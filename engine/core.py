@@ -21,9 +21,13 @@ from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult, E
 from engine.llm_engine import EngineLoop, LLMEngine
 from engine.protocol import (
     API_STRIDE,
+    Abort,
+    AddRequest,
     CancelClassify,
+    ClassifyReplies,
     ClassifyRequest,
     ClassifyResults,
+    Command,
     Commands,
     Hello,
     Ready,
@@ -36,6 +40,7 @@ from engine.protocol import (
 log = logging.getLogger(__name__)
 
 Batcher = DynamicBatcher[ClassifyItem, ClassResult | Embedding | ClassifierInputError]
+Replies = dict[int, zmq.asyncio.Socket]  # API server index -> the socket its replies go to
 
 
 class EngineCore:
@@ -57,13 +62,14 @@ class EngineCore:
         self._step_sockets: dict[int, zmq.Socket[bytes]] = {}  # the engine thread's own
         self._step_context = zmq.Context()
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._replies: dict[int, list[ClassifyResults]] = {}  # per API server, sent once per loop turn
 
     async def serve(self) -> None:
         """Until the process is stopped (the supervisor's SIGTERM, once the API servers have drained)."""
         context = zmq.asyncio.Context()
         pull = context.socket(zmq.PULL)
         pull.bind(self.address)
-        replies: dict[int, zmq.asyncio.Socket] = {}
+        replies: Replies = {}
         if self.loop is not None:
             self.loop.start()
         if self.batcher is not None:
@@ -73,15 +79,7 @@ class EngineCore:
             while True:
                 message = decode_to_core(await pull.recv())
                 if isinstance(message, Commands):
-                    assert self.loop is not None
-                    self.loop.submit(message.items)
-                elif isinstance(message, ClassifyRequest):
-                    sock = replies[message.key % API_STRIDE]
-                    self._tasks[message.key] = asyncio.create_task(self._classify(message, sock))
-                elif isinstance(message, CancelClassify):
-                    task = self._tasks.pop(message.key, None)
-                    if task is not None:
-                        task.cancel()
+                    self._take(message.items, replies)
                 elif isinstance(message, Hello):
                     self._api_addresses[message.api_index] = message.address
                     sock = replies[message.api_index] = context.socket(zmq.PUSH)
@@ -102,18 +100,38 @@ class EngineCore:
             pull.close(linger=0)
             context.term()
 
-    async def _classify(self, request: ClassifyRequest, sock: zmq.asyncio.Socket) -> None:
+    def _take(self, items: list[Command], replies: Replies) -> None:
+        generation = [item for item in items if isinstance(item, AddRequest | Abort)]
+        if generation:
+            assert self.loop is not None
+            self.loop.submit(generation)
+        for item in items:
+            if isinstance(item, ClassifyRequest):
+                self._tasks[item.key] = asyncio.create_task(self._classify(item, replies))
+            elif isinstance(item, CancelClassify):
+                task = self._tasks.pop(item.key, None)
+                if task is not None:
+                    task.cancel()
+
+    async def _classify(self, request: ClassifyRequest, replies: Replies) -> None:
         assert self.batcher is not None
         try:
             results = await self.batcher.submit_many(request.items)
-            reply = ClassifyResults(request.key, [pack_result(r) for r in results], core=self.index)
+            reply = ClassifyResults(request.key, [pack_result(r) for r in results])
         except BatcherFull as exc:
-            reply = ClassifyResults(request.key, [], refused=f"full: {exc}", core=self.index)
+            reply = ClassifyResults(request.key, [], refused=f"full: {exc}")
         except BatcherClosed:
-            reply = ClassifyResults(request.key, [], refused="closed", core=self.index)
+            reply = ClassifyResults(request.key, [], refused="closed")
         finally:
             self._tasks.pop(request.key, None)
-        await sock.send(encode(reply))
+        api = request.key % API_STRIDE
+        pending = self._replies.setdefault(api, [])
+        pending.append(reply)
+        if len(pending) == 1:  # the requests one batch finished wake together: one frame for all of them
+            asyncio.get_running_loop().call_soon(self._send_replies, api, replies[api])
+
+    def _send_replies(self, api: int, sock: zmq.asyncio.Socket) -> None:
+        sock.send(encode(ClassifyReplies(self._replies.pop(api), core=self.index)))
 
     def _publish_step(self, step: StepOutputs) -> None:
         """On the engine thread: one frame per API server that has outputs in this step."""

@@ -80,7 +80,7 @@ class CoreClient:
         self._cls_waiting: dict[int, asyncio.Future[protocol.ClassifyResults]] = {}
         self._cls_load = [0] * len(core_addresses)
         self._heard = [0.0] * len(core_addresses)  # loop time of each core's latest frame
-        self._pending: list[list[protocol.AddRequest | protocol.Abort]] = [[] for _ in core_addresses]
+        self._pending: list[list[protocol.Command]] = [[] for _ in core_addresses]  # this loop turn's
         self._receiver: asyncio.Task[None] | None = None
         self._pids: list[int] = []
         self.error: str | None = None
@@ -148,6 +148,10 @@ class CoreClient:
             if core < 0:  # finished meanwhile
                 return
             self._gen_load[core] -= 1
+        self._command(core, command)
+
+    def _command(self, core: int, command: protocol.Command) -> None:
+        """Queues ``command`` for ``core``: the commands of one event-loop turn go in one frame."""
         pending = self._pending[core]
         pending.append(command)
         if len(pending) == 1:  # the first of this loop turn: send them all when the turn's tasks have run
@@ -191,12 +195,12 @@ class CoreClient:
         self._cls_waiting[key] = future
         self._sending(core)
         self._cls_load[core] += len(items)
+        self._command(core, protocol.ClassifyRequest(key, items))
         try:
-            await self._cores[core].send(protocol.encode(protocol.ClassifyRequest(key, items)))
             reply = await future
         except asyncio.CancelledError:
             if self._cls_waiting.pop(key, None) is not None:
-                await self._cores[core].send(protocol.encode(protocol.CancelClassify(key)))
+                self._command(core, protocol.CancelClassify(key))
             raise
         finally:
             self._cls_load[core] -= len(items)
@@ -213,11 +217,12 @@ class CoreClient:
             message = protocol.decode_from_core(await self._pull.recv())
             if isinstance(message, protocol.StepOutputs):
                 self._on_step(message)
-            elif isinstance(message, protocol.ClassifyResults):
+            elif isinstance(message, protocol.ClassifyReplies):
                 self._heard[message.core] = asyncio.get_running_loop().time()
-                future = self._cls_waiting.pop(message.key, None)
-                if future is not None and not future.done():
-                    future.set_result(message)
+                for reply in message.items:
+                    future = self._cls_waiting.pop(reply.key, None)
+                    if future is not None and not future.done():
+                        future.set_result(reply)
 
     def fail(self, message: str) -> None:
         """A core is gone: everything in flight fails with ``message``, and so does all later work."""

@@ -36,14 +36,6 @@ class Abort(msgspec.Struct, tag="abort", array_like=True):
     key: int
 
 
-class Commands(msgspec.Struct, tag="commands", array_like=True):
-    """The generation commands one API server issued in one turn of its event loop: the engine takes them
-    in together, so the sequences of one request (n > 1, several prompts) join the same step as they do
-    when the engine runs in the API server's process."""
-
-    items: list[AddRequest | Abort]
-
-
 class ClassifyRequest(msgspec.Struct, tag="classify", array_like=True):
     key: int
     items: list[ClassifyItem]
@@ -53,7 +45,19 @@ class CancelClassify(msgspec.Struct, tag="cancel", array_like=True):
     key: int
 
 
-ToCore = Hello | Commands | ClassifyRequest | CancelClassify
+Command = AddRequest | Abort | ClassifyRequest | CancelClassify
+
+
+class Commands(msgspec.Struct, tag="commands", array_like=True):
+    """The commands one API server issued in one turn of its event loop, in one frame: the engine takes the
+    generation ones in together, so the sequences of one request (n > 1, several prompts) join the same step
+    as they do when the engine runs in the API server's process; and under load a frame carries many
+    requests, so crossing processes costs per loop turn, not per request."""
+
+    items: list[Command]
+
+
+ToCore = Hello | Commands
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):
@@ -123,10 +127,17 @@ def unpack_result(result: ItemResult) -> ClassResult | Embedding | ClassifierInp
     return ClassifierInputError(result.message, result.field)
 
 
-class ClassifyResults(msgspec.Struct, tag="results", array_like=True):
+class ClassifyResults(msgspec.Struct, array_like=True):
     key: int
     results: list[ItemResult]
     refused: str | None = None  # "full" (queue bound, 429) or "closed" (stopping, 503); results are empty then
+
+
+class ClassifyReplies(msgspec.Struct, tag="results", array_like=True):
+    """The classification requests of one API server that a core finished in one turn of its event loop
+    (the requests of one batch, typically)."""
+
+    items: list[ClassifyResults]
     core: int = 0
 
 
@@ -139,7 +150,7 @@ class Ready(msgspec.Struct, tag="ready", array_like=True):
     details: bytes  # pickled server-side description (runtime.CoreDetails)
 
 
-FromCore = StepOutputs | ClassifyResults | Ready
+FromCore = StepOutputs | ClassifyReplies | Ready
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode

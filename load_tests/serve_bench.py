@@ -46,6 +46,7 @@ request = function()
   return wrk.format("POST", "/classify", {["Content-Type"] = "application/json"}, body)
 end
 """
+HEALTH_LUA = 'wrk.method = "GET"'
 GENERATE_LUA = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -130,12 +131,14 @@ def wrk(root: Path, port: int, path: str, lua: str, connections: int, seconds: i
 
     pcts = {f"p{p}": ms(v) for p, v in re.findall(r"^\s+(50|90|99)%\s+(\S+)$", out, re.M)}
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)$", out, re.M)
     return {
         "connections": connections,
         "seconds": seconds,
         "requests_per_s": float(rps.group(1)) if rps else None,
+        "requests": int(total.group(1)) if total else None,
         "latency_ms": pcts,
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
         "socket_errors": errors.group(1) if errors else None,
@@ -252,16 +255,39 @@ def profile_during(pyspy: str | None, root: int, seconds: int) -> Any:
     return collect
 
 
+def cpu_seconds(root: int) -> dict[str, float]:
+    """CPU time (user + system) so far of the server's processes, summed by role: the API servers, the engine
+    cores, and the rest (the supervisor; a one-process server's everything)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    by_role: dict[str, float] = {}
+    for pid in _server_pids(root):
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
+        role = "api_servers" if name.startswith("api-server") else "cores" if name.startswith("engine-core") else "rest"
+        by_role[role] = by_role.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return by_role
+
+
 def loaded(run: Any, args: argparse.Namespace, root: int) -> tuple[Any, Any]:
-    """``run()`` under load, with py-spy over the server's processes meanwhile when asked for."""
+    """``run()`` under load, with py-spy over the server's processes meanwhile when asked for. A wrk result
+    gains the server's CPU time per request by role (how much host work a request costs, whatever the
+    host's other load)."""
     import threading
 
     box: dict[str, Any] = {}
+    before = cpu_seconds(root)
     worker = threading.Thread(target=lambda: box.update(result=run()))
     worker.start()
     collect = profile_during(args.py_spy, root, max(args.seconds - 3, 2))
     worker.join()
-    return box["result"], collect()
+    result = box["result"]
+    spent = {role: seconds - before.get(role, 0.0) for role, seconds in cpu_seconds(root).items()}
+    if isinstance(result, dict) and result.get("requests"):
+        result["cpu_ms_per_request"] = {role: round(1e3 * t / result["requests"], 3) for role, t in spent.items()}
+    return result, collect()
 
 
 def serve(name: str, env: dict[str, str], args: argparse.Namespace, port: int) -> dict[str, Any]:
@@ -271,7 +297,10 @@ def serve(name: str, env: dict[str, str], args: argparse.Namespace, port: int) -
     out: dict[str, Any] = {"env": env, "profiles": {}}
     try:
         d, c = args.seconds, args.concurrency
-        out["classify_c1"] = wrk(args.wrk, port, "/classify", CLASSIFY_LUA, 1, d, 1)
+        out[f"health_c{c}"], _ = loaded(
+            lambda: wrk(args.wrk, port, "/health", HEALTH_LUA, c, d, args.wrk_threads), args, proc.pid
+        )
+        out["classify_c1"], _ = loaded(lambda: wrk(args.wrk, port, "/classify", CLASSIFY_LUA, 1, d, 1), args, proc.pid)
         out[f"classify_c{c}"], out["profiles"][f"classify_c{c}"] = loaded(
             lambda: wrk(args.wrk, port, "/classify", CLASSIFY_LUA, c, d, args.wrk_threads), args, proc.pid
         )
@@ -287,10 +316,31 @@ def serve(name: str, env: dict[str, str], args: argparse.Namespace, port: int) -
         log(f"  generate c{c}: {gen}")
         out[f"stream_c{c}"] = streamed(port, c, d, args.stream_processes, args.new_tokens)
         log(f"  streamed c{c}: {out[f'stream_c{c}']}")
+        if args.mixed:
+            out["mixed"] = mixed(args, port, args.mixed)
+            log(f"  mixed: {out['mixed']}")
     finally:
         stop_server(proc)
         text = log_path.read_text(errors="replace")
         out["server_log_head"], out["server_log_tail"] = text[:300], text[-2000:]
+    return out
+
+
+def mixed(args: argparse.Namespace, port: int, c: int) -> dict[str, Any]:
+    """What generation and classification do to each other on one device: /classify at ``c`` clients and
+    ``c`` streamed generations, each alone and then both at once."""
+    import threading
+
+    d = args.seconds
+    classify = lambda: wrk(args.wrk, port, "/classify", CLASSIFY_LUA, c, d, args.wrk_threads)  # noqa: E731
+    stream = lambda: streamed(port, c, d, args.stream_processes, args.new_tokens)  # noqa: E731
+    out: dict[str, Any] = {"classify_alone": classify(), "stream_alone": stream()}
+    box: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: box.update(stream=stream()))
+    worker.start()
+    out["classify_with_streams"] = classify()
+    worker.join()
+    out["stream_with_classify"] = box["stream"]
     return out
 
 
@@ -347,6 +397,9 @@ def main() -> None:
     p.add_argument("--fast-site", help="site dir holding httptools and uvloop (configs marked so run without it)")
     p.add_argument("--py-spy", help="py-spy binary: profile the server's processes under load")
     p.add_argument("--concurrency", type=int, default=256, help="clients of the loaded runs")
+    p.add_argument(
+        "--mixed", type=int, default=0, metavar="C", help="classify and stream at C clients each, alone, then together"
+    )
     p.add_argument("--rounds", type=int, default=1, help="run the configurations this many times, interleaved")
     p.add_argument(
         "--embedded",

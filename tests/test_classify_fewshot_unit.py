@@ -201,8 +201,8 @@ def test_label_objects_travel_to_an_engine_core() -> None:
         n_tokens=7,
         threshold=0.3,
     )
-    frame = protocol.decode_to_core(protocol.encode(protocol.ClassifyRequest(3, [item])))
-    assert isinstance(frame, protocol.ClassifyRequest) and frame.items == [item]
+    frame = protocol.decode_to_core(protocol.encode(protocol.Commands([protocol.ClassifyRequest(3, [item])])))
+    assert isinstance(frame, protocol.Commands) and frame.items == [protocol.ClassifyRequest(3, [item])]
     back = protocol.unpack_result(protocol.pack_result(ClassResult("shipping", 0.7, [("shipping", 0.7)], ["shipping"])))
     assert back == ClassResult("shipping", 0.7, [("shipping", 0.7)], ["shipping"])
 

@@ -175,6 +175,10 @@ async def within_deadline(
 # the frontend locks its tokenizer, and the loop must not wait on that lock for a long encoding.
 _ENCODER_TOKENIZE = ThreadPoolExecutor(1, thread_name_prefix="tokenize-encoder")
 _worker_frontends: weakref.WeakKeyDictionary[EncoderFrontend, EncoderFrontend] = weakref.WeakKeyDictionary()
+# Label texts' token counts: a deployment sends the same few label sets with every request, and counting them
+# again would cost more than counting the input.
+_label_counts: weakref.WeakKeyDictionary[EncoderFrontend, dict[str, int]] = weakref.WeakKeyDictionary()
+LABEL_COUNTS_KEPT = 4096
 
 
 def _worker_frontend(frontend: EncoderFrontend) -> EncoderFrontend:
@@ -207,13 +211,19 @@ async def encoder_inputs(
                 type="input_too_long",
                 field=field if single else f"{field}.{i}",
             )
-    every = [*texts, *labels]
+    known = _label_counts.setdefault(runtime.classifier, {})
+    new_labels = [label for label in dict.fromkeys(labels) if label not in known]
+    every = [*texts, *new_labels]
     if sum(map(len, every)) < OFF_LOOP_CHARS:
         all_counts = runtime.classifier.count_tokens(every)
     else:
         own = _worker_frontend(runtime.classifier)
         all_counts = await asyncio.get_running_loop().run_in_executor(_ENCODER_TOKENIZE, own.count_tokens, every)
-    counts, label_counts = all_counts[: len(texts)], all_counts[len(texts) :]
+    counts = all_counts[: len(texts)]
+    if len(known) + len(new_labels) > LABEL_COUNTS_KEPT:
+        known.clear()
+    known.update(zip(new_labels, all_counts[len(texts) :], strict=True))
+    label_counts = [known[label] for label in labels]
     for i, n_tokens in enumerate(counts):
         if n_tokens > settings.cls_max_input_tokens:
             raise APIError(
