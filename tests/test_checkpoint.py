@@ -150,6 +150,22 @@ def test_classifier_serves_the_center_written_with_the_checkpoint(tmp_path: Path
 
 
 @pytest.mark.unit
+def test_checkpoint_tokenizer_reads_back_the_same(tiny: tuple[LlamaConfig, dict], tmp_path: Path) -> None:
+    config, state_dict = tiny
+    tok = char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model = Llama.from_hf(config, state_dict)
+    checkpoint.write_checkpoint(tmp_path, "generate", model, checkpoint.llama_plan(model), config, tok, "{}", {})
+    # Recorded in tokenizer_config.json, so that loading need not parse tokenizer.json for them.
+    assert "added_tokens_decoder" in json.loads((tmp_path / "tokenizer_config.json").read_text())
+    read = checkpoint.read_checkpoint(tmp_path, "generate", torch.float32, torch.device("cpu")).tokenizer
+    assert read.backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+    assert read.added_tokens_decoder == tok.added_tokens_decoder and read.special_tokens_map == tok.special_tokens_map
+    text = "<|im_start|>user hi<|im_end|>"
+    assert read(text).input_ids == tok(text).input_ids and read.decode(read(text).input_ids, skip_special_tokens=True)
+
+
+@pytest.mark.unit
 def test_write_refuses_a_directory_that_is_not_a_checkpoint(tiny: tuple[LlamaConfig, dict], tmp_path: Path) -> None:
     config, state_dict = tiny
     (tmp_path / "notes.txt").write_text("mine")
