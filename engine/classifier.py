@@ -274,6 +274,9 @@ class Classifier(EncoderFrontend):
         self.background = tuple(background)
         self._center: Tensor | None = None
         self._label_cache: BytesLRU[str, Tensor] = BytesLRU(label_cache_bytes, size=_label_bytes)
+        # Per label set, its centered prototypes (``label_prototypes``): a repeated set costs per input what
+        # zero-shot does, however many examples its labels have. Worker thread only.
+        self._prototypes: BytesLRU[tuple[LabelSpec, ...], Tensor] = BytesLRU(label_cache_bytes, size=_set_bytes)
         self._cache_lock = threading.Lock()
         self.graphs = EncoderGraphs(self._encode, self.device, self.max_length, max_batch)
 
@@ -389,7 +392,11 @@ class Classifier(EncoderFrontend):
                 results[i] = Embedding(emb[row[i], : self.embedding_dim].cpu().tolist())
                 continue
             groups.setdefault((batch[i].labels, batch[i].multi_label, batch[i].threshold), []).append(i)
-        texts = [t for (labels, _, _) in groups if labels for lab in labels for t in lab.texts]
+        center = self.center()
+        protos: dict[tuple[LabelSpec, ...], Tensor] = {}
+        if self.few_shot == "prototype":  # label sets whose prototypes are cached need none of their texts
+            protos = {lab: p for (lab, _, _) in groups if lab and (p := self._prototypes.get(lab)) is not None}
+        texts = [t for (labels, _, _) in groups if labels and labels not in protos for lab in labels for t in lab.texts]
         vectors = self._label_embeddings(list(dict.fromkeys(texts))) if texts else {}  # one forward for new ones
 
         for (labels, multi_label, threshold), members in groups.items():
@@ -397,8 +404,15 @@ class Classifier(EncoderFrontend):
             if labels is None:
                 out = self._head_results(emb[rows], None if logits is None else logits[rows], multi_label, threshold)
             else:
-                sets = [torch.stack([vectors[t] for t in lab.texts]) for lab in labels]
-                sims, gate = label_scores(emb[rows], sets, self.few_shot, self.center())
+                if self.few_shot == "prototype":
+                    if labels not in protos:
+                        sets = [torch.stack([vectors[t] for t in lab.texts]) for lab in labels]
+                        protos[labels] = label_prototypes(sets, center)
+                        self._prototypes.put(labels, protos[labels])
+                    sims, gate = prototype_scores(emb[rows], protos[labels], center)
+                else:
+                    sets = [torch.stack([vectors[t] for t in lab.texts]) for lab in labels]
+                    sims, gate = label_scores(emb[rows], sets, self.few_shot, center)
                 out = similarity_results(
                     sims, labels, multi_label, threshold, self.temperature, self.multi_label_threshold, gate
                 )
@@ -448,6 +462,11 @@ def _label_bytes(label: str, vector: Tensor) -> int:
     return sys.getsizeof(label) + vector.nbytes + TENSOR_OVERHEAD_BYTES
 
 
+def _set_bytes(labels: tuple[LabelSpec, ...], prototypes: Tensor) -> int:
+    texts = sum(sys.getsizeof(t) for lab in labels for t in (lab.name, *lab.texts))
+    return texts + prototypes.nbytes + TENSOR_OVERHEAD_BYTES
+
+
 def label_similarities(
     emb: Tensor, label_vectors: Sequence[Tensor], method: str = DEFAULT_FEW_SHOT, center: Tensor | None = None
 ) -> Tensor:
@@ -482,6 +501,28 @@ def label_scores(
     for part in (slice(0, d), slice(d, 2 * d)):
         sets = [vecs[:, part] for vecs in label_features]
         halves.append(label_similarities(features[:, part], sets, method, None if center is None else center[part]))
+    return halves[0], (halves[0] + halves[1]) / 2
+
+
+def label_prototypes(label_features: Sequence[Tensor], center: Tensor | None = None) -> Tensor:
+    """``[L, 2d]``: per label (``[k_l, 2d]`` features) and per half, the normalized mean of its centered,
+    re-normalized vectors: what ``label_scores`` with ``"prototype"`` compares inputs with."""
+    d = label_features[0].shape[-1] // 2
+    halves = []
+    for part in (slice(0, d), slice(d, 2 * d)):
+        c = None if center is None else center[part]
+        vecs = [v[:, part] if c is None else F.normalize(v[:, part] - c, dim=-1) for v in label_features]
+        halves.append(F.normalize(torch.stack([v.mean(dim=0) for v in vecs]), dim=-1))
+    return torch.cat(halves, dim=-1)
+
+
+def prototype_scores(features: Tensor, prototypes: Tensor, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``label_scores(features, sets, "prototype", center)`` from the sets' ``label_prototypes``: (ranking, gate)."""
+    d = features.shape[-1] // 2
+    halves = []
+    for part in (slice(0, d), slice(d, 2 * d)):
+        f = features[:, part] if center is None else F.normalize(features[:, part] - center[part], dim=-1)
+        halves.append(f @ prototypes[:, part].T)
     return halves[0], (halves[0] + halves[1]) / 2
 
 

@@ -7,7 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.classifier import NONE_LABEL, LabelSpec, label_scores, label_similarities, similarity_results
+from engine.classifier import (
+    NONE_LABEL,
+    LabelSpec,
+    label_prototypes,
+    label_scores,
+    label_similarities,
+    prototype_scores,
+    similarity_results,
+)
 from models.classifier_head import ClassifierHead, early_layer, mean_pool, pooled_features
 
 pytestmark = pytest.mark.unit
@@ -39,6 +47,19 @@ def test_label_scores_rank_by_the_embedding_and_gate_on_both_layers() -> None:
         early = label_similarities(feats[:, 4:], [v[:, 4:] for v in labels], method, center[4:])
         torch.testing.assert_close(rank, last)
         torch.testing.assert_close(gate, (last + early) / 2)
+
+
+def test_cached_prototypes_score_as_the_prototype_method() -> None:
+    """What Classifier.run keeps per label set (label_prototypes) gives label_scores' prototype scores."""
+    g = torch.Generator().manual_seed(2)
+    feats = torch.cat([F.normalize(torch.randn(4, 6, generator=g), dim=-1) for _ in range(2)], dim=-1)
+    sets = [torch.cat([F.normalize(torch.randn(k, 6, generator=g), dim=-1) for _ in range(2)], -1) for k in (1, 2, 6)]
+    for center in (None, torch.randn(12, generator=g) * 0.2):
+        protos = label_prototypes(sets, center)
+        assert protos.shape == (3, 12)
+        want = label_scores(feats, sets, "prototype", center)
+        for got, expected in zip(prototype_scores(feats, protos, center), want, strict=True):
+            torch.testing.assert_close(got, expected)
 
 
 def test_the_gate_decides_out_of_scope_and_the_ranking_the_label() -> None:
