@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,14 +49,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def time_to_ready(args: list[str], env: dict[str, str], timeout: float) -> tuple[float, dict]:
-    """Starts the server with ``args``; returns (seconds until /ready answered 200, /info); stops it."""
+def time_to_ready(
+    args: list[str],
+    env: dict[str, str],
+    timeout: float,
+    cwd: Path | None = None,
+    on_ready: Callable[[subprocess.Popen], None] | None = None,
+) -> tuple[float, dict]:
+    """Starts the server with ``args`` (from the source tree ``cwd``, default this one); returns (seconds until
+    /ready answered 200, /info); ``on_ready`` sees the process as soon as it is ready; stops it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning", *args],
         env=env,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -67,6 +76,8 @@ def time_to_ready(args: list[str], env: dict[str, str], timeout: float) -> tuple
             try:
                 if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
                     seconds = time.perf_counter() - start
+                    if on_ready is not None:
+                        on_ready(proc)
                     return seconds, httpx.get(f"{url}/info", timeout=5).json()
             except httpx.TransportError:
                 pass
