@@ -43,8 +43,9 @@ DEFAULT_TEMPERATURE = 0.05
 # chosen before label scores were centered on a background (b38bcca); centering on that background keeps
 # cosines on about the same scale, so the bar was kept (load_tests/results/classify_quality/README.md).
 DEFAULT_MULTI_LABEL_THRESHOLD = 0.35
-# Label embeddings kept for reuse, bounded by bytes (labels are client text): ~5,000 of the longest
-# labels accepted or ~8,000 short ones with MiniLM's 384 floats; a tensor's own bookkeeping is a flat overhead.
+# Label features kept for reuse, bounded by bytes (labels are client text): ~3,600 of the longest labels
+# accepted or ~4,600 short ones with MiniLM's 2 x 384 floats; a tensor's own bookkeeping is a flat overhead.
+# Label sets' prototypes are kept under the same bound again.
 LABEL_CACHE_BYTES = 16 * 2**20
 TENSOR_OVERHEAD_BYTES = 512
 # How a label's examples (and its description, counted as one more example) score an input, chosen on the
