@@ -6,7 +6,9 @@ serves it without calibration. A checkpoint directory holds:
 - ``model.safetensors``: the state dict as served: quantized layers as their saved 8-bit ``qweight`` and
   float32 ``scale`` (never re-quantized on load), float layers in the dtype they were compressed in;
 - ``plan.json``: what to rebuild before loading: the quantized module names, the method, each layer's
-  (possibly pruned) MLP width, tensors stored once under another name (tied embeddings);
+  (possibly pruned) MLP width, tensors stored once under another name (tied embeddings); for generation the
+  model's dimensions, and the tokenizer's class: read without transformers' Llama config, whose module imports
+  its modeling stack (part of a CPU replica's start: load_tests/results/ready_time/README.md);
 - ``report.json``: the compression report with the fidelity measured when it was written (served by /info);
 - ``config.json`` and the tokenizer files (with the chat template), so nothing else is needed;
 - ``center.safetensors`` (classification): the classifier's background center as computed when written, with the
@@ -20,6 +22,7 @@ The startup compression cache (models/compress.py) stores its entries with the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -43,7 +46,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.initialization import no_init_weights
+from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
+from models.bert import Bert, BertArgs
 from models.llama import Llama, ModelArgs, rope_tables
 from models.quantize import QuantEmbedding, QuantLinear, fuse_quantized_projections, install_quant_modules
 
@@ -124,6 +129,7 @@ def llama_plan(model: Llama) -> dict[str, Any]:
         "method": method,
         "intermediate_sizes": [layer.mlp.down_proj.in_features for layer in model.layers],
         "qkv_bias": _qkv_bias(model),
+        "args": dataclasses.asdict(model.args),
     }
 
 
@@ -134,10 +140,14 @@ def _qkv_bias(model: Llama) -> bool:
 
 
 def build_llama(
-    directory: Path, config: PretrainedConfig, dtype: torch.dtype, device: torch.device, plan: dict[str, Any]
+    directory: Path,
+    config: PretrainedConfig | ModelArgs,
+    dtype: torch.dtype,
+    device: torch.device,
+    plan: dict[str, Any],
 ) -> Llama:
     """The compressed Llama from saved tensors: module structure from ``plan``, weights assigned as saved."""
-    args = ModelArgs.from_hf(config)
+    args = config if isinstance(config, ModelArgs) else ModelArgs.from_hf(config)
     with torch.device("meta"):
         model = Llama(args, plan["qkv_bias"], plan["intermediate_sizes"])
     model.to(dtype)  # float parts in the serving dtype, before quantized modules appear
@@ -167,7 +177,14 @@ def _has_head(config: PretrainedConfig) -> bool:
 def build_encoder(
     directory: Path, config: PretrainedConfig, dtype: torch.dtype, device: torch.device, plan: dict[str, Any]
 ) -> nn.Module:
-    """The compressed HF encoder (with its classification head if it was saved with one) from saved tensors."""
+    """The compressed encoder from saved tensors: a headless BERT as models/bert.py's plain-PyTorch module
+    (bit-identical outputs, without importing transformers' modeling code at startup), any other as the
+    transformers model (with its classification head if it was saved with one)."""
+    if BertArgs.supports(config):
+        with torch.device("meta"):  # every parameter is assigned from the file
+            model: nn.Module = Bert(config).to(dtype)
+        load_encoder_weights(directory, model, plan, device)
+        return model.eval()
     auto_cls = AutoModelForSequenceClassification if _has_head(config) else AutoModel
     with no_init_weights():  # every parameter is assigned from the file: random initialization would be thrown away
         model = auto_cls.from_config(config)
@@ -176,9 +193,12 @@ def build_encoder(
     return model
 
 
-def load_encoder_weights(directory: Path, model: nn.Module, plan: dict[str, Any]) -> None:
-    """Reshape ``model`` (an HF encoder of the original shape) to the saved one and assign the saved tensors."""
-    dev = next(model.parameters()).device
+def load_encoder_weights(
+    directory: Path, model: nn.Module, plan: dict[str, Any], device: torch.device | None = None
+) -> None:
+    """Reshape ``model`` (an encoder of the original shape) to the saved one and assign the saved tensors (on
+    ``device``, default the model's: give it for a model on the meta device)."""
+    dev = device if device is not None else next(model.parameters()).device
     with safe_open(str(Path(directory) / WEIGHTS), framework="pt") as f:
         shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
     for name, module in list(model.named_modules()):  # pruned layers: resize to the saved shapes
@@ -217,7 +237,7 @@ def write_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
     try:
-        write_weights(tmp, model, plan)
+        write_weights(tmp, model, {**plan, "tokenizer_class": type(tokenizer).__name__})
         (tmp / REPORT).write_text(report_json)
         if center is not None:
             save_file({"center": center[0].detach().cpu().contiguous()}, str(tmp / CENTER), {"key": center[1]})
@@ -247,7 +267,7 @@ def write_checkpoint(
 
 def _record_added_tokens(directory: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     """The added tokens in ``tokenizer_config.json`` too: without them there, loading parses all of
-    ``tokenizer.json`` in Python for them (transformers' legacy path, a quarter second for SmolLM2's at startup)."""
+    ``tokenizer.json`` in Python for them (transformers' legacy path; load_tests/results/ready_time/README.md)."""
     path = directory / "tokenizer_config.json"
     config = json.loads(path.read_text())
     if "added_tokens_decoder" not in config:
@@ -259,12 +279,20 @@ def _record_added_tokens(directory: Path, tokenizer: PreTrainedTokenizerBase) ->
 class Checkpoint:
     """A checkpoint read for serving."""
 
-    model: nn.Module  # Llama (generate); HF AutoModel, or AutoModelForSequenceClassification with a head (classify)
-    config: PretrainedConfig
+    model: nn.Module  # Llama (generate); models/bert.py's Bert, or a transformers encoder (classify)
+    directory: Path
     tokenizer: PreTrainedTokenizerBase
     report_json: str  # models/compress.py CompressionReport, as written
     marker: dict[str, Any]
     center: tuple[Tensor, str] | None = None  # classification: the background center and its key, if written
+    loaded_config: PretrainedConfig | None = None  # see ``config``
+
+    @property
+    def config(self) -> PretrainedConfig:
+        """The model's transformers config, read when first asked (generation is built without it)."""
+        if self.loaded_config is None:
+            self.loaded_config = AutoConfig.from_pretrained(self.directory, local_files_only=True)
+        return self.loaded_config
 
     @property
     def id2label(self) -> dict[int, str] | None:
@@ -280,16 +308,30 @@ def read_checkpoint(directory: Path, task: Task, dtype: torch.dtype, device: tor
     directory = Path(directory)
     marker = _expect(directory, task)
     start = time.perf_counter()
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    build = build_llama if task == "generate" else build_encoder
-    model = build(directory, config, dtype, device, read_plan(directory))
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    plan = read_plan(directory)
+    config = None
+    if task == "generate" and "args" in plan:
+        model = build_llama(directory, ModelArgs(**plan["args"]), dtype, device, plan)
+    else:  # classification, or a generation checkpoint written before its plan held the dimensions
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        build = build_llama if task == "generate" else build_encoder
+        model = build(directory, config, dtype, device, plan)
+    tokenizer = _read_tokenizer(directory, plan.get("tokenizer_class"))
     center = None
     if (directory / CENTER).is_file():
         with safe_open(str(directory / CENTER), framework="pt") as f:
             center = (f.get_tensor("center"), f.metadata()["key"])
     log.info("read compressed checkpoint %s in %.2f s", directory.name, time.perf_counter() - start)
-    return Checkpoint(model, config, tokenizer, (directory / REPORT).read_text(), marker, center)
+    return Checkpoint(model, directory, tokenizer, (directory / REPORT).read_text(), marker, center, config)
+
+
+def _read_tokenizer(directory: Path, class_name: str | None) -> PreTrainedTokenizerBase:
+    """The tokenizer as written: through the class ``AutoTokenizer`` chose then (it would read the model's config
+    to choose again, importing a Llama's modeling stack), else through ``AutoTokenizer``."""
+    tokenizer_class = tokenizer_class_from_name(class_name) if class_name else None
+    if tokenizer_class is None:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    return tokenizer_class.from_pretrained(directory, local_files_only=True)
 
 
 def _expect(directory: Path, task: Task) -> dict[str, Any]:

@@ -92,11 +92,13 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(args: ModelArgs) -> tuple[Tensor, Tensor]:
-    """cos and *signed* sin (first half negated), so rotate-half becomes a roll: see :func:`apply_rope`."""
-    exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim
-    freqs = torch.outer(torch.arange(args.max_position, dtype=torch.float32), args.rope_theta**-exponents)
+    """cos and *signed* sin (first half negated), so rotate-half becomes a roll: see :func:`apply_rope`. On the
+    CPU, also inside a meta-device context (a model being built), where they would import torch._dynamo."""
+    cpu = torch.device("cpu")
+    exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float32, device=cpu) / args.head_dim
+    freqs = torch.outer(torch.arange(args.max_position, dtype=torch.float32, device=cpu), args.rope_theta**-exponents)
     emb = torch.cat([freqs, freqs], dim=-1)
-    sign = torch.cat([-torch.ones(args.head_dim // 2), torch.ones(args.head_dim // 2)])
+    sign = torch.cat([-torch.ones(args.head_dim // 2, device=cpu), torch.ones(args.head_dim // 2, device=cpu)])
     return emb.cos(), emb.sin() * sign
 
 
@@ -249,7 +251,11 @@ class Llama(nn.Module):
         super().__init__()
         self.args = args
         sizes = intermediate_sizes or [args.intermediate_size] * args.num_layers
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # Built on the meta device and assigned its weights (from_hf, models/checkpoint.py): left uninitialized, as a
+        # meta-device normal_ imports torch._dynamo (load_tests/results/ready_time/README.md).
+        self.embed_tokens = nn.Embedding(
+            args.vocab_size, args.hidden_size, _weight=torch.empty(args.vocab_size, args.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(args, qkv_bias, size) for size in sizes)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)

@@ -79,6 +79,8 @@ class QuantLinear(nn.Module):
         first = parts[0]
         out = sum(p.out_features for p in parts)
         q = cls(first.in_features, out, first.bias is not None, first.method, device="meta")
+        if first.qweight.is_meta:  # a model being built (models/checkpoint.py): weights are assigned afterwards
+            return q
         raw = [p.qweight.view(torch.uint8) if p.method == "fp8" else p.qweight for p in parts]
         q.qweight = torch.cat(raw).view(first.qweight.dtype)
         q.scale = torch.cat([p.scale for p in parts])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from transformers import AutoConfig, BertConfig, LlamaConfig, PretrainedConfig
+from transformers import AutoConfig, BertConfig, PretrainedConfig
 
 from models.classifier_head import is_head_dir
 
@@ -100,6 +100,10 @@ def _smollm2_config(
 ) -> PretrainedConfig:
     """A LlamaConfig with the SmolLM2 family's vocabulary and tokens (dummy models take the embedded
     tokenizer), at any size."""
+    # Imported here: transformers' Llama config module imports its modeling stack, which a server serving
+    # compressed checkpoints never needs (load_tests/results/ready_time/README.md).
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=49152,
         hidden_size=hidden,
