@@ -297,25 +297,32 @@ def serve(name: str, env: dict[str, str], args: argparse.Namespace, port: int) -
     out: dict[str, Any] = {"env": env, "profiles": {}}
     try:
         d, c = args.seconds, args.concurrency
-        out[f"health_c{c}"], _ = loaded(
-            lambda: wrk(args.wrk, port, "/health", HEALTH_LUA, c, d, args.wrk_threads), args, proc.pid
-        )
-        out["classify_c1"], _ = loaded(lambda: wrk(args.wrk, port, "/classify", CLASSIFY_LUA, 1, d, 1), args, proc.pid)
-        out[f"classify_c{c}"], out["profiles"][f"classify_c{c}"] = loaded(
-            lambda: wrk(args.wrk, port, "/classify", CLASSIFY_LUA, c, d, args.wrk_threads), args, proc.pid
-        )
-        log(f"  classify: c1 {out['classify_c1']}, c{c} {out[f'classify_c{c}']}")
-        before = counter(port, "llm_generated_tokens_total")
-        t0 = time.perf_counter()
-        lua = GENERATE_LUA % (PROMPT, args.new_tokens)
-        gen, out["profiles"][f"generate_c{c}"] = loaded(
-            lambda: wrk(args.wrk, port, "/generate", lua, c, d, args.wrk_threads), args, proc.pid
-        )
-        gen["tokens_per_s"] = (counter(port, "llm_generated_tokens_total") - before) / (time.perf_counter() - t0)
-        out[f"generate_c{c}"] = gen
-        log(f"  generate c{c}: {gen}")
-        out[f"stream_c{c}"] = streamed(port, c, d, args.stream_processes, args.new_tokens)
-        log(f"  streamed c{c}: {out[f'stream_c{c}']}")
+        phases = args.phases.split(",")
+        if "health" in phases:
+            out[f"health_c{c}"], _ = loaded(
+                lambda: wrk(args.wrk, port, "/health", HEALTH_LUA, c, d, args.wrk_threads), args, proc.pid
+            )
+        if "classify" in phases:
+            out["classify_c1"], out["profiles"]["classify_c1"] = loaded(
+                lambda: wrk(args.wrk, port, "/classify", CLASSIFY_LUA, 1, d, 1), args, proc.pid
+            )
+            out[f"classify_c{c}"], out["profiles"][f"classify_c{c}"] = loaded(
+                lambda: wrk(args.wrk, port, "/classify", CLASSIFY_LUA, c, d, args.wrk_threads), args, proc.pid
+            )
+            log(f"  classify: c1 {out['classify_c1']}, c{c} {out[f'classify_c{c}']}")
+        if "generate" in phases:
+            before = counter(port, "llm_generated_tokens_total")
+            t0 = time.perf_counter()
+            lua = GENERATE_LUA % (PROMPT, args.new_tokens)
+            gen, out["profiles"][f"generate_c{c}"] = loaded(
+                lambda: wrk(args.wrk, port, "/generate", lua, c, d, args.wrk_threads), args, proc.pid
+            )
+            gen["tokens_per_s"] = (counter(port, "llm_generated_tokens_total") - before) / (time.perf_counter() - t0)
+            out[f"generate_c{c}"] = gen
+            log(f"  generate c{c}: {gen}")
+        if "stream" in phases:
+            out[f"stream_c{c}"] = streamed(port, c, d, args.stream_processes, args.new_tokens)
+            log(f"  streamed c{c}: {out[f'stream_c{c}']}")
         if args.mixed:
             out["mixed"] = mixed(args, port, args.mixed)
             log(f"  mixed: {out['mixed']}")
@@ -389,6 +396,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--before-dir", type=Path, help="where 'before' runs from (default .bench/before)")
+    p.add_argument("--after-dir", type=Path, help="where 'after' runs from (default this checkout)")
     p.add_argument("--seconds", type=int, default=8)
     p.add_argument("--wrk-threads", type=int, default=4)
     p.add_argument("--stream-processes", type=int, default=4)
@@ -400,6 +408,7 @@ def main() -> None:
     p.add_argument(
         "--mixed", type=int, default=0, metavar="C", help="classify and stream at C clients each, alone, then together"
     )
+    p.add_argument("--phases", default="health,classify,generate,stream", help="which loads to run, in this order")
     p.add_argument("--rounds", type=int, default=1, help="run the configurations this many times, interleaved")
     p.add_argument(
         "--embedded",
@@ -435,6 +444,8 @@ def main() -> None:
             env = {**base, **CONFIGS[name]}
             if "CODE_DIR" in env and args.before_dir is not None:
                 env["CODE_DIR"] = str(args.before_dir)
+            if name == "after" and args.after_dir is not None:
+                env["CODE_DIR"] = str(args.after_dir)
             if args.fast_site and env.pop("SLOW_HTTP", None) is None:
                 env["FAST_SITE"] = args.fast_site
             results["servers"][key] = serve(key, env, args, 8900 + i)

@@ -118,6 +118,30 @@ def run_api_server(settings: Settings, link: CoreLink, sock: socket.socket, coun
     server.run(sockets=[sock])
 
 
+def listening_sockets(host: str, port: int, n: int) -> list[socket.socket]:
+    """The port's socket for each of ``n`` API servers. Where the kernel balances new connections across
+    sockets bound to one port (Linux's ``SO_REUSEPORT``), each API server gets a socket of its own. One
+    shared socket would let whichever process wakes first accept a whole burst of connections (the event
+    loop accepts until the backlog is empty), leaving one API server with most of the keep-alive clients
+    while the others idle."""
+    # A plain bind first: it fails while anything listens on the port, another server of ours included (a
+    # socket with SO_REUSEPORT would silently join that server's group and take a share of its clients).
+    probe = uvicorn.Config(app=None, host=host, port=port).bind_socket()
+    if n == 1 or not hasattr(socket, "SO_REUSEPORT"):
+        return [probe] * n
+    port = probe.getsockname()[1]  # port 0: the one the probe got
+    probe.close()
+    socks: list[socket.socket] = []
+    for _ in range(n):
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.set_inheritable(True)
+        socks.append(sock)
+    return socks
+
+
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -137,16 +161,17 @@ class Supervisor:
         addresses = [f"ipc://{self.run_dir}/core-{i}" for i in range(s.data_parallel_size)]
         for i, address in enumerate(addresses):
             self.cores.append(context.Process(target=run_core, args=(s, i, address), name=f"engine-core-{i}"))
-        sock = uvicorn.Config(app=None, host=s.host, port=s.port).bind_socket()
+        socks = listening_sockets(s.host, s.port, api_servers(s))
         counts = shared_counts(context)
-        for i in range(api_servers(s)):
+        for i, sock in enumerate(socks):
             link = CoreLink(i, addresses, f"ipc://{self.run_dir}/api-{i}")
             self.api_servers.append(
                 context.Process(target=run_api_server, args=(s, link, sock, counts), name=f"api-server-{i}")
             )
         for process in [*self.cores, *self.api_servers]:
             process.start()
-        sock.close()  # the API servers hold it now
+        for sock in set(socks):
+            sock.close()  # the API servers hold them now
         log.info("%d engine core(s), %d API server(s) on %s:%d", len(self.cores), len(self.api_servers), s.host, s.port)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
