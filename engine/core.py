@@ -72,6 +72,7 @@ class EngineCore:
         replies: Replies = {}
         if self.loop is not None:
             self.loop.start()
+            self.loop.engine.start_compiling()  # with background compiling (CPU): after the loop serves
         if self.batcher is not None:
             self.batcher.start()
         log.info("engine core %d serving on %s", self.index, self.address)

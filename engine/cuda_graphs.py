@@ -16,17 +16,29 @@ step is fewer, fuller kernels. Two compiled graphs serve every bucket: one for b
 size and KV length are dynamic dimensions (measured as fast as a graph per bucket, compiled once instead
 of once per bucket). The whole step is one graph: compiling each layer on its own (one compile for all
 layers) started faster but ran CPU steps a quarter slower (load_tests/results/fused_decode/).
+
+With ``background`` (the CPU default, where a fresh start would otherwise compile for minutes before
+serving) nothing compiles before the engine starts: :meth:`DecodeGraphs.start_compiling` compiles on a
+thread of the lowest scheduling priority, batch 1 first, while steps run eagerly; each batch bucket switches
+to the compiled step once its graph exists. Serving never compiles: it calls only graphs already compiled
+(``torch._dynamo.run``), and a step at a width not compiled yet runs eagerly.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
+import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from engine import metrics
 from engine.kv_cache import SCRATCH_BLOCK
 from engine.sequence import Sequence
 from models import paged_attention
@@ -35,6 +47,7 @@ from models.llama import AttentionMetadata, Llama
 log = logging.getLogger(__name__)
 
 MIN_KV_BUCKET = 64
+Step = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]  # (ids, positions, block tables) -> (tokens, logits)
 # Tokens per row a step may compute: 1 (decode) or 1 + speculative drafts (server/config.py allows 16).
 MAX_QUERY_WIDTH = 17
 
@@ -79,6 +92,7 @@ class DecodeConfig:
     max_num_seqs: int
     max_model_len: int
     compile: bool = False
+    background: bool = False  # with ``compile``: compiled by DecodeGraphs.start_compiling while steps run eagerly
     verify_width: int = 1  # tokens per row of a speculative step on the graph path (1 + drafts)
     capture_verify: bool = False  # compile and capture that width at startup too, not on a bucket's first use
 
@@ -103,6 +117,13 @@ class DecodeGraphs:
         self.use_graphs = device.type == "cuda"
         self.logits = logits
         self.compiled = config.compile
+        self.background = config.compile and config.background
+        # Background compiling: the (batch bucket, query width) pairs whose steps run compiled so far, the
+        # seconds from start_compiling to each, and why compiling stopped early (steps stay eager there).
+        self.compiled_keys: dict[tuple[int, int], float] = {}
+        self.compile_error: str | None = None
+        self._compile_widths = [1, config.verify_width] if config.capture_verify else [1]
+        self._compiler: threading.Thread | None = None
         self._run = self._step
         if config.compile:
             # Guards on every module and parameter cost about a tenth of a step, and this instance's model
@@ -112,8 +133,13 @@ class DecodeGraphs:
             step = types.FunctionType(code, globals(), "_step", DecodeGraphs._step.__defaults__)
             # ``fullgraph``: without module guards, a graph break would let one module's resumed code run
             # with another's weights; the step must be one graph or fail to compile.
-            unguarded = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-            self._run = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=False, options=unguarded)
+            options: dict[str, object] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            if self.background:  # C++ compiles run on the (low-priority) compiling thread, not a pool of workers
+                options["compile_threads"] = 1
+            self._run = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=False, options=options)
+            # The serving side of background compiling: graphs already compiled, never a compile (a guard
+            # that fails runs the step eagerly instead of compiling on the serving path).
+            self._serve = torch._dynamo.run(self._run)
         # The Triton paged-decode kernel, when it runs here and agrees with the reference.
         self.paged_kernel_error: str | None = "no CUDA/Triton"
         if paged_attention.available(device):
@@ -158,17 +184,28 @@ class DecodeGraphs:
         ids, positions, tables = self._inputs(batch, kv_len, q)
         if not self.compiled:
             return self._run(ids, positions, tables)
-        # Fresh contiguous inputs whose table width (the KV bucket) and, beyond batch 1, rows are dynamic.
+        if self.background:
+            if (batch, q) not in self.compiled_keys:
+                return self._step(ids, positions, tables)
+            return self._compiled(self._serve, batch, ids, positions, tables)
+        return self._compiled(self._run, batch, ids, positions, tables)
+
+    @staticmethod
+    def _compiled(run: Step, batch: int, ids: Tensor, positions: Tensor, tables: Tensor) -> tuple[Tensor, Tensor]:
+        """``run`` (the compiled step) over fresh contiguous inputs whose table width (the KV bucket) and,
+        beyond batch 1, rows are dynamic."""
         ids, positions, tables = ids.contiguous(), positions.contiguous(), tables.contiguous()
         torch._dynamo.mark_dynamic(tables, 1)
         if batch > 1:
             for t in (ids, positions, tables):
                 torch._dynamo.mark_dynamic(t, 0)
-        return self._run(ids, positions, tables)
+        return run(ids, positions, tables)
 
-    def _inputs(self, batch: int, kv_len: int, q: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-        """Views of the input buffer: each row's ``q`` token ids, their positions, its block table."""
-        buf = self.inputs[:batch]
+    def _inputs(
+        self, batch: int, kv_len: int, q: int = 1, buffer: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Views of the input buffer (or ``buffer``): each row's ``q`` token ids, their positions, its block table."""
+        buf = (self.inputs if buffer is None else buffer)[:batch]
         ids, positions = buf[:, :q], buf[:, q : q + 1]
         if q > 1:
             positions = positions + self.offsets[:q]
@@ -205,8 +242,9 @@ class DecodeGraphs:
     def capture_all(self, q: int = 1) -> None:
         """Captures every bucket of ``q`` tokens per row (1: decode; 1 + k: speculative verification, else
         captured on a bucket's first use), largest first, so later captures reuse the largest one's memory.
-        With ``compile``: first compiles the step's two graphs (batch 1, and every larger bucket)."""
-        if self.compiled:
+        With ``compile`` (not in the background): first compiles the step's two graphs (batch 1, and every
+        larger bucket)."""
+        if self.compiled and not self.background:
             self._compile_all(q)
         if not self.use_graphs:
             return
@@ -223,6 +261,60 @@ class DecodeGraphs:
         self._step(*self._inputs(1, self.kv_lens[0], q))  # eager once: one-time checks run outside the trace
         for batch in self.batch_sizes:  # the first two compile, the rest must reuse the second graph
             self._forward(batch, self.kv_lens[0], q)
+
+    def start_compiling(self) -> threading.Thread | None:
+        """Background compiling: starts the thread that compiles every bucket (None when there is nothing to
+        compile in the background, or it has started). Call it once serving has started: the steps run
+        eagerly until then and meanwhile."""
+        if not self.background or self._compiler is not None:
+            return None
+        metrics.DECODE_COMPILE_BUCKETS.labels(state="pending").inc(len(self._compile_widths) * len(self.batch_sizes))
+        self._compiler = threading.Thread(target=self._compile_in_background, name="decode-compile", daemon=True)
+        self._compiler.start()
+        return self._compiler
+
+    @torch.inference_mode()
+    def _compile_in_background(self) -> None:
+        """Compiles batch 1, then each larger bucket (the second graph, then each bucket through it), for each
+        width, over private inputs whose rows all point at the scratch block (the serving steps own
+        ``inputs``). Every KV bucket runs once, so a guard that would fail there recompiles here, not while
+        serving. A failure leaves the remaining buckets eager."""
+        lower_priority()
+        start = time.perf_counter()
+        inputs = torch.zeros_like(self.inputs)
+        key = (1, 1)
+        try:
+            for q in self._compile_widths:
+                self._step(*self._inputs(1, self.kv_lens[0], q, inputs))  # one-time checks run outside the trace
+                for batch in self.batch_sizes:
+                    key = (batch, q)
+                    for kv_len in self.kv_lens:
+                        self._compiled(self._run, batch, *self._inputs(batch, kv_len, q, inputs))
+                    self.compiled_keys[key] = round(time.perf_counter() - start, 1)
+                    metrics.DECODE_COMPILE_BUCKETS.labels(state="compiled").inc()
+                    metrics.DECODE_COMPILE_BUCKETS.labels(state="pending").dec()
+                    log.info(
+                        "decode steps of batch %d (width %d) compiled after %.1f s: they run compiled from now on",
+                        batch, q, self.compiled_keys[key],
+                    )  # fmt: skip
+        except Exception as exc:  # any compile failure: serving goes on with eager steps
+            self.compile_error = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning(
+                "compiling decode steps failed at batch %d (width %d); steps not compiled yet stay eager: %s",
+                *key, self.compile_error,
+            )  # fmt: skip
+
+    def compile_progress(self) -> dict[str, object]:
+        """Background compiling's state for /info: compiled buckets (with seconds since the start), pending ones."""
+        keys = [(b, q) for q in self._compile_widths for b in self.batch_sizes]
+        done = dict(self.compiled_keys)  # a copy: the compiling thread adds to it
+        state = "failed" if self.compile_error else "done" if len(done) == len(keys) else "compiling"
+        return {
+            "state": state if self._compiler is not None else "not started",
+            "compiled": [{"batch": b, "width": q, "seconds": seconds} for (b, q), seconds in done.items()],
+            "pending": [{"batch": b, "width": q} for b, q in keys if (b, q) not in done],
+            "error": self.compile_error,
+        }
 
     def stage(self, seqs: list[Sequence], q: int = 1) -> tuple[int, int, int]:
         """Writes each sequence's step tokens (its one uncomputed token, then any speculative drafts, padded to
@@ -276,3 +368,15 @@ class DecodeGraphs:
         """Decode one token for each sequence (each has exactly one uncomputed token); rows follow ``seqs``."""
         tokens, logits = self.replay(*self.stage(seqs))
         return tokens[: len(seqs)], logits[: len(seqs)]
+
+
+def lower_priority() -> None:
+    """The calling thread (and the compiler processes it starts, which inherit it) at the lowest scheduling
+    priority, so a compile yields the cores to the steps being served. Linux only: elsewhere the call would
+    lower the whole process."""
+    if sys.platform != "linux":
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError as exc:
+        log.warning("could not lower the compiling thread's priority: %s", exc)

@@ -46,6 +46,7 @@ class EngineConfig:
     max_model_len: int = 4096
     enable_prefix_caching: bool = True
     compile_decode: bool = False  # decode steps as torch.compile graphs (engine/cuda_graphs.py)
+    compile_background: bool = False  # with compile_decode: compiled after start (start_compiling), eager until then
     # Speculative decoding (engine/speculative.py): "ngram" or "draft" speculate for requests that do not say
     # otherwise; "none" only for those that ask (with n-gram lookup, or the draft model when there is one).
     speculative: Literal["none", "ngram", "draft"] = "none"
@@ -62,6 +63,7 @@ class EngineConfig:
             self.max_num_seqs,
             max_model_len(model, self),
             self.compile_decode,
+            self.compile_background,
             verify_width=1 + self.speculative_tokens,
             capture_verify=self.speculative != "none",
         )
@@ -173,6 +175,11 @@ class LLMEngine:
         opt_in = default_on or not decode.compiled
         padded = 1 + config.speculative_tokens if decode.fixed_width else 0
         return Speculator(method, config.speculative_tokens, default_on, self.max_model_len, proposer, opt_in, padded)
+
+    def start_compiling(self) -> None:
+        """With background compiling: starts compiling the decode steps (engine/cuda_graphs.py); call it once
+        serving has started. Steps run eagerly until each bucket's graph exists."""
+        self.runner.decode.start_compiling()
 
     def add(self, request: AddRequest) -> None:
         seq = Sequence(prompt_ids=request.prompt_ids, params=request.params, request_id=request.request_id)

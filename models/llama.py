@@ -178,7 +178,10 @@ class Attention(nn.Module):
         q, k = qk[:, :, :h], qk[:, :, h:]
         v = qkv[..., (h + kvh) * d :].view(b, t, kvh, d)
         k_cache, v_cache = kv
-        compiling = torch.compiler.is_compiling()  # decode steps compiled by engine/cuda_graphs.py
+        # Decode steps compiled by engine/cuda_graphs.py. Dynamo's own flag, not ``is_compiling()``: that one
+        # is a process-wide flag held for a whole compile, so eager steps served meanwhile (a compile on a
+        # background thread) would take the compiled branches too.
+        compiling = torch.compiler.is_dynamo_compiling()
         if compiling:
             write_kv(k_cache, v_cache, meta.slot_mapping, k.reshape(-1, kvh, d), v.reshape(-1, kvh, d))
         else:

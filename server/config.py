@@ -129,9 +129,10 @@ class GenerationSettings(Concern, title="generation limits and batching"):
     enable_prefix_caching: bool = True
     """reuse the KV cache of shared prompt prefixes (full blocks) across requests"""
     compile_decode: Literal["auto", "on", "off"] = "auto"
-    """run decode steps as torch.compile graphs (fused kernels: faster steps; a fresh start compiles first,
-    ~1 minute on a GPU host, minutes on a small CPU; later starts reuse cache_dir/inductor); auto = on with
-    CUDA and Triton, off on CPU"""
+    """run decode steps as torch.compile graphs (fused kernels: faster steps; a fresh start compiles for ~1 minute
+    on a GPU host, minutes on a small CPU; later starts reuse cache_dir/inductor); on = compile before /ready;
+    auto = on with CUDA and Triton, on CPU (with a C++ compiler) compile after /ready in the background, serving
+    eager steps until each batch size's graph is in"""
     cpu_threads: Count | None = None
     """torch threads on CPU; default: one per physical core this process may use"""
 

@@ -25,6 +25,9 @@ from server.config import Settings
 
 INT8_WO_MAX_SEQS = 64  # largest decode batch at which int8-wo measured no slower than bf16 on CUDA
 PREFILL_BUDGET = {"cpu": 512, "cuda": 4096}  # padded prompt tokens per prefill step
+# Decode steps as torch.compile graphs (engine/cuda_graphs.py): compiled before /ready, in the background after
+# it (eager steps until each bucket's graph exists), or never.
+CompileDecode = Literal["off", "before_ready", "background"]
 
 
 class HardwarePolicy(BaseModel):
@@ -39,7 +42,7 @@ class HardwarePolicy(BaseModel):
     cls_quantize: str
     prefill_budget: int
     cpu_threads: int | None = None  # torch threads on CPU (set before the engine is built); None on CUDA
-    compile_decode: bool = False  # decode steps as torch.compile graphs (engine/cuda_graphs.py)
+    compile_decode: CompileDecode = "off"
     engine_core: Literal["thread", "process"]
     api_servers: int
     why: dict[str, str]
@@ -133,27 +136,33 @@ def _cpu_threads(settings: Settings, cpu: CpuPolicy | None, why: dict[str, str])
     return cpu.threads
 
 
-def _compile_decode(settings: Settings, device: torch.device, cpu: CpuPolicy | None, why: dict[str, str]) -> bool:
+def _compile_decode(
+    settings: Settings, device: torch.device, cpu: CpuPolicy | None, why: dict[str, str]
+) -> CompileDecode:
     """Compiled decode steps: fewer, fused kernels per step on CUDA (load_tests/results/fused_decode/) for
-    about a minute of compiling at a fresh start; on CPU faster steps too, but a fresh start of a small
-    machine compiles for minutes (load_tests/results/cpu_vs_llamacpp/), so there only when asked."""
+    about a minute of compiling before /ready at a fresh start; on CPU faster steps too, but a fresh start of
+    a small machine compiles for minutes (load_tests/results/cpu_vs_llamacpp/), so ``auto`` compiles there
+    after /ready, on a low-priority thread, serving eager steps meanwhile. ``on`` compiles before /ready."""
     if settings.compile_decode == "off":
-        return False
+        return "off"
     if settings.tensor_parallel_size > 1:  # compiled steps hold no collectives
         why["compile_decode"] = "tensor parallel: eager steps"
-        return False
+        return "off"
     if settings.compile_decode == "on":
-        return True
+        return "before_ready"
     if cpu is not None:
+        if not cpu.compile_decode:
+            why["compile_decode"] = cpu.why["compile_decode"]
+            return "off"
         why["compile_decode"] = (
-            "CPU: a fresh start would compile for minutes; --compile-decode on opts in"
-            if cpu.compile_decode
-            else cpu.why["compile_decode"]
+            f"CPU with {cpu.why['compile_decode']}: compiled steps decode faster, but a fresh start compiles for "
+            "minutes, so they compile after /ready on a low-priority thread (eager steps until then); "
+            "--compile-decode on compiles before /ready"
         )
-        return False
+        return "background"
     usable = paged_attention.available(device)
     why["compile_decode"] = "CUDA with Triton: fused kernels in the decode graphs" if usable else "no Triton"
-    return usable
+    return "before_ready" if usable else "off"
 
 
 def _auto_gen_quantize(

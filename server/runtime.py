@@ -53,7 +53,8 @@ def engine_config(settings: Settings, policy: HardwarePolicy) -> EngineConfig:
         block_size=settings.kv_block_size,
         max_model_len=settings.max_input_tokens + settings.max_new_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,
-        compile_decode=policy.compile_decode,
+        compile_decode=policy.compile_decode != "off",
+        compile_background=policy.compile_decode == "background",
         speculative=settings.speculative,
         speculative_tokens=settings.speculative_tokens,
     )
@@ -322,6 +323,17 @@ class Runtime:
         self.ready = True
         metrics.READY.set(1)
         log.info("ready on %s", self.device)
+        if isinstance(self.llm, AsyncLLM):  # background compiling of decode steps (if the policy says so) from now
+            self.llm.engine.start_compiling()
+
+    @property
+    def decode_compile(self) -> dict[str, object] | None:
+        """Progress of compiling the decode steps after /ready (engine/cuda_graphs.py), where the policy compiles
+        in the background and the engine runs in this process (engine cores: the metric
+        ``llm_decode_compile_buckets``); None otherwise."""
+        if self.served.policy.compile_decode != "background" or not isinstance(self.llm, AsyncLLM):
+            return None
+        return self.llm.engine.runner.decode.compile_progress()
 
     @property
     def failure(self) -> str | None:

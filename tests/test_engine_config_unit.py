@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from server.config import Settings
-from server.hardware import HardwarePolicy
+from server.hardware import CompileDecode, HardwarePolicy
 from server.runtime import engine_config
 
 pytestmark = pytest.mark.unit
 
 
-def policy(device: str, compiled: bool = False) -> HardwarePolicy:
+def policy(device: str, compiled: CompileDecode = "off") -> HardwarePolicy:
     return HardwarePolicy(
         device=device,
         dtype="float32",
@@ -28,5 +28,9 @@ def policy(device: str, compiled: bool = False) -> HardwarePolicy:
 
 def test_compiled_decode_is_the_hardware_policys() -> None:
     """The policy decides (tests/test_hardware.py: 'auto', explicit values, CUDA); the engine follows it."""
-    assert engine_config(Settings(), policy("cpu")).compile_decode is False
-    assert engine_config(Settings(), policy("cpu", compiled=True)).compile_decode is True
+    config = engine_config(Settings(), policy("cpu"))
+    assert (config.compile_decode, config.compile_background) == (False, False)
+    config = engine_config(Settings(), policy("cpu", compiled="before_ready"))
+    assert (config.compile_decode, config.compile_background) == (True, False)
+    config = engine_config(Settings(), policy("cpu", compiled="background"))
+    assert (config.compile_decode, config.compile_background) == (True, True)

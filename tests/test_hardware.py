@@ -34,10 +34,11 @@ def test_cpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     policy = HardwarePolicy.decide(Settings(device="cpu", compile_decode="auto"))
     assert (policy.torch_device, policy.torch_dtype) == (torch.device("cpu"), torch.float32)
     assert (policy.gen_quantize, policy.cls_quantize, policy.prefill_budget) == ("int8", "none", 512)
-    assert (policy.cpu_threads, policy.compile_decode) == (2, False)
+    assert (policy.cpu_threads, policy.compile_decode) == (2, "background")
     assert set(policy.why) >= {"dtype", "gen_quantize", "cls_quantize", "prefill_budget", "cpu_threads"}
     assert "gen_quantize=int8 (auto: int8 w8a8 (VNNI: " in policy.summary()
-    assert "compile_decode=False (auto: CPU: a fresh start would compile for minutes; " in policy.summary()
+    assert "compile_decode=background (auto: CPU with a C++ compiler (/usr/bin/g++) for inductor: " in policy.summary()
+    assert "compile after /ready on a low-priority thread" in policy.why["compile_decode"]
     explicit = HardwarePolicy.decide(Settings(device="cpu", dtype="bfloat16", max_batched_tokens=64))
     assert (explicit.dtype, explicit.prefill_budget) == ("bfloat16", 64)
     assert "dtype" not in explicit.why and "prefill_budget" not in explicit.why
@@ -105,30 +106,32 @@ def test_process_layout(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_auto_on_cpu_follows_the_cpu_kind(monkeypatch: pytest.MonkeyPatch, features: frozenset[str], kind: str) -> None:
     """Each CPU kind gets int8 w8a8 (no kind measured changes that winner) with the evidence for its
-    kind as the reason, eager decode steps unless asked (compiling takes minutes), a thread per physical core."""
+    kind as the reason, decode steps compiled after /ready where a C++ compiler exists (compiling takes
+    minutes), else eager, a thread per physical core."""
     fake_cpu(monkeypatch, features, cores=6)
     policy = HardwarePolicy.decide(Settings(compile_decode="auto"))
-    assert (policy.device, policy.gen_quantize, policy.compile_decode, policy.cpu_threads) == ("cpu", "int8", False, 6)
+    expected = ("cpu", "int8", "background", 6)
+    assert (policy.device, policy.gen_quantize, policy.compile_decode, policy.cpu_threads) == expected
     assert policy.why["gen_quantize"].startswith(f"int8 w8a8 ({kind}")
     assert policy.why["cpu_threads"] == "6 physical core(s) available"
     fake_cpu(monkeypatch, features, compiler="")
     policy = HardwarePolicy.decide(Settings(compile_decode="auto"))
-    assert not policy.compile_decode and "no C++ compiler" in policy.why["compile_decode"]
+    assert policy.compile_decode == "off" and "no C++ compiler" in policy.why["compile_decode"]
 
 
 def test_explicit_cpu_settings_win(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_cpu(monkeypatch, AMX, cores=8)
     policy = HardwarePolicy.decide(Settings(compile_decode="off", cpu_threads=3, gen_quantize="int8-wo"))
-    assert (policy.gen_quantize, policy.compile_decode, policy.cpu_threads) == ("int8-wo", False, 3)
+    assert (policy.gen_quantize, policy.compile_decode, policy.cpu_threads) == ("int8-wo", "off", 3)
     assert not {"gen_quantize", "compile_decode", "cpu_threads"} & set(policy.why)
     fake_cpu(monkeypatch, AMX, compiler="")
-    assert HardwarePolicy.decide(Settings(compile_decode="on")).compile_decode  # as asked
+    assert HardwarePolicy.decide(Settings(compile_decode="on")).compile_decode == "before_ready"  # as asked
 
 
 def test_no_cpu_threads_on_cuda_and_compiled_steps_with_triton(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(quant_kernels, "usable", lambda device, dtype: True)
-    for triton, compiled in ((True, True), (False, False)):
+    for triton, compiled in ((True, "before_ready"), (False, "off")):
         monkeypatch.setattr(hardware.paged_attention, "available", lambda device, t=triton: t)
         policy = HardwarePolicy.decide(Settings(cpu_threads=4, compile_decode="auto"))
         assert (policy.cpu_threads, policy.compile_decode) == (None, compiled)
@@ -154,4 +157,4 @@ def test_physical_cores_count_hyperthreads_once(tmp_path: Path) -> None:
 def test_tensor_parallel_runs_eager_cpu_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_cpu(monkeypatch, VNNI)
     policy = HardwarePolicy.decide(Settings(device="cpu", compile_decode="on", tensor_parallel_size=3))
-    assert not policy.compile_decode and "tensor parallel" in policy.why["compile_decode"]
+    assert policy.compile_decode == "off" and "tensor parallel" in policy.why["compile_decode"]

@@ -23,6 +23,9 @@ class InfoResponse(BaseModel):
     device: str
     hardware: HardwarePolicy | None  # what `auto` settings resolved to on the (first) engine core's device
     models: list[ModelInfo]
+    # Where decode steps compile after /ready (hardware.compile_decode "background") and the engine runs in this
+    # process: state, the buckets compiled (seconds after the start of compiling) and those still eager.
+    decode_compile: dict[str, object] | None = None
 
 
 @router.get("/info", response_model=InfoResponse)
@@ -39,4 +42,6 @@ async def info(request: Request) -> InfoResponse:
                 compression=runtime.served.reports.get(task),
             )
         )
-    return InfoResponse(device=str(runtime.device), hardware=runtime.served.policy, models=models)
+    return InfoResponse(
+        device=str(runtime.device), hardware=runtime.served.policy, models=models, decode_compile=runtime.decode_compile
+    )

@@ -1,0 +1,190 @@
+"""Decode steps compiled in the background after start (engine/cuda_graphs.py ``background``, the CPU
+default of server/hardware.py) on a tiny random Llama, with a stand-in for torch.compile: the engine
+serves eagerly before anything compiles, each batch bucket switches to its compiled step once compiled,
+widths not compiled yet stay eager, and a failed compile leaves eager serving with a log line. That
+compiled steps give the eager step's tokens is tests/test_cpu_decode.py's (real inductor compiles)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import types
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from engine.cuda_graphs import DecodeGraphs
+from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
+from engine.protocol import AddRequest
+from engine.sequence import SamplingParams
+from models.llama import Llama
+from server.config import Settings
+from server.hardware import HardwarePolicy
+from server.runtime import Runtime, Served
+
+pytestmark = pytest.mark.unit
+
+CPU = torch.device("cpu")
+PROMPTS = [[5, 7, 11, 13], [3] * 20, list(range(1, 19))]
+WAIT_S = 60  # bound on waiting for the compiling thread (it only runs the tiny eager step)
+KEYS = itertools.count()
+
+
+class FakeCompile:
+    """Stands in for torch.compile in a DecodeGraphs: "compiling" batch ``hold`` waits for :attr:`release`
+    (a compile that takes minutes), batch ``fail`` raises; compiled steps run the eager step and are counted
+    by batch, on the compiling thread (``compiles``) and on the serving path (``served``)."""
+
+    def __init__(self, decode: DecodeGraphs, hold: int | None = None, fail: int | None = None) -> None:
+        self.decode, self.hold, self.fail = decode, hold, fail
+        self.reached, self.release = threading.Event(), threading.Event()
+        self.compiles: list[int] = []
+        self.served: list[int] = []
+        decode._run, decode._serve = self._compile, self._serve
+
+    def _compile(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> tuple:
+        batch = ids.shape[0]
+        if batch == self.hold and not self.release.is_set():
+            self.reached.set()
+            assert self.release.wait(WAIT_S)
+        if batch == self.fail:
+            raise RuntimeError("C++ compile failed: g++ exited 1")
+        self.compiles.append(batch)
+        return self.decode._step(ids, positions, tables)
+
+    def _serve(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> tuple:
+        self.served.append(ids.shape[0])
+        return self.decode._step(ids, positions, tables)
+
+    def join(self) -> None:
+        thread = self.decode._compiler
+        assert thread is not None
+        thread.join(WAIT_S)
+        assert not thread.is_alive()
+
+
+def make_engine(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], background: bool = True) -> LLMEngine:
+    config, state = tiny
+    engine_config = EngineConfig(
+        max_num_seqs=8,
+        kv_cache_tokens=2048,
+        max_model_len=128,
+        block_size=16,
+        compile_decode=background,
+        compile_background=background,
+    )
+    # Token ids only, no end of sequence; the runtime's warm-up detokenizes, with ids as words.
+    tokenizer = types.SimpleNamespace(eos_token_id=None, decode=lambda ids, **_: " ".join(map(str, ids)))
+    engine = LLMEngine(Llama.from_hf(config, state), tokenizer, CPU, torch.float32, engine_config)
+    engine.clock = itertools.count().__next__
+    return engine
+
+
+def generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 12) -> list[list[int]]:
+    """Greedy tokens of each prompt, all in one continuous batch."""
+    mine = {next(KEYS): i for i in range(len(prompts))}
+    for key, i in mine.items():
+        engine.add(AddRequest(key, prompts[i], SamplingParams(max_tokens=max_tokens), f"r{key}"))
+    out: list[list[int]] = [[] for _ in prompts]
+    while engine.has_work():
+        for o in engine.step():
+            if o.token is not None:
+                out[mine[o.key]].append(o.token)
+    return out
+
+
+def test_serves_eagerly_before_anything_compiles_then_switches(tiny) -> None:
+    eager = generate(make_engine(tiny, background=False), PROMPTS)
+    engine = make_engine(tiny)
+    decode = engine.runner.decode
+    assert decode.compiled and decode.background
+    fake = FakeCompile(decode, hold=1)  # batch 1, the first compiled, takes "minutes"
+    assert fake.compiles == []  # nothing compiled while the engine was built
+    engine.start_compiling()
+    assert fake.reached.wait(WAIT_S)
+    assert generate(engine, PROMPTS) == eager
+    assert generate(engine, PROMPTS[:1]) == eager[:1]
+    assert fake.served == []  # every step eager: nothing compiled yet
+    assert decode.compile_progress()["state"] == "compiling" and decode.compile_progress()["compiled"] == []
+    fake.release.set()
+    fake.join()
+    progress = decode.compile_progress()
+    assert progress["state"] == "done" and progress["pending"] == []
+    assert [(c["batch"], c["width"]) for c in progress["compiled"]] == [(1, 1), (2, 1), (4, 1), (8, 1)]
+    assert fake.compiles[0] == 1 and set(fake.compiles) == {1, 2, 4, 8}  # batch 1 first
+    assert len(fake.compiles) == 4 * len(decode.kv_lens)  # every KV bucket of every batch bucket, off the serving path
+    assert generate(engine, PROMPTS) == eager
+    assert generate(engine, PROMPTS[:1]) == eager[:1]
+    assert set(fake.served) == {1, 4}  # the compiled steps now: 3 rows in bucket 4, then 1 row
+    assert engine.start_compiling() is None and decode.start_compiling() is None  # once
+
+
+def test_widths_not_compiled_yet_run_eagerly(tiny) -> None:
+    eager = generate(make_engine(tiny, background=False), PROMPTS)
+    engine = make_engine(tiny)
+    decode = engine.runner.decode
+    fake = FakeCompile(decode, hold=2)  # batch 1 compiled, the larger buckets still compiling
+    engine.start_compiling()
+    assert fake.reached.wait(WAIT_S)
+    assert list(decode.compiled_keys) == [(1, 1)]
+    assert generate(engine, PROMPTS[:1]) == eager[:1]
+    assert set(fake.served) == {1}
+    fake.served.clear()
+    assert generate(engine, PROMPTS) == eager  # bucket 4 not compiled: eager, while batch 1 would be compiled
+    assert 4 not in fake.served
+    fake.release.set()
+    fake.join()
+
+
+def test_a_failed_compile_leaves_eager_serving_and_says_why(tiny, caplog: pytest.LogCaptureFixture) -> None:
+    eager = generate(make_engine(tiny, background=False), PROMPTS)
+    engine = make_engine(tiny)
+    decode = engine.runner.decode
+    fake = FakeCompile(decode, fail=2)
+    with caplog.at_level(logging.WARNING, logger="engine.cuda_graphs"):
+        engine.start_compiling()
+        fake.join()
+    assert "compiling decode steps failed at batch 2 (width 1)" in caplog.text and "g++ exited 1" in caplog.text
+    progress = decode.compile_progress()
+    assert progress["state"] == "failed" and "g++ exited 1" in str(progress["error"])
+    assert [c["batch"] for c in progress["compiled"]] == [1]
+    assert [p["batch"] for p in progress["pending"]] == [2, 4, 8]
+    assert generate(engine, PROMPTS) == eager  # the failed and later buckets serve eagerly
+    assert 4 not in fake.served
+
+
+def test_ready_before_compiling_is_done(tiny) -> None:
+    """The runtime turns ready on eager steps; compiling starts after that, and /info's progress shows it."""
+    engine = make_engine(tiny)
+    fake = FakeCompile(engine.runner.decode, hold=1)
+    settings = Settings(enable_classify=False, compile_decode="auto")
+    policy = HardwarePolicy(
+        device="cpu",
+        dtype="float32",
+        gen_quantize="none",
+        gen_prune=0.0,
+        cls_quantize="none",
+        prefill_budget=512,
+        compile_decode="background",
+        engine_core="thread",
+        api_servers=1,
+        why={},
+    )
+    runtime = Runtime(settings=settings, device="cpu", served=Served(policy), llm=AsyncLLM(engine))
+
+    async def start() -> None:
+        assert runtime.decode_compile == {"state": "not started", "compiled": [], "pending": [
+            {"batch": b, "width": 1} for b in (1, 2, 4, 8)], "error": None}  # fmt: skip
+        await runtime.start()  # warms up with eager steps
+        assert runtime.ready
+        assert fake.reached.wait(WAIT_S)  # compiling began after ready, and is not done
+        assert runtime.decode_compile is not None and runtime.decode_compile["state"] == "compiling"
+        fake.release.set()
+        fake.join()
+        assert runtime.decode_compile["state"] == "done"
+        await runtime.stop()
+
+    asyncio.run(start())
