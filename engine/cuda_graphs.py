@@ -124,22 +124,11 @@ class DecodeGraphs:
         self.compile_error: str | None = None
         self._compile_widths = [1, config.verify_width] if config.capture_verify else [1]
         self._compiler: threading.Thread | None = None
-        self._run = self._step
-        if config.compile:
-            # Guards on every module and parameter cost about a tenth of a step, and this instance's model
-            # does not change. Dynamo keeps graphs per code object: a private copy of the step's code
-            # keeps another DecodeGraphs, whose model may differ, from reusing this one's graphs.
-            code = DecodeGraphs._step.__code__.replace()
-            step = types.FunctionType(code, globals(), "_step", DecodeGraphs._step.__defaults__)
-            # ``fullgraph``: without module guards, a graph break would let one module's resumed code run
-            # with another's weights; the step must be one graph or fail to compile.
-            options: dict[str, object] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-            if self.background:  # C++ compiles run on the (low-priority) compiling thread, not a pool of workers
-                options["compile_threads"] = 1
-            self._run = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=False, options=options)
-            # The serving side of background compiling: graphs already compiled, never a compile (a guard
-            # that fails runs the step eagerly instead of compiling on the serving path).
-            self._serve = torch._dynamo.run(self._run)
+        self._run = self._serve = self._step
+        # Compiling in the background, the compiled step is made on the compiling thread: importing torch._dynamo
+        # (for ``torch.compile``) is then not part of the start either.
+        if config.compile and not self.background:
+            self._make_compiled()
         # The Triton paged-decode kernel, when it runs here and agrees with the reference.
         self.paged_kernel_error: str | None = "no CUDA/Triton"
         if paged_attention.available(device):
@@ -162,6 +151,23 @@ class DecodeGraphs:
         self.outputs: dict[tuple[int, int, int], tuple[Tensor, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.warmup_stream = torch.cuda.Stream() if self.use_graphs else None
+
+    def _make_compiled(self) -> None:
+        """The compiled step (``_run``) and, for background compiling, its serving side (``_serve``)."""
+        # Guards on every module and parameter cost about a tenth of a step, and this instance's model
+        # does not change. Dynamo keeps graphs per code object: a private copy of the step's code
+        # keeps another DecodeGraphs, whose model may differ, from reusing this one's graphs.
+        code = DecodeGraphs._step.__code__.replace()
+        step = types.FunctionType(code, globals(), "_step", DecodeGraphs._step.__defaults__)
+        # ``fullgraph``: without module guards, a graph break would let one module's resumed code run
+        # with another's weights; the step must be one graph or fail to compile.
+        options: dict[str, object] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        if self.background:  # C++ compiles run on the (low-priority) compiling thread, not a pool of workers
+            options["compile_threads"] = 1
+        self._run = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=False, options=options)
+        # The serving side of background compiling: graphs already compiled, never a compile (a guard
+        # that fails runs the step eagerly instead of compiling on the serving path).
+        self._serve = torch._dynamo.run(self._run)
 
     @property
     def fixed_width(self) -> bool:
@@ -284,6 +290,8 @@ class DecodeGraphs:
         inputs = torch.zeros_like(self.inputs)
         key = (1, 1)
         try:
+            if self._run == self._step:  # not made yet (nor replaced, as the tests replace it)
+                self._make_compiled()
             for q in self._compile_widths:
                 self._step(*self._inputs(1, self.kv_lens[0], q, inputs))  # one-time checks run outside the trace
                 for batch in self.batch_sizes:
