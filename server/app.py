@@ -21,7 +21,7 @@ from server.middleware import AuthMiddleware, BodyLimitMiddleware
 from server.request_id import RequestIdMiddleware
 from server.routes import classify, generate, health, info, openai
 from server.routes.common import TIMEOUT_HEADER
-from server.runtime import Runtime
+from server.runtime import Runtime, freeze_heap
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,13 @@ def create_app(
                 client = CoreClient(cores)
                 rt = await Runtime.connect(settings, client, CORE_CONNECT_TIMEOUT_S)
                 await rt.start()
+                freeze_heap()
                 app.state.runtime = rt
                 await client.watch(lambda: metrics.READY.set(0), settings.engine_hang_timeout_s)
                 return
             rt = await asyncio.to_thread(Runtime.load, settings)
             await rt.start()
+            freeze_heap()
             app.state.runtime = rt
         except Exception as exc:
             log.exception("model loading failed")

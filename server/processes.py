@@ -41,7 +41,7 @@ from server.config import Settings
 from server.draining import DrainingServer
 from server.hardware import api_servers
 from server.logs import configure_logging
-from server.runtime import Engines
+from server.runtime import Engines, freeze_heap
 
 log = logging.getLogger("server")
 
@@ -92,6 +92,7 @@ def run_core(settings: Settings, index: int, address: str) -> None:
         batcher = built.batcher()
     metrics.READY.set(1)
     metrics.publish_gpu_metrics()
+    freeze_heap()
     core = EngineCore(
         index, address, built.engine, batcher, pickle.dumps(built.details()), on_error=lambda _: metrics.READY.set(0)
     )

@@ -7,6 +7,7 @@ This is the one place that knows how the pieces fit; routes only see a ready :cl
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import pickle
@@ -251,6 +252,14 @@ def _loaded(model: str, start: float) -> float:
     seconds = time.perf_counter() - start
     metrics.MODEL_LOAD_SECONDS.labels(model=model).set(seconds)
     return round(seconds, 2)
+
+
+def freeze_heap() -> None:
+    """Takes what starting up allocated (modules, models, tokenizers) out of the garbage collector's view,
+    once a process is about to serve: a full collection would otherwise walk those hundreds of thousands of
+    long-lived objects again and again, each time a pause that lands on whatever requests are in flight."""
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass
