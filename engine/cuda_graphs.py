@@ -21,7 +21,11 @@ With ``background`` (the CPU default, where a fresh start would otherwise compil
 serving) nothing compiles before the engine starts: :meth:`DecodeGraphs.start_compiling` compiles on a
 thread of the lowest scheduling priority, batch 1 first, while steps run eagerly; each batch bucket switches
 to the compiled step once its graph exists. Serving never compiles: it calls only graphs already compiled
-(``torch._dynamo.run``), and a step at a width not compiled yet runs eagerly.
+(``torch._dynamo.run``), and a step at a width not compiled yet runs eagerly. The thread runs inductor's C++
+compiles itself (``compile_threads=1``: one core at most). At normal priority on a 2-core machine the
+compile slowed the eager steps it shared the cores with several-fold; at the lowest it leaves them their
+speed and takes the idle time, so a machine busy all the time may take long to compile
+(load_tests/results/cpu_vs_llamacpp/background_compile/).
 """
 
 from __future__ import annotations

@@ -4,6 +4,18 @@ compiled start once with an empty inductor cache (a first start) and once with t
 
     HF_HUB_OFFLINE=1 python -m load_tests.cpu_startup --out load_tests/results/cpu_vs_llamacpp/startup.json
 
+``--background``: the CPU default since decode steps compile after ``/ready`` (``--compile-decode auto``):
+for eager steps (``off``), then the default with an empty inductor cache, then with the cache that start
+filled, the seconds to ``/ready``, then rounds (one every ``--interval`` seconds, the cores idle in between
+as between a user's requests) until every bucket is compiled (and ``--after`` more): one
+batch-1 greedy stream through ``/generate`` (tokens/s between its first and last event, read by this
+client) and llama.cpp's batch-1 decode on the same GGUF and prompt in this process (cpu_bench.LlamaCpp,
+the same threads), each round with the server's ``/info`` compile progress, so ours while compiling and
+after is beside llama.cpp under the same load::
+
+    HF_HUB_OFFLINE=1 python -m load_tests.cpu_startup --background --threads 2 \\
+        --out load_tests/results/cpu_vs_llamacpp/background_compile/results.json
+
 Not a test: minutes of compiling, never run in CI.
 """
 
@@ -12,42 +24,153 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from load_tests.cpu_bench import machine
-from load_tests.ready_time import time_to_ready
+import httpx
+
+from load_tests.cpu_bench import LlamaCpp, decode_rate, machine
+from load_tests.ready_time import free_port, time_to_ready
+from models.sources import resolve_spec
+
+PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
+
+
+def stream_rate(url: str, prompt: str, max_tokens: int) -> dict[str, float]:
+    """One greedy stream through /generate: tokens/s after the first token, as this client sees the events."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
+    times, tokens = [], 0
+    with httpx.stream("POST", f"{url}/generate", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if line.startswith("data:") and line[5:].strip() not in ("", "[DONE]"):
+                times.append(time.perf_counter())
+                event = json.loads(line[5:])
+                tokens = event.get("usage", {}).get("completion_tokens", tokens)
+    if tokens < 2 or len(times) < 2:
+        return {"tokens": tokens, "tok_s": 0.0}
+    return {"tokens": tokens, "tok_s": round((tokens - 1) / (times[-1] - times[0]), 2)}
+
+
+def background_rounds(
+    name: str, env: dict[str, str], cpp: LlamaCpp, args: argparse.Namespace, logs: Path
+) -> dict[str, object]:
+    """Starts the server, times /ready, then rounds of our stream and llama.cpp's until compiling is done
+    (``--after`` more rounds) or ``--limit`` seconds after ready; stops it."""
+    prompt_ids = cpp.model.tokenize(PROMPT.encode(), add_bos=False)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    start = time.perf_counter()
+    log = (logs / f"{name.replace(' ', '_').replace(',', '')}.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--port", str(port), "--log-level", "info"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    rows: list[dict[str, object]] = []
+    result: dict[str, object] = {"rows": rows}
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name}: server exited {proc.returncode} (log {log.name})")
+            try:
+                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.perf_counter() - start > args.timeout:
+                raise RuntimeError(f"{name}: not ready within {args.timeout} s")
+            time.sleep(0.2)
+        ready = time.perf_counter()
+        result["seconds_to_ready"] = round(ready - start, 1)
+        print(name, "ready after", result["seconds_to_ready"], flush=True)
+        after = 0
+        while time.perf_counter() - ready < args.limit and after < args.after:
+            began = time.perf_counter()
+            progress = httpx.get(f"{url}/info", timeout=30).json().get("decode_compile") or {}
+            ours = stream_rate(url, PROMPT, args.tokens)
+            ttft, total, n = cpp.generate(prompt_ids, args.tokens)
+            row = {
+                "since_ready_s": round(time.perf_counter() - ready, 1),
+                "compile_state": progress.get("state", "off"),
+                "compiled_batches": [c["batch"] for c in progress.get("compiled", [])],
+                "ours_tok_s": ours["tok_s"],
+                "ours_tokens": ours["tokens"],
+                "llama_cpp_tok_s": round(decode_rate(ttft, total, n), 2),
+                "load_average_1m": round(os.getloadavg()[0], 2),
+            }
+            rows.append(row)
+            print(name, row, flush=True)
+            if row["compile_state"] in ("off", "done", "failed"):
+                after += 1
+            time.sleep(max(0.0, began + args.interval - time.perf_counter()))  # a user's pause: idle cores
+        # Each compiled bucket's "seconds" count from the start of compiling, which the runtime starts as it
+        # turns ready: seconds after /ready at which that batch size switched to its compiled step.
+        result["decode_compile"] = httpx.get(f"{url}/info", timeout=30).json().get("decode_compile")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--background", action="store_true", help="the background-compile default (see above)")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (--background)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per stream (--background)")
+    ap.add_argument("--limit", type=float, default=1200, help="seconds after /ready to wait for compiling")
+    ap.add_argument("--interval", type=float, default=10, help="seconds from one round's start to the next")
+    ap.add_argument("--after", type=int, default=3, help="rounds once compiling is done (eager: rounds in all)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     started = datetime.now(timezone.utc)
     base = {k: v for k, v in os.environ.items() if not k.startswith("LLM_") and k != "TORCHINDUCTOR_CACHE_DIR"}
-    results: dict[str, float] = {}
+    results: dict[str, object] = {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="inductor-") as inductor:
-        runs = [
-            ("eager (compressed-model cache warm)", {"LLM_COMPILE_DECODE": "off"}),
-            ("eager", {"LLM_COMPILE_DECODE": "off"}),
-            ("compiled, empty inductor cache", {"LLM_COMPILE_DECODE": "on", "TORCHINDUCTOR_CACHE_DIR": inductor}),
-            ("compiled, inductor cache warm", {"LLM_COMPILE_DECODE": "on", "TORCHINDUCTOR_CACHE_DIR": inductor}),
-        ]
-        for name, extra in runs:
-            results[name] = round(time_to_ready([], {**base, **extra}, args.timeout)[0], 1)
-            print(name, results[name], flush=True)
+        if args.background:
+            cpp = LlamaCpp(Path(resolve_spec("default", "generate").path), args.threads)
+            runs = [
+                ("eager", {"LLM_COMPILE_DECODE": "off"}),
+                (
+                    "background, empty inductor cache",
+                    {"LLM_COMPILE_DECODE": "auto", "TORCHINDUCTOR_CACHE_DIR": inductor},
+                ),
+                (
+                    "background, inductor cache warm",
+                    {"LLM_COMPILE_DECODE": "auto", "TORCHINDUCTOR_CACHE_DIR": inductor},
+                ),
+            ]
+            for name, extra in runs:
+                results[name] = background_rounds(name, {**base, **extra}, cpp, args, args.out.parent)
+        else:
+            runs = [
+                ("eager (compressed-model cache warm)", {"LLM_COMPILE_DECODE": "off"}),
+                ("eager", {"LLM_COMPILE_DECODE": "off"}),
+                ("compiled, empty inductor cache", {"LLM_COMPILE_DECODE": "on", "TORCHINDUCTOR_CACHE_DIR": inductor}),
+                ("compiled, inductor cache warm", {"LLM_COMPILE_DECODE": "on", "TORCHINDUCTOR_CACHE_DIR": inductor}),
+            ]
+            for name, extra in runs:
+                results[name] = round(time_to_ready([], {**base, **extra}, args.timeout)[0], 1)
+                print(name, results[name], flush=True)
     m = machine()
     out = {
         "command": "python -m load_tests.cpu_startup " + " ".join(sys.argv[1:]),
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {k: v for k, v in m.items() if k != "lscpu"},
-        "seconds_to_ready": results,
+        "seconds_to_ready" if not args.background else "runs": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
 
 

@@ -12,7 +12,8 @@ and what they decide:
 - Compiled decode steps (inductor's C++ backend) wherever a C++ compiler exists: they remove the
   per-op dispatch of the eager step, which is not tied to an instruction set; measured faster than the
   eager step at every batch size and thread count with AVX-512 VNNI; not measured under the AVX2 cap
-  or on AMX. The first start compiles for minutes; later starts load the graphs from the inductor cache.
+  or on AMX. The first start compiles for minutes, so ``auto`` compiles after ``/ready`` in the background
+  (server/hardware.py); later starts load the graphs from the inductor cache.
 - Pruning: 0.5% of MLP channels (three blocks of 64), less than the CUDA default prunes. int8 w8a8 turns
   float rounding differences into different int8 roundings, so one 512-token context scores a spread of
   perplexities (prefill, decode step, compiled step are draws from it); at 1% the served decode step
@@ -103,7 +104,7 @@ class CpuPolicy:
 
     quantize: str  # --gen-quantize auto
     prune_mlp: float  # --gen-prune unset
-    compile_decode: bool  # whether --compile-decode on can compile here (a C++ compiler)
+    compile_decode: bool  # whether decode steps can compile here (a C++ compiler for inductor)
     threads: int  # --cpu-threads unset
     why: dict[str, str] = field(default_factory=dict)
 
