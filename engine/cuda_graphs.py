@@ -279,19 +279,24 @@ class DecodeGraphs:
         if not self.background or self._compiler is not None:
             return None
         metrics.DECODE_COMPILE_BUCKETS.labels(state="pending").inc(len(self._compile_widths) * len(self.batch_sizes))
-        self._compiler = threading.Thread(target=self._compile_in_background, name="decode-compile", daemon=True)
+        # Private inputs made here, outside inference mode like ``inputs``: the compiled graphs guard on the
+        # inputs' dispatch keys, and graphs traced over inference tensors would not serve the steps' inputs.
+        with torch.inference_mode(False):
+            inputs = torch.zeros_like(self.inputs)
+        self._compiler = threading.Thread(
+            target=self._compile_in_background, args=(inputs,), name="decode-compile", daemon=True
+        )
         self._compiler.start()
         return self._compiler
 
     @torch.inference_mode()
-    def _compile_in_background(self) -> None:
+    def _compile_in_background(self, inputs: Tensor) -> None:
         """Compiles batch 1, then each larger bucket (the second graph, then each bucket through it), for each
         width, over private inputs whose rows all point at the scratch block (the serving steps own
         ``inputs``). Every KV bucket runs once, so a guard that would fail there recompiles here, not while
         serving. A failure leaves the remaining buckets eager."""
         lower_priority()
         start = time.perf_counter()
-        inputs = torch.zeros_like(self.inputs)
         key = (1, 1)
         try:
             if self._run == self._step:  # not made yet (nor replaced, as the tests replace it)

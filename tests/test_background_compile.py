@@ -1,8 +1,9 @@
 """Decode steps compiled in the background after start (engine/cuda_graphs.py ``background``, the CPU
 default of server/hardware.py) on a tiny random Llama, with a stand-in for torch.compile: the engine
 serves eagerly before anything compiles, each batch bucket switches to its compiled step once compiled,
-widths not compiled yet stay eager, and a failed compile leaves eager serving with a log line. That
-compiled steps give the eager step's tokens is tests/test_cpu_decode.py's (real inductor compiles)."""
+widths not compiled yet stay eager, and a failed compile leaves eager serving with a log line; and, with
+real inductor compiles, that the graphs compiled on that thread are the ones the served steps run. That
+compiled steps give the eager step's tokens is tests/test_cpu_decode.py's."""
 
 from __future__ import annotations
 
@@ -24,8 +25,6 @@ from models.llama import Llama
 from server.config import Settings
 from server.hardware import HardwarePolicy
 from server.runtime import Runtime, Served
-
-pytestmark = pytest.mark.unit
 
 CPU = torch.device("cpu")
 PROMPTS = [[5, 7, 11, 13], [3] * 20, list(range(1, 19))]
@@ -96,6 +95,7 @@ def generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 12) 
     return out
 
 
+@pytest.mark.unit
 def test_serves_eagerly_before_anything_compiles_then_switches(tiny) -> None:
     eager = generate(make_engine(tiny, background=False), PROMPTS)
     engine = make_engine(tiny)
@@ -122,6 +122,7 @@ def test_serves_eagerly_before_anything_compiles_then_switches(tiny) -> None:
     assert engine.start_compiling() is None and decode.start_compiling() is None  # once
 
 
+@pytest.mark.unit
 def test_widths_not_compiled_yet_run_eagerly(tiny) -> None:
     eager = generate(make_engine(tiny, background=False), PROMPTS)
     engine = make_engine(tiny)
@@ -139,6 +140,7 @@ def test_widths_not_compiled_yet_run_eagerly(tiny) -> None:
     fake.join()
 
 
+@pytest.mark.unit
 def test_a_failed_compile_leaves_eager_serving_and_says_why(tiny, caplog: pytest.LogCaptureFixture) -> None:
     eager = generate(make_engine(tiny, background=False), PROMPTS)
     engine = make_engine(tiny)
@@ -156,6 +158,7 @@ def test_a_failed_compile_leaves_eager_serving_and_says_why(tiny, caplog: pytest
     assert 4 not in fake.served
 
 
+@pytest.mark.unit
 def test_ready_before_compiling_is_done(tiny) -> None:
     """The runtime turns ready on eager steps; compiling starts after that, and /info's progress shows it."""
     engine = make_engine(tiny)
@@ -188,3 +191,25 @@ def test_ready_before_compiling_is_done(tiny) -> None:
         await runtime.stop()
 
     asyncio.run(start())
+
+
+@pytest.mark.integration  # compiles C++ (inductor) for the tiny model: tens of seconds
+def test_graphs_compiled_in_the_background_serve_the_steps(tiny) -> None:
+    """The served steps hit the graphs the compiling thread made: a step's inputs pass their guards. (Compiled
+    over inference tensors, every guard failed on the steps' dispatch keys, and the "compiled" steps ran eagerly
+    through torch._dynamo.run.) Serving through the compiling callable instead, a failed guard would compile a
+    new graph, which the counter would show."""
+    from torch._dynamo.utils import counters
+
+    eager = generate(make_engine(tiny, background=False), PROMPTS)
+    engine = make_engine(tiny)
+    decode = engine.runner.decode
+    thread = decode.start_compiling()
+    assert thread is not None
+    thread.join(600)
+    assert decode.compile_progress()["state"] == "done"
+    graphs = counters["stats"]["unique_graphs"]
+    decode._serve = decode._run
+    assert generate(engine, PROMPTS) == eager
+    assert generate(engine, PROMPTS[:1]) == eager[:1]
+    assert counters["stats"]["unique_graphs"] == graphs
