@@ -3,17 +3,38 @@ engines on threads, or a supervisor over engine-core and API-server processes (s
 
 from __future__ import annotations
 
-import logging
-import sys
+import os
+from collections.abc import MutableMapping
 
-import uvicorn
+# Set before torch loads GNU OpenMP, which reads them once. The engine steps on a thread of its own and other
+# threads (model loading, the classifier) keep OpenMP thread pools too; with more pool threads than cores
+# OpenMP stops spinning between parallel regions and wakes its workers through the kernel for each one,
+# which on a 2-vCPU machine made every decode step taken from the engine thread several times slower than the
+# same step on the main thread (load_tests/results/cpu_vs_llamacpp/background_compile/). Spinning a while
+# (not forever: idle pools must give their cores back) keeps the engine thread's regions fast.
+# Explicit values in the environment win.
+OPENMP_WAIT = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "1000000"}
 
-from server.app import create_app
-from server.config import Settings
-from server.draining import DrainingServer
-from server.hardware import engines_in_process
-from server.logs import configure_logging
-from server.processes import Supervisor
+
+def openmp_defaults(environ: MutableMapping[str, str]) -> None:
+    """OPENMP_WAIT into ``environ`` where it does not name them already."""
+    for name, value in OPENMP_WAIT.items():
+        environ.setdefault(name, value)
+
+
+openmp_defaults(os.environ)
+
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+import uvicorn  # noqa: E402
+
+from server.app import create_app  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.draining import DrainingServer  # noqa: E402
+from server.hardware import engines_in_process  # noqa: E402
+from server.logs import configure_logging  # noqa: E402
+from server.processes import Supervisor  # noqa: E402
 
 log = logging.getLogger("server")
 
