@@ -28,6 +28,9 @@ from tests.virtual_clock import VirtualClockLoop
 # Decode steps run eagerly in the suite whatever the device's default (server/hardware.py): compiling costs
 # minutes on CI's two cores. The tests of the compiled path ask for it; server processes inherit this.
 os.environ.setdefault("LLM_COMPILE_DECODE", "off")
+# The suite's server processes share CI's two cores with each other: OpenMP workers that spin between
+# parallel regions (python -m server's default, server/__main__.py) would take cores from the rest.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TIERS = ("unit", "integration", "live")
 # Fixtures that load the real models or start a server: a unit test that asks for one is mis-marked.
