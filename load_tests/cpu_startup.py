@@ -131,6 +131,9 @@ def main() -> None:
     ap.add_argument("--limit", type=float, default=1200, help="seconds after /ready to wait for compiling")
     ap.add_argument("--interval", type=float, default=10, help="seconds from one round's start to the next")
     ap.add_argument("--after", type=int, default=3, help="rounds once compiling is done (eager: rounds in all)")
+    ap.add_argument(
+        "--inductor-cache", type=Path, help="--background: start only eager and from this (warm) inductor cache"
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     started = datetime.now(timezone.utc)
@@ -151,6 +154,9 @@ def main() -> None:
                     {"LLM_COMPILE_DECODE": "auto", "TORCHINDUCTOR_CACHE_DIR": inductor},
                 ),
             ]
+            if args.inductor_cache is not None:
+                given = {"LLM_COMPILE_DECODE": "auto", "TORCHINDUCTOR_CACHE_DIR": str(args.inductor_cache)}
+                runs = [runs[0], ("background, inductor cache given", given)]
             for name, extra in runs:
                 results[name] = background_rounds(name, {**base, **extra}, cpp, args, args.out.parent)
         else:
