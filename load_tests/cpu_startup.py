@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 
 from load_tests.cpu_bench import LlamaCpp, decode_rate, machine
-from load_tests.ready_time import free_port, time_to_ready
+from load_tests.ready_time import free_port, stop_server, time_to_ready
 from models.sources import resolve_spec
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
@@ -113,11 +113,7 @@ def background_rounds(
         # turns ready: seconds after /ready at which that batch size switched to its compiled step.
         result["decode_compile"] = httpx.get(f"{url}/info", timeout=30).json().get("decode_compile")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()
     return result
 

@@ -43,6 +43,7 @@ import torch
 from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
 from engine.sequence import SamplingParams, Sequence
 from load_tests.loadgen import make_scenario, run_sweep_sync
+from load_tests.ready_time import stop_server
 from models.llama import Llama
 from models.loader import DUMMY_SEED, load_causal_lm
 from models.sources import PRESETS
@@ -392,14 +393,6 @@ def start_server(env: dict[str, str], port: int, switch_interval: float | None =
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError("server not ready in 300 s")
-
-
-def stop_server(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 HISTOGRAMS = ("llm_batch_size_", "llm_engine_step_seconds_", "llm_queue_time_seconds_")

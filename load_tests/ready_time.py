@@ -84,11 +84,17 @@ def time_to_ready(
             time.sleep(0.2)
         raise RuntimeError(f"not ready within {timeout} s")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60) -> None:  # type: ignore[type-arg]
+    """SIGTERM (the server drains), then SIGKILL after ``timeout`` seconds; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def compress(

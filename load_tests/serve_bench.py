@@ -36,6 +36,8 @@ from typing import Any
 
 import httpx
 
+from load_tests.ready_time import stop_server
+
 NEW_TOKENS = 128
 PROMPT = " ".join(["Customer asks about the delivery of an order and a refund for a damaged item."] * 8)
 CLASSIFY_LUA = """
@@ -101,15 +103,6 @@ def start_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.P
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError("server not ready in 300 s")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def counter(port: int, name: str) -> float:
