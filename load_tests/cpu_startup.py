@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,54 @@ def stream_rate(url: str, prompt: str, max_tokens: int) -> dict[str, float]:
     if tokens < 2 or len(times) < 2:
         return {"tokens": tokens, "tok_s": 0.0}
     return {"tokens": tokens, "tok_s": round((tokens - 1) / (times[-1] - times[0]), 2)}
+
+
+def concurrent_streams(url: str, n: int, tokens: int, cpp: LlamaCpp, prompt_ids: list[int]) -> dict[str, float]:
+    """``n`` greedy streams through /generate at once (distinct prompts, so no prefix is shared): generated
+    tokens/s of all of them over the wall time, against llama.cpp's batch-1 decode rate just after."""
+    import threading
+
+    counts = [0] * n
+
+    def one(i: int) -> None:
+        counts[i] = stream_rate(url, f"{i}: {PROMPT}", tokens)["tokens"]
+
+    workers = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    aggregate = sum(counts) / (time.perf_counter() - start)
+    ttft, total, made = cpp.generate(prompt_ids, tokens)
+    single = decode_rate(ttft, total, made)
+    return {
+        "streams": n,
+        "aggregate_tok_s": round(aggregate, 2),
+        "llama_cpp_batch1_tok_s": round(single, 2),
+        "ratio": round(aggregate / single, 2),
+    }
+
+
+def prefill_times(url: str, n_tokens: int, cpp: LlamaCpp, rounds: int = 3) -> dict[str, object]:
+    """Time to the one token of a fresh ``n_tokens``-token prompt through /generate (HTTP and tokenizing
+    included; a new prompt each round, so the prefix cache cannot answer) against llama.cpp's prefill of
+    the same tokens in process; medians of ``rounds``."""
+    ours, theirs = [], []
+    for r in range(rounds):
+        words = " ".join(f"w{r}x{i}" for i in range(n_tokens))
+        ids = cpp.model.tokenize(words.encode(), add_bos=False)[:n_tokens]
+        prompt = cpp.model.detokenize(ids).decode(errors="ignore")
+        start = time.perf_counter()
+        answer = httpx.post(f"{url}/generate", json={"prompt": prompt, "max_tokens": 1}, timeout=600).json()
+        ours.append(time.perf_counter() - start)
+        theirs.append(cpp.generate(cpp.model.tokenize(prompt.encode(), add_bos=False), 1)[0])
+    return {
+        "prompt_tokens": answer.get("usage", {}).get("prompt_tokens"),
+        "ours_s": round(statistics.median(ours), 3),
+        "llama_cpp_s": round(statistics.median(theirs), 3),
+        "ratio": round(statistics.median(ours) / statistics.median(theirs), 2),
+    }
 
 
 def background_rounds(
@@ -112,6 +161,12 @@ def background_rounds(
         # Each compiled bucket's "seconds" count from the start of compiling, which the runtime starts as it
         # turns ready: seconds after /ready at which that batch size switched to its compiled step.
         result["decode_compile"] = httpx.get(f"{url}/info", timeout=30).json().get("decode_compile")
+        if args.streams:
+            result["streams"] = concurrent_streams(url, args.streams, args.tokens, cpp, prompt_ids)
+            print(name, "streams", result["streams"], flush=True)
+        if args.prefill:
+            result["prefill"] = prefill_times(url, args.prefill, cpp)
+            print(name, "prefill", result["prefill"], flush=True)
     finally:
         stop_server(proc)
         log.close()
@@ -130,6 +185,8 @@ def main() -> None:
     ap.add_argument(
         "--inductor-cache", type=Path, help="--background: start only eager and from this (warm) inductor cache"
     )
+    ap.add_argument("--streams", type=int, default=0, help="--background: then N concurrent streams")
+    ap.add_argument("--prefill", type=int, default=0, help="--background: then the time to prefill N tokens")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     started = datetime.now(timezone.utc)
