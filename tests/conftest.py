@@ -138,6 +138,25 @@ async def app_client(settings: Settings, runtime: Runtime) -> AsyncIterator[http
             yield c
 
 
+@contextlib.asynccontextmanager
+async def own_runtime_client(
+    settings: Settings, prepare: Callable[[Runtime], None] | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """:func:`app_client` over a runtime of its own, loaded from ``settings`` (``prepare`` adjusts it before
+    it starts); its engine is stopped afterwards, not the runtime: that would mark the shared process not
+    ready."""
+    rt = await asyncio.to_thread(Runtime.load, settings)
+    if prepare is not None:
+        prepare(rt)
+    await rt.start()
+    try:
+        async with app_client(settings, rt) as c:
+            yield c
+    finally:
+        assert rt.llm is not None
+        await asyncio.to_thread(rt.llm.stop)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

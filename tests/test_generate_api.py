@@ -11,8 +11,7 @@ import httpx
 import pytest
 
 from server.config import Settings
-from server.runtime import Runtime
-from tests.conftest import TEST_SETTINGS, app_client
+from tests.conftest import TEST_SETTINGS, own_runtime_client
 
 pytestmark = pytest.mark.integration
 
@@ -77,12 +76,8 @@ async def float_client(cache_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
     a 1-ulp difference in attention (another padded length, a cached prefix) can cross a rounding
     boundary and flip a near-tie greedy choice (load_tests/results/compression/README.md)."""
     settings = Settings(cache_dir=cache_dir, gen_quantize="none", gen_prune=0.0, enable_classify=False, **TEST_SETTINGS)
-    rt = await asyncio.to_thread(Runtime.load, settings)
-    await rt.start()
-    async with app_client(settings, rt) as c:
+    async with own_runtime_client(settings) as c:
         yield c
-    assert rt.llm is not None
-    await asyncio.to_thread(rt.llm.stop)  # not rt.stop(): that would mark the shared process not ready
 
 
 async def test_float_model_answers_a_plain_question(float_client: httpx.AsyncClient) -> None:

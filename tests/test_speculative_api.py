@@ -3,7 +3,6 @@ with and without it): /generate whole and streamed, /v1/chat/completions, the pe
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from engine.llm_engine import AsyncLLM
 from engine.speculative import SpeedGate
 from server.config import Settings
 from server.runtime import Runtime
-from tests.conftest import TEST_SETTINGS, app_client
+from tests.conftest import TEST_SETTINGS, own_runtime_client
 
 pytestmark = pytest.mark.integration
 
@@ -50,15 +49,14 @@ async def spec_client(cache_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
         speculative="ngram",
         **TEST_SETTINGS,
     )
-    rt = await asyncio.to_thread(Runtime.load, settings)
-    assert isinstance(rt.llm, AsyncLLM)
-    # The speed gates measure wall time, which a loaded machine distorts; these tests are about the API.
-    rt.llm.engine.speculator.gates = {1 << i: OpenGate() for i in range(8)}
-    await rt.start()
-    async with app_client(settings, rt) as c:
+
+    def open_gates(rt: Runtime) -> None:
+        # The speed gates measure wall time, which a loaded machine distorts; these tests are about the API.
+        assert isinstance(rt.llm, AsyncLLM)
+        rt.llm.engine.speculator.gates = {1 << i: OpenGate() for i in range(8)}
+
+    async with own_runtime_client(settings, open_gates) as c:
         yield c
-    assert rt.llm is not None
-    await asyncio.to_thread(rt.llm.stop)  # not rt.stop(): that would mark the shared process not ready
 
 
 async def test_greedy_text_identical_with_and_without(spec_client: httpx.AsyncClient) -> None:
