@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 
 from engine.batcher import BatcherClosed, BatcherFull
 from engine.classifier import EncoderFrontend
+from engine.response_cache import BytesLRU
 from server.admission import RETRY_AFTER_BUSY, Admission
 from server.errors import APIError
 from server.runtime import Runtime
@@ -177,8 +178,9 @@ _ENCODER_TOKENIZE = ThreadPoolExecutor(1, thread_name_prefix="tokenize-encoder")
 _worker_frontends: weakref.WeakKeyDictionary[EncoderFrontend, EncoderFrontend] = weakref.WeakKeyDictionary()
 # Label texts' token counts: a deployment sends the same few label sets with every request, and counting them
 # again would cost more than counting the input.
-_label_counts: weakref.WeakKeyDictionary[EncoderFrontend, dict[str, int]] = weakref.WeakKeyDictionary()
+_label_counts: weakref.WeakKeyDictionary[EncoderFrontend, BytesLRU[str, int]] = weakref.WeakKeyDictionary()
 LABEL_COUNTS_KEPT = 4096
+LABEL_COUNTS_BYTES = 4 << 20
 
 
 def _worker_frontend(frontend: EncoderFrontend) -> EncoderFrontend:
@@ -211,8 +213,11 @@ async def encoder_inputs(
                 type="input_too_long",
                 field=field if single else f"{field}.{i}",
             )
-    known = _label_counts.setdefault(runtime.classifier, {})
-    new_labels = [label for label in dict.fromkeys(labels) if label not in known]
+    known = _label_counts.get(runtime.classifier)
+    if known is None:
+        known = _label_counts[runtime.classifier] = BytesLRU(LABEL_COUNTS_BYTES, LABEL_COUNTS_KEPT)
+    by_label = {label: known.get(label) for label in dict.fromkeys(labels)}
+    new_labels = [label for label, n in by_label.items() if n is None]
     every = [*texts, *new_labels]
     if sum(map(len, every)) < OFF_LOOP_CHARS:
         all_counts = runtime.classifier.count_tokens(every)
@@ -220,10 +225,10 @@ async def encoder_inputs(
         own = _worker_frontend(runtime.classifier)
         all_counts = await asyncio.get_running_loop().run_in_executor(_ENCODER_TOKENIZE, own.count_tokens, every)
     counts = all_counts[: len(texts)]
-    if len(known) + len(new_labels) > LABEL_COUNTS_KEPT:
-        known.clear()
-    known.update(zip(new_labels, all_counts[len(texts) :], strict=True))
-    label_counts = [known[label] for label in labels]
+    for label, n in zip(new_labels, all_counts[len(texts) :], strict=True):
+        by_label[label] = n
+        known.put(label, n)
+    label_counts = [by_label[label] for label in labels]
     for i, n_tokens in enumerate(counts):
         if n_tokens > settings.cls_max_input_tokens:
             raise APIError(
