@@ -41,6 +41,7 @@ class _Pending(Generic[T]):
     cost: int
     future: asyncio.Future[Any]
     submitted: float  # loop.time() at submission
+    call: int  # the submission it belongs to (``submit_many``'s items share one)
 
 
 def _unit_cost(_: object) -> int:
@@ -112,6 +113,10 @@ class DynamicBatcher(Generic[T, R]):
         self.max_queued_cost = None if max_queued is None else math.ceil(max_queued / max_batch_size) * max_batch_tokens
         # Waiting items by call, in round-robin order (the next batch starts with the first call).
         self._calls: dict[int, deque[_Pending[T]]] = {}
+        # Items in ``_calls`` and their summed cost, kept as they change: admission checks them per submission,
+        # and summing a queue of hundreds each time made the engine core's loop quadratic in its depth.
+        self._n_queued = 0
+        self._cost_queued = 0
         self._call_ids = itertools.count()
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -131,12 +136,12 @@ class DynamicBatcher(Generic[T, R]):
     @property
     def queued(self) -> int:
         """Items waiting for a batch (not counting the batch being executed); for backpressure."""
-        return sum(len(call) for call in self._calls.values())
+        return self._n_queued
 
     @property
     def queued_cost(self) -> int:
         """Summed cost (tokens) of the waiting items."""
-        return sum(p.cost for call in self._calls.values() for p in call)
+        return self._cost_queued
 
     def start(self) -> None:
         """Start the background batching task on the running event loop (idempotent)."""
@@ -197,8 +202,10 @@ class DynamicBatcher(Generic[T, R]):
             self.start()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
-        self._calls.setdefault(call, deque()).append(_Pending(item, cost, fut, loop.time()))
-        self._queued_gauge.set(self.queued)
+        self._calls.setdefault(call, deque()).append(_Pending(item, cost, fut, loop.time(), call))
+        self._n_queued += 1
+        self._cost_queued += cost
+        self._queued_gauge.set(self._n_queued)
         assert self._wakeup is not None
         self._wakeup.set()
         return fut
@@ -209,14 +216,19 @@ class DynamicBatcher(Generic[T, R]):
         self.check_room(1, cost)
         return await self._enqueue(next(self._call_ids), item, cost)
 
-    async def submit_many(self, items: Iterable[T]) -> list[R]:
-        """Queue several items at once, all or none (``BatcherFull``), as one call; results in input
-        order. If one fails, the rest are dropped."""
+    def enqueue_many(self, items: Iterable[T]) -> list[asyncio.Future[R]]:
+        """Queue several items at once, all or none (``BatcherFull``), as one call; a future per item, in
+        input order (cancelling one drops its item). For callers that wait by callback, not by task."""
         items = list(items)
         costs = [int(self.cost(item)) for item in items]
         self.check_room(len(items), sum(costs))
         call = next(self._call_ids)
-        futures = [self._enqueue(call, item, cost) for item, cost in zip(items, costs, strict=True)]
+        return [self._enqueue(call, item, cost) for item, cost in zip(items, costs, strict=True)]
+
+    async def submit_many(self, items: Iterable[T]) -> list[R]:
+        """Queue several items at once, all or none (``BatcherFull``), as one call; results in input
+        order. If one fails, the rest are dropped."""
+        futures = self.enqueue_many(items)
         if not futures:
             return []
         try:
@@ -228,47 +240,50 @@ class DynamicBatcher(Generic[T, R]):
 
     # ------------------------------------------------------------------ batching loop
 
+    def _removed(self, items: Iterable[_Pending[T]]) -> None:
+        for p in items:
+            self._n_queued -= 1
+            self._cost_queued -= p.cost
+
     def _drop_cancelled_heads(self) -> None:
         """Items whose caller went away leave the front of their call's queue; empty calls leave."""
         for call, pending in list(self._calls.items()):
             while pending and pending[0].future.done():
-                pending.popleft()
+                self._removed((pending.popleft(),))
             if not pending:
                 del self._calls[call]
 
     def _plan(self) -> tuple[list[_Pending[T]], bool]:
         """The next batch, one live item from each call in turn, and whether it is closed: the size
-        is reached, or the next item in turn would pass the token budget."""
-        turns = [(p for p in pending if not p.future.done()) for pending in self._calls.values()]
+        is reached, or the next item in turn would pass the token budget. Linear in the queue's length."""
+        turns = [iter(pending) for pending in self._calls.values()]
         batch: list[_Pending[T]] = []
         tokens = 0
         while turns:
-            for turn in list(turns):
-                p = next(turn, None)
+            still = []
+            for turn in turns:
+                p = next((q for q in turn if not q.future.done()), None)
                 if p is None:
-                    turns.remove(turn)
                     continue
                 if len(batch) >= self.max_batch_size or (batch and tokens + p.cost > self.max_batch_tokens):
                     return batch, True
                 batch.append(p)
                 tokens += p.cost
+                still.append(turn)
+            turns = still
         return batch, len(batch) >= self.max_batch_size or tokens >= self.max_batch_tokens
 
     def _take_batch(self) -> list[_Pending[T]]:
         batch, _ = self._plan()
         taken = {id(p) for p in batch}
-        served = []
-        for call, pending in list(self._calls.items()):
-            before = len(pending)
-            # A call's taken items are its first live ones: drop them with the cancelled ones among them.
-            self._calls[call] = pending = deque(p for p in pending if id(p) not in taken and not p.future.done())
-            if len(pending) < before:
-                served.append(call)
-        for call in served:  # the calls just served go to the back, in their order
+        for call in dict.fromkeys(p.call for p in batch):  # the calls just served go to the back, in their order
             pending = self._calls.pop(call)
-            if pending:
-                self._calls[call] = pending
-        self._queued_gauge.set(self.queued)
+            # A call's taken items are its first live ones: drop them with the cancelled ones among them.
+            kept = deque(p for p in pending if id(p) not in taken and not p.future.done())
+            self._removed(p for p in pending if id(p) in taken or p.future.done())
+            if kept:
+                self._calls[call] = kept
+        self._queued_gauge.set(self._n_queued)
         return batch
 
     def _oldest(self) -> float:
@@ -340,5 +355,6 @@ class DynamicBatcher(Generic[T, R]):
             if not p.future.done():
                 p.future.set_exception(exc)
         self._calls.clear()
+        self._n_queued = self._cost_queued = 0
         self._running = []
         self._queued_gauge.set(0)

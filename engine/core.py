@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -61,7 +62,7 @@ class EngineCore:
         self._api_addresses: dict[int, str] = {}  # filled before any of that API server's requests arrive
         self._step_sockets: dict[int, zmq.Socket[bytes]] = {}  # the engine thread's own
         self._step_context = zmq.Context()
-        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._waiting: dict[int, list[asyncio.Future[Any]]] = {}  # a classification request's items, by key
         self._replies: dict[int, list[ClassifyResults]] = {}  # per API server, sent once per loop turn
 
     async def serve(self) -> None:
@@ -89,8 +90,9 @@ class EngineCore:
                     sock.connect(message.address)
                     await sock.send(encode(Ready(self.index, os.getpid(), self.details)))
         finally:
-            for task in self._tasks.values():
-                task.cancel()
+            for futures in self._waiting.values():
+                for future in futures:
+                    future.cancel()
             if self.batcher is not None:
                 await self.batcher.stop(drain=False)
             if self.loop is not None:
@@ -108,31 +110,48 @@ class EngineCore:
             self.loop.submit(generation)
         for item in items:
             if isinstance(item, ClassifyRequest):
-                self._tasks[item.key] = asyncio.create_task(self._classify(item, replies))
+                self._classify(item, replies)
             elif isinstance(item, CancelClassify):
-                task = self._tasks.pop(item.key, None)
-                if task is not None:
-                    task.cancel()
+                for future in self._waiting.pop(item.key, ()):
+                    future.cancel()
 
-    async def _classify(self, request: ClassifyRequest, replies: Replies) -> None:
+    def _classify(self, request: ClassifyRequest, replies: Replies) -> None:
+        """Queues a request's items; its reply goes out from the callback of its last item (no task per
+        request: at thousands of requests a second the core's event loop is the shared resource)."""
         assert self.batcher is not None
         try:
-            results = await self.batcher.submit_many(request.items)
-            reply = ClassifyResults(request.key, [pack_result(r) for r in results])
+            futures = self.batcher.enqueue_many(request.items)
         except BatcherFull as exc:
-            reply = ClassifyResults(request.key, [], refused=f"full: {exc}")
+            self._reply(ClassifyResults(request.key, [], refused=f"full: {exc}"), replies)
+            return
         except BatcherClosed:
-            reply = ClassifyResults(request.key, [], refused="closed")
-        finally:
-            self._tasks.pop(request.key, None)
-        api = request.key % API_STRIDE
+            self._reply(ClassifyResults(request.key, [], refused="closed"), replies)
+            return
+        if not futures:
+            self._reply(ClassifyResults(request.key, []), replies)
+            return
+        self._waiting[request.key] = futures
+        left = [len(futures)]
+
+        def done(_: asyncio.Future[Any]) -> None:
+            left[0] -= 1
+            if left[0] == 0 and self._waiting.pop(request.key, None) is not None:
+                self._reply(_results(request.key, futures), replies)
+
+        for future in futures:
+            future.add_done_callback(done)
+
+    def _reply(self, reply: ClassifyResults, replies: Replies) -> None:
+        api = reply.key % API_STRIDE
         pending = self._replies.setdefault(api, [])
         pending.append(reply)
         if len(pending) == 1:  # the requests one batch finished wake together: one frame for all of them
             asyncio.get_running_loop().call_soon(self._send_replies, api, replies[api])
 
     def _send_replies(self, api: int, sock: zmq.asyncio.Socket) -> None:
-        sock.send(encode(ClassifyReplies(self._replies.pop(api), core=self.index)))
+        replies = self._replies.pop(api)
+        if not sock.closed:  # closed: the core is stopping, and the API servers are gone
+            sock.send(encode(ClassifyReplies(replies, core=self.index)))
 
     def _publish_step(self, step: StepOutputs) -> None:
         """On the engine thread: one frame per API server that has outputs in this step."""
@@ -147,3 +166,14 @@ class EngineCore:
                 sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block a step: the API server drains it
                 sock.connect(self._api_addresses[api])
             sock.send(encode(StepOutputs(outputs, step.running, step.waiting, step.error, self.index)))
+
+
+def _results(key: int, futures: list[asyncio.Future[Any]]) -> ClassifyResults:
+    """A finished request's reply: its results, or why the core could not serve it (stopping: "closed";
+    its batch failed: "failed", which the API server answers with a 500)."""
+    errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
+    if any(isinstance(e, BatcherClosed) for e in errors) or any(f.cancelled() for f in futures):
+        return ClassifyResults(key, [], refused="closed")
+    if errors:
+        return ClassifyResults(key, [], refused=f"failed: {errors[0]!r}")
+    return ClassifyResults(key, [pack_result(f.result()) for f in futures])

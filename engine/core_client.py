@@ -207,6 +207,8 @@ class CoreClient:
         if reply.refused is not None:
             if reply.refused.startswith("full"):
                 raise BatcherFull(reply.refused.removeprefix("full: "))
+            if reply.refused.startswith("failed"):  # the batch failed in the core, as it raises in process
+                raise RuntimeError(f"classification failed in engine core {core}: {reply.refused}")
             raise BatcherClosed(reply.refused)
         return [protocol.unpack_result(r) for r in reply.results]
 

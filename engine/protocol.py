@@ -130,7 +130,9 @@ def unpack_result(result: ItemResult) -> ClassResult | Embedding | ClassifierInp
 class ClassifyResults(msgspec.Struct, array_like=True):
     key: int
     results: list[ItemResult]
-    refused: str | None = None  # "full" (queue bound, 429) or "closed" (stopping, 503); results are empty then
+    # "full: ..." (queue bound, 429), "closed" (stopping, 503) or "failed: ..." (the batch raised, 500); results
+    # are empty then
+    refused: str | None = None
 
 
 class ClassifyReplies(msgspec.Struct, tag="results", array_like=True):
