@@ -16,6 +16,7 @@ tokenizer (also used from the event loop by ``count_tokens``) and the label cach
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sys
 import threading
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -136,6 +138,8 @@ class ClassifyItem:
     the classification batches (one queue, one forward) rather than competing with them.
     ``threshold``: out of scope below it (a cosine for labels, a probability for a head); None: the
     head's own, or none for labels.
+    ``ids``: the text's token ids as ``EncoderFrontend.token_ids`` gives them, where the API server has them
+    (it tokenizes every input to check its limits): the batch is built from them instead of tokenizing again.
     """
 
     text: str
@@ -144,6 +148,7 @@ class ClassifyItem:
     n_tokens: int = 0
     embed: bool = False
     threshold: float | None = None
+    ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.labels is not None:
@@ -192,20 +197,23 @@ class EncoderFrontend:
         self._tok_lock = threading.Lock()
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        """Token counts including special tokens, untruncated, so limits are enforced upstream. A fast
-        tokenizer's Rust backend is called directly: the Python wrapper costs more than the tokenizing."""
+        """Token counts including special tokens, untruncated, so limits are enforced upstream."""
+        return [len(ids) for ids in self.token_ids(texts)]
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids including special tokens, untruncated. A fast tokenizer's Rust backend is called
+        directly: the Python wrapper costs more than the tokenizing."""
         if not texts:
             return []
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         with self._tok_lock:
             if backend is None:
-                enc = self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
-                return [len(ids) for ids in enc["input_ids"]]
+                return self.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
             # The wrapper sets truncation and padding on the backend per call (and _tokenize does):
-            # counting needs neither.
+            # these ids need neither.
             backend.no_truncation()
             backend.no_padding()
-            return [len(e.ids) for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
 
     def uncached_labels(self, labels: Sequence[str]) -> list[str]:
         """The distinct label texts (names, descriptions, examples) a batch would have to encode: all of
@@ -301,6 +309,25 @@ class Classifier(EncoderFrontend):
         """One forward over ``texts`` (a CUDA graph replay where one fits)."""
         return self.graphs(self._tokenize(texts))
 
+    def _forward_items(self, items: Sequence[ClassifyItem]) -> tuple[Tensor, Tensor | None]:
+        """One forward over the items' texts, from the token ids they carry when every one does and fits."""
+        rows = [it.ids for it in items]
+        if any(r is None or len(r) > self.max_length for r in rows) or self.tokenizer.padding_side != "right":
+            return self._forward([it.text for it in items])
+        return self.graphs(self._padded(rows))  # type: ignore[arg-type]
+
+    def _padded(self, rows: Sequence[Sequence[int]]) -> dict[str, Tensor]:
+        """What ``_tokenize`` returns for the texts these ids came from (right padding to the longest)."""
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        filled = np.arange(lengths.max()) < lengths[:, None]  # row-major: the ids in order, row after row
+        flat = np.full(filled.shape, self.tokenizer.pad_token_id, dtype=np.int64)
+        flat[filled] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+        ids, mask = torch.from_numpy(flat), torch.from_numpy(filled.astype(np.int64))
+        out = {"input_ids": ids, "token_type_ids": None, "attention_mask": mask}
+        if "token_type_ids" in self.tokenizer.model_input_names:  # one segment: 0, padding its own type
+            out["token_type_ids"] = torch.where(mask.bool(), 0, self.tokenizer.pad_token_type_id)
+        return {name: out[name] for name in self.tokenizer.model_input_names if out.get(name) is not None}
+
     def _encode(self, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         """(pooled features ``[n, 2d]``, head logits or None) for device ``inputs``: the L2-normalized
         mean-pooled last layer (the sentence embedding) and the same of an earlier layer
@@ -384,7 +411,7 @@ class Classifier(EncoderFrontend):
                 results[i] = exc
         if not valid:
             return results  # type: ignore[return-value]
-        emb, logits = self._forward([batch[i].text for i in valid])
+        emb, logits = self._forward_items([batch[i] for i in valid])
         row = {i: r for r, i in enumerate(valid)}
 
         groups: dict[tuple[tuple[LabelSpec, ...] | None, bool, float | None], list[int]] = {}

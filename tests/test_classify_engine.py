@@ -66,6 +66,20 @@ def test_count_tokens_includes_special_tokens_and_does_not_truncate(clf: Classif
     assert clf.max_length == 512
 
 
+def test_a_batch_from_the_api_servers_token_ids_is_the_tokenized_batch(clf: Classifier) -> None:
+    texts = ["hello world", "Where is my parcel? " * 7, "", "naïve café, 10% off!", "word " * 600]
+    ids = clf.token_ids(texts)
+    fits = texts[:4]
+    tokenized, padded = clf._tokenize(fits), clf._padded(ids[:4])
+    assert list(padded) == list(tokenized)
+    for name in tokenized:
+        assert torch.equal(padded[name], tokenized[name]), name
+    plain = [ClassifyItem(t, tuple(CS_LABELS)) for t in texts]
+    carried = [ClassifyItem(t, tuple(CS_LABELS), ids=tuple(row)) for t, row in zip(texts, ids, strict=True)]
+    assert clf.run(carried[:4]) == clf.run(plain[:4])  # the same forward inputs: identical results
+    assert clf.run(carried) == clf.run(plain)  # one longer than the model takes: tokenized (truncated) again
+
+
 def test_long_input_is_truncated_for_embedding(clf: Classifier) -> None:
     emb = clf.embed(["word " * 2000])
     assert emb.shape == (1, 384)

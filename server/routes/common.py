@@ -192,10 +192,11 @@ def _worker_frontend(frontend: EncoderFrontend) -> EncoderFrontend:
 
 async def encoder_inputs(
     runtime: Runtime, texts: list[str], field: str, single: bool, labels: Sequence[str] = ()
-) -> tuple[list[int], list[int]]:
+) -> tuple[list[list[int]], list[int]]:
     """Checks the per-call input count and per-input character and token limits of the classification
-    model (shared by /classify and /v1/embeddings); returns each text's token count, the batcher's cost,
-    and each label text's (counted in the same tokenizer call). Characters are checked first, so an
+    model (shared by /classify and /v1/embeddings); returns each text's token ids (their count is the
+    batcher's cost; the engine builds its batch from them) and each label text's token count (from the
+    same tokenizer call). Characters are checked first, so an
     oversized text is refused without tokenizing it; long ones are tokenized off the event loop."""
     settings = runtime.settings
     assert runtime.classifier is not None
@@ -220,14 +221,15 @@ async def encoder_inputs(
     new_labels = [label for label, n in by_label.items() if n is None]
     every = [*texts, *new_labels]
     if sum(map(len, every)) < OFF_LOOP_CHARS:
-        all_counts = runtime.classifier.count_tokens(every)
+        all_ids = runtime.classifier.token_ids(every)
     else:
         own = _worker_frontend(runtime.classifier)
-        all_counts = await asyncio.get_running_loop().run_in_executor(_ENCODER_TOKENIZE, own.count_tokens, every)
-    counts = all_counts[: len(texts)]
-    for label, n in zip(new_labels, all_counts[len(texts) :], strict=True):
-        by_label[label] = n
-        known.put(label, n)
+        all_ids = await asyncio.get_running_loop().run_in_executor(_ENCODER_TOKENIZE, own.token_ids, every)
+    ids = all_ids[: len(texts)]
+    counts = [len(row) for row in ids]
+    for label, row in zip(new_labels, all_ids[len(texts) :], strict=True):
+        by_label[label] = len(row)
+        known.put(label, len(row))
     label_counts = [by_label[label] for label in labels]
     for i, n_tokens in enumerate(counts):
         if n_tokens > settings.cls_max_input_tokens:
@@ -238,4 +240,4 @@ async def encoder_inputs(
                 type="input_too_long",
                 field=field if single else f"{field}.{i}",
             )
-    return counts, label_counts
+    return ids, label_counts

@@ -327,8 +327,8 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     dim = runtime.classifier.embedding_dim
     if body.dimensions is not None and body.dimensions != dim:
         raise APIError(400, f"dimensions: this model only produces {dim}", field="dimensions", code=UNSUPPORTED)
-    n_tokens, _ = await encoder_inputs(runtime, body.texts, "input", single=isinstance(body.input, str))
-    items = [ClassifyItem(text, n_tokens=n, embed=True) for text, n in zip(body.texts, n_tokens, strict=True)]
+    ids, _ = await encoder_inputs(runtime, body.texts, "input", single=isinstance(body.input, str))
+    items = [ClassifyItem(t, n_tokens=len(r), embed=True, ids=tuple(r)) for t, r in zip(body.texts, ids, strict=True)]
     batcher = runtime.batcher
     try:
         results = await on_encoder(request, runtime, len(items), lambda: batcher.submit_many(items))
@@ -343,6 +343,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         if body.encoding_format == "base64":  # little-endian float32, as OpenAI encodes it
             vector = base64.b64encode(struct.pack(f"<{len(result.vector)}f", *result.vector)).decode()
         data.append(EmbeddingData(index=i, embedding=vector))
-    usage = EmbeddingUsage(prompt_tokens=sum(n_tokens), total_tokens=sum(n_tokens))
+    n_tokens = sum(it.n_tokens for it in items)
+    usage = EmbeddingUsage(prompt_tokens=n_tokens, total_tokens=n_tokens)
     result_list = EmbeddingList(data=data, model=served[0] or body.model, usage=usage)
     return Response(result_list.model_dump_json(), media_type="application/json")

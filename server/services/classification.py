@@ -100,13 +100,13 @@ async def classify(request: Request, runtime: Runtime, body: ClassifyRequest) ->
     ClientDisconnected when the client leaves first)."""
     assert runtime.classifier is not None
     texts = body.texts
-    n_tokens, label_counts = await encoder_inputs(
+    ids, label_counts = await encoder_inputs(
         runtime, texts, "inputs", single=isinstance(body.inputs, str), labels=body.label_texts
     )
     labels = label_specs(body)
     items = []
-    for text, n in zip(texts, n_tokens, strict=True):
-        item = ClassifyItem(text, labels, body.multi_label, n, threshold=body.threshold)
+    for text, row in zip(texts, ids, strict=True):
+        item = ClassifyItem(text, labels, body.multi_label, len(row), threshold=body.threshold, ids=tuple(row))
         try:
             runtime.classifier.check(item)
         except ClassifierInputError as exc:
