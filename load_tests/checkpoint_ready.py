@@ -55,7 +55,7 @@ def write_checkpoint(task: str, model: str, out: Path, device: str, extra: list[
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--before", required=True, help="git revision to compare with")
+    p.add_argument("--before", help="git revision to compare with (none: this tree alone, e.g. where no git is)")
     p.add_argument("--after", help="git revision to compare it with (default: this working tree as it is)")
     p.add_argument("--repeats", type=int, default=5, help="starts of each")
     p.add_argument("--warmup", type=int, default=1, help="starts of each first, not counted (bytecode, page cache)")
@@ -73,6 +73,8 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     work = Path(tempfile.mkdtemp(prefix="checkpoint-ready-"))
     trees = {"before": work / "before", "after": work / "after" if args.after else ROOT}
+    if args.before is None:
+        del trees["before"]
     revisions = {name: args.before if name == "before" else args.after for name in trees}
     described = {}
     try:
@@ -80,7 +82,11 @@ def main() -> None:
             if rev is not None:
                 subprocess.run(["git", "worktree", "add", "--detach", str(trees[name]), rev], cwd=ROOT, check=True)
             describe = ["git", "describe", "--always", "--dirty"]
-            described[name] = subprocess.run(describe, cwd=trees[name], capture_output=True, text=True).stdout.strip()
+            try:
+                described[name] = subprocess.run(describe, cwd=trees[name], capture_output=True, text=True).stdout
+            except FileNotFoundError:  # no git on the host
+                described[name] = ""
+            described[name] = described[name].strip() or "(not a git checkout)"
         gen, cls_ = args.gen_ckpt or work / "gen", args.cls_ckpt or work / "cls"
         tokenizer = ["--tokenizer", args.tokenizer] if args.tokenizer else []
         for task, model, ckpt, extra in (
