@@ -5,9 +5,9 @@ the embeddings (models/classifier_head.py); an optional out-of-scope threshold a
 Label-set scores are cosines after subtracting the mean embedding of a fixed generic background text
 (``BACKGROUND``) from inputs and label texts alike: what every sentence shares (the encoder's common direction)
 no longer counts as similarity, while the scale of the cosines stays about the same. Labels are ranked by the
-sentence embedding's cosines; whether the best one applies at all (the out-of-scope threshold) is judged by its
-cosine averaged over the last and an earlier layer's pooled states (``label_scores``), which separated
-out-of-scope messages better on the train split.
+sentence embedding's cosines with a small share of the earlier layer's (``RANK_EARLY_WEIGHT``); whether the best
+one applies at all (the out-of-scope threshold) is judged by its cosine averaged over the last and an earlier
+layer's pooled states (``label_scores``), which separated out-of-scope messages better on the train split.
 
 All methods are synchronous and meant to run on the batcher's single worker thread; only the
 tokenizer (also used from the event loop by ``count_tokens``) and the label cache are locked.
@@ -55,6 +55,14 @@ TENSOR_OVERHEAD_BYTES = 512
 # example embeddings), "knn" (the best example's cosine) or "mix" (the average of the two).
 FEW_SHOT_METHODS = ("prototype", "knn", "mix")
 DEFAULT_FEW_SHOT = "prototype"
+# In a label's prototype its description counts as this many examples (``LabelSpec.weights``), and labels are
+# ranked by ``(last + RANK_EARLY_WEIGHT * early) / (1 + RANK_EARLY_WEIGHT)`` of the two layers' cosines (the scale
+# of a cosine kept, so the multi-label bar still reads as one). Both chosen together on the train split, by the
+# mean accuracy of the five label-set modes over resampled draws of examples
+# (load_tests/results/classify_quality/README.md): a description says more about a label than one example does,
+# and the earlier layer adds a little to which intent a message names.
+DESCRIPTION_WEIGHT = 3.0
+RANK_EARLY_WEIGHT = 0.1
 # The background whose mean embedding is subtracted before label-set cosines (module docstring): the prose
 # paragraphs of data/calibration.txt (cooking, travel, science, finance, code, a few service texts). Against no
 # centering, the empty string's embedding and all of calibration.txt, it scored best on the train split
@@ -120,6 +128,13 @@ class LabelSpec:
         """What is embedded for this label: its examples and description, else its name."""
         texts = (*self.examples, self.description) if self.description else self.examples
         return texts or (self.name,)
+
+    def weights(self, description_weight: float = DESCRIPTION_WEIGHT) -> tuple[float, ...]:
+        """Each of ``texts``' weight in the label's prototype: 1 per example, ``description_weight`` for the
+        description beside examples (alone, it is the prototype whatever its weight)."""
+        if self.examples and self.description:
+            return (1.0,) * len(self.examples) + (description_weight,)
+        return (1.0,) * len(self.texts)
 
 
 def as_label(label: str | LabelSpec) -> LabelSpec:
@@ -435,12 +450,12 @@ class Classifier(EncoderFrontend):
                 if self.few_shot == "prototype":
                     if labels not in protos:
                         sets = [torch.stack([vectors[t] for t in lab.texts]) for lab in labels]
-                        protos[labels] = label_prototypes(sets, center)
+                        protos[labels] = label_prototypes(sets, center, [lab.weights() for lab in labels])
                         self._prototypes.put(labels, protos[labels])
                     sims, gate = prototype_scores(emb[rows], protos[labels], center)
                 else:
                     sets = [torch.stack([vectors[t] for t in lab.texts]) for lab in labels]
-                    sims, gate = label_scores(emb[rows], sets, self.few_shot, center)
+                    sims, gate = label_scores(emb[rows], sets, self.few_shot, center, [lab.weights() for lab in labels])
                 out = similarity_results(
                     sims, labels, multi_label, threshold, self.temperature, self.multi_label_threshold, gate
                 )
@@ -495,63 +510,98 @@ def _set_bytes(labels: tuple[LabelSpec, ...], prototypes: Tensor) -> int:
     return texts + prototypes.nbytes + TENSOR_OVERHEAD_BYTES
 
 
+Weights = Sequence[Sequence[float]]
+
+
+def _mean(vecs: Tensor, weights: Sequence[float] | None) -> Tensor:
+    """The (weighted) mean of the rows of ``vecs``."""
+    if weights is None:
+        return vecs.mean(dim=0)
+    w = torch.tensor(weights, dtype=vecs.dtype, device=vecs.device)
+    return (w[:, None] * vecs).sum(dim=0) / w.sum()
+
+
 def label_similarities(
-    emb: Tensor, label_vectors: Sequence[Tensor], method: str = DEFAULT_FEW_SHOT, center: Tensor | None = None
+    emb: Tensor,
+    label_vectors: Sequence[Tensor],
+    method: str = DEFAULT_FEW_SHOT,
+    center: Tensor | None = None,
+    weights: Weights | None = None,
 ) -> Tensor:
     """Cosine similarities ``[n, L]`` of embeddings ``[n, d]`` to labels given as sets of unit vectors
     ``[k_l, d]`` (one vector: zero-shot; several: few-shot, scored by ``method``, see FEW_SHOT_METHODS).
-    With ``center`` (the background's mean embedding) every vector is re-normalized after subtracting it."""
+    With ``center`` (the background's mean embedding) every vector is re-normalized after subtracting it.
+    ``weights`` (per label, per vector: ``LabelSpec.weights``) weigh the prototype's mean; None: equal."""
     if center is not None:
         emb = F.normalize(emb - center, dim=-1)
         label_vectors = [F.normalize(vecs - center, dim=-1) for vecs in label_vectors]
     cols = []
-    for vecs in label_vectors:
+    for j, vecs in enumerate(label_vectors):
         if vecs.shape[0] == 1:
             cols.append(emb @ vecs[0])
             continue
-        proto = emb @ F.normalize(vecs.mean(dim=0), dim=0)
+        proto = emb @ F.normalize(_mean(vecs, None if weights is None else weights[j]), dim=0)
         knn = (emb @ vecs.T).max(dim=-1).values
         cols.append({"prototype": proto, "knn": knn, "mix": (proto + knn) / 2}[method])
     return torch.stack(cols, dim=-1)
 
 
-def label_scores(
-    features: Tensor, label_features: Sequence[Tensor], method: str = DEFAULT_FEW_SHOT, center: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """(ranking, gate) ``[n, L]`` from pooled features ``[n, 2d]`` and labels' ``[k_l, 2d]`` (``center``: ``[2d]``).
+def _rank_and_gate(last: Tensor, early: Tensor, early_weight: float) -> tuple[Tensor, Tensor]:
+    """(ranking, gate) from the two layers' cosines: see ``label_scores``."""
+    return (last + early_weight * early) / (1 + early_weight), (last + early) / 2
 
-    Ranking: ``label_similarities`` of the sentence embeddings (the first half). Gate: the mean of that and the
-    same cosine over the early layer's pooled states (the second half), what the out-of-scope threshold is
-    compared with: chosen on the train split over the ranking alone, where it separated out-of-scope messages
-    better (load_tests/results/classify_quality/README.md)."""
+
+def label_scores(
+    features: Tensor,
+    label_features: Sequence[Tensor],
+    method: str = DEFAULT_FEW_SHOT,
+    center: Tensor | None = None,
+    weights: Weights | None = None,
+    early_weight: float = RANK_EARLY_WEIGHT,
+) -> tuple[Tensor, Tensor]:
+    """(ranking, gate) ``[n, L]`` from pooled features ``[n, 2d]`` and labels' ``[k_l, 2d]`` (``center``: ``[2d]``;
+    ``weights``: as for ``label_similarities``).
+
+    Per half (the sentence embedding, the early layer's pooled states), ``label_similarities``. Ranking: the
+    sentence embedding's cosine with ``early_weight`` of the early layer's, on a cosine's scale. Gate: the mean of
+    both, what the out-of-scope threshold is compared with: chosen on the train split over the sentence
+    embedding's alone, where it separated out-of-scope messages better
+    (load_tests/results/classify_quality/README.md)."""
     d = features.shape[-1] // 2
     halves = []
     for part in (slice(0, d), slice(d, 2 * d)):
         sets = [vecs[:, part] for vecs in label_features]
-        halves.append(label_similarities(features[:, part], sets, method, None if center is None else center[part]))
-    return halves[0], (halves[0] + halves[1]) / 2
+        c = None if center is None else center[part]
+        halves.append(label_similarities(features[:, part], sets, method, c, weights))
+    return _rank_and_gate(halves[0], halves[1], early_weight)
 
 
-def label_prototypes(label_features: Sequence[Tensor], center: Tensor | None = None) -> Tensor:
-    """``[L, 2d]``: per label (``[k_l, 2d]`` features) and per half, the normalized mean of its centered,
-    re-normalized vectors: what ``label_scores`` with ``"prototype"`` compares inputs with."""
+def label_prototypes(
+    label_features: Sequence[Tensor], center: Tensor | None = None, weights: Weights | None = None
+) -> Tensor:
+    """``[L, 2d]``: per label (``[k_l, 2d]`` features) and per half, the normalized (``weights``-weighted) mean of
+    its centered, re-normalized vectors: what ``label_scores`` with ``"prototype"`` compares inputs with."""
     d = label_features[0].shape[-1] // 2
     halves = []
     for part in (slice(0, d), slice(d, 2 * d)):
         c = None if center is None else center[part]
         vecs = [v[:, part] if c is None else F.normalize(v[:, part] - c, dim=-1) for v in label_features]
-        halves.append(F.normalize(torch.stack([v.mean(dim=0) for v in vecs]), dim=-1))
+        means = [_mean(v, None if weights is None else weights[j]) for j, v in enumerate(vecs)]
+        halves.append(F.normalize(torch.stack(means), dim=-1))
     return torch.cat(halves, dim=-1)
 
 
-def prototype_scores(features: Tensor, prototypes: Tensor, center: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``label_scores(features, sets, "prototype", center)`` from the sets' ``label_prototypes``: (ranking, gate)."""
+def prototype_scores(
+    features: Tensor, prototypes: Tensor, center: Tensor | None = None, early_weight: float = RANK_EARLY_WEIGHT
+) -> tuple[Tensor, Tensor]:
+    """``label_scores(features, sets, "prototype", center, weights, early_weight)`` from the sets'
+    ``label_prototypes(sets, center, weights)``: (ranking, gate)."""
     d = features.shape[-1] // 2
     halves = []
     for part in (slice(0, d), slice(d, 2 * d)):
         f = features[:, part] if center is None else F.normalize(features[:, part] - center[part], dim=-1)
         halves.append(f @ prototypes[:, part].T)
-    return halves[0], (halves[0] + halves[1]) / 2
+    return _rank_and_gate(halves[0], halves[1], early_weight)
 
 
 def similarity_results(

@@ -8,11 +8,13 @@ k = 1, 5, 10 examples per intent (drawn from the train split, seed 0) plus the d
 (data/intents.jsonl + data/intents_oos.jsonl), over draws of examples with seeds 0-4 (examples left out of what
 they score): the background that label-set scoring centers on, the few-shot scoring method, each mode's
 out-of-scope threshold (best mean macro-F1), what that threshold is compared with (the best label's cosine, or
-its cosine averaged with the early layer's: ``label_scores``), the head. Every figure of the table is on the test split
-(data/intents_test.jsonl), through ``Classifier.run`` as /classify runs it, for the encoder built by the
-server's builder once with ``--cls-quantize none`` and once with ``--quantize``; few-shot test accuracy is also
-given over the five draws (float). Throughput: test inputs per second through ``Classifier.run`` in batches of
-32 and of 1, label embeddings already cached, modes interleaved in each of ``--repeats`` rounds, the median.
+its cosine averaged with the early layer's: ``label_scores``), the head; over ``--episodes`` further random draws
+per k, the description's weight in a prototype and the early layer's share of the ranking (``DESCRIPTION_WEIGHT``,
+``RANK_EARLY_WEIGHT``). Every figure of the table is on the test split (data/intents_test.jsonl), through
+``Classifier.run`` as /classify runs it, for the encoder built by the server's builder once with
+``--cls-quantize none`` and once with ``--quantize``; few-shot test accuracy is also given over the five draws and
+over ``--episodes`` random draws (float). Throughput: test inputs per second through ``Classifier.run`` in batches
+of 32 and of 1, label embeddings already cached, modes interleaved in each of ``--repeats`` rounds, the median.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ from sklearn.metrics import f1_score
 
 from engine.classifier import (
     BACKGROUND,
+    DESCRIPTION_WEIGHT,
     FEW_SHOT_METHODS,
+    RANK_EARLY_WEIGHT,
     Classifier,
     ClassifyItem,
     ClassResult,
@@ -51,6 +55,9 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 KS = (1, 5, 10)
 SEEDS = range(5)  # example draws: choices on train are averaged over them; test few-shot reported over them
 THRESHOLDS = np.round(np.arange(0.0, 0.91, 0.01), 2)
+# The grid over which DESCRIPTION_WEIGHT and RANK_EARLY_WEIGHT were chosen (choose_weights).
+DESCRIPTION_WEIGHTS = (1.0, 2.0, 3.0)
+RANK_EARLY_WEIGHTS = (0.0, 0.1, 0.25, 0.5)
 
 
 def read(path: Path) -> tuple[list[str], list[str]]:
@@ -66,6 +73,14 @@ def draw_examples(texts: Sequence[str], gold: Sequence[str], k: int, seed: int =
         if label != NONE_LABEL:
             by_label.setdefault(label, []).append(i)
     return {label: rng.sample(idx, len(idx))[:k] for label, idx in sorted(by_label.items())}
+
+
+def random_draws(texts, gold, episodes: int, first_seed: int = 1000) -> dict[int, dict[int, dict[str, list[int]]]]:
+    """``episodes`` independent draws per k (seed -> k -> intent -> rows), apart from the seeds 0-4 of the table."""
+    return {
+        seed: {k: draw_examples(texts, gold, k, seed * 100 + k) for k in KS}
+        for seed in range(first_seed, first_seed + episodes)
+    }
 
 
 def modes(descriptions: dict[str, str], train_texts: Sequence[str], draws: dict[int, dict[str, list[int]]]):
@@ -99,11 +114,19 @@ def embed_memo(clf: Classifier, texts: Sequence[str]) -> torch.Tensor:
 
 
 def sims_of(
-    clf: Classifier, texts: Sequence[str], labels: tuple[LabelSpec, ...], method: str, center: torch.Tensor | None
+    clf: Classifier,
+    texts: Sequence[str],
+    labels: tuple[LabelSpec, ...],
+    method: str,
+    center: torch.Tensor | None,
+    description_weight: float = DESCRIPTION_WEIGHT,
+    early_weight: float = RANK_EARLY_WEIGHT,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ranking, gate) similarities as Classifier.run computes them (with the background mean ``center``)."""
     emb = embed_memo(clf, texts)
-    return label_scores(emb, [embed_memo(clf, lab.texts) for lab in labels], method, center)
+    sets = [embed_memo(clf, lab.texts) for lab in labels]
+    weights = [lab.weights(description_weight) for lab in labels]
+    return label_scores(emb, sets, method, center, weights, early_weight)
 
 
 _memo: dict[int, dict[str, torch.Tensor]] = {}
@@ -122,6 +145,62 @@ def predict(
         NONE_LABEL if threshold is not None and b < threshold else names[i]
         for b, i in zip(best.tolist(), idx.tolist(), strict=True)
     ]
+
+
+def sweep(
+    scored: tuple[torch.Tensor, torch.Tensor], labels: tuple[LabelSpec, ...], gold: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """Accuracy, macro-F1 and out-of-scope F1 of ``predict`` at every threshold of THRESHOLDS at once (as
+    ``scores`` gives them, macro-F1 over the labels in gold or answers): for searches over many draws."""
+    sims, gates = scored
+    idx = sims.argmax(dim=-1)
+    best = gates.gather(-1, idx[:, None])[:, 0].numpy()
+    names = [answer_names(labels, lab.name) for lab in labels] + [NONE_LABEL]
+    g = np.array([names.index(x) if x in names else -1 for x in gold])
+    p = np.where(best[None, :] < THRESHOLDS[:, None], len(labels), idx.numpy()[None, :])  # [thresholds, n]
+    f1 = np.zeros((len(THRESHOLDS), len(names)))
+    present = np.zeros_like(f1, dtype=bool)
+    for c in range(len(names)):
+        tp = ((p == c) & (g == c)).sum(1)
+        fp = ((p == c) & (g != c)).sum(1)
+        fn = ((p != c) & (g == c)).sum(1)
+        present[:, c] = tp + fp + fn > 0
+        f1[:, c] = np.where(present[:, c], 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
+    return {
+        "accuracy": (p == g[None, :]).mean(1),
+        "macro_f1": f1.sum(1) / present.sum(1),
+        "oos_f1": f1[:, -1],
+    }
+
+
+def choose_weights(clf: Classifier, texts, gold, descriptions, draws, zero_modes) -> dict[str, dict[str, float]]:
+    """Per (description weight, early-layer share of the ranking) on the train split: each label-set mode's
+    accuracy at its best threshold (best mean macro-F1 over ``draws``, the random draws of examples; examples
+    left out of what they score), its spread over draws, and the mean over the modes."""
+    table: dict[str, dict[str, float]] = {}
+    for w in DESCRIPTION_WEIGHTS:
+        for a in RANK_EARLY_WEIGHTS:
+            row: dict[str, float] = {}
+            for mode, sets in [*zero_modes.items(), *[(f"few-shot, k={k}", None) for k in KS]]:
+                sweeps = []
+                for draw in draws.values() if sets is None else [None]:
+                    labels = sets
+                    if labels is None:
+                        k = int(mode.rsplit("=", 1)[1])
+                        labels = tuple(
+                            LabelSpec(n, d, tuple(texts[i] for i in draw[k][n])) for n, d in descriptions.items()
+                        )
+                    rows = train_rows(gold, labels, texts)
+                    scored = sims_of(clf, [texts[i] for i in rows], labels, clf.few_shot, clf.center(), w, a)
+                    sweeps.append(sweep(scored, labels, [gold[i] for i in rows]))
+                t = int(np.argmax(np.mean([s["macro_f1"] for s in sweeps], axis=0)))
+                accs = [s["accuracy"][t] for s in sweeps]
+                row[mode] = round(float(np.mean(accs)), 4)
+                if len(accs) > 1:
+                    row[f"{mode} sd"] = round(float(np.std(accs)), 4)
+            mean = float(np.mean([v for m, v in row.items() if not m.endswith(" sd")]))
+            table[f"description weight {w:g}, early layer {a:g}"] = {**row, "mean": round(mean, 4)}
+    return table
 
 
 def scores(gold: Sequence[str], pred: Sequence[str]) -> dict[str, float]:
@@ -226,6 +305,7 @@ def few_shot_over_draws(clf: Classifier, texts, gold, test_texts, test_gold, des
         out[f"few-shot, k={k}"] = {
             metric: {
                 "mean": round(float(np.mean([p[metric] for p in per])), 4),
+                "sd": round(float(np.std([p[metric] for p in per])), 4),
                 "min": min(p[metric] for p in per),
                 "max": max(p[metric] for p in per),
             }
@@ -271,6 +351,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (the median is reported)")
     ap.add_argument("--timed", type=int, default=64, help="test inputs per timing round and mode")
     ap.add_argument("--quantize", default="int8", help="the compressed setting to confirm against float")
+    ap.add_argument("--episodes", type=int, default=100, help="random draws of examples per k (weights; test spread)")
     args = ap.parse_args()
     torch.manual_seed(0)
     descriptions: dict[str, str] = json.loads((DATA / "intent_labels.json").read_text())
@@ -290,12 +371,18 @@ def main() -> None:
         center_table, gate_table, method_table, thresholds = choose_on_train(
             float_clf, train_texts, train_gold, descriptions, all_draws
         )
+        episodes = random_draws(train_texts, train_gold, args.episodes)
+        zero_modes = {m: lab for m, lab in modes(descriptions, train_texts, all_draws[0]).items() if "zero" in m}
+        weights_table = choose_weights(float_clf, train_texts, train_gold, descriptions, episodes, zero_modes)
         start = time.perf_counter()
         fit = train(train_texts, train_gold, float_clf.features(train_texts))
         fit.head.save(Path(tmp) / "head")
         head_seconds = time.perf_counter() - start
         over_draws = few_shot_over_draws(
             float_clf, train_texts, train_gold, test_texts, test_gold, descriptions, all_draws, thresholds
+        )
+        over_episodes = few_shot_over_draws(
+            float_clf, train_texts, train_gold, test_texts, test_gold, descriptions, episodes, thresholds
         )
         mode_labels = modes(descriptions, train_texts, all_draws[0])
         runs, fidelity = {}, {}
@@ -339,10 +426,14 @@ def main() -> None:
         "background_on_train": center_table,
         "oos_gate_on_train_threshold_accuracy_oos_f1": gate_table,
         "few_shot_method": float_clf.few_shot,
+        "description_weight": DESCRIPTION_WEIGHT,
+        "rank_early_weight": RANK_EARLY_WEIGHT,
+        "weights_on_train_over_episodes": {"episodes": args.episodes, "accuracy": weights_table},
         "few_shot_method_on_train": method_table,
         "thresholds_on_train": thresholds,
         "head": {**fit.report, "fit_seconds_incl_embedding": round(head_seconds, 2)},
         "few_shot_test_over_draws_float": over_draws,
+        "few_shot_test_over_episodes_float": {"episodes": args.episodes, **over_episodes},
         "test_embedding_cosine_default_vs_float": round(cosine, 5),
         "compression": {k: {"method": v.get("method"), "fidelity": v.get("fidelity")} for k, v in fidelity.items()},
         "timing": {"inputs": args.timed, "rounds": args.repeats, "statistic": "median"},

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.classifier import (
+    DESCRIPTION_WEIGHT,
     NONE_LABEL,
+    RANK_EARLY_WEIGHT,
     LabelSpec,
     label_prototypes,
     label_scores,
@@ -36,17 +38,56 @@ def test_pooled_features_are_the_last_and_the_early_layer_each_unit_norm() -> No
     torch.testing.assert_close(got[0, :8], want)
 
 
-def test_label_scores_rank_by_the_embedding_and_gate_on_both_layers() -> None:
+def test_label_scores_rank_mostly_by_the_embedding_and_gate_on_both_layers() -> None:
     g = torch.Generator().manual_seed(1)
     feats = torch.cat([F.normalize(torch.randn(3, 4, generator=g), dim=-1) for _ in range(2)], dim=-1)
     labels = [torch.cat([F.normalize(torch.randn(k, 4, generator=g), dim=-1) for _ in range(2)], -1) for k in (1, 3)]
     center = torch.randn(8, generator=g) * 0.1
+    a = RANK_EARLY_WEIGHT
+    assert 0 < a < 1
     for method in ("prototype", "knn", "mix"):
         rank, gate = label_scores(feats, labels, method, center)
         last = label_similarities(feats[:, :4], [v[:, :4] for v in labels], method, center[:4])
         early = label_similarities(feats[:, 4:], [v[:, 4:] for v in labels], method, center[4:])
-        torch.testing.assert_close(rank, last)
+        torch.testing.assert_close(rank, (last + a * early) / (1 + a))
         torch.testing.assert_close(gate, (last + early) / 2)
+        only_last, _ = label_scores(feats, labels, method, center, early_weight=0.0)
+        torch.testing.assert_close(only_last, last)
+
+
+def test_the_early_layer_can_turn_a_close_ranking() -> None:
+    """Two labels tied on the sentence embedding: the one nearer in the early layer ranks first; a clear lead on
+    the sentence embedding is not overturned by the early layer's small share."""
+    feats = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    tied = [torch.tensor([[0.6, 0.8, 1.0, 0.0]]), torch.tensor([[0.6, -0.8, 0.0, 1.0]])]
+    rank, _ = label_scores(feats, tied, "prototype")
+    assert rank.argmax(-1).tolist() == [0]
+    # label 0: 0.6 on the last layer, 1.0 on the early one; label 1: 0.8 and 0.0
+    clear = [torch.tensor([[0.6, 0.8, 1.0, 0.0]]), torch.tensor([[0.8, 0.6, 0.0, 1.0]])]
+    rank, gate = label_scores(feats, clear, "prototype")
+    assert rank.argmax(-1).tolist() == [1]
+    assert gate.argmax(-1).tolist() == [0]  # the gate weighs both layers alike
+    torch.testing.assert_close(gate, torch.tensor([[0.8, 0.4]]))
+
+
+def test_the_description_weighs_in_the_prototype_as_several_examples() -> None:
+    assert LabelSpec("a", "desc", ("x", "y")).weights() == (1.0, 1.0, DESCRIPTION_WEIGHT)
+    assert LabelSpec("a", "desc", ("x",)).weights(2.0) == (1.0, 2.0)
+    assert LabelSpec("a", None, ("x", "y")).weights() == (1.0, 1.0)
+    assert LabelSpec("a", "desc").weights() == (1.0,) and LabelSpec("a").weights() == (1.0,)
+    assert DESCRIPTION_WEIGHT > 1
+    # two examples along x, the description along y: weight w puts the prototype at (2, w) / |(2, w)|
+    ex, desc = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    vecs = torch.cat([ex, desc])
+    q = torch.tensor([[0.0, 1.0]])
+    for w in (1.0, 3.0):
+        got = label_similarities(q, [vecs], "prototype", weights=[(1.0, 1.0, w)])
+        assert float(got[0, 0]) == pytest.approx(w / (4 + w * w) ** 0.5, abs=1e-6)
+    equal = label_similarities(q, [vecs], "prototype", weights=[(1.0, 1.0, 1.0)])
+    torch.testing.assert_close(equal, label_similarities(q, [vecs], "prototype"))
+    # nearest-example scoring ignores the weights
+    knn = label_similarities(q, [vecs], "knn", weights=[(1.0, 1.0, 3.0)])
+    torch.testing.assert_close(knn, label_similarities(q, [vecs], "knn"))
 
 
 def test_cached_prototypes_score_as_the_prototype_method() -> None:
@@ -54,12 +95,16 @@ def test_cached_prototypes_score_as_the_prototype_method() -> None:
     g = torch.Generator().manual_seed(2)
     feats = torch.cat([F.normalize(torch.randn(4, 6, generator=g), dim=-1) for _ in range(2)], dim=-1)
     sets = [torch.cat([F.normalize(torch.randn(k, 6, generator=g), dim=-1) for _ in range(2)], -1) for k in (1, 2, 6)]
-    for center in (None, torch.randn(12, generator=g) * 0.2):
-        protos = label_prototypes(sets, center)
-        assert protos.shape == (3, 12)
-        want = label_scores(feats, sets, "prototype", center)
-        for got, expected in zip(prototype_scores(feats, protos, center), want, strict=True):
-            torch.testing.assert_close(got, expected)
+    for weights in (None, [(1.0,), (1.0, 3.0), (1.0, 1.0, 1.0, 1.0, 1.0, 3.0)]):
+        for center in (None, torch.randn(12, generator=g) * 0.2):
+            protos = label_prototypes(sets, center, weights)
+            assert protos.shape == (3, 12)
+            want = label_scores(feats, sets, "prototype", center, weights)
+            for got, expected in zip(prototype_scores(feats, protos, center), want, strict=True):
+                torch.testing.assert_close(got, expected)
+    unweighted, weighted = label_prototypes(sets, None), label_prototypes(sets, None, weights)
+    torch.testing.assert_close(unweighted[0], weighted[0])  # one vector: its own prototype
+    assert not torch.allclose(unweighted[1:], weighted[1:])
 
 
 def test_the_gate_decides_out_of_scope_and_the_ranking_the_label() -> None:
