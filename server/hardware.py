@@ -179,13 +179,14 @@ def _auto_gen_quantize(
 
 
 def api_servers(settings: Settings) -> int:
-    """As set; else one with ``engine_core=thread`` or up to 4 CPU cores, else half the cores (at most 8)."""
+    """As set; else one with ``engine_core=thread`` or up to 4 CPU cores, else half the cores, at most 8 per
+    engine core: each data-parallel GPU gets the API servers one GPU is served by, as a replica would."""
     if settings.api_servers is not None:
         return settings.api_servers
     if settings.engine_core == "thread":
         return 1
     cores = os.cpu_count() or 1
-    return 1 if cores <= 4 else min(8, cores // 2)
+    return 1 if cores <= 4 else min(8 * settings.data_parallel_size, cores // 2)
 
 
 def engines_in_process(settings: Settings) -> bool:

@@ -94,6 +94,8 @@ def test_process_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (policy.engine_core, policy.api_servers) == ("thread", 1)
     monkeypatch.setattr("os.cpu_count", lambda: 64)
     assert api_servers(Settings()) == 8 and api_servers(Settings(engine_core="thread")) == 1
+    assert api_servers(Settings(data_parallel_size=2)) == 16  # 8 per GPU, as two replicas would have
+    assert api_servers(Settings(data_parallel_size=8)) == 32  # half the cores
     monkeypatch.setattr("os.cpu_count", lambda: 12)
     assert api_servers(Settings()) == 6
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
