@@ -378,6 +378,8 @@ CONFIGS = {
     "core+8api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "8", "LLM_CLS_MAX_WAIT_MS": "0"},
     "dp2+8api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "8", "LLM_DATA_PARALLEL_SIZE": "2"},
     "dp2+16api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "16", "LLM_DATA_PARALLEL_SIZE": "2"},
+    "12api": {"LLM_API_SERVERS": "12"},  # this checkout, one GPU, more API servers than its default
+    "dp2": {"LLM_DATA_PARALLEL_SIZE": "2"},  # this checkout's defaults on two GPUs
 }
 
 
