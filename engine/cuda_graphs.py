@@ -18,31 +18,31 @@ of once per bucket). The whole step is one graph: compiling each layer on its ow
 layers) started faster but ran CPU steps a quarter slower (load_tests/results/fused_decode/).
 
 With ``background`` (the CPU default, where a fresh start would otherwise compile for minutes before
-serving) nothing compiles before the engine starts: :meth:`DecodeGraphs.start_compiling` compiles on a
-thread of the lowest scheduling priority, batch 1 first, while steps run eagerly; each batch bucket switches
-to the compiled step once its graph exists. Serving never compiles: it calls only graphs already compiled
-(``torch._dynamo.run``), and a step at a width not compiled yet runs eagerly. The thread runs inductor's C++
-compiles itself (``compile_threads=1``: one core at most). At normal priority on a 2-core machine the
-compile slowed the eager steps it shared the cores with several-fold; at the lowest it leaves them their
-speed and takes the idle time, so a machine busy all the time may take long to compile
-(load_tests/results/cpu_vs_llamacpp/background_compile/).
+serving) nothing compiles before the engine starts: :meth:`DecodeGraphs.start_compiling` has a child process
+at the lowest priority compile the step at every bucket into the inductor cache, batch 1 first
+(engine/decode_compiler.py), while steps run eagerly; as the child reports each batch bucket, a thread of
+this process compiles it again from the warm cache (dynamo's trace; the graph and its C++ come from disk)
+and that bucket switches to its compiled step. Serving never compiles: it calls only graphs already
+compiled (``torch._dynamo.run``), and a step at a width not compiled yet runs eagerly. Compiling on a thread
+of this process instead held the GIL for minutes of tracing and lowering and stalled served streams for
+seconds; at normal priority on a 2-core machine a compile slowed the eager steps several-fold, at the
+lowest it takes the idle time, so a machine busy all the time may take long to compile
+(load_tests/results/cpu_vs_llamacpp/background_compile/, .../compile_process/).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from engine import metrics
+from engine import decode_compiler, metrics
 from engine.kv_cache import SCRATCH_BLOCK
 from engine.sequence import Sequence
 from models import paged_attention
@@ -128,6 +128,13 @@ class DecodeGraphs:
         self.compile_error: str | None = None
         self._compile_widths = [1, config.verify_width] if config.capture_verify else [1]
         self._compiler: threading.Thread | None = None
+        self.config = config
+        # The compiler process (engine/decode_compiler.py); tests give a stand-in.
+        self.spawn_compiler: Callable[[decode_compiler.CompileJob], decode_compiler.CompilerProcess] = (
+            decode_compiler.CompilerProcess
+        )
+        self._child: decode_compiler.CompilerProcess | None = None
+        self._stopping = False
         self._run = self._serve = self._step
         # Compiling in the background, the compiled step is made on the compiling thread: importing torch._dynamo
         # (for ``torch.compile``) is then not part of the start either.
@@ -161,13 +168,14 @@ class DecodeGraphs:
         # Guards on every module and parameter cost about a tenth of a step, and this instance's model
         # does not change. Dynamo keeps graphs per code object: a private copy of the step's code
         # keeps another DecodeGraphs, whose model may differ, from reusing this one's graphs.
+        decode_compiler.stable_cache_keys()  # the compiler process's graphs load here (and in later starts)
         code = DecodeGraphs._step.__code__.replace()
         step = types.FunctionType(code, globals(), "_step", DecodeGraphs._step.__defaults__)
         # ``fullgraph``: without module guards, a graph break would let one module's resumed code run
         # with another's weights; the step must be one graph or fail to compile.
         options: dict[str, object] = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-        if self.background:  # C++ compiles run on the (low-priority) compiling thread, not a pool of workers
-            options["compile_threads"] = 1
+        if self.background:  # C++ compiles run in the (low-priority) compiler process, not a pool of workers;
+            options["compile_threads"] = 1  # the same options here, which load its graphs: they key the cache
         self._run = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=False, options=options)
         # The serving side of background compiling: graphs already compiled, never a compile (a guard
         # that fails runs the step eagerly instead of compiling on the serving path).
@@ -273,9 +281,9 @@ class DecodeGraphs:
             self._forward(batch, self.kv_lens[0], q)
 
     def start_compiling(self) -> threading.Thread | None:
-        """Background compiling: starts the thread that compiles every bucket (None when there is nothing to
-        compile in the background, or it has started). Call it once serving has started: the steps run
-        eagerly until then and meanwhile."""
+        """Background compiling: starts the thread that has a child process compile every bucket and switches
+        each to its compiled step (None when there is nothing to compile in the background, or it has
+        started). Call it once serving has started: the steps run eagerly until then and meanwhile."""
         if not self.background or self._compiler is not None:
             return None
         metrics.DECODE_COMPILE_BUCKETS.labels(state="pending").inc(len(self._compile_widths) * len(self.batch_sizes))
@@ -289,37 +297,74 @@ class DecodeGraphs:
         self._compiler.start()
         return self._compiler
 
+    def stop_compiling(self) -> None:
+        """Ends the compiler process, if one runs; buckets not compiled by then stay eager."""
+        self._stopping = True
+        if self._child is not None:
+            self._child.stop()
+
     @torch.inference_mode()
-    def _compile_in_background(self, inputs: Tensor) -> None:
+    def compile_buckets(self, inputs: Tensor | None = None) -> Iterator[tuple[int, int]]:
         """Compiles batch 1, then each larger bucket (the second graph, then each bucket through it), for each
-        width, over private inputs whose rows all point at the scratch block (the serving steps own
-        ``inputs``). Every KV bucket runs once, so a guard that would fail there recompiles here, not while
-        serving. A failure leaves the remaining buckets eager."""
-        lower_priority()
+        width, over ``inputs`` (default: a private buffer) whose rows all point at the scratch block, and
+        yields each (batch bucket, width) once compiled. Every KV bucket runs once, so a guard that would fail
+        there compiles here, not while serving."""
+        if inputs is None:
+            with torch.inference_mode(False):
+                inputs = torch.zeros_like(self.inputs)
+        if self._run == self._step:  # not made yet (nor replaced, as the tests replace it)
+            self._make_compiled()
+        for q in self._compile_widths:
+            self._step(*self._inputs(1, self.kv_lens[0], q, inputs))  # one-time checks run outside the trace
+            for batch in self.batch_sizes:
+                self._load(batch, q, inputs)
+                yield batch, q
+
+    def _load(self, batch: int, q: int, inputs: Tensor) -> None:
+        for kv_len in self.kv_lens:
+            self._compiled(self._run, batch, *self._inputs(batch, kv_len, q, inputs))
+
+    def _compile_in_background(self, inputs: Tensor) -> None:
+        """Has a child process compile every bucket into the inductor cache (engine/decode_compiler.py), and
+        as it reports each, compiles that bucket here from the warm cache (trace, then load) and switches its
+        steps to it. The child's failure (or a failed load) leaves the remaining buckets eager."""
         start = time.perf_counter()
-        key = (1, 1)
         try:
-            if self._run == self._step:  # not made yet (nor replaced, as the tests replace it)
-                self._make_compiled()
-            for q in self._compile_widths:
-                self._step(*self._inputs(1, self.kv_lens[0], q, inputs))  # one-time checks run outside the trace
-                for batch in self.batch_sizes:
-                    key = (batch, q)
-                    for kv_len in self.kv_lens:
-                        self._compiled(self._run, batch, *self._inputs(batch, kv_len, q, inputs))
-                    self.compiled_keys[key] = round(time.perf_counter() - start, 1)
-                    metrics.DECODE_COMPILE_BUCKETS.labels(state="compiled").inc()
-                    metrics.DECODE_COMPILE_BUCKETS.labels(state="pending").dec()
-                    log.info(
-                        "decode steps of batch %d (width %d) compiled after %.1f s: they run compiled from now on",
-                        batch, q, self.compiled_keys[key],
-                    )  # fmt: skip
+            with torch.inference_mode():
+                if self._run == self._step:  # not made yet (nor replaced, as the tests replace it)
+                    self._make_compiled()
+                self._step(*self._inputs(1, self.kv_lens[0], 1, inputs))  # one-time checks run outside the trace
+            self._child = self.spawn_compiler(self._job())
+            if self._stopping:  # stopped while it started
+                self._child.stop()
+            for key in self._child.compiled():
+                loading, misses = time.perf_counter(), _cache_misses()
+                with torch.inference_mode():
+                    self._load(*key, inputs)
+                if _cache_misses() > misses:  # compiled here after all: the stall the child is there to avoid
+                    log.warning("batch %d (width %d): the compiler process's graph was not in the cache", *key)
+                self.compiled_keys[key] = round(time.perf_counter() - start, 1)
+                metrics.DECODE_COMPILE_BUCKETS.labels(state="compiled").inc()
+                metrics.DECODE_COMPILE_BUCKETS.labels(state="pending").dec()
+                log.info(
+                    "decode steps of batch %d (width %d) compiled after %.1f s (loaded here in %.2f s): they run "
+                    "compiled from now on", *key, self.compiled_keys[key], time.perf_counter() - loading,
+                )  # fmt: skip
+            if self._child.error is not None and not self._stopping:
+                raise RuntimeError(self._child.error)
         except Exception as exc:  # any compile failure: serving goes on with eager steps
             self.compile_error = f"{type(exc).__name__}: {exc}"[:500]
             log.warning(
-                "compiling decode steps failed at batch %d (width %d); steps not compiled yet stay eager: %s",
-                *key, self.compile_error,
+                "compiling decode steps failed (compiled: %s); the other buckets stay eager: %s",
+                [f"batch {b} width {q}" for b, q in self.compiled_keys] or "none", self.compile_error,
             )  # fmt: skip
+
+    def _job(self) -> decode_compiler.CompileJob:
+        k_cache = self.kv_cache[0]
+        return decode_compiler.CompileJob(
+            decode_compiler.skeleton(self.model), tuple(k_cache.shape), k_cache.dtype, self.block_size,
+            self.config, self.logits, torch.get_num_threads(),
+        )  # fmt: skip
 
     def compile_progress(self) -> dict[str, object]:
         """Background compiling's state for /info: compiled buckets (with seconds since the start), pending ones."""
@@ -387,13 +432,8 @@ class DecodeGraphs:
         return tokens[: len(seqs)], logits[: len(seqs)]
 
 
-def lower_priority() -> None:
-    """The calling thread (and the compiler processes it starts, which inherit it) at the lowest scheduling
-    priority, so a compile yields the cores to the steps being served. Linux only: elsewhere the call would
-    lower the whole process."""
-    if sys.platform != "linux":
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except OSError as exc:
-        log.warning("could not lower the compiling thread's priority: %s", exc)
+def _cache_misses() -> int:
+    """Graphs this process has compiled instead of finding them in the inductor cache."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_miss"]

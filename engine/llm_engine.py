@@ -181,6 +181,10 @@ class LLMEngine:
         serving has started. Steps run eagerly until each bucket's graph exists."""
         self.runner.decode.start_compiling()
 
+    def stop_compiling(self) -> None:
+        """Ends background compiling's compiler process, if one runs (the engine is stopping)."""
+        self.runner.decode.stop_compiling()
+
     def add(self, request: AddRequest) -> None:
         seq = Sequence(prompt_ids=request.prompt_ids, params=request.params, request_id=request.request_id)
         seq.key = request.key
@@ -352,6 +356,7 @@ class EngineLoop:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        self.engine.stop_compiling()
         self._stopping = True
         self._inbox.put(None)
         self._thread.join(timeout)

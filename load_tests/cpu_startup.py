@@ -22,6 +22,7 @@ Not a test: minutes of compiling, never run in CI.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -42,9 +43,11 @@ PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a mes
 
 
 def stream_rate(url: str, prompt: str, max_tokens: int) -> dict[str, float]:
-    """One greedy stream through /generate: tokens/s after the first token, as this client sees the events."""
+    """One greedy stream through /generate: tokens/s after the first token, as this client sees the events,
+    the seconds to the first event and the longest gap between two events (a stall: what a reader waits)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
     times, tokens = [], 0
+    sent = time.perf_counter()
     with httpx.stream("POST", f"{url}/generate", json=body, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
@@ -54,7 +57,12 @@ def stream_rate(url: str, prompt: str, max_tokens: int) -> dict[str, float]:
                 tokens = event.get("usage", {}).get("completion_tokens", tokens)
     if tokens < 2 or len(times) < 2:
         return {"tokens": tokens, "tok_s": 0.0}
-    return {"tokens": tokens, "tok_s": round((tokens - 1) / (times[-1] - times[0]), 2)}
+    return {
+        "tokens": tokens,
+        "tok_s": round((tokens - 1) / (times[-1] - times[0]), 2),
+        "first_event_s": round(times[0] - sent, 3),
+        "max_gap_s": round(max(b - a for a, b in itertools.pairwise(times)), 3),
+    }
 
 
 def concurrent_streams(url: str, n: int, tokens: int, cpp: LlamaCpp, prompt_ids: list[int]) -> dict[str, float]:
@@ -150,6 +158,8 @@ def background_rounds(
                 "compiled_batches": [c["batch"] for c in progress.get("compiled", [])],
                 "ours_tok_s": ours["tok_s"],
                 "ours_tokens": ours["tokens"],
+                "ours_first_event_s": ours.get("first_event_s"),
+                "ours_max_gap_s": ours.get("max_gap_s"),
                 "llama_cpp_tok_s": round(decode_rate(ttft, total, n), 2),
                 "load_average_1m": round(os.getloadavg()[0], 2),
             }
@@ -185,6 +195,9 @@ def main() -> None:
     ap.add_argument(
         "--inductor-cache", type=Path, help="--background: start only eager and from this (warm) inductor cache"
     )
+    ap.add_argument(
+        "--runs", default="eager,empty,warm", help="--background: which starts, of eager, empty (cache), warm"
+    )
     ap.add_argument("--streams", type=int, default=0, help="--background: then N concurrent streams")
     ap.add_argument("--prefill", type=int, default=0, help="--background: then the time to prefill N tokens")
     ap.add_argument("--out", type=Path, required=True)
@@ -210,6 +223,9 @@ def main() -> None:
             if args.inductor_cache is not None:
                 given = {"LLM_COMPILE_DECODE": "auto", "TORCHINDUCTOR_CACHE_DIR": str(args.inductor_cache)}
                 runs = [runs[0], ("background, inductor cache given", given)]
+            else:
+                chosen = args.runs.split(",")
+                runs = [run for run, name in zip(runs, ("eager", "empty", "warm"), strict=True) if name in chosen]
             for name, extra in runs:
                 results[name] = background_rounds(name, {**base, **extra}, cpp, args, args.out.parent)
         else:

@@ -142,7 +142,7 @@ def _compile_decode(
     """Compiled decode steps: fewer, fused kernels per step on CUDA (load_tests/results/fused_decode/) for
     about a minute of compiling before /ready at a fresh start; on CPU faster steps too, but a fresh start of
     a small machine compiles for minutes (load_tests/results/cpu_vs_llamacpp/), so ``auto`` compiles there
-    after /ready, on a low-priority thread, serving eager steps meanwhile. ``on`` compiles before /ready."""
+    after /ready, in a low-priority child process, serving eager steps meanwhile. ``on`` compiles before /ready."""
     if settings.compile_decode == "off":
         return "off"
     if settings.tensor_parallel_size > 1:  # compiled steps hold no collectives
@@ -156,7 +156,7 @@ def _compile_decode(
             return "off"
         why["compile_decode"] = (
             f"CPU with {cpu.why['compile_decode']}: compiled steps decode faster, but a fresh start compiles for "
-            "minutes, so they compile after /ready on a low-priority thread (eager steps until then); "
+            "minutes, so they compile after /ready in a low-priority process (eager steps until then); "
             "--compile-decode on compiles before /ready"
         )
         return "background"

@@ -10,14 +10,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import queue
 import threading
 import types
+from collections.abc import Iterator
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
 from engine.cuda_graphs import DecodeGraphs
+from engine.decode_compiler import CompileJob, from_skeleton
 from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
 from engine.protocol import AddRequest
 from engine.sequence import SamplingParams
@@ -33,36 +36,63 @@ KEYS = itertools.count()
 
 
 class FakeCompile:
-    """Stands in for torch.compile in a DecodeGraphs: "compiling" batch ``hold`` waits for :attr:`release`
-    (a compile that takes minutes), batch ``fail`` raises; compiled steps run the eager step and are counted
-    by batch, on the compiling thread (``compiles``) and on the serving path (``served``)."""
+    """Stands in for torch.compile in a DecodeGraphs and for its compiler process (engine/decode_compiler.py):
+    the "child" reports the buckets the test hands to :meth:`report` (a compile that takes minutes), then ends,
+    with ``error`` if given; loading a bucket in process runs the eager step, counted by batch (``loads``;
+    batch ``fail`` raises), as are the compiled steps served (``served``)."""
 
-    def __init__(self, decode: DecodeGraphs, hold: int | None = None, fail: int | None = None) -> None:
-        self.decode, self.hold, self.fail = decode, hold, fail
-        self.reached, self.release = threading.Event(), threading.Event()
-        self.compiles: list[int] = []
+    def __init__(self, decode: DecodeGraphs, fail: int | None = None) -> None:
+        self.decode, self.fail = decode, fail
+        self.reports: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self.switched: dict[tuple[int, int], threading.Event] = {}  # set once the serving side has a bucket
+        self.error: str | None = None
+        self.started, self.stopped = threading.Event(), threading.Event()
+        self.job: CompileJob | None = None
+        self.loads: list[int] = []
         self.served: list[int] = []
-        decode._run, decode._serve = self._compile, self._serve
+        decode._run, decode._serve = self._load, self._serve
+        decode.spawn_compiler = self._spawn
 
-    def _compile(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> tuple:
+    def _spawn(self, job: CompileJob) -> FakeCompile:
+        self.job = job
+        self.started.set()
+        return self
+
+    def compiled(self) -> Iterator[tuple[int, int]]:
+        while (key := self.reports.get(timeout=WAIT_S)) is not None:
+            yield key  # resumed once the bucket is loaded and switched
+            self.switched[key].set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.reports.put(None)
+
+    def report(self, *keys: tuple[int, int], wait: bool = True) -> None:
+        """The child has compiled ``keys``; with ``wait``, returns once the serving side switched to them."""
+        for key in keys:
+            self.switched[key] = threading.Event()
+            self.reports.put(key)
+        assert not wait or self.switched[keys[-1]].wait(WAIT_S)
+
+    def finish(self, error: str | None = None) -> None:
+        """The child exits (with ``error``: failed); waits for the compiling thread to end."""
+        self.error = error
+        self.reports.put(None)
+        thread = self.decode._compiler
+        assert thread is not None
+        thread.join(WAIT_S)
+        assert not thread.is_alive()
+
+    def _load(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> tuple:
         batch = ids.shape[0]
-        if batch == self.hold and not self.release.is_set():
-            self.reached.set()
-            assert self.release.wait(WAIT_S)
         if batch == self.fail:
-            raise RuntimeError("C++ compile failed: g++ exited 1")
-        self.compiles.append(batch)
+            raise RuntimeError("inductor cache entry unreadable")
+        self.loads.append(batch)
         return self.decode._step(ids, positions, tables)
 
     def _serve(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> tuple:
         self.served.append(ids.shape[0])
         return self.decode._step(ids, positions, tables)
-
-    def join(self) -> None:
-        thread = self.decode._compiler
-        assert thread is not None
-        thread.join(WAIT_S)
-        assert not thread.is_alive()
 
 
 def make_engine(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], background: bool = True) -> LLMEngine:
@@ -101,21 +131,21 @@ def test_serves_eagerly_before_anything_compiles_then_switches(tiny) -> None:
     engine = make_engine(tiny)
     decode = engine.runner.decode
     assert decode.compiled and decode.background
-    fake = FakeCompile(decode, hold=1)  # batch 1, the first compiled, takes "minutes"
-    assert fake.compiles == []  # nothing compiled while the engine was built
+    fake = FakeCompile(decode)
+    assert fake.loads == [] and not fake.started.is_set()  # nothing compiled while the engine was built
     engine.start_compiling()
-    assert fake.reached.wait(WAIT_S)
+    assert fake.started.wait(WAIT_S)  # the child compiles for "minutes"
     assert generate(engine, PROMPTS) == eager
     assert generate(engine, PROMPTS[:1]) == eager[:1]
-    assert fake.served == []  # every step eager: nothing compiled yet
+    assert fake.served == [] and fake.loads == []  # every step eager: nothing compiled yet
     assert decode.compile_progress()["state"] == "compiling" and decode.compile_progress()["compiled"] == []
-    fake.release.set()
-    fake.join()
+    fake.report((1, 1), (2, 1), (4, 1), (8, 1))
+    fake.finish()
     progress = decode.compile_progress()
     assert progress["state"] == "done" and progress["pending"] == []
     assert [(c["batch"], c["width"]) for c in progress["compiled"]] == [(1, 1), (2, 1), (4, 1), (8, 1)]
-    assert fake.compiles[0] == 1 and set(fake.compiles) == {1, 2, 4, 8}  # batch 1 first
-    assert len(fake.compiles) == 4 * len(decode.kv_lens)  # every KV bucket of every batch bucket, off the serving path
+    # Each bucket loaded in this process once the child had it, every KV bucket, off the serving path.
+    assert fake.loads == [b for b in (1, 2, 4, 8) for _ in decode.kv_lens]
     assert generate(engine, PROMPTS) == eager
     assert generate(engine, PROMPTS[:1]) == eager[:1]
     assert set(fake.served) == {1, 4}  # the compiled steps now: 3 rows in bucket 4, then 1 row
@@ -123,46 +153,96 @@ def test_serves_eagerly_before_anything_compiles_then_switches(tiny) -> None:
 
 
 @pytest.mark.unit
-def test_widths_not_compiled_yet_run_eagerly(tiny) -> None:
+def test_the_child_gets_the_model_shapes_and_the_servers_threads(tiny) -> None:
+    engine = make_engine(tiny)
+    decode = engine.runner.decode
+    fake = FakeCompile(decode)
+    engine.start_compiling()
+    assert fake.started.wait(WAIT_S)
+    job = fake.job
+    assert job is not None and job.config == decode.config and job.block_size == decode.block_size
+    assert job.kv_shape == tuple(decode.kv_cache[0].shape) and job.kv_dtype == decode.kv_cache[0].dtype
+    assert job.threads == torch.get_num_threads()
+    shapes = {n: (p.shape, p.dtype) for n, p in from_skeleton(job.model).state_dict().items()}
+    assert shapes == {n: (p.shape, p.dtype) for n, p in decode.model.state_dict().items()}
+    fake.finish()
+
+
+@pytest.mark.unit
+def test_a_bucket_switches_only_once_the_child_has_compiled_it(tiny) -> None:
     eager = generate(make_engine(tiny, background=False), PROMPTS)
     engine = make_engine(tiny)
     decode = engine.runner.decode
-    fake = FakeCompile(decode, hold=2)  # batch 1 compiled, the larger buckets still compiling
+    fake = FakeCompile(decode)
     engine.start_compiling()
-    assert fake.reached.wait(WAIT_S)
+    fake.report((1, 1))  # batch 1 compiled, the larger buckets still compiling in the child
     assert list(decode.compiled_keys) == [(1, 1)]
     assert generate(engine, PROMPTS[:1]) == eager[:1]
     assert set(fake.served) == {1}
     fake.served.clear()
     assert generate(engine, PROMPTS) == eager  # bucket 4 not compiled: eager, while batch 1 would be compiled
-    assert 4 not in fake.served
-    fake.release.set()
-    fake.join()
+    assert 4 not in fake.served and 4 not in fake.loads
+    fake.finish()
 
 
 @pytest.mark.unit
-def test_a_failed_compile_leaves_eager_serving_and_says_why(tiny, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_childs_failure_leaves_eager_serving_and_says_why(tiny, caplog: pytest.LogCaptureFixture) -> None:
+    eager = generate(make_engine(tiny, background=False), PROMPTS)
+    engine = make_engine(tiny)
+    decode = engine.runner.decode
+    fake = FakeCompile(decode)
+    with caplog.at_level(logging.WARNING, logger="engine.cuda_graphs"):
+        engine.start_compiling()
+        fake.report((1, 1))
+        fake.finish(error="the compiler process exited with -9: Killed")
+    assert "compiling decode steps failed (compiled: ['batch 1 width 1'])" in caplog.text
+    assert "exited with -9" in caplog.text
+    progress = decode.compile_progress()
+    assert progress["state"] == "failed" and "exited with -9" in str(progress["error"])
+    assert [c["batch"] for c in progress["compiled"]] == [1]
+    assert [p["batch"] for p in progress["pending"]] == [2, 4, 8]
+    assert generate(engine, PROMPTS) == eager  # the buckets the child never reported serve eagerly
+    assert 4 not in fake.served
+
+
+@pytest.mark.unit
+def test_a_failed_load_leaves_eager_serving_and_says_why(tiny, caplog: pytest.LogCaptureFixture) -> None:
     eager = generate(make_engine(tiny, background=False), PROMPTS)
     engine = make_engine(tiny)
     decode = engine.runner.decode
     fake = FakeCompile(decode, fail=2)
     with caplog.at_level(logging.WARNING, logger="engine.cuda_graphs"):
         engine.start_compiling()
-        fake.join()
-    assert "compiling decode steps failed at batch 2 (width 1)" in caplog.text and "g++ exited 1" in caplog.text
-    progress = decode.compile_progress()
-    assert progress["state"] == "failed" and "g++ exited 1" in str(progress["error"])
-    assert [c["batch"] for c in progress["compiled"]] == [1]
-    assert [p["batch"] for p in progress["pending"]] == [2, 4, 8]
-    assert generate(engine, PROMPTS) == eager  # the failed and later buckets serve eagerly
+        fake.report((1, 1))
+        fake.report((2, 1), wait=False)
+        fake.finish()
+    assert "failed (compiled: ['batch 1 width 1'])" in caplog.text and "inductor cache entry unreadable" in caplog.text
+    assert decode.compile_progress()["state"] == "failed"
+    assert [c["batch"] for c in decode.compile_progress()["compiled"]] == [1]
+    assert generate(engine, PROMPTS) == eager
     assert 4 not in fake.served
+
+
+@pytest.mark.unit
+def test_stopping_the_engine_stops_the_child(tiny) -> None:
+    engine = make_engine(tiny)
+    fake = FakeCompile(engine.runner.decode)
+    llm = AsyncLLM(engine)
+    llm.start()
+    engine.start_compiling()
+    fake.report((1, 1))
+    llm.stop()
+    assert fake.stopped.is_set()
+    fake.finish()
+    progress = engine.runner.decode.compile_progress()
+    assert progress["error"] is None and [c["batch"] for c in progress["compiled"]] == [1]  # stopped, not failed
 
 
 @pytest.mark.unit
 def test_ready_before_compiling_is_done(tiny) -> None:
     """The runtime turns ready on eager steps; compiling starts after that, and /info's progress shows it."""
     engine = make_engine(tiny)
-    fake = FakeCompile(engine.runner.decode, hold=1)
+    fake = FakeCompile(engine.runner.decode)
     settings = Settings(enable_classify=False, compile_decode="auto")
     policy = HardwarePolicy(
         device="cpu",
@@ -183,10 +263,10 @@ def test_ready_before_compiling_is_done(tiny) -> None:
             {"batch": b, "width": 1} for b in (1, 2, 4, 8)], "error": None}  # fmt: skip
         await runtime.start()  # warms up with eager steps
         assert runtime.ready
-        assert fake.reached.wait(WAIT_S)  # compiling began after ready, and is not done
+        assert fake.started.wait(WAIT_S)  # compiling began after ready, and is not done
         assert runtime.decode_compile is not None and runtime.decode_compile["state"] == "compiling"
-        fake.release.set()
-        fake.join()
+        fake.report((1, 1), (2, 1), (4, 1), (8, 1))
+        fake.finish()
         assert runtime.decode_compile["state"] == "done"
         await runtime.stop()
 

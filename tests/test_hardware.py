@@ -38,7 +38,7 @@ def test_cpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert set(policy.why) >= {"dtype", "gen_quantize", "cls_quantize", "prefill_budget", "cpu_threads"}
     assert "gen_quantize=int8 (auto: int8 w8a8 (VNNI: " in policy.summary()
     assert "compile_decode=background (auto: CPU with a C++ compiler (/usr/bin/g++) for inductor: " in policy.summary()
-    assert "compile after /ready on a low-priority thread" in policy.why["compile_decode"]
+    assert "compile after /ready in a low-priority process" in policy.why["compile_decode"]
     explicit = HardwarePolicy.decide(Settings(device="cpu", dtype="bfloat16", max_batched_tokens=64))
     assert (explicit.dtype, explicit.prefill_budget) == ("bfloat16", 64)
     assert "dtype" not in explicit.why and "prefill_budget" not in explicit.why

@@ -1,0 +1,171 @@
+"""Background compiling of the decode step in a child process (``python -m engine.decode_compiler``).
+
+Compiling on a thread of the serving process held its GIL for the Python half of tracing and lowering,
+minutes on a cold cache, and stalled served streams for seconds at a time
+(load_tests/results/cpu_vs_llamacpp/background_compile/). Here a child at the lowest priority (nice 19,
+one C++ compile at a time) compiles the same step at every bucket into the inductor cache the server uses
+(``TORCHINDUCTOR_CACHE_DIR``, inherited), and says on stdout which batch bucket is compiled. The serving
+process then compiles that bucket itself from the warm cache: the FX graph and its C++ come from disk,
+only dynamo's trace runs in process (engine/cuda_graphs.py).
+
+The child needs the model's structure, not its weights: graphs and their cache keys depend on the
+parameters' shapes, dtypes, strides and aliasing, never their values. The model travels as a pickle whose
+tensors are only that metadata (:func:`skeleton`); the child's tensors are zero pages of anonymous memory.
+The child exits when the server closes its stdin (or dies), so no compile outlives its server.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import io
+import json
+import logging
+import mmap
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """What the child compiles: a DecodeGraphs like the server's, over a skeleton of its model."""
+
+    model: bytes  # skeleton(model)
+    kv_shape: tuple[int, ...]
+    kv_dtype: torch.dtype
+    block_size: int
+    config: object  # engine.cuda_graphs.DecodeConfig (not imported here: that module imports this one)
+    logits: bool
+    threads: int  # torch threads of the server: inductor's C++ is generated for that many
+
+
+class _Skeleton(pickle.Pickler):
+    """Pickles tensors as (storage, metadata), no data: aliasing (tied weights, views) survives."""
+
+    def persistent_id(self, obj: object) -> object:
+        if not isinstance(obj, torch.Tensor):
+            return None
+        storage = obj.untyped_storage()
+        return (
+            id(obj), isinstance(obj, nn.Parameter), obj.requires_grad, obj.dtype, tuple(obj.shape),
+            obj.stride(), obj.storage_offset(), storage.data_ptr(), storage.nbytes(),
+        )  # fmt: skip
+
+
+class _Unskeleton(pickle.Unpickler):
+    """Rebuilds :class:`_Skeleton`'s tensors over zero pages: one storage per original storage, one tensor
+    per original tensor object."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.tensors: dict[int, torch.Tensor] = {}
+        self.storages: dict[int, torch.UntypedStorage] = {}
+
+    def persistent_load(self, pid: tuple) -> torch.Tensor:
+        key, param, grad, dtype, shape, stride, offset, ptr, nbytes = pid
+        if key not in self.tensors:
+            if ptr not in self.storages:  # anonymous memory reads as zeros and holds no pages until written
+                buf = mmap.mmap(-1, max(nbytes, 1))
+                self.storages[ptr] = torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()
+            t = torch.empty(0, dtype=dtype).set_(self.storages[ptr], offset, shape, stride)
+            self.tensors[key] = nn.Parameter(t, requires_grad=grad) if param else t.requires_grad_(grad)
+        return self.tensors[key]
+
+
+def _memory_format(name: str) -> torch.memory_format:
+    return getattr(torch, name)
+
+
+def stable_cache_keys() -> None:
+    """Makes inductor's cache keys the same in every process. A ``torch.memory_format`` pickles by a name
+    that pickle looks up in whichever loaded module reaches it first (``__mp_main__``, ``torch._utils``, …),
+    so the same graph's key depended on what the process had imported, and the compiler process's entries
+    missed in the server. Pickled through this module's function, it names the same global everywhere."""
+    copyreg.pickle(torch.memory_format, lambda f: (_memory_format, (str(f).removeprefix("torch."),)))
+
+
+def skeleton(obj: object) -> bytes:
+    out = io.BytesIO()
+    _Skeleton(out, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return out.getvalue()
+
+
+def from_skeleton(data: bytes) -> object:
+    return _Unskeleton(data).load()
+
+
+class CompilerProcess:
+    """The server's handle on the child: :meth:`compiled` yields each (batch, width) the child has compiled,
+    in order, and ends when the child exits; then :attr:`error` says why it stopped early, if it did."""
+
+    def __init__(self, job: CompileJob) -> None:
+        self.error: str | None = None
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  # the child's lifetime: closed in compiled()
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # its idle OpenMP workers must not spin
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.decode_compiler"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
+        )
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))
+            self.proc.stdin.flush()
+        except OSError:  # the child died at once: its exit status and stderr say why
+            pass
+
+    def compiled(self) -> Iterator[tuple[int, int]]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # blocks without the GIL
+            batch, width = json.loads(line)["compiled"]
+            yield batch, width
+        code = self.proc.wait()
+        if code != 0:
+            self._stderr.seek(0)
+            tail = self._stderr.read().decode(errors="replace").strip().splitlines()[-3:]
+            self.error = f"the compiler process exited with {code}: {' | '.join(tail)}"[:500]
+        self._stderr.close()
+
+    def stop(self) -> None:
+        """Kills the child (its compile is lost; entries already in the cache stay) and reaps it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def main() -> None:
+    """The child: reads a pickled :class:`CompileJob` on stdin, compiles every bucket, prints each as done."""
+    if hasattr(os, "setpriority"):  # Unix: yield the cores to the server's steps
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    job: CompileJob = pickle.load(sys.stdin.buffer)  # the server writes it first; stdin stays open after it
+    # The server closing stdin (stopping, or dead) ends the compile: nothing outlives it.
+    threading.Thread(target=lambda: (sys.stdin.buffer.read(), os._exit(0)), daemon=True).start()
+    from engine.cuda_graphs import DecodeGraphs
+    from engine.model_runner import zeros
+
+    torch.set_num_threads(job.threads)
+    cpu = torch.device("cpu")
+    model = from_skeleton(job.model)
+    kv = (zeros(job.kv_shape, cpu, job.kv_dtype), zeros(job.kv_shape, cpu, job.kv_dtype))
+    decode = DecodeGraphs(model, kv, job.block_size, job.config, cpu, job.logits)
+    for batch, width in decode.compile_buckets():
+        print(json.dumps({"compiled": [batch, width]}), flush=True)
+    # At once: an interpreter shutting down with the stdin thread blocked and torch's pools alive could abort,
+    # and a nonzero status would read as a failed compile.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
