@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -146,7 +147,19 @@ class CompilerProcess:
 
 
 def main() -> None:
-    """The child: reads a pickled :class:`CompileJob` on stdin, compiles every bucket, prints each as done."""
+    """The child: reads a pickled :class:`CompileJob` on stdin, compiles every bucket, prints each as done.
+    It leaves through ``os._exit``: an interpreter shutting down while a daemon thread reads stdin aborts,
+    and its status would hide the error."""
+    try:
+        _compile()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    os._exit(0)
+
+
+def _compile() -> None:
     if hasattr(os, "setpriority"):  # Unix: yield the cores to the server's steps
         os.setpriority(os.PRIO_PROCESS, 0, 19)
     job: CompileJob = pickle.load(sys.stdin.buffer)  # the server writes it first; stdin stays open after it
@@ -162,9 +175,6 @@ def main() -> None:
     decode = DecodeGraphs(model, kv, job.block_size, job.config, cpu, job.logits)
     for batch, width in decode.compile_buckets():
         print(json.dumps({"compiled": [batch, width]}), flush=True)
-    # At once: an interpreter shutting down with the stdin thread blocked and torch's pools alive could abort,
-    # and a nonzero status would read as a failed compile.
-    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ def test_a_child_that_fails_says_why(tiny) -> None:
     broken = CompileJob(pickle.dumps("not a model"), *[getattr(job, f) for f in list(job.__dataclass_fields__)[1:]])
     child = CompilerProcess(broken)
     assert list(child.compiled()) == []
-    assert child.error is not None and "exited with 1" in child.error and "AttributeError" in child.error
+    assert child.error is not None and "exited with 1" in child.error
+    assert "TypeError" in child.error  # a str called as the model
     assert torch.get_num_threads() == job.threads
 
 
