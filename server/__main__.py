@@ -27,23 +27,27 @@ openmp_defaults(os.environ)
 import logging  # noqa: E402
 import sys  # noqa: E402
 
-import uvicorn  # noqa: E402
-
-from server.app import create_app  # noqa: E402
 from server.config import Settings  # noqa: E402
-from server.draining import DrainingServer  # noqa: E402
 from server.hardware import engines_in_process  # noqa: E402
 from server.logs import configure_logging  # noqa: E402
-from server.processes import Supervisor  # noqa: E402
 
 log = logging.getLogger("server")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The supervisor imports neither torch nor the app: its processes do, all at once, as soon as it starts
+    them (this module is imported again in each of them)."""
     settings = Settings.from_cli(sys.argv[1:] if argv is None else argv)
     configure_logging(settings.log_level)
     if not engines_in_process(settings):
+        from server.processes import Supervisor
+
         sys.exit(Supervisor(settings).run())
+    import uvicorn
+
+    from server.app import create_app
+    from server.draining import DrainingServer
+
     app = create_app(settings)
     # access_log=False: server.access (server/request_id.py) writes the access lines, with request ids.
     config = uvicorn.Config(

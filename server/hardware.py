@@ -6,7 +6,9 @@ engines run on a thread of the server or in engine-core processes.
 server, or each engine core), since the int8-wo kernel's self-check has to run on the device; the builder
 (server/runtime.py ``Engines.build``) logs it and ``/info`` shows it. The process layout part
 (:func:`api_servers`, :func:`engines_in_process`) reads only the settings and the host, so the supervisor,
-which never touches the device, decides it the same way. The measurements behind the choices:
+which never touches the device, decides it the same way, without importing torch or the kernels: those load on
+first use, in the processes that own a device, so a supervisor starts its processes without waiting for
+them. The measurements behind the choices:
 load_tests/results/compression/README.md#decisions; on CPU models/cpu_policy.py decides by the CPU's
 instruction sets and cores (load_tests/results/cpu_vs_llamacpp/README.md).
 """
@@ -14,14 +16,15 @@ instruction sets and cores (load_tests/results/cpu_vs_llamacpp/README.md).
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
-from models import paged_attention, quant_kernels
 from models.cpu_policy import CUDA_GEN_PRUNE, CpuPolicy, cpu_policy
 from server.config import Settings
+
+if TYPE_CHECKING:
+    import torch
 
 INT8_WO_MAX_SEQS = 64  # largest decode batch at which int8-wo measured no slower than bf16 on CUDA
 PREFILL_BUDGET = {"cpu": 512, "cuda": 4096}  # padded prompt tokens per prefill step
@@ -49,16 +52,22 @@ class HardwarePolicy(BaseModel):
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         return torch.device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         return getattr(torch, self.dtype)
 
     @classmethod
     def decide(cls, settings: Settings) -> HardwarePolicy:
         """Probes the device (and, for ``auto`` generation quantization on CUDA, runs the int8-wo kernel's
         self-check on it)."""
+        import torch
+
         why: dict[str, str] = {}
         device = torch_device(settings)
         if settings.device == "auto":
@@ -121,6 +130,8 @@ class HardwarePolicy(BaseModel):
 
 
 def torch_device(settings: Settings) -> torch.device:
+    import torch
+
     if settings.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if settings.device == "cuda" and not torch.cuda.is_available():
@@ -160,6 +171,8 @@ def _compile_decode(
             "--compile-decode on compiles before /ready"
         )
         return "background"
+    from models import paged_attention
+
     usable = paged_attention.available(device)
     why["compile_decode"] = "CUDA with Triton: fused kernels in the decode graphs" if usable else "no Triton"
     return "before_ready" if usable else "off"
@@ -168,6 +181,8 @@ def _compile_decode(
 def _auto_gen_quantize(
     settings: Settings, device: torch.device, dtype: torch.dtype, cpu: CpuPolicy | None
 ) -> tuple[str, str]:
+    from models import quant_kernels
+
     if cpu is not None:
         return cpu.quantize, cpu.why["quantize"]
     if settings.max_num_seqs > INT8_WO_MAX_SEQS:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-import torch
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -120,6 +119,8 @@ class GPUCollector(Collector):
 
     def read(self) -> tuple[str, dict[str, float]] | None:
         """(gpu label, gauge values) of this process's device, or None where it has none."""
+        import torch  # loaded already wherever a device is used; the supervisor imports this module without it
+
         if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
             return None
         index = torch.cuda.current_device()
@@ -127,10 +128,11 @@ class GPUCollector(Collector):
             "llm_gpu_memory_allocated_bytes": torch.cuda.memory_allocated(index),
             "llm_gpu_memory_reserved_bytes": torch.cuda.memory_reserved(index),
         }
-        values.update(self._nvml_values(index))
+        # By UUID: NVML numbers devices ignoring CUDA_VISIBLE_DEVICES, torch does not.
+        values.update(self._nvml_values(str(torch.cuda.get_device_properties(index).uuid)))
         return _gpu_label(index), values
 
-    def _nvml_values(self, index: int) -> dict[str, float]:
+    def _nvml_values(self, uuid: str) -> dict[str, float]:
         if not self._nvml_tried:
             self._nvml_tried = True
             self._nvml = load_nvml()
@@ -138,8 +140,6 @@ class GPUCollector(Collector):
         if nvml is None:
             return {}
         try:
-            # By UUID: NVML numbers devices ignoring CUDA_VISIBLE_DEVICES, torch does not.
-            uuid = str(torch.cuda.get_device_properties(index).uuid)
             handle = nvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
             busy = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100

@@ -9,12 +9,9 @@ flight with a clear error), so that the orchestrator restarts it rather than it 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import multiprocessing
 import os
-import pickle
 import shutil
 import signal
 import socket
@@ -25,34 +22,18 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
-import torch
 import uvicorn
 from prometheus_client import multiprocess
 
-from engine.classifier import ClassifyItem
-from engine.core import EngineCore
-from engine.core_client import CoreLink
-from engine.protocol import AddRequest
-from engine.sequence import SamplingParams
 from server import metrics
-from server.admission import SharedCounts, shared_counts
-from server.app import create_app
+from server.admission import shared_counts
 from server.config import Settings
-from server.draining import DrainingServer
 from server.hardware import api_servers
-from server.logs import configure_logging
-from server.runtime import Engines, freeze_heap
 
 log = logging.getLogger("server")
 
 CORE_STOP_TIMEOUT_S = 10.0
 FAILURE_FLUSH_S = 1.0  # after a core died: time for the API servers to answer what was in flight
-
-
-def _name_process(name: str) -> None:
-    """The name ``ps`` and ``top`` show (Linux; elsewhere the name stays Python's)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/comm").write_text(name[:15])
 
 
 def core_device(index: int, visible: str | None, per_core: int = 1) -> str:
@@ -67,56 +48,12 @@ def core_device(index: int, visible: str | None, per_core: int = 1) -> str:
     return ",".join(devices[first : first + per_core])
 
 
-def run_core(settings: Settings, index: int, address: str) -> None:
-    """An engine-core process: builds and warms up the engines of one device, then serves them."""
-    os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which stops processes in order
-    _name_process(f"engine-core-{index}")
-    configure_logging(settings.log_level)
-    if settings.data_parallel_size > 1:
-        # Before CUDA starts in this process: the core's one GPU becomes its cuda:0 for every thread
-        # (torch.cuda.set_device holds for the calling thread only; the engine runs on others).
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        os.environ["CUDA_VISIBLE_DEVICES"] = core_device(index, visible, settings.tensor_parallel_size)
-    built = Engines.build(settings)
-    if built.engine is not None:
-        start = time.perf_counter()
-        built.engine.add(AddRequest(0, [0, 1, 2], SamplingParams(max_tokens=2), "warmup"))
-        while built.engine.has_work():
-            built.engine.step()
-        metrics.WARMUP_SECONDS.labels(model="generate").set(time.perf_counter() - start)
-    batcher = None
-    if built.classifier is not None:
-        start = time.perf_counter()
-        built.classifier.run([ClassifyItem("warm up", ("a", "b"), False, 4)])
-        metrics.WARMUP_SECONDS.labels(model="classify").set(time.perf_counter() - start)
-        batcher = built.batcher()
-    metrics.READY.set(1)
-    metrics.publish_gpu_metrics()
-    freeze_heap()
-    core = EngineCore(
-        index, address, built.engine, batcher, pickle.dumps(built.details()), on_error=lambda _: metrics.READY.set(0)
-    )
-    asyncio.run(core.serve())
+def _entry(name: str, *args: object) -> None:
+    """A child's start: the serving modules (torch, the engines, the app) load here, in the processes that
+    run them, so the supervisor starts every process without importing them first."""
+    from server import workers
 
-
-def run_api_server(settings: Settings, link: CoreLink, sock: socket.socket, counts: SharedCounts) -> None:
-    """An API-server process: HTTP on the shared socket, the engines through the cores."""
-    os.setpgrp()
-    _name_process(f"api-server-{link.api_index}")
-    # One request's few strings at a time: a thread pool per tokenizer call costs more than it saves, and
-    # many API servers' pools spinning at once would take the host's cores. No tensor work runs here.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    torch.set_num_threads(1)
-    configure_logging(settings.log_level)
-    app = create_app(settings, cores=link, shared_counts=counts)
-    config = uvicorn.Config(
-        app,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_grace_s,
-    )
-    server = DrainingServer(config, app.state.admission, settings.shutdown_grace_s, settings.header_read_timeout_s)
-    server.run(sockets=[sock])
+    getattr(workers, name)(*args)
 
 
 def listening_sockets(host: str, port: int, n: int) -> list[socket.socket]:
@@ -161,13 +98,13 @@ class Supervisor:
         context = multiprocessing.get_context("spawn")
         addresses = [f"ipc://{self.run_dir}/core-{i}" for i in range(s.data_parallel_size)]
         for i, address in enumerate(addresses):
-            self.cores.append(context.Process(target=run_core, args=(s, i, address), name=f"engine-core-{i}"))
+            self.cores.append(context.Process(target=_entry, args=("run_core", s, i, address), name=f"engine-core-{i}"))
         socks = listening_sockets(s.host, s.port, api_servers(s))
         counts = shared_counts(context)
         for i, sock in enumerate(socks):
-            link = CoreLink(i, addresses, f"ipc://{self.run_dir}/api-{i}")
+            link = (i, addresses, f"ipc://{self.run_dir}/api-{i}")  # a CoreLink, made in the API server
             self.api_servers.append(
-                context.Process(target=run_api_server, args=(s, link, sock, counts), name=f"api-server-{i}")
+                context.Process(target=_entry, args=("run_api_server", s, link, sock, counts), name=f"api-server-{i}")
             )
         for process in [*self.cores, *self.api_servers]:
             process.start()

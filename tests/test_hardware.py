@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import cpu_policy as cpu
-from models import quant_kernels
+from models import paged_attention, quant_kernels
 from server import hardware
 from server.config import Settings
 from server.hardware import HardwarePolicy, api_servers, engines_in_process
@@ -134,7 +134,7 @@ def test_no_cpu_threads_on_cuda_and_compiled_steps_with_triton(monkeypatch: pyte
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(quant_kernels, "usable", lambda device, dtype: True)
     for triton, compiled in ((True, "before_ready"), (False, "off")):
-        monkeypatch.setattr(hardware.paged_attention, "available", lambda device, t=triton: t)
+        monkeypatch.setattr(paged_attention, "available", lambda device, t=triton: t)
         policy = HardwarePolicy.decide(Settings(cpu_threads=4, compile_decode="auto"))
         assert (policy.cpu_threads, policy.compile_decode) == (None, compiled)
         assert "cpu_threads" not in policy.why and "compile_decode" in policy.why
