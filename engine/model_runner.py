@@ -120,8 +120,8 @@ class ModelRunner:
 
     def _send(self, step: StepInput) -> None:
         if self.fanout is not None:
-            if isinstance(step, Decode):  # the rows live in the staging buffer, which the next step rewrites
-                step.rows = self.decode.staging_np[: step.batch, : step.width].copy()
+            if isinstance(step, Decode):  # the staging rows, copied into the frame as it is sent
+                step.rows = self.decode.staging_np[: step.batch, : step.width]
             self.fanout.send(step)
 
     def _prepare(self, seqs: list[Sequence]) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:

@@ -1,10 +1,12 @@
 """Tensor parallel against one GPU and data parallel, same host, same run (issue 17).
 
 Per model (``dummy:llama-8b`` and ``dummy:smollm2-1.7b``, random weights, bf16, uncompressed) and per
-layout — ``tp1`` (one GPU), ``tp2`` (one engine over two GPUs) and ``dp2`` (two one-GPU engines side by side,
-each given half the concurrent requests) — every engine is made by the server's builder
-(``Engines.build``), in a process of its own:
-  1. correctness: logits of a whole-prompt forward and 64 greedy tokens of 8 prompts, compared with tp1;
+layout — ``tp1`` (one GPU), ``tp2`` (one engine over two GPUs, its all-reduces as the server's default
+``--tensor-parallel-all-reduce auto`` makes them: one-shot over symmetric memory at decode sizes), ``tp2-nccl``
+(the same with NCCL's alone) and ``dp2`` (two one-GPU engines side by side, each given half the concurrent
+requests) — every engine is made by the server's builder (``Engines.build``), in a process of its own:
+  1. correctness: logits of a whole-prompt forward and 64 greedy tokens of 8 prompts, compared with tp1
+     (and tp1's with Hugging Face's float32 model on the same weights, unless ``--no-reference``);
   2. batch-1 ms per decode step (host-timed step, as gpu_bench);
   3. the engine (AsyncLLM) at 1/16/64/256 concurrent requests of 128 prompt + 128 new tokens (EOS ignored).
 Needs two CUDA GPUs::
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 MODELS = {"8b": "dummy:llama-8b", "1.7b": "dummy:smollm2-1.7b"}
-LAYOUTS = ("tp1", "tp2", "dp2")
+LAYOUTS = ("tp1", "tp2", "tp2-nccl", "dp2")
 CONCURRENCY = (1, 16, 64, 256)
 PROBE_PROMPTS, GREEDY_TOKENS = 8, 64
 
@@ -53,6 +55,7 @@ def worker(args: argparse.Namespace) -> None:
         gen_quantize="none",
         gen_prune=0,
         tensor_parallel_size=args.tp,
+        tensor_parallel_all_reduce=args.all_reduce,
         max_num_seqs=max(levels),
         max_batched_tokens=8192,
         max_input_tokens=PROMPT_LEN,
@@ -65,7 +68,9 @@ def worker(args: argparse.Namespace) -> None:
     engine = built.engine
     assert engine is not None
     result: dict[str, Any] = {"build_s": time.perf_counter() - start, "graphs": len(engine.runner.decode.graphs)}
-    log(f"{args.model} tp={args.tp}: built in {result['build_s']:.0f} s")
+    if args.tp > 1:  # what the ranks set up, not what was asked for (a failed setup falls back to NCCL)
+        result["all_reduce"] = engine.runner.model.layers[0].mlp.down_proj.all_reduce.describe()
+    log(f"{args.model} tp={args.tp}: built in {result['build_s']:.0f} s; all-reduce: {result.get('all_reduce', '-')}")
     vocab = engine.runner.model.args.vocab_size
     runner = engine.runner
     if args.probe:
@@ -89,7 +94,7 @@ def worker(args: argparse.Namespace) -> None:
             for out in engine.step():
                 greedy[out.key].append(out.token)
         probe = {"logits": torch.stack(logits), "greedy": [greedy[i] for i in range(len(prompts))]}
-        if args.tp == 1:
+        if args.tp == 1 and args.reference:
             probe["fp32"] = fp32_reference(settings, prompts)
         torch.save(probe, args.probe)
     result["batch1"] = batch1(engine, random_prompts(1, PROMPT_LEN, vocab, seed=2)[0], pct)
@@ -147,8 +152,11 @@ def run_layout(model: str, layout: str, args: argparse.Namespace, out: Path) -> 
     base += ["--tokenizer", args.tokenizer, "--cache-dir", args.cache_dir]
     name = f"{model}-{layout}"
     if layout != "dp2":
-        cmd = [*base, "--tp", layout[-1], "--concurrency", args.concurrency, "--json", str(out / f"{name}.json")]
-        cmd += ["--probe", str(out / f"{name}.pt")]
+        tp, _, all_reduce = layout.removeprefix("tp").partition("-")
+        cmd = [*base, "--tp", tp, "--all-reduce", all_reduce or "auto", "--concurrency", args.concurrency]
+        cmd += ["--json", str(out / f"{name}.json"), "--probe", str(out / f"{name}.pt")]
+        if not args.reference:
+            cmd.append("--no-reference")
         subprocess.run(cmd, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"})
         return json.loads((out / f"{name}.json").read_text())
     half = ",".join(str(max(int(c) // 2, 1)) for c in args.concurrency.split(","))
@@ -179,12 +187,12 @@ def run_layout(model: str, layout: str, args: argparse.Namespace, out: Path) -> 
     return {"batch1": parts[0]["batch1"], "levels": levels, "parts": parts}
 
 
-def compare(out: Path, model: str) -> dict[str, Any]:
+def compare(out: Path, model: str, layout: str) -> dict[str, Any]:
+    """``layout`` (a tp2 variant) against tp1: logits, top-1, greedy tokens; both against float32 when run."""
     import torch
 
-    ref, tp2 = torch.load(out / f"{model}-tp1.pt"), torch.load(out / f"{model}-tp2.pt")
+    ref, tp2 = torch.load(out / f"{model}-tp1.pt"), torch.load(out / f"{model}-{layout}.pt")
     a, b = tp2["logits"].double(), ref["logits"].double()
-    fp32 = ref["fp32"].double()
 
     def rel(x: Any, y: Any) -> float:
         return float((x - y).norm() / y.norm())
@@ -193,15 +201,20 @@ def compare(out: Path, model: str) -> dict[str, Any]:
     for x, y in zip(tp2["greedy"], ref["greedy"], strict=True):
         n = next((i for i, (p, q) in enumerate(zip(x, y, strict=True)) if p != q), len(y))
         agree.append(n)
-    return {
-        "tp1_bf16_vs_hf_fp32_rel_err": rel(b, fp32),
-        "tp2_bf16_vs_hf_fp32_rel_err": rel(a, fp32),
-        "tp1_top1_vs_fp32": float((b.argmax(-1) == fp32.argmax(-1)).double().mean()),
-        "tp2_top1_vs_fp32": float((a.argmax(-1) == fp32.argmax(-1)).double().mean()),
+    found = {
         "tp2_vs_tp1_rel_err": rel(a, b),
         "tp2_vs_tp1_top1": float((a.argmax(-1) == b.argmax(-1)).double().mean()),
         "greedy_tokens_identical_before_first_difference": agree,
     }
+    if "fp32" in ref:
+        fp32 = ref["fp32"].double()
+        found |= {
+            "tp1_bf16_vs_hf_fp32_rel_err": rel(b, fp32),
+            "tp2_bf16_vs_hf_fp32_rel_err": rel(a, fp32),
+            "tp1_top1_vs_fp32": float((b.argmax(-1) == fp32.argmax(-1)).double().mean()),
+            "tp2_top1_vs_fp32": float((a.argmax(-1) == fp32.argmax(-1)).double().mean()),
+        }
+    return found
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -229,12 +242,18 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             tps = " | ".join(f"{lv['output_tokens_per_s']:,.0f}" for lv in lay["levels"])
             lines.append(f"| {layout} | {lay['batch1']['step_ms_p50']:.2f} | {tps} |")
-        if "tp1" in r and "tp2" in r:
-            ratio = r["tp2"]["batch1"]["step_ms_p50"] / r["tp1"]["batch1"]["step_ms_p50"]
-            top = r["tp2"]["levels"][-1]["output_tokens_per_s"] / r["tp1"]["levels"][-1]["output_tokens_per_s"]
-            lines += ["", f"tp2/tp1: batch-1 step time {ratio:.2f}x; c={CONCURRENCY[-1]} throughput {top:.2f}x"]
-        if "check" in r:
-            lines += ["", f"tp2 vs tp1 correctness: `{json.dumps(r['check'])}`"]
+        for layout in ("tp2", "tp2-nccl"):
+            if "tp1" in r and layout in r:
+                ratio = r[layout]["batch1"]["step_ms_p50"] / r["tp1"]["batch1"]["step_ms_p50"]
+                tp1_top = r["tp1"]["levels"][-1]["output_tokens_per_s"]
+                top = r[layout]["levels"][-1]["output_tokens_per_s"] / tp1_top
+                lines += [
+                    "",
+                    f"{layout}/tp1 (all-reduce: {r[layout].get('all_reduce')}): batch-1 step time {ratio:.2f}x; "
+                    f"c={r[layout]['levels'][-1]['concurrency']} throughput {top:.2f}x",
+                ]
+        for layout, check in r.get("check", {}).items():
+            lines += ["", f"{layout} vs tp1 correctness: `{json.dumps(check)}`"]
         lines.append("")
     return "\n".join(lines)
 
@@ -247,9 +266,13 @@ def main() -> None:
     parser.add_argument("--models", default="8b,1.7b")
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    parser.add_argument(
+        "--no-reference", dest="reference", action="store_false", help="skip Hugging Face's float32 logits"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--all-reduce", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--barrier", help=argparse.SUPPRESS)
@@ -279,10 +302,11 @@ def main() -> None:
             except Exception as e:  # keep the other layouts' figures; the failure is in the results
                 r[layout + "_error"] = repr(e)
                 log(f"   failed: {e!r}")
-        if (out / f"{model}-tp1.pt").exists() and (out / f"{model}-tp2.pt").exists():
-            r["check"] = compare(out, model)
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        (out / "results.md").write_text(markdown(results))
+            if layout.startswith("tp2") and layout in r and (out / f"{model}-tp1.pt").exists():
+                r.setdefault("check", {})[layout] = compare(out, model, layout)
+            # After every layout: a run cut short keeps what it measured.
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+            (out / "results.md").write_text(markdown(results))
     log("done")
 
 

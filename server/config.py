@@ -99,6 +99,10 @@ class ProcessSettings(Concern, title="processes"):
     tensor_parallel_size: Annotated[Count, Field(le=8)] = 1
     """GPUs per engine core, splitting attention heads and MLP channels (NCCL; a worker process per GPU after
     the first); with data parallel, core i takes GPUs i*N to i*N+N-1"""
+    tensor_parallel_all_reduce: Literal["auto", "nccl"] = "auto"
+    """how tensor-parallel ranks sum their partial products: auto = a one-shot kernel over CUDA symmetric memory
+    (torch; peer loads over NVLink, no multicast) up to 8 MiB, such as decode steps, NCCL beyond it and wherever
+    symmetric memory cannot be set up; nccl = NCCL always"""
     engine_hang_timeout_s: Seconds = 120.0
     """an engine core that has work and sends nothing for this long is killed, ending the server (exit 1) for
     its orchestrator to restart; longer than the slowest step"""

@@ -144,7 +144,7 @@ class Engines:
                         raise ValueError("tensor_parallel_size > 1 needs compress_cache (or a compressed checkpoint)")
                     local_heads(model.args, settings.tensor_parallel_size)  # refuses a bad split before starting
                     tp, built.tp_workers = tp_workers.start_workers(settings)
-                model = tp_workers.join(model, tp, device)
+                model = tp_workers.join(model, tp, device, settings.tensor_parallel_all_reduce)
                 if tp.rank > 0:
                     built.follower = ModelRunner(
                         model, config.kv_blocks(), device, dtype, config.decode(model), sample=False

@@ -24,7 +24,7 @@ import torch
 
 from engine.tp import follow
 from models.llama import Llama
-from models.tensor_parallel import NO_MULTICAST, init_group, shard_llama
+from models.tensor_parallel import NO_MULTICAST, AllReduceKind, init_group, make_all_reduce, shard_llama
 from server import metrics
 from server.config import Settings
 from server.logs import configure_logging
@@ -72,11 +72,12 @@ def start_workers(settings: Settings) -> tuple[TensorParallel, list[BaseProcess]
     return tp, workers
 
 
-def join(model: Llama, tp: TensorParallel, device: torch.device) -> Llama:
-    """Joins the group (waiting for every rank) and keeps this rank's shard of ``model``."""
+def join(model: Llama, tp: TensorParallel, device: torch.device, all_reduce: AllReduceKind = "auto") -> Llama:
+    """Joins the group (waiting for every rank), sets up its all-reduce and keeps this rank's shard of ``model``."""
     os.environ.update(NO_MULTICAST)
     init_group(tp.rank, tp.world, tp.store, device)
-    return shard_llama(model, tp.rank, tp.world)
+    reduce = make_all_reduce(all_reduce, device, model.embed_tokens.weight.dtype)
+    return shard_llama(model, tp.rank, tp.world, reduce)
 
 
 def run_worker(settings: Settings, tp: TensorParallel) -> None:
