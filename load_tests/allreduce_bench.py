@@ -103,12 +103,10 @@ def check(reduce: AllReduce, rank: int) -> dict[str, object]:
         want, got = nccl(x.clone()), reduce(x.clone())
         results.append({"where": "eager", "elements": n, "one_shot": reduce.symmetric.fits(x), **compare(got, want)})
     xs = [torch.zeros(SIZES[i % len(SIZES)], device="cuda", dtype=torch.bfloat16) for i in range(CHAIN)]
-    ys = [torch.zeros_like(x) for x in xs]
+    ys: list[Tensor] = []  # the captured sums (graph memory that each replay rewrites)
 
     def chain() -> None:
-        for x, y in zip(xs, ys, strict=True):
-            y.copy_(x)
-            reduce(y)
+        ys[:] = [reduce(x.clone()) for x in xs]
 
     graph = capture(chain)
     for replay in range(3):

@@ -90,16 +90,16 @@ class SymmetricAllReduce:
         return fits_symmetric(x, self.dtype, self.max_bytes)
 
     def __call__(self, x: Tensor) -> Tensor:
-        """Sums ``x`` over the group in place (each thread copies its elements in before the barrier and
-        writes their sums after it, so the input may be the output)."""
+        """The sum of ``x`` over the group, in a new tensor (inside a graph, from the graph's pool): the kernel
+        makes no promise for an output that is also its input."""
         flat, ops = x.view(-1), torch.ops.symm_mem
-        buffer = self.buffer[: flat.numel()]
+        buffer, out = self.buffer[: flat.numel()], torch.empty_like(flat)
         if self.fused_copy:
-            ops.one_shot_all_reduce_copy_out(buffer, flat, "sum", self.group_name, flat)
+            ops.one_shot_all_reduce_copy_out(buffer, flat, "sum", self.group_name, out)
         else:
             buffer.copy_(flat)
-            ops.one_shot_all_reduce_out(buffer, "sum", self.group_name, flat)
-        return x
+            ops.one_shot_all_reduce_out(buffer, "sum", self.group_name, out)
+        return out.view(x.shape)
 
     def check(self, rank: int, world: int) -> str | None:
         """Why its sums are wrong (None when right): small integers, exact in any float type, at each size
@@ -114,8 +114,9 @@ class SymmetricAllReduce:
 
 
 class AllReduce:
-    """Sums a row-parallel partial product over the group, in place: the one-shot kernel over symmetric
-    memory when it is set up and the tensor fits, else ``dist.all_reduce`` (NCCL on CUDA, gloo on CPU).
+    """Sums a row-parallel partial product over the group: the one-shot kernel over symmetric memory (into a
+    new tensor) when it is set up and the tensor fits, else ``dist.all_reduce`` (in place: NCCL on CUDA,
+    gloo on CPU).
     The choice depends only on the tensor's shape, dtype and layout, so every rank makes the same one, and a
     CUDA graph records the one made at capture."""
 
