@@ -254,6 +254,7 @@ def markdown(results: dict[str, Any]) -> str:
                 ]
         for layout, check in r.get("check", {}).items():
             lines += ["", f"{layout} vs tp1 correctness: `{json.dumps(check)}`"]
+        lines += ["", *(f"{k.removesuffix('_error')} failed: `{v}`" for k, v in r.items() if k.endswith("_error"))]
         lines.append("")
     return "\n".join(lines)
 
