@@ -50,8 +50,8 @@ def encode(step: StepInput) -> bytes:
     """One frame for ``step``: a decode step's header and rows, or a prefill step pickled."""
     if isinstance(step, Decode):
         assert step.rows is not None
-        rows = np.ascontiguousarray(step.rows, dtype=np.int64)
-        return DECODE.pack(b"D", step.batch, step.kv_len, step.width, step.q) + rows.tobytes()
+        rows = step.rows.astype(np.int64, copy=False).tobytes()  # row-major, one copy of a strided view
+        return DECODE.pack(b"D", step.batch, step.kv_len, step.width, step.q) + rows
     return PREFILL + pickle.dumps(step, protocol=5)
 
 
