@@ -7,6 +7,8 @@ import concurrent.futures
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -104,3 +106,14 @@ def test_hung_engine_core_is_killed_and_the_server_exits(cache_dir: Path) -> Non
         assert r.status_code == 500 and "engine core 0 stopped" in r.json()["error"]["message"]
         assert proc.wait(60) == 1
         assert proc.stderr is not None and "killing it" in proc.stderr.read()
+
+
+def test_the_supervisor_starts_its_processes_without_torch() -> None:
+    """``python -m server``'s own imports (settings, the process layout, the supervisor) leave torch and the app
+    to the processes that use them, so a start does not wait for them twice (results/ready_time)."""
+    probe = (
+        "import sys, server.__main__, server.processes; from server.hardware import api_servers, engines_in_process; "
+        "print(sorted(m for m in ('torch', 'transformers', 'server.app', 'server.workers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
