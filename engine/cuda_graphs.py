@@ -33,6 +33,7 @@ lowest it takes the idle time, so a machine busy all the time may take long to c
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import types
@@ -51,6 +52,7 @@ from models.llama import AttentionMetadata, Llama
 log = logging.getLogger(__name__)
 
 MIN_KV_BUCKET = 64
+LOAD_SWITCH_INTERVAL_S = 1e-4  # the GIL's switch interval while loading a compiled bucket (_compile_in_background)
 Step = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]  # (ids, positions, block tables) -> (tokens, logits)
 # Tokens per row a step may compute: 1 (decode) or 1 + speculative drafts (server/config.py allows 16).
 MAX_QUERY_WIDTH = 17
@@ -339,8 +341,16 @@ class DecodeGraphs:
                 self._child.stop()
             for key in self._child.compiled():
                 loading, misses = time.perf_counter(), _cache_misses()
-                with torch.inference_mode():
-                    self._load(*key, inputs)
+                # Dynamo's trace holds the GIL for seconds; each op of a served step gives it up and waits to
+                # get it back for up to the switch interval, so with the default 5 ms an eager step of a
+                # thousand ops took seconds meanwhile. A short interval while loading bounds that wait.
+                interval = sys.getswitchinterval()
+                sys.setswitchinterval(LOAD_SWITCH_INTERVAL_S)
+                try:
+                    with torch.inference_mode():
+                        self._load(*key, inputs)
+                finally:
+                    sys.setswitchinterval(interval)
                 if _cache_misses() > misses:  # compiled here after all: the stall the child is there to avoid
                     log.warning("batch %d (width %d): the compiler process's graph was not in the cache", *key)
                 self.compiled_keys[key] = round(time.perf_counter() - start, 1)
