@@ -218,7 +218,8 @@ class DynamicBatcher(Generic[T, R]):
 
     def enqueue_many(self, items: Iterable[T]) -> list[asyncio.Future[R]]:
         """Queue several items at once, all or none (``BatcherFull``), as one call; a future per item, in
-        input order (cancelling one drops its item). For callers that wait by callback, not by task."""
+        input order. Cancelling one drops its item when the call's turn reaches it (until then it still
+        counts against ``max_queued``). For callers that wait by callback, not by task."""
         items = list(items)
         costs = [int(self.cost(item)) for item in items]
         self.check_room(len(items), sum(costs))
@@ -279,10 +280,10 @@ class DynamicBatcher(Generic[T, R]):
         for call in dict.fromkeys(p.call for p in batch):  # the calls just served go to the back, in their order
             pending = self._calls.pop(call)
             # A call's taken items are its first live ones: drop them with the cancelled ones among them.
-            kept = deque(p for p in pending if id(p) not in taken and not p.future.done())
-            self._removed(p for p in pending if id(p) in taken or p.future.done())
-            if kept:
-                self._calls[call] = kept
+            while pending and (id(pending[0]) in taken or pending[0].future.done()):
+                self._removed((pending.popleft(),))
+            if pending:
+                self._calls[call] = pending
         self._queued_gauge.set(self._n_queued)
         return batch
 

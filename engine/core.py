@@ -116,27 +116,43 @@ class EngineCore:
                     future.cancel()
 
     def _classify(self, request: ClassifyRequest, replies: Replies) -> None:
-        """Queues a request's items; its reply goes out from the callback of its last item (no task per
-        request: at thousands of requests a second the core's event loop is the shared resource)."""
-        assert self.batcher is not None
+        """Queues a request's items; its reply goes out from its items' callbacks (no task per request: at
+        thousands of requests a second the core's event loop is the shared resource): the results once the
+        last one is done, or at the first item that fails, whose siblings are then dropped (as in process)."""
+        key = request.key
         try:
+            assert self.batcher is not None
             futures = self.batcher.enqueue_many(request.items)
         except BatcherFull as exc:
-            self._reply(ClassifyResults(request.key, [], refused=f"full: {exc}"), replies)
+            self._reply(ClassifyResults(key, [], refused=f"full: {exc}"), replies)
             return
         except BatcherClosed:
-            self._reply(ClassifyResults(request.key, [], refused="closed"), replies)
+            self._reply(ClassifyResults(key, [], refused="closed"), replies)
+            return
+        except Exception as exc:  # this request's alone: the core serves on
+            log.exception("classification request %d could not be queued", key)
+            self._reply(ClassifyResults(key, [], refused=f"failed: {exc!r}"), replies)
             return
         if not futures:
-            self._reply(ClassifyResults(request.key, []), replies)
+            self._reply(ClassifyResults(key, []), replies)
             return
-        self._waiting[request.key] = futures
+        self._waiting[key] = futures
         left = [len(futures)]
 
-        def done(_: asyncio.Future[Any]) -> None:
+        def done(future: asyncio.Future[Any]) -> None:
+            if key not in self._waiting:  # cancelled by its API server, or answered already
+                return
+            error = BatcherClosed("stopping") if future.cancelled() else future.exception()
+            if error is not None:
+                del self._waiting[key]
+                for sibling in futures:
+                    sibling.cancel()
+                self._reply(_failure(key, error), replies)
+                return
             left[0] -= 1
-            if left[0] == 0 and self._waiting.pop(request.key, None) is not None:
-                self._reply(_results(request.key, futures), replies)
+            if left[0] == 0:
+                del self._waiting[key]
+                self._reply(ClassifyResults(key, [pack_result(f.result()) for f in futures]), replies)
 
         for future in futures:
             future.add_done_callback(done)
@@ -168,12 +184,12 @@ class EngineCore:
             sock.send(encode(StepOutputs(outputs, step.running, step.waiting, step.error, self.index)))
 
 
-def _results(key: int, futures: list[asyncio.Future[Any]]) -> ClassifyResults:
-    """A finished request's reply: its results, or why the core could not serve it (stopping: "closed";
-    its batch failed: "failed", which the API server answers with a 500)."""
-    errors = [f.exception() for f in futures if not f.cancelled() and f.exception() is not None]
-    if any(isinstance(e, BatcherClosed) for e in errors) or any(f.cancelled() for f in futures):
+def _failure(key: int, error: BaseException) -> ClassifyResults:
+    """The reply for a request one of whose items failed: an input the classifier refuses travels as that
+    item's error (the API server answers 400 naming the field), a stopping core as "closed" (503), anything
+    else as "failed" (500)."""
+    if isinstance(error, ClassifierInputError):
+        return ClassifyResults(key, [pack_result(error)])
+    if isinstance(error, BatcherClosed):
         return ClassifyResults(key, [], refused="closed")
-    if errors:
-        return ClassifyResults(key, [], refused=f"failed: {errors[0]!r}")
-    return ClassifyResults(key, [pack_result(f.result()) for f in futures])
+    return ClassifyResults(key, [], refused=f"failed: {error!r}")

@@ -7,6 +7,8 @@ and the loop's time at each batch is exact; the two that need the real worker th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -293,3 +295,42 @@ def test_metrics() -> None:
     # the first three went at once, the last two waited their 5 ms window
     assert sample("llm_queue_time_seconds_sum") - before_wait_sum == pytest.approx(2 * 0.005)
     assert REGISTRY.get_sample_value("llm_queued_requests", {"endpoint": name}) == 0
+
+
+def test_queued_counts_stay_the_sums_of_the_queue_through_every_path() -> None:
+    """``queued`` and ``queued_cost`` are kept as items come and go (not summed per call): after random
+    submissions, cancellations of whole calls and of single items, batches and a stop, they equal the sums
+    over what is queued."""
+    rng = random.Random(0)
+
+    async def main() -> None:
+        b = DynamicBatcher(
+            lambda items: items, max_batch_size=4, max_batch_tokens=12, max_wait_ms=0, max_queued=40,
+            cost=lambda x: x, executor=InlineExecutor(),
+        )  # fmt: skip
+        b.start()
+        calls: list[list[asyncio.Future[Any]]] = []
+
+        def check() -> None:
+            pending = [p for call in b._calls.values() for p in call]
+            assert b.queued == len(pending) and b.queued_cost == sum(p.cost for p in pending)
+
+        for _ in range(300):
+            action = rng.random()
+            if action < 0.5:
+                with contextlib.suppress(BatcherFull):
+                    calls.append(b.enqueue_many([rng.randint(1, 6) for _ in range(rng.randint(1, 4))]))
+            elif action < 0.65 and calls:
+                for fut in calls.pop(rng.randrange(len(calls))):
+                    fut.cancel()
+            elif action < 0.75 and calls:
+                rng.choice(rng.choice(calls)).cancel()
+            else:
+                for _ in range(rng.randint(1, 5)):
+                    await asyncio.sleep(0)
+            check()
+        await b.stop(drain=False)
+        check()
+        assert b.queued == 0 and b.queued_cost == 0
+
+    run_virtual(main())

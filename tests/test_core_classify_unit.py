@@ -1,6 +1,7 @@
 """The engine core's classification path without processes: requests queue in the batcher and are answered
 from their items' callbacks, one frame per API server per loop turn; cancelled requests get no answer;
-a full queue, a stopping batcher and a failed batch each get their refusal."""
+a full queue, a stopping batcher and a failed batch each get their refusal, an input the classifier refuses
+its error (the API server's 400)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import asyncio
 import pytest
 
 from engine.batcher import DynamicBatcher
-from engine.classifier import ClassifyItem, ClassResult
+from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult
 from engine.core import EngineCore
-from engine.protocol import API_STRIDE, CancelClassify, ClassifyReplies, ClassifyRequest, decode_from_core
+from engine.protocol import API_STRIDE, CancelClassify, ClassifyReplies, ClassifyRequest, ItemError, decode_from_core
 
 pytestmark = pytest.mark.unit
 
@@ -36,7 +37,12 @@ def item(text: str) -> ClassifyItem:
 def labelled(batch: list[ClassifyItem]) -> list[ClassResult | BaseException]:
     if any(it.text == "boom" for it in batch):
         raise RuntimeError("device lost")
-    return [ClassResult(label=it.text.upper(), score=1.0, scores=[(it.text.upper(), 1.0)]) for it in batch]
+    return [
+        ClassifierInputError("no such label", field="labels")
+        if it.text == "bad"
+        else ClassResult(label=it.text.upper(), score=1.0, scores=[(it.text.upper(), 1.0)])
+        for it in batch
+    ]
 
 
 def core_with(batcher: DynamicBatcher) -> tuple[EngineCore, dict[int, Socket]]:
@@ -45,12 +51,17 @@ def core_with(batcher: DynamicBatcher) -> tuple[EngineCore, dict[int, Socket]]:
 
 
 async def settle(batcher: DynamicBatcher) -> None:
-    for _ in range(50):
-        await asyncio.sleep(0)
-    while batcher.queued or batcher._running:
-        await asyncio.sleep(0)
-    for _ in range(50):
-        await asyncio.sleep(0)
+    """Until the batcher has run what was queued and the callbacks and reply frames have gone out."""
+
+    async def idle() -> None:
+        for _ in range(50):
+            await asyncio.sleep(0)
+        while batcher.queued or batcher._running:
+            await asyncio.sleep(0)
+        for _ in range(50):
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(idle(), timeout=30)
 
 
 def test_requests_are_answered_in_one_frame_per_api_server() -> None:
@@ -58,6 +69,7 @@ def test_requests_are_answered_in_one_frame_per_api_server() -> None:
         batcher = DynamicBatcher(labelled, max_batch_size=8, max_wait_ms=0)
         batcher.start()
         core, sockets = core_with(batcher)
+        # key % API_STRIDE names the API server: a and b are API server 0's, c is API server 1's
         key_a, key_b, key_c = 0 * API_STRIDE + 0, 1 * API_STRIDE + 0, 0 * API_STRIDE + 1
         core._take(
             [
@@ -115,5 +127,41 @@ def test_refusals_full_closed_and_failed() -> None:
         assert refusals[2 * API_STRIDE] is not None and refusals[2 * API_STRIDE].startswith("failed")
         assert "device lost" in refusals[2 * API_STRIDE]
         assert refusals[3 * API_STRIDE] == "closed"
+
+    asyncio.run(scenario())
+
+
+def test_an_input_the_classifier_refuses_comes_back_as_its_error_and_stops_its_siblings() -> None:
+    async def scenario() -> None:
+        batcher = DynamicBatcher(labelled, max_batch_size=1, max_wait_ms=0)  # one item per batch
+        batcher.start()
+        core, sockets = core_with(batcher)
+        core._take([ClassifyRequest(0, [item("bad"), item("x"), item("y")])], sockets)  # type: ignore[arg-type]
+        await settle(batcher)
+        await batcher.stop()
+        (frame,) = sockets[0].frames
+        (reply,) = frame.items
+        assert reply.refused is None and reply.results == [ItemError("no such label", "labels")]
+        assert batcher.queued == 0 and not core._waiting  # x and y were dropped, not run
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_cannot_be_queued_is_refused_and_the_core_serves_on() -> None:
+    async def scenario() -> None:
+        def cost(it: ClassifyItem) -> int:
+            if it.text == "odd":
+                raise ValueError("unsized")
+            return 1
+
+        batcher = DynamicBatcher(labelled, max_batch_size=8, max_wait_ms=0, cost=cost)
+        batcher.start()
+        core, sockets = core_with(batcher)
+        core._take([ClassifyRequest(0, [item("odd")]), ClassifyRequest(API_STRIDE, [item("ok")])], sockets)  # type: ignore[arg-type]
+        await settle(batcher)
+        await batcher.stop()
+        replies = {r.key: r for frame in sockets[0].frames for r in frame.items}
+        assert replies[0].refused is not None and "unsized" in replies[0].refused
+        assert [res.label for res in replies[API_STRIDE].results] == ["OK"]
 
     asyncio.run(scenario())
