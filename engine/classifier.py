@@ -10,7 +10,7 @@ one applies at all (the out-of-scope threshold) is judged by its cosine averaged
 layer's pooled states (``label_scores``), which separated out-of-scope messages better on the train split.
 
 All methods are synchronous and meant to run on the batcher's single worker thread; only the
-tokenizer (also used from the event loop by ``count_tokens``) and the label cache are locked.
+tokenizer (also used from the event loop by ``token_ids``) and the label cache are locked.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def as_label(label: str | LabelSpec) -> LabelSpec:
 class ClassifyItem:
     """One input text of a /classify (or /v1/embeddings) request; the batcher's unit of work.
 
-    ``n_tokens`` (from ``Classifier.count_tokens``) is the batcher's cost; it does not affect results.
+    ``n_tokens`` (the length of ``EncoderFrontend.token_ids``) is the batcher's cost; it does not affect results.
     On one item per request it also counts the tokens of the request's labels that the label cache
     lacks (``Classifier.uncached_labels``): ``run`` encodes those in that item's batch, so the batch
     token budget covers them as it covers inputs.
@@ -297,6 +297,7 @@ class Classifier(EncoderFrontend):
         self.few_shot = few_shot
         self.background = tuple(background)
         self._center: Tensor | None = None
+        self._ids_padded_right: bool | None = None  # _padded gives what _tokenize gives (checked on first use)
         self._label_cache: BytesLRU[str, Tensor] = BytesLRU(label_cache_bytes, size=_label_bytes)
         # Per label set, its centered prototypes (``label_prototypes``): a repeated set costs per input what
         # zero-shot does, however many examples its labels have. Worker thread only.
@@ -325,11 +326,21 @@ class Classifier(EncoderFrontend):
         return self.graphs(self._tokenize(texts))
 
     def _forward_items(self, items: Sequence[ClassifyItem]) -> tuple[Tensor, Tensor | None]:
-        """One forward over the items' texts, from the token ids they carry when every one does and fits."""
+        """One forward over the items' texts, from the token ids they carry when every one does and fits, and
+        padding ids gives this tokenizer's own batches."""
         rows = [it.ids for it in items]
-        if any(r is None or len(r) > self.max_length for r in rows) or self.tokenizer.padding_side != "right":
+        if any(r is None or len(r) > self.max_length for r in rows) or not self._ids_pad_as_tokenized():
             return self._forward([it.text for it in items])
         return self.graphs(self._padded(rows))  # type: ignore[arg-type]
+
+    def _ids_pad_as_tokenized(self) -> bool:
+        """Whether ``_padded`` rebuilds this tokenizer's batches: not for left padding, or a template that gives
+        special tokens a segment type of their own (checked once, on texts of different lengths)."""
+        if self._ids_padded_right is None:
+            probe = ["a", "two words here", "[CLS] a longer text, with punctuation: 12% off!"]
+            ours, theirs = self._padded(self.token_ids(probe)), self._tokenize(probe)
+            self._ids_padded_right = list(ours) == list(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+        return self._ids_padded_right
 
     def _padded(self, rows: Sequence[Sequence[int]]) -> dict[str, Tensor]:
         """What ``_tokenize`` returns for the texts these ids came from (right padding to the longest)."""

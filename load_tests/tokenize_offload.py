@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in an API server (server/processes.py)
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in an API server (server/workers.py)
 
 import torch
 

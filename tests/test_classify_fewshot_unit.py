@@ -200,9 +200,11 @@ def test_label_objects_travel_to_an_engine_core() -> None:
         multi_label=True,
         n_tokens=7,
         threshold=0.3,
+        ids=(101, 2073, 2003, 2026, 2112, 102, 0),
     )
     frame = protocol.decode_to_core(protocol.encode(protocol.Commands([protocol.ClassifyRequest(3, [item])])))
     assert isinstance(frame, protocol.Commands) and frame.items == [protocol.ClassifyRequest(3, [item])]
+    assert isinstance(frame.items[0], protocol.ClassifyRequest) and frame.items[0].items[0].ids == item.ids
     back = protocol.unpack_result(protocol.pack_result(ClassResult("shipping", 0.7, [("shipping", 0.7)], ["shipping"])))
     assert back == ClassResult("shipping", 0.7, [("shipping", 0.7)], ["shipping"])
 

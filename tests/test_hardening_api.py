@@ -10,7 +10,7 @@ import uuid
 import httpx
 import pytest
 
-from engine.classifier import ClassifyItem, ClassResult, LabelSpec
+from engine.classifier import ClassifyItem, ClassResult, EncoderFrontend, LabelSpec
 from engine.response_cache import BytesLRU
 from models.sources import embedded_encoder_dir, embedded_gguf_path
 from server.app import create_app
@@ -113,10 +113,11 @@ async def test_inputs_bounded_by_characters_before_tokenizing(
     limit = runtime.settings.cls_max_input_tokens * MAX_CHARS_PER_TOKEN
     text = "x" * (limit + 1)  # a single "word": a handful of tokens, far under the token limit
 
-    def no_tokenizing(texts: list[str]) -> list[int]:
+    def no_tokenizing(self: EncoderFrontend, texts: list[str]) -> list[list[int]]:
         raise AssertionError("tokenized an oversized text")
 
-    monkeypatch.setattr(runtime.classifier, "count_tokens", no_tokenizing)
+    # On the class: the runtime's classifier and the copy that tokenizes long texts off the event loop alike.
+    monkeypatch.setattr(EncoderFrontend, "token_ids", no_tokenizing)
     r = await client.post("/classify", json={"inputs": ["ok", text], "labels": ["a", "b"]})
     assert_error(r, 400, "inputs.1")
     assert r.json()["error"]["type"] == "input_too_long" and str(limit) in r.json()["error"]["message"]
