@@ -36,7 +36,8 @@ log = logging.getLogger("server")
 
 def main(argv: list[str] | None = None) -> None:
     """The supervisor imports neither torch nor the app: its processes do, all at once, as soon as it starts
-    them (this module is imported again in each of them)."""
+    them. (Deciding the layout needs torch in one case only: ``engine_core=auto`` with one API server and one
+    engine, where CUDA's presence decides between one process and a supervisor.)"""
     settings = Settings.from_cli(sys.argv[1:] if argv is None else argv)
     configure_logging(settings.log_level)
     if not engines_in_process(settings):

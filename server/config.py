@@ -89,8 +89,8 @@ class ProcessSettings(Concern, title="processes"):
     """API servers (HTTP, tokenization, detokenization) and the engines, in one process or several."""
 
     api_servers: Annotated[Count, Field(le=64)] | None = None
-    """HTTP processes sharing the port; default 1 on up to 4 CPU cores, else half of them (at most 8 per
-    data-parallel engine core)"""
+    """HTTP processes sharing the port; default 1 on up to 4 usable CPU cores, else half of them (at most 8 per
+    engine core, 64 in all)"""
     engine_core: Literal["auto", "thread", "process"] = "auto"
     """where the engines run: 'process' = an engine-core process per device, 'thread' = in the (single) API
     server's process; 'auto' = process on CUDA, with several API servers or data parallel"""

@@ -26,6 +26,7 @@ from server.config import Settings
 if TYPE_CHECKING:
     import torch
 
+MAX_API_SERVERS = 64  # the api_servers setting's own bound
 INT8_WO_MAX_SEQS = 64  # largest decode batch at which int8-wo measured no slower than bf16 on CUDA
 PREFILL_BUDGET = {"cpu": 512, "cuda": 4096}  # padded prompt tokens per prefill step
 # Decode steps as torch.compile graphs (engine/cuda_graphs.py): compiled before /ready, in the background after
@@ -108,7 +109,8 @@ class HardwarePolicy(BaseModel):
             why["engine_core"] = alone if in_process else "CUDA, several API servers or data parallel"
         if settings.api_servers is None:
             threads = settings.engine_core == "thread"
-            why["api_servers"] = "engine_core=thread" if threads else f"for {os.cpu_count()} CPU cores"
+            cores = f"for {len(os.sched_getaffinity(0))} usable CPU cores, data parallel {settings.data_parallel_size}"
+            why["api_servers"] = "engine_core=thread" if threads else cores
         return cls(
             device=str(device),
             dtype=dtype,
@@ -200,8 +202,8 @@ def api_servers(settings: Settings) -> int:
         return settings.api_servers
     if settings.engine_core == "thread":
         return 1
-    cores = os.cpu_count() or 1
-    return 1 if cores <= 4 else min(8 * settings.data_parallel_size, cores // 2)
+    cores = len(os.sched_getaffinity(0))  # the CPUs this process may run on (a container's cpuset), not the host's
+    return 1 if cores <= 4 else min(8 * settings.data_parallel_size, cores // 2, MAX_API_SERVERS)
 
 
 def engines_in_process(settings: Settings) -> bool:

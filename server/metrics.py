@@ -9,7 +9,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -128,11 +128,10 @@ class GPUCollector(Collector):
             "llm_gpu_memory_allocated_bytes": torch.cuda.memory_allocated(index),
             "llm_gpu_memory_reserved_bytes": torch.cuda.memory_reserved(index),
         }
-        # By UUID: NVML numbers devices ignoring CUDA_VISIBLE_DEVICES, torch does not.
-        values.update(self._nvml_values(str(torch.cuda.get_device_properties(index).uuid)))
+        values.update(self._nvml_values(lambda: str(torch.cuda.get_device_properties(index).uuid)))
         return _gpu_label(index), values
 
-    def _nvml_values(self, uuid: str) -> dict[str, float]:
+    def _nvml_values(self, device_uuid: Callable[[], str]) -> dict[str, float]:
         if not self._nvml_tried:
             self._nvml_tried = True
             self._nvml = load_nvml()
@@ -140,6 +139,8 @@ class GPUCollector(Collector):
         if nvml is None:
             return {}
         try:
+            # By UUID: NVML numbers devices ignoring CUDA_VISIBLE_DEVICES, torch does not.
+            uuid = device_uuid()
             handle = nvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
             busy = nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100

@@ -86,20 +86,23 @@ def test_process_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     """One API server with the engines on its thread on a small CPU host; engine cores on CUDA, for
     several API servers or data parallel; the policy says the same as the supervisor's functions."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(2)))
     assert api_servers(Settings()) == 1 and engines_in_process(Settings())
     assert api_servers(Settings(api_servers=3)) == 3 and not engines_in_process(Settings(api_servers=3))
     assert not engines_in_process(Settings(data_parallel_size=2))
     policy = HardwarePolicy.decide(Settings())
     assert (policy.engine_core, policy.api_servers) == ("thread", 1)
-    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(64)))
     assert api_servers(Settings()) == 8 and api_servers(Settings(engine_core="thread")) == 1
     assert api_servers(Settings(data_parallel_size=2)) == 16  # 8 per GPU, as two replicas would have
     assert api_servers(Settings(data_parallel_size=8)) == 32  # half the cores
-    monkeypatch.setattr("os.cpu_count", lambda: 12)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(512)))
+    assert api_servers(Settings(data_parallel_size=16)) == 64  # the setting's own bound
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(64)))
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(12)))
     assert api_servers(Settings()) == 6
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda _: set(range(2)))
     assert not engines_in_process(Settings()) and engines_in_process(Settings(engine_core="thread"))
 
 

@@ -112,7 +112,10 @@ def test_the_supervisor_starts_its_processes_without_torch() -> None:
     """``python -m server``'s own imports (settings, the process layout, the supervisor) leave torch and the app
     to the processes that use them, so a start does not wait for them twice (results/ready_time)."""
     probe = (
-        "import sys, server.__main__, server.processes; from server.hardware import api_servers, engines_in_process; "
+        "import sys, server.__main__, server.processes; from server.config import Settings; "
+        "from server.hardware import api_servers, engines_in_process; "
+        "api_servers(Settings()); engines_in_process(Settings(engine_core='process')); "
+        "engines_in_process(Settings(api_servers=2)); "
         "print(sorted(m for m in ('torch', 'transformers', 'server.app', 'server.workers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
