@@ -30,6 +30,7 @@ import threading
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -113,6 +114,9 @@ class CompilerProcess:
         self.error: str | None = None
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  # the child's lifetime: closed in compiled()
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # its idle OpenMP workers must not spin
+        # The packages this process imported (engine, models) from wherever they are, whatever the directory.
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "engine.decode_compiler"],
             stdin=subprocess.PIPE,
