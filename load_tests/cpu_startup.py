@@ -9,9 +9,10 @@ for eager steps (``off``), then the default with an empty inductor cache, then w
 filled, the seconds to ``/ready``, then rounds (one every ``--interval`` seconds, the cores idle in between
 as between a user's requests) until every bucket is compiled (and ``--after`` more): one
 batch-1 greedy stream through ``/generate`` (tokens/s between its first and last event, read by this
-client) and llama.cpp's batch-1 decode on the same GGUF and prompt in this process (cpu_bench.LlamaCpp,
-the same threads), each round with the server's ``/info`` compile progress, so ours while compiling and
-after is beside llama.cpp under the same load::
+client; the seconds to its first event and the longest gap between two: stalls) and llama.cpp's batch-1
+decode on the same GGUF and prompt in this process (cpu_bench.LlamaCpp, the same threads), each round
+with the server's ``/info`` compile progress, so ours while compiling and after is beside llama.cpp under
+the same load::
 
     HF_HUB_OFFLINE=1 python -m load_tests.cpu_startup --background --threads 2 \\
         --out load_tests/results/cpu_vs_llamacpp/background_compile/results.json
