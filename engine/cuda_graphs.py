@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 MIN_KV_BUCKET = 64
 LOAD_SWITCH_INTERVAL_S = 1e-4  # the GIL's switch interval while loading a compiled bucket (_compile_in_background)
+LOAD_IDLE_WAIT_S = 30.0  # how long a compiled bucket's load waits for a moment with no steps to serve
+LOAD_IDLE_POLL_S = 0.02
 Step = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]  # (ids, positions, block tables) -> (tokens, logits)
 # Tokens per row a step may compute: 1 (decode) or 1 + speculative drafts (server/config.py allows 16).
 MAX_QUERY_WIDTH = 17
@@ -137,6 +139,8 @@ class DecodeGraphs:
         )
         self._child: decode_compiler.CompilerProcess | None = None
         self._stopping = False
+        self._idle: Callable[[], bool] | None = None
+        self.clock, self.sleep = time.monotonic, time.sleep  # of waiting for an idle engine (tests fake them)
         self._run = self._serve = self._step
         # Compiling in the background, the compiled step is made on the compiling thread: importing torch._dynamo
         # (for ``torch.compile``) is then not part of the start either.
@@ -282,12 +286,14 @@ class DecodeGraphs:
         for batch in self.batch_sizes:  # the first two compile, the rest must reuse the second graph
             self._forward(batch, self.kv_lens[0], q)
 
-    def start_compiling(self) -> threading.Thread | None:
+    def start_compiling(self, idle: Callable[[], bool] | None = None) -> threading.Thread | None:
         """Background compiling: starts the thread that has a child process compile every bucket and switches
         each to its compiled step (None when there is nothing to compile in the background, or it has
-        started). Call it once serving has started: the steps run eagerly until then and meanwhile."""
+        started). Call it once serving has started: the steps run eagerly until then and meanwhile. ``idle``
+        (the engine has nothing to step) lets each load wait a while for a quiet moment."""
         if not self.background or self._compiler is not None:
             return None
+        self._idle = idle
         metrics.DECODE_COMPILE_BUCKETS.labels(state="pending").inc(len(self._compile_widths) * len(self.batch_sizes))
         # Private inputs made here, outside inference mode like ``inputs``: the compiled graphs guard on the
         # inputs' dispatch keys, and graphs traced over inference tensors would not serve the steps' inputs.
@@ -340,6 +346,7 @@ class DecodeGraphs:
             if self._stopping:  # stopped while it started
                 self._child.stop()
             for key in self._child.compiled():
+                self._wait_idle()
                 loading, misses = time.perf_counter(), _cache_misses()
                 # Dynamo's trace holds the GIL for seconds; each op of a served step gives it up and waits to
                 # get it back for up to the switch interval, so with the default 5 ms an eager step of a
@@ -368,6 +375,13 @@ class DecodeGraphs:
                 "compiling decode steps failed (compiled: %s); the other buckets stay eager: %s",
                 [f"batch {b} width {q}" for b, q in self.compiled_keys] or "none", self.compile_error,
             )  # fmt: skip
+
+    def _wait_idle(self) -> None:
+        """Loading a bucket holds the GIL for seconds: wait up to LOAD_IDLE_WAIT_S for the engine to be idle,
+        so a load lands between requests where it can (under steady traffic it goes ahead after the wait)."""
+        deadline = self.clock() + LOAD_IDLE_WAIT_S
+        while self._idle is not None and not self._idle() and not self._stopping and self.clock() < deadline:
+            self.sleep(LOAD_IDLE_POLL_S)
 
     def _job(self) -> decode_compiler.CompileJob:
         k_cache = self.kv_cache[0]

@@ -178,8 +178,9 @@ class LLMEngine:
 
     def start_compiling(self) -> None:
         """With background compiling: starts compiling the decode steps (engine/cuda_graphs.py); call it once
-        serving has started. Steps run eagerly until each bucket's graph exists."""
-        self.runner.decode.start_compiling()
+        serving has started. Steps run eagerly until each bucket's graph exists; each bucket's load into this
+        process waits a while for a moment with nothing to step."""
+        self.runner.decode.start_compiling(idle=lambda: not self.has_work())
 
     def stop_compiling(self) -> None:
         """Ends background compiling's compiler process, if one runs (the engine is stopping)."""

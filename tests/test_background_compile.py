@@ -186,6 +186,38 @@ def test_a_bucket_switches_only_once_the_child_has_compiled_it(tiny) -> None:
 
 
 @pytest.mark.unit
+def test_a_load_waits_for_an_idle_engine(tiny) -> None:
+    """Loading a bucket holds the GIL for seconds: it waits for a moment with nothing to step."""
+    engine = make_engine(tiny)
+    decode = engine.runner.decode
+    fake = FakeCompile(decode)
+    busy, naps = [True], []
+
+    def nap(seconds: float) -> None:  # the engine goes idle after three looks
+        naps.append(seconds)
+        busy[0] = len(naps) < 3
+
+    decode.sleep = nap
+    decode.start_compiling(idle=lambda: not busy[0])
+    fake.report((1, 1))
+    assert len(naps) == 3 and fake.loads == [1] * len(decode.kv_lens)
+    fake.finish()
+
+
+@pytest.mark.unit
+def test_under_steady_traffic_a_load_goes_ahead_after_its_wait(tiny) -> None:
+    engine = make_engine(tiny)
+    decode = engine.runner.decode
+    fake = FakeCompile(decode)
+    clock = itertools.count(0, 10)  # each look at the (fake) clock is 10 s later
+    decode.clock, decode.sleep = lambda: next(clock), lambda seconds: None
+    decode.start_compiling(idle=lambda: False)  # never idle
+    fake.report((1, 1))
+    assert list(decode.compiled_keys) == [(1, 1)]
+    fake.finish()
+
+
+@pytest.mark.unit
 def test_the_childs_failure_leaves_eager_serving_and_says_why(tiny, caplog: pytest.LogCaptureFixture) -> None:
     eager = generate(make_engine(tiny, background=False), PROMPTS)
     engine = make_engine(tiny)
