@@ -21,12 +21,12 @@ With ``background`` (the CPU default, where a fresh start would otherwise compil
 serving) nothing compiles before the engine starts: :meth:`DecodeGraphs.start_compiling` has a child process
 at the lowest priority compile the step at every bucket into the inductor cache, batch 1 first
 (engine/decode_compiler.py), while steps run eagerly; as the child reports each batch bucket, a thread of
-this process compiles it again from the warm cache (dynamo's trace; the graph and its C++ come from disk)
-and that bucket switches to its compiled step. Serving never compiles: it calls only graphs already
-compiled (``torch._dynamo.run``), and a step at a width not compiled yet runs eagerly. Compiling on a thread
-of this process instead held the GIL for minutes of tracing and lowering and stalled served streams for
-seconds; at normal priority on a 2-core machine a compile slowed the eager steps several-fold, at the
-lowest it takes the idle time, so a machine busy all the time may take long to compile
+this process compiles it again from the warm cache (dynamo's trace; the graph and its C++ come from disk),
+waiting a while for the engine to be idle, and that bucket switches to its compiled step. Serving never
+compiles: it calls only graphs already compiled (``torch._dynamo.run``), and a step at a width not compiled
+yet runs eagerly. Compiling on a thread of this process instead held the GIL for minutes of tracing and
+lowering and stalled served streams for seconds; at normal priority on a 2-core machine a compile slowed the
+eager steps several-fold, at the lowest it takes the idle time, so a machine busy all the time may take long to compile
 (load_tests/results/cpu_vs_llamacpp/background_compile/, .../compile_process/).
 """
 
