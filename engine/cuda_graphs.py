@@ -347,6 +347,8 @@ class DecodeGraphs:
                 self._child.stop()
             for key in self._child.compiled():
                 self._wait_idle()
+                if self._stopping:  # no seconds of tracing while the engine stops
+                    break
                 loading, misses = time.perf_counter(), _cache_misses()
                 # Dynamo's trace holds the GIL for seconds; each op of a served step gives it up and waits to
                 # get it back for up to the switch interval, so with the default 5 ms an eager step of a
@@ -375,6 +377,9 @@ class DecodeGraphs:
                 "compiling decode steps failed (compiled: %s); the other buckets stay eager: %s",
                 [f"batch {b} width {q}" for b, q in self.compiled_keys] or "none", self.compile_error,
             )  # fmt: skip
+        finally:  # a failed load or a stop leaves no child compiling buckets nobody will load
+            if self._child is not None:
+                self._child.stop()
 
     def _wait_idle(self) -> None:
         """Loading a bucket holds the GIL for seconds: wait up to LOAD_IDLE_WAIT_S for the engine to be idle,

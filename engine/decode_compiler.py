@@ -16,6 +16,7 @@ The child exits when the server closes its stdin (or dies), so no compile outliv
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import io
 import json
@@ -23,6 +24,7 @@ import logging
 import mmap
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -92,8 +94,12 @@ def stable_cache_keys() -> None:
     """Makes inductor's cache keys the same in every process. A ``torch.memory_format`` pickles by a name
     that pickle looks up in whichever loaded module reaches it first (``__mp_main__``, ``torch._utils``, …),
     so the same graph's key depended on what the process had imported, and the compiler process's entries
-    missed in the server. Pickled through this module's function, it names the same global everywhere."""
+    missed in the server. Pickled through this module's function, it names the same global everywhere.
+    The reducer is process-wide (inductor's key pickler copies ``copyreg``'s table): a ``torch.save`` of a
+    memory format in this process names that function too, which ``torch.load(weights_only=True)`` is told
+    to accept."""
     copyreg.pickle(torch.memory_format, lambda f: (_memory_format, (str(f).removeprefix("torch."),)))
+    torch.serialization.add_safe_globals([_memory_format])
 
 
 def skeleton(obj: object) -> bytes:
@@ -114,6 +120,7 @@ class CompilerProcess:
         self.error: str | None = None
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  # the child's lifetime: closed in compiled()
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # its idle OpenMP workers must not spin
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # its metrics are nobody's: no files in the server's scrape
         # The packages this process imported (engine, models) from wherever they are, whatever the directory.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
@@ -123,6 +130,7 @@ class CompilerProcess:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             env=env,
+            start_new_session=True,  # a group of its own: stopping it ends its compiler subprocesses too
         )
         assert self.proc.stdin is not None
         try:
@@ -133,21 +141,29 @@ class CompilerProcess:
 
     def compiled(self) -> Iterator[tuple[int, int]]:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:  # blocks without the GIL
-            batch, width = json.loads(line)["compiled"]
-            yield batch, width
-        code = self.proc.wait()
-        if code != 0:
-            self._stderr.seek(0)
-            tail = self._stderr.read().decode(errors="replace").strip().splitlines()[-3:]
-            self.error = f"the compiler process exited with {code}: {' | '.join(tail)}"[:500]
-        self._stderr.close()
+        try:
+            for line in self.proc.stdout:  # blocks without the GIL
+                batch, width = json.loads(line)["compiled"]
+                yield batch, width
+            code = self.proc.wait()
+            if code != 0:
+                self._stderr.seek(0)
+                tail = self._stderr.read().decode(errors="replace").strip().splitlines()[-3:]
+                self.error = f"the compiler process exited with {code}: {' | '.join(tail)}"[:500]
+        finally:  # read to the end, or left early (a failed load): this thread closes what it reads
+            self.proc.stdout.close()
+            self._stderr.close()
 
     def stop(self) -> None:
-        """Kills the child (its compile is lost; entries already in the cache stay) and reaps it."""
+        """Kills the child and its compiler subprocesses (its compile is lost; entries already in the cache
+        stay) and reaps it; :meth:`compiled` then ends, on the thread reading it."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
 
 
 def main() -> None:
@@ -168,7 +184,7 @@ def _compile() -> None:
         os.setpriority(os.PRIO_PROCESS, 0, 19)
     job: CompileJob = pickle.load(sys.stdin.buffer)  # the server writes it first; stdin stays open after it
     # The server closing stdin (stopping, or dead) ends the compile: nothing outlives it.
-    threading.Thread(target=lambda: (sys.stdin.buffer.read(), os._exit(0)), daemon=True).start()
+    threading.Thread(target=lambda: (sys.stdin.buffer.read(), os.killpg(0, signal.SIGKILL)), daemon=True).start()
     from engine.cuda_graphs import DecodeGraphs
     from engine.model_runner import zeros
 

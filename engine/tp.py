@@ -42,7 +42,9 @@ class Prefill:
 
 StepInput = Decode | Prefill
 STOP = b"stop"
-DECODE = struct.Struct("<c4q")  # b"D", batch, kv_len, width, q; then batch x width int64 rows
+# b"D", padding to 8 bytes, batch, kv_len, width, q; then batch x width little-endian int64 rows, 8-byte aligned
+DECODE = struct.Struct("<c7x4q")
+ROW = np.dtype("<i8")
 PREFILL = b"P"
 
 
@@ -50,7 +52,7 @@ def encode(step: StepInput) -> bytes:
     """One frame for ``step``: a decode step's header and rows, or a prefill step pickled."""
     if isinstance(step, Decode):
         assert step.rows is not None
-        rows = step.rows.astype(np.int64, copy=False).tobytes()  # row-major, one copy of a strided view
+        rows = step.rows.astype(ROW, copy=False).tobytes()  # row-major, one copy of a strided view
         return DECODE.pack(b"D", step.batch, step.kv_len, step.width, step.q) + rows
     return PREFILL + pickle.dumps(step, protocol=5)
 
@@ -59,8 +61,10 @@ def decode(frame: memoryview) -> StepInput:
     """The step :func:`encode` made ``frame`` of (a decode step's rows are a view of the frame)."""
     if frame[:1] == PREFILL:
         return pickle.loads(frame[1:])
-    _, batch, kv_len, width, q = DECODE.unpack_from(frame)
-    rows = np.frombuffer(frame, dtype=np.int64, offset=DECODE.size).reshape(batch, width)
+    tag, batch, kv_len, width, q = DECODE.unpack_from(frame)
+    if tag != b"D" or len(frame) != DECODE.size + batch * width * ROW.itemsize:
+        raise ValueError(f"not a step frame: tag {tag!r}, {len(frame)} bytes")
+    rows = np.frombuffer(frame, dtype=ROW, offset=DECODE.size).reshape(batch, width)
     return Decode(batch, kv_len, width, rows, q)
 
 

@@ -253,6 +253,7 @@ def test_a_failed_load_leaves_eager_serving_and_says_why(tiny, caplog: pytest.Lo
     assert [c["batch"] for c in decode.compile_progress()["compiled"]] == [1]
     assert generate(engine, PROMPTS) == eager
     assert 4 not in fake.served
+    assert fake.stopped.wait(WAIT_S)  # the child compiling buckets nobody will load is stopped
 
 
 @pytest.mark.unit
@@ -305,9 +306,9 @@ def test_ready_before_compiling_is_done(tiny) -> None:
     asyncio.run(start())
 
 
-@pytest.mark.integration  # compiles C++ (inductor) for the tiny model: tens of seconds
+@pytest.mark.live  # starts the compiler process, which compiles C++ (inductor) for the tiny model: tens of seconds
 def test_graphs_compiled_in_the_background_serve_the_steps(tiny) -> None:
-    """The served steps hit the graphs the compiling thread made: a step's inputs pass their guards. (Compiled
+    """The served steps hit the graphs compiled in the background: a step's inputs pass their guards. (Compiled
     over inference tensors, every guard failed on the steps' dispatch keys, and the "compiled" steps ran eagerly
     through torch._dynamo.run.) Serving through the compiling callable instead, a failed guard would compile a
     new graph, which the counter would show."""
