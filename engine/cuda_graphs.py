@@ -342,6 +342,10 @@ class DecodeGraphs:
                 if self._run == self._step:  # not made yet (nor replaced, as the tests replace it)
                     self._make_compiled()
                 self._step(*self._inputs(1, self.kv_lens[0], 1, inputs))  # one-time checks run outside the trace
+            if not _graph_cache_on():
+                # The child hands its graphs over through that cache: without it every load would compile
+                # here, in the serving process, for minutes.
+                raise RuntimeError("inductor's FX graph cache is off, so the compiler process cannot hand graphs over")
             self._child = self.spawn_compiler(self._job())
             if self._stopping:  # stopped while it started
                 self._child.stop()
@@ -466,3 +470,10 @@ def _cache_misses() -> int:
     from torch._dynamo.utils import counters
 
     return counters["inductor"]["fxgraph_cache_miss"]
+
+
+def _graph_cache_on() -> bool:
+    """Whether inductor's FX graph cache is on (TORCHINDUCTOR_FX_GRAPH_CACHE, TORCHINDUCTOR_FORCE_DISABLE_CACHES)."""
+    import torch._inductor.config as inductor
+
+    return bool(inductor.fx_graph_cache) and not getattr(inductor, "force_disable_caches", False)

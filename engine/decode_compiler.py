@@ -132,6 +132,9 @@ class CompilerProcess:
             env=env,
             start_new_session=True,  # a group of its own: stopping it ends its compiler subprocesses too
         )
+        if hasattr(os, "setpriority"):  # from its first instruction, not once it has imported torch
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL))

@@ -238,6 +238,24 @@ def test_the_childs_failure_leaves_eager_serving_and_says_why(tiny, caplog: pyte
 
 
 @pytest.mark.unit
+def test_without_inductors_cache_no_child_starts_and_steps_stay_eager(
+    tiny, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child hands its graphs over through inductor's FX graph cache: with it off, every load would
+    compile in the serving process, so nothing compiles in the background and the steps stay eager."""
+    monkeypatch.setattr("engine.cuda_graphs._graph_cache_on", lambda: False)  # TORCHINDUCTOR_FX_GRAPH_CACHE=0
+    engine = make_engine(tiny)
+    decode = engine.runner.decode
+    fake = FakeCompile(decode)
+    with caplog.at_level(logging.WARNING, logger="engine.cuda_graphs"):
+        thread = decode.start_compiling()
+        assert thread is not None
+        thread.join(WAIT_S)
+    assert not fake.started.is_set() and "FX graph cache is off" in caplog.text
+    assert decode.compile_progress()["state"] == "failed" and not decode.compile_progress()["compiled"]
+
+
+@pytest.mark.unit
 def test_a_failed_load_leaves_eager_serving_and_says_why(tiny, caplog: pytest.LogCaptureFixture) -> None:
     eager = generate(make_engine(tiny, background=False), PROMPTS)
     engine = make_engine(tiny)
