@@ -33,7 +33,6 @@ from models.tensor_parallel import NO_MULTICAST, AllReduce, init_group, make_all
 SIZES = (1 * 4096, 16 * 4096, 64 * 4096, 256 * 4096)  # bf16 elements: batch x hidden of the 8B-class model
 CHAIN = 64  # all-reduces per graph: one decode step of a 32-layer model
 REPLAYS = 20
-CHECK_TOLERANCE = 1e-2  # relative max error at which the check fails (exact agreement is expected)
 
 
 def nccl(x: Tensor) -> Tensor:
@@ -118,7 +117,7 @@ def check(reduce: AllReduce, rank: int) -> dict[str, object]:
         exact = all(torch.equal(y, w) for y, w in zip(ys, wants, strict=True))
         results.append({"where": f"graph replay {replay}", "elements": "chain", **worst, "exact": exact})
     return {
-        "ok": all(r["finite"] and r["rel_max_err"] <= CHECK_TOLERANCE for r in results),
+        "ok": all(r["finite"] and r["exact"] for r in results),  # two ranks: one rounding either way
         "fused_copy": reduce.symmetric.fused_copy,
         "results": results,
     }
