@@ -241,16 +241,16 @@ class DynamicBatcher(Generic[T, R]):
 
     # ------------------------------------------------------------------ batching loop
 
-    def _removed(self, items: Iterable[_Pending[T]]) -> None:
-        for p in items:
-            self._n_queued -= 1
-            self._cost_queued -= p.cost
+    def _popleft(self, pending: deque[_Pending[T]]) -> None:
+        """Drops the first of a call's items from the queue and its counts."""
+        self._n_queued -= 1
+        self._cost_queued -= pending.popleft().cost
 
     def _drop_cancelled_heads(self) -> None:
         """Items whose caller went away leave the front of their call's queue; empty calls leave."""
         for call, pending in list(self._calls.items()):
             while pending and pending[0].future.done():
-                self._removed((pending.popleft(),))
+                self._popleft(pending)
             if not pending:
                 del self._calls[call]
 
@@ -281,7 +281,7 @@ class DynamicBatcher(Generic[T, R]):
             pending = self._calls.pop(call)
             # A call's taken items are its first live ones: drop them with the cancelled ones among them.
             while pending and (id(pending[0]) in taken or pending[0].future.done()):
-                self._removed((pending.popleft(),))
+                self._popleft(pending)
             if pending:
                 self._calls[call] = pending
         self._queued_gauge.set(self._n_queued)

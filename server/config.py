@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, CliSettingsSource, SettingsConfigDic
 # classification): load_tests/results/compression/README.md#decisions. Generation's is per device
 # (server/hardware.py).
 DEFAULT_CLS_PRUNE = 0.0
+MAX_API_SERVERS = 64  # bounds the setting and the default server/hardware.py derives
 
 Quantization = Literal["auto", "none", "int8", "int8-wo", "fp8"]
 # The bounds most settings share, named once.
@@ -88,7 +89,7 @@ class HTTPSettings(Concern, title="HTTP"):
 class ProcessSettings(Concern, title="processes"):
     """API servers (HTTP, tokenization, detokenization) and the engines, in one process or several."""
 
-    api_servers: Annotated[Count, Field(le=64)] | None = None
+    api_servers: Annotated[Count, Field(le=MAX_API_SERVERS)] | None = None
     """HTTP processes sharing the port; default 1 on up to 4 usable CPU cores, else half of them (at most 8 per
     engine core, 64 in all)"""
     engine_core: Literal["auto", "thread", "process"] = "auto"

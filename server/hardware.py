@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ConfigDict
 
 from models.cpu_policy import CUDA_GEN_PRUNE, CpuPolicy, cpu_policy
-from server.config import Settings
+from server.config import MAX_API_SERVERS, Settings
 
 if TYPE_CHECKING:
     import torch
 
-MAX_API_SERVERS = 64  # the api_servers setting's own bound
 INT8_WO_MAX_SEQS = 64  # largest decode batch at which int8-wo measured no slower than bf16 on CUDA
 PREFILL_BUDGET = {"cpu": 512, "cuda": 4096}  # padded prompt tokens per prefill step
 # Decode steps as torch.compile graphs (engine/cuda_graphs.py): compiled before /ready, in the background after
@@ -109,7 +108,7 @@ class HardwarePolicy(BaseModel):
             why["engine_core"] = alone if in_process else "CUDA, several API servers or data parallel"
         if settings.api_servers is None:
             threads = settings.engine_core == "thread"
-            cores = f"for {len(os.sched_getaffinity(0))} usable CPU cores, data parallel {settings.data_parallel_size}"
+            cores = f"for {usable_cpus()} usable CPU cores, data parallel {settings.data_parallel_size}"
             why["api_servers"] = "engine_core=thread" if threads else cores
         return cls(
             device=str(device),
@@ -195,6 +194,11 @@ def _auto_gen_quantize(
     return "int8-wo", f"max_num_seqs {settings.max_num_seqs} <= {INT8_WO_MAX_SEQS} and the int8-wo kernel runs here"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's cpuset), not the host's."""
+    return len(os.sched_getaffinity(0))
+
+
 def api_servers(settings: Settings) -> int:
     """As set; else one with ``engine_core=thread`` or up to 4 CPU cores, else half the cores, at most 8 per
     engine core: each data-parallel GPU gets the API servers one GPU is served by, as a replica would."""
@@ -202,7 +206,7 @@ def api_servers(settings: Settings) -> int:
         return settings.api_servers
     if settings.engine_core == "thread":
         return 1
-    cores = len(os.sched_getaffinity(0))  # the CPUs this process may run on (a container's cpuset), not the host's
+    cores = usable_cpus()
     return 1 if cores <= 4 else min(8 * settings.data_parallel_size, cores // 2, MAX_API_SERVERS)
 
 

@@ -112,6 +112,14 @@ def make_engine(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], background: b
     return engine
 
 
+def with_fake_compiler(
+    tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], fail: int | None = None
+) -> tuple[LLMEngine, DecodeGraphs, FakeCompile]:
+    """A background-compiling engine, its decode graphs, and the fake child compiling for them."""
+    engine = make_engine(tiny)
+    return engine, engine.runner.decode, FakeCompile(engine.runner.decode, fail)
+
+
 def generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 12) -> list[list[int]]:
     """Greedy tokens of each prompt, all in one continuous batch."""
     mine = {next(KEYS): i for i in range(len(prompts))}
@@ -128,10 +136,8 @@ def generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 12) 
 @pytest.mark.unit
 def test_serves_eagerly_before_anything_compiles_then_switches(tiny) -> None:
     eager = generate(make_engine(tiny, background=False), PROMPTS)
-    engine = make_engine(tiny)
-    decode = engine.runner.decode
+    engine, decode, fake = with_fake_compiler(tiny)
     assert decode.compiled and decode.background
-    fake = FakeCompile(decode)
     assert fake.loads == [] and not fake.started.is_set()  # nothing compiled while the engine was built
     engine.start_compiling()
     assert fake.started.wait(WAIT_S)  # the child compiles for "minutes"
@@ -154,9 +160,7 @@ def test_serves_eagerly_before_anything_compiles_then_switches(tiny) -> None:
 
 @pytest.mark.unit
 def test_the_child_gets_the_model_shapes_and_the_servers_threads(tiny) -> None:
-    engine = make_engine(tiny)
-    decode = engine.runner.decode
-    fake = FakeCompile(decode)
+    engine, decode, fake = with_fake_compiler(tiny)
     engine.start_compiling()
     assert fake.started.wait(WAIT_S)
     job = fake.job
@@ -171,9 +175,7 @@ def test_the_child_gets_the_model_shapes_and_the_servers_threads(tiny) -> None:
 @pytest.mark.unit
 def test_a_bucket_switches_only_once_the_child_has_compiled_it(tiny) -> None:
     eager = generate(make_engine(tiny, background=False), PROMPTS)
-    engine = make_engine(tiny)
-    decode = engine.runner.decode
-    fake = FakeCompile(decode)
+    engine, decode, fake = with_fake_compiler(tiny)
     engine.start_compiling()
     fake.report((1, 1))  # batch 1 compiled, the larger buckets still compiling in the child
     assert list(decode.compiled_keys) == [(1, 1)]
@@ -188,9 +190,7 @@ def test_a_bucket_switches_only_once_the_child_has_compiled_it(tiny) -> None:
 @pytest.mark.unit
 def test_a_load_waits_for_an_idle_engine(tiny) -> None:
     """Loading a bucket holds the GIL for seconds: it waits for a moment with nothing to step."""
-    engine = make_engine(tiny)
-    decode = engine.runner.decode
-    fake = FakeCompile(decode)
+    _, decode, fake = with_fake_compiler(tiny)
     busy, naps = [True], []
 
     def nap(seconds: float) -> None:  # the engine goes idle after three looks
@@ -206,9 +206,7 @@ def test_a_load_waits_for_an_idle_engine(tiny) -> None:
 
 @pytest.mark.unit
 def test_under_steady_traffic_a_load_goes_ahead_after_its_wait(tiny) -> None:
-    engine = make_engine(tiny)
-    decode = engine.runner.decode
-    fake = FakeCompile(decode)
+    _, decode, fake = with_fake_compiler(tiny)
     clock = itertools.count(0, 10)  # each look at the (fake) clock is 10 s later
     decode.clock, decode.sleep = lambda: next(clock), lambda seconds: None
     decode.start_compiling(idle=lambda: False)  # never idle
@@ -220,9 +218,7 @@ def test_under_steady_traffic_a_load_goes_ahead_after_its_wait(tiny) -> None:
 @pytest.mark.unit
 def test_the_childs_failure_leaves_eager_serving_and_says_why(tiny, caplog: pytest.LogCaptureFixture) -> None:
     eager = generate(make_engine(tiny, background=False), PROMPTS)
-    engine = make_engine(tiny)
-    decode = engine.runner.decode
-    fake = FakeCompile(decode)
+    engine, decode, fake = with_fake_compiler(tiny)
     with caplog.at_level(logging.WARNING, logger="engine.cuda_graphs"):
         engine.start_compiling()
         fake.report((1, 1))
@@ -244,9 +240,7 @@ def test_without_inductors_cache_no_child_starts_and_steps_stay_eager(
     """The child hands its graphs over through inductor's FX graph cache: with it off, every load would
     compile in the serving process, so nothing compiles in the background and the steps stay eager."""
     monkeypatch.setattr("engine.cuda_graphs._graph_cache_on", lambda: False)  # TORCHINDUCTOR_FX_GRAPH_CACHE=0
-    engine = make_engine(tiny)
-    decode = engine.runner.decode
-    fake = FakeCompile(decode)
+    _, decode, fake = with_fake_compiler(tiny)
     with caplog.at_level(logging.WARNING, logger="engine.cuda_graphs"):
         thread = decode.start_compiling()
         assert thread is not None
@@ -258,9 +252,7 @@ def test_without_inductors_cache_no_child_starts_and_steps_stay_eager(
 @pytest.mark.unit
 def test_a_failed_load_leaves_eager_serving_and_says_why(tiny, caplog: pytest.LogCaptureFixture) -> None:
     eager = generate(make_engine(tiny, background=False), PROMPTS)
-    engine = make_engine(tiny)
-    decode = engine.runner.decode
-    fake = FakeCompile(decode, fail=2)
+    engine, decode, fake = with_fake_compiler(tiny, fail=2)
     with caplog.at_level(logging.WARNING, logger="engine.cuda_graphs"):
         engine.start_compiling()
         fake.report((1, 1))
