@@ -10,13 +10,18 @@ their scales are per output row, so rows split with them and columns leave them 
 The row-parallel sums of a decode step are small (a few rows of the hidden size) and there are two per layer:
 on CUDA they run as a one-shot all-reduce over torch's symmetric memory (:class:`SymmetricAllReduce`, one
 kernel of peer loads over NVLink, no multicast) up to :data:`SYMMETRIC_MAX_BYTES`, NCCL's beyond that, and
-NCCL's alone where symmetric memory cannot be set up; on CPU gloo's.
+NCCL's alone where symmetric memory cannot be set up; on CPU gloo's. Inside a compiled decode step
+(engine/cuda_graphs.py) the sum is one opaque custom op (:func:`all_reduce_op`), as the paged-attention and int8
+kernels are, so inductor compiles the rest of the step around it: the residual add and the next RMSNorm fuse
+behind it, RoPE and SiLU·mul as in a one-GPU step.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import warnings
+import weakref
 from dataclasses import replace
 from typing import Literal
 
@@ -116,24 +121,57 @@ class SymmetricAllReduce:
 class AllReduce:
     """Sums a row-parallel partial product over the group: the one-shot kernel over symmetric memory (into a
     new tensor) when it is set up and the tensor fits, else ``dist.all_reduce`` (in place: NCCL on CUDA,
-    gloo on CPU).
+    gloo on CPU; into a copy inside a compiled step, :meth:`summed`).
     The choice depends only on the tensor's shape, dtype and layout, so every rank makes the same one, and a
     CUDA graph records the one made at capture."""
 
     def __init__(self, group: dist.ProcessGroup | None = None, symmetric: SymmetricAllReduce | None = None) -> None:
         self.group = group
         self.symmetric = symmetric
+        # How the compiled step's op finds this instance: numbered in creation order, so the same in every
+        # start of a process (inductor's cache keys on the graph, this string included).
+        self.key = f"tp-all-reduce-{next(_numbers)}"
+        _REDUCERS[self.key] = self
 
     def __call__(self, x: Tensor) -> Tensor:
+        # Dynamo's own flag, as models/llama.py's compiled branches: eager steps served meanwhile stay eager.
+        if torch.compiler.is_dynamo_compiling():
+            return all_reduce_op(x, self.key)
         if self.symmetric is not None and self.symmetric.fits(x):
             return self.symmetric(x)
         dist.all_reduce(x, group=self.group)
         return x
 
+    def summed(self, x: Tensor) -> Tensor:
+        """The sum of ``x`` over the group in a new tensor, ``x`` left as it was (what a custom op may do)."""
+        if self.symmetric is not None and self.symmetric.fits(x):
+            return self.symmetric(x)
+        out = x.clone()
+        dist.all_reduce(out, group=self.group)
+        return out
+
     def describe(self) -> str:
         if self.symmetric is None:
             return "NCCL/gloo (dist.all_reduce)"
         return f"one-shot over symmetric memory up to {self.symmetric.max_bytes} bytes, NCCL beyond"
+
+
+_REDUCERS: weakref.WeakValueDictionary[str, AllReduce] = weakref.WeakValueDictionary()
+_numbers = itertools.count()
+
+
+@torch.library.custom_op("lowlat::tp_all_reduce", mutates_args=())
+def all_reduce_op(x: Tensor, key: str) -> Tensor:
+    """:meth:`AllReduce.summed` of the AllReduce named ``key``, as one opaque op for ``torch.compile``: dynamo
+    does not trace a collective or the one-shot kernel's launch, and a custom op takes only tensors and plain
+    values, hence the name. Functional (a new tensor, its input untouched), so inductor may schedule and
+    fuse everything around it; every rank's graph holds the same chain of them, in the order of the layers."""
+    return _REDUCERS[key].summed(x)
+
+
+@all_reduce_op.register_fake
+def _(x: Tensor, key: str) -> Tensor:
+    return torch.empty_like(x)
 
 
 def _all_ranks(ok: bool, group: dist.ProcessGroup | None, device: torch.device) -> bool:

@@ -157,11 +157,14 @@ def _compile_decode(
     after /ready, in a low-priority child process, serving eager steps meanwhile. ``on`` compiles before /ready."""
     if settings.compile_decode == "off":
         return "off"
-    if settings.tensor_parallel_size > 1:  # compiled steps hold no collectives
-        why["compile_decode"] = "tensor parallel: eager steps"
-        return "off"
     if settings.compile_decode == "on":
         return "before_ready"
+    if cpu is not None and settings.tensor_parallel_size > 1:  # compiled steps' all-reduce: models/tensor_parallel.py
+        why["compile_decode"] = (
+            "tensor parallel on CPU: eager steps (the background compiler process joins no process group); "
+            "--compile-decode on compiles before /ready"
+        )
+        return "off"
     if cpu is not None:
         if not cpu.compile_decode:
             why["compile_decode"] = cpu.why["compile_decode"]

@@ -159,7 +159,18 @@ def test_physical_cores_count_hyperthreads_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
-def test_tensor_parallel_runs_eager_cpu_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensor_parallel_compiles_its_steps_except_in_the_cpu_background(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled steps sum through an opaque all-reduce op (models/tensor_parallel.py): on CUDA they compile as
+    one GPU's do; on CPU ``auto`` stays eager (the background compiler process joins no process group), ``on``
+    compiles before /ready on every rank, ``off`` is off."""
     fake_cpu(monkeypatch, VNNI)
-    policy = HardwarePolicy.decide(Settings(device="cpu", compile_decode="on", tensor_parallel_size=3))
+    policy = HardwarePolicy.decide(Settings(device="cpu", compile_decode="auto", tensor_parallel_size=3))
     assert policy.compile_decode == "off" and "tensor parallel" in policy.why["compile_decode"]
+    on = HardwarePolicy.decide(Settings(device="cpu", compile_decode="on", tensor_parallel_size=3))
+    assert on.compile_decode == "before_ready"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(quant_kernels, "usable", lambda device, dtype: True)
+    monkeypatch.setattr(paged_attention, "available", lambda device: True)
+    for asked, compiled in (("auto", "before_ready"), ("off", "off")):
+        policy = HardwarePolicy.decide(Settings(compile_decode=asked, tensor_parallel_size=2))
+        assert policy.compile_decode == compiled

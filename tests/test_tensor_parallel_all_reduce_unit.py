@@ -138,6 +138,28 @@ def test_a_peer_that_failed_takes_every_rank_to_nccl(
     assert "symmetric memory failed on a peer" in caplog.text
 
 
+def test_a_compiled_step_sums_through_one_opaque_op_into_new_tensors(fake_group: list[torch.Tensor]) -> None:
+    """Traced by dynamo, the all-reduce is one node of the ``lowlat::tp_all_reduce`` op (inductor compiles
+    around it); run, it sums as the eager call does (one-shot where the tensor fits, else NCCL) but into a new
+    tensor, its input untouched, as a functional op must."""
+    reduce = make_all_reduce("auto", CUDA, BF16, max_bytes=1024, symmetric=FakeSymmetric)
+    ops: list[object] = []
+
+    def backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> object:
+        ops.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    step = torch.compile(lambda x: reduce(x) + 1, backend=backend, fullgraph=True, dynamic=False)
+    row, prefill = torch.ones(1, 256, dtype=BF16), torch.ones(1, 1024, dtype=BF16)  # 512 B fits, 2 KiB does not
+    assert step(row).max().item() == 3 and row.max().item() == 1  # doubled by the fake one-shot kernel
+    assert not fake_group
+    summed = step(prefill)
+    assert len(fake_group) == 1 and fake_group[0] is not prefill  # NCCL summed a copy
+    assert summed.max().item() == 2 and prefill.max().item() == 1
+    assert ops.count(torch.ops.lowlat.tp_all_reduce.default) == 2  # one per compiled graph (two shapes)
+    assert reduce.symmetric.summed == [(1, 256)]
+
+
 def test_row_parallel_layers_share_the_ranks_all_reduce(tiny: tuple) -> None:
     config, state = tiny
     reduce = AllReduce()
