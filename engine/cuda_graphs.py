@@ -22,7 +22,9 @@ serving) nothing compiles before the engine starts: :meth:`DecodeGraphs.start_co
 at the lowest priority compile the step at every bucket into the inductor cache, batch 1 first
 (engine/decode_compiler.py), while steps run eagerly; as the child reports each batch bucket, a thread of
 this process compiles it again from the warm cache (dynamo's trace; the graph and its C++ come from disk),
-waiting a while for the engine to be idle, and that bucket switches to its compiled step. Serving never
+waiting a while for the engine to be idle, and that bucket switches to its compiled step. A bucket once
+loaded is marked in the cache (decode_compiler.CompiledMarks): a restart on that cache loads the marked
+buckets at once, and only the others go to a child. Serving never
 compiles: it calls only graphs already compiled (``torch._dynamo.run``), and a step at a width not compiled
 yet runs eagerly. Compiling on a thread of this process instead held the GIL for minutes of tracing and
 lowering and stalled served streams for seconds; at normal priority on a 2-core machine a compile slowed the
@@ -32,12 +34,14 @@ eager steps several-fold, at the lowest it takes the idle time, so a machine bus
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -294,7 +298,7 @@ class DecodeGraphs:
         if not self.background or self._compiler is not None:
             return None
         self._idle = idle
-        metrics.DECODE_COMPILE_BUCKETS.labels(state="pending").inc(len(self._compile_widths) * len(self.batch_sizes))
+        metrics.DECODE_COMPILE_BUCKETS.labels(state="pending").inc(len(self._keys()))
         # Private inputs made here, outside inference mode like ``inputs``: the compiled graphs guard on the
         # inputs' dispatch keys, and graphs traced over inference tensors would not serve the steps' inputs.
         with torch.inference_mode(False):
@@ -312,30 +316,38 @@ class DecodeGraphs:
             self._child.stop()
 
     @torch.inference_mode()
-    def compile_buckets(self, inputs: Tensor | None = None) -> Iterator[tuple[int, int]]:
+    def compile_buckets(
+        self, inputs: Tensor | None = None, only: Collection[tuple[int, int]] | None = None
+    ) -> Iterator[tuple[int, int]]:
         """Compiles batch 1, then each larger bucket (the second graph, then each bucket through it), for each
-        width, over ``inputs`` (default: a private buffer) whose rows all point at the scratch block, and
-        yields each (batch bucket, width) once compiled. Every KV bucket runs once, so a guard that would fail
-        there compiles here, not while serving."""
+        width (of those in ``only``, if given), over ``inputs`` (default: a private buffer) whose rows all point
+        at the scratch block, and yields each (batch bucket, width) once compiled. Every KV bucket runs once,
+        so a guard that would fail there compiles here, not while serving."""
         if inputs is None:
             with torch.inference_mode(False):
                 inputs = torch.zeros_like(self.inputs)
         if self._run == self._step:  # not made yet (nor replaced, as the tests replace it)
             self._make_compiled()
-        for q in self._compile_widths:
+        keys = self._keys() if only is None else [k for k in self._keys() if k in only]
+        for q in dict.fromkeys(q for _, q in keys):
             self._step(*self._inputs(1, self.kv_lens[0], q, inputs))  # one-time checks run outside the trace
-            for batch in self.batch_sizes:
+            for batch, _ in (k for k in keys if k[1] == q):
                 self._load(batch, q, inputs)
                 yield batch, q
+
+    def _keys(self) -> list[tuple[int, int]]:
+        """Every (batch bucket, width) compiled in the background, in compiling order."""
+        return [(b, q) for q in self._compile_widths for b in self.batch_sizes]
 
     def _load(self, batch: int, q: int, inputs: Tensor) -> None:
         for kv_len in self.kv_lens:
             self._compiled(self._run, batch, *self._inputs(batch, kv_len, q, inputs))
 
     def _compile_in_background(self, inputs: Tensor) -> None:
-        """Has a child process compile every bucket into the inductor cache (engine/decode_compiler.py), and
-        as it reports each, compiles that bucket here from the warm cache (trace, then load) and switches its
-        steps to it. The child's failure (or a failed load) leaves the remaining buckets eager."""
+        """Has a child process compile the buckets the inductor cache does not hold yet (all of them on a first
+        start; engine/decode_compiler.py), and loads each bucket here from the warm cache (trace, then load)
+        and switches its steps to it: the buckets the cache holds at once, the others as the child reports
+        them. The child's failure (or a failed load) leaves the remaining buckets eager."""
         start = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -346,10 +358,16 @@ class DecodeGraphs:
                 # The child hands its graphs over through that cache: without it every load would compile
                 # here, in the serving process, for minutes.
                 raise RuntimeError("inductor's FX graph cache is off, so the compiler process cannot hand graphs over")
-            self._child = self.spawn_compiler(self._job())
-            if self._stopping:  # stopped while it started
-                self._child.stop()
-            for key in self._child.compiled():
+            job = self._job()
+            marks = decode_compiler.CompiledMarks(job)
+            cached = [key for key in self._keys() if key in marks]
+            missing = tuple(key for key in self._keys() if key not in marks)
+            log.info("decode steps: %d of %d buckets in the inductor cache", len(cached), len(cached) + len(missing))
+            if missing:  # a restart on a warm cache starts no child (it would compile each bucket again first)
+                self._child = self.spawn_compiler(dataclasses.replace(job, buckets=missing))
+                if self._stopping:  # stopped while it started
+                    self._child.stop()
+            for key in itertools.chain(cached, self._child.compiled() if self._child is not None else ()):
                 self._wait_idle()
                 if self._stopping:  # no seconds of tracing while the engine stops
                     break
@@ -365,7 +383,8 @@ class DecodeGraphs:
                 finally:
                     sys.setswitchinterval(interval)
                 if _cache_misses() > misses:  # compiled here after all: the stall the child is there to avoid
-                    log.warning("batch %d (width %d): the compiler process's graph was not in the cache", *key)
+                    log.warning("batch %d (width %d): its graph was not in the inductor cache, compiled here", *key)
+                marks.add(key)  # in the cache now, whoever compiled it
                 self.compiled_keys[key] = round(time.perf_counter() - start, 1)
                 metrics.DECODE_COMPILE_BUCKETS.labels(state="compiled").inc()
                 metrics.DECODE_COMPILE_BUCKETS.labels(state="pending").dec()
@@ -373,7 +392,7 @@ class DecodeGraphs:
                     "decode steps of batch %d (width %d) compiled after %.1f s (loaded here in %.2f s): they run "
                     "compiled from now on", *key, self.compiled_keys[key], time.perf_counter() - loading,
                 )  # fmt: skip
-            if self._child.error is not None and not self._stopping:
+            if self._child is not None and self._child.error is not None and not self._stopping:
                 raise RuntimeError(self._child.error)
         except Exception as exc:  # any compile failure: serving goes on with eager steps
             self.compile_error = f"{type(exc).__name__}: {exc}"[:500]
@@ -401,7 +420,7 @@ class DecodeGraphs:
 
     def compile_progress(self) -> dict[str, object]:
         """Background compiling's state for /info: compiled buckets (with seconds since the start), pending ones."""
-        keys = [(b, q) for q in self._compile_widths for b in self.batch_sizes]
+        keys = self._keys()
         done = dict(self.compiled_keys)  # a copy: the compiling thread adds to it
         state = "failed" if self.compile_error else "done" if len(done) == len(keys) else "compiling"
         return {

@@ -6,7 +6,10 @@ minutes on a cold cache, and stalled served streams for seconds at a time
 one C++ compile at a time) compiles the same step at every bucket into the inductor cache the server uses
 (``TORCHINDUCTOR_CACHE_DIR``, inherited), and says on stdout which batch bucket is compiled. The serving
 process then compiles that bucket itself from the warm cache: the FX graph and its C++ come from disk,
-only dynamo's trace runs in process (engine/cuda_graphs.py).
+only dynamo's trace runs in process (engine/cuda_graphs.py). Each bucket loaded so is marked in the cache
+(:class:`CompiledMarks`); on a later start the marked buckets load at once and the child compiles only the
+others, or does not start at all (it used to compile every bucket again from the warm cache first, seconds
+each: load_tests/results/cpu_vs_llamacpp/compile_process/).
 
 The child needs the model's structure, not its weights: graphs and their cache keys depend on the
 parameters' shapes, dtypes, strides and aliasing, never their values. The model travels as a pickle whose
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import hashlib
 import io
 import json
 import logging
@@ -33,6 +37,7 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -51,19 +56,42 @@ class CompileJob:
     config: object  # engine.cuda_graphs.DecodeConfig (not imported here: that module imports this one)
     logits: bool
     threads: int  # torch threads of the server: inductor's C++ is generated for that many
+    buckets: tuple[tuple[int, int], ...] | None = None  # the (batch, width) pairs to compile; None: all
 
 
-class _Skeleton(pickle.Pickler):
-    """Pickles tensors as (storage, metadata), no data: aliasing (tied weights, views) survives."""
+class _Skeleton(pickle._Pickler):  # Python's own pickler: C's leaves no hook on how a set is saved
+    """Pickles tensors as (storage, metadata), no data: aliasing (tied weights, views) survives. Tensors and
+    storages are numbered in the order met, and sets pickle sorted, so the same model's skeleton is the same
+    bytes in every process: :func:`job_key` hashes it."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.tensors: dict[int, int] = {}
+        self.storages: dict[int, int] = {}
+        self.held: list[torch.Tensor] = []  # each numbered tensor alive to the end: no id reused
 
     def persistent_id(self, obj: object) -> object:
         if not isinstance(obj, torch.Tensor):
             return None
         storage = obj.untyped_storage()
+        if id(obj) not in self.tensors:
+            self.tensors[id(obj)] = len(self.tensors)
+            self.held.append(obj)
+        key = self.tensors[id(obj)]
+        ptr = self.storages.setdefault(storage.data_ptr(), len(self.storages))
         return (
-            id(obj), isinstance(obj, nn.Parameter), obj.requires_grad, obj.dtype, tuple(obj.shape),
-            obj.stride(), obj.storage_offset(), storage.data_ptr(), storage.nbytes(),
+            key, isinstance(obj, nn.Parameter), obj.requires_grad, obj.dtype, tuple(obj.shape),
+            obj.stride(), obj.storage_offset(), ptr, storage.nbytes(),
         )  # fmt: skip
+
+    def _save_set(self, obj: set | frozenset) -> None:  # a set's order follows string hashes: per process
+        try:
+            items = sorted(obj)
+        except TypeError:
+            items = list(obj)
+        self.save_reduce(type(obj), (items,), obj=obj)
+
+    dispatch: ClassVar[dict] = {**pickle._Pickler.dispatch, set: _save_set, frozenset: _save_set}
 
 
 class _Unskeleton(pickle.Unpickler):
@@ -104,12 +132,59 @@ def stable_cache_keys() -> None:
 
 def skeleton(obj: object) -> bytes:
     out = io.BytesIO()
-    _Skeleton(out, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    _Skeleton(out).dump(obj)
     return out.getvalue()
 
 
 def from_skeleton(data: bytes) -> object:
     return _Unskeleton(data).load()
+
+
+MARKS_FORMAT = 1  # bump when what a mark promises changes
+
+
+def job_key(job: CompileJob) -> str:
+    """What the graphs a job compiles, and so their inductor cache keys, depend on: the model's structure (its
+    skeleton), the KV cache's shape, the decode config, the threads; and what this key cannot see inside
+    inductor's own key: the sources of the code traced (every module of engine/ and models/, a superset),
+    torch's and Python's versions, the CPU's vector capability, inductor's settings from the environment.
+    Anything else the same graph's key might depend on errs the safe way: a mark the cache does not back
+    makes the load compile in process, which :class:`DecodeGraphs` reports."""
+    h = hashlib.sha256()
+    settings = sorted((k, v) for k, v in os.environ.items() if k.startswith(("TORCHINDUCTOR_", "TORCH_COMPILE")))
+    fields = (
+        MARKS_FORMAT, torch.__version__, sys.version, torch.backends.cpu.get_cpu_capability(), settings,
+        job.kv_shape, str(job.kv_dtype), job.block_size, repr(job.config), job.logits, job.threads,
+    )  # fmt: skip
+    h.update(repr(fields).encode())
+    h.update(job.model)
+    root = Path(__file__).resolve().parent.parent
+    for path in sorted([*root.glob("engine/*.py"), *root.glob("models/*.py")]):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:32]
+
+
+class CompiledMarks:
+    """Which buckets of a job the inductor cache holds: a file per (batch, width), made once that bucket has
+    loaded in the serving process, under the cache directory itself (``TORCHINDUCTOR_CACHE_DIR``), so a
+    removed cache takes its marks along. A restart on a warm cache loads the marked buckets in process
+    at once instead of waiting for a compiler process to compile them again (seconds each, for nothing)."""
+
+    def __init__(self, job: CompileJob) -> None:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        self.dir = Path(cache_dir()) / "lowlat_decode" / job_key(job)
+
+    def __contains__(self, key: tuple[int, int]) -> bool:
+        return self._path(key).exists()
+
+    def add(self, key: tuple[int, int]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._path(key).touch()
+
+    def _path(self, key: tuple[int, int]) -> Path:
+        batch, width = key
+        return self.dir / f"batch{batch}-width{width}"
 
 
 class CompilerProcess:
@@ -170,7 +245,7 @@ class CompilerProcess:
 
 
 def main() -> None:
-    """The child: reads a pickled :class:`CompileJob` on stdin, compiles every bucket, prints each as done.
+    """The child: reads a pickled :class:`CompileJob` on stdin, compiles its buckets, prints each as done.
     It leaves through ``os._exit``: an interpreter shutting down while a daemon thread reads stdin aborts,
     and its status would hide the error."""
     try:
@@ -196,7 +271,7 @@ def _compile() -> None:
     model = from_skeleton(job.model)
     kv = (zeros(job.kv_shape, cpu, job.kv_dtype), zeros(job.kv_shape, cpu, job.kv_dtype))
     decode = DecodeGraphs(model, kv, job.block_size, job.config, cpu, job.logits)
-    for batch, width in decode.compile_buckets():
+    for batch, width in decode.compile_buckets(only=job.buckets):
         print(json.dumps({"compiled": [batch, width]}), flush=True)
 
 

@@ -20,7 +20,7 @@ import torch
 from transformers import LlamaConfig
 
 from engine.cuda_graphs import DecodeGraphs
-from engine.decode_compiler import CompileJob, from_skeleton
+from engine.decode_compiler import CompileJob, from_skeleton, skeleton
 from engine.llm_engine import AsyncLLM, EngineConfig, LLMEngine
 from engine.protocol import AddRequest
 from engine.sequence import SamplingParams
@@ -95,11 +95,20 @@ class FakeCompile:
         return self.decode._step(ids, positions, tables)
 
 
-def make_engine(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], background: bool = True) -> LLMEngine:
+@pytest.fixture(autouse=True)
+def inductor_cache(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's own inductor cache directory, where the loaded buckets' marks go (decode_compiler.CompiledMarks):
+    a bucket another test (or a real compile) loaded must not skip this test's child."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+
+def make_engine(
+    tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], background: bool = True, kv_cache_tokens: int = 2048
+) -> LLMEngine:
     config, state = tiny
     engine_config = EngineConfig(
         max_num_seqs=8,
-        kv_cache_tokens=2048,
+        kv_cache_tokens=kv_cache_tokens,
         max_model_len=128,
         block_size=16,
         compile_decode=background,
@@ -113,10 +122,10 @@ def make_engine(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], background: b
 
 
 def with_fake_compiler(
-    tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], fail: int | None = None
+    tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], fail: int | None = None, kv_cache_tokens: int = 2048
 ) -> tuple[LLMEngine, DecodeGraphs, FakeCompile]:
     """A background-compiling engine, its decode graphs, and the fake child compiling for them."""
-    engine = make_engine(tiny)
+    engine = make_engine(tiny, kv_cache_tokens=kv_cache_tokens)
     return engine, engine.runner.decode, FakeCompile(engine.runner.decode, fail)
 
 
@@ -213,6 +222,75 @@ def test_under_steady_traffic_a_load_goes_ahead_after_its_wait(tiny) -> None:
     fake.report((1, 1))
     assert list(decode.compiled_keys) == [(1, 1)]
     fake.finish()
+
+
+def asked(decode: DecodeGraphs, fake: FakeCompile) -> list[tuple[int, int]]:
+    """Starts compiling; the buckets the child is asked to compile."""
+    decode.start_compiling()
+    assert fake.started.wait(WAIT_S) and fake.job is not None and fake.job.buckets is not None
+    return list(fake.job.buckets)
+
+
+@pytest.mark.unit
+def test_a_restart_on_a_full_cache_loads_every_bucket_without_a_child(tiny) -> None:
+    """The child of an earlier start filled the cache: a restart loads each bucket at once, and no child
+    compiles them all again before the first load."""
+    eager = generate(make_engine(tiny, background=False), PROMPTS)
+    _, decode, fake = with_fake_compiler(tiny)
+    assert asked(decode, fake) == [(1, 1), (2, 1), (4, 1), (8, 1)]  # an empty cache: all of them
+    fake.report((1, 1), (2, 1), (4, 1), (8, 1))
+    fake.finish()
+    engine, decode, fake = with_fake_compiler(tiny)  # the restart: a new engine over the same model and cache
+    thread = decode.start_compiling()
+    assert thread is not None
+    thread.join(WAIT_S)
+    assert not thread.is_alive() and not fake.started.is_set() and decode._child is None
+    progress = decode.compile_progress()
+    assert progress["state"] == "done" and progress["error"] is None
+    assert [(c["batch"], c["width"]) for c in progress["compiled"]] == [(1, 1), (2, 1), (4, 1), (8, 1)]
+    assert fake.loads == [b for b in (1, 2, 4, 8) for _ in decode.kv_lens]
+    assert generate(engine, PROMPTS) == eager
+    assert set(fake.served) == {4}
+
+
+@pytest.mark.unit
+def test_the_child_compiles_only_the_buckets_the_cache_lacks(tiny) -> None:
+    """A start that ended early (here: a failed load of batch 2) leaves marks for what it loaded; the next
+    start loads those at once and asks its child for the rest."""
+    _, decode, fake = with_fake_compiler(tiny, fail=2)
+    asked(decode, fake)
+    fake.report((1, 1))
+    fake.report((2, 1), wait=False)  # compiled by the child, but its load here fails: not marked
+    fake.finish()
+    assert list(decode.compiled_keys) == [(1, 1)]
+    _, decode, fake = with_fake_compiler(tiny)
+    assert asked(decode, fake) == [(2, 1), (4, 1), (8, 1)]
+    fake.report((2, 1), (4, 1), (8, 1))
+    fake.finish()
+    assert list(decode.compiled_keys) == [(1, 1), (2, 1), (4, 1), (8, 1)]  # batch 1 first, without the child
+    assert fake.loads == [b for b in (1, 2, 4, 8) for _ in decode.kv_lens]
+
+
+@pytest.mark.unit
+def test_marks_belong_to_one_model_and_cache_shape(tiny) -> None:
+    """A bucket loaded for one KV cache (or model, or thread count) says nothing about another's graphs."""
+    _, decode, fake = with_fake_compiler(tiny)
+    asked(decode, fake)
+    fake.report((1, 1), (2, 1), (4, 1), (8, 1))
+    fake.finish()
+    _, decode, fake = with_fake_compiler(tiny, kv_cache_tokens=1024)
+    assert asked(decode, fake) == [(1, 1), (2, 1), (4, 1), (8, 1)]
+    fake.finish()
+
+
+@pytest.mark.unit
+def test_the_skeleton_marks_are_keyed_by_saves_sets_sorted() -> None:
+    """A set (a module's non-persistent buffer names) iterates in the order of its strings' hashes, which
+    differ per process: saved sorted, the same model gives the same bytes, hence the same key, everywhere."""
+    names = {f"buffer_{i:02}" for i in range(20)}
+    data = skeleton(names)
+    assert [data.index(n.encode()) for n in sorted(names)] == sorted(data.index(n.encode()) for n in names)
+    assert from_skeleton(data) == names
 
 
 @pytest.mark.unit
@@ -321,18 +399,23 @@ def test_graphs_compiled_in_the_background_serve_the_steps(tiny) -> None:
     """The served steps hit the graphs compiled in the background: a step's inputs pass their guards. (Compiled
     over inference tensors, every guard failed on the steps' dispatch keys, and the "compiled" steps ran eagerly
     through torch._dynamo.run.) Serving through the compiling callable instead, a failed guard would compile a
-    new graph, which the counter would show."""
+    new graph, which the counter would show. A restart on that cache then loads every bucket without a child
+    and without compiling anything itself."""
     from torch._dynamo.utils import counters
 
     eager = generate(make_engine(tiny, background=False), PROMPTS)
-    engine = make_engine(tiny)
-    decode = engine.runner.decode
-    thread = decode.start_compiling()
-    assert thread is not None
-    thread.join(600)
-    assert decode.compile_progress()["state"] == "done"
-    graphs = counters["stats"]["unique_graphs"]
-    decode._serve = decode._run
-    assert generate(engine, PROMPTS) == eager
-    assert generate(engine, PROMPTS[:1]) == eager[:1]
-    assert counters["stats"]["unique_graphs"] == graphs
+    for start in ("first", "restart"):
+        engine = make_engine(tiny)
+        decode = engine.runner.decode
+        misses = counters["inductor"]["fxgraph_cache_miss"]
+        thread = decode.start_compiling()
+        assert thread is not None
+        thread.join(600)
+        assert decode.compile_progress()["state"] == "done"
+        if start == "restart":
+            assert decode._child is None and counters["inductor"]["fxgraph_cache_miss"] == misses
+        graphs = counters["stats"]["unique_graphs"]
+        decode._serve = decode._run
+        assert generate(engine, PROMPTS) == eager
+        assert generate(engine, PROMPTS[:1]) == eager[:1]
+        assert counters["stats"]["unique_graphs"] == graphs
