@@ -34,19 +34,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedTokenizerBase,
-)
-from transformers.initialization import no_init_weights
-from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from models.bert import Bert, BertArgs
 from models.llama import Llama, ModelArgs, rope_tables
@@ -185,7 +177,11 @@ def build_encoder(
             model: nn.Module = Bert(config).to(dtype)
         load_encoder_weights(directory, model, plan, device)
         return model.eval()
-    auto_cls = AutoModelForSequenceClassification if _has_head(config) else AutoModel
+    # Here, not at the top: transformers' auto classes pull its modeling stack, seconds of imports before /ready
+    # on some versions (load_tests/results/ready_time/README.md), which a BERT checkpoint, served above, never needs.
+    from transformers.initialization import no_init_weights
+
+    auto_cls = transformers.AutoModelForSequenceClassification if _has_head(config) else transformers.AutoModel
     with no_init_weights():  # every parameter is assigned from the file: random initialization would be thrown away
         model = auto_cls.from_config(config)
     model = model.to(dtype).to(device).eval()
@@ -326,12 +322,19 @@ def read_checkpoint(directory: Path, task: Task, dtype: torch.dtype, device: tor
 
 
 def _read_tokenizer(directory: Path, class_name: str | None) -> PreTrainedTokenizerBase:
-    """The tokenizer as written: through the class ``AutoTokenizer`` chose then (it would read the model's config
-    to choose again, importing a Llama's modeling stack), else through ``AutoTokenizer``."""
-    tokenizer_class = tokenizer_class_from_name(class_name) if class_name else None
-    if tokenizer_class is None:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    return tokenizer_class.from_pretrained(directory, local_files_only=True)
+    """The tokenizer as written, through the class ``AutoTokenizer`` chose then: choosing again would read the
+    model's config (importing a Llama's modeling stack), and any auto class imports transformers' auto-model
+    machinery, seconds before /ready on some versions. A class transformers exports is looked up directly."""
+    tokenizer_class = getattr(transformers, class_name, None) if class_name else None
+    if isinstance(tokenizer_class, type) and issubclass(tokenizer_class, PreTrainedTokenizerBase):
+        return tokenizer_class.from_pretrained(directory, local_files_only=True)
+    if class_name:
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+        tokenizer_class = tokenizer_class_from_name(class_name)
+        if tokenizer_class is not None:
+            return tokenizer_class.from_pretrained(directory, local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
 def _expect(directory: Path, task: Task) -> dict[str, Any]:

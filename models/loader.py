@@ -31,15 +31,10 @@ import torch
 import transformers
 from safetensors import safe_open
 from torch import Tensor
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedTokenizerBase,
-)
+
+# The auto model and tokenizer classes are reached through ``transformers.`` where used: importing them pulls
+# transformers' auto-model machinery, seconds of imports on some versions, which a server of checkpoints never needs.
+from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from models.classifier_head import ClassifierHead
 from models.llama import SUPPORTED_MODEL_TYPES
@@ -158,13 +153,13 @@ def load_encoder(spec: str, cache_dir: Path, dtype: torch.dtype, tokenizer: str 
         assert source.path is not None
         config = AutoConfig.from_pretrained(source.path, local_files_only=True)
         has_head = _has_classification_head(config)
-        auto_cls = AutoModelForSequenceClassification if has_head else AutoModel
+        auto_cls = transformers.AutoModelForSequenceClassification if has_head else transformers.AutoModel
         model = auto_cls.from_pretrained(source.path, dtype=dtype, local_files_only=True)
         default_tokenizer_dir = source.path
     else:
         config = dummy_config(source)
         has_head = _has_classification_head(config)
-        auto_cls = AutoModelForSequenceClassification if has_head else AutoModel
+        auto_cls = transformers.AutoModelForSequenceClassification if has_head else transformers.AutoModel
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(DUMMY_SEED)
             model = auto_cls.from_config(config)
@@ -223,7 +218,7 @@ def read_causal_lm_dir(model_dir: Path, dtype: torch.dtype) -> tuple[PretrainedC
     state_dict = _read_safetensors_dir(model_dir, dtype)
     if state_dict is None or "model.embed_tokens.weight" not in state_dict:
         logger.info("reading %s through AutoModelForCausalLM (no plain safetensors checkpoint)", model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
         state_dict = {k: v.detach() for k, v in model.state_dict().items()}
         del model
     state_dict = {k: _cast(v, dtype) for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -253,7 +248,7 @@ def _read_safetensors_dir(model_dir: Path, dtype: torch.dtype) -> dict[str, Tens
 
 
 def _tokenizer_from_dir(path: Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -317,11 +312,11 @@ def ensure_gguf_converted(gguf_path: Path, cache_dir: Path) -> Path:
 
 def _convert_gguf_to_dir(gguf_path: Path, out_dir: Path) -> None:
     """Dequantize a GGUF file with transformers and save it as a plain HF directory (fp32 safetensors)."""
-    model = AutoModelForCausalLM.from_pretrained(
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True
     )
     check_causal_config(model.config, str(gguf_path))
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+    tok = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
     _align_special_tokens(tok, model.config, str(gguf_path))
     # Byte-level BPE must decode verbatim; the WordPiece-era "clean up spaces" step would corrupt text.
     tok.clean_up_tokenization_spaces = False
@@ -397,7 +392,7 @@ def random_causal_state_dict(config: PretrainedConfig, dtype: torch.dtype) -> di
     """
     start = time.perf_counter()
     with torch.device("meta"):
-        meta_model = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+        meta_model = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config))
     shapes = {name: tuple(t.shape) for name, t in meta_model.state_dict().items()}
     del meta_model
     std = float(getattr(config, "initializer_range", 0.02))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from transformers import AutoConfig, BertConfig, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from models.classifier_head import is_head_dir
 
@@ -153,6 +153,8 @@ def _preset_llama_8b() -> PretrainedConfig:
 
 def _preset_minilm_l6() -> PretrainedConfig:
     """The BertConfig of all-MiniLM-L6-v2 (the embedded classification model)."""
+    from transformers import BertConfig  # here: any model's config module imports transformers' auto-model machinery
+
     return BertConfig(
         vocab_size=30522,
         hidden_size=384,
