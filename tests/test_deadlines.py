@@ -1,5 +1,5 @@
 """Request deadlines and disconnect watching (server/routes/common.py) on a virtual clock: a request's work
-is cancelled exactly at its deadline (504) or at the first poll after its client left, and a stream ends
+is cancelled exactly at its deadline (504) or the moment its client leaves, and a stream ends
 exactly at its deadline; the engine-side cleanup (the work's ``finally``) has run when the error surfaces.
 The same paths through the real routes and models: test_robustness.py."""
 
@@ -13,7 +13,6 @@ from starlette.requests import Request
 
 from server.errors import APIError
 from server.routes.common import (
-    DISCONNECT_POLL_S,
     TIMEOUT_HEADER,
     ClientDisconnected,
     DeadlineExceeded,
@@ -27,13 +26,18 @@ pytestmark = pytest.mark.unit
 
 
 class FakeRequest:
-    """What ``until_disconnect`` asks of a request: whether its client has gone, here from ``gone_at`` on."""
+    """What ``until_disconnect`` asks of a request: its ASGI messages once the body is in, here a
+    disconnect at ``gone_at`` (never, by default)."""
 
     def __init__(self, gone_at: float = float("inf")) -> None:
         self.gone_at = gone_at
 
-    async def is_disconnected(self) -> bool:
-        return asyncio.get_running_loop().time() >= self.gone_at
+    async def receive(self) -> dict[str, str]:
+        loop = asyncio.get_running_loop()
+        if self.gone_at == float("inf"):
+            await loop.create_future()
+        await asyncio.sleep(self.gone_at - loop.time())
+        return {"type": "http.disconnect"}
 
 
 class Work:
@@ -102,18 +106,17 @@ def test_work_past_its_deadline_is_cancelled_at_the_deadline_with_504() -> None:
     assert work.outcome == ("cancelled", pytest.approx(2.0))  # cleaned up before the 504 went out
 
 
-def test_a_client_that_left_cancels_its_work_at_the_next_poll() -> None:
+def test_a_client_that_left_cancels_its_work_when_it_left() -> None:
     work = Work(10.0)
-    gone_at = 0.33  # between two polls
+    gone_at = 0.33
 
     async def main() -> float:
         with pytest.raises(ClientDisconnected):
             await until_disconnect(FakeRequest(gone_at), work())  # type: ignore[arg-type]
         return asyncio.get_running_loop().time()
 
-    first_poll_after = (int(gone_at / DISCONNECT_POLL_S) + 1) * DISCONNECT_POLL_S
-    assert run_virtual(main()) == pytest.approx(first_poll_after)
-    assert work.outcome == ("cancelled", pytest.approx(first_poll_after))
+    assert run_virtual(main()) == pytest.approx(gone_at)
+    assert work.outcome == ("cancelled", pytest.approx(gone_at))
 
 
 def test_a_stream_ends_at_its_deadline_and_closes_its_source() -> None:

@@ -39,10 +39,11 @@ CUT_AT = 2.5
 
 
 class Present:
-    """A client that stays connected."""
+    """A client that stays connected: no message comes once its body is in."""
 
-    async def is_disconnected(self) -> bool:
-        return False
+    async def receive(self) -> dict[str, str]:
+        await asyncio.get_running_loop().create_future()
+        return {"type": "http.disconnect"}
 
 
 def tokens(closed_at: list[float]) -> AsyncIterator[GenerationChunk]:

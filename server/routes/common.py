@@ -26,7 +26,6 @@ from server.services.tokenizing import OFF_LOOP_CHARS
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 503, 504)}
 T = TypeVar("T")
 
-DISCONNECT_POLL_S = 0.05
 TIMEOUT_HEADER = "X-Request-Timeout"
 DEADLINE_MESSAGE = "request deadline exceeded; the work was cancelled"
 SHUTDOWN_MESSAGE = "server shut down before the response was complete; the work was cancelled, retry elsewhere"
@@ -89,29 +88,37 @@ async def until_disconnect(
     """Awaits ``work`` but cancels it as soon as the client disconnects, ``deadline`` (loop time)
     passes (504) or ``cutoff`` is done (503: the server is shutting down, see ``Admission.cutoff``), so a
     vanished or timed-out request stops holding a batch slot (its generator's cleanup aborts the
-    sequence in the engine)."""
+    sequence in the engine). The disconnect is the ASGI server's own ``http.disconnect`` message, awaited
+    (the body has been read by then): no polling, which cost each request wake-ups and Starlette's
+    ``is_disconnected`` (a cancel scope and a task repr per poll)."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(work)
-    waited = {task} if cutoff is None else {task, cutoff}
+    gone = asyncio.ensure_future(_disconnected(request))
+    waited = {task, gone} if cutoff is None else {task, gone, cutoff}
     try:
-        while True:
-            poll = DISCONNECT_POLL_S if deadline is None else min(DISCONNECT_POLL_S, deadline - loop.time())
-            await asyncio.wait(waited, timeout=max(poll, 0), return_when=asyncio.FIRST_COMPLETED)
-            if task.done():
-                return task.result()
-            if cutoff is not None and cutoff.done():
-                raise APIError(
-                    503, SHUTDOWN_MESSAGE, type="shutting_down", headers={"Retry-After": RETRY_AFTER["draining"]}
-                )
-            if deadline is not None and loop.time() >= deadline:
-                raise APIError(504, DEADLINE_MESSAGE, type="timeout")
-            if await request.is_disconnected():
-                raise ClientDisconnected
+        timeout = None if deadline is None else max(deadline - loop.time(), 0)
+        await asyncio.wait(waited, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        if cutoff is not None and cutoff.done():
+            raise APIError(
+                503, SHUTDOWN_MESSAGE, type="shutting_down", headers={"Retry-After": RETRY_AFTER["draining"]}
+            )
+        if gone.done():
+            raise ClientDisconnected
+        raise APIError(504, DEADLINE_MESSAGE, type="timeout")
     finally:
+        gone.cancel()
         if not task.done():
             task.cancel()
             # Let the cancellation run the work's cleanup (engine abort) before the response goes out.
             await asyncio.wait({task})
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone: what ``receive`` yields once a request's body is in."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def on_encoder(request: Request, runtime: Runtime, n_items: int, work: Callable[[], Awaitable[T]]) -> T:
