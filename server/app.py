@@ -73,7 +73,12 @@ def create_app(
             if runtime is None and app.state.runtime is not None:
                 await app.state.runtime.stop()
 
-    app = FastAPI(title="lowlat-server", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="lowlat-server",
+        version="0.1.0",
+        lifespan=lifespan,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     app.state.admission = Admission.from_settings(settings, shared_counts)
     install_error_handlers(app)
     # Added innermost first. CORS answers preflights before auth; metrics count 401s and 413s too.
