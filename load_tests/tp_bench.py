@@ -4,9 +4,13 @@ Per model (``dummy:llama-8b`` and ``dummy:smollm2-1.7b``, random weights, bf16, 
 layout — ``tp1`` (one GPU), ``tp2`` (one engine over two GPUs, its all-reduces as the server's default
 ``--tensor-parallel-all-reduce auto`` makes them: one-shot over symmetric memory at decode sizes), ``tp2-nccl``
 (the same with NCCL's alone) and ``dp2`` (two one-GPU engines side by side, each given half the concurrent
-requests) — every engine is made by the server's builder (``Engines.build``), in a process of its own:
-  1. correctness: logits of a whole-prompt forward and 64 greedy tokens of 8 prompts, compared with tp1
-     (and tp1's with Hugging Face's float32 model on the same weights, unless ``--no-reference``);
+requests); decode steps compiled as the server's ``--compile-decode auto`` does on CUDA, or not with an
+``-eager`` suffix (``tp1-eager``, ``tp2-eager``, ``tp2-nccl-eager``) — every engine is made by the server's
+builder (``Engines.build``), in a process of its own:
+  1. correctness: logits of a whole-prompt forward (an eager prefill), logits of 16 teacher-forced decode
+     steps (8 prompts together, then one alone: the compiled step's two graphs where compiled) and 64 greedy
+     tokens of 8 prompts, compared with tp1 (and tp1's whole-prompt logits with Hugging Face's float32
+     model on the same weights, unless ``--no-reference``);
   2. batch-1 ms per decode step (host-timed step, as gpu_bench);
   3. the engine (AsyncLLM) at 1/16/64/256 concurrent requests of 128 prompt + 128 new tokens (EOS ignored).
 Needs two CUDA GPUs::
@@ -28,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 MODELS = {"8b": "dummy:llama-8b", "1.7b": "dummy:smollm2-1.7b"}
-LAYOUTS = ("tp1", "tp2", "tp2-nccl", "dp2")
+LAYOUTS = ("tp1", "tp1-eager", "tp2", "tp2-eager", "tp2-nccl", "tp2-nccl-eager", "dp2")
 CONCURRENCY = (1, 16, 64, 256)
-PROBE_PROMPTS, GREEDY_TOKENS = 8, 64
+PROBE_PROMPTS, GREEDY_TOKENS, DECODE_STEPS = 8, 64, 8
 
 
 def log(msg: str) -> None:
@@ -49,6 +53,7 @@ def worker(args: argparse.Namespace) -> None:
 
     levels = tuple(int(c) for c in args.concurrency.split(","))
     settings = Settings(
+        compile_decode=args.compile_decode,
         gen_model=args.model,
         tokenizer=args.tokenizer,
         enable_classify=False,
@@ -56,7 +61,7 @@ def worker(args: argparse.Namespace) -> None:
         gen_prune=0,
         tensor_parallel_size=args.tp,
         tensor_parallel_all_reduce=args.all_reduce,
-        max_num_seqs=max(levels),
+        max_num_seqs=max(*levels, PROBE_PROMPTS),  # the decode probe steps 8 rows together
         max_batched_tokens=8192,
         max_input_tokens=PROMPT_LEN,
         max_new_tokens=NEW_TOKENS + 64,
@@ -67,10 +72,19 @@ def worker(args: argparse.Namespace) -> None:
     built = Engines.build(settings)
     engine = built.engine
     assert engine is not None
-    result: dict[str, Any] = {"build_s": time.perf_counter() - start, "graphs": len(engine.runner.decode.graphs)}
+    policy = built.served.policy
+    result: dict[str, Any] = {
+        "build_s": time.perf_counter() - start,
+        "graphs": len(engine.runner.decode.graphs),
+        "compiled": engine.runner.decode.compiled,
+        "compile_decode": f"{policy.compile_decode} ({policy.why.get('compile_decode', 'as set')})",
+    }
     if args.tp > 1:  # what the ranks set up, not what was asked for (a failed setup falls back to NCCL)
         result["all_reduce"] = engine.runner.model.layers[0].mlp.down_proj.all_reduce.describe()
-    log(f"{args.model} tp={args.tp}: built in {result['build_s']:.0f} s; all-reduce: {result.get('all_reduce', '-')}")
+    log(
+        f"{args.model} tp={args.tp}: built in {result['build_s']:.0f} s; compiled steps: {result['compiled']}; "
+        f"all-reduce: {result.get('all_reduce', '-')}"
+    )
     vocab = engine.runner.model.args.vocab_size
     runner = engine.runner
     if args.probe:
@@ -86,6 +100,7 @@ def worker(args: argparse.Namespace) -> None:
                 hidden = runner.model(ids, positions, meta, (runner.k_cache, runner.v_cache))
                 logits.append(runner.model.logits(hidden[0, last[0]]).float().cpu())
             engine.blocks.free(seq)
+        decode_logits = forced_decode(engine, prompts)
         engine.eos_ids = set()
         for i, prompt in enumerate(prompts):
             engine.add(AddRequest(i, prompt, SamplingParams(max_tokens=GREEDY_TOKENS), f"probe-{i}"))
@@ -93,7 +108,8 @@ def worker(args: argparse.Namespace) -> None:
         while engine.has_work():
             for out in engine.step():
                 greedy[out.key].append(out.token)
-        probe = {"logits": torch.stack(logits), "greedy": [greedy[i] for i in range(len(prompts))]}
+        probe = {"logits": torch.stack(logits), "decode_logits": decode_logits}
+        probe["greedy"] = [greedy[i] for i in range(len(prompts))]
         if args.tp == 1 and args.reference:
             probe["fp32"] = fp32_reference(settings, prompts)
         torch.save(probe, args.probe)
@@ -105,6 +121,44 @@ def worker(args: argparse.Namespace) -> None:
             time.sleep(0.05)
     result["levels"] = engine_level(engine, vocab, levels, gil_ab=False)
     Path(args.json).write_text(json.dumps(result))
+
+
+def forced_decode(engine: Any, prompts: list[list[int]]) -> Any:
+    """Logits of teacher-forced decode steps through the runner's decode graphs (compiled where compiled),
+    sent to the other ranks like any step: the prompts prefilled together, DECODE_STEPS steps of all of them
+    (one batch bucket), then DECODE_STEPS of the first alone (batch 1); each row fed the same made-up tokens
+    in every layout, so every layout's steps see the same inputs. [2 * DECODE_STEPS, rows, vocab], float32
+    on the host; rows a step did not run are zeros."""
+    import torch
+
+    from engine.sequence import SamplingParams, Sequence
+    from engine.tp import Decode
+
+    runner, vocab = engine.runner, engine.runner.model.args.vocab_size
+    seqs = [Sequence(prompt_ids=p, params=SamplingParams()) for p in prompts]
+    for s in seqs:
+        engine.blocks.allocate(s)
+    runner.run(seqs)  # the prefill step
+
+    def advance(rows: list[Any], step: int) -> None:
+        for i, s in enumerate(rows):
+            s.output_ids.append((31 * step + 7 * i + 3) % vocab)
+            s.num_computed = s.num_tokens - 1
+            engine.blocks.allocate(s)
+
+    advance(seqs, 0)
+    found = torch.zeros(2 * DECODE_STEPS, len(seqs), vocab)
+    for step in range(2 * DECODE_STEPS):
+        rows = seqs if step < DECODE_STEPS else seqs[:1]
+        decode = Decode(*runner.decode.stage(rows))
+        runner._send(decode)
+        with torch.inference_mode():
+            _, logits = runner.decode.replay(decode.batch, decode.kv_len, decode.width)
+        found[step, : len(rows)] = logits[: len(rows)].float().cpu()
+        advance(rows, step + 1)
+    for s in seqs:
+        engine.blocks.free(s)
+    return found
 
 
 def batch1(engine: Any, prompt: list[int], pct: Any, steps: int = 128) -> dict[str, Any]:
@@ -152,9 +206,12 @@ def run_layout(model: str, layout: str, args: argparse.Namespace, out: Path) -> 
     base += ["--tokenizer", args.tokenizer, "--cache-dir", args.cache_dir]
     name = f"{model}-{layout}"
     if layout != "dp2":
-        tp, _, all_reduce = layout.removeprefix("tp").partition("-")
-        cmd = [*base, "--tp", tp, "--all-reduce", all_reduce or "auto", "--concurrency", args.concurrency]
-        cmd += ["--json", str(out / f"{name}.json"), "--probe", str(out / f"{name}.pt")]
+        tp, *options = layout.removeprefix("tp").split("-")
+        all_reduce = "nccl" if "nccl" in options else "auto"
+        compile_decode = "off" if "eager" in options else "auto"
+        cmd = [*base, "--tp", tp, "--all-reduce", all_reduce, "--compile-decode", compile_decode]
+        cmd += ["--concurrency", args.concurrency, "--json", str(out / f"{name}.json")]
+        cmd += ["--probe", str(probes(args) / f"{name}.pt")]
         if not args.reference:
             cmd.append("--no-reference")
         subprocess.run(cmd, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"})
@@ -187,11 +244,19 @@ def run_layout(model: str, layout: str, args: argparse.Namespace, out: Path) -> 
     return {"batch1": parts[0]["batch1"], "levels": levels, "parts": parts}
 
 
-def compare(out: Path, model: str, layout: str) -> dict[str, Any]:
-    """``layout`` (a tp2 variant) against tp1: logits, top-1, greedy tokens; both against float32 when run."""
+def probes(args: argparse.Namespace) -> Path:
+    """Where the layouts' logits go (tens of MB: beside the cache, not with the results)."""
+    path = Path(args.cache_dir) / "tp_bench_probes"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def compare(path: Path, model: str, layout: str) -> dict[str, Any]:
+    """``layout`` (a tp2 variant) against tp1: whole-prompt and decode-step logits (relative error, top-1),
+    greedy tokens; tp1's whole-prompt logits against float32 when run."""
     import torch
 
-    ref, tp2 = torch.load(out / f"{model}-tp1.pt"), torch.load(out / f"{model}-{layout}.pt")
+    ref, tp2 = torch.load(path / f"{model}-tp1.pt"), torch.load(path / f"{model}-{layout}.pt")
     a, b = tp2["logits"].double(), ref["logits"].double()
 
     def rel(x: Any, y: Any) -> float:
@@ -201,9 +266,20 @@ def compare(out: Path, model: str, layout: str) -> dict[str, Any]:
     for x, y in zip(tp2["greedy"], ref["greedy"], strict=True):
         n = next((i for i, (p, q) in enumerate(zip(x, y, strict=True)) if p != q), len(y))
         agree.append(n)
+    # Decode steps: the rows each step ran (all rows for the first half, the first row alone after).
+    steps, rows = ref["decode_logits"].shape[:2]
+    half = steps // 2
+
+    def ran(x: Any) -> Any:
+        return torch.cat([x[:half].flatten(0, 1), x[half:, 0]]).double()
+
+    da, db = ran(tp2["decode_logits"]), ran(ref["decode_logits"])
     found = {
         "tp2_vs_tp1_rel_err": rel(a, b),
         "tp2_vs_tp1_top1": float((a.argmax(-1) == b.argmax(-1)).double().mean()),
+        "decode_steps_rel_err": rel(da, db),
+        "decode_steps_batch1_rel_err": rel(da[half * rows :], db[half * rows :]),
+        "decode_steps_top1": float((da.argmax(-1) == db.argmax(-1)).double().mean()),
         "greedy_tokens_identical_before_first_difference": agree,
     }
     if "fp32" in ref:
@@ -242,14 +318,15 @@ def markdown(results: dict[str, Any]) -> str:
                 continue
             tps = " | ".join(f"{lv['output_tokens_per_s']:,.0f}" for lv in lay["levels"])
             lines.append(f"| {layout} | {lay['batch1']['step_ms_p50']:.2f} | {tps} |")
-        for layout in ("tp2", "tp2-nccl"):
+        for layout in (lay for lay in LAYOUTS if lay.startswith("tp2")):
             if "tp1" in r and layout in r:
                 ratio = r[layout]["batch1"]["step_ms_p50"] / r["tp1"]["batch1"]["step_ms_p50"]
                 tp1_top = r["tp1"]["levels"][-1]["output_tokens_per_s"]
                 top = r[layout]["levels"][-1]["output_tokens_per_s"] / tp1_top
                 lines += [
                     "",
-                    f"{layout}/tp1 (all-reduce: {r[layout].get('all_reduce')}): batch-1 step time {ratio:.2f}x; "
+                    f"{layout}/tp1 (all-reduce: {r[layout].get('all_reduce')}; compiled steps: "
+                    f"{r[layout].get('compiled')}, tp1's: {r['tp1'].get('compiled')}): batch-1 step time {ratio:.2f}x; "
                     f"c={r[layout]['levels'][-1]['concurrency']} throughput {top:.2f}x",
                 ]
         for layout, check in r.get("check", {}).items():
@@ -274,6 +351,7 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--all-reduce", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--compile-decode", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     parser.add_argument("--barrier", help=argparse.SUPPRESS)
@@ -296,6 +374,8 @@ def main() -> None:
     }
     for model in args.models.split(","):
         r = results["models"].setdefault(model, {})
+        for stale in probes(args).glob(f"{model}-*.pt"):  # an earlier run's, which a failed layout would leave
+            stale.unlink()
         for layout in args.layouts.split(","):
             log(f"== {model} {layout}")
             try:
@@ -303,8 +383,8 @@ def main() -> None:
             except Exception as e:  # keep the other layouts' figures; the failure is in the results
                 r[layout + "_error"] = repr(e)
                 log(f"   failed: {e!r}")
-            if layout.startswith("tp2") and layout in r and (out / f"{model}-tp1.pt").exists():
-                r.setdefault("check", {})[layout] = compare(out, model, layout)
+            if layout.startswith("tp2") and layout in r and (probes(args) / f"{model}-tp1.pt").exists():
+                r.setdefault("check", {})[layout] = compare(probes(args), model, layout)
             # After every layout: a run cut short keeps what it measured.
             (out / "results.json").write_text(json.dumps(results, indent=1))
             (out / "results.md").write_text(markdown(results))

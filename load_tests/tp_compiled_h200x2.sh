@@ -1,0 +1,57 @@
+#!/bin/bash
+# Compiled tensor-parallel decode steps on a two-GPU host (issue 17): the row-parallel all-reduce is an opaque
+# custom op inside the compiled step (models/tensor_parallel.py), so TP=2 steps are now compiled as one GPU's.
+#   1. 8B-class model (dummy:llama-8b): tp1 (compiled) vs tp2 (compiled, one-shot all-reduce) vs tp2-eager
+#      (compile off, as before this change): correctness of tp2's whole-prompt logits, 16 teacher-forced
+#      decode-step logits (8 rows together, then batch 1) and 64 greedy tokens against tp1's on the same random
+#      weights; batch-1 ms per step; tokens/s at 1, 16, 64, 256 concurrent.
+#   2. 1.7B (dummy:smollm2-1.7b): tp1 vs tp2, both compiled: the same correctness figures and batch-1 ms per
+#      step (c=1 only, to stay inside the time budget).
+# About 8-9 minutes on a cold inductor cache (each compiled layout compiles two graphs per rank, about a
+# minute), at most 9.5 by its time limits; a second run reuses the cache and is faster. From the repository
+# root, PYTHONPATH set by the caller (the wheels and the repository):
+#
+#     bash load_tests/tp_compiled_h200x2.sh OUT_DIR
+#
+# Everything goes under OUT_DIR: host.txt, tp8b/ and tp17b/ (results.json, results.md), *.log, summary.txt.
+# TOK (default .bench/tok-smollm2) is the SmolLM2 tokenizer directory.
+set -x
+OUT=${1:?usage: bash load_tests/tp_compiled_h200x2.sh OUT_DIR}
+TOK=${TOK:-.bench/tok-smollm2}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 HF_HUB_OFFLINE=1
+# One inductor cache for every layout and run (the builder would set the same directory under --cache-dir).
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/lowlat-tp-cache/inductor}
+unset LLM_COMPILE_DECODE # each layout says whether its steps compile
+SUMMARY=$OUT/summary.txt
+: >"$SUMMARY"
+
+step() { # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, its output in OUT/NAME.log, its status noted
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc after $((SECONDS - start)) s" | tee -a "$SUMMARY"
+  grep -v -e Warning -e warn "$OUT/$name.log" | tail -40
+  return $rc
+}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total --format=csv
+  nvidia-smi topo -m
+  nproc
+  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  git log -1 --oneline
+} >"$OUT/host.txt" 2>&1
+cat "$OUT/host.txt"
+
+step tp8b 400 python -m load_tests.tp_bench --tokenizer "$TOK" --out "$OUT/tp8b" --models 8b \
+  --layouts tp1,tp2,tp2-eager --no-reference
+cat "$OUT/tp8b/results.md" 2>/dev/null
+step tp17b 160 python -m load_tests.tp_bench --tokenizer "$TOK" --out "$OUT/tp17b" --models 1.7b \
+  --layouts tp1,tp2 --concurrency 1 --no-reference
+cat "$OUT/tp17b/results.md" 2>/dev/null
+echo "== summary"
+cat "$SUMMARY"
