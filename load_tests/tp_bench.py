@@ -214,7 +214,9 @@ def run_layout(model: str, layout: str, args: argparse.Namespace, out: Path) -> 
         cmd += ["--probe", str(probes(args) / f"{name}.pt")]
         if not args.reference:
             cmd.append("--no-reference")
-        subprocess.run(cmd, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"})
+        # A layout that hangs (ranks waiting at a collective) ends at the timeout; the next layouts still run.
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
+        subprocess.run(cmd, check=True, env=env, timeout=args.layout_timeout)
         return json.loads((out / f"{name}.json").read_text())
     half = ",".join(str(max(int(c) // 2, 1)) for c in args.concurrency.split(","))
     barrier = out / f"{name}.barrier"
@@ -347,6 +349,7 @@ def main() -> None:
     parser.add_argument(
         "--no-reference", dest="reference", action="store_false", help="skip Hugging Face's float32 logits"
     )
+    parser.add_argument("--layout-timeout", type=float, help="seconds a tp layout may take (default: no limit)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
