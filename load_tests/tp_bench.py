@@ -307,12 +307,13 @@ def markdown(results: dict[str, Any]) -> str:
         "its throughput is their sum",
         "",
     ]
+    levels = results["concurrency"]
     for model, r in results["models"].items():
         lines += [
             f"## {model}",
             "",
-            "| layout | batch-1 ms/step | " + " | ".join(f"c={c} tok/s" for c in CONCURRENCY) + " |",
-            "|---|---|" + "---|" * len(CONCURRENCY),
+            "| layout | batch-1 ms/step | " + " | ".join(f"c={c} tok/s" for c in levels) + " |",
+            "|---|---|" + "---|" * len(levels),
         ]
         for layout in LAYOUTS:
             lay = r.get(layout)
@@ -373,6 +374,7 @@ def main() -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}",
         "host": f"{platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "concurrency": [int(c) for c in args.concurrency.split(",")],
         "models": {},
     }
     for model in args.models.split(","):
