@@ -139,14 +139,16 @@ def wrk(root: Path, port: int, path: str, lua: str, connections: int, seconds: i
     }
 
 
-async def _streams(port: int, concurrency: int, seconds: float, new_tokens: int) -> list[float]:
-    """TTFTs (ms) of back-to-back streamed requests on ``concurrency`` raw connections."""
+async def _streams(port: int, concurrency: int, seconds: float, new_tokens: int) -> tuple[list[float], list[float]]:
+    """TTFTs and gaps between consecutive events of a stream (ms), of back-to-back streamed requests on
+    ``concurrency`` raw connections."""
     body = json.dumps({"prompt": PROMPT, "max_tokens": new_tokens, "stream": True}).encode()
     head = (
         f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
     ).encode()
     ttfts: list[float] = []
+    gaps: list[float] = []
     end = time.perf_counter() + seconds
 
     async def one() -> None:
@@ -154,15 +156,19 @@ async def _streams(port: int, concurrency: int, seconds: float, new_tokens: int)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             t0 = time.perf_counter()
             writer.write(head + body)
-            first = True
+            last = None
             while line := await reader.readline():
-                if first and line.startswith(b"data: "):
-                    ttfts.append((time.perf_counter() - t0) * 1e3)
-                    first = False
+                if line.startswith(b"data: "):
+                    now = time.perf_counter()
+                    if last is None:
+                        ttfts.append((now - t0) * 1e3)
+                    else:
+                        gaps.append((now - last) * 1e3)
+                    last = now
             writer.close()
 
     await asyncio.gather(*(one() for _ in range(concurrency)))
-    return ttfts
+    return ttfts, gaps
 
 
 def _stream_worker(port: int, concurrency: int, seconds: float, new_tokens: int, out: Any) -> None:
@@ -180,17 +186,20 @@ def streamed(port: int, concurrency: int, seconds: float, processes: int, new_to
     ]
     for p in procs:
         p.start()
-    ttfts = sorted(t for _ in procs for t in q.get())
+    parts = [q.get() for _ in procs]
+    ttfts = sorted(t for part in parts for t in part[0])
+    gaps = sorted(g for part in parts for g in part[1])
     for p in procs:
         p.join()
     wall = time.perf_counter() - t0
     tokens = counter(port, "llm_generated_tokens_total") - before
-    pick = lambda q: ttfts[min(int(q * len(ttfts)), len(ttfts) - 1)] if ttfts else None  # noqa: E731
+    pick = lambda xs, q: xs[min(int(q * len(xs)), len(xs) - 1)] if xs else None  # noqa: E731
     return {
         "concurrency": concurrency,
         "requests": len(ttfts),
         "tokens_per_s": tokens / wall,
-        "ttft_ms": {"p50": pick(0.5), "p99": pick(0.99)},
+        "ttft_ms": {"p50": pick(ttfts, 0.5), "p99": pick(ttfts, 0.99)},
+        "inter_event_ms": {"p50": pick(gaps, 0.5), "p99": pick(gaps, 0.99), "max": gaps[-1] if gaps else None},
         "driver": f"{processes} processes x {concurrency // processes} raw-socket streams",
     }
 
@@ -380,6 +389,8 @@ CONFIGS = {
     "dp2+16api": {"LLM_ENGINE_CORE": "process", "LLM_API_SERVERS": "16", "LLM_DATA_PARALLEL_SIZE": "2"},
     "12api": {"LLM_API_SERVERS": "12"},  # this checkout, one GPU, more API servers than its default
     "dp2": {"LLM_DATA_PARALLEL_SIZE": "2"},  # this checkout's defaults on two GPUs
+    "prefill8k": {"LLM_MAX_BATCHED_TOKENS": "8192"},  # this checkout, larger prefill steps than its default
+    "prefill16k": {"LLM_MAX_BATCHED_TOKENS": "16384"},
 }
 
 
