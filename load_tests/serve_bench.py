@@ -139,9 +139,14 @@ def wrk(root: Path, port: int, path: str, lua: str, connections: int, seconds: i
     }
 
 
-async def _streams(port: int, concurrency: int, seconds: float, new_tokens: int) -> tuple[list[float], list[float]]:
-    """TTFTs and gaps between consecutive events of a stream (ms), of back-to-back streamed requests on
-    ``concurrency`` raw connections."""
+STALL_MS = 50.0  # a gap between two events of one stream this long is reported with when it happened
+
+
+async def _streams(
+    port: int, concurrency: int, seconds: float, new_tokens: int
+) -> tuple[list[float], list[float], list[float]]:
+    """TTFTs and gaps between consecutive events of a stream (ms), and when (wall-clock seconds) each stall
+    (a gap over ``STALL_MS``) ended, of back-to-back streamed requests on ``concurrency`` raw connections."""
     body = json.dumps({"prompt": PROMPT, "max_tokens": new_tokens, "stream": True}).encode()
     head = (
         f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
@@ -149,6 +154,7 @@ async def _streams(port: int, concurrency: int, seconds: float, new_tokens: int)
     ).encode()
     ttfts: list[float] = []
     gaps: list[float] = []
+    stalls: list[float] = []
     end = time.perf_counter() + seconds
 
     async def one() -> None:
@@ -164,11 +170,13 @@ async def _streams(port: int, concurrency: int, seconds: float, new_tokens: int)
                         ttfts.append((now - t0) * 1e3)
                     else:
                         gaps.append((now - last) * 1e3)
+                        if gaps[-1] > STALL_MS:
+                            stalls.append(time.time())
                     last = now
             writer.close()
 
     await asyncio.gather(*(one() for _ in range(concurrency)))
-    return ttfts, gaps
+    return ttfts, gaps, stalls
 
 
 def _stream_worker(port: int, concurrency: int, seconds: float, new_tokens: int, out: Any) -> None:
@@ -189,6 +197,7 @@ def streamed(port: int, concurrency: int, seconds: float, processes: int, new_to
     parts = [q.get() for _ in procs]
     ttfts = sorted(t for part in parts for t in part[0])
     gaps = sorted(g for part in parts for g in part[1])
+    stalls = sorted(t for part in parts for t in part[2])
     for p in procs:
         p.join()
     wall = time.perf_counter() - t0
@@ -200,6 +209,8 @@ def streamed(port: int, concurrency: int, seconds: float, processes: int, new_to
         "tokens_per_s": tokens / wall,
         "ttft_ms": {"p50": pick(ttfts, 0.5), "p99": pick(ttfts, 0.99)},
         "inter_event_ms": {"p50": pick(gaps, 0.5), "p99": pick(gaps, 0.99), "max": gaps[-1] if gaps else None},
+        # when the stalls ended, in seconds from the load's start: clustered (one event for all streams) or not
+        "stalls_s": [round(t - stalls[0], 3) for t in stalls] if stalls else [],
         "driver": f"{processes} processes x {concurrency // processes} raw-socket streams",
     }
 
@@ -323,7 +334,9 @@ def serve(name: str, env: dict[str, str], args: argparse.Namespace, port: int) -
             out[f"generate_c{c}"] = gen
             log(f"  generate c{c}: {gen}")
         if "stream" in phases:
-            out[f"stream_c{c}"] = streamed(port, c, d, args.stream_processes, args.new_tokens)
+            out[f"stream_c{c}"], out["profiles"][f"stream_c{c}"] = loaded(
+                lambda: streamed(port, c, d, args.stream_processes, args.new_tokens), args, proc.pid
+            )
             log(f"  streamed c{c}: {out[f'stream_c{c}']}")
         if args.mixed:
             out["mixed"] = mixed(args, port, args.mixed)
