@@ -179,8 +179,12 @@ class CompiledMarks:
         return self._path(key).exists()
 
     def add(self, key: tuple[int, int]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._path(key).touch()
+        """Marks ``key``; a mark that cannot be written (a read-only cache) only means a child next time."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._path(key).touch()
+        except OSError as exc:
+            log.warning("could not mark batch %d (width %d) compiled in %s: %s", *key, self.dir, exc)
 
     def _path(self, key: tuple[int, int]) -> Path:
         batch, width = key

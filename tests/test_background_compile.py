@@ -284,6 +284,19 @@ def test_marks_belong_to_one_model_and_cache_shape(tiny) -> None:
 
 
 @pytest.mark.unit
+def test_marks_that_cannot_be_written_leave_compiling_done(tiny, tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """The marks only spare the next start a child: a cache where they cannot be written compiles as before."""
+    (tmp_path / "inductor").mkdir()
+    (tmp_path / "inductor" / "lowlat_decode").write_text("not a directory")
+    _, decode, fake = with_fake_compiler(tiny)
+    with caplog.at_level(logging.WARNING, logger="engine.decode_compiler"):
+        asked(decode, fake)
+        fake.report((1, 1), (2, 1), (4, 1), (8, 1))
+        fake.finish()
+    assert decode.compile_progress()["state"] == "done" and "could not mark batch 1" in caplog.text
+
+
+@pytest.mark.unit
 def test_the_skeleton_marks_are_keyed_by_saves_sets_sorted() -> None:
     """A set (a module's non-persistent buffer names) iterates in the order of its strings' hashes, which
     differ per process: saved sorted, the same model gives the same bytes, hence the same key, everywhere."""
