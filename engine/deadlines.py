@@ -27,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
+import numpy as np
+
 from engine.sequence import Sequence
 
 # Weight of the history in the decayed sums: about the last 1 / (1 - DECAY) steps count.
@@ -79,8 +81,9 @@ class StepRates:
             return 0.0
         return tokens * self._pre_s / self._pre_tokens
 
-    def decode_s(self, context: int) -> float:
-        """Estimated seconds of one decode step over ``context`` tokens; 0 before enough were measured."""
+    def decode_s(self, context: int | np.ndarray) -> float | np.ndarray:
+        """Estimated seconds of one decode step over ``context`` tokens (elementwise for an array); 0 before
+        enough were measured."""
         if self._dec_seen < MIN_DECODE_STEPS:
             return 0.0
         mean_x, mean_y = self._x / self._w, self._y / self._w
@@ -89,7 +92,7 @@ class StepRates:
         # Never faster for longer contexts, never growing faster than in proportion to the context (a step
         # also has costs that do not grow with it): both only noise could suggest.
         slope = min(max(slope, 0.0), mean_y / max(mean_x, 1.0))
-        return max(mean_y + slope * (context - mean_x), 0.0)
+        return np.maximum(mean_y + slope * (context - mean_x), 0.0)
 
     @property
     def measured(self) -> bool:
@@ -108,11 +111,19 @@ def tokens_left(seq: Sequence) -> int:
 
 
 def _finish(
-    rates: StepRates, now: float, prefill: int, budget: int, decoding: bool, steps: int, batch: int, context: int
-) -> float:
-    """When a sequence finishes: ``prefill`` tokens (ahead of it and its own) are computed in steps of at
-    most ``budget``, a decode step after each while something decodes, then its ``steps`` decode steps in
-    a batch of ``batch`` sequences holding ``context`` tokens, each step adding one token to each."""
+    rates: StepRates,
+    now: float,
+    prefill: int,
+    budget: int,
+    decoding: bool,
+    steps: int | np.ndarray,
+    batch: int,
+    context: int,
+) -> float | np.ndarray:
+    """When a sequence finishes (elementwise for an array of ``steps``): ``prefill`` tokens (ahead of it and
+    its own) are computed in steps of at most ``budget``, a decode step after each while something decodes,
+    then its ``steps`` decode steps in a batch of ``batch`` sequences holding ``context`` tokens, each step
+    adding one token to each."""
     between = -(-prefill // budget) * rates.decode_s(context) if decoding else 0.0
     step = rates.decode_s(context + batch * steps // 2)  # the average step: the contexts grow as they decode
     return now + rates.prefill_s(prefill) + between + steps * step
@@ -155,19 +166,19 @@ def admissible(
     """Whether ``seq`` (``own`` tokens to prefill) may join ``running`` without making a running sequence
     that would finish before its deadline miss it. Sequences already estimated late do not hold others
     back (their lateness is theirs: a deadline shorter than their own work, or an estimate since proven
-    wrong), so one request with an impossible deadline cannot stop admission."""
+    wrong), so one request with an impossible deadline cannot stop admission. The running sequences are
+    estimated together (arrays): the scheduler asks once per sequence it admits, and a wave of new requests
+    beside hundreds of running ones would otherwise cost the engine thread a walk of them per admission."""
     if not rates.measured or not running:
+        return True
+    timed = [other for other in running if other.deadline is not None]
+    if not timed:
         return True
     ahead = sum(prefill_left(s) for s in running)
     context, batch = sum(s.num_tokens for s in running), len(running)
     decoding = any(prefill_left(s) == 0 for s in running)
-    for other in running:
-        if other.deadline is None:
-            continue
-        steps = tokens_left(other)
-        if _finish(rates, now, ahead, budget, decoding, steps, batch, context) > other.deadline:
-            continue  # late without the newcomer
-        with_it = _finish(rates, now, ahead + own, budget, True, steps, batch + 1, context + seq.num_tokens)
-        if with_it > other.deadline:
-            return False
-    return True
+    steps = np.fromiter((tokens_left(other) for other in timed), dtype=np.int64, count=len(timed))
+    deadlines = np.fromiter((other.deadline for other in timed), dtype=np.float64, count=len(timed))
+    on_time = _finish(rates, now, ahead, budget, decoding, steps, batch, context) <= deadlines  # late: not held
+    with_it = _finish(rates, now, ahead + own, budget, True, steps[on_time], batch + 1, context + seq.num_tokens)
+    return bool(np.all(with_it <= deadlines[on_time]))

@@ -174,6 +174,53 @@ def test_a_newcomer_waits_while_it_would_make_a_running_sequence_late() -> None:
     assert admissible(newcomer, [seq(2000, 100, deadline=10.0, computed=1999)], rates, 0.0, 512, 2000)
 
 
+def admissible_one_by_one(
+    seq: Sequence, running: list[Sequence], rates: StepRates, now: float, budget: int, own: int
+) -> bool:
+    """The rule ``admissible`` implements, one running sequence at a time."""
+    if not rates.measured or not running:
+        return True
+    ahead = sum(max(s.num_tokens - s.num_computed, 0) if s.num_tokens - s.num_computed > 1 else 0 for s in running)
+    context, batch = sum(s.num_tokens for s in running), len(running)
+    decoding = any(s.num_tokens - s.num_computed <= 1 for s in running)
+
+    def finish(prefill: int, decoding: bool, steps: int, batch: int, context: int) -> float:
+        between = -(-prefill // budget) * float(rates.decode_s(context)) if decoding else 0.0
+        step = float(rates.decode_s(context + batch * steps // 2))
+        return now + rates.prefill_s(prefill) + between + steps * step
+
+    for other in running:
+        if other.deadline is None:
+            continue
+        steps = max(other.params.max_tokens - len(other.output_ids), 1)
+        if finish(ahead, decoding, steps, batch, context) > other.deadline:
+            continue
+        if finish(ahead + own, True, steps, batch + 1, context + seq.num_tokens) > other.deadline:
+            return False
+    return True
+
+
+def test_admission_estimates_all_running_sequences_together_as_one_by_one() -> None:
+    rng = random.Random(7)
+    rates = StepRates()
+    rates.observe_prefill(4000, 2.0)
+    for context in (1000, 3000, 6000, 9000):
+        rates.observe_decode(context, 0.01 + context * 2e-5)
+    answers = set()
+    for _ in range(300):
+        running = []
+        for _ in range(rng.randint(1, 40)):
+            prompt = rng.randint(1, 600)
+            s = seq(prompt, rng.randint(1, 300), rng.choice([None, rng.uniform(0.5, 40.0)]), rng.randint(0, prompt))
+            s.output_ids = [7] * rng.randint(0, s.params.max_tokens)
+            running.append(s)
+        newcomer, own = seq(rng.randint(1, 600), rng.randint(1, 300), None), rng.randint(1, 600)
+        expected = admissible_one_by_one(newcomer, running, rates, 0.0, 512, own)
+        assert admissible(newcomer, running, rates, 0.0, 512, own) == expected
+        answers.add(expected)
+    assert answers == {True, False}  # both outcomes were exercised
+
+
 def test_the_client_sends_the_time_left_and_a_shed_request_raises() -> None:
     """The API side: the deadline (event-loop time) travels as seconds left, so an engine core in another
     process places it on its own clock; a shed answer ends the request with RequestShed."""
