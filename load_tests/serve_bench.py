@@ -209,7 +209,7 @@ def streamed(port: int, concurrency: int, seconds: float, processes: int, new_to
         "tokens_per_s": tokens / wall,
         "ttft_ms": {"p50": pick(ttfts, 0.5), "p99": pick(ttfts, 0.99)},
         "inter_event_ms": {"p50": pick(gaps, 0.5), "p99": pick(gaps, 0.99), "max": gaps[-1] if gaps else None},
-        # when the stalls ended, in seconds from the load's start: clustered (one event for all streams) or not
+        # when the stalls ended, in seconds from the first one: clustered (one event for all streams) or not
         "stalls_s": [round(t - stalls[0], 3) for t in stalls] if stalls else [],
         "driver": f"{processes} processes x {concurrency // processes} raw-socket streams",
     }
