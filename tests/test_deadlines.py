@@ -119,6 +119,29 @@ def test_a_client_that_left_cancels_its_work_when_it_left() -> None:
     assert work.outcome == ("cancelled", pytest.approx(gone_at))
 
 
+class BrokenRequest:
+    """A request whose reading fails at ``at`` (a body limit's 408 raised from ``receive``)."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    async def receive(self) -> dict[str, str]:
+        await asyncio.sleep(self.at)
+        raise APIError(408, "request body not received in time", type="timeout")
+
+
+def test_an_error_reading_the_request_is_that_error_not_a_disconnect() -> None:
+    work = Work(10.0)
+
+    async def main() -> int:
+        with pytest.raises(APIError) as err:
+            await until_disconnect(BrokenRequest(0.5), work())  # type: ignore[arg-type]
+        return err.value.status
+
+    assert run_virtual(main()) == 408
+    assert work.outcome == ("cancelled", pytest.approx(0.5))
+
+
 def test_a_stream_ends_at_its_deadline_and_closes_its_source() -> None:
     closed_at: list[float] = []
 

@@ -105,10 +105,12 @@ async def until_disconnect(
                 503, SHUTDOWN_MESSAGE, type="shutting_down", headers={"Retry-After": RETRY_AFTER["draining"]}
             )
         if gone.done():
+            gone.result()  # an error reading the request (a body limit's 408/413) is that error, not a disconnect
             raise ClientDisconnected
         raise APIError(504, DEADLINE_MESSAGE, type="timeout")
     finally:
-        gone.cancel()
+        if not gone.cancel() and not gone.cancelled():
+            gone.exception()  # retrieved, so an error reading the request after the work ended is not logged as lost
         if not task.done():
             task.cancel()
             # Let the cancellation run the work's cleanup (engine abort) before the response goes out.
@@ -116,7 +118,10 @@ async def until_disconnect(
 
 
 async def _disconnected(request: Request) -> None:
-    """Returns when the client has gone: what ``receive`` yields once a request's body is in."""
+    """Returns when the client has gone: what ``receive`` yields once a request's body is in (the routes
+    that wait here take a body model, which FastAPI has read whole). It consumes the ``http.disconnect``
+    message: on an ASGI server that delivers it once from a queue, nothing else may wait for it (uvicorn
+    answers every later ``receive`` with it)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
