@@ -115,8 +115,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="inductor-") as tmp:
         cache = args.cache or Path(tmp) / "cache"
         for i, spec in enumerate(args.starts.split(",")):
-            name, _, fresh = spec.partition(":")
-            if fresh == "empty":  # a fresh directory: later starts share the cache this one fills
+            name, _, suffix = spec.partition(":")
+            if suffix not in ("", "empty"):
+                ap.error(f"--starts: {spec!r}: the only suffix is ':empty'")
+            fresh = suffix == "empty"
+            if fresh:  # a fresh directory: later starts share the cache this one fills
                 cache = Path(tempfile.mkdtemp(prefix="cache-", dir=tmp))
             log_path = args.out.parent / f"{i}_{name}{'_empty' if fresh else ''}.log"
             runs.append({"cache": "empty" if fresh else "warm", **start(name, trees[name], cache, args, log_path)})

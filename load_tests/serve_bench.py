@@ -291,11 +291,20 @@ def loaded(run: Any, args: argparse.Namespace, root: int) -> tuple[Any, Any]:
     import threading
 
     box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = run()
+        except BaseException as exc:  # raised again below, on the caller's thread
+            box["error"] = exc
+
     before = cpu_seconds(root)
-    worker = threading.Thread(target=lambda: box.update(result=run()))
+    worker = threading.Thread(target=work)
     worker.start()
     collect = profile_during(args.py_spy, root, max(args.seconds - 3, 2))
     worker.join()
+    if "error" in box:
+        raise box["error"]
     result = box["result"]
     spent = {role: seconds - before.get(role, 0.0) for role, seconds in cpu_seconds(root).items()}
     if isinstance(result, dict) and result.get("requests"):

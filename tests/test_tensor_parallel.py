@@ -82,11 +82,16 @@ def test_two_ranks_match_one(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], 
     ranks = [ctx.Process(target=rank_main, args=(r, port, address, config, state, out)) for r in (0, 1)]
     for p in ranks:
         p.start()
-    tokens, logits = out.get(timeout=300)
+    try:
+        tokens, logits = out.get(timeout=300)
+        for p in ranks:
+            p.join(60)
+            assert p.exitcode == 0
+    finally:  # a failed rank may leave its peer waiting in a collective
+        for p in ranks:
+            if p.is_alive():
+                p.kill()
     logits = torch.from_numpy(logits)
-    for p in ranks:
-        p.join(60)
-        assert p.exitcode == 0
     assert tokens == alone_tokens
     torch.testing.assert_close(logits, alone_logits, rtol=1e-4, atol=1e-4)
 
