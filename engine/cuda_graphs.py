@@ -35,7 +35,6 @@ eager steps several-fold, at the lowest it takes the idle time, so a machine bus
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import sys
 import threading
@@ -364,10 +363,26 @@ class DecodeGraphs:
             missing = tuple(key for key in self._keys() if key not in marks)
             log.info("decode steps: %d of %d buckets in the inductor cache", len(cached), len(cached) + len(missing))
             if missing:  # a restart on a warm cache starts no child (it would compile each bucket again first)
-                self._child = self.spawn_compiler(dataclasses.replace(job, buckets=missing))
-                if self._stopping:  # stopped while it started
-                    self._child.stop()
-            for key in itertools.chain(cached, self._child.compiled() if self._child is not None else ()):
+                self._start_child(job, missing)
+            misses_seen: list[tuple[int, int]] = []  # the marked bucket whose load compiled here, if one did
+            unbacked: list[tuple[int, int]] = []  # the marked buckets after it
+
+            def order() -> Iterator[tuple[int, int]]:
+                """The marked buckets (loaded here at once), then the child's as it compiles them. Once a
+                marked load compiled here (the cache lost entries, or what its key depends on changed
+                beyond the mark's key), the other marks are not trusted: those buckets go to a child too."""
+                for key in cached:
+                    if misses_seen:
+                        unbacked.append(key)
+                    else:
+                        yield key
+                if missing:
+                    yield from self._child_reports()
+                if unbacked:
+                    self._start_child(job, tuple(unbacked))
+                    yield from self._child_reports()
+
+            for key in order():
                 self._wait_idle()
                 if self._stopping:  # no seconds of tracing while the engine stops
                     break
@@ -384,6 +399,9 @@ class DecodeGraphs:
                     sys.setswitchinterval(interval)
                 if _cache_misses() > misses:  # compiled here after all: the stall the child is there to avoid
                     log.warning("batch %d (width %d): its graph was not in the inductor cache, compiled here", *key)
+                    if key in cached and not misses_seen:
+                        misses_seen.append(key)
+                        marks.clear()  # the next start asks a child again
                 marks.add(key)  # in the cache now, whoever compiled it
                 self.compiled_keys[key] = round(time.perf_counter() - start, 1)
                 metrics.DECODE_COMPILE_BUCKETS.labels(state="compiled").inc()
@@ -392,8 +410,6 @@ class DecodeGraphs:
                     "decode steps of batch %d (width %d) compiled after %.1f s (loaded here in %.2f s): they run "
                     "compiled from now on", *key, self.compiled_keys[key], time.perf_counter() - loading,
                 )  # fmt: skip
-            if self._child is not None and self._child.error is not None and not self._stopping:
-                raise RuntimeError(self._child.error)
         except Exception as exc:  # any compile failure: serving goes on with eager steps
             self.compile_error = f"{type(exc).__name__}: {exc}"[:500]
             log.warning(
@@ -403,6 +419,19 @@ class DecodeGraphs:
         finally:  # a failed load or a stop leaves no child compiling buckets nobody will load
             if self._child is not None:
                 self._child.stop()
+
+    def _start_child(self, job: decode_compiler.CompileJob, buckets: tuple[tuple[int, int], ...]) -> None:
+        self._child = self.spawn_compiler(dataclasses.replace(job, buckets=buckets))
+        if self._stopping:  # stopped while it started
+            self._child.stop()
+
+    def _child_reports(self) -> Iterator[tuple[int, int]]:
+        """The buckets the current child compiled, as it reports them; its failure raises once it ended."""
+        child = self._child
+        assert child is not None
+        yield from child.compiled()
+        if child.error is not None and not self._stopping:
+            raise RuntimeError(child.error)
 
     def _wait_idle(self) -> None:
         """Loading a bucket holds the GIL for seconds: wait up to LOAD_IDLE_WAIT_S for the engine to be idle,

@@ -28,6 +28,7 @@ import logging
 import mmap
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,10 +159,21 @@ def job_key(job: CompileJob) -> str:
     )  # fmt: skip
     h.update(repr(fields).encode())
     h.update(job.model)
+    h.update(_SOURCES)
+    return h.hexdigest()[:32]
+
+
+def _sources_digest() -> bytes:
     root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
     for path in sorted([*root.glob("engine/*.py"), *root.glob("models/*.py")]):
         h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:32]
+    return h.digest()
+
+
+# Read once, as this process imports its code: a tree upgraded under a running server must not key the marks of
+# graphs traced from the old code with the new sources.
+_SOURCES = _sources_digest()
 
 
 class CompiledMarks:
@@ -185,6 +197,10 @@ class CompiledMarks:
             self._path(key).touch()
         except OSError as exc:
             log.warning("could not mark batch %d (width %d) compiled in %s: %s", *key, self.dir, exc)
+
+    def clear(self) -> None:
+        """Forgets every mark of this job: one proved unbacked by the cache, so the others are not trusted."""
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def _path(self, key: tuple[int, int]) -> Path:
         batch, width = key

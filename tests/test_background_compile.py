@@ -254,6 +254,37 @@ def test_a_restart_on_a_full_cache_loads_every_bucket_without_a_child(tiny) -> N
 
 
 @pytest.mark.unit
+def test_a_mark_the_cache_does_not_back_sends_the_other_marked_buckets_to_a_child(
+    tiny, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cache lost its entries but kept the marks: the first marked load compiles here (a warning), and
+    the other marked buckets go to a child instead of each compiling here for minutes; the marks are
+    rewritten from what loads."""
+    eager = generate(make_engine(tiny, background=False), PROMPTS)
+    _, decode, fake = with_fake_compiler(tiny)
+    asked(decode, fake)
+    fake.report((1, 1), (2, 1), (4, 1), (8, 1))
+    fake.finish()
+    misses = itertools.count()
+    monkeypatch.setattr("engine.cuda_graphs._cache_misses", lambda: next(misses))  # every load compiles
+    engine, decode, fake = with_fake_compiler(tiny)
+    with caplog.at_level(logging.WARNING, logger="engine.cuda_graphs"):
+        assert asked(decode, fake) == [(2, 1), (4, 1), (8, 1)]
+        assert "batch 1 (width 1): its graph was not in the inductor cache" in caplog.text
+        fake.report((2, 1), (4, 1), (8, 1))
+        fake.finish()
+    assert list(decode.compiled_keys) == [(1, 1), (2, 1), (4, 1), (8, 1)]
+    assert decode.compile_progress()["state"] == "done"
+    assert generate(engine, PROMPTS) == eager
+    monkeypatch.setattr("engine.cuda_graphs._cache_misses", lambda: 0)  # the cache holds them now
+    _, decode, fake = with_fake_compiler(tiny)  # every bucket loaded (and marked) again: no child
+    thread = decode.start_compiling()
+    assert thread is not None
+    thread.join(WAIT_S)
+    assert not fake.started.is_set() and list(decode.compiled_keys) == [(1, 1), (2, 1), (4, 1), (8, 1)]
+
+
+@pytest.mark.unit
 def test_the_child_compiles_only_the_buckets_the_cache_lacks(tiny) -> None:
     """A start that ended early (here: a failed load of batch 2) leaves marks for what it loaded; the next
     start loads those at once and asks its child for the rest."""
