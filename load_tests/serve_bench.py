@@ -142,11 +142,14 @@ def wrk(root: Path, port: int, path: str, lua: str, connections: int, seconds: i
 STALL_MS = 50.0  # a gap between two events of one stream this long is reported with when it happened
 
 
-async def _streams(
-    port: int, concurrency: int, seconds: float, new_tokens: int
-) -> tuple[list[float], list[float], list[float]]:
-    """TTFTs and gaps between consecutive events of a stream (ms), and when (wall-clock seconds) each stall
-    (a gap over ``STALL_MS``) ended, of back-to-back streamed requests on ``concurrency`` raw connections."""
+LAG_TICK_S = 0.005  # the stream client's event-loop lag is sampled at this interval
+
+
+async def _streams(port: int, concurrency: int, seconds: float, new_tokens: int) -> dict[str, Any]:
+    """Of back-to-back streamed requests on ``concurrency`` raw connections: TTFTs and gaps between consecutive
+    events of a stream (ms), when (wall-clock seconds) each stall (a gap over ``STALL_MS``) ended, and the
+    client's own share in them: its event loop's lag (ms late for a ``LAG_TICK_S`` tick) and its CPU seconds.
+    A client whose loop lags as long as the stalls, or that uses a whole core, is what the stalls measure."""
     body = json.dumps({"prompt": PROMPT, "max_tokens": new_tokens, "stream": True}).encode()
     head = (
         f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
@@ -155,7 +158,9 @@ async def _streams(
     ttfts: list[float] = []
     gaps: list[float] = []
     stalls: list[float] = []
-    end = time.perf_counter() + seconds
+    lags: list[float] = []
+    start, cpu = time.perf_counter(), time.process_time()
+    end = start + seconds
 
     async def one() -> None:
         while time.perf_counter() < end:
@@ -175,8 +180,15 @@ async def _streams(
                     last = now
             writer.close()
 
-    await asyncio.gather(*(one() for _ in range(concurrency)))
-    return ttfts, gaps, stalls
+    async def lag() -> None:
+        while time.perf_counter() < end:
+            tick = time.perf_counter()
+            await asyncio.sleep(LAG_TICK_S)
+            lags.append((time.perf_counter() - tick - LAG_TICK_S) * 1e3)
+
+    await asyncio.gather(lag(), *(one() for _ in range(concurrency)))
+    cpu_share = (time.process_time() - cpu) / (time.perf_counter() - start)
+    return {"ttfts": ttfts, "gaps": gaps, "stalls": stalls, "lags": lags, "cpu_share": cpu_share}
 
 
 def _stream_worker(port: int, concurrency: int, seconds: float, new_tokens: int, out: Any) -> None:
@@ -195,9 +207,10 @@ def streamed(port: int, concurrency: int, seconds: float, processes: int, new_to
     for p in procs:
         p.start()
     parts = [q.get() for _ in procs]
-    ttfts = sorted(t for part in parts for t in part[0])
-    gaps = sorted(g for part in parts for g in part[1])
-    stalls = sorted(t for part in parts for t in part[2])
+    ttfts = sorted(t for part in parts for t in part["ttfts"])
+    gaps = sorted(g for part in parts for g in part["gaps"])
+    stalls = sorted(t for part in parts for t in part["stalls"])
+    lags = sorted(lag for part in parts for lag in part["lags"])
     for p in procs:
         p.join()
     wall = time.perf_counter() - t0
@@ -211,6 +224,9 @@ def streamed(port: int, concurrency: int, seconds: float, processes: int, new_to
         "inter_event_ms": {"p50": pick(gaps, 0.5), "p99": pick(gaps, 0.99), "max": gaps[-1] if gaps else None},
         # when the stalls ended, in seconds from the first one: clustered (one event for all streams) or not
         "stalls_s": [round(t - stalls[0], 3) for t in stalls] if stalls else [],
+        # the load generator's own delays: its event loops' lag and the busiest client process's share of a core
+        "client_loop_lag_ms": {"p50": pick(lags, 0.5), "p99": pick(lags, 0.99), "max": lags[-1] if lags else None},
+        "client_cpu_share_max": round(max(part["cpu_share"] for part in parts), 2),
         "driver": f"{processes} processes x {concurrency // processes} raw-socket streams",
     }
 
