@@ -100,7 +100,7 @@ def worker(args: argparse.Namespace) -> None:
                 hidden = runner.model(ids, positions, meta, (runner.k_cache, runner.v_cache))
                 logits.append(runner.model.logits(hidden[0, last[0]]).float().cpu())
             engine.blocks.free(seq)
-        decode_logits = forced_decode(engine, prompts)
+        decode_logits = forced_decode(engine.runner, prompts)
         engine.eos_ids = set()
         for i, prompt in enumerate(prompts):
             engine.add(AddRequest(i, prompt, SamplingParams(max_tokens=GREEDY_TOKENS), f"probe-{i}"))
@@ -123,33 +123,33 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.json).write_text(json.dumps(result))
 
 
-def forced_decode(engine: Any, prompts: list[list[int]]) -> Any:
-    """Logits of teacher-forced decode steps through the runner's decode graphs (compiled where compiled),
-    sent to the other ranks like any step: the prompts prefilled together, DECODE_STEPS steps of all of them
-    (one batch bucket), then DECODE_STEPS of the first alone (batch 1); each row fed the same made-up tokens
-    in every layout, so every layout's steps see the same inputs. [2 * DECODE_STEPS, rows, vocab], float32
-    on the host; rows a step did not run are zeros."""
+def forced_decode(runner: Any, prompts: list[list[int]], steps: int = DECODE_STEPS) -> Any:
+    """Logits of teacher-forced decode steps through ``runner``'s decode graphs (compiled where compiled), sent
+    to the other ranks like any step: the prompts prefilled together, ``steps`` steps of all of them (one batch
+    bucket), then ``steps`` of the first alone (batch 1); each row fed the same made-up tokens in every layout,
+    so every layout's steps see the same inputs. [2 * steps, rows, vocab], float32 on the host; rows a step did
+    not run are zeros. Also the compiled-TP test's reference (tests/test_tensor_parallel_compiled.py)."""
     import torch
 
     from engine.sequence import SamplingParams, Sequence
     from engine.tp import Decode
 
-    runner, vocab = engine.runner, engine.runner.model.args.vocab_size
+    blocks, vocab = runner.blocks, runner.model.args.vocab_size
     seqs = [Sequence(prompt_ids=p, params=SamplingParams()) for p in prompts]
     for s in seqs:
-        engine.blocks.allocate(s)
+        blocks.allocate(s)
     runner.run(seqs)  # the prefill step
 
     def advance(rows: list[Any], step: int) -> None:
         for i, s in enumerate(rows):
             s.output_ids.append((31 * step + 7 * i + 3) % vocab)
             s.num_computed = s.num_tokens - 1
-            engine.blocks.allocate(s)
+            blocks.allocate(s)
 
     advance(seqs, 0)
-    found = torch.zeros(2 * DECODE_STEPS, len(seqs), vocab)
-    for step in range(2 * DECODE_STEPS):
-        rows = seqs if step < DECODE_STEPS else seqs[:1]
+    found = torch.zeros(2 * steps, len(seqs), vocab)
+    for step in range(2 * steps):
+        rows = seqs if step < steps else seqs[:1]
         decode = Decode(*runner.decode.stage(rows))
         runner._send(decode)
         with torch.inference_mode():
@@ -157,7 +157,7 @@ def forced_decode(engine: Any, prompts: list[list[int]]) -> Any:
         found[step, : len(rows)] = logits[: len(rows)].float().cpu()
         advance(rows, step + 1)
     for s in seqs:
-        engine.blocks.free(s)
+        blocks.free(s)
     return found
 
 

@@ -14,8 +14,8 @@ from transformers import LlamaConfig
 from engine.cuda_graphs import DecodeConfig
 from engine.kv_cache import BlockManager
 from engine.model_runner import ModelRunner
-from engine.sequence import SamplingParams, Sequence
-from engine.tp import Decode, StepFanout, follow
+from engine.tp import StepFanout, follow
+from load_tests.tp_bench import forced_decode
 from models.llama import Llama
 from models.tensor_parallel import AllReduce, init_group, shard_llama
 from tests.conftest import free_port
@@ -28,40 +28,6 @@ STEPS = 6  # decode steps of the four rows together (the dynamic-batch graph), t
 def runner(model: Llama, compile: bool, fanout: StepFanout | None = None, sample: bool = True) -> ModelRunner:
     config = DecodeConfig(max_num_seqs=4, max_model_len=256, compile=compile)
     return ModelRunner(model, BlockManager(64, 16), CPU, torch.float32, config, fanout, sample)
-
-
-def forced(step: int, row: int) -> int:
-    """The token fed back after a step: the same in every run, so every run's steps see the same inputs."""
-    return (31 * step + 7 * row + 3) % 100
-
-
-def decode_logits(run: ModelRunner) -> torch.Tensor:
-    """Logits of the decode steps of PROMPTS (prefilled together), teacher-forced: STEPS steps of all four
-    rows, then STEPS of the first row alone; [2 * STEPS, 4, vocab] (the batch-1 steps' logits in row 0)."""
-    seqs = [Sequence(prompt_ids=p, params=SamplingParams()) for p in PROMPTS]
-    for s in seqs:
-        run.blocks.allocate(s)
-    run.run(seqs)  # the prefill step, sent to the other rank like any step
-
-    def advance(rows: list[Sequence], step: int) -> None:
-        for i, s in enumerate(rows):
-            s.output_ids.append(forced(step, i))
-            s.num_computed = s.num_tokens - 1
-            run.blocks.allocate(s)
-
-    advance(seqs, 0)
-    found = []
-    for step in range(2 * STEPS):
-        rows = seqs if step < STEPS else seqs[:1]
-        decode = Decode(*run.decode.stage(rows))
-        run._send(decode)
-        with torch.inference_mode():
-            _, logits = run.decode.replay(decode.batch, decode.kv_len, decode.width)
-        padded = torch.zeros(len(seqs), logits.shape[-1])
-        padded[: len(rows)] = logits[: len(rows)]
-        found.append(padded)
-        advance(rows, step + 1)
-    return torch.stack(found)
 
 
 def rank_main(
@@ -87,7 +53,7 @@ def rank_main(
             fanout = StepFanout([address])
             compiled = runner(model, compile, fanout)  # compiling runs steps: both ranks meet at their sums
             assert compiled.decode.compiled == compile
-            results.append((decode_logits(compiled).numpy(), summed[0] - before))
+            results.append((forced_decode(compiled, PROMPTS, STEPS).numpy(), summed[0] - before))
             fanout.close()
         else:
             follow(address, runner(model, compile, sample=False).follow)
@@ -101,7 +67,7 @@ def test_compiled_split_steps_match_eager_and_one_process(
     tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], tmp_path: Path
 ) -> None:
     config, state = tiny
-    alone = decode_logits(runner(Llama.from_hf(config, state), compile=False))
+    alone = forced_decode(runner(Llama.from_hf(config, state), compile=False), PROMPTS, STEPS)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port, addresses = free_port(), (f"ipc://{tmp_path}/eager", f"ipc://{tmp_path}/compiled")
