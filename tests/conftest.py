@@ -163,6 +163,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_ranks(target: Callable[..., None], args: tuple[Any, ...], timeout: float, n: int = 2) -> Any:
+    """``target(rank, *args, out)`` in ``n`` spawned processes (a process group's ranks); what the first of them
+    puts on ``out``. Every rank must exit cleanly; any left (waiting in a collective for a peer that failed) is
+    killed."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    ranks = [ctx.Process(target=target, args=(rank, *args, out)) for rank in range(n)]
+    for p in ranks:
+        p.start()
+    try:
+        result = out.get(timeout=timeout)
+        for p in ranks:
+            p.join(60)
+            assert p.exitcode == 0
+        return result
+    finally:
+        for p in ranks:
+            if p.is_alive():
+                p.kill()
+
+
 def eventually(check: Callable[[], bool], within: float, what: str, every: float = 0.05) -> None:
     """Polls ``check`` until it holds, failing naming ``what`` after ``within`` seconds: how live tests wait
     for a server process's state, which they see only through its HTTP answers."""

@@ -21,7 +21,7 @@ from models.llama import Llama, ModelArgs
 from models.quantize import QuantLinear
 from models.sources import dummy_config, resolve_spec
 from models.tensor_parallel import RowParallel, init_group, local_heads, shard_llama
-from tests.conftest import free_port, server_process
+from tests.conftest import free_port, run_ranks, server_process
 
 CPU = torch.device("cpu")
 PROMPTS = [[5, 7, 11, 13, 17], [3] * 40, list(range(1, 19)), [42]]
@@ -76,21 +76,8 @@ def rank_main(
 def test_two_ranks_match_one(tiny: tuple[LlamaConfig, dict[str, torch.Tensor]], tmp_path: Path) -> None:
     config, state = tiny
     alone_tokens, alone_logits = generate(Llama.from_hf(config, state))
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
     port, address = free_port(), f"ipc://{tmp_path}/rank-1"
-    ranks = [ctx.Process(target=rank_main, args=(r, port, address, config, state, out)) for r in (0, 1)]
-    for p in ranks:
-        p.start()
-    try:
-        tokens, logits = out.get(timeout=300)
-        for p in ranks:
-            p.join(60)
-            assert p.exitcode == 0
-    finally:  # a failed rank may leave its peer waiting in a collective
-        for p in ranks:
-            if p.is_alive():
-                p.kill()
+    tokens, logits = run_ranks(rank_main, (port, address, config, state), timeout=300)
     logits = torch.from_numpy(logits)
     assert tokens == alone_tokens
     torch.testing.assert_close(logits, alone_logits, rtol=1e-4, atol=1e-4)

@@ -18,7 +18,7 @@ from engine.tp import StepFanout, follow
 from load_tests.tp_bench import forced_decode
 from models.llama import Llama
 from models.tensor_parallel import AllReduce, init_group, shard_llama
-from tests.conftest import free_port
+from tests.conftest import free_port, run_ranks
 
 CPU = torch.device("cpu")
 PROMPTS = [[5, 7, 11, 13, 17], [3] * 40, list(range(1, 19)), [42]]
@@ -68,21 +68,8 @@ def test_compiled_split_steps_match_eager_and_one_process(
 ) -> None:
     config, state = tiny
     alone = forced_decode(runner(Llama.from_hf(config, state), compile=False), PROMPTS, STEPS)
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
     port, addresses = free_port(), (f"ipc://{tmp_path}/eager", f"ipc://{tmp_path}/compiled")
-    ranks = [ctx.Process(target=rank_main, args=(r, port, addresses, config, state, out)) for r in (0, 1)]
-    for p in ranks:
-        p.start()
-    try:
-        (eager, eager_sums), (compiled, compiled_sums) = out.get(timeout=600)
-        for p in ranks:
-            p.join(60)
-            assert p.exitcode == 0
-    finally:  # a failed rank may leave its peer waiting in a collective
-        for p in ranks:
-            if p.is_alive():
-                p.kill()
+    (eager, eager_sums), (compiled, compiled_sums) = run_ranks(rank_main, (port, addresses, config, state), timeout=600)
     assert eager_sums == 0  # eager steps sum in place, never through the op
     # Every compiled decode step sums twice per layer through the op (compiling ran steps too).
     assert compiled_sums >= 2 * STEPS * 2 * config.num_hidden_layers
