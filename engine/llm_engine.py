@@ -207,6 +207,7 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     def step(self) -> list[TokenOutput]:
+        entered = time.perf_counter()  # the step's time includes shedding and scheduling (admission)
         shed = self._shed()
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
@@ -253,7 +254,7 @@ class LLMEngine:
             self.blocks.commit(seq)
             if reason is not None:
                 self._finish(seq, reason)
-        metrics.STEP_TIME.labels(phase="prefill" if is_prefill else "decode").observe(time.perf_counter() - start)
+        metrics.STEP_TIME.labels(phase="prefill" if is_prefill else "decode").observe(time.perf_counter() - entered)
         metrics.BATCH_SIZE.labels(endpoint="generate").observe(len(seqs))
         self.update_gauges()
         return outputs

@@ -48,7 +48,7 @@ QUEUED = Gauge("llm_queued_requests", "Requests waiting for a batch slot", ["end
 RUNNING = Gauge("llm_running_sequences", "Sequences in the running batch (generate)", multiprocess_mode="livesum")
 STEP_TIME = Histogram(
     "llm_engine_step_seconds",
-    "Wall time of one engine step",
+    "Wall time of one engine step, scheduling and admission included",
     ["phase"],
     buckets=LATENCY_BUCKETS,
 )

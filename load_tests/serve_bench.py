@@ -110,6 +110,28 @@ def counter(port: int, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
+STEP_BOUNDS = (0.05, 0.1, 0.25)  # engine steps longer than these are counted (they are histogram bucket bounds)
+
+
+def engine_steps(port: int) -> dict[str, dict[str, float]]:
+    """The engine's step-time histogram by phase (count, sum, steps over each of ``STEP_BOUNDS``) and its
+    preemptions, summed over the server's processes: subtract two of these to see what a load did."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    out: dict[str, dict[str, float]] = {}
+    for phase in ("prefill", "decode"):
+        sel = rf'\{{[^}}]*phase="{phase}"[^}}]*'
+        count = sum(float(v) for v in re.findall(rf"^llm_engine_step_seconds_count{sel}\}} (\S+)$", text, re.M))
+        total = sum(float(v) for v in re.findall(rf"^llm_engine_step_seconds_sum{sel}\}} (\S+)$", text, re.M))
+        row = {"steps": count, "seconds": total}
+        for bound in STEP_BOUNDS:
+            labels = rf'(?=[^}}]*phase="{phase}")(?=[^}}]*le="{bound}")[^}}]*'
+            within = rf"^llm_engine_step_seconds_bucket\{{{labels}\}} (\S+)$"
+            row[f"over_{int(bound * 1e3)}ms"] = count - sum(float(v) for v in re.findall(within, text, re.M))
+        out[phase] = row
+    out["preemptions"] = {"total": counter(port, "llm_preemptions_total")}
+    return out
+
+
 def wrk(root: Path, port: int, path: str, lua: str, connections: int, seconds: int, threads: int) -> dict[str, Any]:
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(lua)
@@ -198,7 +220,7 @@ def _stream_worker(port: int, concurrency: int, seconds: float, new_tokens: int,
 def streamed(port: int, concurrency: int, seconds: float, processes: int, new_tokens: int) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    before = counter(port, "llm_generated_tokens_total")
+    before, steps_before = counter(port, "llm_generated_tokens_total"), engine_steps(port)
     t0 = time.perf_counter()
     procs = [
         ctx.Process(target=_stream_worker, args=(port, concurrency // processes, seconds, new_tokens, q))
@@ -215,6 +237,10 @@ def streamed(port: int, concurrency: int, seconds: float, processes: int, new_to
         p.join()
     wall = time.perf_counter() - t0
     tokens = counter(port, "llm_generated_tokens_total") - before
+    steps_after = engine_steps(port)
+    steps = {
+        kind: {k: round(v - steps_before[kind][k], 3) for k, v in row.items()} for kind, row in steps_after.items()
+    }
     pick = lambda xs, q: xs[min(int(q * len(xs)), len(xs) - 1)] if xs else None  # noqa: E731
     return {
         "concurrency": concurrency,
@@ -227,6 +253,8 @@ def streamed(port: int, concurrency: int, seconds: float, processes: int, new_to
         # the load generator's own delays: its event loops' lag and the busiest client process's share of a core
         "client_loop_lag_ms": {"p50": pick(lags, 0.5), "p99": pick(lags, 0.99), "max": lags[-1] if lags else None},
         "client_cpu_share_max": round(max(part["cpu_share"] for part in parts), 2),
+        # the engine's side meanwhile: its steps by phase (how many ran long) and its preemptions
+        "engine_steps": steps,
         "driver": f"{processes} processes x {concurrency // processes} raw-socket streams",
     }
 
