@@ -309,7 +309,10 @@ def read_checkpoint(directory: Path, task: Task, dtype: torch.dtype, device: tor
     if task == "generate" and "args" in plan:
         model = build_llama(directory, ModelArgs(**plan["args"]), dtype, device, plan)
     else:  # classification, or a generation checkpoint written before its plan held the dimensions
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        if task == "classify":
+            config = _encoder_config(directory)
+        else:
+            config = AutoConfig.from_pretrained(directory, local_files_only=True)
         build = build_llama if task == "generate" else build_encoder
         model = build(directory, config, dtype, device, plan)
     tokenizer = _read_tokenizer(directory, plan.get("tokenizer_class"))
@@ -319,6 +322,16 @@ def read_checkpoint(directory: Path, task: Task, dtype: torch.dtype, device: tor
             center = (f.get_tensor("center"), f.metadata()["key"])
     log.info("read compressed checkpoint %s in %.2f s", directory.name, time.perf_counter() - start)
     return Checkpoint(model, directory, tokenizer, (directory / REPORT).read_text(), marker, center, config)
+
+
+def _encoder_config(directory: Path) -> PretrainedConfig:
+    """The encoder's ``config.json``: as transformers' base config where models/bert.py serves the model (every
+    field it reads is in the file), else through ``AutoConfig``. A model's own config class imports transformers'
+    auto-model machinery, seconds before /ready on some versions (load_tests/results/ready_time/README.md)."""
+    light = PretrainedConfig.from_dict(json.loads((directory / "config.json").read_text()))
+    if BertArgs.supports(light) and all(hasattr(light, name) for name in BertArgs.__dataclass_fields__):
+        return light
+    return AutoConfig.from_pretrained(directory, local_files_only=True)
 
 
 def _read_tokenizer(directory: Path, class_name: str | None) -> PreTrainedTokenizerBase:
