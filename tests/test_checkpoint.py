@@ -7,6 +7,8 @@ the CLI and the server's builder, against the session's startup-compressed runti
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -259,3 +261,33 @@ def test_explicit_quantization_must_match_the_checkpoint(written: dict[str, Path
                         enable_classify=False, **TEST_SETTINGS)  # fmt: skip
     with pytest.raises(ValueError, match="checkpoint is quantized 'int8' but 'none' was asked for"):
         Runtime.load(settings)
+
+
+# What a replica's start from checkpoints must not import: transformers' auto-model machinery and modeling code,
+# and dynamo (seconds each on some hosts: load_tests/results/ready_time/README.md).
+HEAVY_MODULES = (
+    "transformers.models.auto.auto_factory",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.modeling_utils",
+    "torch._dynamo",
+)
+
+
+@pytest.mark.integration
+def test_building_from_checkpoints_imports_no_heavy_module(written: dict[str, Path], tmp_path: Path) -> None:
+    """In a fresh interpreter, as an engine core builds: the server's modules, then both models from their
+    checkpoints, with an empty cache dir."""
+    script = (
+        "import json, sys\n"
+        "from server.config import Settings\n"
+        "from server.runtime import Engines\n"
+        f"Engines.build(Settings(gen_model={str(written['generate'])!r}, cls_model={str(written['classify'])!r},"
+        f" cache_dir={str(tmp_path)!r}, compile_decode='off'))\n"
+        f"print(json.dumps([m for m in {HEAVY_MODULES!r} if m in sys.modules]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
