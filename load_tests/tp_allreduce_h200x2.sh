@@ -13,26 +13,8 @@
 # step runs even when an earlier one failed, and summary.txt lists every step's exit status.
 set -x
 OUT=${1:?usage: bash load_tests/tp_allreduce_h200x2.sh OUT_DIR}
-mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 HF_HUB_OFFLINE=1
-SUMMARY=$OUT/summary.txt
-: >"$SUMMARY"
-
-step() {  # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, its output in OUT/NAME.log, its status noted
-  local name=$1 limit=$2
-  shift 2
-  local start=$SECONDS
-  timeout -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "$name: exit $rc after $((SECONDS - start)) s" | tee -a "$SUMMARY"
-  grep -v -e Warning -e warn "$OUT/$name.log" | tail -40
-  return $rc
-}
-
-{ date -u; nvidia-smi --query-gpu=name,memory.total --format=csv; nvidia-smi topo -m; nproc;
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; git log -1 --oneline; } \
-  >"$OUT/host.txt" 2>&1
-cat "$OUT/host.txt"
+source "$(dirname "$0")/h200x2_common.sh"
+: >"$SUMMARY"  # this script's steps only
 
 # 1. correctness first: a wrong all-reduce would make every later figure meaningless.
 if ! step check 120 python -m load_tests.allreduce_bench --check --out "$OUT/check"; then

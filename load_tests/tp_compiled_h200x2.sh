@@ -21,33 +21,10 @@ set -x
 OUT=${1:?usage: bash load_tests/tp_compiled_h200x2.sh OUT_DIR [8b|1.7b]}
 PART=${2:-all}
 TOK=${TOK:-.bench/tok-smollm2}
-mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 HF_HUB_OFFLINE=1
+source "$(dirname "$0")/h200x2_common.sh"
 # One inductor cache for every layout and run (the builder would set the same directory under --cache-dir).
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/lowlat-tp-cache/inductor}
 unset LLM_COMPILE_DECODE # each layout says whether its steps compile
-SUMMARY=$OUT/summary.txt
-
-step() { # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, its output in OUT/NAME.log, its status noted
-  local name=$1 limit=$2
-  shift 2
-  local start=$SECONDS
-  timeout -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1
-  local rc=$?
-  echo "$name: exit $rc after $((SECONDS - start)) s" | tee -a "$SUMMARY"
-  grep -v -e Warning -e warn "$OUT/$name.log" | tail -40
-  return $rc
-}
-
-{
-  date -u
-  nvidia-smi --query-gpu=name,memory.total --format=csv
-  nvidia-smi topo -m
-  nproc
-  python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  git log -1 --oneline
-} >>"$OUT/host.txt" 2>&1
-cat "$OUT/host.txt"
 
 if [[ $PART == all || $PART == 8b ]]; then
   step tp8b 480 python -m load_tests.tp_bench --tokenizer "$TOK" --out "$OUT/tp8b" --models 8b \
