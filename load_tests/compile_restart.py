@@ -31,7 +31,7 @@ import httpx
 
 from load_tests.cpu_bench import machine
 from load_tests.cpu_startup import PROMPT, stream_rate
-from load_tests.ready_time import free_port, stop_server
+from load_tests.ready_time import free_port, stop_server, wait_ready
 
 
 def start(name: str, tree: Path, cache: Path, args: argparse.Namespace, log_path: Path) -> dict[str, object]:
@@ -49,19 +49,9 @@ def start(name: str, tree: Path, cache: Path, args: argparse.Namespace, log_path
         rows: list[dict[str, object]] = []
         result: dict[str, object] = {"tree": name, "load_average_1m_at_start": round(os.getloadavg()[0], 2)}
         try:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name}: server exited {proc.returncode} (log {log_path})")
-                try:
-                    if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.perf_counter() - began > args.timeout:
-                    raise RuntimeError(f"{name}: not ready within {args.timeout} s")
-                time.sleep(0.2)
+            seconds = wait_ready(proc, url, began, args.timeout, f"{name} (log {log_path})")
+            result["seconds_to_ready"] = round(seconds, 1)
             ready = time.perf_counter()
-            result["seconds_to_ready"] = round(ready - began, 1)
             after = 0
             while time.perf_counter() - ready < args.limit and after < args.after:
                 round_start = time.perf_counter()

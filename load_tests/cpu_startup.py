@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 
 from load_tests.cpu_bench import LlamaCpp, decode_rate, machine
-from load_tests.ready_time import free_port, stop_server, time_to_ready
+from load_tests.ready_time import free_port, stop_server, time_to_ready, wait_ready
 from models.sources import resolve_spec
 
 PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
@@ -133,19 +133,8 @@ def background_rounds(
     rows: list[dict[str, object]] = []
     result: dict[str, object] = {"rows": rows}
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name}: server exited {proc.returncode} (log {log.name})")
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.perf_counter() - start > args.timeout:
-                raise RuntimeError(f"{name}: not ready within {args.timeout} s")
-            time.sleep(0.2)
+        result["seconds_to_ready"] = round(wait_ready(proc, url, start, args.timeout, f"{name} (log {log.name})"), 1)
         ready = time.perf_counter()
-        result["seconds_to_ready"] = round(ready - start, 1)
         print(name, "ready after", result["seconds_to_ready"], flush=True)
         after = 0
         while time.perf_counter() - ready < args.limit and after < args.after:

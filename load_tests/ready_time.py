@@ -70,21 +70,33 @@ def time_to_ready(
         text=True,
     )
     try:
-        while time.perf_counter() - start < timeout:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    seconds = time.perf_counter() - start
-                    if on_ready is not None:
-                        on_ready(proc)
-                    return seconds, httpx.get(f"{url}/info", timeout=5).json()
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"not ready within {timeout} s")
+        try:
+            seconds = wait_ready(proc, url, start, timeout)
+        except RuntimeError as exc:
+            if proc.poll() is None:  # not ready in time
+                raise
+            raise RuntimeError(f"{exc}: {proc.stderr.read()[-3000:]}") from None
+        if on_ready is not None:
+            on_ready(proc)
+        return seconds, httpx.get(f"{url}/info", timeout=5).json()
     finally:
         stop_server(proc)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, start: float, timeout: float, what: str = "server") -> float:  # type: ignore[type-arg]
+    """Seconds from ``start`` (``time.perf_counter``) until the server ``proc`` at ``url`` answers /ready with
+    200; RuntimeError naming ``what`` if it exits first or is not ready ``timeout`` seconds after ``start``."""
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return time.perf_counter() - start
+        except httpx.TransportError:
+            pass
+        if time.perf_counter() - start > timeout:
+            raise RuntimeError(f"{what} not ready within {timeout} s")
+        time.sleep(0.2)
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 60) -> None:  # type: ignore[type-arg]
