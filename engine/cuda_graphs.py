@@ -364,15 +364,15 @@ class DecodeGraphs:
             log.info("decode steps: %d of %d buckets in the inductor cache", len(cached), len(cached) + len(missing))
             if missing:  # a restart on a warm cache starts no child (it would compile each bucket again first)
                 self._start_child(job, missing)
-            misses_seen: list[tuple[int, int]] = []  # the marked bucket whose load compiled here, if one did
-            unbacked: list[tuple[int, int]] = []  # the marked buckets after it
+            marks_backed = True  # until a marked bucket's load compiles here
+            unbacked: list[tuple[int, int]] = []  # the marked buckets after that one
 
             def order() -> Iterator[tuple[int, int]]:
                 """The marked buckets (loaded here at once), then the child's as it compiles them. Once a
                 marked load compiled here (the cache lost entries, or what its key depends on changed
                 beyond the mark's key), the other marks are not trusted: those buckets go to a child too."""
                 for key in cached:
-                    if misses_seen:
+                    if not marks_backed:
                         unbacked.append(key)
                     else:
                         yield key
@@ -399,8 +399,8 @@ class DecodeGraphs:
                     sys.setswitchinterval(interval)
                 if _cache_misses() > misses:  # compiled here after all: the stall the child is there to avoid
                     log.warning("batch %d (width %d): its graph was not in the inductor cache, compiled here", *key)
-                    if key in cached and not misses_seen:
-                        misses_seen.append(key)
+                    if key in cached and marks_backed:
+                        marks_backed = False
                         marks.clear()  # the next start asks a child again
                 marks.add(key)  # in the cache now, whoever compiled it
                 self.compiled_keys[key] = round(time.perf_counter() - start, 1)
