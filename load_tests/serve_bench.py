@@ -105,8 +105,10 @@ def start_server(env: dict[str, str], port: int, log_path: Path) -> subprocess.P
     raise RuntimeError("server not ready in 300 s")
 
 
-def counter(port: int, name: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+def counter(port: int, name: str, text: str | None = None) -> float:
+    """A metric's value summed over its label sets, from ``text`` (a scrape) or a new scrape of the server."""
+    if text is None:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
@@ -128,7 +130,7 @@ def engine_steps(port: int) -> dict[str, dict[str, float]]:
             within = rf"^llm_engine_step_seconds_bucket\{{{labels}\}} (\S+)$"
             row[f"over_{int(bound * 1e3)}ms"] = count - sum(float(v) for v in re.findall(within, text, re.M))
         out[phase] = row
-    out["preemptions"] = {"total": counter(port, "llm_preemptions_total")}
+    out["preemptions"] = {"total": counter(port, "llm_preemptions_total", text)}
     return out
 
 
