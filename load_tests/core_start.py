@@ -59,18 +59,8 @@ def main() -> None:
     built = Engines.build(settings)  # decides the policy again, as a core does: the second time is cached work
     profile.disable()
     step("Engines.build")
-    from engine.classifier import ClassifyItem
-    from engine.protocol import AddRequest
-    from engine.sequence import SamplingParams
-
-    if built.engine is not None:
-        built.engine.add(AddRequest(0, [0, 1, 2], SamplingParams(max_tokens=2), "warmup"))
-        while built.engine.has_work():
-            built.engine.step()
-    step("generation warm-up")
-    if built.classifier is not None:
-        built.classifier.run([ClassifyItem("warm up", ("a", "b"), False, 4)])
-    step("classification warm-up")
+    built.warm_up()
+    step("warm-ups (generation, classification)")
     stats = pstats.Stats(profile)
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[: args.top]  # type: ignore[attr-defined]
     top = [

@@ -26,6 +26,7 @@ from engine.core import Batcher
 from engine.core_client import CoreClient
 from engine.llm_engine import AsyncLLM, EngineConfig, LLMClient, LLMEngine
 from engine.model_runner import ModelRunner
+from engine.protocol import AddRequest
 from engine.response_cache import ResponseCache
 from engine.sequence import SamplingParams
 from engine.tp import StepFanout
@@ -201,6 +202,20 @@ class Engines:
             dtype=policy.dtype,
         ).set(1)
         return built
+
+    def warm_up(self) -> None:
+        """One tiny generation and classification, on this thread, before serving (an engine core's way; the
+        one-process server warms up through its running engine, Runtime.start): first-call costs happen here."""
+        if self.engine is not None:
+            start = time.perf_counter()
+            self.engine.add(AddRequest(0, [0, 1, 2], SamplingParams(max_tokens=2), "warmup"))
+            while self.engine.has_work():
+                self.engine.step()
+            metrics.WARMUP_SECONDS.labels(model="generate").set(time.perf_counter() - start)
+        if self.classifier is not None:
+            start = time.perf_counter()
+            self.classifier.run([ClassifyItem("warm up", ("a", "b"), False, 4)])
+            metrics.WARMUP_SECONDS.labels(model="classify").set(time.perf_counter() - start)
 
     def batcher(self) -> Batcher:
         """A dynamic batcher over the classifier (not started: it starts on the loop that submits)."""

@@ -8,17 +8,13 @@ import contextlib
 import os
 import pickle
 import socket
-import time
 from pathlib import Path
 
 import torch
 import uvicorn
 
-from engine.classifier import ClassifyItem
 from engine.core import EngineCore
 from engine.core_client import CoreLink
-from engine.protocol import AddRequest
-from engine.sequence import SamplingParams
 from server import metrics
 from server.admission import SharedCounts
 from server.app import create_app
@@ -46,18 +42,8 @@ def run_core(settings: Settings, index: int, address: str) -> None:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         os.environ["CUDA_VISIBLE_DEVICES"] = core_device(index, visible, settings.tensor_parallel_size)
     built = Engines.build(settings)
-    if built.engine is not None:
-        start = time.perf_counter()
-        built.engine.add(AddRequest(0, [0, 1, 2], SamplingParams(max_tokens=2), "warmup"))
-        while built.engine.has_work():
-            built.engine.step()
-        metrics.WARMUP_SECONDS.labels(model="generate").set(time.perf_counter() - start)
-    batcher = None
-    if built.classifier is not None:
-        start = time.perf_counter()
-        built.classifier.run([ClassifyItem("warm up", ("a", "b"), False, 4)])
-        metrics.WARMUP_SECONDS.labels(model="classify").set(time.perf_counter() - start)
-        batcher = built.batcher()
+    built.warm_up()
+    batcher = built.batcher() if built.classifier is not None else None
     metrics.READY.set(1)
     metrics.publish_gpu_metrics()
     freeze_heap()
