@@ -67,14 +67,30 @@ def validate(grammar: str) -> str | None:
     return (messages[0] if messages else "invalid grammar") if is_error else None
 
 
+def settles(c: Constraint, token: int) -> bool:
+    """Whether ``c``'s mask certainly allows ``token``, found without computing the mask (a small fraction of
+    its cost: load_tests/results/constrained/lazy-cpu): where no bytes are forced, llguidance's mask
+    allows exactly the tokens it validates (checked over every token of random walks through varied grammars,
+    tests/test_constrained_unit.py). Where bytes are forced its mask admits only their canonical tokens, and
+    whether an end of sequence is allowed is the mask's to say: there, and for a finished matcher, False."""
+    if c.done or token in c.eos_ids or c.matcher.compute_ff_bytes():
+        return False
+    return c.matcher.validate_tokens([token]) == 1
+
+
 def apply_masks(
     logits: Tensor, rows: list[int], constraints: list[Constraint], keep: list[int | None] | None = None
 ) -> list[int]:
     """Sets the logits of the tokens each row's matcher does not allow to -inf, in place, and returns the
-    rows it masked. Called right after the step's forward is launched: on a GPU the masks are computed while
-    it runs. ``keep`` (CPU only) holds, per row, a token that settles the row if its grammar allows it (a
-    greedy row's argmax: masking other tokens cannot change it); such a row is left unmasked, which on a CPU
-    saves a pass over the vocabulary. On CUDA every row is masked in one fill on the device."""
+    rows it masked. ``keep`` holds, per row, a token that settles the row if its grammar allows it (a greedy
+    row's argmax: masking other tokens cannot change it); such a row's mask is neither computed nor applied.
+    Rows without one are best masked right after the step's forward is launched: on a GPU their masks are
+    computed while it runs."""
+    if keep is not None:
+        todo = [j for j, token in enumerate(keep) if token is None or not settles(constraints[j], token)]
+        rows, constraints = [rows[j] for j in todo], [constraints[j] for j in todo]
+    if not rows:
+        return []
     vocab = logits.shape[-1]
     words = (vocab + 31) // 32
     # Uninitialised: llguidance writes every live row whole, and a finished row is cleared below (torch.zeros
@@ -93,27 +109,21 @@ def apply_masks(
         _EXECUTOR.unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words * 4, len(rows))
     if logits.is_cuda:  # 4 bytes per 32 tokens cross the bus; the bits unpack on the device
         banned = unpack_banned(bitmask.to(logits.device, non_blocking=True), vocab)
-        if len(rows) == logits.shape[0]:  # every row constrained (rows ascend): one in-place fill
+        if len(rows) == logits.shape[0]:  # every row masked (rows ascend): one in-place fill
             logits.masked_fill_(banned, float("-inf"))
         else:
             index = torch.tensor(rows, device=logits.device)
             logits[index] = logits[index].masked_fill(banned, float("-inf"))
         return rows
-    todo = list(range(len(rows)))
-    if keep is not None:
-        todo = [j for j in todo if keep[j] is None or not words_u32[j, keep[j] // 32] >> (keep[j] % 32) & 1]
-    if not todo:
-        return []
-    allowed = np.unpackbits(bitmask.numpy()[todo].view(np.uint8), axis=-1, count=vocab, bitorder="little")
-    banned_np = allowed == 0
+    banned_np = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, count=vocab, bitorder="little") == 0
     if logits.dtype in (torch.float32, torch.float16):  # row by row in place through numpy: one thread, no copies
         values = logits.numpy()
-        for k, j in enumerate(todo):
-            values[rows[j]][banned_np[k]] = -np.inf
+        for j, row in enumerate(rows):
+            values[row][banned_np[j]] = -np.inf
     else:
-        for k, j in enumerate(todo):
-            logits[rows[j]].masked_fill_(torch.from_numpy(banned_np[k]), float("-inf"))
-    return [rows[j] for j in todo]
+        for j, row in enumerate(rows):
+            logits[row].masked_fill_(torch.from_numpy(banned_np[j]), float("-inf"))
+    return rows
 
 
 def unpack_banned(bitmask: Tensor, vocab: int) -> Tensor:

@@ -61,19 +61,26 @@ def _mask(
     logits: Tensor, seqs: list[Sequence], bound: list[int], rules: list[constraints.Constraint], greedy: Tensor | None
 ) -> Tensor | None:
     """Masks the constrained rows; returns the argmax of the masked logits where it can be had without a pass
-    over every row, else None. On a CPU a greedy row without penalties whose precomputed argmax its grammar
-    allows keeps that token unmasked (masking cannot change an allowed maximum); only the other rows are
-    masked and searched again. On CUDA every row is masked on the device and the argmax is recomputed there."""
-    if greedy is None or logits.is_cuda:
+    over every row, else None. A greedy row without penalties whose precomputed argmax its grammar allows
+    keeps that token: masking cannot change an allowed maximum, so its mask is not even computed. The other
+    rows are masked first (on a GPU while the forward still runs: only then is the argmax read back) and
+    searched again."""
+    if greedy is None:
         constraints.apply_masks(logits, bound, rules)
         return None
-    tokens = greedy.tolist()
-    keep = [tokens[i] if seqs[i].params.greedy and not _penalized(seqs[i]) else None for i in bound]
-    masked = constraints.apply_masks(logits, bound, rules, keep)
+    settle = [seqs[i].params.greedy and not _penalized(seqs[i]) for i in bound]
+    rest = [k for k, s in enumerate(settle) if not s]
+    masked = constraints.apply_masks(logits, [bound[k] for k in rest], [rules[k] for k in rest])
+    if len(rest) < len(bound):
+        picks = [k for k, s in enumerate(settle) if s]
+        tokens = greedy.tolist()
+        keep: list[int | None] = [tokens[bound[k]] for k in picks]
+        masked += constraints.apply_masks(logits, [bound[k] for k in picks], [rules[k] for k in picks], keep)
     if not masked:
         return greedy
+    index = torch.tensor(sorted(masked), device=logits.device)
     greedy = greedy.clone()
-    greedy[masked] = logits[masked].argmax(dim=-1)
+    greedy[index] = logits[index].argmax(dim=-1)
     return greedy
 
 

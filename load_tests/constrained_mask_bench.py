@@ -1,22 +1,24 @@
-"""Where a constrained decode step's host time goes, sampler level, before and after side by side.
+"""Where a constrained decode step's host time goes, sampler level: this revision against an earlier one.
 
 Builds the engine the server builds, fills a batch with B copies of one chat prompt constrained by the
 JSON schema of load_tests/constrained_bench.py, and runs real decode steps. At each step it takes the step's
-logits and precomputed argmax, and on copies of every row's matcher times, in alternating order:
+logits and precomputed argmax, and on deep copies of every row's matcher times, in alternating order:
 
-- ``before``: ``sampler.sample`` without the precomputed argmax: every constrained row masked and searched
-  again (the path every constrained step took until the argmax was reused);
-- ``after``: ``sampler.sample`` as the decode step calls it, with the argmax;
-- ``masks``: llguidance computing the batch's masks alone, through the engine's executor and through
-  executors of 1, 2, 4, ... threads (does the batch spread over the host's cores?), and one matcher at a time;
-- ``advance``: feeding every matcher its token, one call per row (the engine's) and in one batched call
-  (``LLExecutor.consume_token_par``).
+- ``previous``: ``sampler.sample`` as it was at ``--before`` (engine/sampler.py and engine/constraints.py
+  loaded from git; default 36cf91a: every constrained row's mask computed, on a CPU a greedy row whose argmax
+  its mask allows left unmasked, on CUDA every row masked);
+- ``now``: ``sampler.sample`` as the decode step calls it (a greedy row whose argmax its grammar allows
+  settles without its mask being computed);
+- ``masks``: llguidance computing every row's mask alone, through the engine's executor (and, with
+  ``--threads``, executors of that many threads), and ``settle``: checking each row's argmax the way ``now``
+  does, without a mask;
+- ``advance``: feeding every matcher its token.
 
 Both sampler paths must pick the same tokens (checked at every step). The step itself then runs as usual.
 
-    python -m load_tests.constrained_mask_bench --batch 64 --out load_tests/results/constrained/mask-cpu
-    python -m load_tests.constrained_mask_bench --device cuda --batch 64 256 --model dummy:smollm2-135m \\
-        --tokenizer .bench/tok-smollm2 --out load_tests/results/constrained_h200/mask
+    python -m load_tests.constrained_mask_bench --batch 1 64 256 --out load_tests/results/constrained/lazy-cpu
+    python -m load_tests.constrained_mask_bench --device cuda --batch 1 64 256 --model dummy:smollm2-135m \\
+        --tokenizer .bench/tok-smollm2 --out load_tests/results/constrained_h200/lazy
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 from engine import constraints, model_runner, sampler
 from engine.protocol import AddRequest
 from engine.sequence import SamplingParams, Sequence
+from load_tests.admission_bench import module_at
 from load_tests.constrained_bench import SCHEMA, build, model_arguments
 
 
@@ -54,22 +57,25 @@ def copies(seqs: list[Sequence]) -> list[Sequence]:
     return out
 
 
-def one_by_one(live: list[tuple[llguidance.LLMatcher, int]]) -> None:
-    for matcher, _ in live:
-        matcher.compute_bitmask()
+def previous_sampler(rev: str) -> Any:
+    """engine/sampler.py at ``rev``, calling engine/constraints.py at ``rev`` (on the engine's executor)."""
+    before = module_at(rev, "engine/constraints.py")
+    before._EXECUTOR = constraints._EXECUTOR
+    module = module_at(rev, "engine/sampler.py")
+    module.constraints = before
+    return module.sample
 
 
 class Probe:
     """Replaces the model runner's ``sample``: times the paths on copies, then samples for real."""
 
-    def __init__(self, threads: list[int]) -> None:
+    def __init__(self, before: Any, threads: list[int]) -> None:
         self.times: dict[str, list[float]] = defaultdict(list)
-        self.executors = {n: llguidance.LLExecutor(num_threads=n) for n in threads}
+        self.paths = {"previous": before, "now": sampler.sample}
+        self.executors = {f"masks_{n}_threads": llguidance.LLExecutor(num_threads=n) for n in threads}
         self.flip = False
-        self.turn = 0
-        self.kept_rows = 0
+        self.settled = 0
         self.rows = 0
-        self.real = sampler.sample
 
     def timed(self, name: str, fn: Any, *args: Any) -> Any:
         start = time.perf_counter()
@@ -79,56 +85,50 @@ class Probe:
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None) -> list[int]:
         if greedy is None or not any(s.constraint for s in seqs):
-            return self.real(logits, seqs, greedy)
+            return sampler.sample(logits, seqs, greedy)
         sync = torch.cuda.synchronize if logits.is_cuda else (lambda: None)
         sync()
         picked: dict[str, list[int]] = {}
-        for name in ("after", "before") if self.flip else ("before", "after"):
+        for name in ("now", "previous") if self.flip else ("previous", "now"):
             rows, work = copies(seqs), logits.clone()
             sync()
             start = time.perf_counter()
-            picked[name] = self.real(work, rows, greedy if name == "after" else None)
+            picked[name] = self.paths[name](work, rows, greedy)
             sync()
             self.times[name].append(time.perf_counter() - start)
-            if name == "after" and not logits.is_cuda:
-                self.kept_rows += sum(bool(torch.equal(work[i], logits[i])) for i in range(len(seqs)))
-                self.rows += len(seqs)
         self.flip = not self.flip
-        assert picked["before"] == picked["after"], "the two sampler paths disagree"
+        assert picked["previous"] == picked["now"], "the two sampler paths disagree"
         words = (logits.shape[-1] + 31) // 32
-        variants: list[tuple[Any, Any]] = [("engine", constraints._EXECUTOR), *self.executors.items(), ("one", None)]
-        self.turn += 1
-        for label, ex in variants[self.turn % len(variants) :] + variants[: self.turn % len(variants)]:
-            rows = copies(seqs)  # each variant on fresh copies, in a rotating order (warm caches favour later ones)
-            bitmask = torch.zeros((len(rows), words), dtype=torch.int32)
-            live = [(s.constraint.matcher, j) for j, s in enumerate(rows) if s.constraint]
-            if ex is None:
-                self.timed("masks_one_by_one", one_by_one, live)
-            else:
-                name = label if label == "engine" else f"{label}_threads"
-                self.timed(f"masks_{name}", ex.unsafe_compute_mask_ptr, live, bitmask.data_ptr(), words * 4, len(rows))
-        tokens = picked["after"]
+        bitmask = torch.empty((len(seqs), words), dtype=torch.int32)
+        for name, ex in [("masks", constraints._EXECUTOR), *self.executors.items()]:
+            live = [(s.constraint.matcher, j) for j, s in enumerate(copies(seqs)) if s.constraint]
+            self.timed(name, ex.unsafe_compute_mask_ptr, live, bitmask.data_ptr(), words * 4, len(seqs))
+        tokens = greedy.tolist()
         rows = copies(seqs)
-        self.timed("advance_per_row", constraints.advance, [s.constraint for s in rows], tokens)
+        checks = [(s.constraint, t) for s, t in zip(rows, tokens, strict=True) if s.constraint]
+        settled = self.timed("settle", lambda: [constraints.settles(c, t) for c, t in checks])
+        self.settled += sum(settled)
+        self.rows += len(settled)
         rows = copies(seqs)
-        pairs = [(s.constraint.matcher, t) for s, t in zip(rows, tokens, strict=True)]
-        self.timed("advance_batched", constraints._EXECUTOR.consume_token_par, pairs)
-        return self.real(logits, seqs, greedy)
+        self.timed("advance", constraints.advance, [s.constraint for s in rows], picked["now"])
+        return sampler.sample(logits, seqs, greedy)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_arguments(ap)
-    ap.add_argument("--batch", type=int, nargs="+", default=[64])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--steps", type=int, default=16, help="decode steps probed per batch size")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--threads", type=int, nargs="*", default=[], help="also time executors of these sizes")
+    ap.add_argument("--before", default="36cf91a", help="git revision of the sampler to compare against")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     _, engine, prompt, grammar = build(args, max(args.batch))
     params = SamplingParams(max_tokens=args.steps + 8, grammar=grammar)
+    before = previous_sampler(args.before)
     summary: dict[str, Any] = {}
     for batch in args.batch:
-        probe = Probe(args.threads)
+        probe = Probe(before, args.threads)
         keys = list(range(batch))
         for key in keys:
             engine.add(AddRequest(key, prompt, params, f"probe-{key}"))
@@ -142,21 +142,25 @@ def main(argv: list[str] | None = None) -> None:
             model_runner.sample = sampler.sample
         for key in keys:
             engine.abort(key)
-        summary[str(batch)] = {name: round(statistics.median(v) * 1e3, 3) for name, v in probe.times.items()}
-        summary[str(batch)]["kept_row_share"] = round(probe.kept_rows / max(probe.rows, 1), 3)
-        print(batch, json.dumps(summary[str(batch)]), flush=True)
+        row = {name: round(statistics.median(v) * 1e3, 3) for name, v in probe.times.items()}
+        row |= {f"{name}_per_row": round(row[name] / batch, 4) for name in ("masks", "settle")}
+        row["settled_share"] = round(probe.settled / max(probe.rows, 1), 3)
+        summary[str(batch)] = row
+        print(batch, json.dumps(row), flush=True)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     cpu = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "")
     report = {
         "command": "python -m load_tests.constrained_mask_bench " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.date.today().isoformat(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
         "device": str(engine.runner.device),
         "cpu": cpu,
         "host_cpus": len(os.sched_getaffinity(0)),
+        "load_average": os.getloadavg(),
         "model": args.model,
         "schema": SCHEMA,
         "steps": args.steps,
-        "unit": "ms per decode step, median over the probed steps",
+        "before": args.before,
+        "unit": "ms per decode step (per row where named so), median over the probed steps",
         "summary": summary,
     }
     args.out.mkdir(parents=True, exist_ok=True)

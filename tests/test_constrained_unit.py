@@ -274,3 +274,70 @@ def test_greedy_rows_whose_argmax_is_allowed_skip_the_mask_with_the_same_tokens(
     for f, g in zip(fast, full, strict=True):
         if f.constraint is not None and g.constraint is not None:
             assert f.constraint.matcher.compute_bitmask() == g.constraint.matcher.compute_bitmask()
+
+
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained here on JSON-like text: multi-byte tokens such as ``{"``, ``":`` and whole
+    keys, which is where llguidance's mask (canonical tokens for forced bytes) and its validation can differ."""
+    from tokenizers import trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        json.dumps({"name": "Ann Lee", "age": 41, "tags": ["red", "blue"], "address": {"city": "Oslo", "zip": "0150"}}),
+        json.dumps([{"id": i, "score": i / 7, "ok": i % 2 == 0, "note": None} for i in range(20)]),
+        json.dumps(["apple", "banana split", "hello world", "quick brown fox", "yes", "no", "maybe not"]),
+    ] * 5
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.mark.unit
+def test_settles_agrees_with_the_mask_on_every_token() -> None:
+    """``settles`` (validation where no bytes are forced) is True only for tokens the mask allows, and for
+    every such token outside forced states and ends of sequence: checked over the whole vocabulary at each
+    step of random walks (tokens drawn from the mask) through varied grammars."""
+    import random
+
+    import numpy as np
+
+    tokenizer = bpe_tokenizer()
+    vocab = len(tokenizer)
+    grammars = constraints.Grammars(tokenizer, vocab)
+    sources = [constraints_grammar(s) for s in SCHEMAS]
+    sources += [
+        constraints_grammar({"type": "object"}),
+        constraints_grammar({"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 3}),
+        llguidance.LLMatcher.grammar_from_regex(r"[A-Z][a-z]{2,5} [0-9]{1,3}( [a-z]+)?"),
+        llguidance.LLMatcher.grammar_from_lark('start: "yes" | "no" | "maybe not"'),
+    ]
+    rng = random.Random(0)
+    checked = forced = 0
+    for grammar in sources:
+        for _ in range(3):
+            c = grammars.constraint(grammar)
+            for _ in range(60):
+                if c.done:
+                    break
+                mask = np.frombuffer(c.matcher.compute_bitmask(), dtype=np.uint8)
+                allowed = np.unpackbits(mask, bitorder="little")[:vocab].astype(bool)
+                settled = np.array([constraints.settles(c, t) for t in range(vocab)])
+                assert not (settled & ~allowed).any()  # never keeps a token the mask bans
+                if c.matcher.compute_ff_bytes():
+                    forced += 1
+                else:
+                    open_tokens = allowed.copy()
+                    open_tokens[list(c.eos_ids)] = False
+                    assert (settled == open_tokens).all()
+                    checked += 1
+                choices = [t for t in np.nonzero(allowed)[0].tolist() if t not in c.eos_ids] or c.eos_ids
+                assert c.matcher.consume_token(rng.choice(choices))
+    assert checked > 100 and forced > 10
+
+
+def constraints_grammar(schema: dict) -> str:
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, {"whitespace_flexible": False})
