@@ -1,10 +1,13 @@
 """Constrained decoding: a grammar matcher per sequence (llguidance) and the token masks it allows.
 
 A constrained sequence carries an llguidance grammar (built by the API server from a JSON schema, a
-regex, a list of choices or tool definitions; see server/constraints.py). The engine makes its matcher
+regex, a list of choices or tool definitions; see server/services/constraints.py). The engine makes its matcher
 when the sequence arrives; each step the sampler asks the batch's matchers for their masks, sets every
 disallowed logit to -inf in place (on the CUDA-graph path: on the graph's output logits, so nothing is
-recaptured), samples, and feeds each matcher its sampled token. Rows without a grammar cost nothing.
+recaptured), samples, and feeds each matcher its sampled token. Rows without a grammar cost nothing. A
+greedy row whose most likely token its grammar allows needs no mask: one token is checked instead
+(:func:`settles`), which costs a small fraction of a mask where nearly every token is allowed (inside a
+JSON string, the costliest case).
 
 llguidance builds a matcher lazily (no up-front compile), so a new schema never stalls the step loop; its
 token table is built once per tokenizer, on first use (:meth:`Grammars.warm`).
@@ -12,6 +15,8 @@ token table is built once per tokenizer, on first use (:meth:`Grammars.warm`).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import llguidance
@@ -21,7 +26,9 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-_EXECUTOR = llguidance.LLExecutor()  # computes a batch's masks on native threads, without the GIL
+# Computes a batch's masks on native threads, without the GIL; as many as llguidance's default (80% of the cores).
+_THREADS = min(32, max(1, len(os.sched_getaffinity(0)) * 4 // 5))
+_EXECUTOR = llguidance.LLExecutor(num_threads=_THREADS)
 
 
 @dataclass(eq=False)
@@ -69,61 +76,106 @@ def validate(grammar: str) -> str | None:
 
 def settles(c: Constraint, token: int) -> bool:
     """Whether ``c``'s mask certainly allows ``token``, found without computing the mask (a small fraction of
-    its cost: load_tests/results/constrained/lazy-cpu): where no bytes are forced, llguidance's mask
-    allows exactly the tokens it validates (checked over every token of random walks through varied grammars,
-    tests/test_constrained_unit.py). Where bytes are forced its mask admits only their canonical tokens, and
-    whether an end of sequence is allowed is the mask's to say: there, and for a finished matcher, False."""
-    if c.done or token in c.eos_ids or c.matcher.compute_ff_bytes():
+    its cost: load_tests/results/constrained/lazy-cpu). Where no bytes are forced, llguidance's mask allows
+    exactly the tokens it validates; where bytes are forced it admits their canonical tokens (the first of
+    which is the one settled here: any other, and an end of sequence, are the mask's to judge). Both checked
+    over every token at each step of random walks through varied grammars (tests/test_constrained_unit.py)."""
+    if c.done or token in c.eos_ids:
         return False
+    if c.matcher.compute_ff_bytes():
+        forced = c.matcher.compute_ff_tokens()
+        return bool(forced) and token == forced[0]
     return c.matcher.validate_tokens([token]) == 1
 
 
 def apply_masks(
-    logits: Tensor, rows: list[int], constraints: list[Constraint], keep: list[int | None] | None = None
+    logits: Tensor,
+    rows: list[int],
+    constraints: list[Constraint],
+    keep: Callable[[], list[int | None]] | None = None,
+    ready: Callable[[], bool] | None = None,
 ) -> list[int]:
     """Sets the logits of the tokens each row's matcher does not allow to -inf, in place, and returns the
-    rows it masked. ``keep`` holds, per row, a token that settles the row if its grammar allows it (a greedy
-    row's argmax: masking other tokens cannot change it); such a row's mask is neither computed nor applied.
-    Rows without one are best masked right after the step's forward is launched: on a GPU their masks are
-    computed while it runs."""
-    if keep is not None:
-        todo = [j for j, token in enumerate(keep) if token is None or not settles(constraints[j], token)]
-        rows, constraints = [rows[j] for j in todo], [constraints[j] for j in todo]
+    rows it masked. ``keep`` gives, per row, a token that settles the row if its grammar allows it (a greedy
+    row's argmax: masking other tokens cannot change it); such a row is left unmasked, and its mask is
+    computed only where :func:`settles` cannot tell, or while waiting: until ``ready()`` says ``keep`` would
+    not wait (on a GPU, for the forward), the rows' masks are computed a few at a time, for the rows that
+    then do not settle."""
     if not rows:
         return []
-    vocab = logits.shape[-1]
-    words = (vocab + 31) // 32
-    # Uninitialised: llguidance writes every live row whole, and a finished row is cleared below (torch.zeros
-    # would fill it on torch's intra-op threads, which on a busy CPU host cost more than the fill itself).
-    bitmask = torch.empty((len(rows), words), dtype=torch.int32, pin_memory=logits.is_cuda)
-    words_u32 = bitmask.numpy().view(np.uint32)
-    live = []
-    for j, c in enumerate(constraints):
-        if c.done:
-            words_u32[j] = 0
-            for eos in c.eos_ids:
-                words_u32[j, eos // 32] |= np.uint32(1 << (eos % 32))
+    masks = _Bitmask(constraints, logits.shape[-1], pinned=logits.is_cuda)
+    todo = list(range(len(rows)))
+    if keep is not None:
+        for start in range(0, len(rows), _THREADS):
+            if ready is None or ready():
+                break
+            masks.compute(range(start, min(start + _THREADS, len(rows))))
+        tokens = keep()
+        todo = [j for j in todo if tokens[j] is None or not masks.allows(j, tokens[j])]
+        masks.compute(todo)  # the rows not settled: their masks may yet allow the token
+        todo = [j for j in todo if tokens[j] is None or not masks.allows(j, tokens[j])]
+    masks.compute(todo)
+    masks.apply(logits, [rows[j] for j in todo], todo)
+    return [rows[j] for j in todo]
+
+
+class _Bitmask:
+    """Packed masks of some constrained rows (token t is bit t % 32 of word t // 32), each computed once, on
+    request."""
+
+    def __init__(self, constraints: list[Constraint], vocab: int, pinned: bool) -> None:
+        self.constraints = constraints
+        self.vocab = vocab
+        self.words = (vocab + 31) // 32
+        # Uninitialised: llguidance writes every row it computes whole, and a finished row is set below
+        # (torch.zeros fills on torch's intra-op threads, which on a busy CPU host cost more than the fill).
+        self.bits = torch.empty((len(constraints), self.words), dtype=torch.int32, pin_memory=pinned)
+        self.computed = [False] * len(constraints)
+
+    def compute(self, js: range | list[int]) -> None:
+        words_u32 = self.bits.numpy().view(np.uint32)
+        live = []
+        for j in js:
+            if self.computed[j]:
+                continue
+            self.computed[j] = True
+            c = self.constraints[j]
+            if c.done:
+                words_u32[j] = 0
+                for eos in c.eos_ids:
+                    words_u32[j, eos // 32] |= np.uint32(1 << (eos % 32))
+            else:
+                live.append((c.matcher, j))
+        if live:
+            _EXECUTOR.unsafe_compute_mask_ptr(live, self.bits.data_ptr(), self.words * 4, len(self.constraints))
+
+    def allows(self, j: int, token: int) -> bool:
+        """Whether row ``j``'s mask allows ``token``: read from the mask if computed, else settled without it."""
+        if self.computed[j]:
+            return bool(self.bits.numpy().view(np.uint32)[j, token // 32] >> (token % 32) & 1)
+        return settles(self.constraints[j], token)
+
+    def apply(self, logits: Tensor, rows: list[int], js: list[int]) -> None:
+        """Bans in ``logits[rows[k]]`` what the mask of row ``js[k]`` bans (each computed)."""
+        if not rows:
+            return
+        bits = self.bits if len(js) == len(self.constraints) else self.bits[js]
+        if logits.is_cuda:  # 4 bytes per 32 tokens cross the bus; the bits unpack on the device
+            banned = unpack_banned(bits.to(logits.device, non_blocking=True), self.vocab)
+            if rows == list(range(logits.shape[0])):  # every row: one in-place fill
+                logits.masked_fill_(banned, float("-inf"))
+            else:
+                index = torch.tensor(rows, device=logits.device)
+                logits[index] = logits[index].masked_fill(banned, float("-inf"))
+            return
+        banned_np = np.unpackbits(bits.numpy().view(np.uint8), axis=-1, count=self.vocab, bitorder="little") == 0
+        if logits.dtype in (torch.float32, torch.float16):  # row by row in place through numpy: one thread, no copy
+            values = logits.numpy()
+            for k, row in enumerate(rows):
+                values[row][banned_np[k]] = -np.inf
         else:
-            live.append((c.matcher, j))
-    if live:
-        _EXECUTOR.unsafe_compute_mask_ptr(live, bitmask.data_ptr(), words * 4, len(rows))
-    if logits.is_cuda:  # 4 bytes per 32 tokens cross the bus; the bits unpack on the device
-        banned = unpack_banned(bitmask.to(logits.device, non_blocking=True), vocab)
-        if len(rows) == logits.shape[0]:  # every row masked (rows ascend): one in-place fill
-            logits.masked_fill_(banned, float("-inf"))
-        else:
-            index = torch.tensor(rows, device=logits.device)
-            logits[index] = logits[index].masked_fill(banned, float("-inf"))
-        return rows
-    banned_np = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, count=vocab, bitorder="little") == 0
-    if logits.dtype in (torch.float32, torch.float16):  # row by row in place through numpy: one thread, no copies
-        values = logits.numpy()
-        for j, row in enumerate(rows):
-            values[row][banned_np[j]] = -np.inf
-    else:
-        for j, row in enumerate(rows):
-            logits[row].masked_fill_(torch.from_numpy(banned_np[j]), float("-inf"))
-    return rows
+            for k, row in enumerate(rows):
+                logits[row].masked_fill_(torch.from_numpy(banned_np[k]), float("-inf"))
 
 
 def unpack_banned(bitmask: Tensor, vocab: int) -> Tensor:

@@ -3,6 +3,8 @@ log-probabilities for the rows that ask for them (the others pay nothing)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -62,26 +64,47 @@ def _mask(
 ) -> Tensor | None:
     """Masks the constrained rows; returns the argmax of the masked logits where it can be had without a pass
     over every row, else None. A greedy row without penalties whose precomputed argmax its grammar allows
-    keeps that token: masking cannot change an allowed maximum, so its mask is not even computed. The other
-    rows are masked first (on a GPU while the forward still runs: only then is the argmax read back) and
-    searched again."""
+    keeps that token: masking cannot change an allowed maximum, so its mask is not needed. The other rows
+    are masked first; on a GPU, while the forward runs and until its argmax arrives, the greedy rows' masks
+    are computed too, for those whose argmax then turns out banned. Masked rows are searched again."""
     if greedy is None:
         constraints.apply_masks(logits, bound, rules)
         return None
     settle = [seqs[i].params.greedy and not _penalized(seqs[i]) for i in bound]
     rest = [k for k, s in enumerate(settle) if not s]
     masked = constraints.apply_masks(logits, [bound[k] for k in rest], [rules[k] for k in rest])
-    if len(rest) < len(bound):
-        picks = [k for k, s in enumerate(settle) if s]
-        tokens = greedy.tolist()
-        keep: list[int | None] = [tokens[bound[k]] for k in picks]
-        masked += constraints.apply_masks(logits, [bound[k] for k in picks], [rules[k] for k in picks], keep)
+    picks = [k for k, s in enumerate(settle) if s]
+    if picks:
+        ready, argmax = _argmax_on_host(greedy)
+
+        def keep() -> list[int | None]:
+            tokens = argmax()
+            return [tokens[bound[k]] for k in picks]
+
+        masked += constraints.apply_masks(logits, [bound[k] for k in picks], [rules[k] for k in picks], keep, ready)
     if not masked:
         return greedy
     index = torch.tensor(sorted(masked), device=logits.device)
     greedy = greedy.clone()
     greedy[index] = logits[index].argmax(dim=-1)
     return greedy
+
+
+def _argmax_on_host(greedy: Tensor) -> tuple[Callable[[], bool] | None, Callable[[], list[int]]]:
+    """Whether the step's argmax has reached the host (None: it is there, on a CPU), and its tokens (waiting
+    for them). On a GPU it comes back once the forward ends, through pinned memory."""
+    if not greedy.is_cuda:
+        return None, greedy.tolist
+    host = torch.empty(greedy.shape, dtype=greedy.dtype, pin_memory=True)
+    host.copy_(greedy, non_blocking=True)
+    arrived = torch.cuda.Event()
+    arrived.record()
+
+    def tokens() -> list[int]:
+        arrived.synchronize()
+        return host.tolist()
+
+    return arrived.query, tokens
 
 
 def _penalized(seq: Sequence) -> bool:

@@ -15,6 +15,8 @@ logits and precomputed argmax, and on deep copies of every row's matcher times, 
 - ``advance``: feeding every matcher its token.
 
 Both sampler paths must pick the same tokens (checked at every step). The step itself then runs as usual.
+Rows are greedy (all alike: the best case for settling) or, with ``--temperature``, sampled with a seed each
+(they drift apart; none can settle: every row's mask is computed, as before).
 
     python -m load_tests.constrained_mask_bench --batch 1 64 256 --out load_tests/results/constrained/lazy-cpu
     python -m load_tests.constrained_mask_bench --device cuda --batch 1 64 256 --model dummy:smollm2-135m \\
@@ -51,6 +53,8 @@ def copies(seqs: list[Sequence]) -> list[Sequence]:
     out = []
     for s in seqs:
         c = copy.copy(s)
+        if s.generator is not None:  # a sampled row draws from its own copy of the random stream
+            c.generator = torch.Generator().set_state(s.generator.get_state())
         if s.constraint is not None:
             c.constraint = constraints.Constraint(s.constraint.matcher.deep_copy(), s.constraint.eos_ids)
         out.append(c)
@@ -105,7 +109,7 @@ class Probe:
             self.timed(name, ex.unsafe_compute_mask_ptr, live, bitmask.data_ptr(), words * 4, len(seqs))
         tokens = greedy.tolist()
         rows = copies(seqs)
-        checks = [(s.constraint, t) for s, t in zip(rows, tokens, strict=True) if s.constraint]
+        checks = [(s.constraint, t) for s, t in zip(rows, tokens, strict=True) if s.constraint and s.params.greedy]
         settled = self.timed("settle", lambda: [constraints.settles(c, t) for c, t in checks])
         self.settled += sum(settled)
         self.rows += len(settled)
@@ -120,17 +124,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--steps", type=int, default=16, help="decode steps probed per batch size")
     ap.add_argument("--threads", type=int, nargs="*", default=[], help="also time executors of these sizes")
+    ap.add_argument("--temperature", type=float, default=0.0, help="above 0: sampled rows, seeded apart")
     ap.add_argument("--before", default="36cf91a", help="git revision of the sampler to compare against")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     _, engine, prompt, grammar = build(args, max(args.batch))
-    params = SamplingParams(max_tokens=args.steps + 8, grammar=grammar)
+    sampled = args.temperature > 0
     before = previous_sampler(args.before)
     summary: dict[str, Any] = {}
     for batch in args.batch:
         probe = Probe(before, args.threads)
         keys = list(range(batch))
         for key in keys:
+            params = SamplingParams(
+                max_tokens=args.steps + 8, grammar=grammar, temperature=args.temperature, seed=key if sampled else None
+            )
             engine.add(AddRequest(key, prompt, params, f"probe-{key}"))
         while any(len(engine.requests[k].output_ids) == 0 for k in keys):  # prefill: not probed
             engine.step()
@@ -159,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "schema": SCHEMA,
         "steps": args.steps,
+        "temperature": args.temperature,
         "before": args.before,
         "unit": "ms per decode step (per row where named so), median over the probed steps",
         "summary": summary,

@@ -298,9 +298,10 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.mark.unit
 def test_settles_agrees_with_the_mask_on_every_token() -> None:
-    """``settles`` (validation where no bytes are forced) is True only for tokens the mask allows, and for
-    every such token outside forced states and ends of sequence: checked over the whole vocabulary at each
-    step of random walks (tokens drawn from the mask) through varied grammars."""
+    """``settles`` is True only for tokens the mask allows: outside forced states for every such token but
+    an end of sequence (it validates), in a forced state for the first canonical token of the forced bytes
+    alone; checked over the whole vocabulary at each step of random walks (tokens drawn from the mask)
+    through varied grammars."""
     import random
 
     import numpy as np
@@ -328,6 +329,8 @@ def test_settles_agrees_with_the_mask_on_every_token() -> None:
                 settled = np.array([constraints.settles(c, t) for t in range(vocab)])
                 assert not (settled & ~allowed).any()  # never keeps a token the mask bans
                 if c.matcher.compute_ff_bytes():
+                    forced_tokens = c.matcher.compute_ff_tokens()
+                    assert settled.sum() == (1 if forced_tokens else 0)  # the first canonical token, if any
                     forced += 1
                 else:
                     open_tokens = allowed.copy()
@@ -341,3 +344,29 @@ def test_settles_agrees_with_the_mask_on_every_token() -> None:
 
 def constraints_grammar(schema: dict) -> str:
     return llguidance.LLMatcher.grammar_from_json_schema(schema, {"whitespace_flexible": False})
+
+
+@pytest.mark.unit
+def test_masks_computed_while_waiting_for_the_argmax_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows whose masks were computed while the argmax was on its way (on a GPU: during the forward) are
+    settled from those masks: the same rows masked, the same logits, as when nothing was computed early."""
+    tokenizer = byte_tokenizer()
+    grammars = constraints.Grammars(tokenizer, len(tokenizer))
+    letters = llguidance.LLMatcher.grammar_from_regex("[a-c]{2,5}")
+    a, b, z = (tokenizer.convert_tokens_to_ids(t) for t in "abz")
+    keep = [a, z, b, z, a, None, z]  # z is banned; None: no argmax to keep
+    monkeypatch.setattr(constraints, "_THREADS", 2)  # two rows per early chunk
+
+    def masked(waits: int) -> tuple[list[int], torch.Tensor]:
+        rules = [grammars.constraint(letters) for _ in keep]
+        logits = torch.randn(len(keep) + 1, len(tokenizer), generator=torch.Generator().manual_seed(0))
+        calls = iter([False] * waits + [True] * 10)
+        rows = list(range(1, len(keep) + 1))  # row 0 free
+        return constraints.apply_masks(logits, rows, rules, lambda: keep, lambda: next(calls)), logits
+
+    plain_rows, plain = masked(0)
+    assert plain_rows == [2, 4, 6, 7]
+    for waits in (1, 2, 4):
+        early_rows, early = masked(waits)
+        assert early_rows == plain_rows and torch.equal(early, plain)
+    assert torch.isinf(plain[2, z]) and not torch.isinf(plain[[0, 1, 3, 5]]).any()
