@@ -8,16 +8,22 @@ new keys/values go (``slot_mapping``) and which cache blocks each row attends to
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PretrainedConfig
 
 from models.paged_attention import paged_decode_op
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Every SDPA backend but cuDNN's, which torch prefers on Hopper: it builds an execution plan per input shape
+# (milliseconds of host time per layer), and a prefill step's shape (rows, width, context) changes nearly every
+# step (load_tests/results/serve/README.md, "Session 7").
+PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -308,8 +314,11 @@ class Llama(nn.Module):
             bias = bias.repeat(1, 1, g, 1) if g > 1 else bias
         shared = LayerInputs(cos, sin, meta, bias)
         k_cache, v_cache = kv_cache
-        for i, layer in enumerate(self.layers):
-            x = layer(x, shared, (k_cache[i], v_cache[i]))
+        # Steps through SDPA keep off cuDNN's (PREFILL_SDPA); compiled steps were captured with their shapes.
+        eager_sdpa = bias is not None and not torch.compiler.is_dynamo_compiling()
+        with sdpa_kernel(PREFILL_SDPA) if eager_sdpa else nullcontext():
+            for i, layer in enumerate(self.layers):
+                x = layer(x, shared, (k_cache[i], v_cache[i]))
         return self.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
