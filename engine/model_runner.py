@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import mmap
+from itertools import chain
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -134,17 +136,22 @@ class ModelRunner:
 
     @staticmethod
     def _row_inputs(rows: list[tuple[list[int], int, list[int]]]) -> Prefill:
-        """Rows of (tokens, position of the first, block table) as token ids and positions padded to the longest."""
+        """Rows of (tokens, position of the first, block table) as token ids and positions padded to the longest.
+        Filled through numpy masks, not row by row: a prefill step can hold hundreds of rows."""
+        n = len(rows)
         q_lens = [len(tokens) for tokens, _, _ in rows]
-        q_max = max(q_lens)
-        ids = torch.zeros(len(rows), q_max, dtype=torch.long)
-        positions = torch.zeros(len(rows), q_max, dtype=torch.long)
-        tables = torch.full((len(rows), max(len(t) for _, _, t in rows)), SCRATCH_BLOCK, dtype=torch.long)
-        for b, ((tokens, start, table), q) in enumerate(zip(rows, q_lens, strict=True)):
-            ids[b, :q] = torch.tensor(tokens)
-            positions[b, :q] = torch.arange(start, start + q)
-            tables[b, : len(table)] = torch.tensor(table)
-        return Prefill(ids, positions, tables, q_lens)
+        t_lens = np.fromiter((len(table) for _, _, table in rows), np.int64, n)
+        q = np.array(q_lens, dtype=np.int64)
+        valid = np.arange(q.max()) < q[:, None]
+        ids = np.zeros(valid.shape, dtype=np.int64)
+        ids[valid] = np.fromiter(chain.from_iterable(tokens for tokens, _, _ in rows), np.int64, int(q.sum()))
+        starts = np.fromiter((start for _, start, _ in rows), np.int64, n)
+        positions = np.where(valid, starts[:, None] + np.arange(valid.shape[1]), 0)
+        tables = np.full((n, t_lens.max()), SCRATCH_BLOCK, dtype=np.int64)
+        tables[np.arange(tables.shape[1]) < t_lens[:, None]] = np.fromiter(
+            chain.from_iterable(table for _, _, table in rows), np.int64, int(t_lens.sum())
+        )
+        return Prefill(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(tables), q_lens)
 
     def _device_inputs(self, step: Prefill) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:
         bs = self.blocks.block_size
