@@ -315,6 +315,9 @@ def test_settles_agrees_with_the_mask_on_every_token() -> None:
         constraints_grammar({"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 3}),
         llguidance.LLMatcher.grammar_from_regex(r"[A-Z][a-z]{2,5} [0-9]{1,3}( [a-z]+)?"),
         llguidance.LLMatcher.grammar_from_lark('start: "yes" | "no" | "maybe not"'),
+        llguidance.LLMatcher.grammar_from_lark(  # a tool call as server/services/tools.py asks (JSON with spaces)
+            'start: call ("\\n" call)*\ncall: "<tool_call>" %json ' + json.dumps(SCHEMAS[0]) + ' "</tool_call>"'
+        ),
     ]
     rng = random.Random(0)
     checked = forced = 0
