@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-# Computes a batch's masks on native threads, without the GIL; as many as llguidance's default (80% of the cores).
+_EXECUTOR = llguidance.LLExecutor()  # computes a batch's masks on native threads, without the GIL
+# Rows computed per call while waiting for a step's argmax: about one per executor thread (80% of the cores).
 _THREADS = min(32, max(1, len(os.sched_getaffinity(0)) * 4 // 5))
-_EXECUTOR = llguidance.LLExecutor(num_threads=_THREADS)
 
 
 @dataclass(eq=False)
