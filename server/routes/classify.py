@@ -3,13 +3,15 @@ classification through the dynamic batching queue, with an LRU cache of results 
 
 from __future__ import annotations
 
+import msgspec
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from engine.classifier import ClassResult
 from server import metrics
 from server.errors import APIError
 from server.routes.common import ERRORS, ClientDisconnected, ready_runtime
-from server.schemas import ClassifyRequest, ClassifyResponse, ClassifyResult, LabelScore
+from server.schemas import ClassifyRequest, ClassifyResponse
 from server.services import classification
 
 router = APIRouter()
@@ -25,15 +27,20 @@ async def classify(body: ClassifyRequest, request: Request) -> Response:
     except ClientDisconnected:
         return Response(status_code=499)
     metrics.CLASSIFY_INPUTS.inc(len(results))
-    response = ClassifyResponse(
-        results=[
-            ClassifyResult(
-                label=r.label,
-                score=r.score,
-                scores=[LabelScore(label=lb, score=sc) for lb, sc in r.scores],
-                labels=r.labels,
-            )
-            for r in results
-        ]
-    )
-    return Response(response.model_dump_json(exclude_none=True), media_type="application/json")
+    return Response(_JSON.encode({"results": [_result(r) for r in results]}), media_type="application/json")
+
+
+# ClassifyResponse's JSON written by msgspec from plain dicts: the same document as the pydantic models'
+# model_dump_json(exclude_none=True), without building five models per input.
+_JSON = msgspec.json.Encoder()
+
+
+def _result(r: ClassResult) -> dict[str, object]:
+    out: dict[str, object] = {
+        "label": r.label,
+        "score": float(r.score),
+        "scores": [{"label": label, "score": float(score)} for label, score in r.scores],
+    }
+    if r.labels is not None:
+        out["labels"] = r.labels
+    return out
