@@ -28,7 +28,8 @@ from transformers import PreTrainedTokenizerBase
 
 _EXECUTOR = llguidance.LLExecutor()  # computes a batch's masks on native threads, without the GIL
 # Rows computed per call while waiting for a step's argmax: about one per executor thread (80% of the cores).
-_THREADS = min(32, max(1, len(os.sched_getaffinity(0)) * 4 // 5))
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # Linux only
+_THREADS = min(32, max(1, _CORES * 4 // 5))
 
 
 @dataclass(eq=False)

@@ -22,7 +22,8 @@ from models.paged_attention import paged_decode_op
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Every SDPA backend but cuDNN's, which torch prefers on Hopper: it builds an execution plan per input shape
 # (milliseconds of host time per layer), and a prefill step's shape (rows, width, context) changes nearly every
-# step (load_tests/results/serve/README.md, "Session 7").
+# step (load_tests/results/serve/README.md, "Session 7"). torch's backend switch is process-wide: while a prefill
+# runs, another thread's SDPA (the encoder's) also skips cuDNN, which changes only its rounding.
 PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
