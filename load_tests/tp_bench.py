@@ -41,18 +41,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def worker(args: argparse.Namespace) -> None:
-    """One engine (rank 0 of ``--tp`` ranks) built by the server's builder; results as JSON to ``--json``."""
-    import torch
-
-    from engine.protocol import AddRequest
-    from engine.sequence import SamplingParams, Sequence
-    from load_tests.gpu_bench import NEW_TOKENS, PROMPT_LEN, engine_level, pct, random_prompts
+def engine_settings(args: argparse.Namespace, **sizes: Any) -> Any:
+    """The settings of a benchmarked engine: ``args``' model, tokenizer, tensor-parallel size, all-reduce and
+    compiled steps; random weights in bf16, uncompressed, generation only; ``sizes`` the rest."""
     from server.config import Settings
-    from server.runtime import Engines
 
-    levels = tuple(int(c) for c in args.concurrency.split(","))
-    settings = Settings(
+    return Settings(
         compile_decode=args.compile_decode,
         gen_model=args.model,
         tokenizer=args.tokenizer,
@@ -61,6 +55,22 @@ def worker(args: argparse.Namespace) -> None:
         gen_prune=0,
         tensor_parallel_size=args.tp,
         tensor_parallel_all_reduce=args.all_reduce,
+        **sizes,
+    )
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One engine (rank 0 of ``--tp`` ranks) built by the server's builder; results as JSON to ``--json``."""
+    import torch
+
+    from engine.protocol import AddRequest
+    from engine.sequence import SamplingParams, Sequence
+    from load_tests.gpu_bench import NEW_TOKENS, PROMPT_LEN, engine_level, pct, random_prompts
+    from server.runtime import Engines
+
+    levels = tuple(int(c) for c in args.concurrency.split(","))
+    settings = engine_settings(
+        args,
         max_num_seqs=max(*levels, PROBE_PROMPTS),  # the decode probe steps 8 rows together
         max_batched_tokens=8192,
         max_input_tokens=PROMPT_LEN,

@@ -48,22 +48,10 @@ def main() -> None:
 
     from engine.sequence import SamplingParams, Sequence
     from load_tests.gpu_bench import PROMPT_LEN, random_prompts
-    from server.config import Settings
+    from load_tests.tp_bench import engine_settings
     from server.runtime import Engines
 
-    settings = Settings(
-        compile_decode=args.compile_decode,
-        gen_model=args.model,
-        tokenizer=args.tokenizer,
-        enable_classify=False,
-        gen_quantize="none",
-        gen_prune=0,
-        tensor_parallel_size=args.tp,
-        tensor_parallel_all_reduce=args.all_reduce,
-        max_num_seqs=8,
-        kv_cache_tokens=8192,
-    )
-    built = Engines.build(settings)
+    built = Engines.build(engine_settings(args, max_num_seqs=8, kv_cache_tokens=8192))
     engine = built.engine
     assert engine is not None
     runner = engine.runner
