@@ -157,10 +157,17 @@ def sweep(
     best = gates.gather(-1, idx[:, None])[:, 0].numpy()
     names = [answer_names(labels, lab.name) for lab in labels] + [NONE_LABEL]
     g = np.array([names.index(x) if x in names else -1 for x in gold])
-    p = np.where(best[None, :] < THRESHOLDS[:, None], len(labels), idx.numpy()[None, :])  # [thresholds, n]
-    f1 = np.zeros((len(THRESHOLDS), len(names)))
+    return threshold_metrics(idx.numpy(), best, g, len(labels))
+
+
+def threshold_metrics(idx: np.ndarray, best: np.ndarray, g: np.ndarray, n_labels: int) -> dict[str, np.ndarray]:
+    """Accuracy, macro-F1 and out-of-scope F1 at every threshold of THRESHOLDS at once, of answers ``idx``
+    (label indices) whose gate score ``best`` under a threshold makes them out of scope (index ``n_labels``),
+    against gold indices ``g``."""
+    p = np.where(best[None, :] < THRESHOLDS[:, None], n_labels, idx[None, :])  # [thresholds, n]
+    f1 = np.zeros((len(THRESHOLDS), n_labels + 1))
     present = np.zeros_like(f1, dtype=bool)
-    for c in range(len(names)):
+    for c in range(n_labels + 1):
         tp = ((p == c) & (g == c)).sum(1)
         fp = ((p == c) & (g != c)).sum(1)
         fn = ((p != c) & (g == c)).sum(1)

@@ -34,7 +34,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
 from engine.classifier import BACKGROUND, DESCRIPTION_WEIGHT, RANK_EARLY_WEIGHT, Classifier
-from load_tests.classify_quality import DATA, KS, THRESHOLDS, _cpu, _git, build, random_draws, read
+from load_tests.classify_quality import DATA, KS, THRESHOLDS, _cpu, _git, build, random_draws, read, threshold_metrics
 from models.classifier_head import NONE_LABEL, early_layer
 from server.config import Settings
 
@@ -179,17 +179,9 @@ class Search:
 
 def sweep(rank: np.ndarray, gate: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Accuracy, macro-F1 and out-of-scope F1 at every threshold (``none`` = index L)."""
-    n_labels = rank.shape[1]
     idx = rank.argmax(1)
-    best = gate[np.arange(len(idx)), idx]
-    p = np.where(best[None] < THRESHOLDS[:, None], n_labels, idx[None])
-    f1 = np.zeros((len(THRESHOLDS), n_labels + 1))
-    present = np.zeros_like(f1, dtype=bool)
-    for c in range(n_labels + 1):
-        tp, fp, fn = ((p == c) & (g == c)).sum(1), ((p == c) & (g != c)).sum(1), ((p != c) & (g == c)).sum(1)
-        present[:, c] = tp + fp + fn > 0
-        f1[:, c] = np.where(present[:, c], 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0.0)
-    return (p == g[None]).mean(1), f1.sum(1) / present.sum(1), f1[:, -1]
+    m = threshold_metrics(idx, gate[np.arange(len(idx)), idx], g, rank.shape[1])
+    return m["accuracy"], m["macro_f1"], m["oos_f1"]
 
 
 def variants(s: Search) -> dict[str, tuple[Scorer, Sequence[int]]]:
