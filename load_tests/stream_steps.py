@@ -34,11 +34,12 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--seconds", type=float, default=12.0)
     args = p.parse_args()
-    os.environ.update(
+    from load_tests.serve_bench import PROMPT, SERVER_ENV
+
+    os.environ.update(  # serve_bench's server, generation alone
         {
-            "LLM_GEN_MODEL": "dummy:smollm2-135m",
+            **SERVER_ENV,
             "LLM_MAX_NUM_SEQS": str(args.concurrency),
-            "LLM_KV_CACHE_TOKENS": "131072",
             "LLM_ENABLE_CLASSIFY": "false",
             "LLM_TOKENIZER": str(args.tokenizer),
             "LLM_COMPILE_DECODE": "off",
@@ -46,7 +47,6 @@ def main() -> None:
     )
     from engine.protocol import AddRequest
     from engine.sequence import SamplingParams
-    from load_tests.serve_bench import PROMPT
     from server.config import Settings
     from server.runtime import Engines
 
