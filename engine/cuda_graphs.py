@@ -243,7 +243,7 @@ class DecodeGraphs:
         bs = self.block_size
         slot_mapping = (tables.gather(1, positions // bs) * bs + positions % bs).view(-1)
         mask = (self.kv_positions[:kv_len].view(1, 1, -1) <= positions.unsqueeze(-1)).view(batch, 1, q, kv_len)
-        context_lens = (positions + 1).view(-1) if self.paged_kernel and q == 1 else None  # the kernel: q = 1 only
+        context_lens = (positions + 1).view(-1) if self.paged_kernel else None
         meta = AttentionMetadata(slot_mapping, tables, mask, bs, context_lens)
         hidden = self.model(ids, positions, meta, self.kv_cache)
         hidden = hidden[:, 0] if q == 1 else hidden.flatten(0, 1)

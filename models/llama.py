@@ -33,8 +33,8 @@ class AttentionMetadata:
     block_tables: Tensor  # [batch, kv_len // block_size] cache blocks of each row's context (padding → block 0)
     mask: Tensor  # [batch, 1, q_len, kv_len] bool, True where a query may attend
     block_size: int
-    # Decode only (q_len 1), set where models/paged_attention.py can run: tokens in each row's context.
-    # Attention then reads the cache in place instead of gathering + SDPA.
+    # Decode and verification steps, set where models/paged_attention.py can run: [batch * q_len] tokens in
+    # each query's context (its position + 1). Attention then reads the cache in place instead of gathering + SDPA.
     context_lens: Tensor | None = None
 
 
@@ -198,8 +198,9 @@ class Attention(nn.Module):
             return self.o_proj(compiled_decode_attention(q, k_cache, v_cache, meta).view(b, 1, h * d))
         if meta.context_lens is not None:
             ctx = meta.context_lens
-            out = paged_decode_op(q.reshape(b, h, d), k_cache, v_cache, meta.block_tables, ctx, meta.block_size)
-            return self.o_proj(out.view(b, 1, h * d))
+            tables = meta.block_tables
+            out = paged_decode_op(q.reshape(b * t, h, d), k_cache, v_cache, tables, ctx, meta.block_size, t)
+            return self.o_proj(out.view(b, t, h * d))
         assert bias is not None
         # Gather whole blocks (rows of block_size·kvh·d contiguous values) with index_select, which
         # copies such rows near memory bandwidth; advanced indexing went element by element.

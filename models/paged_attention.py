@@ -4,6 +4,11 @@ The portable path (models/llama.py) gathers each row's K/V blocks into a dense t
 at 256 sequences that copy moves more bytes than the attention itself reads. This kernel reads K/V
 in place through the block table, once per KV head for all the query heads sharing it (GQA), with an
 online softmax over tiles of the context. One launch per layer replaces gather + mask + SDPA.
+
+A speculative verification step has several queries per sequence (its last token and its drafts). Their
+keys and values are in the cache before attention runs, so each query is a decode query of its own whose
+context ends at its position: ``rows_per_table`` consecutive queries share one block table, and causality
+within the sequence is each query's context length. Verification then costs a decode step of more rows.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ if triton is not None:
         q_ptr,  # [B, H, D]
         k_ptr,  # [slots, KVH, D]
         v_ptr,
-        tables_ptr,  # [B, max_blocks]
+        tables_ptr,  # [B // rows_per_table, max_blocks]
         lens_ptr,  # [B]
         out_ptr,  # [B, H, D]
         scale,
+        rows_per_table,
         tables_stride,
         max_blocks,
         num_tiles,
@@ -51,6 +57,7 @@ if triton is not None:
         heads = kvh * G + g
         q = tl.load(q_ptr + (b * KVH * G + heads)[:, None] * D + d[None, :], mask=g_ok[:, None], other=0.0)
         ctx = tl.load(lens_ptr + b)
+        table = tables_ptr + (b // rows_per_table) * tables_stride
         m = tl.full([PAD_G], float("-inf"), tl.float32)
         s = tl.zeros([PAD_G], tl.float32)
         acc = tl.zeros([PAD_G, D], tl.float32)
@@ -59,7 +66,7 @@ if triton is not None:
             n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < ctx
             block_ok = n_ok & (n // BLOCK_SIZE < max_blocks)
-            block = tl.load(tables_ptr + b * tables_stride + n // BLOCK_SIZE, mask=block_ok, other=0)
+            block = tl.load(table + n // BLOCK_SIZE, mask=block_ok, other=0)
             slot = block * BLOCK_SIZE + n % BLOCK_SIZE
             offs = (slot * KVH + kvh)[:, None] * D + d[None, :]
             k = tl.load(k_ptr + offs, mask=n_ok[:, None], other=0.0)
@@ -78,12 +85,19 @@ if triton is not None:
 
 
 def paged_decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, block_size: int
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    block_size: int,
+    rows_per_table: int = 1,
 ) -> Tensor:
     """softmax(q·Kᵀ/√d)·V over each row's first ``context_lens`` cached tokens.
 
     q: [B, H, D]; k_cache/v_cache: [slots, KVH, D] (slot = block · block_size + offset);
-    block_tables: [B, max_blocks]; context_lens: [B] (≥ 1). Returns [B, H, D] in q's dtype.
+    block_tables: [B / rows_per_table, max_blocks] (row r reads table r // rows_per_table);
+    context_lens: [B] (≥ 1). Returns [B, H, D] in q's dtype.
     """
     assert triton is not None
     batch, heads, dim = q.shape
@@ -99,6 +113,7 @@ def paged_decode_attention(
         context_lens,
         out,
         dim**-0.5,
+        rows_per_table,
         block_tables.stride(0),
         block_tables.shape[1],
         triton.cdiv(block_tables.shape[1] * block_size, 64),
@@ -114,27 +129,41 @@ def paged_decode_attention(
 
 @torch.library.custom_op("lowlat::paged_decode_attention", mutates_args=())
 def paged_decode_op(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, block_size: int
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    block_size: int,
+    rows_per_table: int,
 ) -> Tensor:
     """:func:`paged_decode_attention` as one opaque op, so ``torch.compile`` keeps the kernel as it is
     instead of tracing its launch (whose grid and constants depend on the shapes)."""
-    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size)
+    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, rows_per_table)
 
 
 @paged_decode_op.register_fake
-def _(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: Tensor, context_lens: Tensor, block_size: int) -> Tensor:
+def _(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: Tensor, lens: Tensor, block_size: int, rows_per_table: int
+) -> Tensor:
     return torch.empty_like(q)
 
 
 def reference_decode_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, context_lens: Tensor, block_size: int
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    block_size: int,
+    rows_per_table: int = 1,
 ) -> Tensor:
     """Plain PyTorch, row by row: what :func:`paged_decode_attention` must compute."""
     group = q.shape[1] // k_cache.shape[1]
     out = torch.empty_like(q)
     for b in range(q.shape[0]):
         pos = torch.arange(int(context_lens[b]), device=q.device)
-        slots = block_tables[b, pos // block_size] * block_size + pos % block_size
+        slots = block_tables[b // rows_per_table, pos // block_size] * block_size + pos % block_size
         k = k_cache[slots].float().repeat_interleave(group, dim=1)  # [L, H, D]
         v = v_cache[slots].float().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * q.shape[-1] ** -0.5
@@ -154,9 +183,18 @@ def self_check(
         q = torch.randn(batch, heads, head_dim, generator=gen).to(device, dtype)
         tables = (torch.randperm(blocks - 1, generator=gen)[: batch * 6] + 1).view(batch, 6).to(device)
         lens = torch.tensor([1, 5 * block_size + 3, 6 * block_size], device=device)
-        got = paged_decode_attention(q, k, v, tables, lens, block_size).float()
-        want = reference_decode_attention(q, k, v, tables, lens, block_size).float()
-        err = float((got - want).norm() / want.norm())
-        return None if err < 2e-2 else f"paged decode kernel disagrees with the reference (rel. error {err:.3g})"
+        # As decode rows, and as a verification step: three queries per table, each seeing up to its position.
+        width = 3
+        wide_q = torch.randn(batch * width, heads, head_dim, generator=gen).to(device, dtype)
+        wide_lens = (lens.repeat_interleave(width) - torch.arange(width, device=device).flip(0).repeat(batch)).clamp(
+            min=1
+        )
+        for rows, row_lens, per_table in ((q, lens, 1), (wide_q, wide_lens, width)):
+            got = paged_decode_attention(rows, k, v, tables, row_lens, block_size, per_table).float()
+            want = reference_decode_attention(rows, k, v, tables, row_lens, block_size, per_table).float()
+            err = float((got - want).norm() / want.norm())
+            if err >= 2e-2:
+                return f"paged decode kernel disagrees with the reference (rel. error {err:.3g}, width {per_table})"
+        return None
     except Exception as exc:  # a Triton/driver problem must not take the engine down: use the SDPA path
         return f"paged decode kernel unavailable: {type(exc).__name__}: {exc}"
