@@ -92,15 +92,16 @@ class ModelRunner:
         if self.decode.fits(seqs, q):
             step = Decode(*self.decode.stage(seqs, q), q=q)
             self._send(step)
-            _, logits = self.decode.replay(step.batch, step.kv_len, step.width, q)
-            rows = [b * q + j for b, s in enumerate(seqs) for j in range(s.num_step_tokens)]
-            return speculative.verify(logits[rows], seqs)
+            greedy, logits = self.decode.replay(step.batch, step.kv_len, step.width, q)
+            n = len(seqs) * q  # row b's positions are rows b * q onwards, padding after its drafts
+            return speculative.verify(logits[:n], seqs, list(range(0, n, q)), greedy[:n])
         step = self._host_inputs(seqs)
         self._send(step)
         ids, positions, meta, _ = self._device_inputs(step)
         hidden = self.model(ids, positions, meta, (self.k_cache, self.v_cache))
         valid = torch.arange(hidden.shape[1]).view(1, -1) < torch.tensor(step.q_lens).view(-1, 1)
-        return speculative.verify(self.model.logits(hidden[valid.to(self.device)]), seqs)
+        starts = np.cumsum([0, *step.q_lens[:-1]]).tolist()
+        return speculative.verify(self.model.logits(hidden[valid.to(self.device)]), seqs, starts)
 
     @torch.inference_mode()
     def forward_rows(self, rows: list[tuple[list[int], int, list[int]]]) -> Tensor:

@@ -7,8 +7,9 @@ row keeps the drafts the model agrees with plus one token of the model's own. On
 
 Proposers (both deterministic, so a draft is a point mass ``q``):
 
-- **n-gram (prompt lookup)**: the last n tokens (n from :data:`NGRAM_MAX` down to :data:`NGRAM_MIN`) are
-  looked up earlier in the row's own prompt and output; the tokens that followed their latest occurrence
+- **n-gram (prompt lookup)**: the last n tokens (n from :data:`NGRAM_MAX` down to :data:`NGRAM_MIN`, or to
+  one token where verification is cheap) are looked up earlier in the row's own prompt and output (an index
+  of where each n-gram last ended, grown with the row); the tokens that followed their latest occurrence
   are the drafts. Free, and right where answers quote their context (retrieval-backed support bots).
 - **draft model**: a smaller model with the same tokenizer proposes ``k`` tokens greedily, with a KV
   cache of its own laid out in the served model's blocks (the same block tables, so the scheduler's
@@ -31,7 +32,10 @@ between that and :data:`FULL_ACCEPTANCE` it proposes half as many tokens, so tex
 predict costs little more than decoding without it. A step's rows are padded to its widest, so a step
 whose drafts would more than double its work (:data:`MAX_PADDING`) runs without them. And engine-wide,
 per batch size, :class:`SpeedGate` turns speculation off for a while when steps with drafts deliver fewer
-tokens per row per second than steps without.
+tokens per row per second than steps without. Where the gate measures a verification step costing about a
+plain one (:data:`CHEAP_VERIFY`: a GPU at small batches, whose step time is launches and weight reads, not
+width), n-gram rows do not back off: a draft that is rarely right still costs next to nothing, and a row
+that paused missed the passages it would have copied (load_tests/results/speculative/README.md).
 """
 
 from __future__ import annotations
@@ -39,7 +43,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,7 +55,7 @@ if TYPE_CHECKING:
 
 Method = Literal["ngram", "draft"]
 NGRAM_MAX = 4  # longest suffix looked up; longer matches are tried first
-NGRAM_MIN = 2  # shortest: a single repeated token predicts too little to pay for a wider step
+NGRAM_MIN = 2  # shortest where verification costs: a single repeated token predicts too little to pay for it
 DECAY = 0.6  # weight of the history in a row's acceptance rate (the last few verifications count)
 LOW_ACCEPTANCE = 0.25  # below: pause speculating
 FULL_ACCEPTANCE = 0.5  # at or above: propose k tokens; between the two: k / 2
@@ -62,36 +65,58 @@ MAX_PADDING = 2.0  # a step's rows are as wide as its widest: at most this many 
 GATE_SAMPLES = 8  # decode steps of each kind measured before the speed gate may close
 GATE_DECAY = 0.9  # weight of the history in the gate's speeds
 GATE_REFRESH = 256  # steps with drafts after which plain steps are measured again (the load changes)
+CHEAP_VERIFY = 1.25  # a verification step within this factor of a plain step's time: n-gram rows never pause
+
+
+def _decayed(history: float, sample: float) -> float:
+    return GATE_DECAY * history + (1 - GATE_DECAY) * sample
+
+
+class NgramIndex:
+    """Where each n-gram (1 to :data:`NGRAM_MAX` tokens) of a row's prompt and output last ended, grown as the
+    row grows: a lookup is a few dict probes, where scanning the whole text every step cost a row a tenth of
+    a millisecond or more of the engine's host time, per step."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.ends: dict[tuple[int, ...], int] = {}  # n-gram -> index of its last token, latest occurrence
+        self.indexed = 0  # n-grams ending before this index are in ``ends``
+
+    def extend(self, seq: Sequence) -> None:
+        """Appends what the row gained since the last call (tokens only grow: rejected drafts never enter)."""
+        have, prompt = len(self.tokens), len(seq.prompt_ids)
+        if have < prompt:
+            self.tokens.extend(seq.prompt_ids[have:])
+            have = prompt
+        self.tokens.extend(seq.output_ids[have - prompt :])
+        t = self.tokens
+        for end in range(self.indexed, len(t) - 1):  # only n-grams with a token after them can predict
+            for n in range(1, min(NGRAM_MAX, end + 1) + 1):
+                self.ends[tuple(t[end - n + 1 : end + 1])] = end
+        self.indexed = max(self.indexed, len(t) - 1)
+
+    def lookup(self, k: int, n_min: int = NGRAM_MIN) -> list[int]:
+        """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix (n from
+        :data:`NGRAM_MAX` down to ``n_min`` tokens) that occurred before; [] when none did."""
+        t = self.tokens
+        for n in range(min(NGRAM_MAX, len(t) - 1), n_min - 1, -1):
+            end = self.ends.get(tuple(t[len(t) - n :]))
+            if end is not None:
+                return t[end + 1 : end + 1 + k]
+        return []
 
 
 @dataclass(eq=False)
 class SpecState:
-    """One sequence's speculation: its acceptance (back-off), the n-gram lookup's token buffer and how far
-    the draft model's KV cache has caught up with it."""
+    """One sequence's speculation: its acceptance (back-off), the n-gram index of its tokens and how far the
+    draft model's KV cache has caught up with it."""
 
     rate: float = 1.0  # decayed share of proposed tokens accepted
     paused: int = 0  # decode steps left without speculating
     pause: int = FIRST_PAUSE  # length of the next pause
-    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # prompt + output so far
-    length: int = 0  # of ``tokens`` filled
+    ngrams: NgramIndex = field(default_factory=NgramIndex)
     draft_computed: int = 0  # tokens whose KV the draft model has (in ``draft_table``'s blocks)
     draft_table: list[int] | None = None  # the block table the draft's KV was written under
-
-    def token_array(self, seq: Sequence) -> np.ndarray:
-        """Prompt and output as an array, extended by what was appended since the last call."""
-        n = seq.num_tokens
-        if n > len(self.tokens):
-            grown = np.zeros(max(n, 2 * len(self.tokens)), dtype=np.int64)
-            grown[: self.length] = self.tokens[: self.length]
-            self.tokens = grown
-        if self.length < len(seq.prompt_ids):
-            self.tokens[: len(seq.prompt_ids)] = seq.prompt_ids
-            self.length = len(seq.prompt_ids)
-        if self.length < n:
-            start = self.length - len(seq.prompt_ids)
-            self.tokens[self.length : n] = seq.output_ids[start:]
-            self.length = n
-        return self.tokens[:n]
 
     def observe(self, proposed: int, accepted: int) -> None:
         self.rate = DECAY * self.rate + (1 - DECAY) * accepted / proposed
@@ -116,14 +141,18 @@ class SpeedGate:
     plain_seen: int = 0
     closed: int = 0  # decode steps left without speculation
     pause: int = 4 * FIRST_PAUSE
+    spec_step: float = 0.0  # decayed seconds per step, with drafts and without
+    plain_step: float = 0.0
 
     def observe(self, speculative: bool, tokens: int, rows: int, seconds: float) -> None:
         rate = tokens / rows / max(seconds, 1e-9)
         if speculative:
-            self.spec = rate if not self.spec_seen else GATE_DECAY * self.spec + (1 - GATE_DECAY) * rate
+            self.spec = rate if not self.spec_seen else _decayed(self.spec, rate)
+            self.spec_step = seconds if not self.spec_step else _decayed(self.spec_step, seconds)
             self.spec_seen += 1
         else:
-            self.plain = rate if not self.plain_seen else GATE_DECAY * self.plain + (1 - GATE_DECAY) * rate
+            self.plain = rate if not self.plain_seen else _decayed(self.plain, rate)
+            self.plain_step = seconds if not self.plain_step else _decayed(self.plain_step, seconds)
             self.plain_seen += 1
         if self.spec_seen < GATE_SAMPLES:
             return
@@ -142,20 +171,9 @@ class SpeedGate:
             return False
         return True
 
-
-def ngram_lookup(tokens: np.ndarray, k: int, n_max: int = NGRAM_MAX, n_min: int = NGRAM_MIN) -> list[int]:
-    """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix of ``tokens``
-    (n from ``n_max`` down to ``n_min`` tokens) that occurred before; [] when none did."""
-    length = len(tokens)
-    for n in range(min(n_max, length - 1), n_min - 1, -1):
-        suffix = tokens[length - n :]
-        # Windows that end before the last token, so at least one token follows each.
-        windows = np.lib.stride_tricks.sliding_window_view(tokens[: length - 1], n)
-        hits = np.flatnonzero((windows == suffix).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return tokens[start : start + k].tolist()
-    return []
+    def cheap(self) -> bool:
+        """Whether steps with drafts have been measured costing at most :data:`CHEAP_VERIFY` plain steps."""
+        return 0 < self.spec_step <= CHEAP_VERIFY * self.plain_step
 
 
 class DraftModel:
@@ -231,6 +249,7 @@ class Speculator:
         self.max_model_len = max_model_len
         self.draft = draft
         self.gates: dict[int, SpeedGate] = {}
+        self.ngram_min = NGRAM_MIN  # this step's shortest n-gram (plan)
 
     def eligible(self, seq: Sequence) -> bool:
         """Whether the request speculates at all (its setting, and no feature that cannot compose with it)."""
@@ -253,18 +272,22 @@ class Speculator:
         """Draft tokens each decode row may propose this step (0: none): its back-off, its remaining
         ``max_tokens`` (drafts beyond what it may still emit are wasted) and the model length; none while the
         speed gate is closed."""
-        if not self.gate(len(seqs)).open():
+        gate = self.gate(len(seqs))
+        if not gate.open():
             return [0] * len(seqs)
+        # Proposals are free and verifying them costs about a plain step: every row proposes all it can.
+        free = self.method == "ngram" and gate.cheap()
+        self.ngram_min = 1 if free else NGRAM_MIN
         ks = []
         for s in seqs:
             k = 0
             if self.eligible(s):
                 if s.spec is None:
                     s.spec = SpecState()
-                if s.spec.paused:
+                if s.spec.paused and not free:
                     s.spec.paused -= 1
                 else:
-                    k = self.k if s.spec.rate >= FULL_ACCEPTANCE else max(1, self.k // 2)
+                    k = self.k if free or s.spec.rate >= FULL_ACCEPTANCE else max(1, self.k // 2)
                     k = min(k, s.params.max_tokens - len(s.output_ids) - 1, self.max_model_len - s.num_tokens)
             ks.append(max(k, 0))
         return ks
@@ -279,7 +302,8 @@ class Speculator:
             for i in rows:
                 state = seqs[i].spec
                 assert state is not None
-                drafts.append(ngram_lookup(state.token_array(seqs[i]), ks[i]))
+                state.ngrams.extend(seqs[i])
+                drafts.append(state.ngrams.lookup(ks[i], self.ngram_min))
         else:
             assert self.draft is not None
             drafts = self.draft.propose([seqs[i] for i in rows], [ks[i] for i in rows])
@@ -308,26 +332,28 @@ class Speculator:
         metrics.SPEC_VERIFIED.inc()
 
 
-def verify(logits: Tensor, seqs: list[Sequence]) -> list[list[int]]:
-    """The tokens each row gains from a step whose logits are ``logits`` (``1 + len(draft_ids)`` rows per
-    sequence, in order): rows without drafts are sampled as usual (grammar masks, penalties and
-    log-probabilities included); rows with drafts accept a prefix of them and add one token of their own."""
-    widths = [1 + len(s.draft_ids) for s in seqs]
-    ends = np.cumsum(widths).tolist()
+def verify(logits: Tensor, seqs: list[Sequence], starts: list[int], greedy: Tensor | None = None) -> list[list[int]]:
+    """The tokens each row gains from a step whose logits are ``logits``: sequence i's ``1 + len(draft_ids)``
+    positions are rows ``starts[i]`` onwards. Rows without drafts are sampled as usual (grammar masks,
+    penalties and log-probabilities included); rows with drafts accept a prefix of them and add one token of
+    their own. ``greedy``: the argmax of every row, where the step computed it (a CUDA graph's output): an
+    all-greedy step then costs one copy of those tokens to the host."""
     plain = [i for i, s in enumerate(seqs) if not s.draft_ids]
     out: list[list[int]] = [[] for _ in seqs]
     if plain:
-        tokens = sample(logits[[ends[i] - 1 for i in plain]], [seqs[i] for i in plain])
+        index = [starts[i] for i in plain]
+        tokens = sample(logits[index], [seqs[i] for i in plain], None if greedy is None else greedy[index])
         for i, token in zip(plain, tokens, strict=True):
             out[i] = [token]
     drafted = [i for i, s in enumerate(seqs) if s.draft_ids]
     if not drafted:
         return out
-    greedy = logits.argmax(dim=-1).tolist()
+    argmax = (logits.argmax(dim=-1) if greedy is None else greedy).tolist()
+    widths = [1 + len(s.draft_ids) for s in seqs]
     sampled = [i for i in drafted if not seqs[i].params.greedy]
     probs: dict[int, Tensor] = {}
     if sampled:
-        index = [j for i in sampled for j in range(ends[i] - widths[i], ends[i])]
+        index = [j for i in sampled for j in range(starts[i], starts[i] + widths[i])]
         params = [seqs[i].params for i in sampled for _ in range(widths[i])]
         sorted_probs, order = filtered_probs(logits[index], params)
         full = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
@@ -335,11 +361,11 @@ def verify(logits: Tensor, seqs: list[Sequence]) -> list[list[int]]:
         for i in sampled:
             probs[i], at = full[at : at + widths[i]], at + widths[i]
     for i in drafted:
-        s, start = seqs[i], ends[i] - widths[i]
+        s, start = seqs[i], starts[i]
         if i in probs:
             out[i] = _accept_sampled(s.draft_ids, probs[i], s.generator)
         else:
-            out[i] = _accept_greedy(s.draft_ids, greedy[start : ends[i]])
+            out[i] = _accept_greedy(s.draft_ids, argmax[start : start + widths[i]])
     return out
 
 

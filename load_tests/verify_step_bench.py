@@ -59,7 +59,7 @@ def timed(decode: DecodeGraphs, rows: Rows, width: int, iters: int) -> tuple[flo
         decode.replay(*staged, width)
         sync()
         times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times), logits.float().clone()
+    return 1e3 * statistics.median(times), logits.float().cpu()
 
 
 def compare(a: Tensor, b: Tensor) -> dict[str, float]:
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             steps = []
             for j in range(width):
                 _, step = decode.replay(*decode.stage_rows([(t[j : j + 1], p + j, tb) for t, p, tb in wide], 1), 1)
-                steps.append(step[:batch].float().clone())
+                steps.append(step[:batch].float().cpu())  # waits for the upload before the next staging
             entry[f"{path}_verify_vs_decode_steps"] = compare(logits[path], torch.stack(steps, 1).flatten(0, 1))
         if len(logits) == 2:
             entry["paged_vs_sdpa_verify"] = compare(logits["paged"], logits["sdpa"])

@@ -23,11 +23,12 @@ from engine.sequence import SamplingParams, Sequence
 from engine.speculative import (
     FIRST_PAUSE,
     GATE_SAMPLES,
+    NGRAM_MAX,
+    NgramIndex,
     SpecState,
     Speculator,
     SpeedGate,
     _accept_sampled,
-    ngram_lookup,
     verify,
 )
 from models.llama import Llama
@@ -74,12 +75,42 @@ def counters() -> tuple[float, float]:
     return metrics.SPEC_PROPOSED._value.get(), metrics.SPEC_ACCEPTED._value.get()
 
 
+def index(tokens: list[int], prompt: int | None = None) -> NgramIndex:
+    """An index grown as a row grows: the prompt, then the output a token or a few at a time."""
+    prompt = len(tokens) if prompt is None else prompt
+    seq = Sequence(prompt_ids=tokens[:prompt], params=SamplingParams())
+    ngrams = NgramIndex()
+    ngrams.extend(seq)
+    for i in range(prompt, len(tokens), 2):
+        seq.output_ids.extend(tokens[i : i + 2])
+        ngrams.extend(seq)
+    return ngrams
+
+
+def scan(tokens: list[int], k: int, n_min: int) -> list[int]:
+    """What the index must answer, by brute force: the tokens after the latest earlier occurrence (one that
+    ends before the last token) of the longest suffix of NGRAM_MAX down to ``n_min`` tokens."""
+    for n in range(min(NGRAM_MAX, len(tokens) - 1), n_min - 1, -1):
+        ends = [e for e in range(n - 1, len(tokens) - 1) if tokens[e - n + 1 : e + 1] == tokens[-n:]]
+        if ends:
+            return tokens[ends[-1] + 1 : ends[-1] + 1 + k]
+    return []
+
+
 def test_ngram_lookup_takes_the_latest_longest_match() -> None:
-    tokens = np.array([1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 6, 0, 2, 3])
-    assert ngram_lookup(tokens, 3) == [4, 5, 6]  # suffix [2, 3]: its latest earlier occurrence is at 6
-    assert ngram_lookup(np.array([1, 2, 3, 4]), 3) == []
-    assert ngram_lookup(np.array([7, 7, 7]), 5) == [7]  # what follows, even if shorter than k
-    assert ngram_lookup(np.array([4, 1, 2, 8, 1, 2]), 2, n_max=4, n_min=2) == [8, 1]
+    tokens = [1, 2, 3, 9, 9, 1, 2, 3, 4, 5, 6, 0, 2, 3]
+    assert index(tokens).lookup(3) == [4, 5, 6]  # suffix [2, 3]: its latest earlier occurrence is at 6
+    assert index(tokens, prompt=4).lookup(3) == [4, 5, 6]  # the same, grown through the output
+    assert index([1, 2, 3, 4]).lookup(3) == []
+    assert index([7, 7, 7]).lookup(5) == [7]  # what follows, even if shorter than k
+    assert index([4, 1, 2, 8, 1, 2]).lookup(2) == [8, 1]
+    assert index([5, 1, 6, 2, 1]).lookup(2) == [] and index([5, 1, 6, 2, 1]).lookup(2, n_min=1) == [6, 2]
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # small vocabularies: many repeats of every length
+        tokens = rng.integers(0, int(rng.integers(2, 6)), int(rng.integers(1, 40))).tolist()
+        grown = index(tokens, prompt=int(rng.integers(1, len(tokens) + 1)))
+        for n_min in (1, 2):
+            assert grown.lookup(4, n_min) == scan(tokens, 4, n_min), (tokens, n_min)
 
 
 def test_greedy_output_is_identical_with_ngram_speculation(tiny: Tiny) -> None:
@@ -209,7 +240,12 @@ def test_verify_greedy_and_plain_rows() -> None:
     plain = Sequence(prompt_ids=[1], params=SamplingParams())  # row 4
     last = Sequence(prompt_ids=[1], params=SamplingParams())
     last.draft_ids = []  # row 5
-    assert verify(logits, [spec, plain, last]) == [[2, 3, 1], [0], [3]]
+    assert verify(logits, [spec, plain, last], [0, 4, 5]) == [[2, 3, 1], [0], [3]]
+    argmax = logits.argmax(dim=-1)  # as a CUDA graph computes it: the same tokens
+    assert verify(logits, [spec, plain, last], [0, 4, 5], argmax) == [[2, 3, 1], [0], [3]]
+    padded = torch.zeros(12, 5)  # a graph's layout: every sequence 4 rows wide, padding after its positions
+    padded[[0, 1, 2, 3, 4, 8]] = logits
+    assert verify(padded, [spec, plain, last], [0, 4, 8], padded.argmax(dim=-1)) == [[2, 3, 1], [0], [3]]
 
 
 def test_back_off_pauses_a_row_whose_drafts_are_rejected() -> None:
@@ -233,6 +269,31 @@ def test_back_off_pauses_a_row_whose_drafts_are_rejected() -> None:
     assert state.paused == 2 * FIRST_PAUSE  # longer each time
     seq.params = SamplingParams(max_tokens=100, logprobs=1)
     assert not speculator.eligible(seq)
+
+
+def test_where_verification_is_cheap_ngram_rows_propose_every_step() -> None:
+    """A GPU at small batches: a step with drafts costs about a plain one, so a row with poor acceptance keeps
+    proposing (its pause is not served) and a one-token match is worth a draft; where it costs, they are not."""
+    speculator = Speculator("ngram", 4, True, 1000)
+    cheap, costly = speculator.gate(1), speculator.gate(8)
+    for _ in range(GATE_SAMPLES):
+        for gate, spec_seconds in ((cheap, 0.011), (costly, 0.02)):
+            gate.observe(False, tokens=1, rows=1, seconds=0.01)
+            gate.observe(True, tokens=3, rows=1, seconds=spec_seconds)
+    assert cheap.cheap() and not costly.cheap()
+    seq = Sequence(prompt_ids=[5, 1, 6, 2, 1], params=SamplingParams(max_tokens=100))
+    seq.spec = SpecState(rate=0.1, paused=5)
+    assert speculator.plan([seq]) == [4] and seq.spec.paused == 5
+    speculator.propose([seq], [4])
+    assert seq.draft_ids == [6, 2, 1]  # after the one-token suffix [1]
+    rows = [Sequence(prompt_ids=[5, 1, 6, 2, 1], params=SamplingParams(max_tokens=100)) for _ in range(8)]
+    for row in rows:
+        row.spec = SpecState(rate=0.1, paused=5)
+    assert speculator.plan(rows) == [0] * 8 and all(row.spec.paused == 4 for row in rows)
+    rows[0].spec = SpecState()
+    ks = speculator.plan(rows)
+    speculator.propose(rows, ks)
+    assert ks[0] == 4 and rows[0].draft_ids == []  # no match of two tokens or more
 
 
 def test_speed_gate_closes_when_speculating_is_slower() -> None:
