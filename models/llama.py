@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PretrainedConfig
 
-from models.paged_attention import paged_decode_op
+from models.paged_attention import paged_decode_op, rope_write_kv_op
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Every SDPA backend but cuDNN's, which torch prefers on Hopper: it builds an execution plan per input shape
@@ -181,10 +181,24 @@ class Attention(nn.Module):
             qkv = self.qkv_proj(x)
         else:
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        k_cache, v_cache = kv
+        if meta.context_lens is not None:  # paged decode or verification (CUDA): two kernels, both on the cache
+            rows = b * t
+            q = rope_write_kv_op(
+                qkv.reshape(rows, -1),
+                cos.reshape(rows, d),
+                sin.reshape(rows, d),
+                meta.slot_mapping,
+                k_cache,
+                v_cache,
+                h,
+            )
+            ctx, tables = meta.context_lens, meta.block_tables
+            out = paged_decode_op(q, k_cache, v_cache, tables, ctx, meta.block_size, t)
+            return self.o_proj(out.view(b, t, h * d))
         qk = apply_rope(qkv[..., : (h + kvh) * d].view(b, t, h + kvh, d), cos, sin)  # q and k in one pass
         q, k = qk[:, :, :h], qk[:, :, h:]
         v = qkv[..., (h + kvh) * d :].view(b, t, kvh, d)
-        k_cache, v_cache = kv
         # Decode steps compiled by engine/cuda_graphs.py. Dynamo's own flag, not ``is_compiling()``: that one
         # is a process-wide flag held for a whole compile, so eager steps served meanwhile (a compile on a
         # background thread) would take the compiled branches too.
@@ -194,13 +208,8 @@ class Attention(nn.Module):
         else:
             k_cache.index_copy_(0, meta.slot_mapping, k.reshape(-1, kvh, d))
             v_cache.index_copy_(0, meta.slot_mapping, v.reshape(-1, kvh, d))
-        if compiling and t == 1 and meta.context_lens is None:
+        if compiling and t == 1:
             return self.o_proj(compiled_decode_attention(q, k_cache, v_cache, meta).view(b, 1, h * d))
-        if meta.context_lens is not None:
-            ctx = meta.context_lens
-            tables = meta.block_tables
-            out = paged_decode_op(q.reshape(b * t, h, d), k_cache, v_cache, tables, ctx, meta.block_size, t)
-            return self.o_proj(out.view(b, t, h * d))
         assert bias is not None
         # Gather whole blocks (rows of block_size·kvh·d contiguous values) with index_select, which
         # copies such rows near memory bandwidth; advanced indexing went element by element.

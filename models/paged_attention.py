@@ -9,6 +9,9 @@ A speculative verification step has several queries per sequence (its last token
 keys and values are in the cache before attention runs, so each query is a decode query of its own whose
 context ends at its position: ``rows_per_table`` consecutive queries share one block table, and causality
 within the sequence is each query's context length. Verification then costs a decode step of more rows.
+
+Before attention, :func:`rope_write_kv` applies RoPE to the step's queries and keys and writes keys and values
+into the cache in one launch per layer, where rotary embedding and the two cache writes took three.
 """
 
 from __future__ import annotations
@@ -82,6 +85,69 @@ if triton is not None:
         out = acc / s[:, None]
         out_offs = (b * KVH * G + heads)[:, None] * D + d[None, :]
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
+
+    @triton.jit
+    def _rope_write_kv_kernel(
+        qkv_ptr,  # [R, (H + 2 * KVH) * D]: the fused projection's output, one row per token
+        cos_ptr,  # [R, D]
+        sin_ptr,  # [R, D], first half negated (models/llama.py rope_tables)
+        slots_ptr,  # [R] cache slot of each token
+        q_ptr,  # [R, H, D] out: rotated queries
+        k_ptr,  # [slots, KVH, D] cache
+        v_ptr,
+        qkv_stride,
+        rope_stride,
+        H: tl.constexpr,
+        KVH: tl.constexpr,
+        D: tl.constexpr,
+    ):
+        r = tl.program_id(0)
+        head = tl.program_id(1)  # query heads, then key heads, then value heads
+        d = tl.arange(0, D)
+        row = qkv_ptr + r * qkv_stride + head * D
+        x = tl.load(row + d)
+        if head < H + KVH:  # rotate-half RoPE as x·cos + roll(x, D/2)·signed_sin, in fp32, rounded once
+            rolled = tl.load(row + (d + D // 2) % D).to(tl.float32)
+            cos = tl.load(cos_ptr + r * rope_stride + d).to(tl.float32)
+            sin = tl.load(sin_ptr + r * rope_stride + d).to(tl.float32)
+            y = x.to(tl.float32) * cos + rolled * sin
+            if head < H:
+                tl.store(q_ptr + (r * H + head) * D + d, y.to(q_ptr.dtype.element_ty))
+            else:
+                slot = tl.load(slots_ptr + r)
+                tl.store(k_ptr + (slot * KVH + head - H) * D + d, y.to(k_ptr.dtype.element_ty))
+        else:
+            slot = tl.load(slots_ptr + r)
+            tl.store(v_ptr + (slot * KVH + head - H - KVH) * D + d, x.to(v_ptr.dtype.element_ty))
+
+
+def rope_write_kv(
+    qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, k_cache: Tensor, v_cache: Tensor, heads: int
+) -> Tensor:
+    """RoPE on each token's queries and keys, keys and values written to the cache at ``slots``; returns the
+    rotated queries. qkv: [R, (heads + 2 · KVH) · D] (rows contiguous); cos/sin: [R, D] (sin signed as in
+    models/llama.py's tables); slots: [R]; caches: [slots, KVH, D]. Returns [R, heads, D]."""
+    assert triton is not None
+    rows = qkv.shape[0]
+    kv_heads, dim = k_cache.shape[1], k_cache.shape[2]
+    q = torch.empty(rows, heads, dim, dtype=qkv.dtype, device=qkv.device)
+    _rope_write_kv_kernel[(rows, heads + 2 * kv_heads)](
+        qkv, cos, sin, slots, q, k_cache, v_cache, qkv.stride(0), cos.stride(0), H=heads, KVH=kv_heads, D=dim
+    )
+    return q
+
+
+@torch.library.custom_op("lowlat::rope_write_kv", mutates_args=("k_cache", "v_cache"))
+def rope_write_kv_op(
+    qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, k_cache: Tensor, v_cache: Tensor, heads: int
+) -> Tensor:
+    """:func:`rope_write_kv` as one opaque op for ``torch.compile`` (which would otherwise trace the launch)."""
+    return rope_write_kv(qkv, cos, sin, slots, k_cache, v_cache, heads)
+
+
+@rope_write_kv_op.register_fake
+def _(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, k_cache: Tensor, v_cache: Tensor, heads: int) -> Tensor:
+    return qkv.new_empty(qkv.shape[0], heads, k_cache.shape[2])
 
 
 def paged_decode_attention(
@@ -195,6 +261,34 @@ def self_check(
             err = float((got - want).norm() / want.norm())
             if err >= 2e-2:
                 return f"paged decode kernel disagrees with the reference (rel. error {err:.3g}, width {per_table})"
-        return None
+        return _check_rope_write_kv(device, dtype, heads, kv_heads, head_dim, gen)
     except Exception as exc:  # a Triton/driver problem must not take the engine down: use the SDPA path
         return f"paged decode kernel unavailable: {type(exc).__name__}: {exc}"
+
+
+def _check_rope_write_kv(
+    device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, gen: torch.Generator
+) -> str | None:
+    """:func:`rope_write_kv` against RoPE as models/llama.py applies it and a plain write into the cache."""
+    from models.llama import apply_rope  # imported here: models/llama.py imports this module
+
+    rows, slots_total = 5, 40
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    angles = torch.rand(rows, head_dim, generator=gen) * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.randperm(slots_total, generator=gen)[:rows]
+    k_cache = torch.zeros(slots_total, kv_heads, head_dim, device=device, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    dev = (qkv.to(device, dtype), cos.to(device, dtype), sin.to(device, dtype), slots.to(device))
+    q = rope_write_kv(*dev, k_cache, v_cache, heads).float().cpu()
+    rotated = apply_rope(
+        qkv[:, : (heads + kv_heads) * head_dim].view(rows, 1, -1, head_dim), cos[:, None], sin[:, None]
+    )
+    want_k, want_v = torch.zeros(k_cache.shape), torch.zeros(k_cache.shape)
+    want_k[slots] = rotated[:, 0, heads:]
+    want_v[slots] = qkv[:, (heads + kv_heads) * head_dim :].view(rows, kv_heads, head_dim)
+    for name, got, want in (("q", q, rotated[:, 0, :heads]), ("k", k_cache, want_k), ("v", v_cache, want_v)):
+        err = float((got.float().cpu() - want).norm() / want.norm())
+        if err >= 2e-2:
+            return f"fused RoPE + cache write disagrees with the reference ({name}: rel. error {err:.3g})"
+    return None
