@@ -79,6 +79,14 @@ class DynamicBatcher(Generic[T, R]):
     raises ``BatcherFull`` at once, so a flood is refused instead of queueing without end (a call
     that finds the queue empty is always taken: the callers bound one call's size).
 
+    ``inline_items`` (0: never) lets a batch of at most that many items, taken while the batcher was idle,
+    run on the event loop itself instead of the worker thread: a lone request then skips two thread
+    hand-offs (the worker's wake-up and the loop's). Only for a loop with nothing to serve meanwhile (an
+    engine core's, whose sockets queue what arrives); never for one that serves HTTP. Not after a batch,
+    whose callers' callbacks are still pending: those run first. The engine core asks for it only where
+    the encoder runs on CUDA (``Engines.batcher``): a CPU forward on the loop's thread was measured to
+    multiply the tail (load_tests/results/serve/c1_local/README.md).
+
     Lifecycle: ``start()`` inside a running loop (``submit`` starts it lazily too), ``await
     stop()`` to drain (default) or to fail pending items with ``BatcherClosed``.
     """
@@ -94,6 +102,7 @@ class DynamicBatcher(Generic[T, R]):
         cost: Callable[[T], int] = _unit_cost,
         name: str = "classify",
         executor: ThreadPoolExecutor | None = None,
+        inline_items: int = 0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -108,6 +117,7 @@ class DynamicBatcher(Generic[T, R]):
         self.max_queued = max_queued
         self.cost = cost
         self.name = name
+        self.inline_items = inline_items
         self._own_executor = executor is None
         self._executor = executor
         self.max_queued_cost = None if max_queued is None else math.ceil(max_queued / max_batch_size) * max_batch_tokens
@@ -294,6 +304,7 @@ class DynamicBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         wakeup = self._wakeup
         assert wakeup is not None
+        idle = True  # no batch ran since the batcher last waited with nothing queued
         while True:
             self._drop_cancelled_heads()
             if not self._calls:
@@ -302,6 +313,7 @@ class DynamicBatcher(Generic[T, R]):
                     return
                 wakeup.clear()
                 await wakeup.wait()
+                idle = True
                 continue
             deadline = self._oldest() + self.max_wait_s
             while not self._closing and not self._plan()[1]:
@@ -315,9 +327,10 @@ class DynamicBatcher(Generic[T, R]):
                     break
             batch = self._take_batch()
             if batch:
-                await self._execute(batch, loop)
+                await self._execute(batch, loop, inline=idle and len(batch) <= self.inline_items)
+                idle = False
 
-    async def _execute(self, batch: list[_Pending[T]], loop: asyncio.AbstractEventLoop) -> None:
+    async def _execute(self, batch: list[_Pending[T]], loop: asyncio.AbstractEventLoop, inline: bool = False) -> None:
         batch.sort(key=lambda p: p.cost)  # stable: equal costs keep arrival order
         now = loop.time()
         for p in batch:
@@ -325,7 +338,11 @@ class DynamicBatcher(Generic[T, R]):
         self._batch_size.observe(len(batch))
         self._running = batch
         try:
-            results = await loop.run_in_executor(self._executor, self.run_batch, [p.item for p in batch])
+            items = [p.item for p in batch]
+            if inline:
+                results = self.run_batch(items)
+            else:
+                results = await loop.run_in_executor(self._executor, self.run_batch, items)
             if len(results) != len(batch):
                 raise RuntimeError(
                     f"batcher {self.name!r}: run_batch returned {len(results)} results for {len(batch)} items"

@@ -217,8 +217,11 @@ class Engines:
             self.classifier.run([ClassifyItem("warm up", ("a", "b"), False, 4)])
             metrics.WARMUP_SECONDS.labels(model="classify").set(time.perf_counter() - start)
 
-    def batcher(self) -> Batcher:
-        """A dynamic batcher over the classifier (not started: it starts on the loop that submits)."""
+    def batcher(self, core: bool = False) -> Batcher:
+        """A dynamic batcher over the classifier (not started: it starts on the loop that submits). An engine
+        core's (``core``) runs a lone request's batch on its loop where the encoder is on CUDA: that loop serves
+        nothing else meanwhile, and there the forward is a graph replay and a wait for the device, not CPU
+        compute that the loop's thread would share (``DynamicBatcher``'s ``inline_items``)."""
         assert self.classifier is not None
         s = self.settings
         return DynamicBatcher(
@@ -229,6 +232,7 @@ class Engines:
             max_queued=s.cls_max_queued_inputs,
             cost=lambda item: item.n_tokens,
             name="classify",
+            inline_items=1 if core and self.classifier.device.type == "cuda" else 0,
         )
 
     def details(self) -> CoreDetails:

@@ -43,7 +43,7 @@ def run_core(settings: Settings, index: int, address: str) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = core_device(index, visible, settings.tensor_parallel_size)
     built = Engines.build(settings)
     built.warm_up()
-    batcher = built.batcher() if built.classifier is not None else None
+    batcher = built.batcher(core=True) if built.classifier is not None else None
     metrics.READY.set(1)
     metrics.publish_gpu_metrics()
     freeze_heap()

@@ -238,6 +238,29 @@ def test_batches_run_on_one_worker_thread_while_the_loop_stays_responsive() -> N
     run_virtual(main())
 
 
+def test_inline_items_runs_a_small_batch_taken_when_idle_on_the_loop_and_the_rest_on_the_worker() -> None:
+    threads: list[tuple[list[int], int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        threads.append((list(items), threading.get_ident()))
+        return [i * 10 for i in items]
+
+    async def main() -> None:
+        loop_thread = threading.get_ident()
+        b = DynamicBatcher(run, max_batch_size=1, max_batch_tokens=100, max_wait_ms=0, inline_items=1)
+        assert await b.submit(1) == 10  # alone, the batcher idle: on the loop
+        # Three calls queued at once: the first batch is taken when idle, the next ones after a batch.
+        assert await asyncio.gather(b.submit(2), b.submit(3), b.submit(4)) == [20, 30, 40]
+        b.max_batch_size = 8
+        assert await b.submit_many([5, 6]) == [50, 60]  # over inline_items: on the worker
+        await b.stop()
+        on_loop = [items for items, thread in threads if thread == loop_thread]
+        assert on_loop == [[1], [2]]
+        assert [items for items, thread in threads if thread != loop_thread] == [[3], [4], [5, 6]]
+
+    run_virtual(main())
+
+
 def test_stop_drains_the_queue() -> None:
     rec = Recorder()
 

@@ -6,13 +6,17 @@ its error (the API server's 400)."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from engine.batcher import DynamicBatcher
 from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult
 from engine.core import EngineCore
 from engine.protocol import API_STRIDE, CancelClassify, ClassifyReplies, ClassifyRequest, ItemError, decode_from_core
+from server.config import Settings
+from server.runtime import Engines
 
 pytestmark = pytest.mark.unit
 
@@ -165,3 +169,10 @@ def test_a_request_that_cannot_be_queued_is_refused_and_the_core_serves_on() -> 
         assert [res.label for res in replies[API_STRIDE].results] == ["OK"]
 
     asyncio.run(scenario())
+
+
+def test_an_engine_cores_batcher_runs_a_lone_batch_on_its_loop_only_where_the_encoder_is_on_cuda() -> None:
+    for device, core, inline in [("cuda", True, 1), ("cpu", True, 0), ("cuda", False, 0)]:
+        classifier = SimpleNamespace(device=torch.device(device), run=labelled)
+        built = Engines(settings=Settings(), served=None, classifier=classifier)  # type: ignore[arg-type]
+        assert built.batcher(core=core).inline_items == inline, (device, core)
