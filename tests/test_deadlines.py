@@ -142,6 +142,60 @@ def test_an_error_reading_the_request_is_that_error_not_a_disconnect() -> None:
     assert work.outcome == ("cancelled", pytest.approx(0.5))
 
 
+def test_the_work_runs_in_the_callers_task_which_is_left_uncancelled_after_a_504() -> None:
+    tasks: list[asyncio.Task[object] | None] = []
+
+    async def work() -> str:
+        tasks.append(asyncio.current_task())
+        await asyncio.sleep(10.0)
+        return "late"
+
+    async def main() -> float:
+        with pytest.raises(APIError) as err:
+            await until_disconnect(FakeRequest(), work(), deadline=2.0)  # type: ignore[arg-type]
+        assert err.value.status == 504 and tasks == [asyncio.current_task()]
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0  # the 504's cancellation is withdrawn
+        await asyncio.sleep(1.0)  # and none is left pending for the caller's next await
+        return asyncio.get_running_loop().time()
+
+    assert run_virtual(main()) == pytest.approx(3.0)
+
+
+def test_work_that_swallows_its_cancellation_still_ends_in_504_at_the_deadline() -> None:
+    async def work() -> str:
+        try:
+            await asyncio.sleep(10.0)
+        except asyncio.CancelledError:
+            return "swallowed"
+        return "late"
+
+    async def main() -> int:
+        with pytest.raises(APIError) as err:
+            await until_disconnect(FakeRequest(), work(), deadline=2.0)  # type: ignore[arg-type]
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0
+        return err.value.status
+
+    assert run_virtual(main()) == 504
+
+
+def test_a_caller_cancelled_from_outside_stays_cancelled_and_its_work_is_cleaned_up() -> None:
+    work = Work(10.0)
+
+    async def main() -> float:
+        task = asyncio.ensure_future(until_disconnect(FakeRequest(), work(), deadline=5.0))  # type: ignore[arg-type]
+        await asyncio.sleep(1.0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(10.0)  # the deadline's timer is gone with it: nothing fires at 5 s
+        return asyncio.get_running_loop().time()
+
+    assert run_virtual(main()) == pytest.approx(11.0)
+    assert work.outcome == ("cancelled", pytest.approx(1.0))
+
+
 def test_a_stream_ends_at_its_deadline_and_closes_its_source() -> None:
     closed_at: list[float] = []
 

@@ -90,31 +90,60 @@ async def until_disconnect(
     vanished or timed-out request stops holding a batch slot (its generator's cleanup aborts the
     sequence in the engine). The disconnect is the ASGI server's own ``http.disconnect`` message, awaited
     (the body has been read by then): no polling, which cost each request wake-ups and Starlette's
-    ``is_disconnected`` (a cancel scope and a task repr per poll)."""
+    ``is_disconnected`` (a cancel scope and a task repr per poll). ``work`` runs in the calling task, which
+    the disconnect, the deadline's timer or the cutoff cancel: a task of its own and ``asyncio.wait`` over
+    it cost a request at one client more event-loop turns and CPU (load_tests/results/serve/c1_local)."""
     loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(work)
+    me = asyncio.current_task()
+    assert me is not None
+    why: list[str] = []  # what stopped the work, once it did
+
+    def stop(reason: str) -> None:
+        if not why:
+            why.append(reason)
+            me.cancel()
+
+    def on_gone(_: object) -> None:
+        stop("gone")
+
+    def on_cutoff(_: object) -> None:
+        stop("cutoff")
+
     gone = asyncio.ensure_future(_disconnected(request))
-    waited = {task, gone} if cutoff is None else {task, gone, cutoff}
+    gone.add_done_callback(on_gone)
+    if cutoff is not None:
+        cutoff.add_done_callback(on_cutoff)
+    timer = None if deadline is None else loop.call_at(deadline, stop, "deadline")
     try:
-        timeout = None if deadline is None else max(deadline - loop.time(), 0)
-        await asyncio.wait(waited, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        if cutoff is not None and cutoff.done():
-            raise APIError(
-                503, SHUTDOWN_MESSAGE, type="shutting_down", headers={"Retry-After": RETRY_AFTER["draining"]}
-            )
-        if gone.done():
-            gone.result()  # an error reading the request (a body limit's 408/413) is that error, not a disconnect
-            raise ClientDisconnected
-        raise APIError(504, DEADLINE_MESSAGE, type="timeout")
+        result = await work  # cancelled by ``stop``, the work's own cleanup (engine abort) runs before this returns
+    except (asyncio.CancelledError, Exception):
+        if not why:  # stopped here, whatever the work raised on its way out gives way to why it was stopped
+            raise
     finally:
+        gone.remove_done_callback(on_gone)
+        if cutoff is not None:
+            cutoff.remove_done_callback(on_cutoff)
+        if timer is not None:
+            timer.cancel()
         if not gone.cancel() and not gone.cancelled():
             gone.exception()  # retrieved, so an error reading the request after the work ended is not logged as lost
-        if not task.done():
-            task.cancel()
-            # Let the cancellation run the work's cleanup (engine abort) before the response goes out.
-            await asyncio.wait({task})
+    if not why:
+        return result
+    if not _only_own_cancel(me):  # cancelled from elsewhere too: that goes on
+        raise asyncio.CancelledError
+    if why[0] == "cutoff":
+        raise APIError(503, SHUTDOWN_MESSAGE, type="shutting_down", headers={"Retry-After": RETRY_AFTER["draining"]})
+    if why[0] == "gone":
+        gone.result()  # an error reading the request (a body limit's 408/413) is that error, not a disconnect
+        raise ClientDisconnected
+    raise APIError(504, DEADLINE_MESSAGE, type="timeout")
+
+
+def _only_own_cancel(task: asyncio.Task[object]) -> bool:
+    """After ``until_disconnect`` cancelled ``task``: withdraws that cancellation, False when the task was
+    also cancelled from elsewhere (then the cancellation goes on). Python 3.10 has no count of them."""
+    uncancel = getattr(task, "uncancel", None)
+    return uncancel is None or uncancel() == 0
 
 
 async def _disconnected(request: Request) -> None:
