@@ -454,7 +454,7 @@ class Classifier(EncoderFrontend):
         vectors = self._label_embeddings(list(dict.fromkeys(texts))) if texts else {}  # one forward for new ones
 
         for (labels, multi_label, threshold), members in groups.items():
-            rows = torch.tensor([row[i] for i in members], device=emb.device)
+            rows = _rows([row[i] for i in members], emb.device)
             if labels is None:
                 out = self._head_results(emb[rows], None if logits is None else logits[rows], multi_label, threshold)
             else:
@@ -510,6 +510,14 @@ class Classifier(EncoderFrontend):
             if isinstance(r, Exception):
                 raise r
         return out  # type: ignore[return-value]
+
+
+def _rows(rows: list[int], device: torch.device) -> slice | Tensor:
+    """Indexes ``rows`` of the batch's features: a slice where they are consecutive (one label set in a batch,
+    a lone request: no index tensor copied to the device), else an index tensor."""
+    if rows == list(range(rows[0], rows[0] + len(rows))):
+        return slice(rows[0], rows[0] + len(rows))
+    return torch.tensor(rows, device=device)
 
 
 def _label_bytes(label: str, vector: Tensor) -> int:

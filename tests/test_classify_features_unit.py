@@ -12,6 +12,7 @@ from engine.classifier import (
     NONE_LABEL,
     RANK_EARLY_WEIGHT,
     LabelSpec,
+    _rows,
     label_prototypes,
     label_scores,
     label_similarities,
@@ -138,3 +139,10 @@ def test_a_head_reads_the_features_or_an_older_heads_embedding_half() -> None:
     older = ClassifierHead(["x", "y"], torch.tensor([[0.0, 5.0], [5.0, 0.0]]), torch.zeros(2))
     assert older.probs(feats).argmax(-1).tolist() == [1, 0]  # the embedding half only
     torch.testing.assert_close(older.probs(feats), older.probs(feats[:, :2]))
+
+
+def test_a_groups_consecutive_rows_index_as_a_slice_others_as_an_index_tensor() -> None:
+    emb = torch.arange(12.0).reshape(6, 2)
+    assert _rows([2], emb.device) == slice(2, 3) and _rows([1, 2, 3], emb.device) == slice(1, 4)
+    for rows in ([1, 2, 3], [0, 2, 5], [3, 1]):
+        torch.testing.assert_close(emb[_rows(rows, emb.device)], emb[torch.tensor(rows)])
