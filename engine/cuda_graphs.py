@@ -242,8 +242,11 @@ class DecodeGraphs:
         (batch, q), kv_len = ids.shape, tables.shape[1] * self.block_size
         bs = self.block_size
         slot_mapping = (tables.gather(1, positions // bs) * bs + positions % bs).view(-1)
-        mask = (self.kv_positions[:kv_len].view(1, 1, -1) <= positions.unsqueeze(-1)).view(batch, 1, q, kv_len)
-        context_lens = (positions + 1).view(-1) if self.paged_kernel else None
+        if self.paged_kernel:  # each query's context length is its mask
+            mask, context_lens = None, (positions + 1).view(-1)
+        else:
+            mask = (self.kv_positions[:kv_len].view(1, 1, -1) <= positions.unsqueeze(-1)).view(batch, 1, q, kv_len)
+            context_lens = None
         meta = AttentionMetadata(slot_mapping, tables, mask, bs, context_lens)
         hidden = self.model(ids, positions, meta, self.kv_cache)
         hidden = hidden[:, 0] if q == 1 else hidden.flatten(0, 1)

@@ -43,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -72,14 +73,43 @@ def _decayed(history: float, sample: float) -> float:
     return GATE_DECAY * history + (1 - GATE_DECAY) * sample
 
 
+_MASK = (1 << 64) - 1
+_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constants: multiplying by one permutes the keys
+_LENGTH = 0xC2B2AE3D27D4EB4F
+BULK = 64  # new positions from which an index extends with numpy (a prompt) instead of a Python loop
+
+
+def _key(ngram: list[int]) -> int:
+    """A 64-bit key of an n-gram: from a start that depends on its length, each token xor-ed in, multiplied and
+    folded (so n-grams of different lengths, or sharing a prefix, do not collide by construction)."""
+    h = len(ngram) * _LENGTH & _MASK
+    for token in ngram:
+        h = (h ^ token) * _MIX & _MASK
+        h ^= h >> 32
+    return h
+
+
+def _window_keys(tokens: np.ndarray, n: int) -> np.ndarray:
+    """:func:`_key` of every n-token window of ``tokens`` (uint64, whose arithmetic wraps as ``_MASK`` does)."""
+    windows = len(tokens) - n + 1
+    h = np.full(windows, n * _LENGTH & _MASK, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            h = (h ^ tokens[j : j + windows]) * np.uint64(_MIX)
+            h ^= h >> np.uint64(32)
+    return h
+
+
 class NgramIndex:
     """Where each n-gram (1 to :data:`NGRAM_MAX` tokens) of a row's prompt and output last ended, grown as the
     row grows: a lookup is a few dict probes, where scanning the whole text every step cost a row a tenth of
-    a millisecond or more of the engine's host time, per step."""
+    a millisecond or more of the engine's host time, per step. N-grams are keyed by a 64-bit hash, so a
+    prompt is indexed with numpy at its first decode step (milliseconds for thousands of tokens, where tuples
+    took several times that); a found position is checked token by token, so a collision is a miss."""
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
-        self.ends: dict[tuple[int, ...], int] = {}  # n-gram -> index of its last token, latest occurrence
+        self.ends: dict[int, int] = {}  # n-gram key -> index of the n-gram's last token, latest occurrence
         self.indexed = 0  # n-grams ending before this index are in ``ends``
 
     def extend(self, seq: Sequence) -> None:
@@ -89,19 +119,28 @@ class NgramIndex:
             self.tokens.extend(seq.prompt_ids[have:])
             have = prompt
         self.tokens.extend(seq.output_ids[have - prompt :])
-        t = self.tokens
-        for end in range(self.indexed, len(t) - 1):  # only n-grams with a token after them can predict
-            for n in range(1, min(NGRAM_MAX, end + 1) + 1):
-                self.ends[tuple(t[end - n + 1 : end + 1])] = end
-        self.indexed = max(self.indexed, len(t) - 1)
+        t, lo, hi = self.tokens, self.indexed, len(self.tokens) - 1  # n-grams ending in [lo, hi): each has a next
+        if hi - lo >= BULK:
+            base = max(lo - NGRAM_MAX + 1, 0)
+            array = np.asarray(t[base:hi], dtype=np.uint64)
+            for n in range(1, NGRAM_MAX + 1):
+                first = max(lo, n - 1)  # the first window ending at or after lo
+                keys = _window_keys(array[first - n + 1 - base :], n)
+                self.ends.update(zip(keys.tolist(), range(first, hi), strict=True))  # later ends overwrite
+        else:
+            for end in range(lo, hi):
+                for n in range(1, min(NGRAM_MAX, end + 1) + 1):
+                    self.ends[_key(t[end - n + 1 : end + 1])] = end
+        self.indexed = max(lo, hi)
 
     def lookup(self, k: int, n_min: int = NGRAM_MIN) -> list[int]:
         """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix (n from
         :data:`NGRAM_MAX` down to ``n_min`` tokens) that occurred before; [] when none did."""
         t = self.tokens
         for n in range(min(NGRAM_MAX, len(t) - 1), n_min - 1, -1):
-            end = self.ends.get(tuple(t[len(t) - n :]))
-            if end is not None:
+            suffix = t[len(t) - n :]
+            end = self.ends.get(_key(suffix))
+            if end is not None and t[end - n + 1 : end + 1] == suffix:
                 return t[end + 1 : end + 1 + k]
         return []
 
@@ -143,17 +182,21 @@ class SpeedGate:
     pause: int = 4 * FIRST_PAUSE
     spec_step: float = 0.0  # decayed seconds per step, with drafts and without
     plain_step: float = 0.0
+    spec_timed: int = 0  # steps of each kind in those (never reset)
+    plain_timed: int = 0
 
     def observe(self, speculative: bool, tokens: int, rows: int, seconds: float) -> None:
         rate = tokens / rows / max(seconds, 1e-9)
         if speculative:
             self.spec = rate if not self.spec_seen else _decayed(self.spec, rate)
-            self.spec_step = seconds if not self.spec_step else _decayed(self.spec_step, seconds)
+            self.spec_step = seconds if not self.spec_timed else _decayed(self.spec_step, seconds)
             self.spec_seen += 1
+            self.spec_timed += 1
         else:
             self.plain = rate if not self.plain_seen else _decayed(self.plain, rate)
-            self.plain_step = seconds if not self.plain_step else _decayed(self.plain_step, seconds)
+            self.plain_step = seconds if not self.plain_timed else _decayed(self.plain_step, seconds)
             self.plain_seen += 1
+            self.plain_timed += 1
         if self.spec_seen < GATE_SAMPLES:
             return
         if self.plain_seen < GATE_SAMPLES:  # every row speculates (a draft model): measure plain steps too
@@ -172,8 +215,10 @@ class SpeedGate:
         return True
 
     def cheap(self) -> bool:
-        """Whether steps with drafts have been measured costing at most :data:`CHEAP_VERIFY` plain steps."""
-        return 0 < self.spec_step <= CHEAP_VERIFY * self.plain_step
+        """Whether steps with drafts have been measured (:data:`GATE_SAMPLES` of each kind at least) costing at
+        most :data:`CHEAP_VERIFY` plain steps."""
+        measured = min(self.spec_timed, self.plain_timed) >= GATE_SAMPLES
+        return measured and self.spec_step <= CHEAP_VERIFY * self.plain_step
 
 
 class DraftModel:
@@ -284,9 +329,10 @@ class Speculator:
             if self.eligible(s):
                 if s.spec is None:
                     s.spec = SpecState()
-                if s.spec.paused and not free:
+                paused = s.spec.paused > 0
+                if paused:  # counted down while verification is cheap too: no stale pause waits for a costly step
                     s.spec.paused -= 1
-                else:
+                if free or not paused:
                     k = self.k if free or s.spec.rate >= FULL_ACCEPTANCE else max(1, self.k // 2)
                     k = min(k, s.params.max_tokens - len(s.output_ids) - 1, self.max_model_len - s.num_tokens)
             ks.append(max(k, 0))

@@ -31,7 +31,7 @@ PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPB
 class AttentionMetadata:
     slot_mapping: Tensor  # [batch * q_len] flat cache slot for each new token (padding → scratch slot 0)
     block_tables: Tensor  # [batch, kv_len // block_size] cache blocks of each row's context (padding → block 0)
-    mask: Tensor  # [batch, 1, q_len, kv_len] bool, True where a query may attend
+    mask: Tensor | None  # [batch, 1, q_len, kv_len] bool, True where a query may attend; None with context_lens
     block_size: int
     # Decode and verification steps, set where models/paged_attention.py can run: [batch * q_len] tokens in
     # each query's context (its position + 1). Attention then reads the cache in place instead of gathering + SDPA.
@@ -135,6 +135,7 @@ def compiled_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta:
     slots = meta.block_tables[:, pos // bs] * bs + pos % bs  # [b, kv_len]
     keys, values = k_cache[slots].transpose(1, 2), v_cache[slots].transpose(1, 2)  # [b, kvh, kv_len, d]
     scores = (q.view(b, kvh, 1, g, d) * keys.unsqueeze(3)).sum(-1) * d**-0.5  # [b, kvh, kv_len, g]
+    assert meta.mask is not None
     scores = scores.masked_fill(~meta.mask.view(b, 1, kv_len, 1), float("-inf"))
     return (scores.softmax(dim=2).unsqueeze(-1) * values.unsqueeze(3)).sum(2).reshape(b, h, d)
 
@@ -320,7 +321,7 @@ class Llama(nn.Module):
         # Additive mask built once for all layers, rows repeated for the g query heads per KV head.
         g = self.args.num_heads // self.args.num_kv_heads
         bias = None
-        if meta.context_lens is None:
+        if meta.mask is not None:
             bias = torch.zeros(meta.mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~meta.mask, float("-inf"))
             bias = bias.repeat(1, 1, g, 1) if g > 1 else bias
         shared = LayerInputs(cos, sin, meta, bias)

@@ -130,6 +130,9 @@ def rope_write_kv(
     assert triton is not None
     rows = qkv.shape[0]
     kv_heads, dim = k_cache.shape[1], k_cache.shape[2]
+    assert qkv.shape[1] == (heads + 2 * kv_heads) * dim and cos.shape == sin.shape == (rows, dim)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "the kernel addresses the caches by slot"
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()  # no copies for the model's own tensors
     q = torch.empty(rows, heads, dim, dtype=qkv.dtype, device=qkv.device)
     _rope_write_kv_kernel[(rows, heads + 2 * kv_heads)](
         qkv, cos, sin, slots, q, k_cache, v_cache, qkv.stride(0), cos.stride(0), H=heads, KVH=kv_heads, D=dim

@@ -24,6 +24,7 @@ from engine.speculative import (
     FIRST_PAUSE,
     GATE_SAMPLES,
     NGRAM_MAX,
+    NGRAM_MIN,
     NgramIndex,
     SpecState,
     Speculator,
@@ -106,8 +107,8 @@ def test_ngram_lookup_takes_the_latest_longest_match() -> None:
     assert index([4, 1, 2, 8, 1, 2]).lookup(2) == [8, 1]
     assert index([5, 1, 6, 2, 1]).lookup(2) == [] and index([5, 1, 6, 2, 1]).lookup(2, n_min=1) == [6, 2]
     rng = np.random.default_rng(0)
-    for _ in range(300):  # small vocabularies: many repeats of every length
-        tokens = rng.integers(0, int(rng.integers(2, 6)), int(rng.integers(1, 40))).tolist()
+    for _ in range(300):  # small vocabularies: many repeats of every length; prompts above and below BULK
+        tokens = rng.integers(0, int(rng.integers(2, 6)), int(rng.integers(1, 200))).tolist()
         grown = index(tokens, prompt=int(rng.integers(1, len(tokens) + 1)))
         for n_min in (1, 2):
             assert grown.lookup(4, n_min) == scan(tokens, 4, n_min), (tokens, n_min)
@@ -117,11 +118,27 @@ def test_greedy_output_is_identical_with_ngram_speculation(tiny: Tiny) -> None:
     requests = [(p, SamplingParams(max_tokens=60)) for p in PROMPTS]
     plain, plain_reasons, plain_steps = run(make_engine(tiny), requests)
     before = counters()
-    spec, spec_reasons, spec_steps = run(make_engine(tiny, "ngram"), requests)
+    engine = make_engine(tiny, "ngram")  # every step costs the same: verification is cheap
+    spec, spec_reasons, spec_steps = run(engine, requests)
     proposed, accepted = (b - a for a, b in zip(before, counters(), strict=True))
     assert spec == plain and spec_reasons == plain_reasons
     assert accepted > 0 and proposed >= accepted
     assert spec_steps < plain_steps  # several tokens per step
+    assert any(gate.cheap() for gate in engine.speculator.gates.values()) and engine.speculator.ngram_min == 1
+    # Steps with drafts three times a plain one (a CPU): two-token matches at least, and back-off.
+    costly = make_engine(tiny, "ngram")
+    now = [0]
+
+    def clock() -> int:  # read before a step's proposals and after its forward, when its drafts are still set
+        now[0] += 3 if any(s.draft_ids for s in costly.scheduler.running) else 1
+        return now[0]
+
+    costly.clock = clock
+    before = counters()
+    assert run(costly, requests)[0] == plain
+    assert counters()[0] > before[0]  # it did speculate
+    assert not any(gate.cheap() for gate in costly.speculator.gates.values())
+    assert costly.speculator.ngram_min == NGRAM_MIN
     # The same through the eager (prefill) path instead of the decode graphs' fixed-width verification.
     eager = make_engine(tiny, "ngram")
     eager.runner.decode.fits = lambda seqs, q=1: q == 1  # type: ignore[method-assign]
@@ -277,13 +294,14 @@ def test_where_verification_is_cheap_ngram_rows_propose_every_step() -> None:
     speculator = Speculator("ngram", 4, True, 1000)
     cheap, costly = speculator.gate(1), speculator.gate(8)
     for _ in range(GATE_SAMPLES):
+        assert not cheap.cheap()  # not before GATE_SAMPLES steps of each kind
         for gate, spec_seconds in ((cheap, 0.011), (costly, 0.02)):
             gate.observe(False, tokens=1, rows=1, seconds=0.01)
             gate.observe(True, tokens=3, rows=1, seconds=spec_seconds)
     assert cheap.cheap() and not costly.cheap()
     seq = Sequence(prompt_ids=[5, 1, 6, 2, 1], params=SamplingParams(max_tokens=100))
     seq.spec = SpecState(rate=0.1, paused=5)
-    assert speculator.plan([seq]) == [4] and seq.spec.paused == 5
+    assert speculator.plan([seq]) == [4] and seq.spec.paused == 4  # proposes, and the pause runs down all the same
     speculator.propose([seq], [4])
     assert seq.draft_ids == [6, 2, 1]  # after the one-token suffix [1]
     rows = [Sequence(prompt_ids=[5, 1, 6, 2, 1], params=SamplingParams(max_tokens=100)) for _ in range(8)]
