@@ -1,0 +1,109 @@
+"""One /classify request at a time through a real engine-core process (its ZeroMQ sockets, event loop and
+batcher), from a client that speaks the API server's protocol, with a stand-in encoder: ``run_batch`` spins
+``--busy-us`` per batch, as a CUDA graph replay and its spin-waited synchronisation hold the thread that runs
+them. What it measures is the core's plumbing for a lone request (ZeroMQ both ways, the loop's turns, the
+worker-thread hand-off or not) without a model, on any machine:
+
+    python -m load_tests.core_roundtrip --out core_rt.json --rounds 3 --requests 4000 --busy-us 400
+
+Each round runs the core twice, its batcher with ``inline_items`` 0 (the worker thread) and 1 (a lone batch on
+the core's loop: what ``Engines.batcher(core=True)`` chooses on CUDA). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import zmq
+
+from engine import protocol
+from engine.batcher import DynamicBatcher
+from engine.classifier import ClassifyItem, ClassResult
+from engine.core import EngineCore
+
+
+def _core(address: str, inline_items: int, busy_us: float) -> None:
+    def run(items: list[ClassifyItem]) -> list[ClassResult]:
+        until = time.perf_counter() + busy_us / 1e6
+        while time.perf_counter() < until:
+            pass
+        return [ClassResult(label="a", score=0.9, scores=[("a", 0.9), ("b", 0.1)]) for _ in items]
+
+    batcher = DynamicBatcher(
+        run, max_batch_size=256, max_wait_ms=0, cost=lambda it: it.n_tokens, inline_items=inline_items
+    )
+    asyncio.run(EngineCore(0, address, None, batcher, b"").serve())
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        utime, stime = f.read().rsplit(")", 1)[1].split()[11:13]
+    return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(inline_items: int, busy_us: float, requests: int, gap_s: float) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        core_address, own = f"ipc://{tmp}/core", f"ipc://{tmp}/api"
+        core = mp.get_context("spawn").Process(target=_core, args=(core_address, inline_items, busy_us), daemon=True)
+        core.start()
+        context = zmq.Context()
+        pull, push = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+        pull.bind(own)
+        push.connect(core_address)
+        try:
+            push.send(protocol.encode(protocol.Hello(0, own)))
+            protocol.decode_from_core(pull.recv())
+            latencies = []
+            cpu0 = _cpu_s(core.pid)  # type: ignore[arg-type]
+            for i in range(requests):
+                item = ClassifyItem(f"text {i}", None, False, 12, ids=tuple(range(12)))
+                frame = protocol.encode(protocol.Commands([protocol.ClassifyRequest(i * protocol.API_STRIDE, [item])]))
+                start = time.perf_counter()
+                push.send(frame)
+                reply = protocol.decode_from_core(pull.recv())
+                latencies.append(time.perf_counter() - start)
+                assert isinstance(reply, protocol.ClassifyReplies) and reply.items[0].refused is None
+                time.sleep(gap_s)  # the API server's and the HTTP client's share of a request
+            core_cpu = _cpu_s(core.pid) - cpu0  # type: ignore[arg-type]
+        finally:
+            core.kill()
+            for sock in (pull, push):
+                sock.close(linger=0)
+            context.term()
+    latencies.sort()
+    return {
+        "inline_items": inline_items,
+        "p50_us": round(latencies[requests // 2] * 1e6, 1),
+        "p90_us": round(latencies[int(requests * 0.9)] * 1e6, 1),
+        "p99_us": round(latencies[int(requests * 0.99)] * 1e6, 1),
+        "core_cpu_us_per_request": round(core_cpu / requests * 1e6, 1),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--requests", type=int, default=4000)
+    p.add_argument("--busy-us", type=float, default=400.0, help="the stand-in encoder's time per batch")
+    p.add_argument("--gap-ms", type=float, default=0.3, help="pause between requests")
+    args = p.parse_args()
+    runs = []
+    for r in range(args.rounds):
+        for inline_items in (0, 1) if r % 2 == 0 else (1, 0):
+            result = measure(inline_items, args.busy_us, args.requests, args.gap_ms / 1e3)
+            run = {"round": r, "busy_us": args.busy_us, **result}
+            print(json.dumps(run), flush=True)
+            runs.append(run)
+    args.out.write_text(json.dumps({"cpu_count": os.cpu_count(), "runs": runs}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
