@@ -19,6 +19,7 @@ import zmq.asyncio
 
 from engine.batcher import BatcherClosed, BatcherFull, DynamicBatcher
 from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult, Embedding
+from engine.frames import read_frames
 from engine.llm_engine import EngineLoop, LLMEngine
 from engine.protocol import (
     API_STRIDE,
@@ -77,18 +78,21 @@ class EngineCore:
         if self.batcher is not None:
             self.batcher.start()
         log.info("engine core %d serving on %s", self.index, self.address)
+
+        def on_frame(frame: bytes) -> None:
+            message = decode_to_core(frame)
+            if isinstance(message, Commands):
+                self._take(message.items, replies)
+            elif isinstance(message, Hello):
+                self._api_addresses[message.api_index] = message.address
+                sock = replies[message.api_index] = context.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 0)
+                sock.connect(message.address)
+                sock.send(encode(Ready(self.index, os.getpid(), self.details)))  # queued: SNDHWM 0 never blocks
+
         try:
-            while True:
-                message = decode_to_core(await pull.recv())
-                if isinstance(message, Commands):
-                    self._take(message.items, replies)
-                elif isinstance(message, Hello):
-                    self._api_addresses[message.api_index] = message.address
-                    sock = replies[message.api_index] = context.socket(zmq.PUSH)
-                    sock.setsockopt(zmq.LINGER, 0)
-                    sock.setsockopt(zmq.SNDHWM, 0)
-                    sock.connect(message.address)
-                    await sock.send(encode(Ready(self.index, os.getpid(), self.details)))
+            await read_frames(pull, on_frame)
         finally:
             for futures in self._waiting.values():
                 for future in futures:

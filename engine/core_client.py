@@ -22,6 +22,7 @@ import zmq.asyncio
 from engine import protocol
 from engine.batcher import BatcherClosed, BatcherFull
 from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult, Embedding
+from engine.frames import read_frames
 from engine.llm_engine import LLMClient
 
 log = logging.getLogger(__name__)
@@ -215,16 +216,18 @@ class CoreClient:
     # ------------------------------------------------------------------ receiving
 
     async def _receive(self) -> None:
-        while True:
-            message = protocol.decode_from_core(await self._pull.recv())
-            if isinstance(message, protocol.StepOutputs):
-                self._on_step(message)
-            elif isinstance(message, protocol.ClassifyReplies):
-                self._heard[message.core] = asyncio.get_running_loop().time()
-                for reply in message.items:
-                    future = self._cls_waiting.pop(reply.key, None)
-                    if future is not None and not future.done():
-                        future.set_result(reply)
+        await read_frames(self._pull, self._on_frame)
+
+    def _on_frame(self, frame: bytes) -> None:
+        message = protocol.decode_from_core(frame)
+        if isinstance(message, protocol.StepOutputs):
+            self._on_step(message)
+        elif isinstance(message, protocol.ClassifyReplies):
+            self._heard[message.core] = asyncio.get_running_loop().time()
+            for reply in message.items:
+                future = self._cls_waiting.pop(reply.key, None)
+                if future is not None and not future.done():
+                    future.set_result(reply)
 
     def fail(self, message: str) -> None:
         """A core is gone: everything in flight fails with ``message``, and so does all later work."""
