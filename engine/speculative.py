@@ -69,8 +69,9 @@ GATE_REFRESH = 256  # steps with drafts after which plain steps are measured aga
 CHEAP_VERIFY = 1.25  # a verification step within this factor of a plain step's time: n-gram rows never pause
 
 
-def _decayed(history: float, sample: float) -> float:
-    return GATE_DECAY * history + (1 - GATE_DECAY) * sample
+def _decayed(history: float, sample: float, seen: int) -> float:
+    """The gate's decayed average with ``sample`` folded in (the sample alone when ``seen`` is 0)."""
+    return GATE_DECAY * history + (1 - GATE_DECAY) * sample if seen else sample
 
 
 _MASK = (1 << 64) - 1
@@ -188,13 +189,13 @@ class SpeedGate:
     def observe(self, speculative: bool, tokens: int, rows: int, seconds: float) -> None:
         rate = tokens / rows / max(seconds, 1e-9)
         if speculative:
-            self.spec = rate if not self.spec_seen else _decayed(self.spec, rate)
-            self.spec_step = seconds if not self.spec_timed else _decayed(self.spec_step, seconds)
+            self.spec = _decayed(self.spec, rate, self.spec_seen)
+            self.spec_step = _decayed(self.spec_step, seconds, self.spec_timed)
             self.spec_seen += 1
             self.spec_timed += 1
         else:
-            self.plain = rate if not self.plain_seen else _decayed(self.plain, rate)
-            self.plain_step = seconds if not self.plain_timed else _decayed(self.plain_step, seconds)
+            self.plain = _decayed(self.plain, rate, self.plain_seen)
+            self.plain_step = _decayed(self.plain_step, seconds, self.plain_timed)
             self.plain_seen += 1
             self.plain_timed += 1
         if self.spec_seen < GATE_SAMPLES:

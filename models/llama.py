@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PretrainedConfig
 
-from models.paged_attention import paged_decode_op, rope_write_kv_op
+from models.paged_attention import paged_decode_attention, rope_write_kv
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Every SDPA backend but cuDNN's, which torch prefers on Hopper: it builds an execution plan per input shape
@@ -185,7 +185,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv
         if meta.context_lens is not None:  # paged decode or verification (CUDA): two kernels, both on the cache
             rows = b * t
-            q = rope_write_kv_op(
+            q = rope_write_kv(
                 qkv.reshape(rows, -1),
                 cos.reshape(rows, d),
                 sin.reshape(rows, d),
@@ -195,7 +195,7 @@ class Attention(nn.Module):
                 h,
             )
             ctx, tables = meta.context_lens, meta.block_tables
-            out = paged_decode_op(q, k_cache, v_cache, tables, ctx, meta.block_size, t)
+            out = paged_decode_attention(q, k_cache, v_cache, tables, ctx, meta.block_size, t)
             return self.o_proj(out.view(b, t, h * d))
         qk = apply_rope(qkv[..., : (h + kvh) * d].view(b, t, h + kvh, d), cos, sin)  # q and k in one pass
         q, k = qk[:, :, :h], qk[:, :, h:]

@@ -121,12 +121,14 @@ if triton is not None:
             tl.store(v_ptr + (slot * KVH + head - H - KVH) * D + d, x.to(v_ptr.dtype.element_ty))
 
 
+@torch.library.custom_op("lowlat::rope_write_kv", mutates_args=("k_cache", "v_cache"))
 def rope_write_kv(
     qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, k_cache: Tensor, v_cache: Tensor, heads: int
 ) -> Tensor:
     """RoPE on each token's queries and keys, keys and values written to the cache at ``slots``; returns the
     rotated queries. qkv: [R, (heads + 2 · KVH) · D] (rows contiguous); cos/sin: [R, D] (sin signed as in
-    models/llama.py's tables); slots: [R]; caches: [slots, KVH, D]. Returns [R, heads, D]."""
+    models/llama.py's tables); slots: [R]; caches: [slots, KVH, D]. Returns [R, heads, D]. One opaque op, so
+    ``torch.compile`` keeps the kernel as it is instead of tracing its launch."""
     assert triton is not None
     rows = qkv.shape[0]
     kv_heads, dim = k_cache.shape[1], k_cache.shape[2]
@@ -140,19 +142,12 @@ def rope_write_kv(
     return q
 
 
-@torch.library.custom_op("lowlat::rope_write_kv", mutates_args=("k_cache", "v_cache"))
-def rope_write_kv_op(
-    qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, k_cache: Tensor, v_cache: Tensor, heads: int
-) -> Tensor:
-    """:func:`rope_write_kv` as one opaque op for ``torch.compile`` (which would otherwise trace the launch)."""
-    return rope_write_kv(qkv, cos, sin, slots, k_cache, v_cache, heads)
-
-
-@rope_write_kv_op.register_fake
+@rope_write_kv.register_fake
 def _(qkv: Tensor, cos: Tensor, sin: Tensor, slots: Tensor, k_cache: Tensor, v_cache: Tensor, heads: int) -> Tensor:
     return qkv.new_empty(qkv.shape[0], heads, k_cache.shape[2])
 
 
+@torch.library.custom_op("lowlat::paged_decode_attention", mutates_args=())
 def paged_decode_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -166,7 +161,8 @@ def paged_decode_attention(
 
     q: [B, H, D]; k_cache/v_cache: [slots, KVH, D] (slot = block · block_size + offset);
     block_tables: [B / rows_per_table, max_blocks] (row r reads table r // rows_per_table);
-    context_lens: [B] (≥ 1). Returns [B, H, D] in q's dtype.
+    context_lens: [B] (≥ 1). Returns [B, H, D] in q's dtype. One opaque op, so ``torch.compile`` keeps the
+    kernel as it is instead of tracing its launch (whose grid and constants depend on the shapes).
     """
     assert triton is not None
     batch, heads, dim = q.shape
@@ -196,24 +192,9 @@ def paged_decode_attention(
     return out
 
 
-@torch.library.custom_op("lowlat::paged_decode_attention", mutates_args=())
-def paged_decode_op(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    block_tables: Tensor,
-    context_lens: Tensor,
-    block_size: int,
-    rows_per_table: int,
-) -> Tensor:
-    """:func:`paged_decode_attention` as one opaque op, so ``torch.compile`` keeps the kernel as it is
-    instead of tracing its launch (whose grid and constants depend on the shapes)."""
-    return paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, rows_per_table)
-
-
-@paged_decode_op.register_fake
+@paged_decode_attention.register_fake
 def _(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: Tensor, lens: Tensor, block_size: int, rows_per_table: int
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: Tensor, lens: Tensor, block_size: int, rows_per_table: int = 1
 ) -> Tensor:
     return torch.empty_like(q)
 

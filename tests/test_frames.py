@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 
 import pytest
 import zmq
@@ -32,34 +31,44 @@ class Pair:
         self.context.destroy(linger=0)
 
 
-async def until(condition: Callable[[], bool], what: str) -> None:
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0)
+class Frames(list[bytes]):
+    """The frames a callback got, and an event set at each one: waiting needs no polling."""
 
-    try:
-        await asyncio.wait_for(poll(), 5.0)
-    except asyncio.TimeoutError:
-        raise AssertionError(f"no {what} within 5 s") from None
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = asyncio.Event()
+
+    def append(self, frame: bytes) -> None:
+        super().append(frame)
+        self.arrived.set()
+
+    async def reach(self, n: int, what: str) -> None:
+        """Until ``n`` frames are in (the 5 s bound only turns a hang into a failure)."""
+        while len(self) < n:
+            self.arrived.clear()
+            try:
+                await asyncio.wait_for(self.arrived.wait(), 5.0)
+            except asyncio.TimeoutError:
+                raise AssertionError(f"no {what} within 5 s") from None
 
 
 def test_frames_arrive_in_order_including_those_sent_before_reading_started() -> None:
     async def main() -> list[bytes]:
         sockets = Pair("order")
         push, pull = sockets, sockets.pull
-        got: list[bytes] = []
+        got = Frames()
         for i in range(3):
             push.send(b"early %d" % i)
         reader = asyncio.ensure_future(read_frames(pull, got.append))
-        await until(lambda: len(got) == 3, "the early frames")
+        await got.reach(3, "the early frames")
         for i in range(500):
             push.send(b"%d" % i)
-        await until(lambda: len(got) == 503, "the later frames")
+        await got.reach(503, "the later frames")
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
         sockets.close()
-        return got
+        return list(got)
 
     got = asyncio.run(main())
     assert got == [b"early 0", b"early 1", b"early 2", *(b"%d" % i for i in range(500))]
@@ -90,16 +99,16 @@ def test_cancelling_stops_reading_and_frees_the_descriptor() -> None:
     async def main() -> tuple[list[bytes], list[bytes]]:
         sockets = Pair("cancel")
         push, pull = sockets, sockets.pull
-        first: list[bytes] = []
+        first = Frames()
         reader = asyncio.ensure_future(read_frames(pull, first.append))
         push.send(b"1")
-        await until(lambda: first == [b"1"], "the first frame")
+        await first.reach(1, "the first frame")
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
         push.send(b"2")
         second = [await asyncio.wait_for(pull.recv(), 5.0)]  # zmq.asyncio reads the socket again
         sockets.close()
-        return first, second
+        return list(first), second
 
     assert asyncio.run(main()) == ([b"1"], [b"2"])
