@@ -1,25 +1,24 @@
-"""An engine core: the models of one device behind ZeroMQ sockets, with no HTTP in its process.
+"""An engine core: the models of one device behind a Unix socket, with no HTTP in its process.
 
-API servers push commands to the core's one PULL socket; the core pushes results to each API server's
-own PULL socket. Generation runs on the engine thread (:class:`EngineLoop`), which sends one frame per
-step per API server from sockets of its own; classification runs through the dynamic batcher on this
-process's event loop, between and beside generation steps on the same device.
+API servers connect to the core's one listening path and send commands; the core connects to each API
+server's own listening path and sends results (engine/frames.py). Generation runs on the engine thread
+(:class:`EngineLoop`), which sends one frame per step per API server on connections of its own;
+classification runs through the dynamic batcher on this process's event loop, between and beside generation
+steps on the same device.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
-import zmq
-import zmq.asyncio
-
 from engine.batcher import BatcherClosed, BatcherFull, DynamicBatcher
 from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult, Embedding
-from engine.frames import read_frames
+from engine.frames import Sender, listen, read_frames
 from engine.llm_engine import EngineLoop, LLMEngine
 from engine.protocol import (
     API_STRIDE,
@@ -42,7 +41,7 @@ from engine.protocol import (
 log = logging.getLogger(__name__)
 
 Batcher = DynamicBatcher[ClassifyItem, ClassResult | Embedding | ClassifierInputError]
-Replies = dict[int, zmq.asyncio.Socket]  # API server index -> the socket its replies go to
+Replies = dict[int, Sender]  # API server index -> the connection its replies go to
 
 
 class EngineCore:
@@ -61,16 +60,15 @@ class EngineCore:
         self.details = details
         self.loop = EngineLoop(engine, self._publish_step, on_error) if engine is not None else None
         self._api_addresses: dict[int, str] = {}  # filled before any of that API server's requests arrive
-        self._step_sockets: dict[int, zmq.Socket[bytes]] = {}  # the engine thread's own
-        self._step_context = zmq.Context()
+        self._step_senders: dict[int, Sender] = {}  # the engine thread's own
+        self._event_loop: asyncio.AbstractEventLoop | None = None  # serve()'s: flushes what a full socket left
         self._waiting: dict[int, list[asyncio.Future[Any]]] = {}  # a classification request's items, by key
         self._replies: dict[int, list[ClassifyResults]] = {}  # per API server, sent once per loop turn
 
     async def serve(self) -> None:
         """Until the process is stopped (the supervisor's SIGTERM, once the API servers have drained)."""
-        context = zmq.asyncio.Context()
-        pull = context.socket(zmq.PULL)
-        pull.bind(self.address)
+        loop = self._event_loop = asyncio.get_running_loop()
+        listener = listen(self.address)
         replies: Replies = {}
         if self.loop is not None:
             self.loop.start()
@@ -85,14 +83,11 @@ class EngineCore:
                 self._take(message.items, replies)
             elif isinstance(message, Hello):
                 self._api_addresses[message.api_index] = message.address
-                sock = replies[message.api_index] = context.socket(zmq.PUSH)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.SNDHWM, 0)
-                sock.connect(message.address)
-                sock.send(encode(Ready(self.index, os.getpid(), self.details)))  # queued: SNDHWM 0 never blocks
+                sender = replies[message.api_index] = Sender(message.address, loop)  # it listens already
+                sender.send(encode(Ready(self.index, os.getpid(), self.details)))
 
         try:
-            await read_frames(pull, on_frame)
+            await read_frames(listener, on_frame)
         finally:
             for futures in self._waiting.values():
                 for future in futures:
@@ -101,11 +96,10 @@ class EngineCore:
                 await self.batcher.stop(drain=False)
             if self.loop is not None:
                 await asyncio.to_thread(self.loop.stop)
-            for sock in [*replies.values(), *self._step_sockets.values()]:
-                sock.close()
-            self._step_context.term()
-            pull.close(linger=0)
-            context.term()
+            for sender in [*replies.values(), *self._step_senders.values()]:
+                sender.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.address)
 
     def _take(self, items: list[Command], replies: Replies) -> None:
         generation = [item for item in items if isinstance(item, AddRequest | Abort)]
@@ -168,24 +162,21 @@ class EngineCore:
         if len(pending) == 1:  # the requests one batch finished wake together: one frame for all of them
             asyncio.get_running_loop().call_soon(self._send_replies, api, replies[api])
 
-    def _send_replies(self, api: int, sock: zmq.asyncio.Socket) -> None:
-        replies = self._replies.pop(api)
-        if not sock.closed:  # closed: the core is stopping, and the API servers are gone
-            sock.send(encode(ClassifyReplies(replies, core=self.index)))
+    def _send_replies(self, api: int, sender: Sender) -> None:
+        sender.send(encode(ClassifyReplies(self._replies.pop(api), core=self.index)))
 
     def _publish_step(self, step: StepOutputs) -> None:
-        """On the engine thread: one frame per API server that has outputs in this step."""
+        """On the engine thread: one frame per API server that has outputs in this step, written by this thread
+        (no hand-off to the event loop on a step's way out; a sender never blocks it, see :class:`Sender`)."""
         by_api: dict[int, list] = {}
         for out in step.outputs:
             by_api.setdefault(out.key % API_STRIDE, []).append(out)
         for api, outputs in by_api.items():
-            sock = self._step_sockets.get(api)
-            if sock is None:
-                sock = self._step_sockets[api] = self._step_context.socket(zmq.PUSH)
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block a step: the API server drains it
-                sock.connect(self._api_addresses[api])
-            sock.send(encode(StepOutputs(outputs, step.running, step.waiting, step.error, self.index)))
+            sender = self._step_senders.get(api)
+            if sender is None:
+                assert self._event_loop is not None
+                sender = self._step_senders[api] = Sender(self._api_addresses[api], self._event_loop)
+            sender.send(encode(StepOutputs(outputs, step.running, step.waiting, step.error, self.index)))
 
 
 def _failure(key: int, error: BaseException) -> ClassifyResults:

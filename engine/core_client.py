@@ -1,4 +1,4 @@
-"""An API server's side of the engine cores: one PUSH socket per core, one PULL socket for all replies.
+"""An API server's side of the engine cores: one connection to each core, one listening path for all replies.
 
 Generation goes through an :class:`LLMClient` whose commands this client routes: a new request to the
 least-loaded core (the conversation's core where its prefix is likely cached and that core is not much
@@ -16,13 +16,10 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import zmq
-import zmq.asyncio
-
 from engine import protocol
 from engine.batcher import BatcherClosed, BatcherFull
 from engine.classifier import ClassifierInputError, ClassifyItem, ClassResult, Embedding
-from engine.frames import read_frames
+from engine.frames import Sender, listen, read_frames
 from engine.llm_engine import LLMClient
 
 log = logging.getLogger(__name__)
@@ -32,11 +29,12 @@ AFFINITY_TOKENS = 64  # prompt tokens hashed to find a conversation's core (a sy
 
 
 WATCH_INTERVAL_S = 0.25
+DIAL_RETRY_S = 0.01  # a starting core listens once its models are loaded: tried again this often until then
 
 
 @dataclass(frozen=True)
 class CoreLink:
-    """How an API server reaches the engine cores (addresses are ZeroMQ endpoints)."""
+    """How an API server reaches the engine cores (addresses are paths of Unix sockets, engine/frames.py)."""
 
     api_index: int
     core_addresses: list[str]
@@ -63,16 +61,11 @@ class CoreClient:
         self.api_index = api_index = link.api_index
         self.own_address = own_address = link.own_address
         core_addresses = link.core_addresses
-        self._context = zmq.asyncio.Context()
-        self._pull = self._context.socket(zmq.PULL)
-        self._pull.bind(own_address)
-        self._cores = []
-        for address in core_addresses:
-            sock = self._context.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)  # commands queue rather than block the event loop
-            sock.connect(address)
-            self._cores.append(sock)
+        self._core_addresses = core_addresses
+        self._listener = listen(own_address)
+        self._cores: list[Sender] = []  # connected in connect(), in core order
+        self._ready: list[protocol.Ready | None] = [None] * len(core_addresses)
+        self._all_ready = asyncio.Event()
         self.llm: LLMClient | None = None
         self._gen_core: dict[int, int] = {}  # key -> core, while the request runs
         self._gen_load = [0] * len(core_addresses)  # this API server's requests per core
@@ -87,21 +80,24 @@ class CoreClient:
         self.error: str | None = None
 
     async def connect(self, timeout: float) -> list[protocol.Ready]:
-        """Introduces this API server to every core; returns their answers, in core order."""
-        for sock in self._cores:
-            await sock.send(protocol.encode(protocol.Hello(self.api_index, self.own_address)))
-        ready: list[protocol.Ready | None] = [None] * len(self._cores)
+        """Introduces this API server to every core, once each listens; returns their answers, in core order."""
+        loop = asyncio.get_running_loop()
+        self._receiver = asyncio.create_task(read_frames(self._listener, self._on_frame))
 
-        async def answers() -> None:
-            while not all(ready):
-                message = protocol.decode_from_core(await self._pull.recv())
-                if isinstance(message, protocol.Ready):
-                    ready[message.core_index] = message
+        async def introduce() -> None:
+            for address in self._core_addresses:
+                while True:
+                    try:
+                        self._cores.append(Sender(address, loop))
+                        break
+                    except (FileNotFoundError, ConnectionRefusedError):
+                        await asyncio.sleep(DIAL_RETRY_S)
+                self._cores[-1].send(protocol.encode(protocol.Hello(self.api_index, self.own_address)))
+            await self._all_ready.wait()
 
-        await asyncio.wait_for(answers(), timeout)
-        self._receiver = asyncio.create_task(self._receive())
-        self._pids = [r.pid for r in ready if r is not None]
-        return ready  # type: ignore[return-value]
+        await asyncio.wait_for(introduce(), timeout)
+        self._pids = [r.pid for r in self._ready if r is not None]
+        return self._ready  # type: ignore[return-value]
 
     async def watch(self, on_failure: Callable[[], None], hang_s: float) -> None:
         """Fails everything in flight, and all later work, as soon as a core process is gone. A core that
@@ -215,9 +211,6 @@ class CoreClient:
 
     # ------------------------------------------------------------------ receiving
 
-    async def _receive(self) -> None:
-        await read_frames(self._pull, self._on_frame)
-
     def _on_frame(self, frame: bytes) -> None:
         message = protocol.decode_from_core(frame)
         if isinstance(message, protocol.StepOutputs):
@@ -228,6 +221,10 @@ class CoreClient:
                 future = self._cls_waiting.pop(reply.key, None)
                 if future is not None and not future.done():
                     future.set_result(reply)
+        else:  # Ready: a core's answer to connect()'s Hello
+            self._ready[message.core_index] = message
+            if all(self._ready):
+                self._all_ready.set()
 
     def fail(self, message: str) -> None:
         """A core is gone: everything in flight fails with ``message``, and so does all later work."""
@@ -244,8 +241,8 @@ class CoreClient:
             self._receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._receiver
-        for sock in [self._pull, *self._cores]:
-            sock.close(linger=100)
-        self._context.term()
+        self._listener.close()  # closed already where reading started
+        for sender in self._cores:
+            sender.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.own_address.removeprefix("ipc://"))
+            os.unlink(self.own_address)

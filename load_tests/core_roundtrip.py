@@ -1,7 +1,7 @@
-"""One /classify request at a time through a real engine-core process (its ZeroMQ sockets, event loop and
+"""One /classify request at a time through a real engine-core process (its Unix sockets, event loop and
 batcher), from a client that speaks the API server's protocol, with a stand-in encoder: ``run_batch`` spins
 ``--busy-us`` per batch, as a CUDA graph replay and its spin-waited synchronisation hold the thread that runs
-them. What it measures is the core's plumbing for a lone request (ZeroMQ both ways, the loop's turns, the
+them. What it measures is the core's plumbing for a lone request (the frames both ways, the loop's turns, the
 worker-thread hand-off or not) without a model, on any machine:
 
     python -m load_tests.core_roundtrip --out core_rt.json --rounds 3 --requests 4000 --busy-us 400
@@ -17,16 +17,16 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
-
-import zmq
 
 from engine import protocol
 from engine.batcher import DynamicBatcher
 from engine.classifier import ClassifyItem, ClassResult
 from engine.core import EngineCore
+from engine.frames import HEADER, listen
 from load_tests.loadgen import percentile
 
 
@@ -49,35 +49,66 @@ def _cpu_s(pid: int) -> float:
     return (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
 
 
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("the engine core closed the connection")
+        data += chunk
+    return data
+
+
+def _recv_frame(conn: socket.socket) -> bytes:
+    (size,) = HEADER.unpack(_recv_exact(conn, HEADER.size))
+    return _recv_exact(conn, size)
+
+
+def _dial(path: str) -> socket.socket:
+    """A connection to the core once it listens (after its start)."""
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            time.sleep(0.01)
+
+
 def measure(inline_items: int, busy_us: float, requests: int, gap_s: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        core_address, own = f"ipc://{tmp}/core", f"ipc://{tmp}/api"
+        core_address, own = f"{tmp}/core", f"{tmp}/api"
         core = mp.get_context("spawn").Process(target=_core, args=(core_address, inline_items, busy_us), daemon=True)
         core.start()
-        context = zmq.Context()
-        pull, push = context.socket(zmq.PULL), context.socket(zmq.PUSH)
-        pull.bind(own)
-        push.connect(core_address)
+        listener = listen(own)
+        push = _dial(core_address)
+
+        def send(frame: bytes) -> None:
+            push.sendall(HEADER.pack(len(frame)) + frame)
+
+        pull = None
         try:
-            push.send(protocol.encode(protocol.Hello(0, own)))
-            protocol.decode_from_core(pull.recv())
+            send(protocol.encode(protocol.Hello(0, own)))
+            pull, _ = listener.accept()  # the core's replies (classification: from its event loop)
+            protocol.decode_from_core(_recv_frame(pull))
             latencies = []
             cpu0 = _cpu_s(core.pid)  # type: ignore[arg-type]
             for i in range(requests):
                 item = ClassifyItem(f"text {i}", None, False, 12, ids=tuple(range(12)))
                 frame = protocol.encode(protocol.Commands([protocol.ClassifyRequest(i * protocol.API_STRIDE, [item])]))
                 start = time.perf_counter()
-                push.send(frame)
-                reply = protocol.decode_from_core(pull.recv())
+                send(frame)
+                reply = protocol.decode_from_core(_recv_frame(pull))
                 latencies.append(time.perf_counter() - start)
                 assert isinstance(reply, protocol.ClassifyReplies) and reply.items[0].refused is None
                 time.sleep(gap_s)  # the API server's and the HTTP client's share of a request
             core_cpu = _cpu_s(core.pid) - cpu0  # type: ignore[arg-type]
         finally:
             core.kill()
-            for sock in (pull, push):
-                sock.close(linger=0)
-            context.term()
+            for sock in (pull, push, listener):
+                if sock is not None:
+                    sock.close()
     return {
         "inline_items": inline_items,
         **{f"p{q}_us": round(percentile(latencies, q) * 1e6, 1) for q in (50, 90, 99)},  # type: ignore[operator]

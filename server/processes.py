@@ -1,10 +1,11 @@
 """A server of several processes: engine cores (one per device) and API servers sharing one port.
 
 The supervisor (the process ``python -m server`` started) binds the port, starts the engine cores, then
-the API servers, which inherit the listening socket and connect to every core over ZeroMQ. It watches
-them all: SIGTERM drains the API servers, then stops the cores; a core or an API server that exits on
-its own takes the whole server down with exit code 1 (after the API servers have failed what was in
-flight with a clear error), so that the orchestrator restarts it rather than it serving half-broken.
+the API servers, which inherit the listening socket and connect to every core over Unix sockets in the
+server's run directory (engine/frames.py). It watches them all: SIGTERM drains the API servers, then stops
+the cores; a core or an API server that exits on its own takes the whole server down with exit code 1 (after
+the API servers have failed what was in flight with a clear error), so that the orchestrator restarts it
+rather than it serving half-broken.
 """
 
 from __future__ import annotations
@@ -96,13 +97,13 @@ class Supervisor:
         # Before any child starts: every process then writes its metrics where the scrape reads them.
         os.environ[metrics.MULTIPROC_ENV] = str(self.metrics_dir)
         context = multiprocessing.get_context("spawn")
-        addresses = [f"ipc://{self.run_dir}/core-{i}" for i in range(s.data_parallel_size)]
+        addresses = [f"{self.run_dir}/core-{i}" for i in range(s.data_parallel_size)]
         for i, address in enumerate(addresses):
             self.cores.append(context.Process(target=_entry, args=("run_core", s, i, address), name=f"engine-core-{i}"))
         socks = listening_sockets(s.host, s.port, api_servers(s))
         counts = shared_counts(context)
         for i, sock in enumerate(socks):
-            link = (i, addresses, f"ipc://{self.run_dir}/api-{i}")  # a CoreLink, made in the API server
+            link = (i, addresses, f"{self.run_dir}/api-{i}")  # a CoreLink, made in the API server
             self.api_servers.append(
                 context.Process(target=_entry, args=("run_api_server", s, link, sock, counts), name=f"api-server-{i}")
             )

@@ -50,7 +50,7 @@ def labelled(batch: list[ClassifyItem]) -> list[ClassResult | BaseException]:
 
 
 def core_with(batcher: DynamicBatcher) -> tuple[EngineCore, dict[int, Socket]]:
-    core = EngineCore(0, "inproc://unused", None, batcher, b"")
+    core = EngineCore(0, "/nonexistent/core-0", None, batcher, b"")
     return core, {0: Socket(), 1: Socket()}
 
 

@@ -1,34 +1,38 @@
-"""engine/frames.py: frames off a ZeroMQ socket reach the callback in order, those that came before reading
-started too; an error in the callback stops reading and surfaces; cancelling stops reading and frees the
-socket's descriptor for another reader. Real sockets (inproc) on a real event loop."""
+"""engine/frames.py: frames over Unix sockets reach the callback whole and in each connection's order, those sent
+before reading started and those split across reads too; an error in the callback stops reading and surfaces;
+cancelling closes the listener and its connections; a sender never blocks its thread on a reader that does not
+read, and loses nothing; a sender whose peer is gone drops frames instead of raising. Real sockets on asyncio's
+event loop and on uvloop's (the API servers run uvloop when installed, the engine cores asyncio's)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import threading
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
 
 import pytest
-import zmq
-import zmq.asyncio
 
-from engine.frames import read_frames
+from engine.frames import HEADER, Sender, listen, read_frames
 
 pytestmark = pytest.mark.integration
 
 
-class Pair:
-    """A PULL socket to read and a blocking PUSH view to send to it, in one context."""
+def loop_factories() -> list[Any]:
+    factories: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+    with contextlib.suppress(ImportError):
+        import uvloop
 
-    def __init__(self, name: str) -> None:
-        self.context = zmq.asyncio.Context()
-        self.pull = self.context.socket(zmq.PULL)
-        self.pull.bind(f"inproc://{name}")
-        self._push = self.context.socket(zmq.PUSH)  # kept: the view below does not own the socket
-        self._push.connect(f"inproc://{name}")
-        self.send = zmq.Socket.shadow(self._push.underlying).send
+        factories.append(pytest.param(uvloop.new_event_loop, id="uvloop"))
+    return factories
 
-    def close(self) -> None:
-        self.context.destroy(linger=0)
+
+def run(factory: Callable[[], asyncio.AbstractEventLoop], main: Coroutine[Any, Any, Any]) -> Any:
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 class Frames(list[bytes]):
@@ -43,41 +47,73 @@ class Frames(list[bytes]):
         self.arrived.set()
 
     async def reach(self, n: int, what: str) -> None:
-        """Until ``n`` frames are in (the 5 s bound only turns a hang into a failure)."""
+        """Until ``n`` frames are in (the 10 s bound only turns a hang into a failure)."""
         while len(self) < n:
             self.arrived.clear()
             try:
-                await asyncio.wait_for(self.arrived.wait(), 5.0)
+                await asyncio.wait_for(self.arrived.wait(), 10.0)
             except asyncio.TimeoutError:
-                raise AssertionError(f"no {what} within 5 s") from None
+                raise AssertionError(f"no {what} within 10 s (got {len(self)} of {n})") from None
 
 
-def test_frames_arrive_in_order_including_those_sent_before_reading_started() -> None:
-    async def main() -> list[bytes]:
-        sockets = Pair("order")
-        push, pull = sockets, sockets.pull
-        got = Frames()
+async def stop(reader: asyncio.Future[None]) -> None:
+    reader.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reader
+
+
+@pytest.mark.parametrize("factory", loop_factories())
+def test_frames_arrive_in_order_including_those_sent_before_reading_started(tmp_path: Path, factory: Any) -> None:
+    async def main() -> tuple[list[bytes], list[bytes]]:
+        loop = asyncio.get_running_loop()
+        listener = listen(str(tmp_path / "own"))
+        first, second = Sender(str(tmp_path / "own"), loop), Sender(str(tmp_path / "own"), loop)
         for i in range(3):
-            push.send(b"early %d" % i)
-        reader = asyncio.ensure_future(read_frames(pull, got.append))
+            first.send(b"early %d" % i)
+        got = Frames()
+        reader = asyncio.ensure_future(read_frames(listener, got.append))
         await got.reach(3, "the early frames")
         for i in range(500):
-            push.send(b"%d" % i)
-        await got.reach(503, "the later frames")
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
-        sockets.close()
+            first.send(b"a%d" % i)
+            second.send(b"b%d" % i)
+        first.send(b"")  # an empty frame is a frame
+        await got.reach(1004, "the later frames")
+        await stop(reader)
+        first.close()
+        second.close()
+        return [f for f in got if not f.startswith(b"b")], [f for f in got if f.startswith(b"b")]
+
+    from_first, from_second = run(factory, main())
+    assert from_first == [b"early 0", b"early 1", b"early 2", *(b"a%d" % i for i in range(500)), b""]
+    assert from_second == [b"b%d" % i for i in range(500)]
+
+
+@pytest.mark.parametrize("factory", loop_factories())
+def test_a_frame_split_across_reads_arrives_whole(tmp_path: Path, factory: Any) -> None:
+    async def main() -> list[bytes]:
+        listener = listen(str(tmp_path / "own"))
+        got = Frames()
+        reader = asyncio.ensure_future(read_frames(listener, got.append))
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.connect(str(tmp_path / "own"))
+        stream = b"".join(HEADER.pack(len(f)) + f for f in (b"one", b"two" * 100, b"three"))
+        for i in range(len(stream)):  # byte by byte, each given time to be read on its own
+            raw.send(stream[i : i + 1])
+            await asyncio.sleep(0.001)
+        await got.reach(3, "the split frames")
+        await stop(reader)
+        raw.close()
         return list(got)
 
-    got = asyncio.run(main())
-    assert got == [b"early 0", b"early 1", b"early 2", *(b"%d" % i for i in range(500))]
+    assert run(factory, main()) == [b"one", b"two" * 100, b"three"]
 
 
-def test_an_error_in_the_callback_stops_reading_and_is_raised() -> None:
+@pytest.mark.parametrize("factory", loop_factories())
+def test_an_error_in_the_callback_stops_reading_and_is_raised(tmp_path: Path, factory: Any) -> None:
     async def main() -> list[bytes]:
-        sockets = Pair("error")
-        push, pull = sockets, sockets.pull
+        loop = asyncio.get_running_loop()
+        listener = listen(str(tmp_path / "own"))
+        sender = Sender(str(tmp_path / "own"), loop)
         got: list[bytes] = []
 
         def handle(frame: bytes) -> None:
@@ -86,29 +122,79 @@ def test_an_error_in_the_callback_stops_reading_and_is_raised() -> None:
             got.append(frame)
 
         for frame in (b"a", b"bad", b"b"):
-            push.send(frame)
+            sender.send(frame)
         with pytest.raises(ValueError, match="undecodable"):
-            await asyncio.wait_for(read_frames(pull, handle), 5.0)
-        sockets.close()
+            await asyncio.wait_for(read_frames(listener, handle), 10.0)
+        sender.close()
         return got
 
-    assert asyncio.run(main()) == [b"a"]
+    assert run(factory, main()) == [b"a"]
 
 
-def test_cancelling_stops_reading_and_frees_the_descriptor() -> None:
-    async def main() -> tuple[list[bytes], list[bytes]]:
-        sockets = Pair("cancel")
-        push, pull = sockets, sockets.pull
-        first = Frames()
-        reader = asyncio.ensure_future(read_frames(pull, first.append))
-        push.send(b"1")
-        await first.reach(1, "the first frame")
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
-        push.send(b"2")
-        second = [await asyncio.wait_for(pull.recv(), 5.0)]  # zmq.asyncio reads the socket again
-        sockets.close()
-        return list(first), second
+@pytest.mark.parametrize("factory", loop_factories())
+def test_cancelling_closes_the_listener_and_its_connections(tmp_path: Path, factory: Any) -> None:
+    async def main() -> tuple[list[bytes], bytes]:
+        loop = asyncio.get_running_loop()
+        listener = listen(str(tmp_path / "own"))
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.connect(str(tmp_path / "own"))
+        got = Frames()
+        reader = asyncio.ensure_future(read_frames(listener, got.append))
+        raw.sendall(HEADER.pack(1) + b"1")
+        await got.reach(1, "the first frame")
+        await stop(reader)
+        raw.settimeout(10.0)
+        end = await loop.run_in_executor(None, raw.recv, 1)  # b"": the reading side closed the connection
+        raw.close()
+        with pytest.raises(ConnectionRefusedError):
+            Sender(str(tmp_path / "own"), loop)
+        return list(got), end
 
-    assert asyncio.run(main()) == ([b"1"], [b"2"])
+    assert run(factory, main()) == ([b"1"], b"")
+
+
+@pytest.mark.parametrize("factory", loop_factories())
+def test_a_sender_never_blocks_its_thread_and_loses_nothing(tmp_path: Path, factory: Any) -> None:
+    frames = [bytes([i % 251]) * 65536 for i in range(300)]  # ~20 MB: far beyond the socket's buffer
+
+    async def main() -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        listener = listen(str(tmp_path / "own"))
+        sender = Sender(str(tmp_path / "own"), loop)
+        done = threading.Event()
+
+        def engine_thread() -> None:  # nothing reads yet: what the socket cannot take waits in the sender
+            for frame in frames:
+                sender.send(frame)
+            done.set()
+
+        thread = threading.Thread(target=engine_thread)
+        thread.start()
+        await loop.run_in_executor(None, thread.join, 30.0)
+        assert done.is_set(), "the sending thread blocked"
+        got = Frames()
+        reader = asyncio.ensure_future(read_frames(listener, got.append))
+        await got.reach(len(frames), "every frame")
+        await stop(reader)
+        sender.close()
+        return list(got)
+
+    assert run(factory, main()) == frames
+
+
+@pytest.mark.parametrize("factory", loop_factories())
+def test_a_sender_whose_peer_is_gone_drops_frames_without_raising(tmp_path: Path, factory: Any) -> None:
+    async def main() -> bool:
+        loop = asyncio.get_running_loop()
+        listener = listen(str(tmp_path / "own"))
+        sender = Sender(str(tmp_path / "own"), loop)
+        peer, _ = listener.accept()
+        peer.close()
+        listener.close()
+        for _ in range(3):  # the first may still be taken by the kernel; the next ones find the peer gone
+            sender.send(b"x" * 1000)
+        closed = sender.closed
+        sender.close()
+        return closed
+
+    assert run(factory, main()) is True
