@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import llguidance
 import llguidance.hf
@@ -32,12 +31,29 @@ _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
 _THREADS = min(32, max(1, _CORES * 4 // 5))
 
 
-@dataclass(eq=False)
 class Constraint:
-    """One sequence's matcher, and the tokens that end a sequence (all a finished or broken matcher allows)."""
+    """One sequence's matcher, and the tokens that end a sequence (all a finished or broken matcher allows).
 
-    matcher: llguidance.LLMatcher
-    eos_ids: tuple[int, ...]
+    A sampled token is fed to the matcher when the matcher is next read (:meth:`take`), not when it is
+    sampled: on a GPU that is during the next step's forward, which the host otherwise spends waiting."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, eos_ids: tuple[int, ...]) -> None:
+        self._matcher = matcher
+        self.eos_ids = eos_ids
+        self._pending: int | None = None
+
+    @property
+    def matcher(self) -> llguidance.LLMatcher:
+        """The matcher, caught up with every token taken."""
+        if self._pending is not None:
+            self._matcher.consume_token(self._pending)
+            self._pending = None
+        return self._matcher
+
+    def take(self, token: int) -> None:
+        """Records the row's sampled token, fed to the matcher on its next use."""
+        if not self.done:
+            self._pending = token
 
     @property
     def done(self) -> bool:
@@ -89,6 +105,11 @@ def settles(c: Constraint, token: int) -> bool:
     return c.matcher.validate_tokens([token]) == 1
 
 
+def _forced(c: Constraint) -> bool:
+    """Whether ``c``'s next bytes are forced (or it is done): then only one token settles without the mask."""
+    return c.done or bool(c.matcher.compute_ff_bytes())
+
+
 def apply_masks(
     logits: Tensor,
     rows: list[int],
@@ -101,16 +122,18 @@ def apply_masks(
     row's argmax: masking other tokens cannot change it); such a row is left unmasked, and its mask is
     computed only where :func:`settles` cannot tell, or while waiting: until ``ready()`` says ``keep`` would
     not wait (on a GPU, for the forward), the rows' masks are computed a few at a time, for the rows that
-    then do not settle."""
+    then do not settle, starting with those in forced states."""
     if not rows:
         return []
     masks = _Bitmask(constraints, logits.shape[-1], pinned=logits.is_cuda)
     todo = list(range(len(rows)))
     if keep is not None:
-        for start in range(0, len(rows), _THREADS):
-            if ready is None or ready():
-                break
-            masks.compute(range(start, min(start + _THREADS, len(rows))))
+        if ready is not None and not ready():  # rows in forced states first: a token check rarely settles them
+            early = sorted(todo, key=lambda j: not _forced(constraints[j]))
+            for start in range(0, len(rows), _THREADS):
+                if ready():
+                    break
+                masks.compute(early[start : start + _THREADS])
         tokens = keep()
         todo = [j for j in todo if tokens[j] is None or not masks.allows(j, tokens[j])]
         masks.compute(todo)  # the rows not settled: their masks may yet allow the token
@@ -188,7 +211,6 @@ def unpack_banned(bitmask: Tensor, vocab: int) -> Tensor:
 
 
 def advance(constraints: list[Constraint], tokens: list[int]) -> None:
-    """Feeds each matcher its row's sampled token."""
+    """Gives each matcher its row's sampled token (fed to it on its next use)."""
     for c, token in zip(constraints, tokens, strict=True):
-        if not c.done:
-            c.matcher.consume_token(token)
+        c.take(token)

@@ -8,7 +8,8 @@ logits and precomputed argmax, and on deep copies of every row's matcher times, 
   loaded from git; default 36cf91a: every constrained row's mask computed, on a CPU a greedy row whose argmax
   its mask allows left unmasked, on CUDA every row masked);
 - ``now``: ``sampler.sample`` as the decode step calls it (a greedy row whose argmax its grammar allows
-  settles without its mask being computed);
+  settles without its mask being computed), plus feeding each matcher its token (which the engine defers
+  to the next step's forward: on a GPU, into the time the host waits for it);
 - ``masks``: llguidance computing every row's mask alone, through the engine's executor (and, with
   ``--threads``, executors of that many threads), and ``settle``: checking each row's argmax the way ``now``
   does, without a mask;
@@ -85,6 +86,7 @@ class Probe:
         self.flip = False
         self.settled = 0
         self.rows = 0
+        self.masked = 0  # greedy rows masked by the ``now`` path
 
     def timed(self, name: str, fn: Any, *args: Any) -> Any:
         start = time.perf_counter()
@@ -103,8 +105,13 @@ class Probe:
             sync()
             start = time.perf_counter()
             picked[name] = self.paths[name](work, rows, greedy)
+            for s in rows:  # a token taken is fed to its matcher on next use (the next step): counted here
+                if s.constraint is not None:
+                    s.constraint.matcher  # noqa: B018
             sync()
             self.times[name].append(time.perf_counter() - start)
+            if name == "now":
+                self.masked += int(torch.isinf(work).any(dim=-1).sum())
         self.flip = not self.flip
         assert len(set(map(tuple, picked.values()))) == 1, "the two sampler paths disagree"
         words = (logits.shape[-1] + 31) // 32
@@ -158,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {name: round(statistics.median(v) * 1e3, 3) for name, v in probe.times.items()}
         row |= {f"{name}_per_row": round(row[name] / batch, 4) for name in ("masks", "settle")}
         row["settled_share"] = round(probe.settled / max(probe.rows, 1), 3)
+        row["masked_share"] = round(probe.masked / max(probe.rows, 1), 3)
         summary[str(batch)] = row
         print(batch, json.dumps(row), flush=True)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout

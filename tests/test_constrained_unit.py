@@ -357,19 +357,21 @@ def test_masks_computed_while_waiting_for_the_argmax_change_nothing(monkeypatch:
     grammars = constraints.Grammars(tokenizer, len(tokenizer))
     letters = llguidance.LLMatcher.grammar_from_regex("[a-c]{2,5}")
     a, b, z = (tokenizer.convert_tokens_to_ids(t) for t in "abz")
-    keep = [a, z, b, z, a, None, z]  # z is banned; None: no argmax to keep
+    keep = [a, z, b, z, a, None, z, a, z]  # z is banned; None: no argmax to keep
+    forced = llguidance.LLMatcher.grammar_from_regex("ab[a-c]{1,3}")  # the last two rows: "ab" forced
     monkeypatch.setattr(constraints, "_THREADS", 2)  # two rows per early chunk
 
     def masked(waits: int) -> tuple[list[int], torch.Tensor]:
-        rules = [grammars.constraint(letters) for _ in keep]
+        rules = [grammars.constraint(letters) for _ in keep[:-2]] + [grammars.constraint(forced) for _ in "ab"]
+        assert [constraints._forced(c) for c in rules] == [False] * 7 + [True] * 2  # computed early first
         logits = torch.randn(len(keep) + 1, len(tokenizer), generator=torch.Generator().manual_seed(0))
         calls = iter([False] * waits + [True] * 10)
         rows = list(range(1, len(keep) + 1))  # row 0 free
         return constraints.apply_masks(logits, rows, rules, lambda: keep, lambda: next(calls)), logits
 
     plain_rows, plain = masked(0)
-    assert plain_rows == [2, 4, 6, 7]
+    assert plain_rows == [2, 4, 6, 7, 9]
     for waits in (1, 2, 4):
         early_rows, early = masked(waits)
         assert early_rows == plain_rows and torch.equal(early, plain)
-    assert torch.isinf(plain[2, z]) and not torch.isinf(plain[[0, 1, 3, 5]]).any()
+    assert torch.isinf(plain[2, z]) and not torch.isinf(plain[[0, 1, 3, 5, 8]]).any()
