@@ -42,7 +42,7 @@ class _Reader(asyncio.Protocol):
         self._handle = handle
         self._failed = failed
         self._open = open_
-        self._partial = b""  # the start of a frame whose end has not arrived
+        self._partial = bytearray()  # the start of a frame whose end has not arrived (grown in place)
         self._transport: asyncio.BaseTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -54,7 +54,10 @@ class _Reader(asyncio.Protocol):
         self._open.discard(self._transport)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self._partial + data if self._partial else data
+        buffer: bytes | bytearray = data
+        if self._partial:
+            self._partial += data
+            buffer = self._partial
         start, end = 0, len(buffer)
         while end - start >= HEADER.size and not self._failed.done():
             (size,) = HEADER.unpack_from(buffer, start)
@@ -62,10 +65,13 @@ class _Reader(asyncio.Protocol):
                 break
             start += HEADER.size + size
             try:
-                self._handle(buffer[start - size : start])
+                self._handle(bytes(buffer[start - size : start]))
             except Exception as exc:
                 self._failed.set_exception(exc)
-        self._partial = buffer[start:]
+        if buffer is self._partial:
+            del self._partial[:start]
+        else:
+            self._partial += data[start:]
 
 
 async def read_frames(listener: socket.socket, handle: Callable[[bytes], None]) -> None:
