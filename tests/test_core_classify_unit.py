@@ -22,10 +22,9 @@ pytestmark = pytest.mark.unit
 
 
 class Socket:
-    """Stands in for an API server's PUSH socket: keeps what the core sends."""
+    """Stands in for the core's connection to an API server (an engine/frames.py Sender): keeps what it sends."""
 
     def __init__(self) -> None:
-        self.closed = False
         self.frames: list[ClassifyReplies] = []
 
     def send(self, frame: bytes) -> None:
