@@ -91,23 +91,44 @@ def validate(grammar: str) -> str | None:
     return (messages[0] if messages else "invalid grammar") if is_error else None
 
 
+_OPEN = -1  # no bytes forced: a token settles its row if the matcher validates it
+
+
 def settles(c: Constraint, token: int) -> bool:
     """Whether ``c``'s mask certainly allows ``token``, found without computing the mask (a small fraction of
     its cost: load_tests/results/constrained/lazy-cpu). Where no bytes are forced, llguidance's mask allows
     exactly the tokens it validates; where bytes are forced it admits their canonical tokens (the first of
     which is the one settled here: any other, and an end of sequence, are the mask's to judge). Both checked
     over every token at each step of random walks through varied grammars (tests/test_constrained_unit.py)."""
-    if c.done or token in c.eos_ids:
-        return False
+    return _settled(c, _expected(c), token)
+
+
+def _expected(c: Constraint) -> int | None:
+    """What can settle ``c`` before its token is known: :data:`_OPEN` (any token it validates), the first
+    canonical token of its forced bytes (that one alone), or None (nothing: it is done)."""
+    if c.done:
+        return None
     if c.matcher.compute_ff_bytes():
         forced = c.matcher.compute_ff_tokens()
-        return bool(forced) and token == forced[0]
+        return forced[0] if forced else None
+    return _OPEN
+
+
+def _settled(c: Constraint, expected: int | None, token: int) -> bool:
+    if expected is None or token in c.eos_ids:
+        return False
+    if expected != _OPEN:
+        return token == expected
     return c.matcher.validate_tokens([token]) == 1
 
 
-def _forced(c: Constraint) -> bool:
-    """Whether ``c``'s next bytes are forced (or it is done): then only one token settles without the mask."""
-    return c.done or bool(c.matcher.compute_ff_bytes())
+def catch_up(constraints: list[Constraint]) -> None:
+    """Feeds the matchers their pending tokens, on the executor's native threads at once."""
+    pending = [(c._matcher, c._pending) for c in constraints if c._pending is not None]
+    if pending:
+        _EXECUTOR.consume_token_par(pending)
+        for c in constraints:
+            c._pending = None
 
 
 def apply_masks(
@@ -120,22 +141,33 @@ def apply_masks(
     """Sets the logits of the tokens each row's matcher does not allow to -inf, in place, and returns the
     rows it masked. ``keep`` gives, per row, a token that settles the row if its grammar allows it (a greedy
     row's argmax: masking other tokens cannot change it); such a row is left unmasked, and its mask is
-    computed only where :func:`settles` cannot tell, or while waiting: until ``ready()`` says ``keep`` would
-    not wait (on a GPU, for the forward), the rows' masks are computed a few at a time, for the rows that
-    then do not settle, starting with those in forced states."""
+    computed only where :func:`settles` cannot tell. What can settle each row is found before ``keep`` is
+    asked; until ``ready()`` says ``keep`` would not wait (on a GPU, for the forward), the rows' masks are
+    computed a few at a time, starting with the rows whose bytes are forced, which one token alone settles."""
     if not rows:
         return []
+    catch_up(constraints)
     masks = _Bitmask(constraints, logits.shape[-1], pinned=logits.is_cuda)
     todo = list(range(len(rows)))
     if keep is not None:
-        if ready is not None and not ready():  # rows in forced states first: a token check rarely settles them
-            early = sorted(todo, key=lambda j: not _forced(constraints[j]))
+        expected = [_expected(c) for c in constraints]
+        if ready is not None and not ready():
+            early = sorted(todo, key=lambda j: expected[j] == _OPEN)
             for start in range(0, len(rows), _THREADS):
                 if ready():
                     break
                 masks.compute(early[start : start + _THREADS])
         tokens = keep()
-        todo = [j for j in todo if tokens[j] is None or not masks.allows(j, tokens[j])]
+
+        def unsettled(j: int) -> bool:
+            token = tokens[j]
+            if token is None:
+                return True
+            if masks.computed[j]:
+                return not masks.allows(j, token)
+            return not _settled(constraints[j], expected[j], token)
+
+        todo = [j for j in todo if unsettled(j)]
         masks.compute(todo)  # the rows not settled: their masks may yet allow the token
         todo = [j for j in todo if tokens[j] is None or not masks.allows(j, tokens[j])]
     masks.compute(todo)
@@ -174,10 +206,8 @@ class _Bitmask:
             _EXECUTOR.unsafe_compute_mask_ptr(live, self.bits.data_ptr(), self.words * 4, len(self.constraints))
 
     def allows(self, j: int, token: int) -> bool:
-        """Whether row ``j``'s mask allows ``token``: read from the mask if computed, else settled without it."""
-        if self.computed[j]:
-            return bool(self.bits.numpy().view(np.uint32)[j, token // 32] >> (token % 32) & 1)
-        return settles(self.constraints[j], token)
+        """Whether row ``j``'s (computed) mask allows ``token``."""
+        return bool(self.bits.numpy().view(np.uint32)[j, token // 32] >> (token % 32) & 1)
 
     def apply(self, logits: Tensor, rows: list[int], js: list[int]) -> None:
         """Bans in ``logits[rows[k]]`` what the mask of row ``js[k]`` bans (each computed)."""

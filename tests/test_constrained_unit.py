@@ -363,7 +363,8 @@ def test_masks_computed_while_waiting_for_the_argmax_change_nothing(monkeypatch:
 
     def masked(waits: int) -> tuple[list[int], torch.Tensor]:
         rules = [grammars.constraint(letters) for _ in keep[:-2]] + [grammars.constraint(forced) for _ in "ab"]
-        assert [constraints._forced(c) for c in rules] == [False] * 7 + [True] * 2  # computed early first
+        forced_rows = [constraints._expected(c) != constraints._OPEN for c in rules]
+        assert forced_rows == [False] * 7 + [True] * 2  # computed early first
         logits = torch.randn(len(keep) + 1, len(tokenizer), generator=torch.Generator().manual_seed(0))
         calls = iter([False] * waits + [True] * 10)
         rows = list(range(1, len(keep) + 1))  # row 0 free
@@ -375,3 +376,24 @@ def test_masks_computed_while_waiting_for_the_argmax_change_nothing(monkeypatch:
         early_rows, early = masked(waits)
         assert early_rows == plain_rows and torch.equal(early, plain)
     assert torch.isinf(plain[2, z]) and not torch.isinf(plain[[0, 1, 3, 5, 8]]).any()
+
+
+@pytest.mark.unit
+def test_taken_tokens_reach_the_matcher_as_if_consumed_at_once() -> None:
+    """A token taken is fed on the matcher's next use, one by one or for many matchers at once on the
+    executor (``catch_up``): the matchers' masks then equal those of matchers fed each token directly."""
+    tokenizer = bpe_tokenizer()
+    grammars = constraints.Grammars(tokenizer, len(tokenizer))
+    text = json.dumps({"name": "Ann Lee", "age": 41, "tags": ["red", "blue"]}, separators=(",", ":"))
+    tokens = tokenizer.encode(text)
+    grammar = constraints_grammar({"type": "object"})
+    direct, lazy, batched = (grammars.constraint(grammar) for _ in range(3))
+    for token in tokens:
+        direct.matcher.consume_token(token)
+        lazy.take(token)
+        batched.take(token)
+        constraints.catch_up([batched])
+        assert lazy.matcher.compute_bitmask() == direct.matcher.compute_bitmask()  # read: fed one by one
+        assert batched._pending is None
+        assert batched.matcher.compute_bitmask() == direct.matcher.compute_bitmask()
+    assert not direct.matcher.is_error() and direct.matcher.is_accepting()
