@@ -122,15 +122,6 @@ def _settled(c: Constraint, expected: int | None, token: int) -> bool:
     return c.matcher.validate_tokens([token]) == 1
 
 
-def catch_up(constraints: list[Constraint]) -> None:
-    """Feeds the matchers their pending tokens, on the executor's native threads at once."""
-    pending = [(c._matcher, c._pending) for c in constraints if c._pending is not None]
-    if pending:
-        _EXECUTOR.consume_token_par(pending)
-        for c in constraints:
-            c._pending = None
-
-
 def apply_masks(
     logits: Tensor,
     rows: list[int],
@@ -146,7 +137,6 @@ def apply_masks(
     computed a few at a time, starting with the rows whose bytes are forced, which one token alone settles."""
     if not rows:
         return []
-    catch_up(constraints)
     masks = _Bitmask(constraints, logits.shape[-1], pinned=logits.is_cuda)
     todo = list(range(len(rows)))
     if keep is not None:

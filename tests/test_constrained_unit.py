@@ -380,20 +380,18 @@ def test_masks_computed_while_waiting_for_the_argmax_change_nothing(monkeypatch:
 
 @pytest.mark.unit
 def test_taken_tokens_reach_the_matcher_as_if_consumed_at_once() -> None:
-    """A token taken is fed on the matcher's next use, one by one or for many matchers at once on the
-    executor (``catch_up``): the matchers' masks then equal those of matchers fed each token directly."""
+    """A token taken is fed on the matcher's next use: the matcher's masks then equal those of a matcher fed
+    each token directly."""
     tokenizer = bpe_tokenizer()
     grammars = constraints.Grammars(tokenizer, len(tokenizer))
     text = json.dumps({"name": "Ann Lee", "age": 41, "tags": ["red", "blue"]}, separators=(",", ":"))
     tokens = tokenizer.encode(text)
     grammar = constraints_grammar({"type": "object"})
-    direct, lazy, batched = (grammars.constraint(grammar) for _ in range(3))
+    direct, lazy = (grammars.constraint(grammar) for _ in range(2))
     for token in tokens:
         direct.matcher.consume_token(token)
         lazy.take(token)
-        batched.take(token)
-        constraints.catch_up([batched])
-        assert lazy.matcher.compute_bitmask() == direct.matcher.compute_bitmask()  # read: fed one by one
-        assert batched._pending is None
-        assert batched.matcher.compute_bitmask() == direct.matcher.compute_bitmask()
+        assert lazy._pending == token
+        assert lazy.matcher.compute_bitmask() == direct.matcher.compute_bitmask()  # read: fed now
+        assert lazy._pending is None
     assert not direct.matcher.is_error() and direct.matcher.is_accepting()
