@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -226,6 +227,25 @@ def exposition() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
 
 
+class _Children:
+    """A labelled metric's children by label values, each looked up once: ``labels()`` checks, converts and
+    locks on every call, which cost each request more than recording the values themselves. Label values
+    stay bounded (``ENDPOINTS`` and "other"; HTTP status codes)."""
+
+    def __init__(self, metric: Histogram | Counter | Gauge) -> None:
+        self.metric = metric
+        self.found: dict[tuple[object, ...], Histogram | Counter | Gauge] = {}
+
+    def __call__(self, *values: object) -> Any:
+        child = self.found.get(values)
+        if child is None:
+            child = self.found[values] = self.metric.labels(*values)
+        return child
+
+
+_LATENCY, _REQUESTS, _IN_FLIGHT = _Children(REQUEST_LATENCY), _Children(REQUESTS), _Children(IN_FLIGHT)
+
+
 class MetricsMiddleware(HTTPMiddleware):
     """Times each request until its last body chunk, so streamed responses count their full duration."""
 
@@ -234,11 +254,12 @@ class MetricsMiddleware(HTTPMiddleware):
         start = time.perf_counter()
 
         def observe(status: int) -> None:
-            REQUEST_LATENCY.labels(endpoint=endpoint).observe(time.perf_counter() - start)
-            REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
+            _LATENCY(endpoint).observe(time.perf_counter() - start)
+            _REQUESTS(endpoint, status).inc()
 
         timed_send = WatchedSend(send, observe)
-        IN_FLIGHT.labels(endpoint=endpoint).inc()
+        in_flight = _IN_FLIGHT(endpoint)
+        in_flight.inc()
         # Until a body completes, an unfinished request counts as 499 (client gone); an exception escaping
         # the app is a 500 that Starlette's outermost error middleware sends after we return.
         unfinished_status = 499
@@ -248,6 +269,6 @@ class MetricsMiddleware(HTTPMiddleware):
             unfinished_status = 500
             raise
         finally:
-            IN_FLIGHT.labels(endpoint=endpoint).dec()
+            in_flight.dec()
             if not timed_send.done:
                 observe(unfinished_status)
