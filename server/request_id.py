@@ -13,6 +13,7 @@ import uuid
 from server.asgi import HTTPMiddleware, Receive, Scope, Send, WatchedSend
 
 HEADER = "x-request-id"
+_HEADER_KEY = HEADER.encode()
 # Printable, no spaces or quotes: safe to echo in a header and to put in a log line.
 _VALID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -59,20 +60,26 @@ class RequestIdMiddleware(HTTPMiddleware):
     of a streamed response (uvicorn's own access log knows neither id nor end)."""
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        sent = dict(scope["headers"]).get(HEADER.encode(), b"").decode("latin-1")
-        request_id = sent if _VALID.fullmatch(sent) else uuid.uuid4().hex
+        sent = b""
+        for key, value in scope["headers"]:
+            if key == _HEADER_KEY:
+                sent = value  # the last one, as a dict of the headers would keep
+        sent_id = sent.decode("latin-1")
+        request_id = sent_id if _VALID.fullmatch(sent_id) else uuid.uuid4().hex
         # Not reset afterwards: each request runs in its own task (own context), and the 500 handler,
         # which runs outside this middleware, still needs the id.
         _current.set(request_id)
         start = time.perf_counter()
 
         def log_access(code: int) -> None:
+            if not access_log.isEnabledFor(logging.INFO):  # access lines off (a level above info)
+                return
             ms = (time.perf_counter() - start) * 1000
             method, path = escape_controls(scope["method"]), escape_controls(scope["path"])
             access_log.info("%s %s %d %.1fms", method, path, code, ms)
 
         try:
-            await self.app(scope, receive, WatchedSend(send, log_access, [(HEADER.encode(), request_id.encode())]))
+            await self.app(scope, receive, WatchedSend(send, log_access, [(_HEADER_KEY, request_id.encode())]))
         except Exception:
             log_access(500)  # answered by the error handler outside this middleware
             raise
