@@ -59,15 +59,14 @@ class EngineCore:
         self.batcher = batcher
         self.details = details
         self.loop = EngineLoop(engine, self._publish_step, on_error) if engine is not None else None
-        self._api_addresses: dict[int, str] = {}  # filled before any of that API server's requests arrive
-        self._step_senders: dict[int, Sender] = {}  # the engine thread's own
-        self._event_loop: asyncio.AbstractEventLoop | None = None  # serve()'s: flushes what a full socket left
+        # The engine thread's own connections, one per API server, made with its Hello (before any of its requests)
+        self._step_senders: dict[int, Sender] = {}
         self._waiting: dict[int, list[asyncio.Future[Any]]] = {}  # a classification request's items, by key
         self._replies: dict[int, list[ClassifyResults]] = {}  # per API server, sent once per loop turn
 
     async def serve(self) -> None:
         """Until the process is stopped (the supervisor's SIGTERM, once the API servers have drained)."""
-        loop = self._event_loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         listener = listen(self.address)
         replies: Replies = {}
         if self.loop is not None:
@@ -82,8 +81,12 @@ class EngineCore:
             if isinstance(message, Commands):
                 self._take(message.items, replies)
             elif isinstance(message, Hello):
-                self._api_addresses[message.api_index] = message.address
-                sender = replies[message.api_index] = Sender(message.address, loop)  # it listens already
+                try:  # it listens already, unless it died since: then the server is going down anyway
+                    sender, steps = Sender(message.address, loop), Sender(message.address, loop)
+                except OSError as exc:
+                    log.warning("API server %d is gone before its Ready (%s)", message.api_index, exc)
+                    return
+                replies[message.api_index], self._step_senders[message.api_index] = sender, steps
                 sender.send(encode(Ready(self.index, os.getpid(), self.details)))
 
         try:
@@ -172,11 +175,8 @@ class EngineCore:
         for out in step.outputs:
             by_api.setdefault(out.key % API_STRIDE, []).append(out)
         for api, outputs in by_api.items():
-            sender = self._step_senders.get(api)
-            if sender is None:
-                assert self._event_loop is not None
-                sender = self._step_senders[api] = Sender(self._api_addresses[api], self._event_loop)
-            sender.send(encode(StepOutputs(outputs, step.running, step.waiting, step.error, self.index)))
+            frame = encode(StepOutputs(outputs, step.running, step.waiting, step.error, self.index))
+            self._step_senders[api].send(frame)
 
 
 def _failure(key: int, error: BaseException) -> ClassifyResults:

@@ -114,13 +114,21 @@ class Sender:
         self._backlog = bytearray()
 
     def send(self, frame: bytes) -> None:
+        """Writes ``frame`` now where the socket takes it, else queues it behind what waits; frames waiting are
+        written here too where the socket has room again, not only when the loop gets to them."""
         data = HEADER.pack(len(frame)) + frame
         with self._lock:
             if self.closed:
                 return
             if self._backlog:
                 self._backlog += data
-                return
+                try:
+                    del self._backlog[: self._sock.send(self._backlog)]
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    self._gone(exc)
+                return  # the loop's writer, still registered, unregisters once nothing waits
             try:
                 sent = self._sock.send(data)
             except BlockingIOError:
@@ -139,6 +147,9 @@ class Sender:
 
     def _flush(self) -> None:
         with self._lock:
+            if self.closed:  # the peer went away while frames waited (found by a send on another thread)
+                self._loop.remove_writer(self._sock)
+                return
             try:
                 del self._backlog[: self._sock.send(self._backlog)]
             except BlockingIOError:
