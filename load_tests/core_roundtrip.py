@@ -64,9 +64,10 @@ def _recv_frame(conn: socket.socket) -> bytes:
     return _recv_exact(conn, size)
 
 
-def _dial(path: str) -> socket.socket:
-    """A connection to the core once it listens (after its start)."""
-    while True:
+def _dial(path: str, timeout_s: float = 120.0) -> socket.socket:
+    """A connection to the core once it listens (after its start); a core that never does fails the run."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)
@@ -74,6 +75,7 @@ def _dial(path: str) -> socket.socket:
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             time.sleep(0.01)
+    raise TimeoutError(f"the core did not listen on {path} within {timeout_s:g} s")
 
 
 def measure(inline_items: int, busy_us: float, requests: int, gap_s: float) -> dict[str, float]:
@@ -82,6 +84,7 @@ def measure(inline_items: int, busy_us: float, requests: int, gap_s: float) -> d
         core = mp.get_context("spawn").Process(target=_core, args=(core_address, inline_items, busy_us), daemon=True)
         core.start()
         listener = listen(own)
+        listener.settimeout(120.0)  # a core that dies at start fails the run instead of hanging it
         push = _dial(core_address)
 
         def send(frame: bytes) -> None:
