@@ -100,11 +100,19 @@ class CoreClient:
         return self._ready  # type: ignore[return-value]
 
     async def watch(self, on_failure: Callable[[], None], hang_s: float) -> None:
-        """Fails everything in flight, and all later work, as soon as a core process is gone. A core that
-        has work from this API server and sends nothing for ``hang_s`` is hung: it is killed, which ends
-        the server (the supervisor's rule for a core that exits), rather than holding requests forever."""
+        """Fails everything in flight, and all later work, as soon as a core process is gone or this server
+        can no longer read the cores' frames. A core that has work from this API server and sends nothing for
+        ``hang_s`` is hung: it is killed, which ends the server (the supervisor's rule for a core that exits),
+        rather than holding requests forever."""
         loop = asyncio.get_running_loop()
         while self.error is None:
+            receiver = self._receiver
+            if receiver is not None and receiver.done() and not receiver.cancelled():
+                why = f"reading the engine cores' frames failed: {receiver.exception()!r}"
+                log.error("%s", why)  # a bug: without the frames nothing in flight would ever finish
+                self.fail(why)
+                on_failure()
+                return
             for index, pid in enumerate(self._pids):
                 busy = self._gen_load[index] > 0 or self._cls_load[index] > 0
                 if busy and loop.time() - self._heard[index] > hang_s:
@@ -239,8 +247,7 @@ class CoreClient:
     async def close(self) -> None:
         if self._receiver is not None:
             self._receiver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._receiver
+            await asyncio.gather(self._receiver, return_exceptions=True)  # a failure was watch()'s to report
         self._listener.close()  # closed already where reading started
         for sender in self._cores:
             sender.close()

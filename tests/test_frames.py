@@ -235,3 +235,22 @@ def test_an_engine_core_outlives_an_api_server_that_is_gone(tmp_path: Path, fact
         await stop(serving)
 
     run(factory, main())
+
+
+@pytest.mark.parametrize("factory", loop_factories())
+def test_an_api_server_that_cannot_read_the_cores_frames_fails_its_work(tmp_path: Path, factory: Any) -> None:
+    """A frame the API server cannot take (a bug) stops its reading: its watcher fails all work at once and
+    reports the failure (the server's /ready turns 503), instead of requests waiting for the hang timeout."""
+    from engine.core_client import CoreClient, CoreLink
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        client = CoreClient(CoreLink(0, [], str(tmp_path / "api-0")))
+        client._receiver = asyncio.ensure_future(read_frames(client._listener, client._on_frame))
+        Sender(str(tmp_path / "api-0"), loop).send(b"not a frame of the protocol")
+        failed = asyncio.Event()
+        await asyncio.wait_for(client.watch(failed.set, hang_s=3600), 10)
+        assert failed.is_set() and client.error is not None and "frames failed" in client.error
+        await client.close()
+
+    run(factory, main())
