@@ -44,19 +44,20 @@ def _label_text_fields(body: ClassifyRequest) -> list[str]:
     return fields
 
 
-def _label_tokens(runtime: Runtime, body: ClassifyRequest, counts: list[int]) -> int:
-    """Checks the per-text token limit of the labels' texts; returns the tokens of those the classifier has
-    not cached yet, which the batch running the request's first item will encode."""
+def _label_tokens(runtime: Runtime, body: ClassifyRequest, texts: list[str], counts: list[int]) -> int:
+    """Checks the per-text token limit of the labels' texts (``body.label_texts``, ``counts`` tokens each);
+    returns the tokens of those the classifier has not cached yet, which the batch running the request's
+    first item will encode."""
     assert runtime.classifier is not None
-    texts = body.label_texts
-    for field, text, n_tokens in zip(_label_text_fields(body), texts, counts, strict=True):
-        if n_tokens > CLS_MAX_LABEL_TOKENS:
-            raise APIError(
-                400,
-                f"{field} ({text[:32]!r}...) has {n_tokens} tokens; the limit is {CLS_MAX_LABEL_TOKENS}",
-                type="input_too_long",
-                field=field,
-            )
+    if max(counts, default=0) > CLS_MAX_LABEL_TOKENS:  # the fields are named for the error only
+        for field, text, n_tokens in zip(_label_text_fields(body), texts, counts, strict=True):
+            if n_tokens > CLS_MAX_LABEL_TOKENS:
+                raise APIError(
+                    400,
+                    f"{field} ({text[:32]!r}...) has {n_tokens} tokens; the limit is {CLS_MAX_LABEL_TOKENS}",
+                    type="input_too_long",
+                    field=field,
+                )
     by_text = dict(zip(texts, counts, strict=True))
     return sum(by_text[t] for t in runtime.classifier.uncached_labels(texts))
 
@@ -99,9 +100,9 @@ async def classify(request: Request, runtime: Runtime, body: ClassifyRequest) ->
     """Validates ``body`` against the model's limits and classifies its inputs (APIError on bad input;
     ClientDisconnected when the client leaves first)."""
     assert runtime.classifier is not None
-    texts = body.texts
+    texts, label_texts = body.texts, body.label_texts
     ids, label_counts = await encoder_inputs(
-        runtime, texts, "inputs", single=isinstance(body.inputs, str), labels=body.label_texts
+        runtime, texts, "inputs", single=isinstance(body.inputs, str), labels=label_texts
     )
     labels = label_specs(body)
     items = []
@@ -112,7 +113,7 @@ async def classify(request: Request, runtime: Runtime, body: ClassifyRequest) ->
         except ClassifierInputError as exc:
             raise APIError(400, str(exc), field=exc.field) from exc
         items.append(item)
-    label_tokens = _label_tokens(runtime, body, label_counts) if labels is not None else 0
+    label_tokens = _label_tokens(runtime, body, label_texts, label_counts) if labels is not None else 0
     try:
         return await on_encoder(request, runtime, len(items), lambda: _through_cache(runtime, items, label_tokens))
     except ClassifierInputError as exc:
