@@ -1,5 +1,5 @@
-"""The uvicorn server: graceful shutdown (drain admitted work before closing) and a deadline for each
-request's headers."""
+"""The uvicorn server: graceful shutdown (drain admitted work before closing), a deadline for each
+request's headers, and a response's head written with its body."""
 
 from __future__ import annotations
 
@@ -74,6 +74,57 @@ def header_deadline(base: type[asyncio.Protocol], timeout_s: float) -> type[asyn
     return HeaderDeadline
 
 
+class _HeadJoined:
+    """A connection's transport that holds a response's head (uvicorn's first write of it) until the next write
+    or the end of the event-loop turn, whichever comes first: uvicorn writes a whole response's head and body
+    apart, and they leave together, as one send and one wake-up of the client instead of two. Everything else
+    is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+        self.head_next = True  # the next write is a response's head
+
+    def write(self, data: bytes) -> None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._transport.write(held + data)
+        elif self.head_next:
+            self.head_next = False
+            self._held = data
+            asyncio.get_running_loop().call_soon(self._release)
+        else:
+            self._transport.write(data)
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self._release()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def head_joined(base: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol ``base`` writing each response's head with what follows it in the same
+    event-loop turn (:class:`_HeadJoined`)."""
+
+    class HeadJoined(base):  # type: ignore[valid-type,misc]
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(_HeadJoined(transport))  # type: ignore[arg-type]
+
+        def on_response_complete(self) -> None:
+            self.transport.head_next = True
+            super().on_response_complete()
+
+    HeadJoined.__name__ = f"HeadJoined{base.__name__}"
+    return HeadJoined
+
+
 class DrainingServer(uvicorn.Server):
     """Graceful shutdown in two phases. On the first SIGTERM/SIGINT the server keeps listening but
     drains: ``/ready`` answers 503 (load balancers move traffic away), new work gets 503 with
@@ -82,11 +133,11 @@ class DrainingServer(uvicorn.Server):
     passed, or a second signal skips the drain, the responses still under way are cut first: a stream
     ends with an ``error`` event, a whole response with 503, as a deadline ends them, rather than with
     a dropped connection. Each request's headers must arrive within ``header_timeout_s``
-    (:func:`header_deadline`)."""
+    (:func:`header_deadline`); a response's head leaves with its body (:func:`head_joined`)."""
 
     def __init__(self, config: uvicorn.Config, admission: Admission, grace_s: float, header_timeout_s: float) -> None:
         base = import_from_string(HTTP_PROTOCOLS[config.http]) if isinstance(config.http, str) else config.http
-        config.http = header_deadline(base, header_timeout_s)
+        config.http = header_deadline(head_joined(base), header_timeout_s)
         super().__init__(config)
         self.admission = admission
         self.grace_s = grace_s
