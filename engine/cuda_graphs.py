@@ -247,7 +247,7 @@ class DecodeGraphs:
         else:
             mask = (self.kv_positions[:kv_len].view(1, 1, -1) <= positions.unsqueeze(-1)).view(batch, 1, q, kv_len)
             context_lens = None
-        meta = AttentionMetadata(slot_mapping, tables, mask, bs, context_lens)
+        meta = AttentionMetadata(slot_mapping, tables, mask, bs, context_lens, per_position=q > 1)
         hidden = self.model(ids, positions, meta, self.kv_cache)
         hidden = hidden[:, 0] if q == 1 else hidden.flatten(0, 1)
         if not self.logits:

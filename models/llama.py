@@ -36,6 +36,11 @@ class AttentionMetadata:
     # Decode and verification steps, set where models/paged_attention.py can run: [batch * q_len] tokens in
     # each query's context (its position + 1). Attention then reads the cache in place instead of gathering + SDPA.
     context_lens: Tensor | None = None
+    # Verification steps on the gather + SDPA path: each position attends in an SDPA call of its own, shaped as
+    # a decode step's, so its sums are the decode step's and verifying drafts reproduces decoding bit for bit
+    # (one call for all positions sums in another order, which int8's per-token activation scales amplify:
+    # load_tests/results/speculative/README.md, "Verification equal to decoding on CPU").
+    per_position: bool = False
 
 
 @dataclass
@@ -222,6 +227,10 @@ class Attention(nn.Module):
         # g*t query rows of that head (head = kv_head * g + j, as in HF's repeat_kv); ``bias`` is laid
         # out to match (see Llama.forward).
         g = h // kvh
+        if meta.per_position:
+            q, mask = q.reshape(b, t, kvh, g, d), bias.view(b, 1, g, t, -1)
+            outs = [F.scaled_dot_product_attention(q[:, j], keys, values, attn_mask=mask[:, :, :, j]) for j in range(t)]
+            return self.o_proj(torch.stack(outs, dim=1).reshape(b, t, -1))
         q = q.reshape(b, t, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
         out = out.view(b, kvh, g, t, d).permute(0, 3, 1, 2, 4)

@@ -145,6 +145,40 @@ def test_greedy_output_is_identical_with_ngram_speculation(tiny: Tiny) -> None:
     assert run(eager, requests)[0] == plain
 
 
+def test_verification_reproduces_decoding_bit_for_bit_with_int8(tiny: Tiny) -> None:
+    """With int8 weights and per-token activation scales (the CPU default) a difference in the last bit of an
+    attention sum can move logits far: a verification step attends one position per SDPA call, as decode
+    steps do, so its logits at every position equal one-token steps' exactly and greedy output is identical
+    with speculation."""
+    from models.quantize import quantize_modules
+
+    def engine(speculative: str = "none") -> LLMEngine:
+        built = make_engine(tiny, speculative)
+        quantize_modules(built.runner.model, "int8")
+        return built
+
+    requests = [(p, SamplingParams(max_tokens=60)) for p in PROMPTS]
+    plain = run(engine(), requests)[0]
+    before = counters()
+    assert run(engine("ngram"), requests)[0] == plain
+    assert counters()[1] > before[1]  # drafts were accepted: verification steps ran
+    decode = engine().runner.decode
+    q, context, blocks = 5, 40, np.arange(64 // decode.block_size)
+    kv_len = next(n for n in decode.kv_lens if n >= context + q)  # the context's bucket
+    for seed in range(8):  # a last-bit difference shows on some inputs only
+        staged = torch.randint(0, 90, (2, 64), generator=torch.Generator().manual_seed(seed))
+        logits = []
+        for width in (1, q):  # one-token steps at each of the q positions, then one verification step of them all
+            rows = []
+            for start in range(0, q, width):
+                decode.staging_np[:2, :width] = staged[:, context + start : context + start + width].numpy()
+                decode.staging_np[:2, width] = context + start
+                decode.staging_np[:2, width + 1 : width + 1 + len(blocks)] = blocks
+                rows.append(decode.replay(2, kv_len, width + 1 + len(blocks), width)[1][: 2 * width])
+            logits.append(torch.cat(rows).view(q, 2, -1).transpose(0, 1) if width == 1 else rows[0].view(2, q, -1))
+        assert torch.equal(logits[0], logits[1])
+
+
 def test_greedy_output_is_identical_with_a_draft_model(tiny: Tiny) -> None:
     requests = [(p, SamplingParams(max_tokens=40)) for p in PROMPTS]
     plain, _, plain_steps = run(make_engine(tiny), requests)
