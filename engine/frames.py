@@ -122,12 +122,7 @@ class Sender:
                 return
             if self._backlog:
                 self._backlog += data
-                try:
-                    del self._backlog[: self._sock.send(self._backlog)]
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    self._gone(exc)
+                self._write_backlog()
                 return  # the loop's writer, still registered, unregisters once nothing waits
             try:
                 sent = self._sock.send(data)
@@ -147,17 +142,19 @@ class Sender:
 
     def _flush(self) -> None:
         with self._lock:
-            if self.closed:  # the peer went away while frames waited (found by a send on another thread)
-                self._loop.remove_writer(self._sock)
-                return
-            try:
-                del self._backlog[: self._sock.send(self._backlog)]
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._gone(exc)
+            if not self.closed:  # else the peer went away while frames waited (found by a send on another thread)
+                self._write_backlog()
             if not self._backlog:
                 self._loop.remove_writer(self._sock)
+
+    def _write_backlog(self) -> None:
+        """Writes what waits as far as the socket takes it (with the lock held)."""
+        try:
+            del self._backlog[: self._sock.send(self._backlog)]
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._gone(exc)
 
     def _gone(self, exc: OSError) -> None:
         log.info("the peer at %s closed its connection (%s): frames to it are dropped", self.path, exc)
