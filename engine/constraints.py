@@ -7,7 +7,9 @@ disallowed logit to -inf in place (on the CUDA-graph path: on the graph's output
 recaptured), samples, and feeds each matcher its sampled token. Rows without a grammar cost nothing. A
 greedy row whose most likely token its grammar allows needs no mask: one token is checked instead
 (:func:`settles`), which costs a small fraction of a mask where nearly every token is allowed (inside a
-JSON string, the costliest case).
+JSON string, the costliest case). On a GPU, in a batch larger than one round of the mask threads, a greedy
+row whose argmax turns out banned is not masked at once: its token is put off a step (:attr:`Constraint.lagging`)
+and its mask computed during the next step's forward, so the batch never waits for a mask after its forward.
 
 llguidance builds a matcher lazily (no up-front compile), so a new schema never stalls the step loop; its
 token table is built once per tokenizer, on first use (:meth:`Grammars.warm`).
@@ -41,6 +43,8 @@ class Constraint:
         self._matcher = matcher
         self.eos_ids = eos_ids
         self._pending: int | None = None
+        # Its argmax was banned and its token put off: the row runs again and its mask is computed first.
+        self.lagging = False
 
     @property
     def matcher(self) -> llguidance.LLMatcher:
@@ -128,20 +132,30 @@ def apply_masks(
     constraints: list[Constraint],
     keep: Callable[[], list[int | None]] | None = None,
     ready: Callable[[], bool] | None = None,
-) -> list[int]:
-    """Sets the logits of the tokens each row's matcher does not allow to -inf, in place, and returns the
-    rows it masked. ``keep`` gives, per row, a token that settles the row if its grammar allows it (a greedy
-    row's argmax: masking other tokens cannot change it); such a row is left unmasked, and its mask is
-    computed only where :func:`settles` cannot tell. What can settle each row is found before ``keep`` is
-    asked; until ``ready()`` says ``keep`` would not wait (on a GPU, for the forward), the rows' masks are
-    computed a few at a time, starting with the rows whose bytes are forced, which one token alone settles."""
+    defer: bool = False,
+) -> tuple[list[int], list[int]]:
+    """Sets the logits of the tokens each row's matcher does not allow to -inf, in place; returns the rows it
+    masked and the rows it put off. ``keep`` gives, per row, a token that settles the row if its grammar
+    allows it (a greedy row's argmax: masking other tokens cannot change it); such a row is left unmasked,
+    and its mask is computed only where :func:`settles` cannot tell. What can settle each row is found before
+    ``keep`` is asked, and the masks of rows put off last step are computed then (they are needed whatever
+    the argmax). Until ``ready()`` says ``keep`` would not wait (on a GPU, for the forward), other rows' masks
+    are computed a few at a time, starting with the rows whose bytes are forced, which one token alone
+    settles; with ``defer`` (a batch too large for that) they are not, and a row whose token does not settle
+    and whose mask is not computed yet is put off: left unmasked, its matcher untouched, marked
+    :attr:`Constraint.lagging` (the caller drops its token and runs the row again)."""
     if not rows:
-        return []
+        return [], []
     masks = _Bitmask(constraints, logits.shape[-1], pinned=logits.is_cuda)
     todo = list(range(len(rows)))
+    put_off: list[int] = []
+    lagging = [j for j in todo if constraints[j].lagging]
+    for j in lagging:
+        constraints[j].lagging = False
     if keep is not None:
         expected = [_expected(c) for c in constraints]
-        if ready is not None and not ready():
+        masks.compute(lagging)
+        if ready is not None and not defer and not ready():
             early = sorted(todo, key=lambda j: expected[j] == _OPEN)
             for start in range(0, len(rows), _THREADS):
                 if ready():
@@ -158,11 +172,23 @@ def apply_masks(
             return not _settled(constraints[j], expected[j], token)
 
         todo = [j for j in todo if unsettled(j)]
+        if defer:
+            put_off = [j for j in todo if not masks.computed[j] and tokens[j] is not None]
+            for j in put_off:
+                constraints[j].lagging = True
+            todo = [j for j in todo if masks.computed[j] or tokens[j] is None]
         masks.compute(todo)  # the rows not settled: their masks may yet allow the token
         todo = [j for j in todo if tokens[j] is None or not masks.allows(j, tokens[j])]
     masks.compute(todo)
     masks.apply(logits, [rows[j] for j in todo], todo)
-    return [rows[j] for j in todo]
+    return [rows[j] for j in todo], [rows[j] for j in put_off]
+
+
+def defers(rows: int, on_gpu: bool) -> bool:
+    """Whether ``rows`` greedy constrained rows put off the rows whose masks they lack: on a GPU, where the
+    next forward hides those masks, once the rows outnumber a round of the mask threads (fewer are all
+    masked while the forward runs). On a CPU nothing runs beside the masks: a row put off would cost a forward."""
+    return on_gpu and rows > _THREADS
 
 
 class _Bitmask:
@@ -230,7 +256,8 @@ def unpack_banned(bitmask: Tensor, vocab: int) -> Tensor:
     return bits.view(bitmask.shape[0], -1)[:, :vocab] == 0
 
 
-def advance(constraints: list[Constraint], tokens: list[int]) -> None:
-    """Gives each matcher its row's sampled token (fed to it on its next use)."""
+def advance(constraints: list[Constraint], tokens: list[int | None]) -> None:
+    """Gives each matcher its row's sampled token (fed to it on its next use); None: the row's token was put off."""
     for c, token in zip(constraints, tokens, strict=True):
-        c.take(token)
+        if token is not None:
+            c.take(token)

@@ -239,6 +239,9 @@ class LLMEngine:
         outputs = shed
         for seq, tokens in zip(seqs, produced, strict=True):
             advance = seq.num_step_tokens  # positions whose K/V this step wrote
+            if not tokens and not is_prefill:  # a constrained row's token put off (engine/constraints.py): again
+                advance = 0
+                metrics.GRAMMAR_PUT_OFF.inc()
             if seq.draft_ids:  # the last token and the accepted drafts: the rest is overwritten later
                 advance = len(tokens)
                 self.speculator.observe(seq, len(tokens) - 1)

@@ -93,6 +93,10 @@ SPEC_ACCEPTED = Counter(
     "Draft tokens the model accepted (acceptance rate: accepted / proposed; each verification adds one more)",
 )
 SPEC_VERIFIED = Counter("llm_spec_verified_rows_total", "Sequence rows that verified drafts in a decode step")
+GRAMMAR_PUT_OFF = Counter(
+    "llm_grammar_put_off_total",
+    "Constrained decode rows whose token was put off a step while their grammar mask was computed",
+)
 DECODE_COMPILE_BUCKETS = Gauge(
     "llm_decode_compile_buckets",
     "Decode-step buckets (batch bucket x query width) compiled in the background after start, by state "

@@ -31,7 +31,7 @@ def apply_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
     return logits
 
 
-def sample(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None = None) -> list[int]:
+def sample(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None = None) -> list[int | None]:
     """Greedy rows take the argmax; the rest are sampled after temperature, top-k and top-p.
     Penalties apply first, to greedy and sampled rows alike.
 
@@ -44,36 +44,48 @@ def sample(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None = None) -
     buffer) before penalties and sampling, and its matcher then takes the sampled token. A row that asks
     for log-probabilities gets them (``Sequence.logprobs``) from the model's own distribution: before
     penalties, temperature and masks, as OpenAI reports them.
+
+    A constrained row's token is None where it was put off a step (on a GPU, in a large batch, while its
+    mask is computed: engine/constraints.py); the caller runs the row again.
     """
     wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     logprobs = logits[wanted].float().log_softmax(dim=-1) if wanted else None
     bound = [i for i, s in enumerate(seqs) if s.constraint is not None]
     rules = [seqs[i].constraint for i in bound]
+    put_off: list[int] = []
     if bound:
-        greedy = _mask(logits, seqs, bound, rules, greedy)  # type: ignore[arg-type]
-    out = _choose(logits, seqs, greedy)
+        greedy, put_off = _mask(logits, seqs, bound, rules, greedy)  # type: ignore[arg-type]
+    out: list[int | None] = list(_choose(logits, seqs, greedy))
+    for i in put_off:
+        out[i] = None
     if bound:
         constraints.advance(rules, [out[i] for i in bound])  # type: ignore[arg-type]
     if logprobs is not None:
-        _record_logprobs(logprobs, [seqs[i] for i in wanted], [out[i] for i in wanted])
+        got = [j for j, i in enumerate(wanted) if out[i] is not None]
+        if len(got) < len(wanted):
+            logprobs, wanted = logprobs[got], [wanted[j] for j in got]
+        if wanted:
+            _record_logprobs(logprobs, [seqs[i] for i in wanted], [out[i] for i in wanted])  # type: ignore[misc]
     return out
 
 
 def _mask(
     logits: Tensor, seqs: list[Sequence], bound: list[int], rules: list[constraints.Constraint], greedy: Tensor | None
-) -> Tensor | None:
+) -> tuple[Tensor | None, list[int]]:
     """Masks the constrained rows; returns the argmax of the masked logits where it can be had without a pass
-    over every row, else None. A greedy row without penalties whose precomputed argmax its grammar allows
-    keeps that token: masking cannot change an allowed maximum, so its mask is not needed. The other rows
-    are masked first; on a GPU, while the forward runs and until its argmax arrives, the greedy rows' masks
-    are computed too, for those whose argmax then turns out banned. Masked rows are searched again."""
+    over every row (else None) and the rows put off. A greedy row without penalties whose precomputed argmax
+    its grammar allows keeps that token: masking cannot change an allowed maximum, so its mask is not needed.
+    The other rows are masked first; on a GPU, while the forward runs and until its argmax arrives, the
+    greedy rows' masks are computed too, for those whose argmax then turns out banned (in a large batch
+    those rows are put off instead: :func:`constraints.defers`). Masked rows are searched again."""
     if greedy is None:
         constraints.apply_masks(logits, bound, rules)
-        return None
+        return None, []
     settle = [seqs[i].params.greedy and not _penalized(seqs[i]) for i in bound]
     rest = [k for k, s in enumerate(settle) if not s]
-    masked = constraints.apply_masks(logits, [bound[k] for k in rest], [rules[k] for k in rest])
+    masked, _ = constraints.apply_masks(logits, [bound[k] for k in rest], [rules[k] for k in rest])
     picks = [k for k, s in enumerate(settle) if s]
+    put_off: list[int] = []
     if picks:
         ready, argmax = _argmax_on_host(greedy)
 
@@ -81,13 +93,16 @@ def _mask(
             tokens = argmax()
             return [tokens[bound[k]] for k in picks]
 
-        masked += constraints.apply_masks(logits, [bound[k] for k in picks], [rules[k] for k in picks], keep, ready)
+        defer = constraints.defers(len(picks), ready is not None)
+        rows, picked = [bound[k] for k in picks], [rules[k] for k in picks]
+        more, put_off = constraints.apply_masks(logits, rows, picked, keep, ready, defer)
+        masked += more
     if not masked:
-        return greedy
+        return greedy, put_off
     index = torch.tensor(sorted(masked), device=logits.device)
     greedy = greedy.clone()
     greedy[index] = logits[index].argmax(dim=-1)
-    return greedy
+    return greedy, put_off
 
 
 def _argmax_on_host(greedy: Tensor) -> tuple[Callable[[], bool] | None, Callable[[], list[int]]]:

@@ -368,7 +368,9 @@ def test_masks_computed_while_waiting_for_the_argmax_change_nothing(monkeypatch:
         logits = torch.randn(len(keep) + 1, len(tokenizer), generator=torch.Generator().manual_seed(0))
         calls = iter([False] * waits + [True] * 10)
         rows = list(range(1, len(keep) + 1))  # row 0 free
-        return constraints.apply_masks(logits, rows, rules, lambda: keep, lambda: next(calls)), logits
+        masked_rows, put_off = constraints.apply_masks(logits, rows, rules, lambda: keep, lambda: next(calls))
+        assert put_off == []
+        return masked_rows, logits
 
     plain_rows, plain = masked(0)
     assert plain_rows == [2, 4, 6, 7, 9]
@@ -395,3 +397,66 @@ def test_taken_tokens_reach_the_matcher_as_if_consumed_at_once() -> None:
         assert lazy.matcher.compute_bitmask() == direct.matcher.compute_bitmask()  # read: fed now
         assert lazy._pending is None
     assert not direct.matcher.is_error() and direct.matcher.is_accepting()
+
+
+@pytest.mark.unit
+def test_rows_put_off_are_masked_first_in_the_next_step() -> None:
+    """With ``defer``, a row whose argmax its grammar bans and whose mask is not computed is put off: its logits
+    and matcher untouched, marked lagging. Asked again (the row run again), its mask is computed before the
+    argmax is waited for and applied: the same logits as masking it at once."""
+    tokenizer = byte_tokenizer()
+    grammars = constraints.Grammars(tokenizer, len(tokenizer))
+    letters = llguidance.LLMatcher.grammar_from_regex("[a-c]{2,5}")
+    a, z = tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("z")
+    rules = [grammars.constraint(letters) for _ in range(3)]
+    logits = torch.randn(3, len(tokenizer), generator=torch.Generator().manual_seed(0))
+    keep = [a, z, z]
+    masked, put_off = constraints.apply_masks(logits.clone(), [0, 1, 2], rules, lambda: keep, lambda: True, True)
+    assert (masked, put_off) == ([], [1, 2])
+    assert [c.lagging for c in rules] == [False, True, True]
+    before = [c.matcher.compute_bitmask() for c in rules]
+
+    computed_before_keep: list[bool] = []
+
+    def keep_again() -> list[int | None]:
+        computed_before_keep.extend(not c.lagging for c in rules)
+        return keep
+
+    again = logits.clone()
+    masked, put_off = constraints.apply_masks(again, [0, 1, 2], rules, keep_again, lambda: True, True)
+    assert (masked, put_off) == ([1, 2], []) and all(computed_before_keep)
+    at_once = logits.clone()
+    constraints.apply_masks(at_once, [1, 2], [grammars.constraint(letters) for _ in range(2)])
+    assert torch.equal(again[1:], at_once[1:]) and torch.equal(again[0], logits[0])
+    assert [c.matcher.compute_bitmask() for c in rules] == before  # nothing was fed to a matcher put off
+
+
+@pytest.mark.unit
+def test_engine_runs_rows_put_off_again_with_the_same_outputs(
+    engine: LLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy constrained rows put off while their masks are computed (forced here on the CPU, where the engine
+    never defers) run again at the same position: every output equals the run that masks at once, and
+    validates."""
+    from engine import metrics, sampler
+
+    tokenizer = engine.tokenizer
+    prompt = tokenizer("Answer in JSON:").input_ids
+    requests = []
+    for schema in SCHEMAS:
+        grammar = constraints_grammar(schema)
+        requests += [(prompt, SamplingParams(max_tokens=200, grammar=grammar))]
+        requests += [(prompt[:-1], SamplingParams(max_tokens=200, grammar=grammar))]
+    requests.append((prompt, SamplingParams(max_tokens=20)))  # free, in the same batch
+    at_once = run(engine, requests)
+    host_argmax = sampler._argmax_on_host
+    monkeypatch.setattr(sampler, "_argmax_on_host", lambda greedy: (lambda: True, host_argmax(greedy)[1]))
+    monkeypatch.setattr(constraints, "defers", lambda rows, on_gpu: True)
+    before = metrics.GRAMMAR_PUT_OFF._value.get()
+    put_off = run(engine, requests)
+    assert metrics.GRAMMAR_PUT_OFF._value.get() - before > 10
+    assert put_off == at_once
+    for (tokens, reason), (_, params) in zip(put_off[:-1], requests[:-1], strict=True):
+        assert reason == "stop", tokenizer.decode(tokens)
+        schema = SCHEMAS[[constraints_grammar(s) for s in SCHEMAS].index(params.grammar)]
+        jsonschema.validate(json.loads(tokenizer.decode(tokens)), schema)
