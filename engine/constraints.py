@@ -7,9 +7,9 @@ disallowed logit to -inf in place (on the CUDA-graph path: on the graph's output
 recaptured), samples, and feeds each matcher its sampled token. Rows without a grammar cost nothing. A
 greedy row whose most likely token its grammar allows needs no mask: one token is checked instead
 (:func:`settles`), which costs a small fraction of a mask where nearly every token is allowed (inside a
-JSON string, the costliest case). On a GPU, in a batch larger than one round of the mask threads, a greedy
-row whose argmax turns out banned is not masked at once: its token is put off a step (:attr:`Constraint.lagging`)
-and its mask computed during the next step's forward, so the batch never waits for a mask after its forward.
+JSON string, the costliest case). On a GPU, where a few greedy rows of a batch have argmaxes their grammars
+ban, they are not masked at once: their tokens are put off a step (:attr:`Constraint.lagging`) and their
+masks computed during the next step's forward, so the batch does not wait for them after its forward.
 
 llguidance builds a matcher lazily (no up-front compile), so a new schema never stalls the step loop; its
 token table is built once per tokenizer, on first use (:meth:`Grammars.warm`).
@@ -100,21 +100,23 @@ _OPEN = -1  # no bytes forced: a token settles its row if the matcher validates 
 
 def settles(c: Constraint, token: int) -> bool:
     """Whether ``c``'s mask certainly allows ``token``, found without computing the mask (a small fraction of
-    its cost: load_tests/results/constrained/lazy-cpu). Where no bytes are forced, llguidance's mask allows
-    exactly the tokens it validates; where bytes are forced it admits their canonical tokens (the first of
-    which is the one settled here: any other, and an end of sequence, are the mask's to judge). Both checked
-    over every token at each step of random walks through varied grammars (tests/test_constrained_unit.py)."""
+    its cost: load_tests/results/constrained/lazy-cpu). Where no token is forced (no bytes are, or the forced
+    bytes begin a longer token, as a string's opening quote does), llguidance's mask allows exactly the
+    tokens it validates; where tokens are forced it admits their canonical tokens (the first of which is the
+    one settled here: any other, and an end of sequence, are the mask's to judge). Both checked over every
+    token at each step of random walks through varied grammars (tests/test_constrained_unit.py)."""
     return _settled(c, _expected(c), token)
 
 
 def _expected(c: Constraint) -> int | None:
     """What can settle ``c`` before its token is known: :data:`_OPEN` (any token it validates), the first
-    canonical token of its forced bytes (that one alone), or None (nothing: it is done)."""
+    forced token (that one alone), or None (nothing: it is done)."""
     if c.done:
         return None
     if c.matcher.compute_ff_bytes():
         forced = c.matcher.compute_ff_tokens()
-        return forced[0] if forced else None
+        if forced:
+            return forced[0]
     return _OPEN
 
 
@@ -140,10 +142,11 @@ def apply_masks(
     and its mask is computed only where :func:`settles` cannot tell. What can settle each row is found before
     ``keep`` is asked, and the masks of rows put off last step are computed then (they are needed whatever
     the argmax). Until ``ready()`` says ``keep`` would not wait (on a GPU, for the forward), other rows' masks
-    are computed a few at a time, starting with the rows whose bytes are forced, which one token alone
-    settles; with ``defer`` (a batch too large for that) they are not, and a row whose token does not settle
-    and whose mask is not computed yet is put off: left unmasked, its matcher untouched, marked
-    :attr:`Constraint.lagging` (the caller drops its token and runs the row again)."""
+    are computed a few at a time, starting with the rows whose tokens are forced, which one token alone
+    settles. With ``defer`` (a GPU: the next forward hides a mask), a batch larger than a round of the mask
+    threads computes none of those, and where the rows whose tokens do not settle and whose masks are not
+    computed are few (:func:`_put_off_limit`) they are put off: left unmasked, their matchers untouched,
+    marked :attr:`Constraint.lagging` (the caller drops their tokens and runs them again)."""
     if not rows:
         return [], []
     masks = _Bitmask(constraints, logits.shape[-1], pinned=logits.is_cuda)
@@ -155,7 +158,7 @@ def apply_masks(
     if keep is not None:
         expected = [_expected(c) for c in constraints]
         masks.compute(lagging)
-        if ready is not None and not defer and not ready():
+        if ready is not None and not (defer and len(rows) > _THREADS) and not ready():
             early = sorted(todo, key=lambda j: expected[j] == _OPEN)
             for start in range(0, len(rows), _THREADS):
                 if ready():
@@ -173,10 +176,12 @@ def apply_masks(
 
         todo = [j for j in todo if unsettled(j)]
         if defer:
-            put_off = [j for j in todo if not masks.computed[j] and tokens[j] is not None]
-            for j in put_off:
-                constraints[j].lagging = True
-            todo = [j for j in todo if masks.computed[j] or tokens[j] is None]
+            unmasked = [j for j in todo if not masks.computed[j] and tokens[j] is not None]
+            if len(unmasked) <= _put_off_limit(len(rows)):
+                put_off = unmasked
+                for j in put_off:
+                    constraints[j].lagging = True
+                todo = [j for j in todo if masks.computed[j] or tokens[j] is None]
         masks.compute(todo)  # the rows not settled: their masks may yet allow the token
         todo = [j for j in todo if tokens[j] is None or not masks.allows(j, tokens[j])]
     masks.compute(todo)
@@ -184,11 +189,11 @@ def apply_masks(
     return [rows[j] for j in todo], [rows[j] for j in put_off]
 
 
-def defers(rows: int, on_gpu: bool) -> bool:
-    """Whether ``rows`` greedy constrained rows put off the rows whose masks they lack: on a GPU, where the
-    next forward hides those masks, once the rows outnumber a round of the mask threads (fewer are all
-    masked while the forward runs). On a CPU nothing runs beside the masks: a row put off would cost a forward."""
-    return on_gpu and rows > _THREADS
+def _put_off_limit(rows: int) -> int:
+    """How many of ``rows`` greedy rows may be put off in one step: a row put off gives up its share of a step,
+    while a round of masks waited for after the forward costs a good part of one; so a few rows against the
+    batch (a quarter at most), whose masks fit in one round beside the next forward."""
+    return min(_THREADS, rows // 4)
 
 
 class _Bitmask:

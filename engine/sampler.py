@@ -76,8 +76,8 @@ def _mask(
     over every row (else None) and the rows put off. A greedy row without penalties whose precomputed argmax
     its grammar allows keeps that token: masking cannot change an allowed maximum, so its mask is not needed.
     The other rows are masked first; on a GPU, while the forward runs and until its argmax arrives, the
-    greedy rows' masks are computed too, for those whose argmax then turns out banned (in a large batch
-    those rows are put off instead: :func:`constraints.defers`). Masked rows are searched again."""
+    greedy rows' masks are computed too, for those whose argmax then turns out banned (in a large batch a few
+    such rows are put off instead: :func:`constraints.apply_masks`). Masked rows are searched again."""
     if greedy is None:
         constraints.apply_masks(logits, bound, rules)
         return None, []
@@ -93,9 +93,8 @@ def _mask(
             tokens = argmax()
             return [tokens[bound[k]] for k in picks]
 
-        defer = constraints.defers(len(picks), ready is not None)
         rows, picked = [bound[k] for k in picks], [rules[k] for k in picks]
-        more, put_off = constraints.apply_masks(logits, rows, picked, keep, ready, defer)
+        more, put_off = constraints.apply_masks(logits, rows, picked, keep, ready, defer=ready is not None)
         masked += more
     if not masked:
         return greedy, put_off

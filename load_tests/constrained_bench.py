@@ -1,8 +1,9 @@
 """Constrained and logprobs against free decoding, engine level: step time and tokens/s at several batch sizes.
 
 Builds the engine the server builds (server.runtime.Engines.build), fills a batch with B copies of one
-chat prompt, either free, constrained by a JSON schema (an array of at least 100 short strings, so no
-row can finish inside the measured steps), or asking for logprobs with the top 5 alternatives, and times
+chat prompt (with ``--varied``, B distinct ones: rows whose grammar states differ, as users' do), either
+free, constrained by a JSON schema (an array of at least 100 short strings, so no row can finish inside the
+measured steps), or asking for logprobs with the top 5 alternatives, and times
 ``--steps`` decode steps of the full batch (tokens/s counts the tokens the steps produced: a constrained row
 put off a step while its mask is computed produces none; ``put_off_pct`` says how many); it also times the
 extra work inside each step (grammar: mask computation and application, feeding each matcher its token;
@@ -49,10 +50,10 @@ class ExtraClock:
         self.seconds = 0.0
 
         def timed(fn: Any) -> Any:
-            def wrapper(*args: Any) -> Any:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
                 start = time.perf_counter()
                 try:
-                    return fn(*args)
+                    return fn(*args, **kwargs)
                 finally:
                     self.seconds += time.perf_counter() - start
 
@@ -78,11 +79,12 @@ class ExtraClock:
 
 
 def run_once(
-    engine: LLMEngine, prompt: list[int], batch: int, steps: int, params: SamplingParams, clock: ExtraClock
+    engine: LLMEngine, prompts: list[list[int]], batch: int, steps: int, params: SamplingParams, clock: ExtraClock
 ) -> dict[str, float]:
+    """Row ``i`` starts from ``prompts[i % len(prompts)]``."""
     keys = list(range(batch))
     for key in keys:
-        engine.add(AddRequest(key, prompt, params, f"bench-{key}"))
+        engine.add(AddRequest(key, prompts[key % len(prompts)], params, f"bench-{key}"))
     while any(len(engine.requests[k].output_ids) == 0 for k in keys):  # prefill (and first tokens)
         engine.step()
     times, extra_times, tokens = [], [], 0
@@ -129,15 +131,36 @@ def build(args: argparse.Namespace, max_num_seqs: int) -> tuple[Engines, LLMEngi
     return built, engine, prompt, grammar
 
 
+THINGS = ("fruits", "animals", "cities", "colors", "first names", "rivers", "tools", "dishes", "plants", "sports")
+
+
+def varied_prompts(engine: LLMEngine) -> list[list[int]]:
+    """Distinct chat prompts in the manner of :data:`PROMPT`, so that rows' outputs (and grammar states) differ,
+    as different users' would."""
+    letters = "abcdefghijklmnoprstw"
+    return [
+        engine.tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"List {thing} whose names start with {letter.upper()}, as a JSON array."}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for letter in letters
+        for thing in THINGS
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model_arguments(ap)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--varied", action="store_true", help="a distinct prompt per row (else one prompt for all)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     built, engine, prompt, grammar = build(args, max(args.batch))
+    prompts = varied_prompts(engine) if args.varied else [prompt]
     clock = ExtraClock()
     modes = {
         "free": SamplingParams(max_tokens=args.steps + 8),
@@ -145,12 +168,12 @@ def main(argv: list[str] | None = None) -> None:
         "logprobs": SamplingParams(max_tokens=args.steps + 8, logprobs=5),
     }
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
-    run_once(engine, prompt, 1, 4, modes["json_schema"], clock)  # warm-up
+    run_once(engine, prompts, 1, 4, modes["json_schema"], clock)  # warm-up
     for _ in range(args.rounds):
         for batch in args.batch:
             for mode, params in modes.items():
                 results.setdefault(str(batch), {}).setdefault(mode, []).append(
-                    run_once(engine, prompt, batch, args.steps, params, clock)
+                    run_once(engine, prompts, batch, args.steps, params, clock)
                 )
     summary: dict[str, dict[str, float]] = {}
     for batch, runs in results.items():
@@ -179,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         "cpu": cpu,
         "model": built.served.gen_model_id,
         "schema": SCHEMA,
+        "prompts": len(prompts),
         "steps": args.steps,
         "rounds": args.rounds,
         "summary": summary,

@@ -298,9 +298,9 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.mark.unit
 def test_settles_agrees_with_the_mask_on_every_token() -> None:
-    """``settles`` is True only for tokens the mask allows: outside forced states for every such token but
-    an end of sequence (it validates), in a forced state for the first canonical token of the forced bytes
-    alone; checked over the whole vocabulary at each step of random walks (tokens drawn from the mask)
+    """``settles`` is True only for tokens the mask allows: where no token is forced for every such token but
+    an end of sequence (it validates), where tokens are forced for the first canonical token of the forced
+    bytes alone; checked over the whole vocabulary at each step of random walks (tokens drawn from the mask)
     through varied grammars."""
     import random
 
@@ -320,7 +320,7 @@ def test_settles_agrees_with_the_mask_on_every_token() -> None:
         ),
     ]
     rng = random.Random(0)
-    checked = forced = 0
+    checked = forced = lead = 0
     for grammar in sources:
         for _ in range(3):
             c = grammars.constraint(grammar)
@@ -331,18 +331,18 @@ def test_settles_agrees_with_the_mask_on_every_token() -> None:
                 allowed = np.unpackbits(mask, bitorder="little")[:vocab].astype(bool)
                 settled = np.array([constraints.settles(c, t) for t in range(vocab)])
                 assert not (settled & ~allowed).any()  # never keeps a token the mask bans
-                if c.matcher.compute_ff_bytes():
-                    forced_tokens = c.matcher.compute_ff_tokens()
-                    assert settled.sum() == (1 if forced_tokens else 0)  # the first canonical token, if any
+                if c.matcher.compute_ff_bytes() and c.matcher.compute_ff_tokens():
+                    assert settled.sum() == 1  # the first canonical token of the forced bytes
                     forced += 1
-                else:
+                else:  # nothing forced, or bytes that begin a longer token (no token forced): what validates
+                    lead += bool(c.matcher.compute_ff_bytes())
                     open_tokens = allowed.copy()
                     open_tokens[list(c.eos_ids)] = False
                     assert (settled == open_tokens).all()
                     checked += 1
                 choices = [t for t in np.nonzero(allowed)[0].tolist() if t not in c.eos_ids] or c.eos_ids
                 assert c.matcher.consume_token(rng.choice(choices))
-    assert checked > 100 and forced > 10
+    assert checked > 100 and forced > 10 and lead > 10
 
 
 def constraints_grammar(schema: dict) -> str:
@@ -400,7 +400,7 @@ def test_taken_tokens_reach_the_matcher_as_if_consumed_at_once() -> None:
 
 
 @pytest.mark.unit
-def test_rows_put_off_are_masked_first_in_the_next_step() -> None:
+def test_rows_put_off_are_masked_first_in_the_next_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``defer``, a row whose argmax its grammar bans and whose mask is not computed is put off: its logits
     and matcher untouched, marked lagging. Asked again (the row run again), its mask is computed before the
     argmax is waited for and applied: the same logits as masking it at once."""
@@ -408,12 +408,15 @@ def test_rows_put_off_are_masked_first_in_the_next_step() -> None:
     grammars = constraints.Grammars(tokenizer, len(tokenizer))
     letters = llguidance.LLMatcher.grammar_from_regex("[a-c]{2,5}")
     a, z = tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("z")
-    rules = [grammars.constraint(letters) for _ in range(3)]
-    logits = torch.randn(3, len(tokenizer), generator=torch.Generator().manual_seed(0))
-    keep = [a, z, z]
-    masked, put_off = constraints.apply_masks(logits.clone(), [0, 1, 2], rules, lambda: keep, lambda: True, True)
+    rules = [grammars.constraint(letters) for _ in range(8)]
+    logits = torch.randn(8, len(tokenizer), generator=torch.Generator().manual_seed(0))
+    keep = [a, z, z, a, a, a, a, a]  # two of eight banned: within the limit
+    monkeypatch.setattr(constraints, "_THREADS", 4)  # the limit's round of mask threads, whatever this host has
+    rows = list(range(8))
+    assert constraints._put_off_limit(8) == 2
+    masked, put_off = constraints.apply_masks(logits.clone(), rows, rules, lambda: keep, lambda: True, True)
     assert (masked, put_off) == ([], [1, 2])
-    assert [c.lagging for c in rules] == [False, True, True]
+    assert [c.lagging for c in rules] == [False, True, True] + [False] * 5
     before = [c.matcher.compute_bitmask() for c in rules]
 
     computed_before_keep: list[bool] = []
@@ -423,12 +426,15 @@ def test_rows_put_off_are_masked_first_in_the_next_step() -> None:
         return keep
 
     again = logits.clone()
-    masked, put_off = constraints.apply_masks(again, [0, 1, 2], rules, keep_again, lambda: True, True)
+    masked, put_off = constraints.apply_masks(again, rows, rules, keep_again, lambda: True, True)
     assert (masked, put_off) == ([1, 2], []) and all(computed_before_keep)
     at_once = logits.clone()
     constraints.apply_masks(at_once, [1, 2], [grammars.constraint(letters) for _ in range(2)])
-    assert torch.equal(again[1:], at_once[1:]) and torch.equal(again[0], logits[0])
+    assert torch.equal(again[1:3], at_once[1:3]) and torch.equal(again[[0, *range(3, 8)]], logits[[0, *range(3, 8)]])
     assert [c.matcher.compute_bitmask() for c in rules] == before  # nothing was fed to a matcher put off
+    many = [z, z, z, a, a, a, a, a]  # three of eight banned: over the limit, all masked at once
+    masked, put_off = constraints.apply_masks(logits.clone(), rows, rules, lambda: many, lambda: True, True)
+    assert (masked, put_off) == ([0, 1, 2], []) and not any(c.lagging for c in rules)
 
 
 @pytest.mark.unit
@@ -451,7 +457,7 @@ def test_engine_runs_rows_put_off_again_with_the_same_outputs(
     at_once = run(engine, requests)
     host_argmax = sampler._argmax_on_host
     monkeypatch.setattr(sampler, "_argmax_on_host", lambda greedy: (lambda: True, host_argmax(greedy)[1]))
-    monkeypatch.setattr(constraints, "defers", lambda rows, on_gpu: True)
+    monkeypatch.setattr(constraints, "_put_off_limit", lambda rows: rows)
     before = metrics.GRAMMAR_PUT_OFF._value.get()
     put_off = run(engine, requests)
     assert metrics.GRAMMAR_PUT_OFF._value.get() - before > 10
