@@ -62,7 +62,8 @@ class Constraint:
     @property
     def done(self) -> bool:
         """Matched to the end (only an end of sequence is left), or in an error state (a bug: then end too)."""
-        return self.matcher.is_error() or self.matcher.is_stopped()
+        matcher = self.matcher
+        return matcher.is_error() or matcher.is_stopped()
 
 
 class Grammars:

@@ -53,9 +53,10 @@ def sample(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None = None) -
     bound = [i for i, s in enumerate(seqs) if s.constraint is not None]
     rules = [seqs[i].constraint for i in bound]
     put_off: list[int] = []
+    host = None
     if bound:
-        greedy, put_off = _mask(logits, seqs, bound, rules, greedy)  # type: ignore[arg-type]
-    out: list[int | None] = list(_choose(logits, seqs, greedy))
+        greedy, put_off, host = _mask(logits, seqs, bound, rules, greedy)  # type: ignore[arg-type]
+    out: list[int | None] = list(_choose(logits, seqs, greedy, host))
     for i in put_off:
         out[i] = None
     if bound:
@@ -71,37 +72,45 @@ def sample(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None = None) -
 
 def _mask(
     logits: Tensor, seqs: list[Sequence], bound: list[int], rules: list[constraints.Constraint], greedy: Tensor | None
-) -> tuple[Tensor | None, list[int]]:
+) -> tuple[Tensor | None, list[int], list[int] | None]:
     """Masks the constrained rows; returns the argmax of the masked logits where it can be had without a pass
-    over every row (else None) and the rows put off. A greedy row without penalties whose precomputed argmax
-    its grammar allows keeps that token: masking cannot change an allowed maximum, so its mask is not needed.
-    The other rows are masked first; on a GPU, while the forward runs and until its argmax arrives, the
-    greedy rows' masks are computed too, for those whose argmax then turns out banned (in a large batch a few
-    such rows are put off instead: :func:`constraints.apply_masks`). Masked rows are searched again."""
+    over every row (else None), the rows put off, and that argmax on the host where it is there already.
+    A greedy row without penalties whose precomputed argmax its grammar allows keeps that token: masking
+    cannot change an allowed maximum, so its mask is not needed. The other rows are masked first; on a GPU,
+    while the forward runs and until its argmax arrives, the greedy rows' masks are computed too, for those
+    whose argmax then turns out banned (in a large batch a few such rows are put off instead:
+    :func:`constraints.apply_masks`). Masked rows are searched again."""
     if greedy is None:
         constraints.apply_masks(logits, bound, rules)
-        return None, []
+        return None, [], None
     settle = [seqs[i].params.greedy and not _penalized(seqs[i]) for i in bound]
     rest = [k for k, s in enumerate(settle) if not s]
     masked, _ = constraints.apply_masks(logits, [bound[k] for k in rest], [rules[k] for k in rest])
     picks = [k for k, s in enumerate(settle) if s]
     put_off: list[int] = []
+    host: list[int] | None = None
     if picks:
         ready, argmax = _argmax_on_host(greedy)
 
         def keep() -> list[int | None]:
-            tokens = argmax()
-            return [tokens[bound[k]] for k in picks]
+            nonlocal host
+            host = argmax()
+            return [host[bound[k]] for k in picks]
 
         rows, picked = [bound[k] for k in picks], [rules[k] for k in picks]
         more, put_off = constraints.apply_masks(logits, rows, picked, keep, ready, defer=ready is not None)
         masked += more
     if not masked:
-        return greedy, put_off
-    index = torch.tensor(sorted(masked), device=logits.device)
+        return greedy, put_off, host
+    masked.sort()
+    index = torch.tensor(masked, device=logits.device)
+    fixed = logits[index].argmax(dim=-1)
     greedy = greedy.clone()
-    greedy[index] = logits[index].argmax(dim=-1)
-    return greedy, put_off
+    greedy[index] = fixed
+    if host is not None:
+        for i, token in zip(masked, fixed.tolist(), strict=True):
+            host[i] = token
+    return greedy, put_off, host
 
 
 def _argmax_on_host(greedy: Tensor) -> tuple[Callable[[], bool] | None, Callable[[], list[int]]]:
@@ -135,17 +144,18 @@ def _record_logprobs(logprobs: Tensor, seqs: list[Sequence], tokens: list[int]) 
         s.logprobs = TokenLogprobs(chosen[j], top_ids[j][:n], top_values[j][:n])
 
 
-def _choose(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None) -> list[int]:
+def _choose(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None, host: list[int] | None = None) -> list[int]:
+    """``host``: ``greedy`` already on the host (saves a device-to-host copy and its wait)."""
     penalized = apply_penalties(logits, seqs)
     if greedy is None or penalized is not logits:  # a precomputed argmax holds only without penalties
-        greedy = penalized.argmax(dim=-1)
+        greedy, host = penalized.argmax(dim=-1), None
     logits = penalized
+    out = host if host is not None else greedy.tolist()
     sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if not sampled_rows:
-        return greedy.tolist()
+        return out
     rows = torch.tensor(sampled_rows, device=logits.device)
     probs, order = filtered_probs(logits[rows], [seqs[i].params for i in sampled_rows])
-    out = greedy.tolist()
     for j, i in enumerate(sampled_rows):
         choice = torch.multinomial(probs[j], 1, generator=seqs[i].generator)
         out[i] = int(order[j, choice])

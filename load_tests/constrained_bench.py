@@ -94,7 +94,8 @@ def run_once(
         outputs = engine.step()
         times.append(time.perf_counter() - start)
         extra_times.append(clock.seconds - before)
-        assert all(o.finish_reason is None for o in outputs), "a row finished early"
+        finished = [o.finish_reason for o in outputs if o.finish_reason is not None]
+        assert not finished, f"a row finished early ({finished[0]}, {params})"
         tokens += len(outputs)  # a constrained row put off a step (engine/constraints.py) has none
     for key in keys:
         engine.abort(key)
@@ -163,9 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     prompts = varied_prompts(engine) if args.varied else [prompt]
     clock = ExtraClock()
     modes = {
-        "free": SamplingParams(max_tokens=args.steps + 8),
-        "json_schema": SamplingParams(max_tokens=args.steps + 8, grammar=grammar),
-        "logprobs": SamplingParams(max_tokens=args.steps + 8, logprobs=5),
+        # Room for the decode steps that run between prefill steps while a batch of distinct prompts fills.
+        "free": SamplingParams(max_tokens=2 * args.steps + 64),
+        "json_schema": SamplingParams(max_tokens=2 * args.steps + 64, grammar=grammar),
+        "logprobs": SamplingParams(max_tokens=2 * args.steps + 64, logprobs=5),
     }
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     run_once(engine, prompts, 1, 4, modes["json_schema"], clock)  # warm-up
