@@ -391,7 +391,7 @@ def verify(logits: Tensor, seqs: list[Sequence], starts: list[int], greedy: Tens
         index = [starts[i] for i in plain]
         tokens = sample(logits[index], [seqs[i] for i in plain], None if greedy is None else greedy[index])
         for i, token in zip(plain, tokens, strict=True):
-            out[i] = [token]
+            out[i] = [] if token is None else [token]  # None: a constrained row put off (engine/constraints.py)
     drafted = [i for i, s in enumerate(seqs) if s.draft_ids]
     if not drafted:
         return out

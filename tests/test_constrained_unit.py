@@ -454,15 +454,20 @@ def test_engine_runs_rows_put_off_again_with_the_same_outputs(
         requests += [(prompt, SamplingParams(max_tokens=200, grammar=grammar))]
         requests += [(prompt[:-1], SamplingParams(max_tokens=200, grammar=grammar))]
     requests.append((prompt, SamplingParams(max_tokens=20)))  # free, in the same batch
+    # and one speculating (n-gram drafts from its repetitive prompt): constrained rows then pass through
+    # verification steps too
+    requests.append((tokenizer("abcabcabcabcabcabc").input_ids, SamplingParams(max_tokens=30, speculative=True)))
     at_once = run(engine, requests)
     host_argmax = sampler._argmax_on_host
     monkeypatch.setattr(sampler, "_argmax_on_host", lambda greedy: (lambda: True, host_argmax(greedy)[1]))
     monkeypatch.setattr(constraints, "_put_off_limit", lambda rows: rows)
     before = metrics.GRAMMAR_PUT_OFF._value.get()
+    verified = metrics.SPEC_VERIFIED._value.get()
     put_off = run(engine, requests)
     assert metrics.GRAMMAR_PUT_OFF._value.get() - before > 10
+    assert metrics.SPEC_VERIFIED._value.get() > verified
     assert put_off == at_once
-    for (tokens, reason), (_, params) in zip(put_off[:-1], requests[:-1], strict=True):
+    for (tokens, reason), (_, params) in zip(put_off[:-2], requests[:-2], strict=True):
         assert reason == "stop", tokenizer.decode(tokens)
         schema = SCHEMAS[[constraints_grammar(s) for s in SCHEMAS].index(params.grammar)]
         jsonschema.validate(json.loads(tokenizer.decode(tokens)), schema)
