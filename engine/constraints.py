@@ -104,14 +104,15 @@ def settles(c: Constraint, token: int) -> bool:
     its cost: load_tests/results/constrained/lazy-cpu). Where no token is forced (no bytes are, or the forced
     bytes begin a longer token, as a string's opening quote does), llguidance's mask allows exactly the
     tokens it validates; where tokens are forced it admits their canonical tokens (the first of which is the
-    one settled here: any other, and an end of sequence, are the mask's to judge). Both checked over every
-    token at each step of random walks through varied grammars (tests/test_constrained_unit.py)."""
+    one settled here: any other is the mask's to judge). An end of sequence is allowed where the grammar
+    accepts or has finished. All checked over every token at each step of random walks through varied
+    grammars (tests/test_constrained_unit.py)."""
     return _settled(c, _expected(c), token)
 
 
 def _expected(c: Constraint) -> int | None:
     """What can settle ``c`` before its token is known: :data:`_OPEN` (any token it validates), the first
-    forced token (that one alone), or None (nothing: it is done)."""
+    forced token (that one alone), or None (it is done: an end of sequence alone)."""
     if c.done:
         return None
     if c.matcher.compute_ff_bytes():
@@ -122,7 +123,9 @@ def _expected(c: Constraint) -> int | None:
 
 
 def _settled(c: Constraint, expected: int | None, token: int) -> bool:
-    if expected is None or token in c.eos_ids:
+    if token in c.eos_ids:  # allowed once the grammar may end (all a finished one allows)
+        return expected is None or c.matcher.is_accepting()
+    if expected is None:
         return False
     if expected != _OPEN:
         return token == expected
@@ -176,6 +179,7 @@ def apply_masks(
             return not _settled(constraints[j], expected[j], token)
 
         todo = [j for j in todo if unsettled(j)]
+        masks.compute([j for j in todo if expected[j] is None])  # finished: no mask to wait for (ends only)
         if defer:
             unmasked = [j for j in todo if not masks.computed[j] and tokens[j] is not None]
             if len(unmasked) <= _put_off_limit(len(rows)):

@@ -239,8 +239,10 @@ class LLMEngine:
         outputs = shed
         for seq, tokens in zip(seqs, produced, strict=True):
             advance = seq.num_step_tokens  # positions whose K/V this step wrote
-            if not tokens and not is_prefill:  # a constrained row's token put off (engine/constraints.py): again
-                advance = 0
+            if not tokens and seq.num_computed + advance == seq.num_tokens:
+                # A constrained row's token put off (engine/constraints.py), in a decode step or a prompt's last
+                # chunk: its last position is computed again next step, as a decode step.
+                advance -= 1
                 metrics.GRAMMAR_PUT_OFF.inc()
             if seq.draft_ids:  # the last token and the accepted drafts: the rest is overwritten later
                 advance = len(tokens)

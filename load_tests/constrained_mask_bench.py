@@ -58,6 +58,7 @@ def copies(seqs: list[Sequence]) -> list[Sequence]:
             c.generator = torch.Generator().set_state(s.generator.get_state())
         if s.constraint is not None:
             c.constraint = constraints.Constraint(s.constraint.matcher.deep_copy(), s.constraint.eos_ids)
+            c.constraint.lagging = s.constraint.lagging
         out.append(c)
     return out
 

@@ -110,12 +110,15 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> 
     for key, (prompt, params) in enumerate(requests):
         engine.add(AddRequest(key, prompt, params, f"r{key}"))
         outputs[key] = []
-    while engine.has_work():
+    for _ in range(20_000):  # bounded: a row that is never scheduled again must fail, not hang
+        if not engine.has_work():
+            break
         for out in engine.step():
             if out.finish_reason is None or out.finish_reason == "length":
                 outputs[out.key].append(out.token)
             if out.finish_reason is not None:
                 reasons[out.key] = out.finish_reason
+    assert not engine.has_work(), "requests left unfinished"
     return [(outputs[k], reasons[k]) for k in range(len(requests))]
 
 
@@ -298,10 +301,10 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.mark.unit
 def test_settles_agrees_with_the_mask_on_every_token() -> None:
-    """``settles`` is True only for tokens the mask allows: where no token is forced for every such token but
-    an end of sequence (it validates), where tokens are forced for the first canonical token of the forced
-    bytes alone; checked over the whole vocabulary at each step of random walks (tokens drawn from the mask)
-    through varied grammars."""
+    """``settles`` is True only for tokens the mask allows: an end of sequence where the grammar accepts; where
+    no token is forced, every other token the mask allows (it validates); where tokens are forced, the first
+    canonical token of the forced bytes alone; checked over the whole vocabulary at each step of random walks
+    (tokens drawn from the mask) through varied grammars."""
     import random
 
     import numpy as np
@@ -320,7 +323,7 @@ def test_settles_agrees_with_the_mask_on_every_token() -> None:
         ),
     ]
     rng = random.Random(0)
-    checked = forced = lead = 0
+    checked = forced = lead = accepting = 0
     for grammar in sources:
         for _ in range(3):
             c = grammars.constraint(grammar)
@@ -331,18 +334,22 @@ def test_settles_agrees_with_the_mask_on_every_token() -> None:
                 allowed = np.unpackbits(mask, bitorder="little")[:vocab].astype(bool)
                 settled = np.array([constraints.settles(c, t) for t in range(vocab)])
                 assert not (settled & ~allowed).any()  # never keeps a token the mask bans
+                ends = list(c.eos_ids)
+                assert (settled[ends] == allowed[ends]).all()  # an end where the grammar accepts
+                accepting += bool(allowed[ends].any())
+                settled[ends] = False
                 if c.matcher.compute_ff_bytes() and c.matcher.compute_ff_tokens():
                     assert settled.sum() == 1  # the first canonical token of the forced bytes
                     forced += 1
                 else:  # nothing forced, or bytes that begin a longer token (no token forced): what validates
                     lead += bool(c.matcher.compute_ff_bytes())
                     open_tokens = allowed.copy()
-                    open_tokens[list(c.eos_ids)] = False
+                    open_tokens[ends] = False
                     assert (settled == open_tokens).all()
                     checked += 1
                 choices = [t for t in np.nonzero(allowed)[0].tolist() if t not in c.eos_ids] or c.eos_ids
                 assert c.matcher.consume_token(rng.choice(choices))
-    assert checked > 100 and forced > 10 and lead > 10
+    assert checked > 100 and forced > 10 and lead > 10 and accepting > 10
 
 
 def constraints_grammar(schema: dict) -> str:
@@ -419,22 +426,54 @@ def test_rows_put_off_are_masked_first_in_the_next_step(monkeypatch: pytest.Monk
     assert [c.lagging for c in rules] == [False, True, True] + [False] * 5
     before = [c.matcher.compute_bitmask() for c in rules]
 
-    computed_before_keep: list[bool] = []
+    computed: list[int] = []  # rows whose masks were computed before the argmax was asked for
+    waited = False
+    compute = constraints._Bitmask.compute
+
+    def spied(self: constraints._Bitmask, js: list[int]) -> None:
+        if not waited:
+            computed.extend(j for j in js if not self.computed[j])
+        compute(self, js)
 
     def keep_again() -> list[int | None]:
-        computed_before_keep.extend(not c.lagging for c in rules)
+        nonlocal waited
+        waited = True
         return keep
 
+    monkeypatch.setattr(constraints._Bitmask, "compute", spied)
     again = logits.clone()
     masked, put_off = constraints.apply_masks(again, rows, rules, keep_again, lambda: True, True)
-    assert (masked, put_off) == ([1, 2], []) and all(computed_before_keep)
+    assert (masked, put_off) == ([1, 2], []) and computed == [1, 2]
     at_once = logits.clone()
     constraints.apply_masks(at_once, [1, 2], [grammars.constraint(letters) for _ in range(2)])
     assert torch.equal(again[1:3], at_once[1:3]) and torch.equal(again[[0, *range(3, 8)]], logits[[0, *range(3, 8)]])
     assert [c.matcher.compute_bitmask() for c in rules] == before  # nothing was fed to a matcher put off
+    monkeypatch.undo()
+    monkeypatch.setattr(constraints, "_THREADS", 4)
     many = [z, z, z, a, a, a, a, a]  # three of eight banned: over the limit, all masked at once
     masked, put_off = constraints.apply_masks(logits.clone(), rows, rules, lambda: many, lambda: True, True)
     assert (masked, put_off) == ([0, 1, 2], []) and not any(c.lagging for c in rules)
+
+
+@pytest.mark.unit
+def test_rows_that_may_end_are_not_put_off() -> None:
+    """An end of sequence settles a row whose grammar accepts or has finished, and a finished row whose argmax
+    is not an end is masked at once (its mask, ends only, costs nothing): neither is put off."""
+    tokenizer = byte_tokenizer()
+    grammars = constraints.Grammars(tokenizer, len(tokenizer))
+    letters = llguidance.LLMatcher.grammar_from_regex("[a-c]{2,5}")
+    a, z = tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("z")
+    rules = [grammars.constraint(letters) for _ in range(8)]
+    for c, n in zip(rules, [2, 5, 5, 0, 0, 0, 0, 0], strict=True):  # accepting; finished; finished
+        for _ in range(n):
+            c.matcher.consume_token(a)
+    assert rules[0].matcher.is_accepting() and not rules[0].done and rules[1].done
+    eos = rules[0].eos_ids[0]
+    logits = torch.randn(8, len(tokenizer), generator=torch.Generator().manual_seed(0))
+    keep = [eos, eos, z, a, a, a, a, a]
+    masked, put_off = constraints.apply_masks(logits, list(range(8)), rules, lambda: keep, lambda: True, True)
+    assert (masked, put_off) == ([2], [])
+    assert logits[2].isfinite().sum() == 1 and logits[2, eos].isfinite()  # ends only
 
 
 @pytest.mark.unit
@@ -458,6 +497,7 @@ def test_engine_runs_rows_put_off_again_with_the_same_outputs(
     # verification steps too
     requests.append((tokenizer("abcabcabcabcabcabc").input_ids, SamplingParams(max_tokens=30, speculative=True)))
     at_once = run(engine, requests)
+    short_at_once = run(engine, [(tokenizer("[").input_ids, params) for _, params in requests[:-2]])
     host_argmax = sampler._argmax_on_host
     monkeypatch.setattr(sampler, "_argmax_on_host", lambda greedy: (lambda: True, host_argmax(greedy)[1]))
     monkeypatch.setattr(constraints, "_put_off_limit", lambda rows: rows)
@@ -467,6 +507,13 @@ def test_engine_runs_rows_put_off_again_with_the_same_outputs(
     assert metrics.GRAMMAR_PUT_OFF._value.get() - before > 10
     assert metrics.SPEC_VERIFIED._value.get() > verified
     assert put_off == at_once
+    # Prompts of one token: their prefill is a step of one position per row (the decode step's path), where a
+    # row put off must be computed again too, not left with nothing to compute.
+    short = [(tokenizer("[").input_ids, params) for _, params in requests[:-2]]
+    assert all(len(prompt) == 1 for prompt, _ in short)
+    before = metrics.GRAMMAR_PUT_OFF._value.get()
+    assert run(engine, short) == [(list(tokens), reason) for tokens, reason in short_at_once]
+    assert metrics.GRAMMAR_PUT_OFF._value.get() > before
     for (tokens, reason), (_, params) in zip(put_off[:-2], requests[:-2], strict=True):
         assert reason == "stop", tokenizer.decode(tokens)
         schema = SCHEMAS[[constraints_grammar(s) for s in SCHEMAS].index(params.grammar)]
