@@ -64,8 +64,6 @@ FIRST_PAUSE = 8  # decode steps without speculation after the first back-off; do
 MAX_PAUSE = 128
 MAX_PADDING = 2.0  # a step's rows are as wide as its widest: at most this many positions per useful one
 GATE_SAMPLES = 8  # decode steps of each kind measured before the speed gate may close
-GATE_EARLY = 3  # steps with drafts after which it closes at once where even the fastest of them was
-CLEARLY_SLOWER = 0.5  # below this share of plain steps' speed (a CPU at large batches: width costs in full)
 GATE_DECAY = 0.9  # weight of the history in the gate's speeds
 GATE_REFRESH = 256  # steps with drafts after which plain steps are measured again (the load changes)
 CHEAP_VERIFY = 1.25  # a verification step within this factor of a plain step's time: n-gram rows never pause
@@ -175,8 +173,7 @@ class SpeedGate:
     row per second of decode steps with drafts against those without (closing briefly to measure those when
     every step has drafts, and again every :data:`GATE_REFRESH` steps); when speculating is slower it closes
     for a pause (doubling while it stays slower), measuring plain steps meanwhile, then speculation is
-    measured afresh. It decides after :data:`GATE_SAMPLES` steps with drafts, or after :data:`GATE_EARLY`
-    where even the fastest of those was far slower (each costly measurement is a step slowing every row)."""
+    measured afresh."""
 
     spec: float = 0.0  # decayed tokens per row per second, steps with drafts
     plain: float = 0.0  # and without
@@ -188,12 +185,10 @@ class SpeedGate:
     plain_step: float = 0.0
     spec_timed: int = 0  # steps of each kind in those (never reset)
     plain_timed: int = 0
-    spec_best: float = 0.0  # the fastest step with drafts since speculation was last measured afresh
 
     def observe(self, speculative: bool, tokens: int, rows: int, seconds: float) -> None:
         rate = tokens / rows / max(seconds, 1e-9)
         if speculative:
-            self.spec_best = max(self.spec_best, rate) if self.spec_seen else rate
             self.spec = _decayed(self.spec, rate, self.spec_seen)
             self.spec_step = _decayed(self.spec_step, seconds, self.spec_timed)
             self.spec_seen += 1
@@ -203,14 +198,11 @@ class SpeedGate:
             self.plain_step = _decayed(self.plain_step, seconds, self.plain_timed)
             self.plain_seen += 1
             self.plain_timed += 1
-        if self.spec_seen < GATE_EARLY:
+        if self.spec_seen < GATE_SAMPLES:
             return
-        if self.plain_seen < GATE_SAMPLES:
-            if self.spec_seen >= GATE_SAMPLES:  # every row speculates (a draft model): measure plain steps too
-                self.closed = GATE_SAMPLES - self.plain_seen
-        elif self.spec < self.plain and (
-            self.spec_seen >= GATE_SAMPLES or self.spec_best < CLEARLY_SLOWER * self.plain
-        ):
+        if self.plain_seen < GATE_SAMPLES:  # every row speculates (a draft model): measure plain steps too
+            self.closed = GATE_SAMPLES - self.plain_seen
+        elif self.spec < self.plain:
             self.closed, self.pause = self.pause, min(2 * self.pause, 16 * MAX_PAUSE)
             self.spec_seen = 0
         elif self.spec_seen % GATE_REFRESH == 0:

@@ -22,7 +22,6 @@ from engine.sampler import filtered_probs
 from engine.sequence import SamplingParams, Sequence
 from engine.speculative import (
     FIRST_PAUSE,
-    GATE_EARLY,
     GATE_SAMPLES,
     NGRAM_MAX,
     NGRAM_MIN,
@@ -347,28 +346,6 @@ def test_where_verification_is_cheap_ngram_rows_propose_every_step() -> None:
     ks = speculator.plan(rows)
     speculator.propose(rows, ks)
     assert ks[0] == 4 and rows[0].draft_ids == []  # no match of two tokens or more
-
-
-def test_speed_gate_closes_early_where_speculating_is_far_slower() -> None:
-    """With plain steps measured, a gate measuring speculation afresh closes after GATE_EARLY steps with drafts
-    where even the fastest was under half the plain speed; one fast step among them leaves it to GATE_SAMPLES."""
-
-    def measured(spec_rates: list[float]) -> SpeedGate:
-        gate = SpeedGate()
-        for _ in range(GATE_SAMPLES):
-            gate.observe(False, tokens=1, rows=1, seconds=0.01)  # 100 tokens per row per second
-        for rate in spec_rates:
-            gate.observe(True, tokens=1, rows=1, seconds=1 / rate)
-        return gate
-
-    far = measured([30.0] * GATE_EARLY)
-    assert far.closed > 0 and far.spec_seen == 0  # paused, to be measured afresh after
-    assert measured([30.0] * (GATE_EARLY - 1)).closed == 0
-    one_fast = measured([30.0] * (GATE_EARLY - 1) + [60.0])  # slower, not far slower at best: wait
-    assert one_fast.closed == 0 and one_fast.spec < one_fast.plain
-    for _ in range(GATE_SAMPLES - GATE_EARLY):
-        one_fast.observe(True, tokens=1, rows=1, seconds=1 / 30.0)
-    assert one_fast.closed > 0  # at GATE_SAMPLES it is slower on average: closed as before
 
 
 def test_speed_gate_closes_when_speculating_is_slower() -> None:
