@@ -23,11 +23,15 @@ def checked(grammar: str, field: str) -> str:
     return grammar
 
 
+# Compact JSON (no whitespace between tokens), so a weak model cannot spend its tokens on blank space. What it
+# costs and what a few spaces or newlines would give instead: load_tests/results/constrained/layout/README.md.
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
+
+
 def json_schema(schema: dict[str, Any], field: str) -> str:
-    """Output that is JSON valid against ``schema``: compact (no whitespace between tokens), so a weak
-    model cannot spend its tokens on blank space."""
+    """Output that is JSON valid against ``schema``, laid out as :data:`JSON_OPTIONS` allows."""
     try:
-        grammar = Grammar.grammar_from_json_schema(schema, {"whitespace_flexible": False})
+        grammar = Grammar.grammar_from_json_schema(schema, JSON_OPTIONS)
     except (ValueError, TypeError) as exc:
         raise APIError(400, f"{field}: not a usable JSON schema: {exc}", field=field) from exc
     return checked(grammar, field)
