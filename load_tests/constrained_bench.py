@@ -128,6 +128,8 @@ def build(args: argparse.Namespace, max_num_seqs: int) -> tuple[Engines, LLMEngi
     engine = built.engine
     assert engine is not None
     prompt = engine.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    # Compact, as the server's JSON was when these figures began (comparable across sessions); the server's
+    # layout now allows a little whitespace (server.services.constraints.JSON_OPTIONS).
     grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, {"whitespace_flexible": False})
     engine.grammars.warm()
     return built, engine, prompt, grammar

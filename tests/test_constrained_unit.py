@@ -407,6 +407,26 @@ def test_taken_tokens_reach_the_matcher_as_if_consumed_at_once() -> None:
 
 
 @pytest.mark.unit
+def test_server_json_grammar_allows_a_few_spaces_or_newlines_between_tokens() -> None:
+    """The server's JSON grammars take a model's own layout (a newline after "[", indentation) but not unbounded
+    blank space: at most eight spaces or newlines between two JSON tokens."""
+    from server.services.constraints import json_schema
+
+    tokenizer = byte_tokenizer()
+    grammars = constraints.Grammars(tokenizer, len(tokenizer))
+    grammar = json_schema({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}}}}, "f")
+
+    def accepts(text: str) -> bool:
+        c = grammars.constraint(grammar)
+        ids = tokenizer.encode(text)
+        return c.matcher.validate_tokens(ids) == len(ids) and c.matcher.consume_tokens(ids) and c.matcher.is_accepting()
+
+    assert accepts('{"a":[1,2]}') and accepts('{\n  "a": [\n    1,\n    2\n  ]\n}')
+    assert accepts("{" + " " * 8 + '"a":[]}') and not accepts("{" + " " * 9 + '"a":[]}')
+    assert not accepts('{\t"a":[]}')
+
+
+@pytest.mark.unit
 def test_rows_put_off_are_masked_first_in_the_next_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``defer``, a row whose argmax its grammar bans and whose mask is not computed is put off: its logits
     and matcher untouched, marked lagging. Asked again (the row run again), its mask is computed before the

@@ -23,9 +23,11 @@ def checked(grammar: str, field: str) -> str:
     return grammar
 
 
-# Compact JSON (no whitespace between tokens), so a weak model cannot spend its tokens on blank space. What it
-# costs and what a few spaces or newlines would give instead: load_tests/results/constrained/layout/README.md.
-JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
+# JSON answers keep the model's own layout within bounds: at most eight spaces or newlines between two JSON
+# tokens. Compact JSON (none) fought small models' newline after "[" or "{": the embedded model answered []
+# to every list request; unbounded whitespace would let a weak model spend its tokens on blank space. Nested
+# objects then take more tokens (their indentation): load_tests/results/constrained/layout/README.md.
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A]{0,8}"}
 
 
 def json_schema(schema: dict[str, Any], field: str) -> str:
