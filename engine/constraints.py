@@ -186,7 +186,7 @@ def apply_masks(
                 put_off = unmasked
                 for j in put_off:
                     constraints[j].lagging = True
-                todo = [j for j in todo if masks.computed[j] or tokens[j] is None]
+                todo = [j for j in todo if not constraints[j].lagging]
         masks.compute(todo)  # the rows not settled: their masks may yet allow the token
         todo = [j for j in todo if tokens[j] is None or not masks.allows(j, tokens[j])]
     masks.compute(todo)

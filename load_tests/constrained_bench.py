@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,7 @@ from engine import constraints, sampler
 from engine.llm_engine import LLMEngine
 from engine.protocol import AddRequest
 from engine.sequence import SamplingParams
+from load_tests.cpu_bench import machine
 from server.config import Settings
 from server.runtime import Engines
 
@@ -136,22 +135,20 @@ def build(args: argparse.Namespace, max_num_seqs: int) -> tuple[Engines, LLMEngi
 
 
 THINGS = ("fruits", "animals", "cities", "colors", "first names", "rivers", "tools", "dishes", "plants", "sports")
+LIST_CASES = [(thing, letter) for letter in "ABCDEFGHIJKLMNOPRSTW" for thing in THINGS]  # (what, first letter)
+
+
+def chat(engine: LLMEngine, text: str) -> list[int]:
+    """One user turn through the model's chat template, as token ids."""
+    return engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
 
 
 def varied_prompts(engine: LLMEngine) -> list[list[int]]:
-    """Distinct chat prompts in the manner of :data:`PROMPT`, so that rows' outputs (and grammar states) differ,
-    as different users' would."""
-    letters = "abcdefghijklmnoprstw"
-    return [
-        engine.tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"List {thing} starting with {letter.upper()} as a JSON array."}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-        for letter in letters
-        for thing in THINGS
-    ]
+    """Distinct chat prompts in the manner of :data:`PROMPT`, one per :data:`LIST_CASES` entry, so that rows'
+    outputs (and grammar states) differ, as different users' would."""
+    return [chat(engine, f"List {thing} starting with {letter} as a JSON array.") for thing, letter in LIST_CASES]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -211,11 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{mode}_extra_ms_per_step": round(extra, 3),
                 f"{mode}_extra_share_of_step_pct": round(extra / step * 100, 1),
             }
-    try:
-        cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "")
-    except OSError:
-        cpu = platform.processor()
+    cpu = machine()["cpu_model"]
     report = {
         "command": "python -m load_tests.constrained_bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.date.today().isoformat(),

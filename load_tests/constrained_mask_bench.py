@@ -47,6 +47,7 @@ from engine.protocol import AddRequest
 from engine.sequence import SamplingParams, Sequence
 from load_tests.admission_bench import module_at
 from load_tests.constrained_bench import SCHEMA, build, model_arguments
+from load_tests.cpu_bench import machine
 
 
 def copies(seqs: list[Sequence]) -> list[Sequence]:
@@ -173,8 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         row["masked_share"] = round(probe.masked / max(probe.rows, 1), 3)
         summary[str(batch)] = row
         print(batch, json.dumps(row), flush=True)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    cpu = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "")
+    cpu = machine()["cpu_model"]
     report = {
         "command": "python -m load_tests.constrained_mask_bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),

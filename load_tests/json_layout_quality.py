@@ -23,7 +23,6 @@ import collections
 import datetime
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ from engine import constraints, model_runner, sampler
 from engine.llm_engine import LLMEngine
 from engine.protocol import AddRequest
 from engine.sequence import SamplingParams
-from load_tests.constrained_bench import THINGS, build, model_arguments
+from load_tests.constrained_bench import LIST_CASES, build, chat, model_arguments, varied_prompts
+from load_tests.cpu_bench import machine
 from server.services.constraints import JSON_OPTIONS
 
 COMPACT = {"whitespace_flexible": False}  # no whitespace between JSON tokens
@@ -76,16 +76,16 @@ class BannedArgmax:
         if greedy is not None:
             for i, s in enumerate(seqs):
                 c = s.constraint
-                if c is not None and not constraints._settled(c, constraints._expected(c), int(greedy[i])):
+                if c is not None and not constraints.settles(c, int(greedy[i])):
                     self.banned += 1
         return sampler.sample(logits, seqs, greedy)
 
 
 def answers(
     engine: LLMEngine, prompts: list[list[int]], grammar: str, max_tokens: int, temperature: float = 0.0
-) -> tuple[list[str], list[str]]:
-    """Every prompt in one continuous batch (greedy, or sampled with a seed per prompt): each answer's text and
-    finish reason."""
+) -> tuple[list[str], list[str], list[int]]:
+    """Every prompt in one continuous batch (greedy, or sampled with a seed per prompt): each answer's text,
+    finish reason and length in tokens."""
     tokens: dict[int, list[int]] = collections.defaultdict(list)
     reasons: dict[int, str] = {}
     for key, prompt in enumerate(prompts):
@@ -97,12 +97,11 @@ def answers(
                 tokens[out.key].append(out.token)
             if out.finish_reason is not None:
                 reasons[out.key] = out.finish_reason
-    return [engine.tokenizer.decode(tokens[k]) for k in range(len(prompts))], [reasons[k] for k in range(len(prompts))]
-
-
-def chat(engine: LLMEngine, text: str) -> list[int]:
-    return engine.tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+    keys = range(len(prompts))
+    return (
+        [engine.tokenizer.decode(tokens[k]) for k in keys],
+        [reasons[k] for k in keys],
+        [len(tokens[k]) for k in keys],
     )
 
 
@@ -119,23 +118,20 @@ def measure(engine: LLMEngine, options: dict[str, Any]) -> dict[str, Any]:
     probe = BannedArgmax()
     model_runner.sample = probe
     try:
-        cases = [(thing, letter) for letter in "ABCDEFGHLMPRST" for thing in THINGS][:60]
+        cases = LIST_CASES[:60]
         grammar = llguidance.LLMatcher.grammar_from_json_schema(LIST_SCHEMA, options)
-        texts, reasons = answers(
-            engine, [chat(engine, f"List {t} starting with {c} as a JSON array.") for t, c in cases], grammar, 200
-        )
+        texts, reasons, lengths = answers(engine, varied_prompts(engine)[: len(cases)], grammar, 200)
         lists = [parsed(t, LIST_SCHEMA) for t in texts]
         items = [(x.strip(), letter) for v, (_, letter) in zip(lists, cases, strict=True) if v for x in v]
         distinct = sum(len({x.lower() for x in v if x.strip()}) for v in lists if v)
-        list_tokens = len(engine.tokenizer("".join(texts)).input_ids)
         grammar = llguidance.LLMatcher.grammar_from_json_schema(EXTRACT_SCHEMA, options)
         prompts = [
             chat(engine, f"Hi, I'm {n}. My order {o} {what}. Reply with JSON: name, order_id, issue.")
             for n, o, what in MESSAGES
         ]
-        extracted, extract_reasons = answers(engine, prompts, grammar, 120)
+        extracted, extract_reasons, _ = answers(engine, prompts, grammar, 120)
         objects = [parsed(t, EXTRACT_SCHEMA) for t in extracted]
-        sampled, sampled_reasons = answers(engine, prompts * 4, grammar, 200, temperature=0.8)
+        sampled, sampled_reasons, sampled_lengths = answers(engine, prompts * 4, grammar, 200, temperature=0.8)
     finally:
         model_runner.sample = sampler.sample
     return {
@@ -148,7 +144,7 @@ def measure(engine: LLMEngine, options: dict[str, Any]) -> dict[str, Any]:
             "non_blank_share": round(sum(bool(x) for x, _ in items) / max(len(items), 1), 3),
             "distinct_share": round(distinct / max(len(items), 1), 3),
             "right_letter_share": round(sum(x[:1].upper() == c for x, c in items) / max(len(items), 1), 3),
-            "tokens_per_answer": round(list_tokens / len(texts), 1),
+            "tokens_per_answer": round(statistics.fmean(lengths), 1),
             "examples": texts[:3],
         },
         "extraction": {
@@ -168,7 +164,7 @@ def measure(engine: LLMEngine, options: dict[str, Any]) -> dict[str, Any]:
             "valid": sum(parsed(t, EXTRACT_SCHEMA) is not None for t in sampled),
             "answers": len(sampled),
             "finish": dict(collections.Counter(sampled_reasons)),
-            "tokens_per_answer": round(len(engine.tokenizer("".join(sampled)).input_ids) / len(sampled), 1),
+            "tokens_per_answer": round(statistics.fmean(sampled_lengths), 1),
             "examples": sampled[:2],
         },
         "banned_argmax_rows": probe.banned,
@@ -193,13 +189,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({k: v for k, v in run.items() if not isinstance(v, dict) or k == "options"}), flush=True)
         for task in ("lists", "extraction", "extraction_sampled"):
             print("  ", task, json.dumps({k: v for k, v in run[task].items() if k != "examples"}), flush=True)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    cpu = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "")
     report = {
         "command": "python -m load_tests.json_layout_quality " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
         "device": str(engine.runner.device),
-        "cpu": cpu,
+        "cpu": machine()["cpu_model"],
         "runs": runs,
     }
     args.out.mkdir(parents=True, exist_ok=True)
