@@ -40,8 +40,11 @@ MODELS = {"S": "dummy:smollm2-135m", "L": "dummy:smollm2-1.7b"}
 PROFILE_BATCHES = (1, 8, 64, 256)
 
 
-def build(loaded: Any, weights: str, compile_decode: bool, args: argparse.Namespace) -> tuple[LLMEngine, float]:
+def build(
+    loaded: Any, weights: str, compile_decode: bool, gemms: str, args: argparse.Namespace
+) -> tuple[LLMEngine, float]:
     model = Llama.from_hf(loaded.config, {k: v.clone() for k, v in loaded.state_dict.items()})
+    model.fold_into_gemms = gemms == "fused"
     if weights == "int8-wo":
         quantize_modules(model, "int8-wo", keep=lambda name: name == "lm_head", embeddings=False)
         fuse_quantized_projections(model)
@@ -52,13 +55,20 @@ def build(loaded: Any, weights: str, compile_decode: bool, args: argparse.Namesp
     return engine, time.perf_counter() - start
 
 
-def one(loaded: Any, hf: Any, hf32: Any, weights: str, compiled: bool, args: argparse.Namespace) -> dict[str, Any]:
-    engine, build_s = build(loaded, weights, compiled, args)
+def one(
+    loaded: Any, hf: Any, hf32: Any, weights: str, compiled: bool, gemms: str, args: argparse.Namespace
+) -> dict[str, Any]:
+    engine, build_s = build(loaded, weights, compiled, gemms, args)
     vocab = loaded.config.vocab_size
-    name = f"{weights}/{'compiled' if compiled else 'eager'}"
-    gpu_bench.log(f"  {name}: built in {build_s:.1f} s ({len(engine.runner.decode.graphs)} graphs)")
-    out: dict[str, Any] = {"weights": weights, "compiled": compiled, "build_s": build_s}
+    name = f"{weights}/{'compiled' if compiled else 'eager'}/{gemms}"
+    fused = sum(layer.fused_gemms for layer in engine.runner.model.layers)
+    gpu_bench.log(
+        f"  {name}: built in {build_s:.1f} s ({len(engine.runner.decode.graphs)} graphs, {fused} layers fused)"
+    )
+    out: dict[str, Any] = {"weights": weights, "compiled": compiled, "gemms": gemms, "fused_layers": fused}
+    out["build_s"] = build_s
     out["correctness"] = gpu_bench.correctness(engine, hf, hf32, vocab, steps=16)
+    out["correctness_b1"] = gpu_bench.correctness(engine, hf, hf32, vocab, steps=16, batch=1)  # batch-1 graphs
     out["batch1"] = gpu_bench.batch1_step_ms(engine, vocab, steps=args.steps)
     gpu_bench.log(f"  {name}: batch 1 {out['batch1']}")
     if args.dev.type == "cuda":
@@ -89,8 +99,9 @@ def bench_model(key: str, args: argparse.Namespace) -> dict[str, Any]:
     hf32 = copy.deepcopy(hf).float()
     runs = []
     for weights in args.weights:
-        for compiled in (False, True):
-            runs.append(one(loaded, hf, hf32, weights, compiled, args))
+        for step in args.step:
+            for gemms in args.gemms:
+                runs.append(one(loaded, hf, hf32, weights, step == "compiled", gemms, args))
     return {"spec": spec, "runs": runs}
 
 
@@ -105,9 +116,9 @@ def markdown(results: dict[str, Any]) -> str:
         "replay as CUDA graphs in both. Kernels: one step's kernels (profiler) at KV length "
         f"{gpu_bench.PROMPT_LEN + gpu_bench.NEW_TOKENS}.",
         "",
-        "| model | weights | step | build s | batch-1 ms/step (p50) | graph replay ms | kernels b1/b8/b64/b256 "
-        "| kernel ms b1/b8/b64/b256 | decode err vs fp32 (HF bf16) | tok/s c1/c16/c64/c256 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | weights | step | GEMMs | build s | batch-1 ms/step (p50) | graph replay ms | kernels b1/b8/b64/b256 "
+        "| kernel ms b1/b8/b64/b256 | decode err vs fp32 (HF bf16) | at batch 1 | tok/s c1/c16/c64/c256 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, model in results["models"].items():
         for r in model["runs"]:
@@ -115,12 +126,15 @@ def markdown(results: dict[str, Any]) -> str:
             kernels = "/".join(str(p["kernels"]) for p in prof) or "–"
             kms = "/".join(f"{p['kernel_ms_sum']:.2f}" for p in prof) or "–"
             c = r["correctness"]["decode_rel_err_vs_fp32"]
+            c1 = r.get("correctness_b1", {}).get("decode_rel_err_vs_fp32")
+            b1 = f"{c1['ours_bf16']:.2e} ({c1['hf_bf16']:.2e})" if c1 else "–"
             tput = "/".join(f"{e['output_tokens_per_s']:.0f}" for e in r.get("engine", [])) or "–"
             replay = r["batch1"]["graph_replay_ms_at_max_kv_bucket"]
             lines.append(
-                f"| {key} | {r['weights']} | {'compiled' if r['compiled'] else 'eager'} | {r['build_s']:.0f} "
+                f"| {key} | {r['weights']} | {'compiled' if r['compiled'] else 'eager'} "
+                f"| {r.get('gemms', 'unfused')} ({r.get('fused_layers', 0)} layers) | {r['build_s']:.0f} "
                 f"| {r['batch1']['step_ms_p50']:.3f} | {'–' if replay is None else f'{replay:.3f}'} | {kernels} "
-                f"| {kms} | {c['ours_bf16']:.2e} ({c['hf_bf16']:.2e}) | {tput} |"
+                f"| {kms} | {c['ours_bf16']:.2e} ({c['hf_bf16']:.2e}) | {b1} | {tput} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -129,6 +143,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--weights", nargs="+", default=["bf16", "int8-wo"], choices=["bf16", "int8-wo"])
+    p.add_argument("--step", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument(
+        "--gemms", nargs="+", default=["fused"], choices=["fused", "unfused"],
+        help="fused: norms, SwiGLU and residual adds folded into the GEMMs where the layers allow (the default)",
+    )  # fmt: skip
     p.add_argument("--device", default="cuda")
     p.add_argument("--tokenizer", default=None, help="tokenizer files for the dummy presets")
     p.add_argument("--levels", nargs="*", type=int, default=list(gpu_bench.CONCURRENCY))

@@ -99,10 +99,11 @@ def engine_config(max_num_seqs: int = 256) -> EngineConfig:
 # ------------------------------------------------------------------------------------------ correctness
 
 
-def correctness(engine: LLMEngine, hf: Any, hf32: Any, vocab: int, steps: int) -> dict[str, Any]:
-    """Logits of our prefill (eager) and decode (CUDA graphs) against HF bf16 and an fp32 reference."""
+def correctness(engine: LLMEngine, hf: Any, hf32: Any, vocab: int, steps: int, batch: int = 4) -> dict[str, Any]:
+    """Logits of our prefill (eager) and decode (CUDA graphs) of ``batch`` prompts against HF bf16 and an fp32
+    reference."""
     runner = engine.runner
-    prompts = random_prompts(4, PROMPT_LEN, vocab, seed=1)
+    prompts = random_prompts(batch, PROMPT_LEN, vocab, seed=1)
     seqs = [Sequence(prompt_ids=list(p), params=SamplingParams()) for p in prompts]
     for s in seqs:
         engine.blocks.allocate(s)

@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import PretrainedConfig
 
+from models import quant_kernels
 from models.paged_attention import paged_decode_attention, rope_write_kv
+from models.quantize import QuantLinear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Every SDPA backend but cuDNN's, which torch prefers on Hopper: it builds an execution plan per input shape
@@ -189,19 +191,7 @@ class Attention(nn.Module):
             qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
         k_cache, v_cache = kv
         if meta.context_lens is not None:  # paged decode or verification (CUDA): two kernels, both on the cache
-            rows = b * t
-            q = rope_write_kv(
-                qkv.reshape(rows, -1),
-                cos.reshape(rows, d),
-                sin.reshape(rows, d),
-                meta.slot_mapping,
-                k_cache,
-                v_cache,
-                h,
-            )
-            ctx, tables = meta.context_lens, meta.block_tables
-            out = paged_decode_attention(q, k_cache, v_cache, tables, ctx, meta.block_size, t)
-            return self.o_proj(out.view(b, t, h * d))
+            return self.o_proj(self.paged(qkv.reshape(b * t, -1), shared, kv, t).view(b, t, h * d))
         qk = apply_rope(qkv[..., : (h + kvh) * d].view(b, t, h + kvh, d), cos, sin)  # q and k in one pass
         q, k = qk[:, :, :h], qk[:, :, h:]
         v = qkv[..., (h + kvh) * d :].view(b, t, kvh, d)
@@ -236,6 +226,17 @@ class Attention(nn.Module):
         out = out.view(b, kvh, g, t, d).permute(0, 3, 1, 2, 4)
         return self.o_proj(out.reshape(b, t, -1))
 
+    def paged(self, qkv: Tensor, shared: LayerInputs, kv: tuple[Tensor, Tensor], width: int) -> Tensor:
+        """Attention of a decode or verification step on the paged kernels, before ``o_proj``: RoPE and the cache
+        write in one kernel, attention read from the cache in another. qkv: [rows, ·] → [rows, heads · head_dim]."""
+        rows, d, meta = qkv.shape[0], self.head_dim, shared.meta
+        k_cache, v_cache = kv
+        cos, sin = shared.cos.reshape(rows, d), shared.sin.reshape(rows, d)
+        q = rope_write_kv(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, self.num_heads)
+        assert meta.context_lens is not None
+        out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.block_size, width)
+        return out.view(rows, -1)
+
 
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs, intermediate_size: int) -> None:
@@ -265,10 +266,55 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(args, qkv_bias)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, intermediate_size)
+        self.fused_gemms = False  # set by Llama.fuse_projections
 
     def forward(self, x: Tensor, shared: LayerInputs, kv: tuple[Tensor, Tensor]) -> Tensor:
+        one_row = x.shape[0] * x.shape[1] == 1  # decode at batch 1, where a step is launch-bound
+        if self.fused_gemms and one_row and shared.meta.context_lens is not None and self._fused_kernel_runs(x):
+            return self._fused_forward(x, shared, kv)
         x = x + self.self_attn(self.input_layernorm(x), shared, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def can_fuse_gemms(self) -> bool:
+        """Whether every GEMM of the layer takes :func:`models.quant_kernels.fused_matmul`'s one-row kernel: fused
+        projections of int8 weight-only or float weights, without bias (not sharded, not another format), small
+        enough for that kernel to pay (a larger model's layers stay as inductor fuses them: measured no faster)."""
+        attn, mlp = self.self_attn, self.mlp
+        forms = ((attn.qkv_proj, False), (attn.o_proj, False), (mlp.gate_up_proj, False), (mlp.down_proj, True))
+        return all(_plain_gemm(p) and quant_kernels.gemv_pays(*_weight_shape(p), swiglu) for p, swiglu in forms)
+
+    def _fused_kernel_runs(self, x: Tensor) -> bool:
+        return quant_kernels.fused_usable(x.device, x.dtype, quantized=isinstance(self.mlp.down_proj, QuantLinear))
+
+    def _fused_forward(self, x: Tensor, shared: LayerInputs, kv: tuple[Tensor, Tensor]) -> Tensor:
+        """A batch-1 decode step of the layer in six launches (CUDA): each GEMM takes in the norm before it, the
+        SwiGLU before it or the residual add after it (:func:`models.quant_kernels.fused_matmul`, where that pays
+        for the weight's size), around the paged attention's two kernels."""
+        b, t, hidden = x.shape
+        attn, mlp = self.self_attn, self.mlp
+        x = x.reshape(b * t, hidden)
+        qkv = _gemm(x, attn.qkv_proj, norm=self.input_layernorm)
+        x = _gemm(attn.paged(qkv, shared, kv, t), attn.o_proj, residual=x)
+        gate_up = _gemm(x, mlp.gate_up_proj, norm=self.post_attention_layernorm)
+        return _gemm(gate_up, mlp.down_proj, swiglu=True, residual=x).view(b, t, hidden)
+
+
+def _plain_gemm(linear: nn.Module | None) -> bool:
+    if isinstance(linear, QuantLinear):
+        return linear.method == "int8-wo" and linear.bias is None
+    return type(linear) is nn.Linear and linear.bias is None
+
+
+def _weight_shape(linear: nn.Module) -> tuple[int, int]:
+    return linear.out_features, linear.in_features  # type: ignore[return-value]
+
+
+def _gemm(
+    x: Tensor, linear: nn.Module, norm: RMSNorm | None = None, swiglu: bool = False, residual: Tensor | None = None
+) -> Tensor:
+    weight, scale = (linear.qweight, linear.scale) if isinstance(linear, QuantLinear) else (linear.weight, None)
+    norm_weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+    return quant_kernels.fused_op(x, weight, scale, norm_weight, eps, swiglu, residual)
 
 
 class Llama(nn.Module):
@@ -289,6 +335,9 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args, qkv_bias, size) for size in sizes)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # Decode steps on CUDA fold norms, SwiGLU and residual adds into the GEMMs where they can (DecoderLayer);
+        # off only to measure without it (load_tests/fused_decode_bench.py).
+        self.fold_into_gemms = True
         cos, sin = rope_tables(args)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -311,10 +360,12 @@ class Llama(nn.Module):
         return model.eval()
 
     def fuse_projections(self) -> None:
-        """Fuse q/k/v and gate/up projections where they are plain nn.Linear (after any compression pass)."""
+        """Fuse q/k/v and gate/up projections where they are plain nn.Linear (after any compression pass), and
+        mark the layers whose decode steps can fold norms, SwiGLU and residual adds into their GEMMs."""
         for layer in self.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+            layer.fused_gemms = self.fold_into_gemms and layer.can_fuse_gemms()
 
     def forward(
         self,

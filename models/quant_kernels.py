@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 
@@ -27,9 +28,12 @@ except ImportError:  # CPU-only installs: QuantLinear's PyTorch paths
 log = logging.getLogger(__name__)
 
 DTYPES = (torch.bfloat16, torch.float16)
+# What the fused GEMM makes of its input before multiplying (:func:`fused_matmul`).
+PLAIN, NORM, SWIGLU = range(3)
 
 
 if triton is not None:
+    _PLAIN, _NORM, _SWIGLU = (tl.constexpr(v) for v in (PLAIN, NORM, SWIGLU))
 
     @triton.jit
     def _dot_rows(a_ptr, b_ptr, ra, rb, a_ok, b_ok, stride_a, stride_b, K,
@@ -88,6 +92,69 @@ if triton is not None:
             tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
+    def _x_tile(x_ptr, rm, m_ok, kk, k_ok, stride_xm, K, norm_ptr, rstd,
+                PROLOGUE: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+        """A ``[BM, BK]`` tile of the GEMM's input, made in registers from what the previous op left: the
+        rows themselves, RMSNorm of them (``rstd`` per row, the norm's weight per column), or SwiGLU of a
+        ``[gate | up]`` row pair (``silu(gate)·up``), rounded once to ``DTYPE``."""
+        ok = m_ok[:, None] & k_ok[None, :]
+        ptrs = x_ptr + rm[:, None] * stride_xm + kk[None, :]
+        if PROLOGUE == _SWIGLU:
+            gate = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+            up = tl.load(ptrs + K, mask=ok, other=0.0).to(tl.float32)
+            return (gate * tl.sigmoid(gate) * up).to(DTYPE)
+        x = tl.load(ptrs, mask=ok, other=0.0)
+        if PROLOGUE != _PLAIN:
+            w = tl.load(norm_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * rstd[:, None] * w[None, :]).to(DTYPE)
+        return x
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr,  # [1, K] (SwiGLU: [1, 2K], gate then up)
+        w_ptr,  # [N, K] int8 (with scale_ptr) or bf16/fp16, row-major
+        scale_ptr,  # [N] fp32, read with HAS_SCALE
+        norm_ptr,  # [K] RMSNorm weight, read with the NORM prologue
+        res_ptr,  # [1, N] residual added to the product, read with RESIDUAL
+        out_ptr,  # [1, N]
+        N, K, eps,
+        BN: tl.constexpr, BK: tl.constexpr, PROLOGUE: tl.constexpr, HAS_SCALE: tl.constexpr, RESIDUAL: tl.constexpr,
+    ):  # fmt: skip
+        """``residual + prologue(x) @ (w · scale)ᵀ`` for one row (a decode step at batch 1): what a decoder layer
+        does between two GEMMs' worth of weights in one launch (norm → GEMM, GEMM → add, SwiGLU → GEMM → add).
+        No tensor cores (a 16-row MMA tile is all padding for one row): products summed in registers over wide K
+        tiles, so each program reads its few weight rows in one or two long loads."""
+        pid_n = tl.program_id(0)
+        rm = tl.arange(0, 1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        m_ok = rm < 1
+        n_ok = rn < N
+        dtype = out_ptr.dtype.element_ty
+        rstd = tl.zeros([1], dtype=tl.float32)
+        if PROLOGUE == _NORM:  # each program sums the row's squares itself: one more read of K elements
+            squares = tl.zeros([1], dtype=tl.float32)
+            for k in range(0, tl.cdiv(K, BK)):
+                kk = k * BK + rk
+                x = tl.load(x_ptr + kk[None, :], mask=(kk < K)[None, :], other=0.0).to(tl.float32)
+                squares += tl.sum(x * x, axis=1)
+            rstd = tl.rsqrt(squares / K + eps)
+        acc = tl.zeros([1, BN], dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BK)):
+            kk = k * BK + rk
+            k_ok = kk < K
+            x = _x_tile(x_ptr, rm, m_ok, kk, k_ok, 0, K, norm_ptr, rstd, PROLOGUE, dtype).to(tl.float32)
+            w = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+            acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        out = acc.to(dtype)
+        if RESIDUAL:  # the product rounded first, then added, as the unfused layer's two ops do
+            res = tl.load(res_ptr + rn[None, :], mask=n_ok[None, :], other=0.0)
+            out = (out.to(tl.float32) + res.to(tl.float32)).to(dtype)
+        tl.store(out_ptr + rn[None, :], out, mask=n_ok[None, :])
+
+    @triton.jit
     def _row_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, BLOCK: tl.constexpr):
         """One row per program: absmax → scale, x / scale → fp8. Rows ≥ M (cuBLASLt wants 16-row
         multiples) get zeros."""
@@ -133,6 +200,23 @@ def pick_config(m: int, n: int, k: int) -> Config:
     return (64, 64, 128, 4, 4, True)
 
 
+GemvConfig = tuple[int, int, int]  # BN, BK, num_warps
+GEMV_MAX_WEIGHTS = 1 << 22
+"""Weights of at most this many elements take the one-row fused kernel (every GEMM of the 135M model, the 1.7B's
+o_proj); larger ones outrun it with the tiled GEMM plus separate norm/add kernels, except after SwiGLU, whose two
+elementwise kernels it saves too (load_tests/results/fused_decode/README.md, "Fused GEMMs at batch 1")."""
+
+
+def gemv_pays(n: int, k: int, swiglu: bool) -> bool:
+    return swiglu or n * k <= GEMV_MAX_WEIGHTS
+
+
+def pick_gemv(k: int) -> GemvConfig:
+    """Few weight rows per program, as wide a K tile as registers allow: the fastest of the candidates swept by
+    load_tests/fused_gemm_bench.py at both models' shapes."""
+    return (8, 1024, 4) if k <= 1024 else (4, 2048, 4)
+
+
 def _programs(m: int, n: int, bm: int, bn: int) -> int:
     return -(-m // bm) * -(-n // bn)
 
@@ -172,6 +256,93 @@ def _(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
 def reference(x: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
     """What :func:`w8a16_matmul` computes, in fp32 through plain PyTorch."""
     return x.float() @ (qweight.float() * scale.float()[:, None]).t()
+
+
+def fused_matmul(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
+    swiglu: bool = False,
+    residual: Tensor | None = None,
+    gemv: GemvConfig | None = None,
+) -> Tensor:
+    """``residual + f(x) @ (weight · scale)ᵀ``, where f is RMSNorm with ``norm_weight`` and ``eps``, SwiGLU of
+    ``x = [gate | up]`` (``swiglu``), or nothing. weight: [N, K] int8 with ``scale`` [N] fp32, or float without.
+
+    A decode step at batch 1 is a chain of launches of a few microseconds each: for one row and a weight
+    :func:`gemv_pays` for, one launch (:func:`_gemv_kernel`) instead of norm, GEMM, SwiGLU and add as separate
+    kernels; otherwise those separate kernels around the int8 weight-only GEMM or cuBLAS."""
+    assert triton is not None and weight.is_contiguous() and x.stride(-1) == 1
+    n, k = weight.shape
+    assert x.shape[-1] == (2 * k if swiglu else k)
+    if x.shape[0] != 1 or not (gemv or gemv_pays(n, k, swiglu)):
+        if norm_weight is not None:
+            x = torch.nn.functional.rms_norm(x, x.shape[-1:], norm_weight, eps)
+        if swiglu:
+            gate, up = x.chunk(2, dim=-1)
+            x = torch.nn.functional.silu(gate) * up
+        out = w8a16_matmul(x, weight, scale) if scale is not None else torch.nn.functional.linear(x, weight)
+        return out if residual is None else residual + out
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    bn, bk, warps = gemv or pick_gemv(k)
+    prologue = NORM if norm_weight is not None else SWIGLU if swiglu else PLAIN
+    _gemv_kernel[(triton.cdiv(n, bn),)](
+        x, weight, scale if scale is not None else weight, norm_weight if norm_weight is not None else weight,
+        residual if residual is not None else out, out, n, k, eps,
+        BN=bn, BK=bk, PROLOGUE=prologue, HAS_SCALE=scale is not None, RESIDUAL=residual is not None, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+@torch.library.custom_op("lowlat::fused_matmul", mutates_args=())
+def fused_op(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor | None,
+    norm_weight: Tensor | None,
+    eps: float,
+    swiglu: bool,
+    residual: Tensor | None,
+) -> Tensor:
+    """:func:`fused_matmul` as one opaque op for ``torch.compile`` (its choices branch on the row count)."""
+    return fused_matmul(x, weight, scale, norm_weight, eps, swiglu, residual)
+
+
+@fused_op.register_fake
+def _(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor | None,
+    norm_weight: Tensor | None,
+    eps: float,
+    swiglu: bool,
+    residual: Tensor | None,
+) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def fused_reference(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
+    swiglu: bool = False,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """What :func:`fused_matmul` computes, in fp32 through plain PyTorch (the product rounded to x's dtype
+    before the residual add, as the kernel does)."""
+    xf = x.float()
+    if norm_weight is not None:
+        xf = torch.nn.functional.rms_norm(xf, xf.shape[-1:], norm_weight.float(), eps)
+    if swiglu:
+        gate, up = xf.chunk(2, dim=-1)
+        xf = torch.nn.functional.silu(gate) * up
+    w = weight.float() if scale is None else weight.float() * scale.float()[:, None]
+    out = (xf @ w.t()).to(x.dtype)
+    return out if residual is None else (out.float() + residual.float()).to(x.dtype)
 
 
 PICKABLE_CONFIGS: tuple[Config, ...] = (
@@ -222,6 +393,13 @@ def usable(device: torch.device, dtype: torch.dtype) -> bool:
     return _checked_once("int8-wo", device, dtype, _int8_wo_agrees)
 
 
+def fused_usable(device: torch.device, dtype: torch.dtype, quantized: bool) -> bool:
+    """Whether :func:`fused_matmul` runs here and agrees with :func:`fused_reference` in every form a decoder
+    layer uses, with every tile it may pick, for int8 (``quantized``) or float weights (checked once each)."""
+    kernel = "fused-int8" if quantized else "fused-float"
+    return _checked_once(kernel, device, dtype, lambda device, dtype: _fused_agrees(device, dtype, quantized))
+
+
 def fp8_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the fused fp8 path runs here (fp8 tensor cores: compute capability ≥ 8.9) and agrees
     with the reference within fp8 activation rounding; otherwise QuantLinear's unfused path is used."""
@@ -247,3 +425,33 @@ def _int8_wo_agrees(device: torch.device, dtype: torch.dtype) -> bool:
 def _fp8_agrees(device: torch.device, dtype: torch.dtype) -> bool:
     capable = torch.cuda.get_device_capability(device) >= (8, 9)
     return capable and _agrees(fp8_act_matmul, "fp8", device, dtype, 6e-2)
+
+
+def _fused_agrees(device: torch.device, dtype: torch.dtype, quantized: bool) -> bool:
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        n, k = 200, 328
+        w = torch.randn(n, k, generator=gen) / 10
+        scale = w.abs().amax(dim=1) / 127.0
+        q = (w / scale[:, None]).round().to(torch.int8)
+        weight, scale = (q.to(device), scale.to(device)) if quantized else (w.to(device, dtype), None)
+        norm = (1 + torch.randn(k, generator=gen) / 4).to(device, dtype)
+        x = torch.randn(3, 2 * k, generator=gen).to(device, dtype)
+        res = torch.randn(3, n, generator=gen).to(device, dtype)
+        forms = ({"norm_weight": norm, "eps": 1e-5}, {"residual": res}, {"swiglu": True, "residual": res})
+        # One row through the kernel with either tile pick_gemv returns; three rows through the separate kernels.
+        for (rows, gemv), kwargs in itertools.product(((1, (8, 1024, 4)), (1, (4, 2048, 4)), (3, None)), forms):
+            xs = x[:rows] if kwargs.get("swiglu") else x[:rows, :k]
+            kwargs = {key: v[:rows] if key == "residual" else v for key, v in kwargs.items()}
+            want = fused_reference(xs, weight, scale, **kwargs).float()
+            got = fused_matmul(xs, weight, scale, **kwargs, gemv=gemv).float()  # type: ignore[arg-type]
+            err = float((got - want).norm() / want.norm())
+            if not err < 1e-2:
+                log.warning(
+                    "fused GEMM disagrees with the reference (%d rows, %s, %s: error %.3g)", rows, gemv, kwargs, err
+                )
+                return False
+        return True
+    except Exception as exc:  # a Triton/driver problem must not take the server down
+        log.warning("fused GEMM unavailable: %s: %s", type(exc).__name__, exc)
+        return False

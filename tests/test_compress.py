@@ -213,3 +213,33 @@ def test_self_check_covers_every_tile_the_kernel_may_pick() -> None:
     shapes = [(m, n, k) for m in (1, 5, 16, 17, 33, 64, 65, 128, 256, 300, 2048, 8192)
               for n in (200, 384, 576, 960, 2048, 6144, 49152) for k in (328, 576, 1536, 8192)]  # fmt: skip
     assert {quant_kernels.pick_config(m, n, k) for m, n, k in shapes} <= set(quant_kernels.PICKABLE_CONFIGS)
+
+
+@pytest.mark.unit
+def test_fused_gemms_only_where_every_gemm_takes_the_one_row_kernel() -> None:
+    """Batch-1 decode steps fold norms, SwiGLU and residual adds into the GEMMs (CUDA) for layers of plain or
+    int8 weight-only projections whose weights are small enough for the one-row kernel to pay; a larger model's
+    layers, and other formats, keep the separate kernels."""
+    from models.llama import ModelArgs
+    from models.quantize import fuse_quantized_projections, quantize_modules
+
+    def built(hidden: int, inter: int, method: str = "none") -> Llama:
+        args = ModelArgs(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=hidden // 4, rms_norm_eps=1e-5, rope_theta=1e4,
+                         max_position=64, tie_word_embeddings=False)  # fmt: skip
+        with torch.device("meta"):
+            model = Llama(args)
+        if method != "none":
+            quantize_modules(model, method, keep=lambda name: name == "lm_head", embeddings=False)
+            fuse_quantized_projections(model)
+        model.fuse_projections()
+        return model
+
+    assert all(layer.fused_gemms for layer in built(576, 1536).layers)  # the 135M model's shapes
+    assert all(layer.fused_gemms for layer in built(64, 256, "int8-wo").layers)
+    assert not any(layer.fused_gemms for layer in built(64, 256, "int8").layers)  # activations quantized per token
+    assert not any(layer.fused_gemms for layer in built(2048, 8192).layers)  # the 1.7B model's shapes
+    model = built(64, 256)  # the switch a benchmark turns off
+    model.fold_into_gemms = False
+    model.fuse_projections()
+    assert not any(layer.fused_gemms for layer in model.layers)

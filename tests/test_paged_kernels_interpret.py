@@ -1,8 +1,9 @@
 """The CUDA decode path's Triton kernels (models/paged_attention.py: paged decode and verification attention,
-RoPE fused with the KV-cache write) run through Triton's interpreter on CPU tensors, in a child process (the
-interpreter is chosen when the kernels are defined, at import): their self-check passes, and decode and
-verification steps of a tiny Llama through them equal the gather + SDPA path. Skipped where Triton is not
-installed (CPU-only installs, as CI's); on CUDA the same self-check guards the kernels at startup."""
+RoPE fused with the KV-cache write; models/quant_kernels.py: GEMMs with the norm, SwiGLU or residual add folded
+in) run through Triton's interpreter on CPU tensors, in a child process (the interpreter is chosen when the
+kernels are defined, at import): their self-checks pass, and decode and verification steps of a tiny Llama
+through them, with and without the fused GEMMs (batch-1 steps), equal the gather + SDPA path. Skipped where
+Triton is not installed (CPU-only installs, as CI's); on CUDA the same self-check guards the kernels at startup."""
 
 from __future__ import annotations
 
@@ -22,12 +23,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine.cuda_graphs import DecodeConfig, DecodeGraphs
-from models import paged_attention
+from models import paged_attention, quant_kernels
 from models.llama import Llama
 
 cpu = torch.device("cpu")
 for heads, kv_heads, head_dim in ((9, 3, 64), (4, 1, 128)):
     assert paged_attention.self_check(cpu, torch.float32, heads, kv_heads, head_dim, 16) is None
+assert quant_kernels._fused_agrees(cpu, torch.float32, quantized=True)
+assert quant_kernels._fused_agrees(cpu, torch.float32, quantized=False)
+quant_kernels._checked["fused-float", "cpu", torch.float32] = True  # fused GEMMs in fp32 on CPU, interpreted
 
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -36,8 +40,11 @@ model = Llama.from_hf(config, LlamaForCausalLM(config).state_dict())
 model.fuse_projections()
 tokens = torch.randint(0, 300, (3, 40)).tolist()
 tables = [list(range(1 + 4 * i, 5 + 4 * i)) for i in range(3)]
+assert all(layer.fused_gemms for layer in model.layers)
 logits = {}
-for paged in (False, True):
+for paged, fused in ((False, False), (True, False), (True, True)):
+    for layer in model.layers:
+        layer.fused_gemms = fused
     cache = (torch.zeros(2, 64 * 16, 2, 32), torch.zeros(2, 64 * 16, 2, 32))
     graphs = DecodeGraphs(model, cache, 16, DecodeConfig(max_num_seqs=4, max_model_len=256), cpu)
     graphs.paged_kernel = paged
@@ -48,16 +55,20 @@ for paged in (False, True):
             out.append(graphs.replay(*graphs.stage_rows(rows, 1), 1)[1][:3].clone())
         rows = [(tokens[b][30:34], 30, tables[b]) for b in range(3)]
         out.append(graphs.replay(*graphs.stage_rows(rows, 4), 4)[1][:12].clone())
-    logits[paged] = torch.cat(out)
-error = float((logits[True] - logits[False]).abs().max())
-assert error < 1e-4, error
-print("ok", error)
+        for pos in range(34, 40):  # the first sequence alone: batch-1 steps, where the fused GEMMs run
+            alone = graphs.stage_rows([(tokens[0][pos : pos + 1], pos, tables[0])], 1)
+            out.append(graphs.replay(*alone, 1)[1][:1].clone())
+    logits[paged, fused] = torch.cat(out)
+errors = [float((logits[key] - logits[False, False]).abs().max()) for key in ((True, False), (True, True))]
+assert max(errors) < 1e-4, errors
+print("ok", errors)
 """
 
 
 def test_paged_kernels_match_the_sdpa_path_under_the_interpreter() -> None:
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1"}
+    path = os.pathsep.join(filter(None, (str(root), os.environ.get("PYTHONPATH"))))  # Triton may come from there
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok")
