@@ -201,14 +201,16 @@ def pick_config(m: int, n: int, k: int) -> Config:
 
 
 GemvConfig = tuple[int, int, int]  # BN, BK, num_warps
-GEMV_MAX_WEIGHTS = 1 << 22
-"""Weights of at most this many elements take the one-row fused kernel (every GEMM of the 135M model, the 1.7B's
-o_proj); larger ones outrun it with the tiled GEMM plus separate norm/add kernels, except after SwiGLU, whose two
-elementwise kernels it saves too (load_tests/results/fused_decode/README.md, "Fused GEMMs at batch 1")."""
+GEMV_MAX_INT8 = 1 << 22
+GEMV_MAX_FLOAT = 1 << 25
+"""Weights of at most this many elements (int8 / bf16) take the one-row fused kernel: every GEMM of the 135M model
+and of the 1.7B in bf16; the 1.7B's larger int8 GEMMs are faster tiled, with separate norm/add kernels, except after
+SwiGLU, whose two elementwise kernels the fused kernel saves too (load_tests/results/fused_decode/README.md,
+"Fused GEMMs at batch 1")."""
 
 
-def gemv_pays(n: int, k: int, swiglu: bool) -> bool:
-    return swiglu or n * k <= GEMV_MAX_WEIGHTS
+def gemv_pays(n: int, k: int, swiglu: bool, quantized: bool) -> bool:
+    return swiglu or n * k <= (GEMV_MAX_INT8 if quantized else GEMV_MAX_FLOAT)
 
 
 def pick_gemv(k: int) -> GemvConfig:
@@ -277,7 +279,7 @@ def fused_matmul(
     assert triton is not None and weight.is_contiguous() and x.stride(-1) == 1
     n, k = weight.shape
     assert x.shape[-1] == (2 * k if swiglu else k)
-    if x.shape[0] != 1 or not (gemv or gemv_pays(n, k, swiglu)):
+    if x.shape[0] != 1 or not (gemv or gemv_pays(n, k, swiglu, quantized=scale is not None)):
         if norm_weight is not None:
             x = torch.nn.functional.rms_norm(x, x.shape[-1:], norm_weight, eps)
         if swiglu:
