@@ -6,7 +6,9 @@ steps captured as CUDA graphs of the eager step ("eager") and of the ``torch.com
 ("compiled", ``EngineConfig.compile_decode``). For each: build time (compile + capture), logits against
 HF transformers on the same weights (bf16 and an fp32 reference), batch-1 ms per step, kernel count
 and summed kernel time of one step at batch 1, 8, 64 and 256, and engine-level throughput at 1, 16, 64
-and 256 concurrent requests of 128 new tokens (no HTTP; load_tests/gpu_bench.py's closed loop).
+and 256 concurrent requests of 128 new tokens (no HTTP; load_tests/gpu_bench.py's closed loop). ``--step`` picks
+eager and/or compiled steps; ``--gemms unfused fused`` builds each also without the batch-1 fused GEMMs
+(models/quant_kernels.py ``fused_matmul``), which are on by default where the layers allow.
 
     python -m load_tests.fused_decode_bench --tokenizer .bench/tok-smollm2 --out load_tests/results/fused_decode
 

@@ -269,8 +269,10 @@ class DecoderLayer(nn.Module):
         self.fused_gemms = False  # set by Llama.fuse_projections
 
     def forward(self, x: Tensor, shared: LayerInputs, kv: tuple[Tensor, Tensor]) -> Tensor:
-        one_row = x.shape[0] * x.shape[1] == 1  # decode at batch 1, where a step is launch-bound
-        if self.fused_gemms and one_row and shared.meta.context_lens is not None and self._fused_kernel_runs(x):
+        # A paged decode step (CUDA) of one row, where a step is launch-bound; the shape is looked at last, so
+        # other steps' compiled graphs get no guard on it.
+        paged = self.fused_gemms and shared.meta.context_lens is not None
+        if paged and x.shape[0] * x.shape[1] == 1 and self._fused_kernel_runs(x):
             return self._fused_forward(x, shared, kv)
         x = x + self.self_attn(self.input_layernorm(x), shared, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
