@@ -233,9 +233,15 @@ class Attention(nn.Module):
         k_cache, v_cache = kv
         cos, sin = shared.cos.reshape(rows, d), shared.sin.reshape(rows, d)
         q = rope_write_kv(qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, self.num_heads)
+        return self.attend_paged(q, shared, kv, width)
+
+    def attend_paged(self, q: Tensor, shared: LayerInputs, kv: tuple[Tensor, Tensor], width: int) -> Tensor:
+        """Paged attention of rotated queries [rows, heads, head_dim] whose keys and values are in the cache."""
+        meta = shared.meta
         assert meta.context_lens is not None
-        out = paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.block_size, width)
-        return out.view(rows, -1)
+        tables, lens = meta.block_tables, meta.context_lens
+        out = paged_decode_attention(q, kv[0], kv[1], tables, lens, meta.block_size, width)
+        return out.view(q.shape[0], -1)
 
 
 class MLP(nn.Module):
@@ -279,11 +285,12 @@ class DecoderLayer(nn.Module):
 
     def can_fuse_gemms(self) -> bool:
         """Whether every GEMM of the layer takes :func:`models.quant_kernels.fused_matmul`'s one-row kernel: fused
-        projections of int8 weight-only or float weights, without bias (not sharded, not another format), small
-        enough for that kernel to pay (other layers stay as inductor fuses them: measured no slower)."""
+        projections, all of int8 weight-only or all of float weights, without bias (not sharded, not another
+        format), small enough for that kernel to pay (other layers stay as inductor fuses them: measured no slower)."""
         attn, mlp = self.self_attn, self.mlp
         forms = ((attn.qkv_proj, False), (attn.o_proj, False), (mlp.gate_up_proj, False), (mlp.down_proj, True))
-        return all(
+        quantized = {isinstance(p, QuantLinear) for p, _ in forms}  # one kind per layer: one self-check answers
+        return len(quantized) == 1 and all(
             _plain_gemm(p) and quant_kernels.gemv_pays(*_weight_shape(p), swiglu, isinstance(p, QuantLinear))
             for p, swiglu in forms
         )
@@ -292,32 +299,41 @@ class DecoderLayer(nn.Module):
         return quant_kernels.fused_usable(x.device, x.dtype, quantized=isinstance(self.mlp.down_proj, QuantLinear))
 
     def _fused_forward(self, x: Tensor, shared: LayerInputs, kv: tuple[Tensor, Tensor]) -> Tensor:
-        """A batch-1 decode step of the layer in six launches (CUDA): each GEMM takes in the norm before it, the
-        SwiGLU before it or the residual add after it (:func:`models.quant_kernels.fused_matmul`, where that pays
-        for the weight's size), around the paged attention's two kernels."""
+        """A batch-1 decode step of the layer in five launches (CUDA): norm → q/k/v → RoPE → cache write
+        (:func:`models.quant_kernels.norm_qkv_rope`), paged attention, then GEMMs that take in the residual add
+        after them or the norm or SwiGLU before them (:func:`models.quant_kernels.fused_matmul`)."""
         b, t, hidden = x.shape
-        attn, mlp = self.self_attn, self.mlp
+        attn, mlp, norm = self.self_attn, self.mlp, self.input_layernorm
         x = x.reshape(b * t, hidden)
-        qkv = _gemm(x, attn.qkv_proj, norm=self.input_layernorm)
-        x = _gemm(attn.paged(qkv, shared, kv, t), attn.o_proj, residual=x)
+        weight, scale = _weights(attn.qkv_proj)
+        cos, sin = shared.cos.reshape(1, -1), shared.sin.reshape(1, -1)
+        slot, heads = shared.meta.slot_mapping, attn.num_heads
+        q = quant_kernels.norm_qkv_rope(x, weight, scale, norm.weight, norm.eps, cos, sin, slot, *kv, heads)
+        x = _gemm(attn.attend_paged(q, shared, kv, t), attn.o_proj, residual=x)
         gate_up = _gemm(x, mlp.gate_up_proj, norm=self.post_attention_layernorm)
         return _gemm(gate_up, mlp.down_proj, swiglu=True, residual=x).view(b, t, hidden)
 
 
 def _plain_gemm(linear: nn.Module | None) -> bool:
     if isinstance(linear, QuantLinear):
-        return linear.method == "int8-wo" and linear.bias is None
-    return type(linear) is nn.Linear and linear.bias is None
+        return linear.method == "int8-wo" and linear.bias is None and linear.qweight.is_contiguous()
+    return type(linear) is nn.Linear and linear.bias is None and linear.weight.is_contiguous()
 
 
 def _weight_shape(linear: nn.Module) -> tuple[int, int]:
     return linear.out_features, linear.in_features  # type: ignore[return-value]
 
 
+def _weights(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
+    if isinstance(linear, QuantLinear):
+        return linear.qweight, linear.scale
+    return linear.weight, None  # type: ignore[return-value]
+
+
 def _gemm(
     x: Tensor, linear: nn.Module, norm: RMSNorm | None = None, swiglu: bool = False, residual: Tensor | None = None
 ) -> Tensor:
-    weight, scale = (linear.qweight, linear.scale) if isinstance(linear, QuantLinear) else (linear.weight, None)
+    weight, scale = _weights(linear)
     norm_weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
     return quant_kernels.fused_op(x, weight, scale, norm_weight, eps, swiglu, residual)
 

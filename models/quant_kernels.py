@@ -155,6 +155,76 @@ if triton is not None:
         tl.store(out_ptr + rn[None, :], out, mask=n_ok[None, :])
 
     @triton.jit
+    def _gemv_rope_kernel(
+        x_ptr,  # [1, K] the layer's input, normalized in the prologue
+        w_ptr,  # [(H + 2·KVH)·D, K] the fused q/k/v projection: int8 (with scale_ptr) or bf16/fp16
+        scale_ptr,
+        norm_ptr,  # [K]
+        cos_ptr,  # [D] RoPE at the token's position
+        sin_ptr,  # [D] signed (first half negated), as models/llama.py's tables
+        slot_ptr,  # [1] the token's cache slot
+        q_ptr,  # [H, D] out: rotated queries
+        k_ptr,  # [slots, KVH, D] cache
+        v_ptr,
+        K, eps,
+        H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
+    ):  # fmt: skip
+        """:func:`_gemv_kernel`'s norm → GEMM for the q/k/v projection, with RoPE and the cache write as its
+        epilogue (models/paged_attention.py's ``rope_write_kv`` otherwise: one launch less per layer). Each
+        program computes ``BP`` column pairs (j, j + D/2) of a head, the two halves rotate-half RoPE mixes."""
+        HALF: tl.constexpr = D // 2
+        p = tl.program_id(0) * BP + tl.arange(0, BP)
+        p_ok = p < (H + 2 * KVH) * HALF
+        head = p // HALF
+        j = p % HALF
+        lo = head * D + j  # column of the pair's first half; its second half is lo + HALF
+        rk = tl.arange(0, BK)
+        rm = tl.arange(0, 1)
+        dtype = q_ptr.dtype.element_ty
+        squares = tl.zeros([1], dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BK)):
+            kk = k * BK + rk
+            x = tl.load(x_ptr + kk[None, :], mask=(kk < K)[None, :], other=0.0).to(tl.float32)
+            squares += tl.sum(x * x, axis=1)
+        rstd = tl.rsqrt(squares / K + eps)
+        acc_lo = tl.zeros([1, BP], dtype=tl.float32)
+        acc_hi = tl.zeros([1, BP], dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BK)):
+            kk = k * BK + rk
+            k_ok = kk < K
+            x = _x_tile(x_ptr, rm, rm < 1, kk, k_ok, 0, K, norm_ptr, rstd, _NORM, dtype).to(tl.float32)
+            ok = p_ok[:, None] & k_ok[None, :]
+            w_lo = tl.load(w_ptr + lo[:, None] * K + kk[None, :], mask=ok, other=0).to(tl.float32)
+            w_hi = tl.load(w_ptr + (lo + HALF)[:, None] * K + kk[None, :], mask=ok, other=0).to(tl.float32)
+            acc_lo += tl.sum(x[:, None, :] * w_lo[None, :, :], axis=2)
+            acc_hi += tl.sum(x[:, None, :] * w_hi[None, :, :], axis=2)
+        if HAS_SCALE:
+            acc_lo = acc_lo * tl.load(scale_ptr + lo, mask=p_ok, other=0.0)[None, :]
+            acc_hi = acc_hi * tl.load(scale_ptr + lo + HALF, mask=p_ok, other=0.0)[None, :]
+        # The projection rounded to the model's dtype first, as the unfused GEMM's output is, then rotated in fp32.
+        a = tl.sum(acc_lo.to(dtype).to(tl.float32), axis=0)
+        b = tl.sum(acc_hi.to(dtype).to(tl.float32), axis=0)
+        rotate = head < H + KVH
+        cos_lo, sin_lo = tl.load(cos_ptr + j).to(tl.float32), tl.load(sin_ptr + j).to(tl.float32)
+        cos_hi, sin_hi = tl.load(cos_ptr + j + HALF).to(tl.float32), tl.load(sin_ptr + j + HALF).to(tl.float32)
+        y_lo = tl.where(rotate, a * cos_lo + b * sin_lo, a)
+        y_hi = tl.where(rotate, b * cos_hi + a * sin_hi, b)
+        slot = tl.load(slot_ptr)
+        is_q = p_ok & (head < H)
+        is_k = p_ok & (head >= H) & rotate
+        is_v = p_ok & (head >= H + KVH)
+        q_at = q_ptr + tl.where(is_q, head, 0) * D + j
+        tl.store(q_at, y_lo.to(dtype), mask=is_q)
+        tl.store(q_at + HALF, y_hi.to(dtype), mask=is_q)
+        k_at = k_ptr + (slot * KVH + tl.where(is_k, head - H, 0)) * D + j
+        tl.store(k_at, y_lo.to(k_ptr.dtype.element_ty), mask=is_k)
+        tl.store(k_at + HALF, y_hi.to(k_ptr.dtype.element_ty), mask=is_k)
+        v_at = v_ptr + (slot * KVH + tl.where(is_v, head - H - KVH, 0)) * D + j
+        tl.store(v_at, y_lo.to(v_ptr.dtype.element_ty), mask=is_v)
+        tl.store(v_at + HALF, y_hi.to(v_ptr.dtype.element_ty), mask=is_v)
+
+    @triton.jit
     def _row_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_x, BLOCK: tl.constexpr):
         """One row per program: absmax → scale, x / scale → fp8. Rows ≥ M (cuBLASLt wants 16-row
         multiples) get zeros."""
@@ -277,6 +347,7 @@ def fused_matmul(
     :func:`gemv_pays` for, one launch (:func:`_gemv_kernel`) instead of norm, GEMM, SwiGLU and add as separate
     kernels; otherwise those separate kernels around the int8 weight-only GEMM or cuBLAS."""
     assert triton is not None and weight.is_contiguous() and x.stride(-1) == 1
+    assert residual is None or residual.stride(-1) == 1
     n, k = weight.shape
     assert x.shape[-1] == (2 * k if swiglu else k)
     if x.shape[0] != 1 or not (gemv or gemv_pays(n, k, swiglu, quantized=scale is not None)):
@@ -296,6 +367,57 @@ def fused_matmul(
         BN=bn, BK=bk, PROLOGUE=prologue, HAS_SCALE=scale is not None, RESIDUAL=residual is not None, num_warps=warps,
     )  # fmt: skip
     return out
+
+
+@torch.library.custom_op("lowlat::norm_qkv_rope", mutates_args=("k_cache", "v_cache"))
+def norm_qkv_rope(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor | None,
+    norm_weight: Tensor,
+    eps: float,
+    cos: Tensor,
+    sin: Tensor,
+    slot: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    heads: int,
+) -> Tensor:
+    """One row's attention inputs in one launch: RMSNorm, the fused q/k/v projection, RoPE on queries and keys,
+    keys and values written to the cache at ``slot``; returns the rotated queries [1, heads, D]. x: [1, K];
+    weight: [(heads + 2·KVH)·D, K] (int8 with ``scale``, or float); cos/sin: [1, D] (sin signed as in
+    models/llama.py's tables); caches: [slots, KVH, D]."""
+    assert triton is not None and weight.is_contiguous() and x.shape[0] == 1 and x.stride(-1) == 1
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "the kernel addresses the caches by slot"
+    kv_heads, dim = k_cache.shape[1], k_cache.shape[2]
+    n, k = weight.shape
+    assert n == (heads + 2 * kv_heads) * dim and dim % 2 == 0
+    q = torch.empty(1, heads, dim, dtype=x.dtype, device=x.device)
+    bn, bk, warps = pick_gemv(k)
+    pairs = bn // 2
+    _gemv_rope_kernel[(triton.cdiv(n // 2, pairs),)](
+        x, weight, scale if scale is not None else weight, norm_weight, cos.contiguous(), sin.contiguous(), slot, q,
+        k_cache, v_cache, k, eps, H=heads, KVH=kv_heads, D=dim, BP=pairs, BK=bk, HAS_SCALE=scale is not None,
+        num_warps=warps,
+    )  # fmt: skip
+    return q
+
+
+@norm_qkv_rope.register_fake
+def _(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor | None,
+    norm_weight: Tensor,
+    eps: float,
+    cos: Tensor,
+    sin: Tensor,
+    slot: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    heads: int,
+) -> Tensor:
+    return x.new_empty(1, heads, k_cache.shape[2])
 
 
 @torch.library.custom_op("lowlat::fused_matmul", mutates_args=())
@@ -432,7 +554,7 @@ def _fp8_agrees(device: torch.device, dtype: torch.dtype) -> bool:
 def _fused_agrees(device: torch.device, dtype: torch.dtype, quantized: bool) -> bool:
     try:
         gen = torch.Generator(device="cpu").manual_seed(0)
-        n, k = 200, 328
+        n, k = 203, 1100  # partial tiles in N and in K
         w = torch.randn(n, k, generator=gen) / 10
         scale = w.abs().amax(dim=1) / 127.0
         q = (w / scale[:, None]).round().to(torch.int8)
@@ -453,7 +575,40 @@ def _fused_agrees(device: torch.device, dtype: torch.dtype, quantized: bool) -> 
                     "fused GEMM disagrees with the reference (%d rows, %s, %s: error %.3g)", rows, gemv, kwargs, err
                 )
                 return False
-        return True
+        return _norm_qkv_rope_agrees(device, dtype, quantized, gen)
     except Exception as exc:  # a Triton/driver problem must not take the server down
         log.warning("fused GEMM unavailable: %s: %s", type(exc).__name__, exc)
         return False
+
+
+def _norm_qkv_rope_agrees(device: torch.device, dtype: torch.dtype, quantized: bool, gen: torch.Generator) -> bool:
+    """:func:`norm_qkv_rope` against norm → GEMM (:func:`fused_reference`) → RoPE as models/llama.py applies it →
+    a plain cache write, with both tiles pick_gemv returns (K below and above 1024)."""
+    from models.llama import apply_rope  # imported here: models/llama.py imports this module
+
+    heads, kv_heads, dim, slots = 3, 1, 16, 12
+    n = (heads + 2 * kv_heads) * dim
+    for k in (328, 1100):
+        w = torch.randn(n, k, generator=gen) / 10
+        scale = w.abs().amax(dim=1) / 127.0
+        q8 = (w / scale[:, None]).round().to(torch.int8)
+        weight, scale = (q8.to(device), scale.to(device)) if quantized else (w.to(device, dtype), None)
+        x = torch.randn(1, k, generator=gen).to(device, dtype)
+        norm = (1 + torch.randn(k, generator=gen) / 4).to(device, dtype)
+        angles = torch.rand(1, dim, generator=gen) * 6.3
+        cos, sin = angles.cos(), angles.sin() * torch.cat([-torch.ones(dim // 2), torch.ones(dim // 2)])
+        slot = torch.tensor([5], device=device)
+        k_cache = torch.zeros(slots, kv_heads, dim, device=device, dtype=dtype)
+        v_cache = torch.zeros_like(k_cache)
+        dev_cos, dev_sin = cos.to(device, dtype), sin.to(device, dtype)
+        got_q = norm_qkv_rope(x, weight, scale, norm, 1e-5, dev_cos, dev_sin, slot, k_cache, v_cache, heads)
+        qkv = fused_reference(x, weight, scale, norm_weight=norm, eps=1e-5).float().cpu()
+        rotated = apply_rope(qkv[:, : (heads + kv_heads) * dim].view(1, 1, -1, dim), cos[:, None], sin[:, None])[0, 0]
+        want_k, want_v = torch.zeros(k_cache.shape), torch.zeros(k_cache.shape)
+        want_k[5], want_v[5] = rotated[heads:], qkv[0, (heads + kv_heads) * dim :].view(kv_heads, dim)
+        for name, got, want in (("q", got_q[0], rotated[:heads]), ("k", k_cache, want_k), ("v", v_cache, want_v)):
+            err = float((got.float().cpu() - want).norm() / want.norm())
+            if not err < 1e-2:
+                log.warning("fused norm + QKV + RoPE disagrees with the reference (K=%d, %s: error %.3g)", k, name, err)
+                return False
+    return True

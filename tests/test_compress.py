@@ -238,6 +238,10 @@ def test_fused_gemms_only_where_every_gemm_takes_the_one_row_kernel() -> None:
     assert all(layer.fused_gemms for layer in built(576, 1536).layers)  # the 135M model's shapes
     assert all(layer.fused_gemms for layer in built(64, 256, "int8-wo").layers)
     assert not any(layer.fused_gemms for layer in built(64, 256, "int8").layers)  # activations quantized per token
+    mixed = built(64, 256, "int8-wo")
+    mixed.layers[0].mlp.down_proj = nn.Linear(256, 64, bias=False, device="meta")
+    mixed.fuse_projections()
+    assert [layer.fused_gemms for layer in mixed.layers] == [False, True]  # one weight kind per fused layer
     assert all(layer.fused_gemms for layer in built(2048, 8192).layers)  # the 1.7B model's shapes in bf16
     assert not any(layer.fused_gemms for layer in built(2048, 8192, "int8-wo").layers)  # its int8 qkv, gate_up
     model = built(64, 256)  # the switch a benchmark turns off

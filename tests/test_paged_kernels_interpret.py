@@ -37,6 +37,10 @@ torch.manual_seed(0)
 config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 model = Llama.from_hf(config, LlamaForCausalLM(config).state_dict())
+with torch.no_grad():  # norm weights other than HF's ones, so the fused kernels' use of them is checked too
+    for layer in model.layers:
+        layer.input_layernorm.weight.uniform_(0.5, 1.5)
+        layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
 model.fuse_projections()
 tokens = torch.randint(0, 300, (3, 40)).tolist()
 tables = [list(range(1 + 4 * i, 5 + 4 * i)) for i in range(3)]
@@ -59,9 +63,10 @@ for paged, fused in ((False, False), (True, False), (True, True)):
             alone = graphs.stage_rows([(tokens[0][pos : pos + 1], pos, tables[0])], 1)
             out.append(graphs.replay(*alone, 1)[1][:1].clone())
     logits[paged, fused] = torch.cat(out)
-errors = [float((logits[key] - logits[False, False]).abs().max()) for key in ((True, False), (True, True))]
-assert max(errors) < 1e-4, errors
-print("ok", errors)
+paged = float((logits[True, False] - logits[False, False]).abs().max())
+fused = float((logits[True, True] - logits[True, False]).abs().max() / logits[True, False].abs().max())
+assert paged < 1e-4 and fused < 1e-5, (paged, fused)
+print("ok", paged, fused)
 """
 
 
