@@ -1,11 +1,11 @@
-"""One decoder layer's GEMMs at decode sizes, fused forms against unfused ones, kernel by kernel (issue 15).
+"""One decoder layer's GEMMs at batch 1, fused forms against unfused ones, kernel by kernel (issue 15).
 
-For the S and L shapes (SmolLM2-135M and -1.7B) and a few row counts, each of the three forms a decoder layer
-uses (RMSNorm → GEMM; GEMM → residual add; SwiGLU → GEMM → residual add) runs as the unfused layer runs it
-(separate norm / SwiGLU / add kernels around the int8 weight-only GEMM or cuBLAS), and as
-:func:`models.quant_kernels.fused_matmul` as it picks its way and with each candidate tile of its one-row
-kernel. Each variant is timed as a CUDA graph of
-``--chain`` launches replayed many times (as a decode step's graph runs them): microseconds per form.
+For the S and L shapes (SmolLM2-135M and -1.7B) at one row (a batch-1 decode step), each of the three forms a
+decoder layer uses (RMSNorm → GEMM; GEMM → residual add; SwiGLU → GEMM → residual add) runs as the unfused layer
+runs it (separate norm / SwiGLU / add kernels around the int8 weight-only GEMM or cuBLAS), and as
+:func:`models.quant_kernels.fused_matmul` with the tile it picks and with each candidate tile. Each variant is
+timed as a CUDA graph of ``--chain`` launches replayed many times (as a decode step's graph runs them):
+microseconds per form.
 
     python -m load_tests.fused_gemm_bench --out load_tests/results/fused_decode/gemm
 
@@ -80,54 +80,51 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             q = (w / scale[:, None]).round().to(torch.int8).to(dev)
             scale, wb = scale.to(dev), w.to(dev, dtype)
             norm = torch.ones(k, device=dev, dtype=dtype)
-            for m in args.rows:
-                x = torch.randn(m, 2 * k if form == "swiglu" else k, generator=gen).to(dev, dtype)
-                res = torch.randn(m, n, generator=gen).to(dev, dtype)
-                kw: dict[str, Any] = {
-                    "norm": {"norm_weight": norm, "eps": 1e-5},
-                    "residual": {"residual": res},
-                    "swiglu": {"swiglu": True, "residual": res},
-                }[form]
-                for weights, (weight, s) in (("int8-wo", (q, scale)), ("bf16", (wb, None))):
-                    gemm = (lambda a, weight=weight, s=s: qk.w8a16_matmul(a, weight, s)) if s is not None else (
-                        lambda a, weight=weight: F.linear(a, weight))  # fmt: skip
+            x = torch.randn(1, 2 * k if form == "swiglu" else k, generator=gen).to(dev, dtype)
+            res = torch.randn(1, n, generator=gen).to(dev, dtype)
+            kw: dict[str, Any] = {
+                "norm": {"norm_weight": norm, "eps": 1e-5},
+                "residual": {"residual": res},
+                "swiglu": {"swiglu": True, "residual": res},
+            }[form]
+            for weights, (weight, s) in (("int8-wo", (q, scale)), ("bf16", (wb, None))):
+                gemm = (lambda a, weight=weight, s=s: qk.w8a16_matmul(a, weight, s)) if s is not None else (
+                    lambda a, weight=weight: F.linear(a, weight))  # fmt: skip
 
-                    def unfused(gemm=gemm, x=x, res=res, form=form, norm=norm) -> Tensor:
-                        if form == "norm":
-                            return gemm(F.rms_norm(x, x.shape[-1:], norm, 1e-5))
-                        a = x
-                        if form == "swiglu":
-                            gate, up = x.chunk(2, dim=-1)
-                            a = F.silu(gate) * up
-                        return res + gemm(a)
+                def unfused(gemm=gemm, x=x, res=res, form=form, norm=norm) -> Tensor:
+                    if form == "norm":
+                        return gemm(F.rms_norm(x, x.shape[-1:], norm, 1e-5))
+                    a = x
+                    if form == "swiglu":
+                        gate, up = x.chunk(2, dim=-1)
+                        a = F.silu(gate) * up
+                    return res + gemm(a)
 
-                    row: dict[str, Any] = {"model": model, "gemm": name, "n": n, "k": k, "rows": m,
-                                           "weights": weights, "form": form}  # fmt: skip
-                    row["unfused_us"] = graph_us(unfused, args.chain, args.replays)
-                    row["gemm_only_us"] = graph_us(lambda gemm=gemm, x=x, k=k: gemm(x[:, :k]), args.chain, args.replays)
-                    want = qk.fused_reference(x, weight, s, **kw).float()
-                    variants: dict[str, Any] = {"picked": {}}  # what fused_matmul does by itself
-                    if m == 1:
-                        variants.update({f"gemv{c}": {"gemv": c} for c in GEMV_CANDIDATES})
-                    for label, extra in variants.items():
+                row: dict[str, Any] = {"model": model, "gemm": name, "n": n, "k": k, "rows": 1,
+                                       "weights": weights, "form": form}  # fmt: skip
+                row["unfused_us"] = graph_us(unfused, args.chain, args.replays)
+                row["gemm_only_us"] = graph_us(lambda gemm=gemm, x=x, k=k: gemm(x[:, :k]), args.chain, args.replays)
+                want = qk.fused_reference(x, weight, s, **kw).float()
+                variants: dict[str, Any] = {"picked": {}}  # fused_matmul with its own tile (pick_gemv)
+                variants.update({f"gemv{c}": {"gemv": c} for c in GEMV_CANDIDATES})
+                for label, extra in variants.items():
 
-                        def fused(x=x, weight=weight, s=s, kw=kw, extra=extra) -> Tensor:
-                            return qk.fused_matmul(x, weight, s, **kw, **extra)
+                    def fused(x=x, weight=weight, s=s, kw=kw, extra=extra) -> Tensor:
+                        return qk.fused_matmul(x, weight, s, **kw, **extra)
 
-                        err = float((fused().float() - want).norm() / want.norm())
-                        row[label] = {"us": graph_us(fused, args.chain, args.replays), "rel_err": err}
-                    best = min((v["us"], lbl) for lbl, v in row.items() if isinstance(v, dict))
-                    print(f"{model} {name:8s} m={m:3d} {weights:8s} unfused {row['unfused_us']:6.2f} us "
-                          f"(GEMM alone {row['gemm_only_us']:6.2f}); picked {row['picked']['us']:6.2f}; best {best[1]} "
-                          f"{best[0]:6.2f}", flush=True)  # fmt: skip
-                    rows_out.append(row)
+                    err = float((fused().float() - want).norm() / want.norm())
+                    row[label] = {"us": graph_us(fused, args.chain, args.replays), "rel_err": err}
+                best = min((v["us"], lbl) for lbl, v in row.items() if isinstance(v, dict))
+                print(f"{model} {name:8s} {weights:8s} unfused {row['unfused_us']:6.2f} us "
+                      f"(GEMM alone {row['gemm_only_us']:6.2f}); picked {row['picked']['us']:6.2f}; best {best[1]} "
+                      f"{best[0]:6.2f}", flush=True)  # fmt: skip
+                rows_out.append(row)
     return rows_out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--rows", nargs="+", type=int, default=[1])
     p.add_argument("--chain", type=int, default=60)
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--out", type=Path, required=True)
