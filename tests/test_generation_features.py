@@ -83,8 +83,10 @@ async def test_json_schema_outputs_validate(
     client: httpx.AsyncClient, runtime: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """n sampled choices per schema (and prompt), every one parses and validates. The model lays JSON out as
-    it likes (within bounds): a nested order takes up to ~140 tokens, more than the test server's limit."""
-    monkeypatch.setattr(runtime, "settings", runtime.settings.model_copy(update={"max_new_tokens": 160}))
+    it likes (within bounds): a nested order takes up to ~140 tokens, more than the test server's limit; and 8
+    such choices took longer than the default 120 s deadline on a 2-vCPU CPU without AVX-512."""
+    update = {"max_new_tokens": 160, "request_timeout_s": 600.0}
+    monkeypatch.setattr(runtime, "settings", runtime.settings.model_copy(update=update))
     prompts = ["Describe a customer as JSON.", "Extract the order from: two lamps for Ann Lee, urgent."]
     for schema in SCHEMAS:
         for prompt in prompts:
