@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
+from load_tests.graph_timing import capture, graph_us
 from models.tensor_parallel import NO_MULTICAST, AllReduce, init_group, make_all_reduce
 
 SIZES = (1 * 4096, 16 * 4096, 64 * 4096, 256 * 4096)  # bf16 elements: batch x hidden of the 8B-class model
@@ -51,38 +52,9 @@ def time_eager(fn: Callable[[Tensor], Tensor], x: Tensor, n: int = 200) -> float
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def capture(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
-    """``fn`` warmed up on a side stream, then captured (as engine/cuda_graphs.py captures a step)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph
-
-
 def time_graph(fn: Callable[[Tensor], Tensor], x: Tensor) -> float:
     """Microseconds per all-reduce in a graph of CHAIN of them (one decode step's worth)."""
-
-    def chain() -> None:
-        for _ in range(CHAIN):
-            fn(x)
-
-    graph = capture(chain)
-    for _ in range(5):
-        graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (REPLAYS * CHAIN)
+    return graph_us(lambda: fn(x), CHAIN, REPLAYS)
 
 
 def compare(got: Tensor, want: Tensor) -> dict[str, object]:
