@@ -252,7 +252,7 @@ class DecodeGraphs:
         hidden = hidden[:, 0] if q == 1 else hidden.flatten(0, 1)
         if not self.logits:
             return hidden, hidden
-        logits = self.model.logits(hidden)
+        logits = self.model.logits(hidden, one_sequence=batch == 1 and self.paged_kernel)
         return logits.argmax(dim=-1), logits
 
     def _capture(self, key: tuple[int, int, int]) -> None:

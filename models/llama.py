@@ -275,16 +275,17 @@ class DecoderLayer(nn.Module):
         self.fused_gemms = False  # set by Llama.fuse_projections
 
     def forward(self, x: Tensor, shared: LayerInputs, kv: tuple[Tensor, Tensor]) -> Tensor:
-        # A paged decode step (CUDA) of one row, where a step is launch-bound; the shape is looked at last, so
-        # other steps' compiled graphs get no guard on it.
+        # A paged step (CUDA) of one sequence, where a step is launch-bound: decode, or verification of its
+        # drafts. The shape is looked at last, so other steps' compiled graphs get no guard on it (their batch is
+        # static at 1 or dynamic from 2).
         paged = self.fused_gemms and shared.meta.context_lens is not None
-        if paged and x.shape[0] * x.shape[1] == 1 and self._fused_kernel_runs(x):
+        if paged and x.shape[0] == 1 and self._fused_kernel_runs(x):
             return self._fused_forward(x, shared, kv)
         x = x + self.self_attn(self.input_layernorm(x), shared, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def can_fuse_gemms(self) -> bool:
-        """Whether every GEMM of the layer takes :func:`models.quant_kernels.fused_matmul`'s one-row kernel: fused
+        """Whether every GEMM of the layer takes :func:`models.quant_kernels.fused_matmul`'s kernel: fused
         projections, all of int8 weight-only or all of float weights, without bias (not sharded, not another
         format), small enough for that kernel to pay (other layers stay as inductor fuses them: measured no slower)."""
         attn, mlp = self.self_attn, self.mlp
@@ -299,14 +300,15 @@ class DecoderLayer(nn.Module):
         return quant_kernels.fused_usable(x.device, x.dtype, quantized=isinstance(self.mlp.down_proj, QuantLinear))
 
     def _fused_forward(self, x: Tensor, shared: LayerInputs, kv: tuple[Tensor, Tensor]) -> Tensor:
-        """A batch-1 decode step of the layer in five launches (CUDA): norm → q/k/v → RoPE → cache write
+        """A batch-1 step of the layer in five launches (CUDA): norm → q/k/v → RoPE → cache write
         (:func:`models.quant_kernels.norm_qkv_rope`), paged attention, then GEMMs that take in the residual add
-        after them or the norm or SwiGLU before them (:func:`models.quant_kernels.fused_matmul`)."""
+        after them or the norm or SwiGLU before them (:func:`models.quant_kernels.fused_matmul`). Each position is
+        computed as a one-position step would compute it, so verifying drafts reproduces decoding bit for bit."""
         b, t, hidden = x.shape
         attn, mlp, norm = self.self_attn, self.mlp, self.input_layernorm
         x = x.reshape(b * t, hidden)
         weight, scale = _weights(attn.qkv_proj)
-        cos, sin = shared.cos.reshape(1, -1), shared.sin.reshape(1, -1)
+        cos, sin = shared.cos.reshape(b * t, -1), shared.sin.reshape(b * t, -1)
         slot, heads = shared.meta.slot_mapping, attn.num_heads
         q = quant_kernels.norm_qkv_rope(x, weight, scale, norm.weight, norm.eps, cos, sin, slot, *kv, heads)
         x = _gemm(attn.attend_paged(q, shared, kv, t), attn.o_proj, residual=x)
@@ -359,6 +361,7 @@ class Llama(nn.Module):
         # Decode steps on CUDA fold norms, SwiGLU and residual adds into the GEMMs where they can (DecoderLayer);
         # off only to measure without it (load_tests/fused_decode_bench.py).
         self.fold_into_gemms = True
+        self.fused_head = False  # set by fuse_projections: batch-1 steps' logits through the fused GEMM kernel
         cos, sin = rope_tables(args)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -387,6 +390,12 @@ class Llama(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
             layer.fused_gemms = self.fold_into_gemms and layer.can_fuse_gemms()
+        head = self.lm_head
+        self.fused_head = (
+            self.fold_into_gemms
+            and _plain_gemm(head)
+            and quant_kernels.gemv_pays(*_weight_shape(head), False, isinstance(head, QuantLinear))
+        )
 
     def forward(
         self,
@@ -414,5 +423,15 @@ class Llama(nn.Module):
                 x = layer(x, shared, (k_cache[i], v_cache[i]))
         return self.norm(x)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(hidden).float()
+    def logits(self, hidden: Tensor, one_sequence: bool = False) -> Tensor:
+        """Logits of hidden states [rows, hidden]. ``one_sequence``: the rows are the positions of one sequence's
+        paged step (decode or verification at batch 1), computed row by row by the fused GEMM kernel where it pays,
+        as the layers' are: a library GEMM may sum a row in another order at another row count (CPU and cuBLAS
+        do), and verifying drafts would then not reproduce decoding's choices."""
+        head = self.lm_head
+        if one_sequence and self.fused_head:
+            quantized = isinstance(head, QuantLinear)
+            if quant_kernels.fused_usable(hidden.device, hidden.dtype, quantized):
+                weight, scale = _weights(head)
+                return quant_kernels.fused_op(hidden, weight, scale, None, 0.0, False, None).float()
+        return head(hidden).float()

@@ -216,15 +216,15 @@ def test_self_check_covers_every_tile_the_kernel_may_pick() -> None:
 
 
 @pytest.mark.unit
-def test_fused_gemms_only_where_every_gemm_takes_the_one_row_kernel() -> None:
-    """Batch-1 decode steps fold norms, SwiGLU and residual adds into the GEMMs (CUDA) for layers of plain or
-    int8 weight-only projections whose weights are small enough for the one-row kernel to pay; a larger model's
-    layers, and other formats, keep the separate kernels."""
+def test_fused_gemms_only_where_every_gemm_takes_the_fused_kernel() -> None:
+    """Batch-1 steps fold norms, SwiGLU and residual adds into the GEMMs (CUDA) for layers of plain or int8
+    weight-only projections whose weights are small enough for the fused row-by-row kernel to pay; a larger
+    model's layers, and other formats, keep the separate kernels. The logits follow the same rule."""
     from models.llama import ModelArgs
     from models.quantize import fuse_quantized_projections, quantize_modules
 
-    def built(hidden: int, inter: int, method: str = "none") -> Llama:
-        args = ModelArgs(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_layers=2, num_heads=4,
+    def built(hidden: int, inter: int, method: str = "none", vocab: int = 256) -> Llama:
+        args = ModelArgs(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=2, num_heads=4,
                          num_kv_heads=2, head_dim=hidden // 4, rms_norm_eps=1e-5, rope_theta=1e4,
                          max_position=64, tie_word_embeddings=False)  # fmt: skip
         with torch.device("meta"):
@@ -236,6 +236,8 @@ def test_fused_gemms_only_where_every_gemm_takes_the_one_row_kernel() -> None:
         return model
 
     assert all(layer.fused_gemms for layer in built(576, 1536).layers)  # the 135M model's shapes
+    assert built(576, 1536, vocab=49152).fused_head  # its logits too, in bf16
+    assert not built(2048, 8192, vocab=49152).fused_head  # the 1.7B model's bf16 logits: too large to pay
     assert all(layer.fused_gemms for layer in built(64, 256, "int8-wo").layers)
     assert not any(layer.fused_gemms for layer in built(64, 256, "int8").layers)  # activations quantized per token
     mixed = built(64, 256, "int8-wo")
@@ -247,4 +249,4 @@ def test_fused_gemms_only_where_every_gemm_takes_the_one_row_kernel() -> None:
     model = built(64, 256)  # the switch a benchmark turns off
     model.fold_into_gemms = False
     model.fuse_projections()
-    assert not any(layer.fused_gemms for layer in model.layers)
+    assert not any(layer.fused_gemms for layer in model.layers) and not model.fused_head

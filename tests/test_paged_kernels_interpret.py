@@ -2,7 +2,8 @@
 RoPE fused with the KV-cache write; models/quant_kernels.py: GEMMs with the norm, SwiGLU or residual add folded
 in) run through Triton's interpreter on CPU tensors, in a child process (the interpreter is chosen when the
 kernels are defined, at import): their self-checks pass, and decode and verification steps of a tiny Llama
-through them, with and without the fused GEMMs (batch-1 steps), equal the gather + SDPA path. Skipped where
+through them, with and without the fused GEMMs (batch-1 steps), equal the gather + SDPA path; through the fused
+GEMMs a batch-1 verification step equals one-token steps bit for bit. Skipped where
 Triton is not installed (CPU-only installs, as CI's); on CUDA the same self-check guards the kernels at startup."""
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ model.fuse_projections()
 tokens = torch.randint(0, 300, (3, 40)).tolist()
 tables = [list(range(1 + 4 * i, 5 + 4 * i)) for i in range(3)]
 assert all(layer.fused_gemms for layer in model.layers)
-logits = {}
+logits, exact = {}, {}
 for paged, fused in ((False, False), (True, False), (True, True)):
     for layer in model.layers:
         layer.fused_gemms = fused
@@ -62,10 +63,18 @@ for paged, fused in ((False, False), (True, False), (True, True)):
         for pos in range(34, 40):  # the first sequence alone: batch-1 steps, where the fused GEMMs run
             alone = graphs.stage_rows([(tokens[0][pos : pos + 1], pos, tables[0])], 1)
             out.append(graphs.replay(*alone, 1)[1][:1].clone())
+        # The second sequence alone: a verification step four tokens wide, then one-token steps at its positions
+        # (over the keys and values it wrote), which the fused GEMMs must reproduce bit for bit.
+        verified = graphs.replay(*graphs.stage_rows([(tokens[1][30:34], 30, tables[1])], 4), 4)[1][:4].clone()
+        steps = [graphs.replay(*graphs.stage_rows([(tokens[1][p : p + 1], p, tables[1])], 1), 1)[1][:1].clone()
+                 for p in range(30, 34)]
+        exact[paged, fused] = torch.equal(verified, torch.cat(steps))
+        out += [verified, *steps]
     logits[paged, fused] = torch.cat(out)
 paged = float((logits[True, False] - logits[False, False]).abs().max())
 fused = float((logits[True, True] - logits[True, False]).abs().max() / logits[True, False].abs().max())
 assert paged < 1e-4 and fused < 1e-5, (paged, fused)
+assert exact[True, True], "a batch-1 verification step through the fused GEMMs differs from one-token steps"
 print("ok", paged, fused)
 """
 
