@@ -11,8 +11,11 @@ model, the process and the moment. Greedy decoding, so the two sides' texts can 
 Per request: decode tokens/s (tokens after the first over the time from first to last token) and end to
 end (all tokens over scheduling to last token); aggregate: all tokens over the level's wall time.
 Acceptance: accepted / proposed draft tokens (the engine's counters), and tokens per verifying row.
-Identical texts are expected on the float path (``--quantize none``); with 8-bit weights the wider
-verification forward and the one-token decode step round differently, and greedy near-ties can flip.
+Identical texts are expected on a GPU at concurrency 1, where a batch-1 verification step reproduces decode
+steps bit for bit (the fused GEMMs); elsewhere the wider verification forward and the one-token decode step may
+round differently, and greedy near-ties can flip. Prefix caching is off, so both
+sides prefill the same prompts alike (a cached prefix would leave the second side a shorter prefill chunk,
+rounded differently).
 
     python -m load_tests.spec_bench --device cpu --out load_tests/results/speculative/cpu
     python -m load_tests.spec_bench --device cuda --model dummy:smollm2-1.7b --out load_tests/results/speculative/h200
@@ -159,6 +162,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         speculative_tokens=args.k,
         draft_model=args.draft_model,
         gen_quantize=args.quantize,
+        enable_prefix_caching=False,  # both sides prefill alike (module docstring)
         **({"gen_prune": 0.0} if args.quantize == "none" else {}),  # float: unpruned; else the device's default
     )
     runtime = await asyncio.to_thread(Runtime.load, settings)
