@@ -1,6 +1,7 @@
 """One decoder layer's GEMMs at batch 1, fused forms against unfused ones, kernel by kernel (issue 15).
 
-For the S and L shapes (SmolLM2-135M and -1.7B) at one row (a batch-1 decode step), each of the three forms a
+For the S and L shapes (SmolLM2-135M and -1.7B) at one row (a batch-1 decode step) or ``--rows`` rows (a batch-1
+verification step's positions), each of the three forms a
 decoder layer uses (RMSNorm → GEMM; GEMM → residual add; SwiGLU → GEMM → residual add) runs as the unfused layer
 runs it (separate norm / SwiGLU / add kernels around the int8 weight-only GEMM or cuBLAS), and as
 :func:`models.quant_kernels.fused_matmul` with the tile it picks and with each candidate tile. Each variant is
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,37 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from load_tests.graph_timing import graph_us
 from models import quant_kernels as qk
 
 SHAPES = {  # hidden, intermediate, qkv width
     "S": (576, 1536, 960),
     "L": (2048, 8192, 6144),
 }
-GEMV_CANDIDATES = ((16, 512, 4), (8, 1024, 4), (32, 256, 4), (16, 1024, 8), (64, 128, 4), (4, 2048, 4))
-
-
-def graph_us(fn: Callable[[], Any], chain: int, replays: int) -> float:
-    """Microseconds per call of ``fn`` inside a CUDA graph of ``chain`` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(chain):
-            fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (replays * chain)
+GEMV_CANDIDATES = (
+    (16, 512, 4), (8, 1024, 4), (32, 256, 4), (16, 1024, 8), (64, 128, 4), (4, 2048, 4), (8, 1024, 8), (8, 512, 4),
+    (4, 1024, 4), (16, 512, 8),
+)  # fmt: skip
 
 
 def forms(hidden: int, inter: int, qkv: int) -> dict[str, tuple[int, int, str]]:
@@ -72,7 +52,7 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     dev, dtype = torch.device("cuda"), torch.bfloat16
     gen = torch.Generator(device="cpu").manual_seed(0)
     rows_out = []
-    for model in args.models:
+    for model, rows in ((m, r) for m in args.models for r in args.rows):
         hidden, inter, qkv = SHAPES[model]
         for name, (n, k, form) in forms(hidden, inter, qkv).items():
             w = torch.randn(n, k, generator=gen) / k**0.5
@@ -80,8 +60,8 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
             q = (w / scale[:, None]).round().to(torch.int8).to(dev)
             scale, wb = scale.to(dev), w.to(dev, dtype)
             norm = torch.ones(k, device=dev, dtype=dtype)
-            x = torch.randn(1, 2 * k if form == "swiglu" else k, generator=gen).to(dev, dtype)
-            res = torch.randn(1, n, generator=gen).to(dev, dtype)
+            x = torch.randn(rows, 2 * k if form == "swiglu" else k, generator=gen).to(dev, dtype)
+            res = torch.randn(rows, n, generator=gen).to(dev, dtype)
             kw: dict[str, Any] = {
                 "norm": {"norm_weight": norm, "eps": 1e-5},
                 "residual": {"residual": res},
@@ -100,7 +80,7 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                         a = F.silu(gate) * up
                     return res + gemm(a)
 
-                row: dict[str, Any] = {"model": model, "gemm": name, "n": n, "k": k, "rows": 1,
+                row: dict[str, Any] = {"model": model, "gemm": name, "n": n, "k": k, "rows": rows,
                                        "weights": weights, "form": form}  # fmt: skip
                 row["unfused_us"] = graph_us(unfused, args.chain, args.replays)
                 row["gemm_only_us"] = graph_us(lambda gemm=gemm, x=x, k=k: gemm(x[:, :k]), args.chain, args.replays)
@@ -115,7 +95,7 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                     err = float((fused().float() - want).norm() / want.norm())
                     row[label] = {"us": graph_us(fused, args.chain, args.replays), "rel_err": err}
                 best = min((v["us"], lbl) for lbl, v in row.items() if isinstance(v, dict))
-                print(f"{model} {name:8s} {weights:8s} unfused {row['unfused_us']:6.2f} us "
+                print(f"{model} rows {rows:2d} {name:8s} {weights:8s} unfused {row['unfused_us']:6.2f} us "
                       f"(GEMM alone {row['gemm_only_us']:6.2f}); picked {row['picked']['us']:6.2f}; best {best[1]} "
                       f"{best[0]:6.2f}", flush=True)  # fmt: skip
                 rows_out.append(row)
@@ -125,6 +105,7 @@ def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--rows", type=int, nargs="+", default=[1], help="rows per call: a batch-1 step's positions")
     p.add_argument("--chain", type=int, default=60)
     p.add_argument("--replays", type=int, default=20)
     p.add_argument("--out", type=Path, required=True)
