@@ -3,23 +3,24 @@
 The measurements (load_tests/results/cpu_vs_llamacpp/README.md, "Defaults per CPU", which holds the figures)
 and what they decide:
 
-- Quantization: int8 w8a8 (``_int_mm``) on every CPU kind measured. With 8-bit dot-product instructions
-  (AVX-512 VNNI, this workplace's AMD EPYC) it beat float at every batch size; capped to AVX2 its decode
-  step slows at batch 1 but still beats float at 1 and 16 sequences, while weight-only int8, faster there
-  at batch 1, is slower at 16 (quant_native.json, quant_avx2_cap.json and "Does `auto` change without
-  VNNI?" there); on the Intel Xeon with AMX of issue 12 (eager steps) it was slightly faster than float. No
-  CPU kind measured changes the winner, so the reason names the evidence for this CPU's kind.
+- Quantization: int8 w8a8 (``_int_mm``) where the CPU has 8-bit dot-product instructions. With AVX-512 VNNI
+  (an AMD EPYC of family 26) it beat float and weight-only int8 at every batch size (quant_native.json); on the
+  Intel Xeon with AMX of issue 12 (eager steps) it was slightly faster than float. On a CPU with AVX2 alone
+  (an AMD EPYC of family 25, Zen 3) it lost to float everywhere measured, 1.2-2x at batch 1 and 4-7x at 16
+  sequences (zen3/, "A real AVX2-only CPU"; the earlier AVX2 *cap* on the VNNI machine had predicted the
+  opposite), so there generation stays float and unpruned; weight-only int8, faster than float there at batch 1
+  and slower at 16, is an opt-in. The reason names the evidence for this CPU's kind.
 - Compiled decode steps (inductor's C++ backend) wherever a C++ compiler exists: they remove the
   per-op dispatch of the eager step, which is not tied to an instruction set; measured faster than the
   eager step at every batch size and thread count with AVX-512 VNNI; not measured under the AVX2 cap
   or on AMX. The first start compiles for minutes, so ``auto`` compiles after ``/ready`` in the background
   (server/hardware.py); later starts load the graphs from the inductor cache.
-- Pruning: 0.5% of MLP channels (three blocks of 64), less than the CUDA default prunes. int8 w8a8 turns
+- Pruning, with int8 w8a8: 0.5% of MLP channels (three blocks of 64), less than the CUDA default prunes. int8 w8a8 turns
   float rounding differences into different int8 roundings, so one 512-token context scores a spread of
   perplexities (prefill, decode step, compiled step are draws from it); at 1% the served decode step
   crossed the perplexity bar against float on single contexts, at 0.5% no decode-step draw of any did, and
   the window averages stayed within it (load_tests/results/cpu_vs_llamacpp/decode_fidelity/README.md, "The
-  choice"). Not tied to an instruction set.
+  choice"). Float weights are not pruned.
 - Threads: one per physical core this process may use. Two threads on one core's hyperthreads share
   its execution units (issue 12's 2-vCPU Xeon ran eager steps faster with one thread than two), while
   on two cores compiled steps ran faster with two threads than with one (load_tests/results/cpu_vs_llamacpp/
@@ -79,11 +80,12 @@ def cpu_kind(features: frozenset[str]) -> str:
     return "avx2" if "avx2" in features else "baseline"
 
 
+QUANTIZE = {"amx": "int8", "vnni": "int8", "avx2": "none", "baseline": "none"}
 QUANTIZE_EVIDENCE = {
     "amx": "int8 w8a8 (AMX: int8 faster than float in issue 12's eager Xeon measurement; compiled not measured there)",
     "vnni": "int8 w8a8 (VNNI: faster than float and than weight-only int8 at 1 and 16 sequences, measured)",
-    "avx2": "int8 w8a8 (AVX2 only: still faster than float at 1 and 16 sequences under an AVX2 cap, measured)",
-    "baseline": "int8 w8a8 (no AVX2: not measured; the kind measured nearest, AVX2, favours it)",
+    "avx2": "float (AVX2 only: int8 w8a8 measured slower than float at 1 and 16 sequences on an AMD EPYC Zen 3)",
+    "baseline": "float (no AVX2: not measured; the kind measured nearest, AVX2, favours it)",
 }
 
 
@@ -92,6 +94,7 @@ PRUNE_EVIDENCE = (
     "0.5%: the largest share whose int8 w8a8 decode step stayed within the perplexity bar on every context measured "
     "(load_tests/results/cpu_vs_llamacpp/decode_fidelity/README.md)"
 )
+FLOAT_PRUNE_EVIDENCE = "none: float weights are served as they are (pruning would only cost quality)"
 # Generation's pruning share on CUDA when unset, for the server (server/hardware.py) and the offline stage
 # (models/compress_cli.py); kept beside the CPU share so both defaults live in one place. Chosen in
 # load_tests/results/compression/README.md#decisions.
@@ -118,13 +121,15 @@ def cpu_policy(
     compiler = _cxx() if compiler is None else compiler
     cores = physical_cores() if cores is None else cores
     kind = cpu_kind(features)
+    quantize = QUANTIZE[kind]
+    prune = PRUNE_MLP if quantize == "int8" else 0.0
     why = {
         "quantize": QUANTIZE_EVIDENCE[kind],
-        "prune_mlp": PRUNE_EVIDENCE,
+        "prune_mlp": PRUNE_EVIDENCE if prune else FLOAT_PRUNE_EVIDENCE,
         "compile_decode": f"a C++ compiler ({compiler}) for inductor" if compiler else "no C++ compiler: eager steps",
         "threads": f"{cores} physical core(s) available",
     }
-    return CpuPolicy(quantize="int8", prune_mlp=PRUNE_MLP, compile_decode=bool(compiler), threads=cores, why=why)
+    return CpuPolicy(quantize=quantize, prune_mlp=prune, compile_decode=bool(compiler), threads=cores, why=why)
 
 
 def _cxx() -> str:
