@@ -199,7 +199,9 @@ async def test_v1_models_carries_the_compression_report(client) -> None:
         report = cards[task]["details"]["compression"]
         assert report["task"] == task and report["weight_bytes_after"] <= report["weight_bytes_before"]
     gen = cards["generate"]["details"]["compression"]
-    assert gen["weight_bytes_after"] < gen["weight_bytes_before"]  # the classifier stays float (hardware.py)
+    # Generation's weights shrink where this CPU's kind quantizes them (models/cpu_policy.py); the classifier stays
+    # float (server/hardware.py).
+    assert (gen["weight_bytes_after"] < gen["weight_bytes_before"]) == (cpu_policy().quantize != "none")
 
 
 @pytest.mark.unit

@@ -43,5 +43,17 @@ def test_timings_logprobs_and_schema_across_layouts(live_server: str) -> None:
     assert float(r.headers["x-prefill-time-ms"]) == pytest.approx(t["prefill_ms"], abs=0.01)
     streamed = parse_sse(httpx.post(f"{live_server}/generate", json={**body, "stream": True}, timeout=60).text)
     assert "".join(e["text"] for e in streamed) == out["text"]
-    assert [e for event in streamed for e in event["logprobs"]] == out["logprobs"]
+    # The streamed request finds its prompt prefix-cached and prefills only the tail, in a GEMM of another shape:
+    # the same tokens, log-probabilities equal to rounding (load_tests/results/speculative/exact-b1/README.md).
+    streamed_logprobs = [e for event in streamed for e in event["logprobs"]]
+    assert _tokens(streamed_logprobs) == _tokens(out["logprobs"])
+    assert _values(streamed_logprobs) == pytest.approx(_values(out["logprobs"]), abs=1e-3)
     assert streamed[-1]["timings"]["decode_ms"] > 0
+
+
+def _tokens(entries: list[dict]) -> list[tuple]:
+    return [(e["token"], e["bytes"], [t["token"] for t in e["top_logprobs"]]) for e in entries]
+
+
+def _values(entries: list[dict]) -> list[float]:
+    return [v for e in entries for v in (e["logprob"], *(t["logprob"] for t in e["top_logprobs"]))]
