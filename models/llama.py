@@ -279,7 +279,7 @@ class DecoderLayer(nn.Module):
         # drafts. The shape is looked at last, so other steps' compiled graphs get no guard on it (their batch is
         # static at 1 or dynamic from 2).
         paged = self.fused_gemms and shared.meta.context_lens is not None
-        if paged and x.shape[0] == 1 and self._fused_kernel_runs(x):
+        if paged and x.shape[0] == 1 and _fused_kernel_runs(x, self.mlp.down_proj):
             return self._fused_forward(x, shared, kv)
         x = x + self.self_attn(self.input_layernorm(x), shared, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -291,13 +291,7 @@ class DecoderLayer(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         forms = ((attn.qkv_proj, False), (attn.o_proj, False), (mlp.gate_up_proj, False), (mlp.down_proj, True))
         quantized = {isinstance(p, QuantLinear) for p, _ in forms}  # one kind per layer: one self-check answers
-        return len(quantized) == 1 and all(
-            _plain_gemm(p) and quant_kernels.gemv_pays(*_weight_shape(p), swiglu, isinstance(p, QuantLinear))
-            for p, swiglu in forms
-        )
-
-    def _fused_kernel_runs(self, x: Tensor) -> bool:
-        return quant_kernels.fused_usable(x.device, x.dtype, quantized=isinstance(self.mlp.down_proj, QuantLinear))
+        return len(quantized) == 1 and all(_gemv_pays(p, swiglu) for p, swiglu in forms)
 
     def _fused_forward(self, x: Tensor, shared: LayerInputs, kv: tuple[Tensor, Tensor]) -> Tensor:
         """A batch-1 step of the layer in five launches (CUDA): norm → q/k/v → RoPE → cache write
@@ -322,8 +316,17 @@ def _plain_gemm(linear: nn.Module | None) -> bool:
     return type(linear) is nn.Linear and linear.bias is None and linear.weight.is_contiguous()
 
 
-def _weight_shape(linear: nn.Module) -> tuple[int, int]:
-    return linear.out_features, linear.in_features  # type: ignore[return-value]
+def _fused_kernel_runs(x: Tensor, linear: nn.Module) -> bool:
+    """Whether the fused kernel's self-check passed here for ``linear``'s weight kind (one kind per fused layer)."""
+    return quant_kernels.fused_usable(x.device, x.dtype, quantized=isinstance(linear, QuantLinear))
+
+
+def _gemv_pays(linear: nn.Module | None, swiglu: bool = False) -> bool:
+    """Whether ``linear`` can take :func:`models.quant_kernels.fused_matmul`'s kernel and that kernel pays for it."""
+    if not _plain_gemm(linear):
+        return False
+    n, k = linear.out_features, linear.in_features  # type: ignore[union-attr]
+    return quant_kernels.gemv_pays(n, k, swiglu, isinstance(linear, QuantLinear))  # type: ignore[arg-type]
 
 
 def _weights(linear: nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -390,12 +393,7 @@ class Llama(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
             layer.fused_gemms = self.fold_into_gemms and layer.can_fuse_gemms()
-        head = self.lm_head
-        self.fused_head = (
-            self.fold_into_gemms
-            and _plain_gemm(head)
-            and quant_kernels.gemv_pays(*_weight_shape(head), False, isinstance(head, QuantLinear))
-        )
+        self.fused_head = self.fold_into_gemms and _gemv_pays(self.lm_head)
 
     def forward(
         self,
@@ -429,9 +427,6 @@ class Llama(nn.Module):
         as the layers' are: a library GEMM may sum a row in another order at another row count (CPU and cuBLAS
         do), and verifying drafts would then not reproduce decoding's choices."""
         head = self.lm_head
-        if one_sequence and self.fused_head:
-            quantized = isinstance(head, QuantLinear)
-            if quant_kernels.fused_usable(hidden.device, hidden.dtype, quantized):
-                weight, scale = _weights(head)
-                return quant_kernels.fused_op(hidden, weight, scale, None, 0.0, False, None).float()
+        if one_sequence and self.fused_head and _fused_kernel_runs(hidden, head):
+            return _gemm(hidden, head).float()
         return head(hidden).float()
