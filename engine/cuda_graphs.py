@@ -288,7 +288,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _compile_all(self, q: int = 1) -> None:
         self.inputs.zero_()  # all rows point at the scratch block while compiling
-        self._step(*self._inputs(1, self.kv_lens[0], q))  # eager once: one-time checks run outside the trace
+        for batch in self.batch_sizes[:2]:  # eager once on each path (batch-1 fused GEMMs, then the tiled ones):
+            self._step(*self._inputs(batch, self.kv_lens[0], q))  # their one-time self-checks run outside the trace
         for batch in self.batch_sizes:  # the first two compile, the rest must reuse the second graph
             self._forward(batch, self.kv_lens[0], q)
 
