@@ -318,16 +318,19 @@ class Speculator:
         """Draft tokens each decode row may propose this step (0: none): its back-off, its remaining
         ``max_tokens`` (drafts beyond what it may still emit are wasted) and the model length; none while the
         speed gate is closed."""
+        eligible = [self.eligible(s) for s in seqs]
         gate = self.gate(len(seqs))
-        if not gate.open():
+        # A closed gate's pause counts steps that could have speculated: steps of requests that never do (they
+        # did not ask, or cannot) would end it without the engine having done what it paused.
+        if not any(eligible) or not gate.open():
             return [0] * len(seqs)
         # Proposals are free and verifying them costs about a plain step: every row proposes all it can.
         free = self.method == "ngram" and gate.cheap()
         self.ngram_min = 1 if free else NGRAM_MIN
         ks = []
-        for s in seqs:
+        for s, ok in zip(seqs, eligible, strict=True):
             k = 0
-            if self.eligible(s):
+            if ok:
                 if s.spec is None:
                     s.spec = SpecState()
                 paused = s.spec.paused > 0

@@ -25,6 +25,7 @@ from engine.speculative import (
     GATE_SAMPLES,
     NGRAM_MAX,
     NGRAM_MIN,
+    DraftModel,
     NgramIndex,
     SpecState,
     Speculator,
@@ -369,6 +370,20 @@ def test_speed_gate_closes_when_speculating_is_slower() -> None:
     for _ in range(GATE_SAMPLES):
         only.observe(True, tokens=8, rows=4, seconds=0.01)
     assert only.closed == GATE_SAMPLES
+
+
+def test_a_closed_gate_counts_only_steps_that_could_speculate() -> None:
+    """Steps whose requests never speculate (not asked, or logprobs) leave a closed gate's pause as it is: with
+    both kinds of request in one server, the other kind's steps would end it unserved."""
+    speculator = Speculator("draft", 4, False, 1000, draft=DraftModel(runner=None))  # type: ignore[arg-type]
+    gate = speculator.gate(1)
+    gate.closed = 3
+    plain = Sequence(prompt_ids=[1, 2, 3], params=SamplingParams(max_tokens=100))  # did not ask
+    asked = Sequence(prompt_ids=[1, 2, 3], params=SamplingParams(max_tokens=100, speculative=True))
+    for _ in range(10):
+        assert speculator.plan([plain]) == [0]
+    assert gate.closed == 3
+    assert [speculator.plan([asked])[0] for _ in range(4)] == [0, 0, 0, 4]
 
 
 def test_back_off_in_the_engine_stops_wrong_drafts(tiny: Tiny) -> None:
