@@ -150,6 +150,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     top = max(args.concurrency)
     settings = Settings(
         gen_model=args.model,
+        tokenizer=args.tokenizer,
         enable_classify=False,
         device=args.device,
         max_num_seqs=top,
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="generation model spec (see --gen-model)")
     parser.add_argument("--draft-model", default=None, help="draft model spec: requests speculate with it")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer files for a dummy preset (as --tokenizer)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument(
         "--quantize", default="auto", choices=["auto", "none", "int8", "int8-wo", "fp8"], help="as --gen-quantize"
