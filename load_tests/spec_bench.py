@@ -10,7 +10,9 @@ model, the process and the moment. Greedy decoding, so the two sides' texts can 
 
 Per request: decode tokens/s (tokens after the first over the time from first to last token) and end to
 end (all tokens over scheduling to last token); aggregate: all tokens over the level's wall time.
-Acceptance: accepted / proposed draft tokens (the engine's counters), and tokens per verifying row.
+Acceptance: accepted / proposed draft tokens (the engine's counters), and tokens per verifying row. Per side also the
+engine's decode steps (count, mean time, share of the wall time spent in them) and, after each level, the speed
+gates' own view (engine/speculative.py ``SpeedGate``): whether steps with drafts looked faster to them.
 Identical texts are expected on a GPU at concurrency 1, where a batch-1 verification step reproduces decode
 steps bit for bit (the fused GEMMs); elsewhere the wider verification forward and the one-token decode step may
 round differently, and greedy near-ties can flip. Prefix caching is off, so both
@@ -70,8 +72,35 @@ def prompts(tokenizer: Any) -> dict[str, list[list[int]]]:
     return {name: [encode(t) for t in items] for name, items in texts.items()}
 
 
-def counters() -> tuple[float, float, float]:
-    return (metrics.SPEC_PROPOSED._value.get(), metrics.SPEC_ACCEPTED._value.get(), metrics.SPEC_VERIFIED._value.get())
+def counters() -> tuple[float, ...]:
+    """Speculation's counters, then the decode steps' count and summed seconds (the engine's step histogram)."""
+    steps = metrics.STEP_TIME.labels(phase="decode")
+    return (
+        metrics.SPEC_PROPOSED._value.get(),
+        metrics.SPEC_ACCEPTED._value.get(),
+        metrics.SPEC_VERIFIED._value.get(),
+        sum(bucket.get() for bucket in steps._buckets),
+        steps._sum.get(),
+    )
+
+
+def gates(speculator: Any) -> dict[str, dict[str, Any]]:
+    """The speed gates' view at the end of a level, per batch-size bucket: tokens per row per second of decode steps
+    with drafts and without, their step times (decayed averages), and whether the gate is closed or counts
+    verification as cheap."""
+    return {
+        str(rows): {
+            "tokens_per_row_per_s_with_drafts": round(g.spec, 1),
+            "tokens_per_row_per_s_without": round(g.plain, 1),
+            "step_ms_with_drafts": round(1e3 * g.spec_step, 3),
+            "step_ms_without": round(1e3 * g.plain_step, 3),
+            "steps_measured_with_drafts": g.spec_timed,
+            "steps_measured_without": g.plain_timed,
+            "closed_steps_left": g.closed,
+            "cheap": g.cheap(),
+        }
+        for rows, g in sorted(speculator.gates.items())
+    }
 
 
 async def one(llm: AsyncLLM, ids: list[int], params: SamplingParams, request_id: str) -> GenerationChunk:
@@ -86,7 +115,7 @@ async def wave(
     llm: AsyncLLM, items: list[list[int]], start: int, concurrency: int, params: SamplingParams, tag: str
 ) -> tuple[list[GenerationChunk], float, tuple[float, ...]]:
     """``concurrency`` requests together (prompts from ``start`` on): their last chunks, the wall time and
-    the speculation counters' increase."""
+    the increase of :func:`counters`."""
     before = counters()
     began = time.perf_counter()
     calls = [one(llm, items[(start + i) % len(items)], params, f"{tag}-{i}") for i in range(concurrency)]
@@ -95,7 +124,15 @@ async def wave(
     return finals, wall, tuple(b - a for a, b in zip(before, counters(), strict=True))
 
 
-def summary(finals: list[GenerationChunk], wall: float, proposed: float, accepted: float, verified: float) -> dict:
+def summary(
+    finals: list[GenerationChunk],
+    wall: float,
+    proposed: float,
+    accepted: float,
+    verified: float,
+    steps: float,
+    step_seconds: float,
+) -> dict:
     decode, e2e = [], []
     for f in finals:
         line = f.timeline
@@ -115,6 +152,9 @@ def summary(finals: list[GenerationChunk], wall: float, proposed: float, accepte
         "accepted": int(accepted),
         "acceptance_rate": round(accepted / proposed, 3) if proposed else None,
         "tokens_per_verifying_row": round((accepted + verified) / verified, 2) if verified else None,
+        "decode_steps": int(steps),
+        "decode_step_ms_mean": round(1e3 * step_seconds / steps, 3) if steps else None,
+        "wall_share_in_decode_steps": round(step_seconds / wall, 3),
     }
 
 
@@ -123,7 +163,7 @@ async def level(
 ) -> dict:
     """On and off interleaved: ``rounds`` waves of each (which goes first alternates; a round's two waves
     send the same prompts), so the shared machine's load lands on both sides alike."""
-    sides: dict[bool, list] = {True: [[], 0.0, [0.0, 0.0, 0.0]], False: [[], 0.0, [0.0, 0.0, 0.0]]}
+    sides: dict[bool, list] = {True: [[], 0.0, [0.0] * 5], False: [[], 0.0, [0.0] * 5]}
     same = 0
     for r in range(rounds):
         texts = {}
@@ -185,6 +225,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     params = SamplingParams(max_tokens=args.max_tokens, speculative=spec)
                     await wave(llm, items, 0, c, params, f"warm-{name}-{c}-{spec}")
                 results[f"{name}@{c}"] = pair = await level(llm, items, c, rounds, args.max_tokens, f"{name}-{c}")
+                pair["gates"] = gates(engine.speculator)
                 print(name, c, json.dumps(pair), flush=True)
     finally:
         await runtime.stop()
