@@ -76,37 +76,30 @@ def _decayed(history: float, sample: float, seen: int) -> float:
 
 _MASK = (1 << 64) - 1
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constants: multiplying by one permutes the keys
-_LENGTH = 0xC2B2AE3D27D4EB4F
+_SEED = 0xC2B2AE3D27D4EB4F
+_LENGTHS = [n * 0x165667B19E3779F9 & _MASK for n in range(NGRAM_MAX + 1)]  # xor-ed into an n-gram's key
 BULK = 64  # new positions from which an index extends with numpy (a prompt) instead of a Python loop
 
 
-def _key(ngram: list[int]) -> int:
-    """A 64-bit key of an n-gram: from a start that depends on its length, each token xor-ed in, multiplied and
-    folded (so n-grams of different lengths, or sharing a prefix, do not collide by construction)."""
-    h = len(ngram) * _LENGTH & _MASK
-    for token in ngram:
-        h = (h ^ token) * _MIX & _MASK
+def _keys_ending(tokens: list[int], end: int, longest: int) -> list[int]:
+    """The 64-bit keys of the n-grams ending at ``end``, n = 1 to ``longest``: the tokens hashed from the last
+    backwards (xor-ed in, multiplied, folded), so each n-gram's state is one step from the shorter one's and all
+    of them cost ``longest`` steps; the length is xor-ed into each key (n-grams of different lengths differ)."""
+    keys, h = [], _SEED
+    for n in range(1, longest + 1):
+        h = (h ^ tokens[end - n + 1]) * _MIX & _MASK
         h ^= h >> 32
-    return h
-
-
-def _window_keys(tokens: np.ndarray, n: int) -> np.ndarray:
-    """:func:`_key` of every n-token window of ``tokens`` (uint64, whose arithmetic wraps as ``_MASK`` does)."""
-    windows = len(tokens) - n + 1
-    h = np.full(windows, n * _LENGTH & _MASK, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(n):
-            h = (h ^ tokens[j : j + windows]) * np.uint64(_MIX)
-            h ^= h >> np.uint64(32)
-    return h
+        keys.append(h ^ _LENGTHS[n])
+    return keys
 
 
 class NgramIndex:
     """Where each n-gram (1 to :data:`NGRAM_MAX` tokens) of a row's prompt and output last ended, grown as the
     row grows: a lookup is a few dict probes, where scanning the whole text every step cost a row a tenth of
-    a millisecond or more of the engine's host time, per step. N-grams are keyed by a 64-bit hash, so a
-    prompt is indexed with numpy at its first decode step (milliseconds for thousands of tokens, where tuples
-    took several times that); a found position is checked token by token, so a collision is a miss."""
+    a millisecond or more of the engine's host time, per step. N-grams are keyed by a 64-bit hash
+    (:func:`_keys_ending`), so a prompt is indexed with numpy at its first decode step (milliseconds for thousands
+    of tokens, where tuples took several times that); a found position is checked token by token, so a collision
+    is a miss."""
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
@@ -124,24 +117,30 @@ class NgramIndex:
         if hi - lo >= BULK:
             base = max(lo - NGRAM_MAX + 1, 0)
             array = np.asarray(t[base:hi], dtype=np.uint64)
-            for n in range(1, NGRAM_MAX + 1):
-                first = max(lo, n - 1)  # the first window ending at or after lo
-                keys = _window_keys(array[first - n + 1 - base :], n)
-                self.ends.update(zip(keys.tolist(), range(first, hi), strict=True))  # later ends overwrite
+            ends = np.arange(lo, hi)
+            h = np.full(len(ends), _SEED, dtype=np.uint64)
+            with np.errstate(over="ignore"):
+                for n in range(1, NGRAM_MAX + 1):  # :func:`_keys_ending` for every end at once
+                    h = (h ^ array[np.maximum(ends - n + 1 - base, 0)]) * np.uint64(_MIX)
+                    h ^= h >> np.uint64(32)
+                    whole = ends >= n - 1  # ends with n tokens up to them
+                    keys = h[whole] ^ np.uint64(_LENGTHS[n])
+                    self.ends.update(zip(keys.tolist(), ends[whole].tolist(), strict=True))  # later ends overwrite
         else:
             for end in range(lo, hi):
-                for n in range(1, min(NGRAM_MAX, end + 1) + 1):
-                    self.ends[_key(t[end - n + 1 : end + 1])] = end
+                for key in _keys_ending(t, end, min(NGRAM_MAX, end + 1)):
+                    self.ends[key] = end
         self.indexed = max(lo, hi)
 
     def lookup(self, k: int, n_min: int = NGRAM_MIN) -> list[int]:
         """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix (n from
         :data:`NGRAM_MAX` down to ``n_min`` tokens) that occurred before; [] when none did."""
         t = self.tokens
-        for n in range(min(NGRAM_MAX, len(t) - 1), n_min - 1, -1):
-            suffix = t[len(t) - n :]
-            end = self.ends.get(_key(suffix))
-            if end is not None and t[end - n + 1 : end + 1] == suffix:
+        last = len(t) - 1
+        keys = _keys_ending(t, last, min(NGRAM_MAX, last)) if last > 0 else []
+        for n in range(len(keys), n_min - 1, -1):
+            end = self.ends.get(keys[n - 1])
+            if end is not None and t[end - n + 1 : end + 1] == t[last - n + 1 :]:
                 return t[end + 1 : end + 1 + k]
         return []
 

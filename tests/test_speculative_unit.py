@@ -21,6 +21,7 @@ from engine.protocol import AddRequest, StepOutputs, TokenOutput
 from engine.sampler import filtered_probs
 from engine.sequence import SamplingParams, Sequence
 from engine.speculative import (
+    BULK,
     FIRST_PAUSE,
     GATE_SAMPLES,
     NGRAM_MAX,
@@ -113,6 +114,15 @@ def test_ngram_lookup_takes_the_latest_longest_match() -> None:
         grown = index(tokens, prompt=int(rng.integers(1, len(tokens) + 1)))
         for n_min in (1, 2):
             assert grown.lookup(4, n_min) == scan(tokens, 4, n_min), (tokens, n_min)
+        # Grown in chunks of up to twice BULK (a row back from a long pause extends by many tokens at once),
+        # looked up after every chunk.
+        seq, chunked, at = Sequence(prompt_ids=tokens[:1], params=SamplingParams()), NgramIndex(), 1
+        while at < len(tokens):
+            step = int(rng.integers(1, 2 * BULK))
+            seq.output_ids.extend(tokens[at : at + step])
+            at += step
+            chunked.extend(seq)
+            assert chunked.lookup(4, 1) == scan(tokens[:at], 4, 1), (tokens, at)
 
 
 def test_greedy_output_is_identical_with_ngram_speculation(tiny: Tiny) -> None:
