@@ -127,9 +127,13 @@ class NgramIndex:
                     keys = h[whole] ^ np.uint64(_LENGTHS[n])
                     self.ends.update(zip(keys.tolist(), ends[whole].tolist(), strict=True))  # later ends overwrite
         else:
-            for end in range(lo, hi):
-                for key in _keys_ending(t, end, min(NGRAM_MAX, end + 1)):
-                    self.ends[key] = end
+            ends = self.ends
+            for end in range(lo, hi):  # _keys_ending inline: this loop runs for every row that proposes, every step
+                h = _SEED
+                for n in range(1, min(NGRAM_MAX, end + 1) + 1):
+                    h = (h ^ t[end - n + 1]) * _MIX & _MASK
+                    h ^= h >> 32
+                    ends[h ^ _LENGTHS[n]] = end
         self.indexed = max(lo, hi)
 
     def lookup(self, k: int, n_min: int = NGRAM_MIN) -> list[int]:
