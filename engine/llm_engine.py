@@ -236,6 +236,8 @@ class LLMEngine:
         else:
             self.rates.observe_decode(context, seconds)
             self.speculator.gate(len(seqs)).observe(speculative, sum(map(len, produced)), len(seqs), seconds)
+        if speculative:
+            self.speculator.observe([(s, len(t) - 1) for s, t in zip(seqs, produced, strict=True) if s.draft_ids])
         outputs = shed
         for seq, tokens in zip(seqs, produced, strict=True):
             advance = seq.num_step_tokens  # positions whose K/V this step wrote
@@ -246,7 +248,6 @@ class LLMEngine:
                 metrics.GRAMMAR_PUT_OFF.inc()
             if seq.draft_ids:  # the last token and the accepted drafts: the rest is overwritten later
                 advance = len(tokens)
-                self.speculator.observe(seq, len(tokens) - 1)
             seq.num_scheduled, seq.draft_ids = 0, []
             reason = None
             for token in tokens:  # none (a prompt chunk), one, or several (accepted drafts)

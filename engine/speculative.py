@@ -373,16 +373,19 @@ class Speculator:
             seqs[i].draft_ids = d
             seqs[i].num_scheduled = 1 + len(d)
 
-    def observe(self, seq: Sequence, accepted: int) -> None:
-        """After a verification: back-off and metrics; the draft model's cache is valid up to the accepted."""
-        proposed = len(seq.draft_ids)
-        state = seq.spec
-        assert state is not None
-        state.observe(proposed, accepted)
-        state.draft_computed = min(state.draft_computed, seq.num_computed + 1 + accepted)
+    def observe(self, verified: list[tuple[Sequence, int]]) -> None:
+        """After a step's verifications, (row, drafts it accepted) each, before the rows advance: back-off, and
+        the draft model's cache is valid up to the accepted; metrics counted once for the step."""
+        proposed = accepted = 0
+        for seq, kept in verified:
+            state = seq.spec
+            assert state is not None
+            state.observe(len(seq.draft_ids), kept)
+            state.draft_computed = min(state.draft_computed, seq.num_computed + 1 + kept)
+            proposed, accepted = proposed + len(seq.draft_ids), accepted + kept
         metrics.SPEC_PROPOSED.inc(proposed)
         metrics.SPEC_ACCEPTED.inc(accepted)
-        metrics.SPEC_VERIFIED.inc()
+        metrics.SPEC_VERIFIED.inc(len(verified))
 
 
 def verify(logits: Tensor, seqs: list[Sequence], starts: list[int], greedy: Tensor | None = None) -> list[list[int]]:
