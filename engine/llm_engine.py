@@ -235,7 +235,7 @@ class LLMEngine:
             self.rates.observe_prefill(computed, seconds)
         else:
             self.rates.observe_decode(context, seconds)
-            self.speculator.gate(len(seqs)).observe(speculative, sum(map(len, produced)), len(seqs), seconds)
+            self.speculator.timed(len(seqs), speculative, sum(map(len, produced)), seconds)
         if speculative:
             self.speculator.observe([(s, len(t) - 1) for s, t in zip(seqs, produced, strict=True) if s.draft_ids])
         outputs = shed

@@ -93,6 +93,13 @@ SPEC_ACCEPTED = Counter(
     "Draft tokens the model accepted (acceptance rate: accepted / proposed; each verification adds one more)",
 )
 SPEC_VERIFIED = Counter("llm_spec_verified_rows_total", "Sequence rows that verified drafts in a decode step")
+SPEC_SPEEDUP = Gauge(
+    "llm_spec_speedup",
+    "Tokens per sequence per second of decode steps with drafts over steps without, as speculation's speed gate "
+    "measures them (decayed averages), per batch-size bucket (powers of two): above 1, speculating pays there",
+    ["batch"],
+    multiprocess_mode="liveall",
+)
 GRAMMAR_PUT_OFF = Counter(
     "llm_grammar_put_off_total",
     "Constrained decode rows whose token was put off a step while their grammar mask was computed",

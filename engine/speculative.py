@@ -317,6 +317,14 @@ class Speculator:
         depends on the batch (on a CPU it may alone and not among 16)."""
         return self.gates.setdefault(1 << (rows - 1).bit_length(), SpeedGate())
 
+    def timed(self, rows: int, speculative: bool, tokens: int, seconds: float) -> None:
+        """A decode step's outcome, for its batch size's speed gate and the speed-up gauge (once both kinds of
+        step have been measured at that batch size)."""
+        gate = self.gate(rows)
+        gate.observe(speculative, tokens, rows, seconds)
+        if gate.spec_timed and gate.plain_timed and gate.plain > 0:
+            metrics.SPEC_SPEEDUP.labels(batch=str(1 << (rows - 1).bit_length())).set(gate.spec / gate.plain)
+
     def plan(self, seqs: list[Sequence]) -> list[int]:
         """Draft tokens each decode row may propose this step (0: none): its back-off, its remaining
         ``max_tokens`` (drafts beyond what it may still emit are wasted) and the model length; none while the

@@ -382,6 +382,19 @@ def test_speed_gate_closes_when_speculating_is_slower() -> None:
     assert only.closed == GATE_SAMPLES
 
 
+def test_speed_up_gauge_per_batch_bucket() -> None:
+    """/metrics' llm_spec_speedup{batch}: the gate's tokens per row per second with drafts over without, exported
+    once both kinds of step were measured at that batch size."""
+    speculator = Speculator("ngram", 4, True, 1000)
+    gauge = metrics.SPEC_SPEEDUP.labels(batch="4")
+    gauge.set(0.0)
+    speculator.timed(3, False, tokens=3, seconds=0.01)  # 100 tokens per row per second, three rows (bucket 4)
+    assert gauge._value.get() == 0.0  # no step with drafts yet
+    speculator.timed(4, True, tokens=6, seconds=0.01)  # 150
+    assert gauge._value.get() == pytest.approx(1.5)
+    assert speculator.gate(4).spec / speculator.gate(4).plain == pytest.approx(1.5)
+
+
 def test_a_closed_gate_counts_only_steps_that_could_speculate() -> None:
     """Steps whose requests never speculate (not asked, or logprobs) leave a closed gate's pause as it is: with
     both kinds of request in one server, the other kind's steps would end it unserved."""
