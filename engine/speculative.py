@@ -41,7 +41,7 @@ that paused missed the passages it would have copied (load_tests/results/specula
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -77,14 +77,17 @@ def _decayed(history: float, sample: float, seen: int) -> float:
 _MASK = (1 << 64) - 1
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constants: multiplying by one permutes the keys
 _SEED = 0xC2B2AE3D27D4EB4F
-_LENGTHS = [n * 0x165667B19E3779F9 & _MASK for n in range(NGRAM_MAX + 1)]  # xor-ed into an n-gram's key
+# The length folded into an n-gram's key, so the index holds one family of keys per length (what the keys of the
+# earlier scheme got from a start per length); collisions within or across lengths are left to the token check.
+_LENGTHS = [n * 0x165667B19E3779F9 & _MASK for n in range(NGRAM_MAX + 1)]
 BULK = 64  # new positions from which an index extends with numpy (a prompt) instead of a Python loop
 
 
 def _keys_ending(tokens: list[int], end: int, longest: int) -> list[int]:
     """The 64-bit keys of the n-grams ending at ``end``, n = 1 to ``longest``: the tokens hashed from the last
     backwards (xor-ed in, multiplied, folded), so each n-gram's state is one step from the shorter one's and all
-    of them cost ``longest`` steps; the length is xor-ed into each key (n-grams of different lengths differ)."""
+    of them cost ``longest`` steps; the length is xor-ed into each key. Keys may collide like any 64-bit hashes:
+    lookups check the tokens."""
     keys, h = [], _SEED
     for n in range(1, longest + 1):
         h = (h ^ tokens[end - n + 1]) * _MIX & _MASK
@@ -127,13 +130,13 @@ class NgramIndex:
                     keys = h[whole] ^ np.uint64(_LENGTHS[n])
                     self.ends.update(zip(keys.tolist(), ends[whole].tolist(), strict=True))  # later ends overwrite
         else:
-            ends = self.ends
+            index = self.ends
             for end in range(lo, hi):  # _keys_ending inline: this loop runs for every row that proposes, every step
                 h = _SEED
                 for n in range(1, min(NGRAM_MAX, end + 1) + 1):
                     h = (h ^ t[end - n + 1]) * _MIX & _MASK
                     h ^= h >> 32
-                    ends[h ^ _LENGTHS[n]] = end
+                    index[h ^ _LENGTHS[n]] = end
         self.indexed = max(lo, hi)
 
     def lookup(self, k: int, n_min: int = NGRAM_MIN) -> list[int]:
@@ -142,7 +145,7 @@ class NgramIndex:
         t = self.tokens
         last = len(t) - 1
         keys = _keys_ending(t, last, min(NGRAM_MAX, last)) if last > 0 else []
-        for n in range(len(keys), n_min - 1, -1):
+        for n in range(len(keys), max(n_min, 1) - 1, -1):
             end = self.ends.get(keys[n - 1])
             if end is not None and t[end - n + 1 : end + 1] == t[last - n + 1 :]:
                 return t[end + 1 : end + 1 + k]
@@ -298,6 +301,7 @@ class Speculator:
         self.max_model_len = max_model_len
         self.draft = draft
         self.gates: dict[int, SpeedGate] = {}
+        self.speedup: dict[int, Any] = {}  # llm_spec_speedup's child per batch bucket
         self.ngram_min = NGRAM_MIN  # this step's shortest n-gram (plan)
 
     def eligible(self, seq: Sequence) -> bool:
@@ -323,7 +327,10 @@ class Speculator:
         gate = self.gate(rows)
         gate.observe(speculative, tokens, rows, seconds)
         if gate.spec_timed and gate.plain_timed and gate.plain > 0:
-            metrics.SPEC_SPEEDUP.labels(batch=str(1 << (rows - 1).bit_length())).set(gate.spec / gate.plain)
+            bucket = 1 << (rows - 1).bit_length()
+            if bucket not in self.speedup:  # a gauge child per bucket, looked up once (this runs every step)
+                self.speedup[bucket] = metrics.SPEC_SPEEDUP.labels(batch=str(bucket))
+            self.speedup[bucket].set(gate.spec / gate.plain)
 
     def plan(self, seqs: list[Sequence]) -> list[int]:
         """Draft tokens each decode row may propose this step (0: none): its back-off, its remaining

@@ -87,7 +87,8 @@ def counters() -> tuple[float, ...]:
 def gates(speculator: Any) -> dict[str, dict[str, Any]]:
     """The speed gates' view at the end of a level, per batch-size bucket: tokens per row per second of decode steps
     with drafts and without, their step times (decayed averages), and whether the gate is closed or counts
-    verification as cheap."""
+    verification as cheap. The gates live as long as the engine: the averages lean on the last steps, the step
+    counts run over every level so far."""
     return {
         str(rows): {
             "tokens_per_row_per_s_with_drafts": round(g.spec, 1),
