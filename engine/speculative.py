@@ -275,6 +275,11 @@ class DraftModel:
         return runner.forward_rows(rows).argmax(dim=-1).tolist()
 
 
+def _bucket(rows: int) -> int:
+    """The batch-size bucket a decode step of ``rows`` rows is measured in: the power of two at or above it."""
+    return 1 << (rows - 1).bit_length()
+
+
 class Speculator:
     """Decides which rows speculate and how far, proposes their drafts, and verifies them after the step."""
 
@@ -319,7 +324,7 @@ class Speculator:
     def gate(self, rows: int) -> SpeedGate:
         """The speed gate of decode steps of about ``rows`` rows (powers of two): whether speculating pays
         depends on the batch (on a CPU it may alone and not among 16)."""
-        return self.gates.setdefault(1 << (rows - 1).bit_length(), SpeedGate())
+        return self.gates.setdefault(_bucket(rows), SpeedGate())
 
     def timed(self, rows: int, speculative: bool, tokens: int, seconds: float) -> None:
         """A decode step's outcome, for its batch size's speed gate and the speed-up gauge (once both kinds of
@@ -327,7 +332,7 @@ class Speculator:
         gate = self.gate(rows)
         gate.observe(speculative, tokens, rows, seconds)
         if gate.spec_timed and gate.plain_timed and gate.plain > 0:
-            bucket = 1 << (rows - 1).bit_length()
+            bucket = _bucket(rows)
             if bucket not in self.speedup:  # a gauge child per bucket, looked up once (this runs every step)
                 self.speedup[bucket] = metrics.SPEC_SPEEDUP.labels(batch=str(bucket))
             self.speedup[bucket].set(gate.spec / gate.plain)

@@ -80,13 +80,14 @@ def cpu_kind(features: frozenset[str]) -> str:
     return "avx2" if "avx2" in features else "baseline"
 
 
-QUANTIZE = {"amx": "int8", "vnni": "int8", "avx2": "none", "baseline": "none"}
-QUANTIZE_EVIDENCE = {
-    "amx": "int8 w8a8 (AMX: int8 faster than float in issue 12's eager Xeon measurement; compiled not measured there)",
-    "vnni": "int8 w8a8 (VNNI: faster than float and than weight-only int8 at 1 and 16 sequences, measured)",
-    "avx2": "float (AVX2 only: int8 w8a8 measured slower than float at 1 and 16 sequences on an AMD EPYC Zen 3)",
-    "baseline": "float (no AVX2: not measured; the kind measured nearest, AVX2, favours it)",
-}
+QUANTIZE = {  # CPU kind -> (generation's quantization, the evidence for it)
+    "amx": ("int8", "int8 w8a8 (AMX: int8 faster than float in issue 12's eager Xeon measurement; compiled not "
+            "measured there)"),
+    "vnni": ("int8", "int8 w8a8 (VNNI: faster than float and than weight-only int8 at 1 and 16 sequences, measured)"),
+    "avx2": ("none", "float (AVX2 only: int8 w8a8 measured slower than float at 1 and 16 sequences on an AMD EPYC "
+             "Zen 3)"),
+    "baseline": ("none", "float (no AVX2: not measured; the kind measured nearest, AVX2, favours it)"),
+}  # fmt: skip
 
 
 PRUNE_MLP = 0.005
@@ -121,10 +122,10 @@ def cpu_policy(
     compiler = _cxx() if compiler is None else compiler
     cores = physical_cores() if cores is None else cores
     kind = cpu_kind(features)
-    quantize = QUANTIZE[kind]
+    quantize, evidence = QUANTIZE[kind]
     prune = PRUNE_MLP if quantize == "int8" else 0.0
     why = {
-        "quantize": QUANTIZE_EVIDENCE[kind],
+        "quantize": evidence,
         "prune_mlp": PRUNE_EVIDENCE if prune else FLOAT_PRUNE_EVIDENCE,
         "compile_decode": f"a C++ compiler ({compiler}) for inductor" if compiler else "no C++ compiler: eager steps",
         "threads": f"{cores} physical core(s) available",
