@@ -144,24 +144,22 @@ def apply_masks(
     masked and the rows it put off. ``keep`` gives, per row, a token that settles the row if its grammar
     allows it (a greedy row's argmax: masking other tokens cannot change it); such a row is left unmasked,
     and its mask is computed only where :func:`settles` cannot tell. What can settle each row is found before
-    ``keep`` is asked, and the masks of rows put off last step are computed then (they are needed whatever
-    the argmax). Until ``ready()`` says ``keep`` would not wait (on a GPU, for the forward), other rows' masks
-    are computed a few at a time, starting with the rows whose tokens are forced, which one token alone
+    ``keep`` is asked. Until ``ready()`` says ``keep`` would not wait (on a GPU, for the forward), other rows'
+    masks are computed a few at a time, starting with the rows whose tokens are forced, which one token alone
     settles. With ``defer`` (a GPU: the next forward hides a mask), a batch larger than a round of the mask
     threads computes none of those, and where the rows whose tokens do not settle and whose masks are not
     computed are few (:func:`_put_off_limit`) they are put off: left unmasked, their matchers untouched,
-    marked :attr:`Constraint.lagging` (the caller drops their tokens and runs them again)."""
+    marked :attr:`Constraint.lagging` (the caller drops their tokens, runs them again and masks them at once:
+    engine/sampler.py). Rows come in with that mark cleared."""
     if not rows:
         return [], []
     masks = _Bitmask(constraints, logits.shape[-1], pinned=logits.is_cuda)
     todo = list(range(len(rows)))
     put_off: list[int] = []
-    lagging = [j for j in todo if constraints[j].lagging]
-    for j in lagging:
-        constraints[j].lagging = False
+    for c in constraints:
+        c.lagging = False
     if keep is not None:
         expected = [_expected(c) for c in constraints]
-        masks.compute(lagging)
         if ready is not None and not (defer and len(rows) > _THREADS) and not ready():
             early = sorted(todo, key=lambda j: expected[j] == _OPEN)
             for start in range(0, len(rows), _THREADS):
@@ -239,15 +237,16 @@ class _Bitmask:
         """Bans in ``logits[rows[k]]`` what the mask of row ``js[k]`` bans (each computed)."""
         if not rows:
             return
-        bits = self.bits if len(js) == len(self.constraints) else self.bits[js]
         if logits.is_cuda:  # 4 bytes per 32 tokens cross the bus; the bits unpack on the device
+            bits = self.bits if len(js) == len(self.constraints) else self.bits[js].pin_memory()
             banned = unpack_banned(bits.to(logits.device, non_blocking=True), self.vocab)
             if rows == list(range(logits.shape[0])):  # every row: one in-place fill
                 logits.masked_fill_(banned, float("-inf"))
             else:
-                index = torch.tensor(rows, device=logits.device)
+                index = device_index(rows, logits.device)
                 logits[index] = logits[index].masked_fill(banned, float("-inf"))
             return
+        bits = self.bits if len(js) == len(self.constraints) else self.bits[js]
         banned_np = np.unpackbits(bits.numpy().view(np.uint8), axis=-1, count=self.vocab, bitorder="little") == 0
         if logits.dtype in (torch.float32, torch.float16):  # row by row in place through numpy: one thread, no copy
             values = logits.numpy()
@@ -256,6 +255,13 @@ class _Bitmask:
         else:
             for k, row in enumerate(rows):
                 logits[row].masked_fill_(torch.from_numpy(banned_np[k]), float("-inf"))
+
+
+def device_index(rows: list[int], device: torch.device) -> Tensor:
+    """``rows`` as an index on ``device``; to a GPU through pinned memory, so the host does not wait for the work
+    queued there (``torch.tensor(rows, device=...)`` would: a synchronous copy)."""
+    index = torch.tensor(rows)
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
 
 
 def unpack_banned(bitmask: Tensor, vocab: int) -> Tensor:

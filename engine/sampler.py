@@ -89,6 +89,18 @@ def _mask(
     picks = [k for k, s in enumerate(settle) if s]
     put_off: list[int] = []
     host: list[int] | None = None
+    lagging = {k for k in picks if rules[k].lagging}
+    if lagging:
+        # Put off last step, these rows run the same position again: their masks are needed whatever the argmax.
+        # Masked and searched again now, before the argmax is copied to the host, the work queues behind the
+        # forward on a GPU (no host wait) instead of costing a round trip after it.
+        again = sorted(lagging)
+        rows = [bound[k] for k in again]
+        constraints.apply_masks(logits, rows, [rules[k] for k in again])
+        index = constraints.device_index(rows, logits.device)
+        greedy = greedy.clone()
+        greedy[index] = logits[index].argmax(dim=-1)
+        picks = [k for k in picks if k not in lagging]
     if picks:
         ready, argmax = _argmax_on_host(greedy)
 
@@ -103,7 +115,7 @@ def _mask(
     if not masked:
         return greedy, put_off, host
     masked.sort()
-    index = torch.tensor(masked, device=logits.device)
+    index = constraints.device_index(masked, logits.device)
     fixed = logits[index].argmax(dim=-1)
     greedy = greedy.clone()
     greedy[index] = fixed

@@ -23,7 +23,7 @@ from engine import constraints, model_runner, sampler
 from engine.llm_engine import LLMEngine
 from engine.protocol import AddRequest
 from engine.sequence import SamplingParams
-from load_tests.constrained_bench import build, model_arguments
+from load_tests.constrained_bench import build, model_arguments, varied_prompts
 
 Event = tuple[float, str, dict[str, float]]
 
@@ -94,12 +94,13 @@ def phases(events: list[Event], start: float, end: float) -> dict[str, float]:
 
 
 def measure(
-    engine: LLMEngine, events: list[Event], prompt: list[int], grammar: str | None, batch: int, steps: int
+    engine: LLMEngine, events: list[Event], prompts: list[list[int]], grammar: str | None, batch: int, steps: int
 ) -> dict[str, float]:
+    """Row ``i`` starts from ``prompts[i % len(prompts)]``."""
     params = SamplingParams(max_tokens=steps + 48, grammar=grammar)
     keys = list(range(batch))
     for key in keys:
-        engine.add(AddRequest(key, prompt, params, f"timeline-{key}"))
+        engine.add(AddRequest(key, prompts[key % len(prompts)], params, f"timeline-{key}"))
     while any(len(engine.requests[k].output_ids) == 0 for k in keys):
         engine.step()
     for _ in range(8):  # past the first decode steps (a new width's capture, the matchers' first states)
@@ -121,15 +122,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[64])
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--varied",
+        action="store_true",
+        help="constrained rows start from distinct prompts (free rows keep one: on distinct ones they end early)",
+    )
     args = ap.parse_args(argv)
     _, engine, prompt, grammar = build(args, max(args.batches))
+    varied = varied_prompts(engine)
     events: list[Event] = []
     instrument(engine, events)
     for batch in args.batches:
         for _ in range(args.rounds):
             for mode, g in (("json_schema", grammar), ("free", None)):
-                row = measure(engine, events, prompt, g, batch, args.steps)
-                print(json.dumps({"batch": batch, "mode": mode} | row), flush=True)
+                prompts = varied if g is not None and args.varied else [prompt]
+                row = measure(engine, events, prompts, g, batch, args.steps)
+                print(json.dumps({"batch": batch, "mode": mode, "varied": prompts is varied} | row), flush=True)
 
 
 if __name__ == "__main__":

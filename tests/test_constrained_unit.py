@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 import jsonschema
 import llguidance
@@ -429,8 +430,11 @@ def test_server_json_grammar_allows_a_few_spaces_or_newlines_between_tokens() ->
 @pytest.mark.unit
 def test_rows_put_off_are_masked_first_in_the_next_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``defer``, a row whose argmax its grammar bans and whose mask is not computed is put off: its logits
-    and matcher untouched, marked lagging. Asked again (the row run again), its mask is computed before the
-    argmax is waited for and applied: the same logits as masking it at once."""
+    and matcher untouched, marked lagging. Run again, the sampler masks it and takes its argmax again before
+    that argmax is sent to the host (on a GPU: queued behind the forward, no wait): the same logits and
+    tokens as masking it at once, and it is not put off twice."""
+    from engine import sampler
+
     tokenizer = byte_tokenizer()
     grammars = constraints.Grammars(tokenizer, len(tokenizer))
     letters = llguidance.LLMatcher.grammar_from_regex("[a-c]{2,5}")
@@ -446,27 +450,25 @@ def test_rows_put_off_are_masked_first_in_the_next_step(monkeypatch: pytest.Monk
     assert [c.lagging for c in rules] == [False, True, True] + [False] * 5
     before = [c.matcher.compute_bitmask() for c in rules]
 
-    computed: list[int] = []  # rows whose masks were computed before the argmax was asked for
-    waited = False
-    compute = constraints._Bitmask.compute
+    sent: list[list[int]] = []  # the argmax as it was sent to the host
+    host_argmax = sampler._argmax_on_host
 
-    def spied(self: constraints._Bitmask, js: list[int]) -> None:
-        if not waited:
-            computed.extend(j for j in js if not self.computed[j])
-        compute(self, js)
+    def spied(greedy: torch.Tensor) -> tuple:
+        sent.append(greedy.tolist())
+        return lambda: True, host_argmax(greedy)[1]
 
-    def keep_again() -> list[int | None]:
-        nonlocal waited
-        waited = True
-        return keep
-
-    monkeypatch.setattr(constraints._Bitmask, "compute", spied)
+    monkeypatch.setattr(sampler, "_argmax_on_host", spied)
+    seqs = [SimpleNamespace(params=SamplingParams(), output_ids=[]) for _ in rows]
     again = logits.clone()
-    masked, put_off = constraints.apply_masks(again, rows, rules, keep_again, lambda: True, True)
-    assert (masked, put_off) == ([1, 2], []) and computed == [1, 2]
+    greedy = torch.tensor(keep)
+    chosen, put_off, host = sampler._mask(again, seqs, rows, rules, greedy)  # type: ignore[arg-type]
     at_once = logits.clone()
     constraints.apply_masks(at_once, [1, 2], [grammars.constraint(letters) for _ in range(2)])
+    assert put_off == [] and not any(c.lagging for c in rules)
     assert torch.equal(again[1:3], at_once[1:3]) and torch.equal(again[[0, *range(3, 8)]], logits[[0, *range(3, 8)]])
+    expected = [a, *at_once[1:3].argmax(dim=-1).tolist(), *[a] * 5]
+    assert sent == [expected] and host == expected and chosen is not None and chosen.tolist() == expected
+    assert greedy.tolist() == keep  # the step's own argmax (a graph's buffer) is not written
     assert [c.matcher.compute_bitmask() for c in rules] == before  # nothing was fed to a matcher put off
     monkeypatch.undo()
     monkeypatch.setattr(constraints, "_THREADS", 4)
