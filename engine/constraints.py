@@ -237,8 +237,10 @@ class _Bitmask:
         """Bans in ``logits[rows[k]]`` what the mask of row ``js[k]`` bans (each computed)."""
         if not rows:
             return
+        bits = self.bits if len(js) == len(self.constraints) else self.bits[js]
         if logits.is_cuda:  # 4 bytes per 32 tokens cross the bus; the bits unpack on the device
-            bits = self.bits if len(js) == len(self.constraints) else self.bits[js].pin_memory()
+            if bits is not self.bits:  # a gathered copy: pinned, so its copy to the device does not wait either
+                bits = bits.pin_memory()
             banned = unpack_banned(bits.to(logits.device, non_blocking=True), self.vocab)
             if rows == list(range(logits.shape[0])):  # every row: one in-place fill
                 logits.masked_fill_(banned, float("-inf"))
@@ -246,7 +248,6 @@ class _Bitmask:
                 index = device_index(rows, logits.device)
                 logits[index] = logits[index].masked_fill(banned, float("-inf"))
             return
-        bits = self.bits if len(js) == len(self.constraints) else self.bits[js]
         banned_np = np.unpackbits(bits.numpy().view(np.uint8), axis=-1, count=self.vocab, bitorder="little") == 0
         if logits.dtype in (torch.float32, torch.float16):  # row by row in place through numpy: one thread, no copy
             values = logits.numpy()

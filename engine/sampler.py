@@ -89,18 +89,15 @@ def _mask(
     picks = [k for k, s in enumerate(settle) if s]
     put_off: list[int] = []
     host: list[int] | None = None
-    lagging = {k for k in picks if rules[k].lagging}
-    if lagging:
+    again = [k for k in picks if rules[k].lagging]
+    if again:
         # Put off last step, these rows run the same position again: their masks are needed whatever the argmax.
         # Masked and searched again now, before the argmax is copied to the host, the work queues behind the
         # forward on a GPU (no host wait) instead of costing a round trip after it.
-        again = sorted(lagging)
+        picks = [k for k in picks if not rules[k].lagging]  # before apply_masks clears the marks
         rows = [bound[k] for k in again]
         constraints.apply_masks(logits, rows, [rules[k] for k in again])
-        index = constraints.device_index(rows, logits.device)
-        greedy = greedy.clone()
-        greedy[index] = logits[index].argmax(dim=-1)
-        picks = [k for k in picks if k not in lagging]
+        greedy, _ = _argmax_again(logits, greedy, rows)
     if picks:
         ready, argmax = _argmax_on_host(greedy)
 
@@ -115,14 +112,21 @@ def _mask(
     if not masked:
         return greedy, put_off, host
     masked.sort()
-    index = constraints.device_index(masked, logits.device)
-    fixed = logits[index].argmax(dim=-1)
-    greedy = greedy.clone()
-    greedy[index] = fixed
+    greedy, fixed = _argmax_again(logits, greedy, masked)
     if host is not None:
         for i, token in zip(masked, fixed.tolist(), strict=True):
             host[i] = token
     return greedy, put_off, host
+
+
+def _argmax_again(logits: Tensor, greedy: Tensor, rows: list[int]) -> tuple[Tensor, Tensor]:
+    """``greedy`` with the argmax of masked ``rows`` taken again (a copy: ``greedy`` may be a CUDA graph's output),
+    and those rows' new argmax; queued on the device, nothing waited for."""
+    index = constraints.device_index(rows, logits.device)
+    fixed = logits[index].argmax(dim=-1)
+    greedy = greedy.clone()
+    greedy[index] = fixed
+    return greedy, fixed
 
 
 def _argmax_on_host(greedy: Tensor) -> tuple[Callable[[], bool] | None, Callable[[], list[int]]]:

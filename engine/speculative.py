@@ -329,10 +329,10 @@ class Speculator:
     def timed(self, rows: int, speculative: bool, tokens: int, seconds: float) -> None:
         """A decode step's outcome, for its batch size's speed gate and the speed-up gauge (once both kinds of
         step have been measured at that batch size)."""
-        gate = self.gate(rows)
+        bucket = _bucket(rows)
+        gate = self.gates.setdefault(bucket, SpeedGate())  # self.gate(rows), its bucket kept for the gauge
         gate.observe(speculative, tokens, rows, seconds)
         if gate.spec_timed and gate.plain_timed and gate.plain > 0:
-            bucket = _bucket(rows)
             if bucket not in self.speedup:  # a gauge child per bucket, looked up once (this runs every step)
                 self.speedup[bucket] = metrics.SPEC_SPEEDUP.labels(batch=str(bucket))
             self.speedup[bucket].set(gate.spec / gate.plain)
